@@ -1,0 +1,138 @@
+"""One validated description of a run, shared by the CLI, Flower's ``run_config`` and Python.
+
+Every entry point builds a :class:`RunConfig`; :meth:`RunConfig.validate` runs before any
+work starts and names the offending field, so a typo never costs a 20-minute training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+MODES = ("centralized", "split")
+SECURITY_LEVELS = ("plain", "secure")
+IMPLEMENTED_SECURITY_LEVELS = ("plain",)
+LABEL_PROTECTIONS = ("he", "client")
+OPTIMIZERS = ("sgd", "adamw")
+ACTIVATIONS = ("quad", "gelu")
+DEVICES = ("auto", "cpu", "cuda")
+BUILTIN_DATASETS = ("banking77", "sst2")
+
+
+class ConfigError(ValueError):
+    """A run configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one training run.
+
+    Defaults are the tuned values for MiniLM on Banking77 (see docs/BENCHMARKS.md).
+    """
+
+    mode: str = "split"
+    security: str = "plain"
+    label_protection: str = "he"
+    dataset: str = "banking77"
+    data_dir: str | None = None
+    model: str = "minilm"
+    epochs: int = 3
+    batch_size: int = 32
+    max_length: int = 64
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    # split model
+    head_rank: int = 64
+    tail_bottleneck: int = 256
+    activation: str = "quad"
+    train_head: bool = True
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    lr_head: float = 0.05
+    lr_tail: float = 0.1
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.06
+    # centralized LoRA baseline
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lr: float = 1e-3
+
+    def validate(self) -> "RunConfig":
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        _choice("mode", self.mode, MODES)
+        _choice("security", self.security, SECURITY_LEVELS)
+        if self.security not in IMPLEMENTED_SECURITY_LEVELS:
+            raise ConfigError(
+                f"security: {self.security!r} is not available yet in this release; "
+                f"use one of {IMPLEMENTED_SECURITY_LEVELS}"
+            )
+        _choice("label_protection", self.label_protection, LABEL_PROTECTIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("device", self.device, DEVICES)
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError("dataset: must be 'banking77', 'sst2' or a directory path")
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model: must be 'minilm', 'tiny' or a local Hugging Face model path")
+        for name in ("epochs", "batch_size", "max_length", "head_rank", "tail_bottleneck",
+                     "lora_rank", "lora_alpha"):
+            _positive_int(name, getattr(self, name))
+        for name in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name, value)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed: expected an integer, got {self.seed!r}")
+        for name in ("lr_head", "lr_tail", "lr"):
+            _positive_float(name, getattr(self, name))
+        for name, low, high in (("momentum", 0.0, 1.0), ("lora_dropout", 0.0, 1.0),
+                                ("warmup_fraction", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not low <= value < high:
+                raise ConfigError(f"{name}: expected a number in [{low}, {high}), got {value!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        if self.security == "secure" and self.optimizer != "sgd":
+            raise ConfigError(
+                "optimizer: secure mode updates each half with its own gradient share, "
+                "which only a linear rule (sgd with momentum) keeps exact; use 'sgd'"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, stored in results.json next to the numbers it produced."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from a mapping whose keys may use Flower's dashes (``lr-head``) or underscores.
+
+        Unknown keys are an error (a misspelt option must not be silently ignored).
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{key}: unknown configuration field")
+            kwargs[name] = value
+        return cls(**kwargs).validate()
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: expected one of {allowed}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{name}: expected a positive number, got {value!r}")

@@ -1,0 +1,143 @@
+"""The client (tenant) party: owns tokens, labels, the embeddings and its adapters.
+
+Between messages it keeps only the batch of each in-flight step (token ids, mask, labels),
+never an autograd graph: the head forward is recomputed for the head backward, because under
+Flower's deployment engine every message is handled by a fresh process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flower_split.config import RunConfig
+from flower_split.data import Batch
+from flower_split.model import Embedder, HeadAdapter, TailAdapter
+from flower_split.protocol.messages import (
+    BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_tensor,
+)
+from flower_split.protocol.optim import make_optimizer, warmup_cosine
+
+AWAIT_BODY_OUTPUT = "await_body_output"
+AWAIT_HEAD_GRAD = "await_head_grad"
+
+
+@dataclass
+class _Step:
+    batch: Batch
+    train: bool
+    stage: str
+
+
+@dataclass
+class StepResult:
+    """What a finished step produced, for the client's own bookkeeping (never sent)."""
+
+    loss: float | None
+    logits: torch.Tensor
+
+
+class ClientParty:
+    """State machine of one tenant.
+
+    Training step: :meth:`begin` -> ``HeadOutput``; ``BodyOutput`` -> tail forward, loss,
+    tail update -> ``BodyGrad``; ``HeadGrad`` -> head update. With ``train_head=False`` the
+    step ends at ``BodyOutput`` and nothing label-dependent reaches the cloud.
+    """
+
+    def __init__(self, tenant: str, embedder: Embedder, head: HeadAdapter, tail: TailAdapter,
+                 config: RunConfig, total_steps: int, device: torch.device | str = "cpu") -> None:
+        self.tenant = tenant
+        self.device = torch.device(device)
+        self.embedder = embedder.to(self.device)
+        self.head = head.to(self.device)
+        self.tail = tail.to(self.device)
+        self.train_head = config.train_head
+        if not self.train_head:
+            self.head.requires_grad_(False)
+        self.tail_optimizer = make_optimizer(config.optimizer, self.tail, config.lr_tail,
+                                             config.momentum, config.weight_decay)
+        self.tail_schedule = warmup_cosine(self.tail_optimizer, total_steps, config.warmup_fraction)
+        self.head_optimizer = None
+        if self.train_head:
+            self.head_optimizer = make_optimizer(config.optimizer, self.head, config.lr_head,
+                                                 config.momentum, config.weight_decay)
+            self.head_schedule = warmup_cosine(self.head_optimizer, total_steps, config.warmup_fraction)
+        self._steps: dict[int, _Step] = {}
+        self._next_step = 0
+        self.finished: dict[int, StepResult] = {}
+
+    def begin(self, batch: Batch, train: bool = True) -> HeadOutput:
+        """Start a step: embed, run the head, and send ``f`` to the cloud."""
+        step = self._next_step
+        self._next_step += 1
+        batch = batch.to(self.device)
+        with torch.no_grad():
+            f = self.head(self.embedder(batch.input_ids))
+        self._steps[step] = _Step(batch, train, AWAIT_BODY_OUTPUT)
+        return HeadOutput(self.tenant, step, f.float().cpu(), batch.attention_mask.cpu(), train and self.train_head)
+
+    def handle(self, message: Message) -> Message | None:
+        """Answer one cloud message; on :class:`ProtocolError` no state has changed."""
+        if message.tenant != self.tenant:
+            raise ProtocolError(f"message for tenant {message.tenant!r} delivered to {self.tenant!r}")
+        step = self._steps.get(message.step)
+        if step is None:
+            raise ProtocolError(f"tenant {self.tenant!r}: no step {message.step} in flight")
+        if isinstance(message, BodyOutput) and step.stage == AWAIT_BODY_OUTPUT:
+            return self._on_body_output(message, step)
+        if isinstance(message, HeadGrad) and step.stage == AWAIT_HEAD_GRAD:
+            return self._on_head_grad(message, step)
+        raise ProtocolError(
+            f"tenant {self.tenant!r}, step {message.step}: got {type(message).__name__} while in stage {step.stage}"
+        )
+
+    def _on_body_output(self, message: BodyOutput, step: _Step) -> BodyGrad | None:
+        batch = step.batch
+        shape = (*batch.input_ids.shape, self.tail.classifier.in_features)
+        check_tensor("h", message.h, shape, (torch.float32,))
+        h = message.h.to(self.device)
+        if not step.train:
+            with torch.no_grad():
+                logits = self.tail(h, batch.attention_mask)
+            self._finish(message.step, StepResult(None, logits.cpu()))
+            return None
+        send_grad = self.train_head
+        h.requires_grad_(send_grad)
+        self.tail.train()
+        logits = self.tail(h, batch.attention_mask)
+        loss = F.cross_entropy(logits, batch.labels)
+        self.tail_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.tail_optimizer.step()
+        self.tail_schedule.step()
+        result = StepResult(float(loss.detach()), logits.detach().cpu())
+        if not send_grad:
+            self._finish(message.step, result)
+            return None
+        self.finished[message.step] = result
+        step.stage = AWAIT_HEAD_GRAD
+        return BodyGrad(self.tenant, message.step, h.grad.detach().float().cpu())
+
+    def _on_head_grad(self, message: HeadGrad, step: _Step) -> None:
+        batch = step.batch
+        shape = (*batch.input_ids.shape, self.head.up.out_features)
+        check_tensor("grad_f", message.grad_f, shape, (torch.float32,))
+        assert self.head_optimizer is not None
+        self.head.train()
+        f = self.head(self.embedder(batch.input_ids))  # recomputed: no graph survives a message
+        self.head_optimizer.zero_grad(set_to_none=True)
+        f.backward(message.grad_f.to(self.device))
+        self.head_optimizer.step()
+        self.head_schedule.step()
+        del self._steps[message.step]
+
+    def _finish(self, step: int, result: StepResult) -> None:
+        self.finished[step] = result
+        del self._steps[step]
+
+    def pop_result(self, step: int) -> StepResult:
+        """Take the loss/logits of a finished step."""
+        return self.finished.pop(step)

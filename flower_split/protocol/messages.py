@@ -1,0 +1,80 @@
+"""Typed protocol messages of the split-plain protocol and their validation on receipt.
+
+Every message names its tenant and training step; the receiver checks tenant, step, shape
+and dtype before touching any state, and a message that fails raises :class:`ProtocolError`
+(which transports turn into an error reply). Tensors are the payload; :func:`payload_bytes`
+is what a transport would put on the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+class ProtocolError(ValueError):
+    """A protocol message is malformed, out of order, or for the wrong tenant."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """Common envelope: which tenant, which step."""
+
+    tenant: str
+    step: int
+
+
+@dataclass(frozen=True)
+class HeadOutput(Message):
+    """client -> cloud: head output ``f`` [B, T, d] and the attention mask [B, T].
+
+    ``train`` says whether a :class:`BodyGrad` will follow (then the cloud keeps the graph).
+    """
+
+    f: torch.Tensor
+    attention_mask: torch.Tensor
+    train: bool
+
+
+@dataclass(frozen=True)
+class BodyOutput(Message):
+    """cloud -> client: body output ``h`` [B, T, d]."""
+
+    h: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BodyGrad(Message):
+    """client -> cloud: ``dL/dh`` [B, T, d], the one label-dependent value the cloud sees."""
+
+    grad_h: torch.Tensor
+
+
+@dataclass(frozen=True)
+class HeadGrad(Message):
+    """cloud -> client: ``dL/df`` [B, T, d] for the head backward."""
+
+    grad_f: torch.Tensor
+
+
+def payload_bytes(message: Message) -> int:
+    """Bytes of tensor payload plus a small fixed header (tenant, step, type)."""
+    total = 16 + len(message.tenant.encode())
+    for item in fields(message):
+        value = getattr(message, item.name)
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    return total
+
+
+def check_tensor(name: str, tensor: object, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
+    """Raise :class:`ProtocolError` unless ``tensor`` has exactly ``shape`` and one of ``dtypes``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ProtocolError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ProtocolError(f"{name}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        raise ProtocolError(f"{name}: expected dtype in {dtypes}, got {tensor.dtype}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ProtocolError(f"{name}: contains NaN or infinity")

@@ -15,7 +15,7 @@ from flower_split.config import MODES, SECURITY_LEVELS, ConfigError, RunConfig
 from flower_split.data import DatasetError
 
 # --quick: the tiny random model on a few hundred samples; a smoke run in seconds.
-QUICK = dict(model="tiny", epochs=2, max_train_samples=600, max_test_samples=300,
+QUICK = dict(model="tiny", epochs=3, max_train_samples=1000, max_test_samples=300,
              head_rank=8, tail_bottleneck=16, lr_head=0.05, lr_tail=0.5)
 
 

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny local models of several architectures, saved as HF directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel,
+)
+
+from flower_split.model import minilm_path
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             max_position_embeddings=130)
+
+
+def _save(model: torch.nn.Module, directory: Path) -> str:
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Random tiny BERT, RoBERTa and DistilBERT models saved to local directories."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    vocab = 30522
+    return {
+        "bert": _save(BertModel(BertConfig(vocab_size=vocab, **SMALL)), root / "bert"),
+        "roberta": _save(RobertaModel(RobertaConfig(vocab_size=vocab, pad_token_id=0, **SMALL)),
+                         root / "roberta"),
+        "distilbert": _save(DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2,
+                                                             hidden_dim=64, max_position_embeddings=130)),
+                            root / "distilbert"),
+    }

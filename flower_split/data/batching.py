@@ -49,12 +49,9 @@ class TokenizedDataset:
         labels = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
         return Batch(ids, mask, labels, torch.tensor(indices))
 
-    def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-                indices: list[int] | None = None) -> Iterator[Batch]:
-        """Batches over ``indices`` (default: all rows), shuffled with ``generator`` if asked."""
-        rows = list(range(len(self))) if indices is None else list(indices)
-        if shuffle:
-            order = torch.randperm(len(rows), generator=generator).tolist()
-            rows = [rows[i] for i in order]
+    def batches(self, batch_size: int, shuffle: bool,
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """All rows in batches, shuffled with ``generator`` if asked."""
+        rows = torch.randperm(len(self), generator=generator).tolist() if shuffle else list(range(len(self)))
         for start in range(0, len(rows), batch_size):
             yield self.collate(rows[start : start + batch_size])

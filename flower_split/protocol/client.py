@@ -8,6 +8,7 @@ Flower's deployment engine every message is handled by a fresh process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,3 +142,77 @@ class ClientParty:
     def pop_result(self, step: int) -> StepResult:
         """Take the loss/logits of a finished step."""
         return self.finished.pop(step)
+
+    @property
+    def steps_in_flight(self) -> list[int]:
+        """Steps begun and not finished yet."""
+        return sorted(self._steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this party in another process (copies, on the CPU).
+
+        Adapters, optimizer and schedule state, the step counter and the batches of the steps
+        in flight. Finished results (:meth:`pop_result`) are the caller's bookkeeping and are
+        not part of the state. Values are tensors, plain Python scalars, strings, lists and
+        dicts, so a transport can serialize them without knowing the party.
+        """
+        state: dict[str, Any] = {
+            "tenant": self.tenant,
+            "train_head": self.train_head,
+            "next_step": self._next_step,
+            "head": _cpu_copy(self.head.state_dict()),
+            "tail": _cpu_copy(self.tail.state_dict()),
+            "tail_optimizer": _cpu_copy(self.tail_optimizer.state_dict()),
+            "tail_schedule": self.tail_schedule.state_dict(),
+            "steps": {
+                step: {"input_ids": s.batch.input_ids.cpu().clone(),
+                       "attention_mask": s.batch.attention_mask.cpu().clone(),
+                       "labels": s.batch.labels.cpu().clone(),
+                       "indices": s.batch.indices.cpu().clone(),
+                       "train": s.train, "stage": s.stage}
+                for step, s in self._steps.items()
+            },
+        }
+        if self.head_optimizer is not None:
+            state["head_optimizer"] = _cpu_copy(self.head_optimizer.state_dict())
+            state["head_schedule"] = self.head_schedule.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` exported; the party must be built with the same config.
+
+        Raises :class:`ValueError` (naming the entry) when the state belongs to another tenant,
+        another ``train_head`` setting or another adapter shape.
+        """
+        if state.get("tenant") != self.tenant:
+            raise ValueError(f"state: belongs to tenant {state.get('tenant')!r}, not {self.tenant!r}")
+        if bool(state.get("train_head")) != self.train_head:
+            raise ValueError(f"state: saved with train_head={state.get('train_head')!r}, "
+                             f"party has train_head={self.train_head}")
+        steps: dict[int, _Step] = {}
+        for step, entry in state["steps"].items():
+            stage = entry["stage"]
+            if stage not in (AWAIT_BODY_OUTPUT, AWAIT_HEAD_GRAD):
+                raise ValueError(f"state: step {step} has unknown stage {stage!r}")
+            batch = Batch(entry["input_ids"], entry["attention_mask"], entry["labels"], entry["indices"])
+            steps[int(step)] = _Step(batch.to(self.device), bool(entry["train"]), stage)
+        self.head.load_state_dict(state["head"])
+        self.tail.load_state_dict(state["tail"])
+        self.tail_optimizer.load_state_dict(state["tail_optimizer"])
+        self.tail_schedule.load_state_dict(state["tail_schedule"])
+        if self.head_optimizer is not None:
+            self.head_optimizer.load_state_dict(state["head_optimizer"])
+            self.head_schedule.load_state_dict(state["head_schedule"])
+        self._next_step = int(state["next_step"])
+        self._steps = steps
+
+
+def _cpu_copy(value: Any) -> Any:
+    """Deep copy of nested dicts/lists with every tensor detached, cloned and moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value

@@ -1,5 +1,10 @@
-"""Transports that carry protocol messages between the parties."""
+"""Transports that carry protocol messages between the parties: in-process and Flower."""
 
+from flower_split.transport.flower import (
+    FlowerSettings, pack_messages, records_to_state, settings_from_run_config, state_to_records,
+    unpack_messages,
+)
 from flower_split.transport.inprocess import InProcessTransport, TrafficCounter
 
-__all__ = ["InProcessTransport", "TrafficCounter"]
+__all__ = ["FlowerSettings", "InProcessTransport", "TrafficCounter", "pack_messages",
+           "records_to_state", "settings_from_run_config", "state_to_records", "unpack_messages"]

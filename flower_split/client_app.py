@@ -1,0 +1,384 @@
+"""Flower ClientApp of a tenant (security level ``plain``).
+
+Every Flower message is handled by a fresh :class:`ClientParty` rebuilt from
+``context.state`` (the only thing that survives between messages; in deployment each message
+runs in a fresh process), and its state is written back only when the whole message was
+handled: a malformed or out-of-order message gets an error reply and leaves the state as it was.
+
+Message types (Flower requires ``<category>.<action>``):
+
+``train.head_fwd``     server: ``config`` {num-batches}. Client: the next micro-batches of its
+                       partition through embeddings and head -> pack of ``HeadOutput``.
+``train.tail``         server: pack of ``BodyOutput``. Client: tail forward, loss, tail update ->
+                       pack of ``BodyGrad`` (empty when the head is frozen) and, plain mode only,
+                       ``metrics`` {train-loss, num-examples}.
+``train.head_bwd``     server: pack of ``HeadGrad``. Client: head update -> ``metrics`` {steps}.
+``evaluate.infer_fwd`` server: ``config`` {num-batches, restart}. Client: next test batches
+                       through the head -> pack of ``HeadOutput`` (train=False), ``metrics`` {remaining}.
+``evaluate.infer_tail`` server: pack of ``BodyOutput``. Client: tail -> ``metrics`` {correct, num-examples}.
+
+``context.state`` holds ``party.arrays`` / ``party.config`` (adapters, optimizer momentum,
+schedule, step counter, in-flight batches; see :meth:`ClientParty.state_dict`) and ``data``
+(epoch and cursor of the training stream, cursor of the test stream).
+
+Data: node ``partition-id`` of ``num-partitions`` (``context.node_config``) loads its
+partition of the training set (spec and seed from ``run_config``) and its own test split with
+the label distribution of that partition (:func:`split_test_like_train`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flower_split.config import RunConfig
+from flower_split.data import Batch, TokenizedDataset, load_dataset, partition_indices
+from flower_split.model import (
+    Embedder, HeadAdapter, TailAdapter, hidden_size, load_encoder, load_tokenizer, split_encoder,
+)
+from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
+from flower_split.train.runtime import select_device
+from flower_split.transport.flower import (
+    FlowerSettings, config_value, pack_messages, read_config, records_to_state,
+    settings_from_run_config, state_to_records, unpack_messages,
+)
+
+PARTY_ARRAYS = "party.arrays"
+PARTY_CONFIG = "party.config"
+DATA_STATE = "data"
+PROTOCOL_ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+@dataclass(frozen=True)
+class TenantData:
+    """What one node trains and tests on (tokenized), and the public embedder."""
+
+    tenant: str
+    partition_id: int
+    train: TokenizedDataset
+    test: TokenizedDataset
+    num_classes: int
+    embedder: Embedder
+    dim: int
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def sample_rows(size: int, count: int | None, seed: int) -> list[int]:
+    """A fixed random subset of ``count`` of ``size`` rows (all rows if ``count`` is None or larger)."""
+    if count is None or count >= size:
+        return list(range(size))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
+
+
+def split_test_like_train(partitions: list[list[int]], train_labels: list[int], test_labels: list[int],
+                          seed: int) -> list[list[int]]:
+    """Disjoint test rows per tenant, with the label distribution of each tenant's training rows.
+
+    The test rows of each class are shuffled (``seed``) and dealt out to the tenants in
+    proportion to how many training rows of that class each holds (largest remainder), so
+    tenant ``k`` tests on the classes it trains on, in the same proportions. Classes no tenant
+    trains on are left out.
+    """
+    num_classes = max([*train_labels, *test_labels], default=-1) + 1
+    counts = np.zeros((len(partitions), num_classes), dtype=np.int64)
+    for k, rows in enumerate(partitions):
+        np.add.at(counts[k], np.asarray([train_labels[i] for i in rows], dtype=np.int64), 1)
+    rng = np.random.default_rng(seed)
+    by_class: list[list[int]] = [[] for _ in range(num_classes)]
+    for row, label in enumerate(test_labels):
+        by_class[label].append(row)
+    result: list[list[int]] = [[] for _ in partitions]
+    for c, rows in enumerate(by_class):
+        total = int(counts[:, c].sum())
+        if total == 0 or not rows:
+            continue
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        exact = counts[:, c] * len(rows) / total
+        quota = np.floor(exact).astype(np.int64)
+        for k in np.argsort(-(exact - quota), kind="stable")[: len(rows) - int(quota.sum())]:
+            quota[k] += 1
+        start = 0
+        for k, n in enumerate(quota.tolist()):
+            result[k].extend(rows[start : start + n])
+            start += n
+    return [sorted(rows) for rows in result]
+
+
+@functools.lru_cache(maxsize=2)
+def _embedder(model: str, seed: int) -> tuple[Embedder, int]:
+    """The public embedding layer and the hidden size (cached per process; public and frozen)."""
+    encoder = load_encoder(model, seed=seed)
+    dim = hidden_size(encoder)
+    embedder, _ = split_encoder(encoder)
+    return embedder, dim
+
+
+@functools.lru_cache(maxsize=4)
+def _tenant_data(config_items: tuple[tuple[str, Any], ...], partition: str, partition_id: int,
+                 num_partitions: int) -> TenantData:
+    config = RunConfig(**dict(config_items))
+    train, test = load_dataset(config.dataset, config.data_dir)
+    train = train.subset(sample_rows(len(train), config.max_train_samples, config.seed))
+    test = test.subset(sample_rows(len(test), config.max_test_samples, config.seed + 1))
+    partitions = partition_indices(train.labels, partition, num_partitions, config.seed)
+    tests = split_test_like_train(partitions, train.labels, test.labels, config.seed)
+    tokenizer = load_tokenizer(config.model)
+    embedder, dim = _embedder(config.model, config.seed)
+    return TenantData(
+        tenant=f"tenant-{partition_id}",
+        partition_id=partition_id,
+        train=TokenizedDataset(train.subset(partitions[partition_id]), tokenizer, config.max_length),
+        test=TokenizedDataset(test.subset(tests[partition_id]), tokenizer, config.max_length),
+        num_classes=train.num_classes,
+        embedder=embedder,
+        dim=dim,
+    )
+
+
+def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantData:
+    """This node's data, from ``partition-id`` / ``num-partitions`` in its node config."""
+    try:
+        partition_id = int(node_config["partition-id"])
+        num_partitions = int(node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            "node_config: the ClientApp needs integer 'partition-id' and 'num-partitions' "
+            f"(e.g. flower-supernode --node-config 'partition-id=0 num-partitions=2'); got {dict(node_config)}"
+        ) from exc
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"node_config: partition-id {partition_id} not in [0, {num_partitions})")
+    items = tuple(sorted(config.to_dict().items()))
+    return _tenant_data(items, settings.partition, partition_id, num_partitions)
+
+
+# ---------------------------------------------------------------------------------------------
+# party <-> context.state
+
+
+@dataclass
+class _Cursor:
+    """Position in the training stream (epoch, row) and in the test set."""
+
+    epoch: int = 0
+    cursor: int = 0
+    eval_cursor: int = 0
+
+    @classmethod
+    def load(cls, state: RecordDict) -> "_Cursor":
+        record = state.get(DATA_STATE)
+        if record is None:
+            return cls()
+        return cls(int(record["epoch"]), int(record["cursor"]), int(record["eval-cursor"]))
+
+    def save(self, state: RecordDict) -> None:
+        state[DATA_STATE] = ConfigRecord({"epoch": self.epoch, "cursor": self.cursor,
+                                          "eval-cursor": self.eval_cursor})
+
+
+def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> ClientParty:
+    """A party with freshly initialised adapters (seeded per tenant; overwritten by saved state)."""
+    dim = data.dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed * 1_000_003 + data.partition_id)  # adapter init, not crypto
+        head = HeadAdapter(dim, config.head_rank, config.activation)
+        tail = TailAdapter(dim, config.tail_bottleneck, data.num_classes, config.activation)
+    return ClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps,
+                       select_device(config.device))
+
+
+def _load_party(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings,
+                drop_in_flight: bool) -> tuple[ClientParty, dict[str, Any] | None]:
+    """The party as saved in ``context.state`` (or new), and the decoded state it was built from."""
+    party = _new_party(data, config, settings)
+    arrays, meta = context.state.get(PARTY_ARRAYS), context.state.get(PARTY_CONFIG)
+    if arrays is None or meta is None:
+        return party, None
+    state = records_to_state(arrays, meta)
+    if drop_in_flight:  # a stage-opening message: anything still in flight was abandoned
+        state["steps"] = {}
+    party.load_state_dict(state)
+    return party, state
+
+
+def _save_party(context: Context, party: ClientParty) -> None:
+    arrays, meta = state_to_records(party.state_dict())
+    context.state[PARTY_ARRAYS] = arrays
+    context.state[PARTY_CONFIG] = meta
+
+
+# ---------------------------------------------------------------------------------------------
+# stage handlers: (message, context, config, settings, data) -> reply content
+
+
+def _train_batches(data: TenantData, config: RunConfig, cursor: _Cursor, count: int) -> list[Batch]:
+    """The next ``count`` training micro-batches; a new shuffled pass starts when one ends."""
+    size = len(data.train)
+    if size == 0:
+        return []
+    batches = []
+    order = _order(size, config.seed, data.partition_id, cursor.epoch)
+    for _ in range(count):
+        if cursor.cursor >= size:
+            cursor.epoch, cursor.cursor = cursor.epoch + 1, 0
+            order = _order(size, config.seed, data.partition_id, cursor.epoch)
+        rows = order[cursor.cursor : cursor.cursor + config.batch_size]
+        cursor.cursor += len(rows)
+        batches.append(data.train.collate(rows))
+    return batches
+
+
+def _order(size: int, seed: int, partition_id: int, epoch: int) -> list[int]:
+    return np.random.default_rng([seed, partition_id, epoch]).permutation(size).tolist()
+
+
+def _head_fwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+              data: TenantData) -> RecordDict:
+    count = config_value(read_config(message.content), "num-batches", int)
+    if count < 0:
+        raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
+    cursor = _Cursor.load(context.state)
+    outputs = [party.begin(batch, train=True) for batch in _train_batches(data, config, cursor, count)]
+    _save_party(context, party)
+    cursor.save(context.state)
+    return pack_messages(HeadOutput, data.tenant, outputs)
+
+
+def _tail(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+          data: TenantData) -> RecordDict:
+    incoming = unpack_messages(message.content, BodyOutput, data.tenant)
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=False)
+    grads, loss_sum, examples = [], 0.0, 0
+    for body_output in incoming:
+        grad = party.handle(body_output)
+        if grad is not None:
+            grads.append(grad)
+        result = party.pop_result(body_output.step)
+        if result.loss is None:
+            raise ProtocolError(f"step {body_output.step} is an inference step; train.tail expects training steps")
+        loss_sum += result.loss * result.logits.shape[0]
+        examples += result.logits.shape[0]
+    _save_party(context, party)
+    # plain mode only: the client reports its own mean loss (never done in secure mode)
+    metrics = {"train-loss": loss_sum / examples if examples else 0.0, "num-examples": examples}
+    return pack_messages(BodyGrad, data.tenant, grads, metrics)
+
+
+def _head_bwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+              data: TenantData) -> RecordDict:
+    incoming = unpack_messages(message.content, HeadGrad, data.tenant)
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=False)
+    for head_grad in incoming:
+        if party.handle(head_grad) is not None:
+            raise ProtocolError(f"step {head_grad.step}: unexpected reply after HeadGrad")
+    _save_party(context, party)
+    return RecordDict({"metrics": MetricRecord({"steps": len(incoming)})})
+
+
+def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+               data: TenantData) -> RecordDict:
+    record = read_config(message.content)
+    count = config_value(record, "num-batches", int)
+    restart = config_value(record, "restart", bool)
+    if count < 0:
+        raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
+    cursor = _Cursor.load(context.state)
+    if restart:
+        cursor.eval_cursor = 0
+    size = len(data.test)
+    outputs = []
+    for _ in range(count):
+        if cursor.eval_cursor >= size:
+            break
+        rows = list(range(cursor.eval_cursor, min(size, cursor.eval_cursor + config.batch_size)))
+        cursor.eval_cursor += len(rows)
+        outputs.append(party.begin(data.test.collate(rows), train=False))
+    remaining = -(-(size - cursor.eval_cursor) // config.batch_size)
+    _save_party(context, party)
+    cursor.save(context.state)
+    return pack_messages(HeadOutput, data.tenant, outputs, {"remaining": remaining})
+
+
+def _infer_tail(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+                data: TenantData) -> RecordDict:
+    incoming = unpack_messages(message.content, BodyOutput, data.tenant)
+    party, state = _load_party(context, data, config, settings, drop_in_flight=False)
+    steps = state["steps"] if state is not None else {}
+    correct, examples = 0, 0
+    for body_output in incoming:
+        entry = steps.get(body_output.step)
+        if entry is not None and entry["train"]:
+            raise ProtocolError(f"step {body_output.step} is a training step; evaluate.infer_tail expects inference")
+        party.handle(body_output)  # validates tenant, step, stage, shape
+        labels = entry["labels"]
+        predictions = party.pop_result(body_output.step).logits.argmax(-1)
+        correct += int((predictions == labels).sum())
+        examples += int(labels.numel())
+    _save_party(context, party)
+    # plain mode only: the client reports its own accuracy counts
+    return RecordDict({"metrics": MetricRecord({"correct": correct, "num-examples": examples})})
+
+
+Handler = Callable[[Message, Context, RunConfig, FlowerSettings, TenantData], RecordDict]
+
+
+def _handle(handler: Handler, message: Message, context: Context,
+            overrides: Mapping[str, Any]) -> Message:
+    """Run one stage handler; a ProtocolError becomes an error reply and the state is kept."""
+    config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
+    data = tenant_data(config, settings, context.node_config)
+    saved = {key: context.state[key] for key in (PARTY_ARRAYS, PARTY_CONFIG, DATA_STATE)
+             if key in context.state}
+    try:
+        content = handler(message, context, config, settings, data)
+    except ProtocolError as exc:
+        for key in (PARTY_ARRAYS, PARTY_CONFIG, DATA_STATE):  # leave the state as it was
+            if key in saved:
+                context.state[key] = saved[key]
+            elif key in context.state:
+                del context.state[key]
+        return Message(Error(code=PROTOCOL_ERROR_CODE,
+                             reason=f"ProtocolError ({data.tenant}): {exc}"), reply_to=message)
+    return Message(content, reply_to=message)
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """The tenant's ClientApp; ``overrides`` take precedence over ``context.run_config`` (tests)."""
+    extra = dict(overrides or {})
+    client_app = ClientApp()
+
+    @client_app.train("head_fwd")
+    def head_fwd(message: Message, context: Context) -> Message:
+        return _handle(_head_fwd, message, context, extra)
+
+    @client_app.train("tail")
+    def tail(message: Message, context: Context) -> Message:
+        return _handle(_tail, message, context, extra)
+
+    @client_app.train("head_bwd")
+    def head_bwd(message: Message, context: Context) -> Message:
+        return _handle(_head_bwd, message, context, extra)
+
+    @client_app.evaluate("infer_fwd")
+    def infer_fwd(message: Message, context: Context) -> Message:
+        return _handle(_infer_fwd, message, context, extra)
+
+    @client_app.evaluate("infer_tail")
+    def infer_tail(message: Message, context: Context) -> Message:
+        return _handle(_infer_tail, message, context, extra)
+
+    return client_app
+
+
+app = make_client_app()

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 MODES = ("centralized", "split")
 SECURITY_LEVELS = ("plain", "secure")
-IMPLEMENTED_SECURITY_LEVELS = ("plain",)
+IMPLEMENTED_SECURITY_LEVELS = ("plain", "secure")
 LABEL_PROTECTIONS = ("he", "client")
 OPTIMIZERS = ("sgd", "adamw")
 ACTIVATIONS = ("quad", "gelu")

@@ -26,7 +26,7 @@ from .adapter import (
     mean_pool_backward,
 )
 from .beaver import Opening, PendingProduct, begin, begin_matmul, begin_mul, begin_square
-from .dealer import Dealer, MaterialQueue, SeededMaterial, TrustedDealer
+from .dealer import Dealer, MaterialQueue, SeededMaterial, TrustedDealer, deal_seeded
 from .limbs import DEFAULT_LIMB_BITS, max_inner_dim, ring_matmul
 from .local import LocalTwoParty, SharePair
 from .randomness import SEED_BYTES, RingStream, new_seed, random_ring
@@ -68,6 +68,7 @@ __all__ = [
     "begin_square",
     "classifier_backward",
     "classifier_forward",
+    "deal_seeded",
     "decode",
     "encode",
     "max_abs_value",

@@ -180,15 +180,34 @@ class TrustedDealer(Dealer):
 
     def deal(self, requests: Sequence[TripleRequest]) -> tuple[list[SeededMaterial], list[SeededMaterial]]:
         dealt: tuple[list[SeededMaterial], list[SeededMaterial]] = ([], [])
-        fixed, corrected = 1 - self.correction_party, self.correction_party
         for request in requests:
             if not isinstance(request, TripleRequest):
                 raise TypeError(f"requests must be TripleRequest, got {type(request).__name__}")
-            seeds = {fixed: new_seed(), corrected: new_seed()}
-            a_f, b_f, c_f = _expand(request, seeds[fixed])
-            a_c, b_c, pad = _expand(request, seeds[corrected])
-            b = b_f + b_c if b_f is not None and b_c is not None else None
-            c = request.evaluate(a_f + a_c, b)
-            dealt[fixed].append(SeededMaterial(request, fixed, seeds[fixed]))
-            dealt[corrected].append(SeededMaterial(request, corrected, seeds[corrected], c - c_f + pad))
+            material0, material1 = deal_seeded(request, new_seed(), new_seed(), self.correction_party)
+            dealt[0].append(material0)
+            dealt[1].append(material1)
         return dealt
+
+
+def deal_seeded(
+    request: TripleRequest, seed0: bytes, seed1: bytes, correction_party: int = 1
+) -> tuple[SeededMaterial, SeededMaterial]:
+    """Both parties' material for ``request`` from given per-party seeds (party 0's, party 1's).
+
+    The seeds must be fresh, uniform and known only to the dealer and their party; a
+    dealer that derives them from per-party keys (instead of drawing and sending them)
+    uses this so that only the correction tensor has to travel.
+    """
+    if correction_party not in (0, 1) or isinstance(correction_party, bool):
+        raise ValueError(f"correction_party must be 0 or 1, got {correction_party!r}")
+    seeds = (seed0, seed1)
+    fixed, corrected = 1 - correction_party, correction_party
+    a_f, b_f, c_f = _expand(request, seeds[fixed])
+    a_c, b_c, pad = _expand(request, seeds[corrected])
+    b = b_f + b_c if b_f is not None and b_c is not None else None
+    c = request.evaluate(a_f + a_c, b)
+    materials = {
+        fixed: SeededMaterial(request, fixed, seeds[fixed]),
+        corrected: SeededMaterial(request, corrected, seeds[corrected], c - c_f + pad),
+    }
+    return materials[0], materials[1]

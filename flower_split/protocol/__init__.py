@@ -1,10 +1,26 @@
-"""Party state machines (client, cloud) and their typed messages; no transport, no Flower."""
+"""Party state machines (client, cloud, dealer) and their typed messages; no transport, no Flower.
+
+``plain``: :class:`ClientParty`, :class:`CloudParty` (split-plain). ``secure``:
+:class:`SecureClientParty`, :class:`SecureCloudParty`, :class:`SecureDealerParty`, driven in
+process by :class:`SecureLocalTransport` (docs/secure.md).
+"""
 
 from flower_split.protocol.client import ClientParty, StepResult
 from flower_split.protocol.cloud import CloudParty
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, payload_bytes,
 )
+from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
+from flower_split.protocol.secure_cloud import SecureCloudParty
+from flower_split.protocol.secure_dealer import SecureDealerParty
+from flower_split.protocol.secure_local import SecureLocalTransport, SecureTraffic
+from flower_split.protocol.secure_messages import (
+    ClientSetup, DealerHello, DealerRegistration, ItemSpec, MaterialBundle, MaterialRequest, SecureMessage,
+)
+from flower_split.protocol.secure_steps import MessageSpec, StepSpec, schedule
 
-__all__ = ["BodyGrad", "BodyOutput", "ClientParty", "CloudParty", "HeadGrad", "HeadOutput",
-           "Message", "ProtocolError", "StepResult", "payload_bytes"]
+__all__ = ["BodyGrad", "BodyOutput", "ClientParty", "ClientSetup", "CloudParty", "DealerHello",
+           "DealerRegistration", "HeadGrad", "HeadOutput", "ItemSpec", "MaterialBundle", "MaterialRequest",
+           "Message", "MessageSpec", "ProtocolError", "SecureClientParty", "SecureCloudParty",
+           "SecureDealerParty", "SecureLocalTransport", "SecureMessage", "SecureStepResult", "SecureTraffic",
+           "StepResult", "StepSpec", "payload_bytes", "schedule"]

@@ -1,0 +1,302 @@
+"""The secure client (tenant) party: party 1 of the 2PC, owner of tokens, labels and its halves.
+
+Set-up (once): :meth:`SecureClientParty.setup` takes the dealer's public key, agrees a
+dealer key (X25519 + HKDF; all of the client's Beaver material is derived from it, see
+``secure_keys``), splits the plaintext initial adapter weights into two random halves —
+the cloud's half is the AES-CTR expansion of a fresh seed sent in :class:`ClientSetup`,
+the client keeps ``w - PRG(seed)`` and drops the plaintext — and, in ``he`` mode,
+generates its CKKS keys (the public context goes to the cloud).
+
+Per step: :meth:`begin` embeds the batch and returns the first message; :meth:`handle`
+answers each cloud message (None when the step is over on this side). At most one step
+is in flight per tenant: both halves change at the end of a training step, and a second
+step in flight would read weights of a different version on each side.
+
+Between messages the client keeps only plain tensors/bytes (:meth:`state_dict`), so under
+Flower every message can be handled by a fresh process. Never restore an older state and
+replay a step number with other data: the step's Beaver material is derived from the step
+number, and reusing it with different inputs would reveal their difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flower_split.config import RunConfig
+from flower_split.data import Batch
+from flower_split.he import ClientKeys, HEParams, decrypt_loss_and_grad, encrypt_labels, envelope_digest
+from flower_split.model import Embedder, HeadAdapter, TailAdapter
+from flower_split.model.adapters import PolyActivation
+from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
+from flower_split.mpc import new_seed
+from flower_split.mpc.triples import TripleRequest
+from flower_split.protocol.messages import ProtocolError
+from flower_split.protocol.secure_keys import (
+    beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
+    private_from_bytes, public_bytes,
+)
+from flower_split.protocol.secure_messages import ClientSetup, DealerHello, SecureMessage
+from flower_split.protocol.secure_party import (
+    GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, export_step, import_step,
+)
+from flower_split.protocol.secure_steps import ACTIVATION, CLIENT, WEIGHT_NAMES, StepSpec, weight_shapes
+
+
+@dataclass
+class SecureStepResult:
+    """What a finished step gave the client (never sent): its loss and, when opened to it, logits."""
+
+    loss: float | None
+    logits: torch.Tensor | None
+
+
+def plaintext_weights(head: HeadAdapter, tail: TailAdapter) -> dict[str, torch.Tensor]:
+    """The adapters' weights in the 2PC layout (x A, h B, p Wc + bc), float64."""
+    return {"head.A": head.down.weight.detach().T, "head.B": head.up.weight.detach().T,
+            "tail.A": tail.adapter.down.weight.detach().T, "tail.B": tail.adapter.up.weight.detach().T,
+            "cls.Wc": tail.classifier.weight.detach().T, "cls.bc": tail.classifier.bias.detach()}
+
+
+def load_plaintext_weights(head: HeadAdapter, tail: TailAdapter, weights: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`plaintext_weights` (e.g. to export reconstructed halves)."""
+    with torch.no_grad():
+        head.down.weight.copy_(weights["head.A"].T)
+        head.up.weight.copy_(weights["head.B"].T)
+        tail.adapter.down.weight.copy_(weights["tail.A"].T)
+        tail.adapter.up.weight.copy_(weights["tail.B"].T)
+        tail.classifier.weight.copy_(weights["cls.Wc"].T)
+        tail.classifier.bias.copy_(weights["cls.bc"])
+
+
+def _check_activation(module: torch.nn.Module, what: str) -> None:
+    act = module.act
+    expected = (ACTIVATION.c0, ACTIVATION.c1, ACTIVATION.c2)
+    if not isinstance(act, PolyActivation) or tuple(act.coeffs) != expected:
+        raise ValueError(f"activation: secure mode evaluates the quadratic activation {expected} in 2PC; "
+                         f"the {what} adapter uses {act!r} (use activation='quad')")
+
+
+class SecureClientParty(SecureStepRunner):
+    """State machine of one tenant in secure mode (party 1)."""
+
+    role = CLIENT
+    party = 1
+
+    def __init__(self, tenant: str, embedder: Embedder, head: HeadAdapter, tail: TailAdapter,
+                 config: RunConfig, total_steps: int, he_params: HEParams | None = None,
+                 frac_bits: int = DEFAULT_FRAC_BITS) -> None:
+        _check_activation(head, "head")
+        _check_activation(tail.adapter, "tail")
+        if config.optimizer != "sgd":
+            raise ValueError("optimizer: secure mode needs 'sgd' (see secure_optim)")
+        self.tenant = tenant
+        self.embedder = embedder.cpu()
+        self.label_protection = config.label_protection
+        self.train_head = config.train_head
+        self.frac_bits = frac_bits
+        self.grad_scale_bits = GRAD_SCALE_BITS
+        self.dim, self.head_rank = head.down.in_features, head.down.out_features
+        self.tail_rank, self.classes = tail.adapter.down.out_features, tail.classifier.out_features
+        self.optim = Optim(config.lr_head, config.lr_tail, config.momentum, config.weight_decay,
+                           config.warmup_fraction, total_steps)
+        self._init_weights: dict[str, torch.Tensor] | None = plaintext_weights(head, tail)
+        if self.label_protection == "he":
+            params = he_params or HEParams(frac_bits=frac_bits + self.grad_scale_bits)
+            if params.frac_bits != frac_bits + self.grad_scale_bits:
+                raise ValueError(f"he_params.frac_bits must be {frac_bits + self.grad_scale_bits} "
+                                 "(ring bits + gradient scale bits)")
+            self.he_keys: ClientKeys | None = ClientKeys.generate(params)
+        else:
+            self.he_keys = None
+        self._x25519 = new_private_key()
+        self._dealer_key: bytes | None = None
+        self.dealer_public: bytes | None = None
+        self.halves: Halves | None = None
+        self._next_step = 0
+        self._step: StepState | None = None
+        self.finished: dict[int, SecureStepResult] = {}
+
+    # ------------------------------------------------------------------------ set-up
+    def setup(self, hello: DealerHello) -> ClientSetup:
+        """Agree the dealer key, split the initial weights; returns the set-up message for the cloud."""
+        if self.halves is not None:
+            raise ProtocolError(f"tenant {self.tenant!r}: already set up")
+        if not isinstance(hello, DealerHello):
+            raise ProtocolError(f"setup needs a DealerHello, got {type(hello).__name__}")
+        try:
+            dealer_public = check_public_key(hello.dealer_public, "dealer_public")
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
+        own_public = public_bytes(self._x25519)
+        self._dealer_key = dealer_key(self._x25519, dealer_public, "client", self.tenant, dealer_public, own_public)
+        self.dealer_public = dealer_public
+        assert self._init_weights is not None
+        shapes = weight_shapes(self.dim, self.head_rank, self.tail_rank, self.classes)
+        seed = new_seed()
+        cloud_halves = prg_many(seed, [shapes[name] for name in WEIGHT_NAMES])
+        weights = {name: encode(self._init_weights[name].to(torch.float64), self.frac_bits) - cloud
+                   for name, cloud in zip(WEIGHT_NAMES, cloud_halves)}
+        self._init_weights = None  # the plaintext weights exist nowhere from now on
+        self.halves = Halves(self.party, weights, self.optim, self.frac_bits, self.grad_scale_bits)
+        return ClientSetup(
+            tenant=self.tenant, client_public=own_public, dealer_public=dealer_public,
+            he_public=self.he_keys.public_bytes() if self.he_keys is not None else b"",
+            weights_seed=seed, dims=(self.dim, self.head_rank, self.tail_rank, self.classes),
+            label_protection=self.label_protection, train_head=self.train_head, frac_bits=self.frac_bits,
+            grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict())
+
+    # ------------------------------------------------------------------------ steps
+    def begin(self, batch: Batch, train: bool = True) -> SecureMessage:
+        """Start a step on ``batch``; returns the first message for the cloud."""
+        if self.halves is None:
+            raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
+        if self._step is not None:
+            raise ProtocolError(f"tenant {self.tenant!r}: step {self._step.spec.step} is still in flight "
+                                "(secure mode runs one step at a time per tenant)")
+        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu().to(torch.int64)
+        spec = StepSpec(self.tenant, self._next_step, int(ids.shape[0]), int(ids.shape[1]), self.dim,
+                        self.head_rank, self.tail_rank, self.classes, bool(train), self.train_head,
+                        self.label_protection, self.frac_bits)
+        st = StepState(spec, ctx={"input_ids": ids.clone(), "mask": mask.clone(),
+                                  "labels": batch.labels.cpu().to(torch.int64).clone()})
+        message = self._outgoing(st, self._advance(st, self.halves))
+        assert message is not None
+        self._step = st
+        self._next_step += 1
+        return message
+
+    def handle(self, message: SecureMessage) -> SecureMessage | None:
+        """Answer one cloud message; on :class:`ProtocolError` no state has changed."""
+        if not isinstance(message, SecureMessage):
+            raise ProtocolError(f"client: unexpected message type {type(message).__name__}")
+        if message.tenant != self.tenant:
+            raise ProtocolError(f"message for tenant {message.tenant!r} delivered to {self.tenant!r}")
+        st = self._step
+        if st is None or message.step != st.spec.step:
+            raise ProtocolError(f"tenant {self.tenant!r}: no step {message.step} in flight")
+        assert self.halves is not None
+        reply = self._receive(st, self.halves, message)
+        if self._done(st):
+            self.finished[st.spec.step] = SecureStepResult(st.ctx.get("loss"), st.ctx.get("logits"))
+            self._step = None
+        return reply
+
+    def pop_result(self, step: int) -> SecureStepResult:
+        return self.finished.pop(step)
+
+    @property
+    def steps_in_flight(self) -> list[int]:
+        return [] if self._step is None else [self._step.spec.step]
+
+    def _materials(self, st: StepState, program: str, first: int,
+                   requests: list[TripleRequest]) -> list[SeededMaterial]:
+        assert self._dealer_key is not None
+        return [SeededMaterial(request, 1, beaver_seed(self._dealer_key, self.tenant, st.spec.step, program,
+                                                       first + i))
+                for i, request in enumerate(requests)]
+
+    # --------------------------------------------------------------------- script ops
+    def _share(self, data: torch.Tensor) -> AdditiveShare:
+        return AdditiveShare(data, self.party, self.frac_bits)
+
+    def _op_share_input(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
+        e = self.embedder(st.ctx["input_ids"]).to(torch.float64)
+        seed = new_seed()
+        x = encode(e, self.frac_bits) - prg(seed, tuple(e.shape))  # cloud's share is PRG(seed)
+        st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
+                                                 "B": halves.share("head.B")})
+        out: dict[str, Any] = {"input.seed_e": seed, "input.mask": st.ctx["mask"]}
+        if self.label_protection == "he" and st.spec.train:
+            assert self.he_keys is not None
+            envelope = encrypt_labels(self.he_keys, st.ctx["labels"], self.classes)
+            st.ctx["he_digest"] = envelope_digest(envelope)
+            out["input.labels"] = envelope
+        return out
+
+    def _op_open_f(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
+        return {"open.f": st.ctx["head"].values["y"].data}
+
+    def _op_receive_h(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        h = prg(got["reshare.seed_h"], (st.spec.batch, st.spec.tokens, self.dim))
+        st.ctx["tail"] = PartyState(self.party, {"x": self._share(h), "A": halves.share("tail.A"),
+                                                 "B": halves.share("tail.B")})
+
+    def _op_receive_logits(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        z = st.ctx["cls"].values["z"].data + got["open.z"]
+        st.ctx["logits"] = decode(z, self.frac_bits).float()
+
+    def _op_open_z(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
+        return {"open.z": st.ctx["cls"].values["z"].data}
+
+    def _op_receive_he_result(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        assert self.he_keys is not None
+        result = decrypt_loss_and_grad(self.he_keys, got["he.result"], st.ctx["he_digest"])
+        if tuple(result.grad_share.shape) != (st.spec.batch, self.classes):
+            raise ProtocolError("he.result: gradient share has the wrong shape")
+        st.ctx["loss"] = float(result.loss)
+        # share of g at frac_bits + grad_scale_bits bits == share of 2^grad_scale_bits g at frac_bits bits
+        st.ctx["cls"].values["gz"] = self._share(result.grad_share)
+
+    def _op_local_loss(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
+        z = decode(st.ctx["cls"].values["z"].data + got["open.z"], self.frac_bits)
+        labels = st.ctx["labels"]
+        st.ctx["loss"] = float(F.cross_entropy(z, labels))
+        st.ctx["logits"] = z.float()
+        g = (torch.softmax(z, dim=-1) - F.one_hot(labels, self.classes).to(torch.float64)) / st.spec.batch
+        seed = new_seed()
+        scaled = encode(g * (1 << self.grad_scale_bits), self.frac_bits)
+        st.ctx["cls"].values["gz"] = self._share(scaled - prg(seed, tuple(g.shape)))
+        return {"loss.seed_g": seed}
+
+    def _op_open_grad_h(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
+        return {"open.grad_h": st.ctx["tail"].values["gx"].data}
+
+    def _op_receive_grad_f(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        share = prg(got["reshare.seed_gf"], (st.spec.batch, st.spec.tokens, self.dim))
+        st.ctx["head"].values["gy"] = self._share(share)
+
+    # ------------------------------------------------------------------------ state
+    def export_halves(self) -> dict[str, torch.Tensor]:
+        """This party's halves (int64 ring); useless alone, the sum with the cloud's is the model."""
+        assert self.halves is not None
+        return {k: v.clone() for k, v in self.halves.weights.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this party in another process (tensors, bytes, scalars).
+
+        Contains the client's secrets (its halves, the dealer key, the CKKS secret key): store
+        it with the client's own state, never anywhere the cloud can read.
+        """
+        return {
+            "tenant": self.tenant, "label_protection": self.label_protection, "train_head": self.train_head,
+            "frac_bits": self.frac_bits, "grad_scale_bits": self.grad_scale_bits,
+            "dims": [self.dim, self.head_rank, self.tail_rank, self.classes],
+            "x25519": private_bytes(self._x25519), "dealer_key": self._dealer_key,
+            "dealer_public": self.dealer_public,
+            "he_keys": self.he_keys.to_bytes() if self.he_keys is not None else None,
+            "halves": self.halves.state_dict() if self.halves is not None else None,
+            "next_step": self._next_step,
+            "step": export_step(self._step) if self._step is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; ValueError (naming the entry) if it belongs to another set-up."""
+        for name, mine in (("tenant", self.tenant), ("label_protection", self.label_protection),
+                           ("train_head", self.train_head), ("frac_bits", self.frac_bits),
+                           ("grad_scale_bits", self.grad_scale_bits),
+                           ("dims", [self.dim, self.head_rank, self.tail_rank, self.classes])):
+            if state.get(name) != mine:
+                raise ValueError(f"state: {name} is {state.get(name)!r}, this party has {mine!r}")
+        self._x25519 = private_from_bytes(state["x25519"])
+        self._dealer_key = state["dealer_key"]
+        self.dealer_public = state["dealer_public"]
+        self.he_keys = ClientKeys.from_bytes(state["he_keys"]) if state["he_keys"] is not None else None
+        self.halves = Halves.from_state(self.party, state["halves"]) if state["halves"] is not None else None
+        if self.halves is not None:
+            self._init_weights = None
+        self._next_step = int(state["next_step"])
+        self._step = import_step(state["step"]) if state["step"] is not None else None

@@ -1,0 +1,104 @@
+"""The dealer as a protocol party: Beaver material for every tenant's secure steps.
+
+Trust: semi-honest, does not collude with the cloud (DESIGN.md section 3). It learns the
+public shapes of each step, never data.
+
+Key agreement: the dealer has one X25519 key pair (:meth:`hello`). For each tenant the
+cloud forwards a :class:`DealerRegistration` with the client's and the cloud's public
+keys; the dealer derives one 32-byte key with each (``secure_keys.dealer_key``). Per step
+the cloud sends a :class:`MaterialRequest` (tenant, step, batch shape, train); the dealer
+derives both parties' seeds for every product from the two keys, computes the triples,
+and returns to the cloud only the corrections ``masked_c = c - c_client + t_cloud``
+(``flower_split.mpc.deal_seeded`` with ``correction_party=0``). The client's share of
+every triple is the expansion of a seed only it and the dealer can derive, so:
+
+* nothing of the client's material travels at all (no relay through the cloud, no
+  per-step bytes on the client's link);
+* the cloud's ``masked_c`` gives it ``c_cloud = c - c_client``, a uniformly random share.
+
+A step number is served once per tenant: a second request for a served step (which
+would hand out the same triples for other inputs) is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flower_split.mpc import deal_seeded
+from flower_split.protocol.messages import ProtocolError
+from flower_split.protocol.secure_keys import (
+    beaver_seed, check_public_key, dealer_key, new_private_key, private_bytes, private_from_bytes, public_bytes,
+)
+from flower_split.protocol.secure_messages import DealerHello, DealerRegistration, MaterialBundle, MaterialRequest
+from flower_split.protocol.secure_steps import StepSpec, material_keys, programs
+
+MAX_SHAPE = 4096
+
+
+class SecureDealerParty:
+    """The trusted dealer (a third party, neither the cloud nor a client)."""
+
+    def __init__(self, frac_bits: int = 16) -> None:
+        self._x25519 = new_private_key()
+        self.public = public_bytes(self._x25519)
+        self.frac_bits = frac_bits
+        self._tenants: dict[str, dict[str, Any]] = {}
+
+    def hello(self) -> DealerHello:
+        return DealerHello(self.public)
+
+    def register(self, registration: DealerRegistration) -> None:
+        if not isinstance(registration, DealerRegistration):
+            raise ProtocolError(f"dealer: expected DealerRegistration, got {type(registration).__name__}")
+        if registration.tenant in self._tenants:
+            raise ProtocolError(f"dealer: tenant {registration.tenant!r} is already registered")
+        try:
+            client = check_public_key(registration.client_public, "client_public")
+            cloud = check_public_key(registration.cloud_public, "cloud_public")
+        except ValueError as exc:
+            raise ProtocolError(f"dealer: {exc}") from exc
+        dims = tuple(registration.dims)
+        if len(dims) != 4 or not all(isinstance(v, int) and 0 < v <= 1 << 16 for v in dims):
+            raise ProtocolError(f"dealer: invalid dims {registration.dims!r}")
+        tenant = registration.tenant
+        self._tenants[tenant] = {
+            "client_key": dealer_key(self._x25519, client, "client", tenant, self.public, client),
+            "cloud_key": dealer_key(self._x25519, cloud, "cloud", tenant, self.public, cloud),
+            "dims": dims, "train_head": bool(registration.train_head), "next_step": 0,
+        }
+
+    def handle(self, request: MaterialRequest) -> MaterialBundle:
+        """The cloud's corrections for every Beaver product of one step."""
+        if not isinstance(request, MaterialRequest):
+            raise ProtocolError(f"dealer: expected MaterialRequest, got {type(request).__name__}")
+        record = self._tenants.get(request.tenant)
+        if record is None:
+            raise ProtocolError(f"dealer: unknown tenant {request.tenant!r}")
+        if not isinstance(request.step, int) or request.step < record["next_step"]:
+            raise ProtocolError(f"dealer: step {request.step!r} of tenant {request.tenant!r} was already served")
+        for name in ("batch", "tokens"):
+            value = getattr(request, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SHAPE:
+                raise ProtocolError(f"dealer: {name} {value!r} out of range")
+        spec = StepSpec(request.tenant, request.step, request.batch, request.tokens, *record["dims"],
+                        bool(request.train), record["train_head"], "client", self.frac_bits)
+        corrections = {}
+        for program, index in material_keys(spec):
+            req = programs(spec)[program][1].requests()[index]
+            seed0 = beaver_seed(record["cloud_key"], spec.tenant, spec.step, program, index)
+            seed1 = beaver_seed(record["client_key"], spec.tenant, spec.step, program, index)
+            cloud_material, _ = deal_seeded(req, seed0, seed1, correction_party=0)
+            assert cloud_material.masked_c is not None
+            corrections[f"{program}:{index}"] = cloud_material.masked_c
+        record["next_step"] = request.step + 1
+        return MaterialBundle(request.tenant, request.step, corrections)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x25519": private_bytes(self._x25519), "frac_bits": self.frac_bits,
+                "tenants": {k: dict(v) for k, v in self._tenants.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._x25519 = private_from_bytes(state["x25519"])
+        self.public = public_bytes(self._x25519)
+        self.frac_bits = int(state["frac_bits"])
+        self._tenants = {k: dict(v) for k, v in state["tenants"].items()}

@@ -1,0 +1,212 @@
+"""Typed messages of the secure protocol and their validation on receipt.
+
+Two families:
+
+* set-up and dealer messages, one dataclass each (:class:`DealerHello`,
+  :class:`ClientSetup`, :class:`DealerRegistration`, :class:`MaterialRequest`,
+  :class:`MaterialBundle`);
+* step messages (:class:`SecureMessage`): one per direction per exchange of a training or
+  inference step. Which items a step message carries is fixed by the step's public
+  parameters (:class:`flower_split.protocol.secure_steps.StepSpec`): the schedule derived
+  from both parties' scripts lists, for every message number ``seq``, its sender, its stage
+  label and the exact items with their :class:`ItemSpec` (kind, shape). docs/secure.md has
+  the table. The receiver checks tenant, step, seq, sender, stage, ``frac_bits``, the
+  public step header (batch, tokens, train) and every item (set of names, kind, dtype
+  int64 for ring values, shape, byte lengths) before touching any state; any mismatch is a
+  :class:`~flower_split.protocol.messages.ProtocolError`.
+
+Item kinds: ``ring`` (int64 tensor in Z_2^64 carrying ``frac_bits`` fractional bits),
+``mask`` (int64 0/1 attention mask, public), ``seed`` (32 bytes) and ``blob`` (bytes: a
+CKKS envelope, validated again by the HE layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flower_split.mpc import SEED_BYTES
+from flower_split.protocol.messages import ProtocolError
+
+RING, MASK, SEED, BLOB = "ring", "mask", "seed", "blob"
+ITEM_KINDS = (RING, MASK, SEED, BLOB)
+MAX_BLOB_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ItemSpec:
+    """What one named item of a step message must be."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ITEM_KINDS:
+            raise ValueError(f"item {self.name!r}: unknown kind {self.kind!r}")
+
+    def nbytes(self) -> int:
+        """Bytes on the wire (tensors at 8 bytes per element; blobs are counted when sent)."""
+        if self.kind in (RING, MASK):
+            count = 1
+            for size in self.shape:
+                count *= size
+            return 8 * count
+        return SEED_BYTES if self.kind == SEED else 0
+
+    def check(self, value: object) -> None:
+        """Raise :class:`ProtocolError` unless ``value`` matches this spec."""
+        if self.kind in (RING, MASK):
+            if not isinstance(value, torch.Tensor):
+                raise ProtocolError(f"item {self.name!r}: expected an int64 tensor, got {type(value).__name__}")
+            if value.dtype != torch.int64:
+                raise ProtocolError(f"item {self.name!r}: expected dtype torch.int64, got {value.dtype}")
+            if tuple(value.shape) != self.shape:
+                raise ProtocolError(f"item {self.name!r}: expected shape {self.shape}, got {tuple(value.shape)}")
+            if self.kind == MASK:
+                if bool(((value != 0) & (value != 1)).any()):
+                    raise ProtocolError(f"item {self.name!r}: attention mask must hold only 0 and 1")
+                if value.numel() and bool((value.sum(1) == 0).any()):
+                    raise ProtocolError(f"item {self.name!r}: every sequence needs at least one token")
+            return
+        if not isinstance(value, bytes):
+            raise ProtocolError(f"item {self.name!r}: expected bytes, got {type(value).__name__}")
+        if self.kind == SEED and len(value) != SEED_BYTES:
+            raise ProtocolError(f"item {self.name!r}: expected a {SEED_BYTES}-byte seed, got {len(value)} bytes")
+        if self.kind == BLOB and not 0 < len(value) <= MAX_BLOB_BYTES:
+            raise ProtocolError(f"item {self.name!r}: blob of {len(value)} bytes is out of range")
+
+
+@dataclass(frozen=True)
+class SecureMessage:
+    """One step message between a client and the cloud (either direction).
+
+    Attributes:
+        tenant: the tenant the step belongs to.
+        step: the tenant's step number.
+        seq: position of this message in the step's schedule (0, 1, ...).
+        sender: ``"client"`` or ``"cloud"``.
+        stage: the schedule's label for this message (which stages' openings it carries).
+        train: whether the step trains (public; fixes the schedule).
+        batch, tokens: the batch shape (public; fixes every item shape).
+        frac_bits: fractional bits of every ring item.
+        items: item name -> tensor or bytes.
+    """
+
+    tenant: str
+    step: int
+    seq: int
+    sender: str
+    stage: str
+    train: bool
+    batch: int
+    tokens: int
+    frac_bits: int
+    items: dict[str, Any] = field(default_factory=dict)
+
+
+def payload_bytes(message: object) -> int:
+    """Bytes a transport would carry: a small header plus every tensor and byte string."""
+    total = 64
+    for value in vars(message).values():
+        total += _value_bytes(value)
+    return total
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _value_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    return 0
+
+
+def check_items(items: object, specs: tuple[ItemSpec, ...], where: str) -> None:
+    """Raise :class:`ProtocolError` unless ``items`` holds exactly ``specs``, each valid."""
+    if not isinstance(items, dict):
+        raise ProtocolError(f"{where}: items must be a dict, got {type(items).__name__}")
+    expected = {spec.name for spec in specs}
+    if set(items) != expected:
+        missing, extra = sorted(expected - set(items)), sorted(set(items) - expected)
+        raise ProtocolError(f"{where}: items do not match the schedule (missing {missing}, unexpected {extra})")
+    for spec in specs:
+        spec.check(items[spec.name])
+
+
+# ----------------------------------------------------------------- set-up and dealer messages
+@dataclass(frozen=True)
+class DealerHello:
+    """dealer -> cloud, and relayed by the cloud -> client: the dealer's X25519 public key."""
+
+    dealer_public: bytes
+
+
+@dataclass(frozen=True)
+class ClientSetup:
+    """client -> cloud, once per tenant: everything public the cloud needs, and its weight seed.
+
+    Attributes:
+        tenant: tenant id.
+        client_public: the client's X25519 public key (the cloud relays it to the dealer).
+        dealer_public: the dealer key the client agreed with (must be the dealer's).
+        he_public: CKKS public context (``he`` label protection) or empty bytes.
+        weights_seed: 32-byte seed; the cloud's initial halves of all adapter weights are
+            its AES-CTR expansion, in the order of ``secure_steps.WEIGHT_NAMES``.
+        dims: dim, head_rank, tail_rank, classes.
+        label_protection, train_head, frac_bits, grad_scale_bits: protocol options.
+        optim: public optimizer hyperparameters (lr_head, lr_tail, momentum, weight_decay,
+            warmup_fraction, total_steps): the cloud must update its halves with the same rule.
+    """
+
+    tenant: str
+    client_public: bytes
+    dealer_public: bytes
+    he_public: bytes
+    weights_seed: bytes
+    dims: tuple[int, int, int, int]
+    label_protection: str
+    train_head: bool
+    frac_bits: int
+    grad_scale_bits: int
+    optim: dict[str, float]
+
+
+@dataclass(frozen=True)
+class DealerRegistration:
+    """cloud -> dealer: a tenant's public keys and adapter dimensions."""
+
+    tenant: str
+    client_public: bytes
+    cloud_public: bytes
+    dims: tuple[int, int, int, int]
+    train_head: bool
+
+
+@dataclass(frozen=True)
+class MaterialRequest:
+    """cloud -> dealer: Beaver material for one step of a tenant (public shape data only)."""
+
+    tenant: str
+    step: int
+    batch: int
+    tokens: int
+    train: bool
+
+
+@dataclass(frozen=True)
+class MaterialBundle:
+    """dealer -> cloud: the cloud's correction tensors ``masked_c`` for every product of a step.
+
+    Keyed ``"<program>:<index>"``. The cloud derives its own seeds; the client derives its
+    material entirely from its dealer key, so nothing of the client's material exists here.
+    """
+
+    tenant: str
+    step: int
+    corrections: dict[str, torch.Tensor]

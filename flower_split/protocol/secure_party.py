@@ -1,0 +1,332 @@
+"""What the secure client and cloud parties share: the step runner, the tenant's halves, state I/O.
+
+A :class:`StepState` is one party's progress in one step: the position in its script,
+the number of messages of the step seen so far, received items not yet consumed, and the
+step's values (``ctx``: the ``PartyState`` of the head, tail and classifier programs,
+the attention mask, ...). It holds only tensors, bytes and plain values, so it can be
+exported with :func:`export_value` and restored with :func:`import_value` between two
+messages (Flower's ``Context.state``), except for ``ctx`` keys starting with ``_``, which
+are caches (the cloud's autograd graph) rebuilt when missing.
+
+Receiving a message is a transaction: it is validated against the step's schedule
+(tenant, step, seq, sender, stage, public header, frac_bits, every item), then the
+script runs as far as it can; if anything fails, every piece of state the run touched is
+restored and :class:`ProtocolError` is raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flower_split.mpc import AdditiveShare, MaterialQueue, PartyState, SeededMaterial
+from flower_split.mpc import mean_pool, mean_pool_backward
+from flower_split.mpc.beaver import PendingProduct
+from flower_split.mpc.triples import SquarePair, Triple, TripleRequest
+from flower_split.protocol.messages import ProtocolError
+from flower_split.protocol.secure_messages import SecureMessage, check_items
+from flower_split.protocol.secure_optim import lr_factor, sgd_share_update
+from flower_split.protocol.secure_steps import (
+    CLIENT, CLOUD, Begin, Call, Finish, StepSpec, op_needs, opening_specs, programs, schedule, script,
+)
+
+GRAD_SCALE_BITS = 8
+"""Gradients enter the 2PC backward scaled by 2^8 (see ``secure_optim``)."""
+
+MODULE_WEIGHTS = {"head": ("head.A", "head.B"), "tail": ("tail.A", "tail.B"), "cls": ("cls.Wc", "cls.bc")}
+
+
+@dataclass
+class StepState:
+    """One party's state of one step between messages."""
+
+    spec: StepSpec
+    pc: int = 0
+    seq: int = 0
+    inbox: dict[str, Any] = field(default_factory=dict)
+    ctx: dict[str, Any] = field(default_factory=dict)
+
+    def snapshot(self) -> tuple:
+        ctx = {k: _copy_party_state(v) if isinstance(v, PartyState) else v for k, v in self.ctx.items()}
+        return self.pc, self.seq, dict(self.inbox), ctx
+
+    def restore(self, snap: tuple) -> None:
+        self.pc, self.seq, self.inbox, self.ctx = snap[0], snap[1], snap[2], snap[3]
+
+
+def _copy_party_state(state: PartyState) -> PartyState:
+    return PartyState(state.party, dict(state.values), state.pending)
+
+
+@dataclass
+class Optim:
+    """Public optimizer hyperparameters both parties apply to their halves."""
+
+    lr_head: float
+    lr_tail: float
+    momentum: float
+    weight_decay: float
+    warmup_fraction: float
+    total_steps: int
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(lr_head=self.lr_head, lr_tail=self.lr_tail, momentum=self.momentum,
+                    weight_decay=self.weight_decay, warmup_fraction=self.warmup_fraction,
+                    total_steps=self.total_steps)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, float]) -> Optim:
+        expected = {"lr_head", "lr_tail", "momentum", "weight_decay", "warmup_fraction", "total_steps"}
+        if not isinstance(values, dict) or set(values) != expected:
+            raise ProtocolError(f"optim: expected the fields {sorted(expected)}")
+        optim = cls(**{k: values[k] for k in expected})
+        if not (optim.lr_head > 0 and optim.lr_tail > 0 and 0 <= optim.momentum < 1
+                and optim.weight_decay >= 0 and 0 <= optim.warmup_fraction < 1
+                and isinstance(optim.total_steps, int) and optim.total_steps > 0):
+            raise ProtocolError(f"optim: invalid hyperparameters {values}")
+        return optim
+
+
+class Halves:
+    """One party's halves of a tenant's adapter weights and momentum buffers, and update counts."""
+
+    def __init__(self, party: int, weights: dict[str, torch.Tensor], optim: Optim, frac_bits: int,
+                 grad_scale_bits: int) -> None:
+        self.party = party
+        self.weights = dict(weights)
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.updates = {"head": 0, "tail": 0}
+        self.optim = optim
+        self.frac_bits = frac_bits
+        self.grad_scale_bits = grad_scale_bits
+
+    def share(self, name: str) -> AdditiveShare:
+        return AdditiveShare(self.weights[name], self.party, self.frac_bits)
+
+    def snapshot(self) -> tuple:
+        return dict(self.weights), dict(self.buffers), dict(self.updates)
+
+    def restore(self, snap: tuple) -> None:
+        self.weights, self.buffers, self.updates = dict(snap[0]), dict(snap[1]), dict(snap[2])
+
+    def update(self, group: str, grads: dict[str, AdditiveShare]) -> None:
+        """SGD+momentum on this party's halves of ``group`` ("head" or "tail" = tail + classifier)."""
+        base = self.optim.lr_head if group == "head" else self.optim.lr_tail
+        lr = base * lr_factor(self.updates[group], self.optim.total_steps, self.optim.warmup_fraction)
+        for name, grad in grads.items():
+            if grad.frac_bits != self.frac_bits or tuple(grad.shape) != tuple(self.weights[name].shape):
+                raise ProtocolError(f"gradient share of {name} does not match its weight")
+            self.weights[name], buf = sgd_share_update(
+                self.weights[name], self.buffers.get(name), grad.data, self.party, lr, self.optim.momentum,
+                self.optim.weight_decay, self.frac_bits, self.grad_scale_bits)
+            if buf is not None:
+                self.buffers[name] = buf
+        self.updates[group] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": {k: v.clone() for k, v in self.weights.items()},
+                "buffers": {k: v.clone() for k, v in self.buffers.items()},
+                "updates": dict(self.updates), "optim": self.optim.as_dict(),
+                "frac_bits": self.frac_bits, "grad_scale_bits": self.grad_scale_bits}
+
+    @classmethod
+    def from_state(cls, party: int, state: dict[str, Any]) -> Halves:
+        halves = cls(party, state["weights"], Optim(**state["optim"]), state["frac_bits"],
+                     state["grad_scale_bits"])
+        halves.buffers = dict(state["buffers"])
+        halves.updates = dict(state["updates"])
+        return halves
+
+
+class SecureStepRunner:
+    """The script interpreter both secure parties inherit.
+
+    Subclasses set ``role`` and ``party`` and implement ``_op_<name>`` for their script's
+    ``Call`` operations and :meth:`_materials`.
+    """
+
+    role: str
+    party: int
+
+    # --------------------------------------------------------------------- running
+    def _advance(self, st: StepState, halves: Halves) -> dict[str, Any]:
+        """Run the script until it needs an item not received yet; return the items given."""
+        ops = script(st.spec, self.role)
+        out: dict[str, Any] = {}
+        while st.pc < len(ops):
+            op = ops[st.pc]
+            needs = op_needs(st.spec, op)
+            if any(name not in st.inbox for name in needs):
+                break
+            got = {name: st.inbox.pop(name) for name in needs}
+            if isinstance(op, Begin):
+                module, program = programs(st.spec)[op.program]
+                stage = program.stages[op.stage]
+                queue = MaterialQueue(self.party)
+                first = sum(len(s.products) for s in program.stages[: op.stage])
+                queue.extend(self._materials(st, op.program, first, [p.request for p in stage.products]))
+                openings = stage.begin(st.ctx[module], queue)
+                flat = [tensor for opening in openings for tensor in opening]
+                names = [item.name for item in opening_specs(st.spec, op.program, op.stage)]
+                out.update(zip(names, flat))
+            elif isinstance(op, Finish):
+                module, program = programs(st.spec)[op.program]
+                stage = program.stages[op.stage]
+                names = iter(item.name for item in opening_specs(st.spec, op.program, op.stage))
+                received = []
+                for product in stage.products:
+                    count = 1 if product.request.op.value == "square" else 2
+                    received.append(tuple(got[next(names)] for _ in range(count)))
+                stage.finish(st.ctx[module], received)
+            else:
+                assert isinstance(op, Call)
+                given = getattr(self, f"_op_{op.name}")(st, halves, got) or {}
+                if set(given) != {item.name for item in op.gives}:
+                    raise RuntimeError(f"{self.role} op {op.name} gave {sorted(given)}")
+                out.update(given)
+            st.pc += 1
+        return out
+
+    def _done(self, st: StepState) -> bool:
+        return st.pc == len(script(st.spec, self.role))
+
+    def _outgoing(self, st: StepState, items: dict[str, Any]) -> SecureMessage | None:
+        if not items:
+            if not self._done(st):
+                raise RuntimeError(f"{self.role} is blocked with nothing to send (schedule bug)")
+            return None
+        plan = schedule(st.spec)[st.seq]
+        if plan.sender != self.role or set(items) != {item.name for item in plan.items}:
+            raise RuntimeError(f"{self.role} produced message {st.seq} that differs from the schedule")
+        spec = st.spec
+        message = SecureMessage(spec.tenant, spec.step, st.seq, self.role, plan.stage, spec.train,
+                                spec.batch, spec.tokens, spec.frac_bits, items)
+        st.seq += 1
+        return message
+
+    def _check_incoming(self, st: StepState, message: SecureMessage) -> None:
+        """Validate ``message`` against the step's schedule; raise ProtocolError, change nothing."""
+        spec = st.spec
+        where = f"{self.role}: message {message.seq} of step {message.step} (tenant {message.tenant!r})"
+        peer = CLOUD if self.role == CLIENT else CLIENT
+        plans = schedule(spec)
+        if message.seq != st.seq:
+            raise ProtocolError(f"{where}: out of order, expected message {st.seq}")
+        if st.seq >= len(plans) or plans[st.seq].sender != peer:
+            raise ProtocolError(f"{where}: no message from the {peer} is expected now")
+        plan = plans[st.seq]
+        if message.sender != peer:
+            raise ProtocolError(f"{where}: sender {message.sender!r}, expected {peer!r}")
+        if message.stage != plan.stage:
+            raise ProtocolError(f"{where}: stage {message.stage!r}, expected {plan.stage!r}")
+        if isinstance(message.frac_bits, bool) or message.frac_bits != spec.frac_bits:
+            raise ProtocolError(f"{where}: frac_bits {message.frac_bits!r}, expected {spec.frac_bits}")
+        header = (message.train, message.batch, message.tokens)
+        if header != (spec.train, spec.batch, spec.tokens):
+            raise ProtocolError(f"{where}: header (train, batch, tokens) = {header} does not match the step "
+                                f"{(spec.train, spec.batch, spec.tokens)}")
+        check_items(message.items, plan.items, where)
+
+    def _receive(self, st: StepState, halves: Halves, message: SecureMessage) -> SecureMessage | None:
+        """Validate, then run as far as possible; all-or-nothing."""
+        self._check_incoming(st, message)
+        step_snap, halves_snap = st.snapshot(), halves.snapshot()
+        try:
+            st.inbox.update(message.items)
+            st.seq += 1
+            return self._outgoing(st, self._advance(st, halves))
+        except BaseException as exc:
+            st.restore(step_snap)
+            halves.restore(halves_snap)
+            if isinstance(exc, (ValueError, TypeError, LookupError)) and not isinstance(exc, ProtocolError):
+                raise ProtocolError(f"{self.role}: message {message.seq} of step {message.step} rejected: "
+                                    f"{exc}") from exc
+            raise
+
+    def _materials(self, st: StepState, program: str, first: int,
+                   requests: list[TripleRequest]) -> list[SeededMaterial]:
+        raise NotImplementedError
+
+    # --------------------------------------------------------- ops common to both parties
+    def _op_pool(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        tail = st.ctx["tail"]
+        st.ctx["cls"] = PartyState(self.party, {"p": mean_pool(tail.values["y"], st.ctx["mask"]),
+                                                "Wc": halves.share("cls.Wc"), "bc": halves.share("cls.bc")})
+
+    def _op_pool_backward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        st.ctx["tail"].values["gy"] = mean_pool_backward(st.ctx["cls"].values["gp"], st.ctx["mask"])
+
+    def _op_update_tail(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        tail, cls = st.ctx["tail"].values, st.ctx["cls"].values
+        halves.update("tail", {"tail.A": tail["gA"], "tail.B": tail["gB"],
+                               "cls.Wc": cls["gWc"], "cls.bc": cls["gbc"]})
+
+    def _op_update_head(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        head = st.ctx["head"].values
+        halves.update("head", {"head.A": head["gA"], "head.B": head["gB"]})
+
+
+# ------------------------------------------------------------------------ state export
+def export_value(value: Any) -> Any:
+    """Plain (tensors, bytes, scalars, dicts, lists) copy of a step value."""
+    if isinstance(value, PartyState):
+        pending = None
+        if value.pending is not None:
+            pending = {"stage": value.pending[0], "products": [_export_pending(p) for p in value.pending[1]]}
+        return {"__party_state__": value.party,
+                "values": {k: {"data": v.data.contiguous().clone(), "frac_bits": v.frac_bits}
+                           for k, v in value.values.items()},
+                "pending": pending}
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: export_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [export_value(v) for v in value]
+    return value
+
+
+def import_value(value: Any) -> Any:
+    """Inverse of :func:`export_value`."""
+    if isinstance(value, dict) and "__party_state__" in value:
+        party = value["__party_state__"]
+        values = {k: AdditiveShare(v["data"], party, v["frac_bits"]) for k, v in value["values"].items()}
+        pending = None
+        if value["pending"] is not None:
+            pending = (value["pending"]["stage"], [_import_pending(p) for p in value["pending"]["products"]])
+        return PartyState(party, values, pending)
+    if isinstance(value, dict):
+        return {k: import_value(v) for k, v in value.items()}
+    return value
+
+
+def _export_pending(p: PendingProduct) -> dict[str, Any]:
+    material = p.material
+    tensors = {"a": material.a, "c": material.c}
+    if isinstance(material, Triple):
+        tensors["b"] = material.b
+    return {"op": p.request.op.value, "x_shape": list(p.request.x_shape),
+            "y_shape": None if p.request.y_shape is None else list(p.request.y_shape),
+            "party": p.party, "out_frac_bits": p.out_frac_bits, "truncate_bits": p.truncate_bits,
+            "x": p.x.contiguous().clone(), "sent": [t.clone() for t in p.sent],
+            "material": {k: v.clone() for k, v in tensors.items()}}
+
+
+def _import_pending(d: dict[str, Any]) -> PendingProduct:
+    request = TripleRequest(d["op"], tuple(d["x_shape"]), None if d["y_shape"] is None else tuple(d["y_shape"]))
+    m = d["material"]
+    material = Triple(m["a"], m["b"], m["c"]) if "b" in m else SquarePair(m["a"], m["c"])
+    return PendingProduct(request, d["party"], d["out_frac_bits"], d["truncate_bits"], d["x"],
+                          tuple(d["sent"]), material)
+
+
+def export_step(st: StepState) -> dict[str, Any]:
+    return {"spec": dict(vars(st.spec)), "pc": st.pc, "seq": st.seq, "inbox": export_value(st.inbox),
+            "ctx": {k: export_value(v) for k, v in st.ctx.items() if not k.startswith("_")}}
+
+
+def import_step(state: dict[str, Any]) -> StepState:
+    return StepState(StepSpec(**state["spec"]), int(state["pc"]), int(state["seq"]),
+                     import_value(state["inbox"]), {k: import_value(v) for k, v in state["ctx"].items()})

@@ -1,0 +1,320 @@
+"""The secure step as two scripts (client, cloud) and the message schedule they imply.
+
+A step is fixed by public parameters (:class:`StepSpec`: batch shape, adapter sizes,
+train / train_head, label protection). From them both parties build the same 2PC
+programs (:mod:`flower_split.mpc.adapter`) and their own *script*: a list of operations
+
+* ``Begin(program, stage)``  - start a Beaver stage; gives this party's openings;
+* ``Finish(program, stage)`` - needs the peer's openings of that stage;
+* ``Call(name, needs, gives)`` - a local step of the party (``_op_<name>``) that may need
+  items from the peer (a seed, an opened share, a CKKS envelope) and may give items.
+
+A party runs its script until an operation needs an item it has not received, then sends
+everything it gave since its last message as **one** message. This folds the openings of a
+stage together with the next stage's (the peer can finish stage k and begin k + 1 in the
+same turn), so a 3-stage adapter costs 1.5 round trips, not 3, and every opening of one
+stage travels in one message per direction. :func:`schedule` runs this rule on the two
+scripts symbolically: it lists every message of the step (sender, stage label, items with
+shapes). Both parties validate received messages against it, docs/secure.md prints it, and
+the byte and round counts of the benchmark are read off it.
+
+Step outline (DESIGN.md section 3)::
+
+    client: embed, encode e; send seed_e (cloud's share of e = PRG(seed_e)), mask, Enc(y) (he)
+    both:   head.fwd (3 stages)                -> shares of f
+    client: send its share of f                (f opened to the cloud only)
+    cloud:  h = Body(f); send seed_h           (client's share of h = PRG(seed_h))
+    both:   tail.fwd (3 stages), mean pool (local), cls.fwd (1 stage)  -> shares of z
+    he:     client sends its share of z; cloud: Enc(L), Enc(g - m) -> client; shares (m, g - m)
+    client: cloud sends its share of z; client: L, g; sends seed_g (cloud's share of g)
+    both:   cls.bwd (1), mean pool backward (local), tail.bwd (3); each updates its tail half
+    if train_head:
+    client: send its share of dL/dh            (opened to the cloud)
+    cloud:  dL/df through the frozen body; send seed_gf (client's share = PRG(seed_gf))
+    both:   head.bwd (3 stages, no input gradient); each updates its head half
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+
+from flower_split.mpc import Program, Quadratic, adapter_backward, adapter_forward
+from flower_split.mpc import classifier_backward, classifier_forward
+from flower_split.mpc.triples import Op as TripleOp
+from flower_split.protocol.secure_messages import BLOB, MASK, RING, SEED, ItemSpec
+
+CLIENT, CLOUD = "client", "cloud"
+ACTIVATION = Quadratic(0.25, 0.5, 0.125)
+"""The public activation; equals ``flower_split.model.adapters.QUAD_COEFFS``."""
+
+WEIGHT_NAMES = ("head.A", "head.B", "tail.A", "tail.B", "cls.Wc", "cls.bc")
+"""Adapter weights, in the order the cloud's initial halves are expanded from its seed."""
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Public parameters of one step; both parties derive programs and schedule from it."""
+
+    tenant: str
+    step: int
+    batch: int
+    tokens: int
+    dim: int
+    head_rank: int
+    tail_rank: int
+    classes: int
+    train: bool
+    train_head: bool
+    label_protection: str
+    frac_bits: int
+
+    @property
+    def trains_head(self) -> bool:
+        return self.train and self.train_head
+
+    def shape_key(self) -> StepSpec:
+        """The same spec without tenant and step: what programs and schedules depend on."""
+        return dataclasses.replace(self, tenant="", step=0)
+
+
+def weight_shapes(dim: int, head_rank: int, tail_rank: int, classes: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the shared weights (A: [d, r], B: [r, d], Wc: [d, C], bc: [C])."""
+    return {"head.A": (dim, head_rank), "head.B": (head_rank, dim), "tail.A": (dim, tail_rank),
+            "tail.B": (tail_rank, dim), "cls.Wc": (dim, classes), "cls.bc": (classes,)}
+
+
+def programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
+    """program key -> (module whose PartyState it runs on, 2PC program), in execution order."""
+    return _programs(spec.shape_key())
+
+
+@lru_cache(maxsize=256)
+def _programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
+    b, t, d = spec.batch, spec.tokens, spec.dim
+    out: dict[str, tuple[str, Program]] = {
+        "head.fwd": ("head", adapter_forward(b, t, d, spec.head_rank, ACTIVATION)),
+        "tail.fwd": ("tail", adapter_forward(b, t, d, spec.tail_rank, ACTIVATION)),
+        "cls.fwd": ("cls", classifier_forward(b, d, spec.classes)),
+    }
+    if spec.train:
+        out["cls.bwd"] = ("cls", classifier_backward(b, d, spec.classes, input_grad=True))
+        out["tail.bwd"] = ("tail", adapter_backward(b, t, d, spec.tail_rank, ACTIVATION,
+                                                    input_grad=spec.train_head))
+        if spec.train_head:
+            out["head.bwd"] = ("head", adapter_backward(b, t, d, spec.head_rank, ACTIVATION, input_grad=False))
+    return out
+
+
+def material_keys(spec: StepSpec) -> list[tuple[str, int]]:
+    """(program, index) of every Beaver product of the step, in dealing order."""
+    return [(key, i) for key, (_, program) in programs(spec).items() for i in range(len(program.requests()))]
+
+
+# --------------------------------------------------------------------------- operations
+@dataclass(frozen=True)
+class Begin:
+    program: str
+    stage: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    program: str
+    stage: int
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    needs: tuple[str, ...] = ()
+    gives: tuple[ItemSpec, ...] = ()
+
+
+ScriptOp = Begin | Finish | Call
+
+
+def opening_specs(spec: StepSpec, program: str, stage: int) -> tuple[ItemSpec, ...]:
+    """The items one party sends for a Beaver stage (eps, and delta unless a square)."""
+    return _opening_specs(spec.shape_key(), program, stage)
+
+
+@lru_cache(maxsize=1024)
+def _opening_specs(spec: StepSpec, program: str, stage: int) -> tuple[ItemSpec, ...]:
+    stage_obj = programs(spec)[program][1].stages[stage]
+    items: list[ItemSpec] = []
+    for product in stage_obj.products:
+        prefix = f"{program}/{stage_obj.name}/{product.out}"
+        items.append(ItemSpec(f"{prefix}/eps", RING, product.request.x_shape))
+        if product.request.op is not TripleOp.SQUARE:
+            assert product.request.y_shape is not None
+            items.append(ItemSpec(f"{prefix}/delta", RING, product.request.y_shape))
+    return tuple(items)
+
+
+def op_gives(spec: StepSpec, op: ScriptOp) -> tuple[ItemSpec, ...]:
+    if isinstance(op, Begin):
+        return opening_specs(spec, op.program, op.stage)
+    if isinstance(op, Call):
+        return op.gives
+    return ()
+
+
+def op_needs(spec: StepSpec, op: ScriptOp) -> tuple[str, ...]:
+    if isinstance(op, Finish):
+        return tuple(item.name for item in opening_specs(spec, op.program, op.stage))
+    if isinstance(op, Call):
+        return op.needs
+    return ()
+
+
+def op_label(op: ScriptOp) -> str:
+    if isinstance(op, Call):
+        return op.name
+    return f"{op.program}[{op.stage}]"
+
+
+def _beaver(spec: StepSpec, program: str) -> list[ScriptOp]:
+    ops: list[ScriptOp] = []
+    for stage in range(len(programs(spec)[program][1].stages)):
+        ops += [Begin(program, stage), Finish(program, stage)]
+    return ops
+
+
+def _items(spec: StepSpec) -> dict[str, ItemSpec]:
+    b, t, d, c = spec.batch, spec.tokens, spec.dim, spec.classes
+    return {
+        "input.seed_e": ItemSpec("input.seed_e", SEED),
+        "input.mask": ItemSpec("input.mask", MASK, (b, t)),
+        "input.labels": ItemSpec("input.labels", BLOB),
+        "open.f": ItemSpec("open.f", RING, (b, t, d)),
+        "reshare.seed_h": ItemSpec("reshare.seed_h", SEED),
+        "open.z": ItemSpec("open.z", RING, (b, c)),
+        "he.result": ItemSpec("he.result", BLOB),
+        "loss.seed_g": ItemSpec("loss.seed_g", SEED),
+        "open.grad_h": ItemSpec("open.grad_h", RING, (b, t, d)),
+        "reshare.seed_gf": ItemSpec("reshare.seed_gf", SEED),
+    }
+
+
+def script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
+    """The operations of ``role`` ("client" or "cloud") for the step ``spec``."""
+    return _script(spec.shape_key(), role)
+
+
+@lru_cache(maxsize=256)
+def _script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
+    it = _items(spec)
+    he = spec.label_protection == "he"
+    ops: list[ScriptOp] = []
+    if role == CLIENT:
+        inputs = [it["input.seed_e"], it["input.mask"]] + ([it["input.labels"]] if he and spec.train else [])
+        ops.append(Call("share_input", gives=tuple(inputs)))
+        ops += _beaver(spec, "head.fwd")
+        ops.append(Call("open_f", gives=(it["open.f"],)))
+        ops.append(Call("receive_h", needs=("reshare.seed_h",)))
+        ops += _beaver(spec, "tail.fwd")
+        ops.append(Call("pool"))
+        ops += _beaver(spec, "cls.fwd")
+        if not spec.train:
+            ops.append(Call("receive_logits", needs=("open.z",)))
+            return tuple(ops)
+        if he:
+            ops.append(Call("open_z", gives=(it["open.z"],)))
+            ops.append(Call("receive_he_result", needs=("he.result",)))
+        else:
+            ops.append(Call("local_loss", needs=("open.z",), gives=(it["loss.seed_g"],)))
+    elif role == CLOUD:
+        inputs_needed = ("input.seed_e", "input.mask") + (("input.labels",) if he and spec.train else ())
+        ops.append(Call("receive_input", needs=inputs_needed))
+        ops += _beaver(spec, "head.fwd")
+        ops.append(Call("body_forward", needs=("open.f",), gives=(it["reshare.seed_h"],)))
+        ops += _beaver(spec, "tail.fwd")
+        ops.append(Call("pool"))
+        ops += _beaver(spec, "cls.fwd")
+        if not spec.train:
+            ops.append(Call("open_z", gives=(it["open.z"],)))
+            return tuple(ops)
+        if he:
+            ops.append(Call("he_loss", needs=("open.z",), gives=(it["he.result"],)))
+        else:
+            ops.append(Call("open_z", gives=(it["open.z"],)))
+            ops.append(Call("receive_grad_share", needs=("loss.seed_g",)))
+    else:
+        raise ValueError(f"role must be {CLIENT!r} or {CLOUD!r}, got {role!r}")
+    ops += _beaver(spec, "cls.bwd")
+    ops.append(Call("pool_backward"))
+    ops += _beaver(spec, "tail.bwd")
+    ops.append(Call("update_tail"))
+    if spec.train_head:
+        if role == CLIENT:
+            ops.append(Call("open_grad_h", gives=(it["open.grad_h"],)))
+            ops.append(Call("receive_grad_f", needs=("reshare.seed_gf",)))
+        else:
+            ops.append(Call("body_backward", needs=("open.grad_h",), gives=(it["reshare.seed_gf"],)))
+        ops += _beaver(spec, "head.bwd")
+        ops.append(Call("update_head"))
+    return tuple(ops)
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """One message of a step's schedule."""
+
+    seq: int
+    sender: str
+    stage: str
+    items: tuple[ItemSpec, ...]
+
+    @property
+    def receiver(self) -> str:
+        return CLOUD if self.sender == CLIENT else CLIENT
+
+
+def schedule(spec: StepSpec) -> tuple[MessageSpec, ...]:
+    """Every message of the step, in order, from running both scripts symbolically.
+
+    Raises:
+        RuntimeError: the scripts deadlock or leave items unconsumed (a protocol bug).
+    """
+    return _schedule(spec.shape_key())
+
+
+@lru_cache(maxsize=256)
+def _schedule(spec: StepSpec) -> tuple[MessageSpec, ...]:
+    scripts = {role: script(spec, role) for role in (CLIENT, CLOUD)}
+    pcs = {CLIENT: 0, CLOUD: 0}
+    received: dict[str, set[str]] = {CLIENT: set(), CLOUD: set()}
+    messages: list[MessageSpec] = []
+    active = CLIENT
+    while True:
+        gives: list[ItemSpec] = []
+        labels: list[str] = []
+        ops = scripts[active]
+        while pcs[active] < len(ops):
+            op = ops[pcs[active]]
+            needs = op_needs(spec, op)
+            if not set(needs) <= received[active]:
+                break
+            received[active] -= set(needs)
+            given = op_gives(spec, op)
+            if given and op_label(op) not in labels:
+                labels.append(op_label(op))
+            gives += given
+            pcs[active] += 1
+        other = CLOUD if active == CLIENT else CLIENT
+        if not gives:
+            if pcs[CLIENT] == len(scripts[CLIENT]) and pcs[CLOUD] == len(scripts[CLOUD]):
+                break
+            raise RuntimeError(f"secure step schedule deadlocks: {active} at op {pcs[active]} has nothing to send")
+        names = [item.name for item in gives]
+        if len(set(names)) != len(names):
+            raise RuntimeError(f"duplicate item names in one message: {names}")
+        messages.append(MessageSpec(len(messages), active, "+".join(labels), tuple(gives)))
+        received[other] |= set(names)
+        active = other
+    leftover = received[CLIENT] | received[CLOUD]
+    if leftover:
+        raise RuntimeError(f"secure step schedule leaves items unconsumed: {sorted(leftover)}")
+    return tuple(messages)

@@ -1,0 +1,132 @@
+"""Secure vs plain split training step: wall time, bytes and rounds per step, on the same batch.
+
+For each model (``tiny``, ``minilm``) it builds the split once, takes one Banking77 batch,
+and runs the same training step repeatedly with the split-plain parties and with the
+secure parties (``client`` and ``he`` label protection), all in process (no network:
+times are compute only; add your transport's latency times the rounds). Reported per step
+(median over repetitions, after one warm-up step):
+
+* wall ms, and how it splits between client, cloud and dealer (secure);
+* bytes client -> cloud and cloud -> client, and dealer -> cloud (secure);
+* rounds: client -> cloud messages per step (each answered by the cloud, except the last);
+  messages cloud -> client.
+
+Usage: ``python simulations/bench_secure_step.py [--models tiny minilm] [--batch 32] [--reps 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from flower_split.config import RunConfig
+from flower_split.data import TokenizedDataset, load_dataset
+from flower_split.model import build_split, load_tokenizer
+from flower_split.protocol import ClientParty, CloudParty
+from flower_split.protocol.secure_client import SecureClientParty
+from flower_split.protocol.secure_cloud import SecureCloudParty
+from flower_split.protocol.secure_dealer import SecureDealerParty
+from flower_split.protocol.secure_local import SecureLocalTransport
+from flower_split.transport import InProcessTransport
+
+SHAPES = {"tiny": dict(head_rank=8, tail_bottleneck=16), "minilm": dict(head_rank=64, tail_bottleneck=256)}
+
+
+def _batch(model: str, batch_size: int, max_length: int):
+    train, _ = load_dataset("banking77")
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:batch_size].tolist()
+    return TokenizedDataset(train.subset(sorted(rows)), load_tokenizer(model), max_length).collate(
+        list(range(batch_size)))
+
+
+def bench_plain(model: str, batch, reps: int) -> dict:
+    config = RunConfig(model=model, device="cpu", **SHAPES[model])
+    parts = build_split(model, 77, config.head_rank, config.tail_bottleneck)
+    client = ClientParty("t0", parts.embedder, parts.head, parts.tail, config, total_steps=10 * (reps + 1))
+    transport = InProcessTransport(CloudParty(parts.body))
+    times, sizes = [], []
+    for rep in range(reps + 1):
+        before = (transport.traffic.bytes_client_to_cloud, transport.traffic.bytes_cloud_to_client,
+                  transport.traffic.messages_client_to_cloud, transport.traffic.messages_cloud_to_client)
+        start = time.perf_counter()
+        message = client.begin(batch)
+        while message is not None:
+            message = client.handle(transport.send(message))
+        elapsed = time.perf_counter() - start
+        after = (transport.traffic.bytes_client_to_cloud, transport.traffic.bytes_cloud_to_client,
+                 transport.traffic.messages_client_to_cloud, transport.traffic.messages_cloud_to_client)
+        if rep:
+            times.append(elapsed)
+            sizes.append([a - b for a, b in zip(after, before)])
+    up, down, rounds, replies = sizes[-1]
+    return dict(wall=statistics.median(times), client=None, cloud=None, dealer=None, up=up, down=down,
+                dealer_bytes=0, rounds=rounds, replies=replies)
+
+
+def bench_secure(model: str, batch, reps: int, mode: str) -> dict:
+    config = RunConfig(model=model, device="cpu", security="secure", label_protection=mode, **SHAPES[model])
+    parts = build_split(model, 77, config.head_rank, config.tail_bottleneck)
+    dealer = SecureDealerParty()
+    cloud = SecureCloudParty(parts.body, dealer.public)
+    client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail), config,
+                               total_steps=10 * (reps + 1))
+    transport = SecureLocalTransport(cloud, dealer)
+    transport.connect(client)
+    costs = []
+    for rep in range(reps + 1):
+        transport.run_step(client, batch)
+        if rep:
+            costs.append(transport.last_step)
+    last = costs[-1]
+    return dict(wall=statistics.median(c.seconds for c in costs),
+                client=statistics.median(c.seconds_client for c in costs),
+                cloud=statistics.median(c.seconds_cloud for c in costs),
+                dealer=statistics.median(c.seconds_dealer for c in costs),
+                up=last.bytes_client_to_cloud, down=last.bytes_cloud_to_client,
+                dealer_bytes=last.bytes_dealer_to_cloud, rounds=last.messages_client_to_cloud,
+                replies=last.messages_cloud_to_client)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "minilm"], choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for model in args.models:
+        batch = _batch(model, args.batch, args.max_length)
+        shape = f"B={batch.input_ids.shape[0]} T={batch.input_ids.shape[1]}"
+        plain = bench_plain(model, batch, args.reps)
+        rows.append((model, shape, "plain", plain, 1.0))
+        for mode in ("client", "he"):
+            result = bench_secure(model, batch, args.reps, mode)
+            rows.append((model, shape, f"secure/{mode}", result, result["wall"] / plain["wall"]))
+
+    def ms(value):
+        return "-" if value is None else f"{1000 * value:,.1f}"
+
+    def kib(value):
+        return f"{value / 1024:,.1f}"
+
+    header = ("| model | batch | protocol | wall ms/step | x plain | client ms | cloud ms | dealer ms | "
+              "client->cloud KiB | cloud->client KiB | dealer->cloud KiB | rounds (client msgs) | cloud msgs |")
+    print(header)
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for model, shape, name, r, ratio in rows:
+        print(f"| {model} | {shape} | {name} | {ms(r['wall'])} | {ratio:.1f} | {ms(r['client'])} | {ms(r['cloud'])} | "
+              f"{ms(r['dealer'])} | {kib(r['up'])} | {kib(r['down'])} | {kib(r['dealer_bytes'])} | {r['rounds']} | "
+              f"{r['replies']} |")
+    print(f"\ntorch {torch.__version__}, {args.threads} thread(s), median of {args.reps} steps after one warm-up; "
+          "in process (no network latency); cloud ms includes the body forward/backward.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""Secure protocol in process: equality with split-plain, the cloud's transcript, validation, state.
+
+Fixed-point tolerance used below (LSB = 2^-16 = 1.5e-5): after each training step every
+reconstructed weight (cloud half + client half) may differ from the plain step's weight by
+at most 4 LSB. Per update and weight element: the momentum and learning-rate products are
+two local truncations (< 1 LSB each), and the gradient share carries the truncation errors
+of the 2PC backward (a few LSB of the 2^8-scaled gradient, i.e. < 1 LSB after the update
+divides the scale out) plus 2^-16 input/weight encoding; observed: 1-2.5 LSB after two
+steps. Every weight update of the test is checked to be at least 10x that tolerance, so a
+wrong gradient or a missed update cannot pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flower_split.config import RunConfig
+from flower_split.data import TokenizedDataset, load_dataset
+from flower_split.he import ClientKeys, HEParams
+from flower_split.model import build_split, load_tokenizer
+from flower_split.mpc import Triple, decode, encode
+from flower_split.protocol import ClientParty, CloudParty, ProtocolError
+from flower_split.protocol.secure_client import SecureClientParty, load_plaintext_weights, plaintext_weights
+from flower_split.protocol.secure_cloud import SecureCloudParty
+from flower_split.protocol.secure_dealer import SecureDealerParty
+from flower_split.protocol.secure_local import SecureLocalTransport
+from flower_split.protocol.secure_messages import MaterialBundle, MaterialRequest, SecureMessage
+from flower_split.protocol.secure_optim import lr_factor
+from flower_split.protocol.secure_party import GRAD_SCALE_BITS, StepState
+from flower_split.protocol.secure_steps import StepSpec, material_keys, programs, schedule
+from flower_split.protocol.optim import warmup_cosine
+from flower_split.transport import InProcessTransport
+
+LSB = 2.0**-16
+TOL_PER_STEP = 4 * LSB
+TOTAL_STEPS = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls are ~10x slower with 2 contending torch threads on a loaded 2-core VM."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data() -> TokenizedDataset:
+    train, _ = load_dataset("banking77")
+    rows = list(range(0, 8000, 250))[:24]  # spread over the label-sorted file: several classes
+    return TokenizedDataset(train.subset(rows), load_tokenizer("tiny"), 24)
+
+
+def _config(mode: str, **overrides) -> RunConfig:
+    values = dict(model="tiny", head_rank=4, tail_bottleneck=8, device="cpu", label_protection=mode,
+                  lr_head=0.05, lr_tail=0.3)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def _parts(random_up: bool):
+    """Tiny split with init weights on the fixed-point grid (and, if asked, non-zero B's)."""
+    parts = build_split("tiny", 77, 4, 8)
+    weights = plaintext_weights(parts.head, parts.tail)
+    if random_up:
+        generator = torch.Generator().manual_seed(1)
+        for name in ("head.B", "tail.B"):
+            weights[name] = 0.2 * torch.randn(weights[name].shape, generator=generator)
+    weights = {k: decode(encode(v.double())).float() for k, v in weights.items()}
+    load_plaintext_weights(parts.head, parts.tail, weights)
+    return parts
+
+
+def _secure(parts, config, record=False):
+    dealer = SecureDealerParty()
+    cloud = SecureCloudParty(parts.body, dealer.public)
+    client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail),
+                               config, TOTAL_STEPS)
+    transport = SecureLocalTransport(cloud, dealer, record_transcript=record)
+    transport.connect(client)
+    return client, cloud, dealer, transport
+
+
+def _weights(client: SecureClientParty, cloud: SecureCloudParty) -> dict[str, torch.Tensor]:
+    mine, theirs = client.export_halves(), cloud.export_halves(client.tenant)
+    return {k: decode(mine[k] + theirs[k]) for k in mine}
+
+
+@pytest.mark.parametrize("mode", ["client", "he"])
+def test_secure_steps_match_plain_steps(mode: str, data: TokenizedDataset) -> None:
+    config = _config(mode)
+    parts = _parts(random_up=True)
+    start = {k: v.double() for k, v in plaintext_weights(parts.head, parts.tail).items()}
+    client, cloud, _, transport = _secure(parts, config)
+    head, tail = copy.deepcopy(parts.head), copy.deepcopy(parts.tail)
+    plain = ClientParty("t0", parts.embedder, head, tail, config, TOTAL_STEPS)
+    plain_transport = InProcessTransport(CloudParty(parts.body))
+    # secure mode never holds the plaintext weights after set-up
+    assert client._init_weights is None
+    for index in range(2):
+        batch = data.collate(list(range(8 * index, 8 * index + 8)))
+        step = transport.run_step(client, batch)
+        secure_loss = client.pop_result(step).loss
+        message = plain.begin(batch)
+        while message is not None:
+            message = plain.handle(plain_transport.send(message))
+        plain_loss = plain.pop_result(index).loss
+        assert secure_loss == pytest.approx(plain_loss, abs=2e-3 if mode == "he" else 1e-4)
+        secure_w = _weights(client, cloud)
+        plain_w = {k: v.double() for k, v in plaintext_weights(head, tail).items()}
+        for name in secure_w:
+            error = (secure_w[name] - plain_w[name]).abs().max().item()
+            assert error <= TOL_PER_STEP * (index + 1), f"step {index} {name}: {error / LSB:.1f} LSB"
+            update = (plain_w[name] - start[name]).abs().max().item()
+            assert update >= 10 * TOL_PER_STEP * (index + 1), f"{name} barely moved: the test would be blind"
+    assert transport.last_step.messages_client_to_cloud == (11 if mode == "he" else 10)
+
+
+def test_zero_init_step_matches_plain_and_frozen_head(data: TokenizedDataset) -> None:
+    """Default init (B = 0) and train_head=False: no body backward, head halves untouched."""
+    config = _config("client", train_head=False)
+    parts = _parts(random_up=False)
+    client, cloud, _, transport = _secure(parts, config, record=True)
+    head_before = _weights(client, cloud)
+    batch = data.collate(list(range(8)))
+    transport.run_step(client, batch)
+    after = _weights(client, cloud)
+    for name in ("head.A", "head.B"):
+        assert torch.equal(after[name], head_before[name])
+    received = [m for m in transport.transcript if isinstance(m, SecureMessage)]
+    assert all("open.grad_h" not in m.items for m in received)  # nothing label-dependent reached the cloud
+    assert cloud.pending_steps == [] and client.steps_in_flight == []
+    tail = copy.deepcopy(parts.tail)
+    plain = ClientParty("t0", parts.embedder, copy.deepcopy(parts.head), tail, config, TOTAL_STEPS)
+    plain_transport = InProcessTransport(CloudParty(parts.body))
+    message = plain.begin(batch)
+    while message is not None:
+        message = plain.handle(plain_transport.send(message))
+    plain_w = {k: v.double() for k, v in plaintext_weights(parts.head, tail).items()}
+    for name in ("tail.A", "tail.B", "cls.Wc", "cls.bc"):
+        assert (after[name] - plain_w[name]).abs().max().item() <= TOL_PER_STEP
+
+
+# --------------------------------------------------------------------------- transcript
+def _received_tensors(transcript: list) -> list[tuple[str, torch.Tensor]]:
+    tensors = []
+    for message in transcript:
+        values = message.items if isinstance(message, SecureMessage) else (
+            message.corrections if isinstance(message, MaterialBundle) else vars(message))
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors.append((f"{type(message).__name__}.{name}", value))
+    return tensors
+
+
+def _blobs(transcript: list) -> list[bytes]:
+    out = []
+    for message in transcript:
+        values = message.items if isinstance(message, SecureMessage) else vars(message)
+        out += [v for v in values.values() if isinstance(v, bytes)]
+    return out
+
+
+def _close_fraction(tensor: torch.Tensor, target: torch.Tensor, atol: float) -> float:
+    """Largest fraction of entries of ``target`` found (within atol) at the same place in any
+    same-sized reading of ``tensor``: raw ring value, decoded value, or rows of the last dimension."""
+    if tensor.numel() != target.numel():
+        return 0.0
+    values = decode(tensor).reshape(target.shape)
+    raw = (tensor.reshape(target.shape) == encode(target.double())).double().mean().item()
+    return max(raw, ((values - target.double()).abs() <= atol).double().mean().item())
+
+
+def _leaks(transcript: list, targets: dict[str, torch.Tensor], loss: float, labels: torch.Tensor,
+           mask: torch.Tensor) -> list[str]:
+    """Everything of ``targets``, the loss or the labels found in what the cloud received."""
+    found = []
+    tensors = _received_tensors(transcript)
+    found += [f"float tensor {name}" for name, t in tensors if t.dtype != torch.int64]
+    e = targets["e"]
+    for name, tensor in tensors:
+        if tensor.dtype != torch.int64:
+            continue
+        if name.endswith("input.mask"):
+            if not torch.equal(tensor, mask):
+                found.append("mask differs")
+            continue  # public by design
+        for what, target in targets.items():
+            if _close_fraction(tensor, target, 1e-3) >= 0.05:
+                found.append(f"{what} in {name}")
+        if bool(((decode(tensor) - loss).abs() < 1e-3).any()):
+            found.append(f"loss in {name}")
+        if tensor.numel() >= labels.numel() and torch.equal(tensor.reshape(-1)[: labels.numel()], labels):
+            found.append(f"labels in {name}")
+        if tensor.shape[-1] == e.shape[-1]:  # any token embedding row, at any position
+            rows = decode(tensor.reshape(-1, e.shape[-1]))
+            if torch.cdist(rows, e.reshape(-1, e.shape[-1])).min() <= 1e-2:
+                found.append(f"an embedding row in {name}")
+    label_bytes = labels.numpy().tobytes()
+    found += ["labels in a blob" for blob in _blobs(transcript) if label_bytes in blob]
+    return found
+
+
+def _reference(parts, batch) -> dict[str, torch.Tensor]:
+    """e, and the logits / gradient / one-hot labels of the plain model at the same init."""
+    e = parts.embedder(batch.input_ids).double()
+    z = parts.tail(parts.body(parts.head(parts.embedder(batch.input_ids)), batch.attention_mask),
+                   batch.attention_mask).detach().double()
+    onehot = F.one_hot(batch.labels, 77).double()
+    g = (torch.softmax(z, -1) - onehot) / batch.labels.numel()
+    return {"e": e, "z": z, "g": g, "scaled g": g * 2**GRAD_SCALE_BITS, "onehot": onehot}
+
+
+@pytest.mark.parametrize("mode", ["client", "he"])
+def test_cloud_transcript_holds_no_inputs_labels_loss_or_gradient(mode: str, data: TokenizedDataset) -> None:
+    config = _config(mode)
+    parts = _parts(random_up=True)
+    client, cloud, _, transport = _secure(parts, config, record=True)
+    batch = data.collate(list(range(8)))
+    step = transport.run_step(client, batch)
+    loss = client.pop_result(step).loss
+    targets = _reference(parts, batch)
+    names = {name for name, _ in _received_tensors(transport.transcript)}
+    assert any("open.f" in n for n in names) and any("input.mask" in n for n in names)
+    assert any("open.grad_h" in n for n in names) and any("MaterialBundle" in n for n in names)
+    assert _leaks(transport.transcript, targets, loss, batch.labels, batch.attention_mask) == []
+    received = [m for m in transport.transcript if isinstance(m, SecureMessage)]
+    opened_z = [m for m in received if "open.z" in m.items]
+    if mode == "client":
+        assert not opened_z  # the cloud gets no share of z: no predictions
+        assert not any("input.labels" in m.items for m in received)
+    else:
+        assert len(opened_z) == 1  # z is opened to the cloud in he mode (documented leak)
+    # the search finds each of these values when it is planted in the transcript
+    for what, value in {**targets, "loss": torch.tensor([loss]), "labels": batch.labels}.items():
+        ring = value if what == "labels" else encode(value)
+        if what == "e":  # one token embedding, moved to another place
+            ring = encode(value[1:3, 2:3]).reshape(-1, value.shape[-1])
+        planted = SecureMessage("t0", 9, 0, "client", "x", True, 8, 1, 16, {"planted": ring})
+        assert _leaks([*transport.transcript, planted], targets, loss, batch.labels,
+                      batch.attention_mask), f"planted {what} not found"
+
+
+def test_documented_leak_identity_head_opens_e(data: TokenizedDataset) -> None:
+    """Measures the known leak (DESIGN section 7): with the default B = 0 the opened f is e."""
+    parts = _parts(random_up=False)
+    client, cloud, dealer, _ = _secure(parts, _config("client"))
+    batch = data.collate(list(range(4)))
+    message = client.begin(batch)
+    cloud.accept_material(dealer.handle(cloud.material_request(message)))
+    while "open.f" not in message.items:
+        message = client.handle(cloud.handle(message))
+    cloud.handle(message)
+    f = cloud.tenants["t0"].step.ctx["f"].double()
+    e = decode(encode(parts.embedder(batch.input_ids).double()))
+    assert (f - e).abs().max().item() <= LSB  # the cloud sees e exactly at step 0
+
+
+def test_cloud_never_holds_client_triples(data: TokenizedDataset) -> None:
+    parts = _parts(random_up=False)
+    client, cloud, dealer, transport = _secure(parts, _config("client"), record=True)
+    batch = data.collate(list(range(4)))
+    transport.run_step(client, batch)
+    bundle = next(m for m in transport.transcript if isinstance(m, MaterialBundle))
+    spec = StepSpec("t0", 0, 4, int(batch.input_ids.shape[1]), 32, 4, 8, 77, True, True, "client", 16)
+    assert cloud.tenants["t0"].key != client._dealer_key
+    cloud_view = [t for _, t in _received_tensors(transport.transcript)]
+    for program, index in material_keys(spec):
+        request = programs(spec)[program][1].requests()[index]
+        (mine,) = client._materials(StepState(spec), program, index, [request])
+        (theirs,) = cloud._materials(StepState(spec, ctx={"material": bundle.corrections}), program, index,
+                                     [request])
+        assert mine.seed != theirs.seed
+        client_half, cloud_half = mine.expand(), theirs.expand()
+        triple = isinstance(client_half, Triple)
+        b = client_half.b + cloud_half.b if triple else None
+        assert torch.equal(request.evaluate(client_half.a + cloud_half.a, b), client_half.c + cloud_half.c)
+        client_tensors = [client_half.a, client_half.c] + ([client_half.b] if triple else [])
+        cloud_tensors = cloud_view + [cloud_half.a, cloud_half.c] + ([cloud_half.b] if triple else [])
+        for secret in client_tensors:
+            assert not any(seen.shape == secret.shape and torch.equal(seen, secret) for seen in cloud_tensors)
+    with pytest.raises(ProtocolError, match="already served"):
+        dealer.handle(MaterialRequest("t0", 0, 4, spec.tokens, True))
+
+
+# --------------------------------------------------------------------- validation, state
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        out = []
+        for key in sorted(value, key=str):
+            out += _flatten(value[key], f"{prefix}/{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        out = []
+        for i, item in enumerate(value):
+            out += _flatten(item, f"{prefix}[{i}]")
+        return out
+    return [(prefix, value)]
+
+
+def _same_state(a, b) -> bool:
+    fa, fb = _flatten(a), _flatten(b)
+    if [k for k, _ in fa] != [k for k, _ in fb]:
+        return False
+    for (_, x), (_, y) in zip(fa, fb):
+        if isinstance(x, torch.Tensor):
+            if not isinstance(y, torch.Tensor) or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _tampered(message: SecureMessage) -> dict[str, SecureMessage]:
+    items = dict(message.items)
+    ring = next(k for k, v in items.items() if isinstance(v, torch.Tensor))
+    replace = lambda **kw: SecureMessage(**{**vars(message), **kw})  # noqa: E731
+    return {
+        "shape": replace(items={**items, ring: items[ring][..., :-1].contiguous()}),
+        "dtype int32": replace(items={**items, ring: items[ring].to(torch.int32)}),
+        "dtype float": replace(items={**items, ring: items[ring].to(torch.float64)}),
+        "frac_bits": replace(frac_bits=message.frac_bits + 1),
+        "stage": replace(stage="tail.fwd[0]"),
+        "seq": replace(seq=message.seq + 2),
+        "step": replace(step=message.step + 1),
+        "tenant": replace(tenant="other"),
+        "sender": replace(sender="client" if message.sender == "cloud" else "cloud"),
+        "header": replace(tokens=message.tokens + 1),
+        "missing item": replace(items={k: v for k, v in items.items() if k != ring}),
+        "extra item": replace(items={**items, "open.extra": items[ring]}),
+        "not a tensor": replace(items={**items, ring: items[ring].tolist()}),
+    }
+
+
+@pytest.mark.parametrize("mode", ["client", "he"])
+def test_tampered_messages_are_rejected_without_state_change(mode: str, data: TokenizedDataset) -> None:
+    parts = _parts(random_up=True)
+    client, cloud, dealer, _ = _secure(parts, _config(mode))
+    batch = data.collate(list(range(8)))
+    to_cloud = client.begin(batch)
+    cloud.accept_material(dealer.handle(cloud.material_request(to_cloud)))
+    checked_cloud = checked_client = False
+    while to_cloud is not None:
+        # tamper with a client -> cloud message
+        if not checked_cloud and to_cloud.seq == 2:
+            before = cloud.state_dict()
+            for what, bad in _tampered(to_cloud).items():
+                with pytest.raises(ProtocolError):
+                    cloud.handle(bad)
+                assert _same_state(before, cloud.state_dict()), f"cloud state changed by a bad {what}"
+            checked_cloud = True
+        to_client = cloud.handle(to_cloud)
+        if to_client is None:
+            break
+        if not checked_client and to_client.seq == 3:
+            before = client.state_dict()
+            bad_messages = _tampered(to_client)
+            for what, bad in bad_messages.items():
+                with pytest.raises(ProtocolError):
+                    client.handle(bad)
+                assert _same_state(before, client.state_dict()), f"client state changed by a bad {what}"
+            checked_client = True
+        if mode == "he" and "he.result" in to_client.items:
+            before = client.state_dict()
+            blob = bytearray(to_client.items["he.result"])
+            blob[len(blob) // 2] ^= 0x55  # garbled ciphertext: fails inside the step, after validation
+            bad = SecureMessage(**{**vars(to_client), "items": {**to_client.items, "he.result": bytes(blob)}})
+            with pytest.raises(ProtocolError, match="rejected"):
+                client.handle(bad)
+            assert _same_state(before, client.state_dict())
+        to_cloud = client.handle(to_client)
+    assert checked_cloud and checked_client
+    assert client.steps_in_flight == [] and cloud.pending_steps == []
+    # out-of-order start: a step number the cloud does not expect
+    message = client.begin(data.collate(list(range(8, 16))))
+    with pytest.raises(ProtocolError, match="first message of step"):
+        cloud.material_request(SecureMessage(**{**vars(message), "step": 7}))
+    with pytest.raises(ProtocolError, match="no dealer material"):
+        cloud.handle(message)
+
+
+def test_state_dicts_resume_mid_step(data: TokenizedDataset) -> None:
+    """Both parties are exported/imported (through torch.save) between every pair of messages."""
+    config = _config("he")
+    parts = _parts(random_up=True)
+    client, cloud, dealer, _ = _secure(parts, config)
+    start = _weights(client, cloud)
+
+    def reload_client(party: SecureClientParty) -> SecureClientParty:
+        buffer = io.BytesIO()
+        torch.save(party.state_dict(), buffer)
+        fresh = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail),
+                                  config, TOTAL_STEPS)
+        fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+        assert _same_state(party.state_dict(), fresh.state_dict())
+        return fresh
+
+    def reload_cloud(party: SecureCloudParty) -> SecureCloudParty:
+        fresh = SecureCloudParty(parts.body, dealer.public)
+        fresh.load_state_dict(party.state_dict())
+        return fresh
+
+    batch = data.collate(list(range(8)))
+    message = client.begin(batch)
+    cloud.accept_material(dealer.handle(cloud.material_request(message)))
+    while message is not None:
+        cloud = reload_cloud(cloud)  # drops the cached autograd graph: body_backward recomputes it
+        reply = cloud.handle(message)
+        if reply is None:
+            break
+        client = reload_client(client)
+        message = client.handle(reply)
+    loss = client.pop_result(0).loss
+    after = _weights(client, cloud)
+    assert loss == pytest.approx(4.3, abs=0.5)
+    assert all((after[k] - start[k]).abs().max() > 0 for k in after)
+    with pytest.raises(ValueError, match="tenant"):
+        other = SecureClientParty("t1", parts.embedder, parts.head, parts.tail, config, TOTAL_STEPS)
+        other.load_state_dict(client.state_dict())
+
+
+def test_schedule_is_folded_and_label_free() -> None:
+    for mode in ("client", "he"):
+        spec = StepSpec("t", 0, 4, 7, 32, 4, 8, 77, True, True, mode, 16)
+        plan = schedule(spec)
+        senders = [m.sender for m in plan]
+        assert senders == ["client", "cloud"] * (len(plan) // 2) + ["client"] * (len(plan) % 2)
+        client_items = {i.name for m in plan if m.sender == "client" for i in m.items}
+        assert ("input.labels" in client_items) == (mode == "he")
+        assert ("open.z" in client_items) == (mode == "he")
+        assert not any("loss" in name and "seed" not in name for name in client_items)
+        # one message per direction per stage: each stage's openings appear in exactly one message
+        for sender in ("client", "cloud"):
+            stages = [i.name.rsplit("/", 2)[0] for m in plan if m.sender == sender for i in m.items
+                      if i.kind == "ring" and "/" in i.name]
+            per_message = [{i.name.rsplit("/", 2)[0] for i in m.items if "/" in i.name}
+                           for m in plan if m.sender == sender]
+            for stage in set(stages):
+                assert sum(stage in names for names in per_message) == 1
+        inference = schedule(StepSpec("t", 0, 4, 7, 32, 4, 8, 77, False, True, mode, 16))
+        assert inference[-1].sender == "cloud" and "open.z" in {i.name for i in inference[-1].items}
+
+
+def test_lr_schedule_matches_plain_optimizer() -> None:
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    schedule_ = warmup_cosine(optimizer, 37, 0.1)
+    for step in range(37):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * lr_factor(step, 37, 0.1), rel=1e-12)
+        optimizer.step()
+        schedule_.step()
+
+
+def test_bad_setup_is_rejected_and_registers_nothing() -> None:
+    parts = _parts(random_up=False)
+    dealer = SecureDealerParty()
+    cloud = SecureCloudParty(parts.body, dealer.public)
+    client = SecureClientParty("t0", parts.embedder, parts.head, parts.tail, _config("he"), TOTAL_STEPS)
+    setup = client.setup(dealer.hello())
+    bad = {
+        "dims": {"dims": (31, 4, 8, 77)},
+        "frac_bits": {"frac_bits": 12},
+        "dealer": {"dealer_public": SecureDealerParty().public},
+        "client key": {"client_public": b"short"},
+        "weights seed": {"weights_seed": b"\0" * 5},
+        "label protection": {"label_protection": "none"},
+        "he context": {"he_public": b"garbage"},
+        "he frac bits": {"he_public": ClientKeys.generate(HEParams(frac_bits=16)).public_bytes()},
+        "optim": {"optim": {**setup.optim, "momentum": 1.5}},
+        "grad scale": {"grad_scale_bits": 40},
+    }
+    for what, change in bad.items():
+        with pytest.raises(ProtocolError):
+            cloud.register(type(setup)(**{**vars(setup), **change}))
+        assert cloud.tenants == {}, what
+    registration = cloud.register(setup)
+    with pytest.raises(ProtocolError, match="already registered"):
+        cloud.register(setup)
+    dealer.register(registration)

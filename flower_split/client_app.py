@@ -38,7 +38,8 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from flower_split.config import RunConfig
-from flower_split.data import Batch, TokenizedDataset, load_dataset, partition_indices
+from flower_split.data import Batch, TokenizedDataset
+from flower_split.data.tenants import sample_rows, split_test_like_train, tenant_splits  # noqa: F401 (re-exported)
 from flower_split.model import (
     Embedder, HeadAdapter, TailAdapter, hidden_size, load_encoder, load_tokenizer, split_encoder,
 )
@@ -72,48 +73,6 @@ class TenantData:
 # data
 
 
-def sample_rows(size: int, count: int | None, seed: int) -> list[int]:
-    """A fixed random subset of ``count`` of ``size`` rows (all rows if ``count`` is None or larger)."""
-    if count is None or count >= size:
-        return list(range(size))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(size, generator=generator)[:count].tolist())
-
-
-def split_test_like_train(partitions: list[list[int]], train_labels: list[int], test_labels: list[int],
-                          seed: int) -> list[list[int]]:
-    """Disjoint test rows per tenant, with the label distribution of each tenant's training rows.
-
-    The test rows of each class are shuffled (``seed``) and dealt out to the tenants in
-    proportion to how many training rows of that class each holds (largest remainder), so
-    tenant ``k`` tests on the classes it trains on, in the same proportions. Classes no tenant
-    trains on are left out.
-    """
-    num_classes = max([*train_labels, *test_labels], default=-1) + 1
-    counts = np.zeros((len(partitions), num_classes), dtype=np.int64)
-    for k, rows in enumerate(partitions):
-        np.add.at(counts[k], np.asarray([train_labels[i] for i in rows], dtype=np.int64), 1)
-    rng = np.random.default_rng(seed)
-    by_class: list[list[int]] = [[] for _ in range(num_classes)]
-    for row, label in enumerate(test_labels):
-        by_class[label].append(row)
-    result: list[list[int]] = [[] for _ in partitions]
-    for c, rows in enumerate(by_class):
-        total = int(counts[:, c].sum())
-        if total == 0 or not rows:
-            continue
-        rows = [rows[i] for i in rng.permutation(len(rows))]
-        exact = counts[:, c] * len(rows) / total
-        quota = np.floor(exact).astype(np.int64)
-        for k in np.argsort(-(exact - quota), kind="stable")[: len(rows) - int(quota.sum())]:
-            quota[k] += 1
-        start = 0
-        for k, n in enumerate(quota.tolist()):
-            result[k].extend(rows[start : start + n])
-            start += n
-    return [sorted(rows) for rows in result]
-
-
 @functools.lru_cache(maxsize=2)
 def _embedder(model: str, seed: int) -> tuple[Embedder, int]:
     """The public embedding layer and the hidden size (cached per process; public and frozen)."""
@@ -123,30 +82,26 @@ def _embedder(model: str, seed: int) -> tuple[Embedder, int]:
     return embedder, dim
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=32)  # a simulation actor may serve every tenant in turn
 def _tenant_data(config_items: tuple[tuple[str, Any], ...], partition: str, partition_id: int,
                  num_partitions: int) -> TenantData:
     config = RunConfig(**dict(config_items))
-    train, test = load_dataset(config.dataset, config.data_dir)
-    train = train.subset(sample_rows(len(train), config.max_train_samples, config.seed))
-    test = test.subset(sample_rows(len(test), config.max_test_samples, config.seed + 1))
-    partitions = partition_indices(train.labels, partition, num_partitions, config.seed)
-    tests = split_test_like_train(partitions, train.labels, test.labels, config.seed)
+    splits = tenant_splits(config, partition, num_partitions)
     tokenizer = load_tokenizer(config.model)
     embedder, dim = _embedder(config.model, config.seed)
     return TenantData(
         tenant=f"tenant-{partition_id}",
         partition_id=partition_id,
-        train=TokenizedDataset(train.subset(partitions[partition_id]), tokenizer, config.max_length),
-        test=TokenizedDataset(test.subset(tests[partition_id]), tokenizer, config.max_length),
-        num_classes=train.num_classes,
+        train=TokenizedDataset(splits.tenant_train(partition_id), tokenizer, config.max_length),
+        test=TokenizedDataset(splits.tenant_test(partition_id), tokenizer, config.max_length),
+        num_classes=splits.num_classes,
         embedder=embedder,
         dim=dim,
     )
 
 
-def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantData:
-    """This node's data, from ``partition-id`` / ``num-partitions`` in its node config."""
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from a node's config, validated."""
     try:
         partition_id = int(node_config["partition-id"])
         num_partitions = int(node_config["num-partitions"])
@@ -157,6 +112,12 @@ def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mappin
         ) from exc
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"node_config: partition-id {partition_id} not in [0, {num_partitions})")
+    return partition_id, num_partitions
+
+
+def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantData:
+    """This node's data, from ``partition-id`` / ``num-partitions`` in its node config."""
+    partition_id, num_partitions = node_partition(node_config)
     items = tuple(sorted(config.to_dict().items()))
     return _tenant_data(items, settings.partition, partition_id, num_partitions)
 
@@ -353,10 +314,13 @@ def _handle(handler: Handler, message: Message, context: Context,
     return Message(content, reply_to=message)
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """The tenant's ClientApp; ``overrides`` take precedence over ``context.run_config`` (tests)."""
+def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] | None = None) -> ClientApp:
+    """The tenant's ClientApp; ``overrides`` take precedence over ``context.run_config`` (tests).
+
+    ``mods``: Flower mods wrapped around every handler (e.g. the cost meter of simulations).
+    """
     extra = dict(overrides or {})
-    client_app = ClientApp()
+    client_app = ClientApp(mods=mods)
 
     @client_app.train("head_fwd")
     def head_fwd(message: Message, context: Context) -> Message:

@@ -36,3 +36,25 @@ def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                                                              hidden_dim=64, max_position_embeddings=130)),
                             root / "distilbert"),
     }
+
+
+@pytest.fixture(scope="session")
+def small_banking(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Banking77 restricted to 4 lexically distinct intents (Banking77 layout), so that the tiny
+    random model learns visibly within a couple of federated rounds."""
+    import csv
+    import json
+
+    from flower_split.data.datasets import PACKAGED_BANKING77
+
+    keep = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed"]
+    directory = tmp_path_factory.mktemp("banking4")
+    (directory / "categories.json").write_text(json.dumps(keep))
+    for name in ("train.csv", "test.csv"):
+        with (PACKAGED_BANKING77 / name).open(newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.DictReader(handle) if row["category"] in keep]
+        with (directory / name).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, ["text", "category"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return str(directory)

@@ -75,6 +75,12 @@ def test_partitions_disjoint_cover_and_deterministic(spec: str) -> None:
     assert parts != partition_indices(labels, spec, num_partitions=10, seed=4) or spec == "iid"
 
 
+def test_iid_is_iid_even_on_label_sorted_files() -> None:
+    labels = sorted(load_dataset("banking77")[0].labels)  # worst case: grouped by label
+    parts = partition_indices(labels, "iid", num_partitions=5, seed=0)
+    assert all(len({labels[i] for i in part}) == 77 for part in parts)
+
+
 def test_dirichlet_is_non_iid() -> None:
     labels = load_dataset("banking77")[0].labels
     parts = partition_indices(labels, "dirichlet:0.1", num_partitions=10, seed=0)

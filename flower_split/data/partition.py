@@ -29,7 +29,9 @@ def partition_indices(labels: list[int], spec: str, num_partitions: int, seed: i
     if num_partitions < 1:
         raise ConfigError(f"num_clients: expected a positive integer, got {num_partitions}")
     partitioner = make_partitioner(spec, num_partitions, seed)
-    partitioner.dataset = Dataset.from_dict({"label": labels, "row": list(range(len(labels)))})
+    # Shuffled first: IidPartitioner cuts contiguous shards, and files are often sorted by label.
+    rows = Dataset.from_dict({"label": labels, "row": list(range(len(labels)))})
+    partitioner.dataset = rows.shuffle(seed=seed)
     return [sorted(partitioner.load_partition(k)["row"]) for k in range(num_partitions)]
 
 

@@ -1,0 +1,358 @@
+"""``flower-split simulate``: run split-plain or FedAvg-LoRA as a Flower simulation (Ray backend).
+
+The same ServerApp/ClientApp code as a deployment (``flower_split.server_app`` /
+``client_app`` for split, ``fedavg_server_app`` / ``fedavg_client_app`` for FedAvg-LoRA) runs
+under :func:`flwr.simulation.run_simulation` with ``num_clients`` virtual SuperNodes. Every
+client handler is wrapped in :func:`flower_split.metering.cost_mod` and the ServerApp's grid in
+:class:`flower_split.metering.MeteredGrid`, so both strategies are measured the same way
+(bytes per node from ArrayRecord sizes, client CPU seconds, client peak RSS).
+
+The result is one ``results.json`` run entry with the fields of ``flower-split train``
+(:func:`flower_split.api.train`) plus ``global_test_accuracy``, ``rounds`` (per-round accuracy,
+loss and bytes per client) and ``clients`` (per-tenant costs); see :func:`simulate`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from flower_split.config import ConfigError, RunConfig
+from flower_split.metering import MeteredGrid, NodeCosts, Traffic, cost_mod
+from flower_split.transport.flower import FlowerSettings, settings_from_run_config
+
+STRATEGIES = ("split", "fedavg")
+RUN_NAMES = {"split": "split-{security}", "fedavg": "fedavg-lora"}
+# --quick for simulations: the CLI's quick model and data, and short rounds
+QUICK_FLOWER = {"local_steps": 10, "micro_batches": 5}
+
+
+def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings, Any]:
+    """Validate ``run_config`` for ``strategy``: (RunConfig, FlowerSettings, FedAvgSettings or None)."""
+    if strategy == "split":
+        config, settings = settings_from_run_config(run_config)
+        return config, settings, None
+    if strategy == "fedavg":
+        from flower_split.fedavg_client_app import fedavg_settings_from_run_config
+
+        return fedavg_settings_from_run_config(run_config)
+    raise ConfigError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+
+
+def run_name(strategy: str, config: RunConfig) -> str:
+    return RUN_NAMES[strategy].format(security=config.security)
+
+
+@dataclass
+class _Collected:
+    """Reports of the ServerApp, each with the traffic of its phase."""
+
+    rounds: list[tuple[Any, Traffic]] = field(default_factory=list)
+    evaluations: list[tuple[Any, Traffic]] = field(default_factory=list)
+    global_evaluations: list[Any] = field(default_factory=list)
+    grid: MeteredGrid | None = None
+    warm_up: Traffic | None = None
+    startup_seconds: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+
+
+def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
+    def emit(line: dict) -> None:
+        if not enabled:
+            return
+        parts = [f"[{name}] round {line['round']}/{rounds}"]
+        if line.get("train_loss") is not None:
+            parts.append(f"train loss {line['train_loss']:.4f}")
+        if line.get("test_accuracy") is not None:
+            parts.append(f"per-tenant accuracy {line['test_accuracy']:.4f}")
+        if line.get("global_test_accuracy") is not None:
+            parts.append(f"global accuracy {line['global_test_accuracy']:.4f}")
+        if line.get("bytes_up") is not None:
+            parts.append(f"{line['bytes_up'] / 1e6:.2f} MB up / {line['bytes_down'] / 1e6:.2f} MB down per client")
+        if line.get("wall_seconds") is not None:
+            parts.append(f"{line['wall_seconds']:.1f} s")
+        print(", ".join(parts), flush=True)
+
+    return emit
+
+
+def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, progress: bool = True,
+             cpus: int | None = None) -> dict:
+    """Run one Flower simulation and return its ``results.json`` run entry.
+
+    ``run_config``: Flower ``run_config`` keys of the chosen apps (RunConfig fields, FlowerSettings
+    such as ``num-server-rounds`` / ``partition`` / ``local-steps``, and for FedAvg
+    ``local-epochs``); ``min-nodes`` defaults to ``num_clients``. ``cpus``: CPUs Ray may use
+    (default: all); each client takes one, so that many clients train at a time.
+    """
+    from flwr.simulation import run_simulation
+
+    if not isinstance(num_clients, int) or isinstance(num_clients, bool) or num_clients < 1:
+        raise ConfigError(f"num-clients: expected a positive integer, got {num_clients!r}")
+    values = {"min-nodes": num_clients, **dict(run_config)}
+    config, settings, fedavg = parse_run_config(strategy, values)  # fail fast, before Ray starts
+    if settings.min_nodes > num_clients:
+        raise ConfigError(f"min-nodes: {settings.min_nodes} tenants required but only {num_clients} simulated")
+    name = run_name(strategy, config)
+    collected = _Collected()
+    emit = _printer(name, settings.num_server_rounds, progress)
+    pending: dict[int, dict] = {}
+
+    def wrap(grid: Grid) -> Grid:
+        started = time.perf_counter()
+        collected.grid = MeteredGrid(grid)
+        warm_up(collected.grid, num_clients, settings.reply_timeout)
+        collected.warm_up = collected.grid.take()
+        collected.startup_seconds = time.perf_counter() - started
+        if progress:
+            print(f"[{name}] {num_clients} clients ready after {collected.startup_seconds:.1f} s "
+                  "(Ray actors started, model and data loaded)", flush=True)
+        collected.started = time.perf_counter()
+        return collected.grid
+
+    def on_report(report: Any) -> None:
+        kind = type(report).__name__
+        server_round = report.server_round
+        line = pending.setdefault(server_round, {"round": server_round})
+        if kind in ("RoundReport", "FedAvgRoundReport"):
+            traffic = collected.grid.take()
+            collected.rounds.append((report, traffic))
+            line.update(train_loss=report.train_loss, bytes_up=traffic.per_client("bytes_up"),
+                        bytes_down=traffic.per_client("bytes_down"), wall_seconds=report.wall_seconds)
+            evaluated = server_round == settings.num_server_rounds or (
+                settings.eval_every and server_round % settings.eval_every == 0)
+            if strategy == "split" and not evaluated:
+                emit(pending.pop(server_round))
+        elif kind in ("EvalReport", "FedAvgEvalReport"):
+            collected.evaluations.append((report, collected.grid.take()))
+            line.update(test_accuracy=report.accuracy)
+            if strategy == "split":
+                emit(pending.pop(server_round))
+        elif kind == "GlobalEvalReport":
+            collected.global_evaluations.append(report)
+            line.update(global_test_accuracy=report.accuracy)
+            emit(pending.pop(server_round))
+        collected.finished = time.perf_counter()
+
+    server_app, client_app = _apps(strategy, values, on_report, wrap)
+    cpus = cpus or os.cpu_count() or 1
+    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": _client_gpus(config, cpus)},
+                      "init_args": {"num_cpus": cpus, "include_dashboard": False}}
+    started = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                   backend_config=backend_config)
+    total_wall = time.perf_counter() - started
+    if collected.grid is None or not collected.rounds:
+        raise RuntimeError(f"{name}: the simulation produced no training round (see the log above)")
+    return _run_entry(name, strategy, config, settings, fedavg, num_clients, collected, total_wall)
+
+
+WARM_UP = "query.warmup"
+
+
+def warm_up(grid: Grid, num_clients: int, timeout: float) -> None:
+    """Wait for ``num_clients`` nodes and have each load its model and data (``query.warmup``).
+
+    Keeps start-up (Ray actors, imports, model loading, tokenization) out of the first round's
+    wall time; the ClientApps' cost meter reports the loading as setup CPU.
+    """
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {num_clients} clients connected within {timeout} s")
+        time.sleep(0.2)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=WARM_UP) for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    failures = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    if failures or len(replies) < len(messages):
+        raise RuntimeError(f"warm-up failed ({len(replies)} of {len(messages)} replies): {'; '.join(failures)}")
+
+
+def _add_warm_up(client_app: Any) -> Any:
+    """Register the ``query.warmup`` handler (the cost mod's ``prepare`` does the loading)."""
+
+    @client_app.query("warmup")
+    def warmup(message: Message, context: Context) -> Message:
+        return Message(RecordDict(), reply_to=message)
+
+    return client_app
+
+
+def _client_gpus(config: RunConfig, cpus: int) -> float:
+    import torch
+
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return 0.0
+    return 1.0 / cpus  # share the GPU among the clients running at once
+
+
+def _apps(strategy: str, values: Mapping[str, Any], on_report: Callable[[Any], None],
+          wrap: Callable[[Grid], Grid]) -> tuple[ServerApp, Any]:
+    overrides = dict(values)
+    if strategy == "fedavg":
+        from flower_split.fedavg_client_app import make_fedavg_client_app, prepare
+        from flower_split.fedavg_server_app import make_fedavg_server_app
+
+        mod = cost_mod(lambda context: prepare(context, overrides))
+        return (make_fedavg_server_app(overrides, on_report, wrap),
+                _add_warm_up(make_fedavg_client_app(overrides, mods=[mod])))
+
+    from flower_split.client_app import make_client_app, tenant_data
+    from flower_split.server_app import run_cloud
+
+    def prepare_split(context: Context) -> None:
+        config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
+        tenant_data(config, settings, context.node_config)
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cloud(wrap(grid), {**dict(context.run_config), **overrides}, on_report)
+
+    return server_app, _add_warm_up(make_client_app(overrides, mods=[cost_mod(prepare_split)]))
+
+
+def _tenant(costs: NodeCosts, node: int) -> str:
+    return f"tenant-{costs.partition_id}" if costs.partition_id >= 0 else f"node-{node}"
+
+
+def _run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSettings, fedavg: Any,
+               num_clients: int, collected: _Collected, total_wall: float) -> dict:
+    """One results.json run: the fields of ``flower-split train`` plus the federated details."""
+    evaluations = {report.server_round: report for report, _ in collected.evaluations}
+    global_evals = {report.server_round: report for report in collected.global_evaluations}
+    final_eval = collected.evaluations[-1][0] if collected.evaluations else None
+    final_global = collected.global_evaluations[-1] if collected.global_evaluations else None
+    epochs = fedavg.local_epochs if fedavg is not None else 1
+
+    rounds = []
+    for report, traffic in collected.rounds:
+        r = report.server_round
+        evaluation = evaluations.get(r)
+        eval_traffic = next((t for e, t in collected.evaluations if e.server_round == r), Traffic())
+        rounds.append({
+            "round": r,
+            "test_accuracy": evaluation.accuracy if evaluation else None,
+            "per_tenant_accuracy": dict(evaluation.per_tenant) if evaluation else None,
+            "global_test_accuracy": global_evals[r].accuracy if r in global_evals else None,
+            "train_loss": report.train_loss,
+            "bytes_up": traffic.per_client("bytes_up"),
+            "bytes_down": traffic.per_client("bytes_down"),
+            "eval_bytes_up": eval_traffic.per_client("bytes_up"),
+            "eval_bytes_down": eval_traffic.per_client("bytes_down"),
+            "round_trips": traffic.round_trips,
+            "round_trips_per_step": report.round_trips_per_step,
+            "train_examples": report.num_examples * epochs,
+            "client_cpu_seconds": sum(c.train_cpu_seconds for c in traffic.nodes.values()),
+            "wall_seconds": report.wall_seconds,
+        })
+    initial = evaluations.get(0)
+    initial_global = global_evals.get(0)
+    if initial is not None or initial_global is not None:
+        rounds.insert(0, {"round": 0, "test_accuracy": initial.accuracy if initial else None,
+                          "per_tenant_accuracy": dict(initial.per_tenant) if initial else None,
+                          "global_test_accuracy": initial_global.accuracy if initial_global else None,
+                          "train_loss": None, "bytes_up": 0, "bytes_down": 0})
+
+    total = collected.grid.total if collected.grid else Traffic()
+    clients = sorted(({
+        "tenant": _tenant(costs, node),
+        "node_id": node,
+        "train_cpu_seconds": costs.train_cpu_seconds,
+        "eval_cpu_seconds": costs.eval_cpu_seconds,
+        "setup_cpu_seconds": costs.setup_cpu_seconds,
+        "peak_rss_bytes": costs.peak_rss_bytes,
+        "rss_above_baseline_bytes": costs.rss_above_baseline_bytes,
+        "torch_threads": costs.torch_threads,
+        "bytes_up": costs.bytes_up,
+        "bytes_down": costs.bytes_down,
+        "messages": costs.messages,
+    } for node, costs in total.nodes.items()), key=lambda c: c["tenant"])
+    train_rounds = [r for r in rounds if r["round"] > 0]
+    train_examples = sum(r["train_examples"] for r in train_rounds)
+    train_cpu = sum(c["train_cpu_seconds"] for c in clients)
+    return {
+        "name": name,
+        "mode": "federated",
+        "strategy": strategy,
+        "security": config.security if strategy == "split" else "none",
+        "dataset": config.dataset,
+        "model": config.model,
+        "test_accuracy": final_eval.accuracy if final_eval else None,
+        "test_macro_f1": final_global.macro_f1 if final_global else None,
+        "global_test_accuracy": final_global.accuracy if final_global else None,
+        "per_tenant_accuracy": dict(final_eval.per_tenant) if final_eval else {},
+        "per_tenant_test_examples": dict(final_eval.num_examples) if final_eval else {},
+        "train_loss_history": [r["train_loss"] for r in train_rounds],
+        "wall_seconds": collected.finished - collected.started,
+        "startup_seconds": collected.startup_seconds,
+        "simulation_wall_seconds": total_wall,
+        "client_cpu_seconds": train_cpu + sum(c["eval_cpu_seconds"] for c in clients),
+        "client_train_cpu_seconds": train_cpu,
+        "train_examples_processed": train_examples,
+        "client_cpu_seconds_per_sample": train_cpu / train_examples if train_examples else None,
+        "client_peak_rss_bytes": max((c["peak_rss_bytes"] for c in clients), default=0),
+        "client_rss_above_baseline_bytes": max((c["rss_above_baseline_bytes"] for c in clients), default=0),
+        "bytes_client_to_cloud": sum(c["bytes_up"] for c in clients),
+        "bytes_cloud_to_client": sum(c["bytes_down"] for c in clients),
+        "bytes_per_client_per_round": _mean([r["bytes_up"] + r["bytes_down"] for r in train_rounds]),
+        "round_trips_per_step": _mean([r["round_trips_per_step"] for r in train_rounds]),
+        "num_clients": num_clients,
+        "partition": settings.partition,
+        "num_server_rounds": settings.num_server_rounds,
+        "rounds": rounds,
+        "clients": clients,
+        "config": config.to_dict(),
+        "flower": {**settings.__dict__, **({"local_epochs": fedavg.local_epochs} if fedavg else {})},
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def quick_values() -> dict[str, Any]:
+    """What ``--quick`` sets: the CLI's tiny model on a few hundred samples, short rounds."""
+    from flower_split.cli import QUICK
+
+    return {**{k: v for k, v in QUICK.items() if k != "epochs"}, **QUICK_FLOWER}
+
+
+def main_simulate(args: Any) -> int:
+    """The ``simulate`` subcommand (``args`` from :func:`flower_split.cli.build_parser`)."""
+    from flower_split.api import write_results
+    from flower_split.cli import parse_set
+    from flower_split.data import DatasetError
+
+    try:
+        values: dict[str, Any] = quick_values() if args.quick else {}
+        values.update(parse_set(args.set))
+        values.update({"num_server_rounds": args.rounds, "partition": args.partition})
+        values = {key.replace("_", "-"): value for key, value in values.items()}
+        parse_run_config(args.strategy, {"min-nodes": args.num_clients, **values})
+    except (ConfigError, TypeError) as exc:
+        print(f"flower-split: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run = simulate(args.strategy, values, args.num_clients, cpus=args.cpus)
+    except (DatasetError, FileNotFoundError, ConfigError) as exc:
+        print(f"flower-split: {exc}", file=sys.stderr)
+        return 2
+    path = write_results(args.out, [run])
+    print(f"{run['name']}: per-tenant accuracy {_fmt(run['test_accuracy'])}, global test accuracy "
+          f"{_fmt(run['global_test_accuracy'])}, {run['wall_seconds']:.1f} s -> {path}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

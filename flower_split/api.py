@@ -7,10 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
+from flower_split.data.tenants import sample_rows
 from flower_split.model import load_tokenizer
 
 RESULTS_FILE = "results.json"
@@ -22,10 +21,8 @@ def train(config: RunConfig, progress: bool = True) -> dict:
 
     config.validate()
     train_data, test_data = load_dataset(config.dataset, config.data_dir)
-    if config.max_train_samples:
-        train_data = train_data.subset(_sample(len(train_data), config.max_train_samples, config.seed))
-    if config.max_test_samples:
-        test_data = test_data.subset(_sample(len(test_data), config.max_test_samples, config.seed + 1))
+    train_data = train_data.subset(sample_rows(len(train_data), config.max_train_samples, config.seed))
+    test_data = test_data.subset(sample_rows(len(test_data), config.max_test_samples, config.seed + 1))
     tokenizer = load_tokenizer(config.model)
     train_tok = TokenizedDataset(train_data, tokenizer, config.max_length)
     test_tok = TokenizedDataset(test_data, tokenizer, config.max_length)
@@ -54,10 +51,3 @@ def write_results(out_dir: str | Path, runs: list[dict]) -> Path:
     os.replace(tmp, target)
     return target
 
-
-def _sample(size: int, count: int, seed: int) -> list[int]:
-    """A fixed random subset of ``count`` rows (all rows if ``count >= size``)."""
-    if count >= size:
-        return list(range(size))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(size, generator=generator)[:count].tolist())

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Sequence
 
-from flower_split.config import MODES, SECURITY_LEVELS, ConfigError, RunConfig
+from flower_split.config import LABEL_PROTECTIONS, MODES, SECURITY_LEVELS, ConfigError, RunConfig
 from flower_split.data import DatasetError
 
 # --quick: the tiny random model on a few hundred samples; a smoke run in seconds.
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train in process (no Flower): centralized LoRA or split")
     train.add_argument("--mode", choices=MODES, default="split")
     train.add_argument("--security", choices=SECURITY_LEVELS, default="plain")
+    train.add_argument("--label-protection", choices=LABEL_PROTECTIONS, default=None,
+                       help="secure mode: he (CKKS-encrypted labels, default) or client (logits to the client only)")
     train.add_argument("--dataset", default="banking77", help="banking77, sst2 or a data directory")
     train.add_argument("--data-dir", default=None, help="directory holding the dataset's files")
     train.add_argument("--model", default=None, help="minilm (default), tiny, or a local HF model path")
@@ -82,8 +84,8 @@ def parse_set(items: Sequence[str]) -> dict[str, object]:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then --quick, then explicit options, then --set; validated."""
     values: dict[str, object] = dict(QUICK) if args.quick else {}
-    for name in ("mode", "security", "dataset", "data_dir", "model", "epochs", "batch_size",
-                 "seed", "device"):
+    for name in ("mode", "security", "label_protection", "dataset", "data_dir", "model", "epochs",
+                 "batch_size", "seed", "device"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

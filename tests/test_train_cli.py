@@ -63,3 +63,13 @@ def test_quick_split_plain_learns() -> None:
     history = run["train_loss_history"]
     assert history[-1] < history[0] - 0.3
     assert run["test_accuracy"] > 3 / 77  # clearly above chance on held-out data
+
+
+def test_cli_secure_run_records_label_protection(tmp_path) -> None:
+    argv = ["train", "--quick", "--security", "secure", "--label-protection", "client", "--epochs", "1",
+            "--set", "max_train_samples=64", "--set", "max_test_samples=32", "--out", str(tmp_path),
+            "--no-progress"]
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["security"] == "secure" and run["config"]["label_protection"] == "client"
+    assert run["bytes_client_to_cloud"] > 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from logging import INFO
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
@@ -122,11 +122,9 @@ class FedAvgLora(FedAvg):
         self._started = time.perf_counter()
         return super().configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        losses, steps, failures = {}, {}, {}
-        loss_sum, examples = 0.0, 0
+    def _tenant_metrics(self, replies: list[Message],
+                        failures: dict[str, str]) -> Iterator[tuple[str, MetricRecord]]:
+        """(tenant, metrics) of each successful reply; error replies go into ``failures``."""
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -135,11 +133,19 @@ class FedAvgLora(FedAvg):
             metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
             if TENANT_KEY in metrics:
                 self._tenant_of[node] = f"tenant-{int(metrics[TENANT_KEY])}"
+            yield self.name(node), metrics
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        losses, steps, failures = {}, {}, {}
+        loss_sum, examples = 0.0, 0
+        for tenant, metrics in self._tenant_metrics(replies, failures):
             count = int(metrics.get("num-examples", 0))
-            losses[self.name(node)] = float(metrics.get("train-loss", 0.0))
-            steps[self.name(node)] = int(metrics.get("steps", 0))
-            if count and steps[self.name(node)]:
-                loss_sum += losses[self.name(node)] * count
+            losses[tenant] = float(metrics.get("train-loss", 0.0))
+            steps[tenant] = int(metrics.get("steps", 0))
+            if count and steps[tenant]:
+                loss_sum += losses[tenant] * count
                 examples += count
         arrays, aggregated = super().aggregate_train(server_round, replies)
         report = FedAvgRoundReport(
@@ -155,15 +161,7 @@ class FedAvgLora(FedAvg):
         replies = list(replies)
         per_tenant, counts, failures = {}, {}, {}
         correct = 0.0
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                failures[self.name(node)] = reply.error.reason
-                continue
-            metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
-            if TENANT_KEY in metrics:
-                self._tenant_of[node] = f"tenant-{int(metrics[TENANT_KEY])}"
-            tenant = self.name(node)
+        for tenant, metrics in self._tenant_metrics(replies, failures):
             counts[tenant] = int(metrics.get("num-examples", 0))
             if counts[tenant]:
                 per_tenant[tenant] = float(metrics.get("accuracy", 0.0))

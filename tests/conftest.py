@@ -10,6 +10,7 @@ from transformers import (
     AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel,
 )
 
+from flower_split.he import ClientKeys, CloudKeys
 from flower_split.model import minilm_path
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -58,3 +59,15 @@ def small_banking(tmp_path_factory: pytest.TempPathFactory) -> str:
             writer.writeheader()
             writer.writerows(rows)
     return str(directory)
+
+
+@pytest.fixture(scope="module")
+def keys() -> ClientKeys:
+    """A tenant's CKKS keys (secret key included), one set per test module."""
+    return ClientKeys.generate()
+
+
+@pytest.fixture(scope="module")
+def cloud(keys: ClientKeys) -> CloudKeys:
+    """The cloud's public-only copy of ``keys``."""
+    return CloudKeys.from_bytes(keys.public_bytes())

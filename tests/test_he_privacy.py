@@ -21,16 +21,6 @@ from flower_split.he import (
 from flower_split.he import _rns, envelope, packing
 
 
-@pytest.fixture(scope="module")
-def keys() -> ClientKeys:
-    return ClientKeys.generate()
-
-
-@pytest.fixture(scope="module")
-def cloud(keys: ClientKeys) -> CloudKeys:
-    return CloudKeys.from_bytes(keys.public_bytes())
-
-
 def _walk(obj, seen=None):
     """Every object reachable from ``obj`` through attributes and containers."""
     seen = set() if seen is None else seen

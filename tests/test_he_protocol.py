@@ -21,16 +21,6 @@ from flower_split.he import (
 )
 
 
-@pytest.fixture(scope="module")
-def keys() -> ClientKeys:
-    return ClientKeys.generate()
-
-
-@pytest.fixture(scope="module")
-def cloud(keys: ClientKeys) -> CloudKeys:
-    return CloudKeys.from_bytes(keys.public_bytes())
-
-
 def _run(keys: ClientKeys, cloud: CloudKeys, y: torch.Tensor, z: torch.Tensor):
     request = encrypt_labels(keys, y, z.shape[1])
     result = compute_loss_and_grad(cloud, request, z)

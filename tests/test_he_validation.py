@@ -17,16 +17,6 @@ from flower_split.he import (
 
 
 @pytest.fixture(scope="module")
-def keys() -> ClientKeys:
-    return ClientKeys.generate()
-
-
-@pytest.fixture(scope="module")
-def cloud(keys: ClientKeys) -> CloudKeys:
-    return CloudKeys.from_bytes(keys.public_bytes())
-
-
-@pytest.fixture(scope="module")
 def request_bytes(keys: ClientKeys) -> bytes:
     return encrypt_labels(keys, torch.tensor([0, 2, 1, 2]), 3)
 

@@ -13,9 +13,11 @@ Message types (Flower requires ``<category>.<action>``):
                        pack of ``BodyGrad`` (empty when the head is frozen) and, plain mode only,
                        ``metrics`` {train-loss, num-examples}.
 ``train.head_bwd``     server: pack of ``HeadGrad``. Client: head update -> ``metrics`` {steps}.
-``evaluate.infer_fwd`` server: ``config`` {num-batches, restart}. Client: next test batches
-                       through the head -> pack of ``HeadOutput`` (train=False), ``metrics`` {remaining}.
-``evaluate.infer_tail`` server: pack of ``BodyOutput``. Client: tail -> ``metrics`` {correct, num-examples}.
+``evaluate.infer_fwd`` server: ``config`` {num-batches, restart, scope}. Client: next test batches
+                       (``scope`` "tenant": its own test split; "global": the whole sampled test
+                       set) through the head -> pack of ``HeadOutput`` (train=False), ``metrics`` {remaining}.
+``evaluate.infer_tail`` server: pack of ``BodyOutput``. Client: tail -> ``metrics`` {correct,
+                       num-examples, tp, fp, fn} (per-class counts, for macro-F1).
 
 ``context.state`` holds ``party.arrays`` / ``party.config`` (adapters, optimizer momentum,
 schedule, step counter, in-flight batches; see :meth:`ClientParty.state_dict`) and ``data``
@@ -44,6 +46,7 @@ from flower_split.model import (
     Embedder, HeadAdapter, TailAdapter, hidden_size, load_encoder, load_tokenizer, split_encoder,
 )
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
+from flower_split.train.metrics import class_counts
 from flower_split.train.runtime import select_device
 from flower_split.transport.flower import (
     FlowerSettings, config_value, pack_messages, read_config, records_to_state,
@@ -64,6 +67,7 @@ class TenantData:
     partition_id: int
     train: TokenizedDataset
     test: TokenizedDataset
+    global_test: TokenizedDataset
     num_classes: int
     embedder: Embedder
     dim: int
@@ -94,6 +98,7 @@ def _tenant_data(config_items: tuple[tuple[str, Any], ...], partition: str, part
         partition_id=partition_id,
         train=TokenizedDataset(splits.tenant_train(partition_id), tokenizer, config.max_length),
         test=TokenizedDataset(splits.tenant_test(partition_id), tokenizer, config.max_length),
+        global_test=TokenizedDataset(splits.test, tokenizer, config.max_length),
         num_classes=splits.num_classes,
         embedder=embedder,
         dim=dim,
@@ -251,24 +256,36 @@ def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: 
     record = read_config(message.content)
     count = config_value(record, "num-batches", int)
     restart = config_value(record, "restart", bool)
+    test = _eval_set(data, record)
     if count < 0:
         raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
     party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
     cursor = _Cursor.load(context.state)
     if restart:
         cursor.eval_cursor = 0
-    size = len(data.test)
+    size = len(test)
     outputs = []
     for _ in range(count):
         if cursor.eval_cursor >= size:
             break
         rows = list(range(cursor.eval_cursor, min(size, cursor.eval_cursor + config.batch_size)))
         cursor.eval_cursor += len(rows)
-        outputs.append(party.begin(data.test.collate(rows), train=False))
+        outputs.append(party.begin(test.collate(rows), train=False))
     remaining = -(-(size - cursor.eval_cursor) // config.batch_size)
     _save_party(context, party)
     cursor.save(context.state)
     return pack_messages(HeadOutput, data.tenant, outputs, {"remaining": remaining})
+
+
+EVAL_SCOPES = ("tenant", "global")
+
+
+def _eval_set(data: TenantData, record: ConfigRecord) -> TokenizedDataset:
+    """``scope`` "tenant" (default): this tenant's test split; "global": the whole sampled test set."""
+    scope = config_value(record, "scope", str) if "scope" in record else "tenant"
+    if scope not in EVAL_SCOPES:
+        raise ProtocolError(f"config.scope: expected one of {EVAL_SCOPES}, got {scope!r}")
+    return data.test if scope == "tenant" else data.global_test
 
 
 def _infer_tail(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
@@ -276,19 +293,22 @@ def _infer_tail(message: Message, context: Context, config: RunConfig, settings:
     incoming = unpack_messages(message.content, BodyOutput, data.tenant)
     party, state = _load_party(context, data, config, settings, drop_in_flight=False)
     steps = state["steps"] if state is not None else {}
-    correct, examples = 0, 0
+    predictions, labels = [], []
     for body_output in incoming:
         entry = steps.get(body_output.step)
         if entry is not None and entry["train"]:
             raise ProtocolError(f"step {body_output.step} is a training step; evaluate.infer_tail expects inference")
         party.handle(body_output)  # validates tenant, step, stage, shape
-        labels = entry["labels"]
-        predictions = party.pop_result(body_output.step).logits.argmax(-1)
-        correct += int((predictions == labels).sum())
-        examples += int(labels.numel())
+        labels.append(entry["labels"])
+        predictions.append(party.pop_result(body_output.step).logits.argmax(-1))
     _save_party(context, party)
-    # plain mode only: the client reports its own accuracy counts
-    return RecordDict({"metrics": MetricRecord({"correct": correct, "num-examples": examples})})
+    # plain mode only: the client reports its own counts (correct, and per class for macro-F1)
+    predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    truth = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    tp, fp, fn = class_counts(predicted, truth, data.num_classes)
+    return RecordDict({"metrics": MetricRecord({
+        "correct": int((predicted == truth).sum()), "num-examples": int(truth.numel()),
+        "tp": tp, "fp": fp, "fn": fn})})
 
 
 Handler = Callable[[Message, Context, RunConfig, FlowerSettings, TenantData], RecordDict]

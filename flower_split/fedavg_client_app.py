@@ -13,8 +13,8 @@ Message types (Flower's ``FedAvg`` sends the default actions):
               schedule of the whole run (``num-server-rounds`` rounds) -> ``arrays`` (its
               trainable parameters), ``metrics`` {num-examples (partition size, the FedAvg
               weight), train-loss, steps, partition-id}.
-``evaluate``  server: ``arrays``. Client: accuracy on its own test split -> ``metrics``
-              {num-examples, accuracy, partition-id}.
+``evaluate``  server: ``arrays``. Client: accuracy and macro-F1 on its own test split ->
+              ``metrics`` {num-examples, accuracy, macro-f1, partition-id}.
 
 Data: exactly the split apps' rows (:func:`flower_split.data.tenants.tenant_splits`: same
 subsets, partition spec and seed, and per-tenant test split with the tenant's label
@@ -41,6 +41,7 @@ from flower_split.data.tenants import tenant_splits
 from flower_split.model import load_tokenizer
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
 from flower_split.train.centralized import LoraClassifier
+from flower_split.train.metrics import accuracy, macro_f1
 from flower_split.train.runtime import select_device
 from flower_split.transport.flower import FlowerSettings, settings_from_run_config
 
@@ -225,13 +226,16 @@ def _evaluate(message: Message, config: RunConfig, settings: FlowerSettings, dat
     model = model_for(config, data.num_classes)
     load_trainable(model, arrays)
     model.eval()
-    correct = 0
+    predictions, labels = [], []
     for batch in data.test.batches(config.batch_size, shuffle=False):
-        correct += int((model(batch.to(device)).argmax(-1).cpu() == batch.labels).sum())
+        predictions.append(model(batch.to(device)).argmax(-1).cpu())
+        labels.append(batch.labels)
     size = len(data.test)
+    predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    truth = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     return RecordDict({"metrics": MetricRecord({
-        "num-examples": size, "accuracy": correct / size if size else 0.0,
-        "partition-id": data.partition_id,
+        "num-examples": size, "accuracy": accuracy(predicted, truth),
+        "macro-f1": macro_f1(predicted, truth, data.num_classes), "partition-id": data.partition_id,
     })})
 
 

@@ -2,8 +2,10 @@
 
 Builds the same :class:`LoraClassifier` as the tenants (seeded), sends its trainable parameters
 as the initial global model, and runs Flower's ``FedAvg`` for ``num-server-rounds`` rounds
-of ``local-epochs`` each. After every round (and before the first) the ServerApp evaluates the
-global model on the whole sampled test set (the centralized baseline's test set).
+of ``local-epochs`` each. After the rounds the strategy evaluates (every ``eval-every`` rounds
+and the last; before the first with ``eval-initial``) the tenants test the global model on
+their own test splits and, with ``global-eval``, the ServerApp tests it on the whole sampled
+test set (the centralized baseline's test set).
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ def run_fedavg_cloud(grid: Grid, run_config: Mapping[str, Any],
     test = global_test_set(config)
     test_tok = TokenizedDataset(test, load_tokenizer(config.model), config.max_length)
     model = LoraClassifier(config.model, test.num_classes, config).to(device)
-    strategy = FedAvgLora(min_nodes=settings.min_nodes, on_report=on_report)
+    strategy = FedAvgLora(min_nodes=settings.min_nodes, on_report=on_report,
+                          num_rounds=settings.num_server_rounds, eval_every=settings.eval_every,
+                          eval_initial=settings.eval_initial)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if not (strategy.evaluates(server_round) and settings.global_eval):
+            return None
         load_trainable(model, arrays)
         predictions, labels = predict_centralized(model, test_tok, config.batch_size, device)
         report = GlobalEvalReport(server_round, accuracy(predictions, labels),
@@ -70,6 +76,7 @@ def make_fedavg_server_app(overrides: Mapping[str, Any] | None = None,
         for report in history.evaluations:
             context.state[f"eval-{report.server_round}"] = MetricRecord(
                 {"accuracy": report.accuracy if report.accuracy is not None else -1.0,
+                 "macro-f1": report.macro_f1 if report.macro_f1 is not None else -1.0,
                  **{f"accuracy/{t}": a for t, a in report.per_tenant.items()}})
 
     return server_app

@@ -42,6 +42,7 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
         micro_batches=settings.micro_batches,
         min_nodes=settings.min_nodes,
         reply_timeout=settings.reply_timeout,
+        global_eval=settings.global_eval,
     )
     log(INFO, "flower-split cloud: model %s on %s, %d rounds", config.model, device,
         settings.num_server_rounds)
@@ -61,8 +62,10 @@ def _store(context: Context, result: SplitResult) -> None:
         context.state[f"round-{report.server_round}"] = MetricRecord(values)
     for report in result.evaluations:
         values = {"accuracy": report.accuracy if report.accuracy is not None else -1.0,
+                  "macro-f1": report.macro_f1 if report.macro_f1 is not None else -1.0,
                   **{f"accuracy/{t}": a for t, a in report.per_tenant.items()}}
-        context.state[f"eval-{report.server_round}"] = MetricRecord(values)
+        name = "eval" if report.scope == "tenant" else "eval-global"
+        context.state[f"{name}-{report.server_round}"] = MetricRecord(values)
     context.state["summary"] = ConfigRecord({"rounds": len(result.rounds)})
 
 

@@ -73,6 +73,8 @@ def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
             parts.append(f"train loss {line['train_loss']:.4f}")
         if line.get("test_accuracy") is not None:
             parts.append(f"per-tenant accuracy {line['test_accuracy']:.4f}")
+        if line.get("test_macro_f1") is not None:
+            parts.append(f"per-tenant macro-F1 {line['test_macro_f1']:.4f}")
         if line.get("global_test_accuracy") is not None:
             parts.append(f"global accuracy {line['global_test_accuracy']:.4f}")
         if line.get("bytes_up") is not None:
@@ -118,28 +120,39 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
         collected.started = time.perf_counter()
         return collected.grid
 
+    def evaluated(server_round: int) -> bool:
+        if server_round == 0:
+            return settings.eval_initial
+        return server_round == settings.num_server_rounds or bool(
+            settings.eval_every and server_round % settings.eval_every == 0)
+
+    def global_due(server_round: int) -> bool:
+        """Whether a global-test evaluation follows (FedAvg: every evaluated round; split: the last)."""
+        last = server_round == settings.num_server_rounds
+        return settings.global_eval and evaluated(server_round) and (strategy == "fedavg" or last)
+
     def on_report(report: Any) -> None:
+        """Collect a report; print the round's line once its last report is in."""
         kind = type(report).__name__
         server_round = report.server_round
         line = pending.setdefault(server_round, {"round": server_round})
+        complete = True
         if kind in ("RoundReport", "FedAvgRoundReport"):
             traffic = collected.grid.take()
             collected.rounds.append((report, traffic))
             line.update(train_loss=report.train_loss, bytes_up=traffic.per_client("bytes_up"),
                         bytes_down=traffic.per_client("bytes_down"), wall_seconds=report.wall_seconds)
-            evaluated = server_round == settings.num_server_rounds or (
-                settings.eval_every and server_round % settings.eval_every == 0)
-            if strategy == "split" and not evaluated:
-                emit(pending.pop(server_round))
-        elif kind in ("EvalReport", "FedAvgEvalReport"):
-            collected.evaluations.append((report, collected.grid.take()))
-            line.update(test_accuracy=report.accuracy)
-            if strategy == "split":
-                emit(pending.pop(server_round))
-        elif kind == "GlobalEvalReport":
+            complete = not evaluated(server_round)
+        elif kind == "GlobalEvalReport" or getattr(report, "scope", "tenant") == "global":
+            collected.grid.take()  # split: the tenants' global-test traffic, not part of a round
             collected.global_evaluations.append(report)
             line.update(global_test_accuracy=report.accuracy)
-            emit(pending.pop(server_round))
+        elif kind in ("EvalReport", "FedAvgEvalReport"):
+            collected.evaluations.append((report, collected.grid.take()))
+            line.update(test_accuracy=report.accuracy, test_macro_f1=report.macro_f1)
+            complete = not global_due(server_round)
+        if complete:
+            emit(pending.pop(server_round, line))
         collected.finished = time.perf_counter()
 
     server_app, client_app = _apps(strategy, values, on_report, wrap)
@@ -243,6 +256,7 @@ def _run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSett
             "round": r,
             "test_accuracy": evaluation.accuracy if evaluation else None,
             "per_tenant_accuracy": dict(evaluation.per_tenant) if evaluation else None,
+            "test_macro_f1": evaluation.macro_f1 if evaluation else None,
             "global_test_accuracy": global_evals[r].accuracy if r in global_evals else None,
             "train_loss": report.train_loss,
             "bytes_up": traffic.per_client("bytes_up"),
@@ -288,9 +302,11 @@ def _run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSett
         "dataset": config.dataset,
         "model": config.model,
         "test_accuracy": final_eval.accuracy if final_eval else None,
-        "test_macro_f1": final_global.macro_f1 if final_global else None,
+        "test_macro_f1": final_eval.macro_f1 if final_eval else None,
         "global_test_accuracy": final_global.accuracy if final_global else None,
+        "global_test_macro_f1": final_global.macro_f1 if final_global else None,
         "per_tenant_accuracy": dict(final_eval.per_tenant) if final_eval else {},
+        "per_tenant_macro_f1": dict(final_eval.per_tenant_f1) if final_eval else {},
         "per_tenant_test_examples": dict(final_eval.num_examples) if final_eval else {},
         "train_loss_history": [r["train_loss"] for r in train_rounds],
         "wall_seconds": collected.finished - collected.started,

@@ -45,11 +45,13 @@ class FedAvgRoundReport:
 
 @dataclass
 class FedAvgEvalReport:
-    """The global model on each tenant's own test split."""
+    """The global model on each tenant's own test split (example-weighted means over tenants)."""
 
     server_round: int
     accuracy: float | None
+    macro_f1: float | None
     per_tenant: dict[str, float]
+    per_tenant_f1: dict[str, float]
     num_examples: dict[str, int]
     failures: dict[str, str]
     wall_seconds: float
@@ -87,14 +89,21 @@ class FedAvgLora(FedAvg):
     """Flower's ``FedAvg`` over all connected tenants, with per-tenant reports.
 
     Tenants are named ``tenant-<partition-id>`` from the ``partition-id`` in their replies.
+    Evaluation runs after the rounds :meth:`evaluates` names (every ``eval_every`` rounds and
+    the last; round 0 only with ``eval_initial``), both Flower's client-side evaluate round and
+    the ServerApp's ``evaluate_fn`` (which should return None when it is not due).
     """
 
-    def __init__(self, min_nodes: int, on_report: Callable[[Report], None] | None = None) -> None:
+    def __init__(self, min_nodes: int, on_report: Callable[[Report], None] | None = None,
+                 num_rounds: int = 1, eval_every: int = 1, eval_initial: bool = False) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_nodes,
                          min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
                          train_metrics_aggr_fn=_aggregate_without_tenant,
                          evaluate_metrics_aggr_fn=_aggregate_without_tenant)
         self.on_report = on_report
+        self.num_rounds = num_rounds
+        self.eval_every = eval_every
+        self.eval_initial = eval_initial
         self.history = FedAvgHistory()
         self._tenant_of: dict[int, str] = {}
         self._started = 0.0
@@ -117,9 +126,17 @@ class FedAvgLora(FedAvg):
         self._started = time.perf_counter()
         return super().configure_train(server_round, arrays, config, grid)
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the model after ``server_round`` (0: the initial one) is evaluated."""
+        if server_round == 0:
+            return self.eval_initial
+        return server_round == self.num_rounds or bool(self.eval_every and server_round % self.eval_every == 0)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
+        if not self.evaluates(server_round):
+            return []
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def _tenant_metrics(self, replies: list[Message],
@@ -159,18 +176,23 @@ class FedAvgLora(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        per_tenant, counts, failures = {}, {}, {}
-        correct = 0.0
+        if not self.evaluates(server_round):
+            return None
+        per_tenant, per_tenant_f1, counts, failures = {}, {}, {}, {}
+        correct, f1_sum = 0.0, 0.0
         for tenant, metrics in self._tenant_metrics(replies, failures):
             counts[tenant] = int(metrics.get("num-examples", 0))
             if counts[tenant]:
                 per_tenant[tenant] = float(metrics.get("accuracy", 0.0))
+                per_tenant_f1[tenant] = float(metrics.get("macro-f1", 0.0))
                 correct += per_tenant[tenant] * counts[tenant]
+                f1_sum += per_tenant_f1[tenant] * counts[tenant]
         aggregated = super().aggregate_evaluate(server_round, replies)
         total = sum(counts.values())
         report = FedAvgEvalReport(
             server_round=server_round, accuracy=correct / total if total else None,
-            per_tenant=per_tenant, num_examples=counts, failures=failures,
+            macro_f1=f1_sum / total if total else None, per_tenant=per_tenant,
+            per_tenant_f1=per_tenant_f1, num_examples=counts, failures=failures,
             wall_seconds=time.perf_counter() - self._started)
         log(INFO, "fedavg-lora evaluation after round %d: per-tenant accuracy %s (%s)", server_round,
             "n/a" if report.accuracy is None else f"{report.accuracy:.4f}",

@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Callable, Iterable
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.common import log
 
 from flower_split.protocol import BodyGrad, BodyOutput, CloudParty, HeadGrad, HeadOutput, ProtocolError
+from flower_split.train.metrics import macro_f1_from_counts
 from flower_split.transport.flower import pack_messages, pack_tenant, read_metrics, unpack_messages
 
 HEAD_FWD = "train.head_fwd"
@@ -66,11 +68,19 @@ class RoundReport:
 
 @dataclass
 class EvalReport:
-    """Per-tenant test accuracy (reported by the tenants, plain mode) and its weighted mean."""
+    """Test accuracy and macro-F1 of every tenant's adapters (counts reported by the tenants).
+
+    ``scope`` "tenant": each tenant on its own test split; ``accuracy`` / ``macro_f1`` are the
+    example-weighted means over tenants (the headline metric). ``scope`` "global": each tenant
+    on the whole sampled test set; ``accuracy`` / ``macro_f1`` are plain means over tenants.
+    """
 
     server_round: int
+    scope: str
     accuracy: float | None
+    macro_f1: float | None
     per_tenant: dict[str, float]
+    per_tenant_f1: dict[str, float]
     num_examples: dict[str, int]
     dropped: dict[str, str]
     round_trips: int
@@ -116,11 +126,14 @@ class SplitStrategy:
         Seconds to wait for a stage's replies; later tenants are dropped from the round.
     node_wait_timeout : float (default: 600.0)
         Seconds to wait for ``min_nodes`` tenants to connect.
+    global_eval : bool (default: True)
+        After the last round, also evaluate every tenant's adapters on the whole test set.
     """
 
     def __init__(self, cloud: CloudParty, local_steps: int, micro_batches: int = 8,
                  eval_micro_batches: int | None = None, min_nodes: int = 2,
-                 reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0) -> None:
+                 reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0,
+                 global_eval: bool = True) -> None:
         if local_steps <= 0 or micro_batches <= 0:
             raise ValueError("local_steps and micro_batches must be positive")
         self.cloud = cloud
@@ -130,6 +143,7 @@ class SplitStrategy:
         self.min_nodes = min_nodes
         self.reply_timeout = reply_timeout
         self.node_wait_timeout = node_wait_timeout
+        self.global_eval = global_eval
         self._tenant_of: dict[int, str] = {}
 
     def summary(self) -> None:
@@ -159,8 +173,9 @@ class SplitStrategy:
             if on_report:
                 on_report(report)
             last = server_round == num_rounds
-            if last or (eval_every and server_round % eval_every == 0):
-                evaluation = self.evaluate(grid, server_round)
+            scopes = ["tenant"] if last or (eval_every and server_round % eval_every == 0) else []
+            for scope in scopes + (["global"] if last and self.global_eval else []):
+                evaluation = self.evaluate(grid, server_round, scope)
                 result.evaluations.append(evaluation)
                 if on_report:
                     on_report(evaluation)
@@ -220,8 +235,9 @@ class SplitStrategy:
             report.wall_seconds)
         return report
 
-    def evaluate(self, grid: Grid, server_round: int) -> EvalReport:
-        """Inference on every tenant's own test split: head -> cloud body -> tail."""
+    def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
+        """Inference (head -> cloud body -> tail) on each tenant's own test split or, with
+        ``scope="global"``, on the whole test set."""
         started = time.perf_counter()
         phase = _Exchange()
         active = self._select(grid)
@@ -229,10 +245,11 @@ class SplitStrategy:
         restart = {node: True for node in active}
         correct: dict[int, int] = {node: 0 for node in active}
         seen: dict[int, int] = {node: 0 for node in active}
+        counts: dict[int, np.ndarray] = {}
         while pending:
             instructions = {
                 node: RecordDict({"config": ConfigRecord({"num-batches": self.eval_micro_batches,
-                                                          "restart": restart[node],
+                                                          "restart": restart[node], "scope": scope,
                                                           "server-round": server_round})})
                 for node in pending
             }
@@ -260,28 +277,38 @@ class SplitStrategy:
             replies = self._exchange(grid, INFER_TAIL, forward, server_round, phase, active)
             for node, content in replies.items():
                 try:
-                    metrics = read_metrics(content, ("correct", "num-examples"))
+                    metrics = read_metrics(content, ("correct", "num-examples"), lists=("tp", "fp", "fn"))
+                    classes = _class_counts(content)
+                    if node in counts and counts[node].shape != classes.shape:
+                        raise ProtocolError(f"{INFER_TAIL} reply: metrics.tp/fp/fn: {classes.shape[1]} classes, "
+                                            f"earlier replies had {counts[node].shape[1]}")
                 except ProtocolError as exc:
                     self._drop(node, str(exc), phase, active)
                     continue
                 correct[node] += int(metrics["correct"])
                 seen[node] += int(metrics["num-examples"])
+                counts[node] = classes if node not in counts else counts[node] + classes
             pending &= set(active)
-        per_tenant = {self._tenant_of[n]: correct[n] / seen[n] for n in active if seen[n]}
-        counts = {self._tenant_of[n]: seen[n] for n in active}
-        total = sum(seen[n] for n in active)
+        done = [n for n in active if seen[n]]
+        per_tenant = {self._tenant_of[n]: correct[n] / seen[n] for n in done}
+        per_tenant_f1 = {self._tenant_of[n]: macro_f1_from_counts(*counts[n]) for n in done}
+        weights = {self._tenant_of[n]: seen[n] if scope == "tenant" else 1 for n in done}
         report = EvalReport(
             server_round=server_round,
-            accuracy=sum(correct[n] for n in active) / total if total else None,
+            scope=scope,
+            accuracy=_weighted(per_tenant, weights),
+            macro_f1=_weighted(per_tenant_f1, weights),
             per_tenant=per_tenant,
-            num_examples=counts,
+            per_tenant_f1=per_tenant_f1,
+            num_examples={self._tenant_of[n]: seen[n] for n in active},
             dropped=dict(phase.dropped),
             round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait,
             wall_seconds=time.perf_counter() - started,
         )
-        log(INFO, "evaluation after round %d: accuracy %s over %d examples (%s)", server_round,
-            "n/a" if report.accuracy is None else f"{report.accuracy:.4f}", total,
+        log(INFO, "evaluation (%s test sets) after round %d: accuracy %s, macro-F1 %s over %d examples (%s)",
+            scope, server_round, "n/a" if report.accuracy is None else f"{report.accuracy:.4f}",
+            "n/a" if report.macro_f1 is None else f"{report.macro_f1:.4f}", sum(seen.values()),
             ", ".join(f"{t} {a:.3f}" for t, a in sorted(per_tenant.items())))
         return report
 
@@ -362,3 +389,22 @@ class SplitStrategy:
         label = tenant or f"node-{node}"
         phase.dropped[label] = reason
         log(WARNING, "dropping %s from this round: %s", label, reason)
+
+
+def _class_counts(content: RecordDict) -> np.ndarray:
+    """The per-class [tp, fp, fn] counts of an ``evaluate.infer_tail`` reply, as a [3, C] array."""
+    record = content.get("metrics")
+    try:
+        rows = [list(record[key]) for key in ("tp", "fp", "fn")]
+        counts = np.asarray(rows, dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"{INFER_TAIL} reply: metrics.tp/fp/fn: missing or not equal-length integer lists "
+                            f"({exc})") from None
+    if counts.ndim != 2 or (counts < 0).any():
+        raise ProtocolError(f"{INFER_TAIL} reply: metrics.tp/fp/fn: expected non-negative counts")
+    return counts
+
+
+def _weighted(values: dict[str, float], weights: dict[str, int]) -> float | None:
+    total = sum(weights[t] for t in values)
+    return sum(v * weights[t] for t, v in values.items()) / total if total else None

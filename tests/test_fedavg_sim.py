@@ -118,7 +118,7 @@ def test_fedavg_simulation_two_tenants_learns(small_banking: str, capsys: pytest
     argv = ["simulate", "--strategy", "fedavg", "--num-clients", "2", "--rounds", "2", "--partition",
             "dirichlet:100", "--out", str(tmp_path), "--cpus", "1"]
     for key, value in {"model": "tiny", "dataset": small_banking, "device": "cpu", "max_train_samples": 320,
-                       "max_test_samples": 120, "lr": 0.01, "local_epochs": 2}.items():
+                       "max_test_samples": 120, "lr": 0.01, "local_epochs": 2, "eval_initial": True}.items():
         argv += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     assert main(argv) == 0
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[fedavg-lora] round")]

@@ -271,13 +271,14 @@ def test_strategy_drops_tenants_that_fail_and_the_others_continue(task_identity:
     config = {**TINY, "eval-initial": False, "local-steps": 4, "micro-batches": 2, "eval-every": 0}
     grid = LocalGrid(make_client_app(config), 3, intercept)
     run_cloud(grid, config, reports.append)
-    first, second, evaluation = reports
+    first, second, evaluation, global_evaluation = reports
     assert isinstance(first, RoundReport) and isinstance(evaluation, EvalReport)
     assert first.tenants == ["tenant-0", "tenant-1"] and "no reply" in first.dropped["tenant-2"]
     assert first.steps == 4 and first.round_trips == 6 and first.round_trips_per_step == 1.5
     assert second.tenants == ["tenant-0", "tenant-1", "tenant-2"] and not second.dropped
     assert "ProtocolError (tenant-1)" in evaluation.dropped["tenant-1"]
     assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-2"]
+    assert global_evaluation.scope == "global" and sorted(global_evaluation.per_tenant) == ["tenant-0", "tenant-2"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,9 +297,15 @@ def test_flower_simulation_two_tenants_learns() -> None:
                         "init_args": {"num_cpus": 2, "include_dashboard": False}},
     )
     rounds = [r for r in reports if isinstance(r, RoundReport)]
-    evaluations = [r for r in reports if isinstance(r, EvalReport)]
+    evaluations = [r for r in reports if isinstance(r, EvalReport) and r.scope == "tenant"]
+    globals_ = [r for r in reports if isinstance(r, EvalReport) and r.scope == "global"]
     assert [r.server_round for r in rounds] == [1, 2]
     assert [e.server_round for e in evaluations] == [0, 1, 2]
+    # after the last round, every tenant's adapters also run on the whole (300-row) test set
+    assert [g.server_round for g in globals_] == [2] and globals_[0].num_examples == {"tenant-0": 300, "tenant-1": 300}
+    assert globals_[0].accuracy == pytest.approx(sum(globals_[0].per_tenant.values()) / 2)
+    assert all(0.0 <= e.macro_f1 <= 1.0 for e in evaluations)
+    assert evaluations[-1].macro_f1 > evaluations[0].macro_f1
     assert all(r.tenants == ["tenant-0", "tenant-1"] and not r.dropped for r in rounds)
     assert rounds[1].train_loss < rounds[0].train_loss
     assert evaluations[-1].accuracy > evaluations[0].accuracy

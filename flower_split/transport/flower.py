@@ -170,8 +170,13 @@ def pack_tenant(content: RecordDict) -> str:
     return _value(_record(content, PROTOCOL_KEY, ConfigRecord), "tenant", str)
 
 
-def read_metrics(content: RecordDict, required: Sequence[str] = ()) -> dict[str, float]:
-    """The optional ``"metrics"`` record of a reply, with ``required`` keys checked."""
+def read_metrics(content: RecordDict, required: Sequence[str] = (),
+                 lists: Sequence[str] = ()) -> dict[str, float]:
+    """The scalar values of a reply's optional ``"metrics"`` record, ``required`` keys checked.
+
+    Keys named in ``lists`` may hold lists of numbers (read them from the record itself);
+    any other non-scalar value is a :class:`ProtocolError`.
+    """
     record = content.get(METRICS_KEY) if isinstance(content, RecordDict) else None
     if record is None:
         if required:
@@ -184,6 +189,8 @@ def read_metrics(content: RecordDict, required: Sequence[str] = ()) -> dict[str,
             raise ProtocolError(f"{METRICS_KEY}: missing key {key!r}")
     values: dict[str, float] = {}
     for key, value in record.items():
+        if key in lists and isinstance(value, list):
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProtocolError(f"{METRICS_KEY}.{key}: expected a number, got {type(value).__name__}")
         values[key] = float(value)
@@ -303,7 +310,8 @@ class FlowerSettings:
     ``partition`` (``iid``, ``dirichlet:A``, ``shards:N``), ``min-nodes`` (tenants needed to
     start), ``reply-timeout`` (seconds to wait for a stage's replies; tenants later than that
     are dropped from the round), ``eval-every`` (evaluate every N rounds; 0: only at the end),
-    ``eval-initial`` (also evaluate before the first round), ``quick`` (tiny model on a few hundred samples, see ``flower_split.cli.QUICK``).
+    ``eval-initial`` (also evaluate before the first round), ``global-eval`` (after the last
+    round, also evaluate every tenant on the whole test set; split only), ``quick`` (tiny model on a few hundred samples, see ``flower_split.cli.QUICK``).
     """
 
     num_server_rounds: int = 3
@@ -314,6 +322,7 @@ class FlowerSettings:
     reply_timeout: float = 600.0
     eval_every: int = 1
     eval_initial: bool = False
+    global_eval: bool = True
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -326,7 +335,7 @@ class FlowerSettings:
         if isinstance(self.reply_timeout, bool) or not isinstance(self.reply_timeout, (int, float)) \
                 or self.reply_timeout <= 0:
             raise ConfigError(f"reply-timeout: expected a positive number of seconds, got {self.reply_timeout!r}")
-        for name in ("eval_initial", "quick"):
+        for name in ("eval_initial", "global_eval", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
         if not isinstance(self.partition, str):

@@ -377,10 +377,12 @@ def test_tampered_messages_are_rejected_without_state_change(mode: str, data: To
         to_cloud = client.handle(to_client)
     assert checked_cloud and checked_client
     assert client.steps_in_flight == [] and cloud.pending_steps == []
-    # out-of-order start: a step number the cloud does not expect
+    # a replayed step number (its Beaver material was used) or a non-first message to start
     message = client.begin(data.collate(list(range(8, 16))))
-    with pytest.raises(ProtocolError, match="first message of step"):
-        cloud.material_request(SecureMessage(**{**vars(message), "step": 7}))
+    with pytest.raises(ProtocolError, match="first message of a step >= 1"):
+        cloud.material_request(SecureMessage(**{**vars(message), "step": 0}))
+    with pytest.raises(ProtocolError, match="got message 2"):
+        cloud.material_request(SecureMessage(**{**vars(message), "seq": 2}))
     with pytest.raises(ProtocolError, match="no dealer material"):
         cloud.handle(message)
 
@@ -483,3 +485,53 @@ def test_bad_setup_is_rejected_and_registers_nothing() -> None:
     with pytest.raises(ProtocolError, match="already registered"):
         cloud.register(setup)
     dealer.register(registration)
+
+
+@pytest.mark.parametrize("mode", ["client", "he"])
+def test_step_cut_at_any_message_reconciles_to_a_consistent_model(mode: str, data: TokenizedDataset) -> None:
+    """A tenant dropped mid-step (any message lost): after ``reconcile`` the halves sum to the
+    model before the step or to a proper update of it, never to one party's update alone
+    (which would add that party's random share of the update: garbage of order 2^47)."""
+    config = _config(mode)
+    parts = _parts(random_up=True)
+    client, cloud, dealer, _ = _secure(parts, config)
+    batch = data.collate(list(range(8)))
+    messages = len(schedule(StepSpec("t0", 0, 8, int(batch.input_ids.shape[1]), 32, 4, 8, 77, True, True,
+                                     mode, 16)))
+    outcomes = []
+    for cut in range(1, messages + 1):  # deliver `cut` messages of the step, lose the rest
+        before = _weights(client, cloud)
+        delivered = 0
+        message = client.begin(batch)
+        cloud.accept_material(dealer.handle(cloud.material_request(message)))
+        while delivered < cut:
+            reply = cloud.handle(message)
+            delivered += 1
+            if reply is None or delivered >= cut:
+                break
+            message = client.handle(reply)
+            delivered += 1
+            if message is None:
+                break
+        # the strategy aborts the cloud's step when it drops the tenant; at the next step's
+        # begin the client aborts its own, and the side that is ahead rolls back
+        cloud.abort_step("t0")
+        client.reconcile(cloud.updates("t0"))
+        cloud.reconcile("t0", client.updates)
+        assert client.updates == cloud.updates("t0")
+        now = _weights(client, cloud)
+        change = max((now[k] - before[k]).abs().max().item() for k in now)
+        assert change == 0.0 or 10 * TOL_PER_STEP < change < 1.0, f"cut after {cut}: change {change}"
+        outcomes.append("completed" if change else "rolled back")
+    assert outcomes[-1] == "completed" and outcomes[0] == "rolled back"
+
+
+def test_reconcile_refuses_halves_that_diverged_by_more_than_a_step(data: TokenizedDataset) -> None:
+    client, cloud, _, transport = _secure(_parts(random_up=True), _config("client"))
+    transport.run_step(client, data.collate(list(range(8))))
+    with pytest.raises(ProtocolError, match="diverged"):
+        client.reconcile({"head": 5, "tail": 5})
+    with pytest.raises(ProtocolError, match="malformed"):
+        cloud.reconcile("t0", {"head": "x"})
+    client.reconcile(cloud.updates("t0"))  # consistent: nothing happens
+    assert client.updates == cloud.updates("t0") == {"head": 1, "tail": 1}

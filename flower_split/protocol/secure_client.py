@@ -118,6 +118,7 @@ class SecureClientParty(SecureStepRunner):
         self.halves: Halves | None = None
         self._next_step = 0
         self._step: StepState | None = None
+        self._pre_step: tuple | None = None  # halves before the last training step (for reconcile)
         self.finished: dict[int, SecureStepResult] = {}
 
     # ------------------------------------------------------------------------ set-up
@@ -163,11 +164,37 @@ class SecureClientParty(SecureStepRunner):
                         self.label_protection, self.frac_bits)
         st = StepState(spec, ctx={"input_ids": ids.clone(), "mask": mask.clone(),
                                   "labels": batch.labels.cpu().to(torch.int64).clone()})
+        pre_step = self.halves.snapshot()
         message = self._outgoing(st, self._advance(st, self.halves))
         assert message is not None
         self._step = st
         self._next_step += 1
+        if spec.train:
+            self._pre_step = pre_step
         return message
+
+    @property
+    def updates(self) -> dict[str, int]:
+        """How many head and tail updates this party's halves have had (public)."""
+        assert self.halves is not None
+        return dict(self.halves.updates)
+
+    def abort_step(self) -> None:
+        """Abandon the step in flight (if any), undoing any update it made to the halves."""
+        st = self._step
+        if st is None:
+            return
+        assert self.halves is not None
+        if st.spec.train and self._pre_step is not None:
+            self.halves.restore(self._pre_step)
+        self._step = None
+
+    def reconcile(self, cloud_updates: object) -> None:
+        """Before a step: abort any step in flight, and roll back a step the cloud did not complete."""
+        if self.halves is None:
+            raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
+        self.abort_step()
+        self.halves.reconcile(self._pre_step, cloud_updates, f"tenant {self.tenant!r}")
 
     def handle(self, message: SecureMessage) -> SecureMessage | None:
         """Answer one cloud message; on :class:`ProtocolError` no state has changed."""
@@ -281,6 +308,8 @@ class SecureClientParty(SecureStepRunner):
             "halves": self.halves.state_dict() if self.halves is not None else None,
             "next_step": self._next_step,
             "step": export_step(self._step) if self._step is not None else None,
+            "pre_step": None if self._pre_step is None else
+            {"weights": self._pre_step[0], "buffers": self._pre_step[1], "updates": self._pre_step[2]},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -300,3 +329,5 @@ class SecureClientParty(SecureStepRunner):
             self._init_weights = None
         self._next_step = int(state["next_step"])
         self._step = import_step(state["step"]) if state["step"] is not None else None
+        pre = state.get("pre_step")
+        self._pre_step = None if pre is None else (dict(pre["weights"]), dict(pre["buffers"]), dict(pre["updates"]))

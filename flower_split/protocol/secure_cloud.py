@@ -56,6 +56,7 @@ class _Tenant:
         self.key = key
         self.next_step = 0
         self.step: StepState | None = None
+        self.pre_step: tuple | None = None  # halves before the last training step (for reconcile)
         self.material: tuple[StepSpec, dict[str, torch.Tensor] | None] | None = None
 
 
@@ -135,8 +136,11 @@ class SecureCloudParty(SecureStepRunner):
         record = self._tenant(message.tenant)
         if record.step is not None:
             raise ProtocolError(f"tenant {message.tenant!r}: step {record.step.spec.step} is still in flight")
-        if message.seq != 0 or message.step != record.next_step:
-            raise ProtocolError(f"tenant {message.tenant!r}: expected the first message of step "
+        # step numbers only grow (a step abandoned by a dropped tenant leaves a gap); a number
+        # is never reused, since the step's Beaver material is derived from it
+        if message.seq != 0 or isinstance(message.step, bool) or not isinstance(message.step, int) \
+                or message.step < record.next_step:
+            raise ProtocolError(f"tenant {message.tenant!r}: expected the first message of a step >= "
                                 f"{record.next_step}, got message {message.seq} of step {message.step}")
         for name, value, high in (("batch", message.batch, MAX_BATCH), ("tokens", message.tokens, MAX_TOKENS)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
@@ -188,9 +192,12 @@ class SecureCloudParty(SecureStepRunner):
             if record.material is None or record.material[0] != spec or record.material[1] is None:
                 raise ProtocolError(f"tenant {message.tenant!r}: no dealer material for step {message.step}")
             st = StepState(spec, ctx={"material": record.material[1]})
+            pre_step = record.halves.snapshot()
             reply = self._receive(st, record.halves, message)
             record.step, record.material = st, None
-            record.next_step += 1
+            record.next_step = spec.step + 1
+            if spec.train:
+                record.pre_step = pre_step
         else:
             st = record.step
             if st is None or message.step != st.spec.step:
@@ -205,8 +212,27 @@ class SecureCloudParty(SecureStepRunner):
         return sorted((t, r.step.spec.step) for t, r in self.tenants.items() if r.step is not None)
 
     def drop_tenant(self, tenant: str) -> None:
-        """Forget a tenant that dropped out (its halves are lost: the model cannot be recovered)."""
+        """Forget a tenant for good (its halves are lost: the model cannot be recovered)."""
         self.tenants.pop(tenant, None)
+
+    def updates(self, tenant: str) -> dict[str, int]:
+        """How many head and tail updates the cloud's halves of ``tenant`` have had (public)."""
+        return dict(self._tenant(tenant).halves.updates)
+
+    def abort_step(self, tenant: str) -> None:
+        """Abandon ``tenant``'s step in flight (if any), undoing any update it made; keep the tenant."""
+        record = self.tenants.get(tenant)
+        if record is None:
+            return
+        if record.step is not None and record.step.spec.train and record.pre_step is not None:
+            record.halves.restore(record.pre_step)
+        record.step, record.material = None, None
+
+    def reconcile(self, tenant: str, client_updates: object) -> None:
+        """Before a step: abort ``tenant``'s step in flight, roll back a step the client did not complete."""
+        record = self._tenant(tenant)
+        self.abort_step(tenant)
+        record.halves.reconcile(record.pre_step, client_updates, f"cloud (tenant {tenant!r})")
 
     def _materials(self, st: StepState, program: str, first: int,
                    requests: list[TripleRequest]) -> list[SeededMaterial]:
@@ -293,6 +319,8 @@ class SecureCloudParty(SecureStepRunner):
                 "setup": dict(vars(r.setup)), "halves": r.halves.state_dict(),
                 "he_keys": r.he_keys.to_bytes() if r.he_keys is not None else None,
                 "key": r.key, "next_step": r.next_step,
+                "pre_step": None if r.pre_step is None else
+                {"weights": r.pre_step[0], "buffers": r.pre_step[1], "updates": r.pre_step[2]},
                 "step": export_step(r.step) if r.step is not None else None,
                 "material": None if r.material is None else
                 {"spec": dict(vars(r.material[0])), "corrections": export_value(r.material[1])},
@@ -311,6 +339,9 @@ class SecureCloudParty(SecureStepRunner):
             record = _Tenant(setup, Halves.from_state(self.party, t["halves"]),
                              CloudKeys.from_bytes(t["he_keys"]) if t["he_keys"] is not None else None, t["key"])
             record.next_step = int(t["next_step"])
+            pre = t.get("pre_step")
+            record.pre_step = None if pre is None else (dict(pre["weights"]), dict(pre["buffers"]),
+                                                        dict(pre["updates"]))
             record.step = import_step(t["step"]) if t["step"] is not None else None
             if t["material"] is not None:
                 record.material = (StepSpec(**t["material"]["spec"]), import_value(t["material"]["corrections"]))

@@ -1,4 +1,4 @@
-"""Flower ClientApp of a tenant (security level ``plain``).
+"""Flower ClientApp of a tenant (security level ``plain`` here; ``secure`` in :mod:`secure_client_app`).
 
 Every Flower message is handled by a fresh :class:`ClientParty` rebuilt from
 ``context.state`` (the only thing that survives between messages; in deployment each message
@@ -56,6 +56,8 @@ from flower_split.transport.flower import (
 PARTY_ARRAYS = "party.arrays"
 PARTY_CONFIG = "party.config"
 DATA_STATE = "data"
+SECURE_STATE_KEYS = ("secure.arrays", "secure.config", "secure.batch", "secure.labels")
+STATE_KEYS = (PARTY_ARRAYS, PARTY_CONFIG, DATA_STATE) + SECURE_STATE_KEYS
 PROTOCOL_ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
@@ -132,7 +134,7 @@ def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mappin
 
 
 @dataclass
-class _Cursor:
+class Cursor:
     """Position in the training stream (epoch, row) and in the test set."""
 
     epoch: int = 0
@@ -140,7 +142,7 @@ class _Cursor:
     eval_cursor: int = 0
 
     @classmethod
-    def load(cls, state: RecordDict) -> "_Cursor":
+    def load(cls, state: RecordDict) -> "Cursor":
         record = state.get(DATA_STATE)
         if record is None:
             return cls()
@@ -151,13 +153,18 @@ class _Cursor:
                                           "eval-cursor": self.eval_cursor})
 
 
-def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> ClientParty:
-    """A party with freshly initialised adapters (seeded per tenant; overwritten by saved state)."""
-    dim = data.dim
+def new_adapters(data: TenantData, config: RunConfig) -> tuple[HeadAdapter, TailAdapter]:
+    """Freshly initialised head and tail (seeded per tenant; overwritten by saved state)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 1_000_003 + data.partition_id)  # adapter init, not crypto
-        head = HeadAdapter(dim, config.head_rank, config.activation)
-        tail = TailAdapter(dim, config.tail_bottleneck, data.num_classes, config.activation)
+        head = HeadAdapter(data.dim, config.head_rank, config.activation)
+        tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation)
+    return head, tail
+
+
+def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> ClientParty:
+    """A plain party with freshly initialised adapters."""
+    head, tail = new_adapters(data, config)
     return ClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps,
                        select_device(config.device))
 
@@ -186,7 +193,7 @@ def _save_party(context: Context, party: ClientParty) -> None:
 # stage handlers: (message, context, config, settings, data) -> reply content
 
 
-def _train_batches(data: TenantData, config: RunConfig, cursor: _Cursor, count: int) -> list[Batch]:
+def train_batches(data: TenantData, config: RunConfig, cursor: Cursor, count: int) -> list[Batch]:
     """The next ``count`` training micro-batches; a new shuffled pass starts when one ends."""
     size = len(data.train)
     if size == 0:
@@ -213,8 +220,8 @@ def _head_fwd(message: Message, context: Context, config: RunConfig, settings: F
     if count < 0:
         raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
     party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
-    cursor = _Cursor.load(context.state)
-    outputs = [party.begin(batch, train=True) for batch in _train_batches(data, config, cursor, count)]
+    cursor = Cursor.load(context.state)
+    outputs = [party.begin(batch, train=True) for batch in train_batches(data, config, cursor, count)]
     _save_party(context, party)
     cursor.save(context.state)
     return pack_messages(HeadOutput, data.tenant, outputs)
@@ -235,7 +242,7 @@ def _tail(message: Message, context: Context, config: RunConfig, settings: Flowe
         loss_sum += result.loss * result.logits.shape[0]
         examples += result.logits.shape[0]
     _save_party(context, party)
-    # plain mode only: the client reports its own mean loss (never done in secure mode)
+    # the client reports its own mean loss (secure mode: only with secure-metrics)
     metrics = {"train-loss": loss_sum / examples if examples else 0.0, "num-examples": examples}
     return pack_messages(BodyGrad, data.tenant, grads, metrics)
 
@@ -256,11 +263,11 @@ def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: 
     record = read_config(message.content)
     count = config_value(record, "num-batches", int)
     restart = config_value(record, "restart", bool)
-    test = _eval_set(data, record)
+    test = eval_set(data, record)
     if count < 0:
         raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
     party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
-    cursor = _Cursor.load(context.state)
+    cursor = Cursor.load(context.state)
     if restart:
         cursor.eval_cursor = 0
     size = len(test)
@@ -280,7 +287,7 @@ def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: 
 EVAL_SCOPES = ("tenant", "global")
 
 
-def _eval_set(data: TenantData, record: ConfigRecord) -> TokenizedDataset:
+def eval_set(data: TenantData, record: ConfigRecord) -> TokenizedDataset:
     """``scope`` "tenant" (default): this tenant's test split; "global": the whole sampled test set."""
     scope = config_value(record, "scope", str) if "scope" in record else "tenant"
     if scope not in EVAL_SCOPES:
@@ -319,12 +326,11 @@ def _handle(handler: Handler, message: Message, context: Context,
     """Run one stage handler; a ProtocolError becomes an error reply and the state is kept."""
     config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
     data = tenant_data(config, settings, context.node_config)
-    saved = {key: context.state[key] for key in (PARTY_ARRAYS, PARTY_CONFIG, DATA_STATE)
-             if key in context.state}
+    saved = {key: context.state[key] for key in STATE_KEYS if key in context.state}
     try:
         content = handler(message, context, config, settings, data)
     except ProtocolError as exc:
-        for key in (PARTY_ARRAYS, PARTY_CONFIG, DATA_STATE):  # leave the state as it was
+        for key in STATE_KEYS:  # leave the state as it was
             if key in saved:
                 context.state[key] = saved[key]
             elif key in context.state:
@@ -361,6 +367,28 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     @client_app.evaluate("infer_tail")
     def infer_tail(message: Message, context: Context) -> Message:
         return _handle(_infer_tail, message, context, extra)
+
+    from flower_split import secure_client_app as secure  # imports this module's helpers
+
+    @client_app.train("secure_setup")
+    def secure_setup(message: Message, context: Context) -> Message:
+        return _handle(secure.secure_setup, message, context, extra)
+
+    @client_app.train("secure_begin")
+    def secure_train_begin(message: Message, context: Context) -> Message:
+        return _handle(secure.secure_train_begin, message, context, extra)
+
+    @client_app.train("secure_next")
+    def secure_train_next(message: Message, context: Context) -> Message:
+        return _handle(secure.secure_next, message, context, extra)
+
+    @client_app.evaluate("secure_begin")
+    def secure_eval_begin(message: Message, context: Context) -> Message:
+        return _handle(secure.secure_eval_begin, message, context, extra)
+
+    @client_app.evaluate("secure_next")
+    def secure_eval_next(message: Message, context: Context) -> Message:
+        return _handle(secure.secure_next, message, context, extra)
 
     return client_app
 

@@ -1,9 +1,10 @@
-"""Flower ServerApp of the cloud (security level ``plain``).
+"""Flower ServerApp of the cloud (security levels ``plain`` and ``secure``).
 
 Builds the frozen body from ``run_config`` (see :func:`settings_from_run_config` for the keys,
 and ``[tool.flwr.app.config]`` in pyproject.toml for their defaults), wraps it in a
-:class:`CloudParty`, and lets :class:`strategies.split.SplitStrategy` run the rounds and the
-evaluations. Afterwards it checks that the body did not move. Every round's and evaluation's
+:class:`CloudParty` (plain) or a :class:`SecureCloudParty` with a dealer (secure), and lets
+:class:`strategies.split.SplitStrategy` / :class:`strategies.secure_split.SecureSplitStrategy`
+run the rounds and the evaluations. Afterwards it checks that the body did not move. Every round's and evaluation's
 report goes to the log, to the optional ``on_report`` callback, and (as MetricRecords
 ``round-N`` / ``eval-N``) into the ServerApp's ``context.state``.
 """
@@ -36,15 +37,19 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
     encoder = load_encoder(config.model, seed=config.seed)
     _, body = split_encoder(encoder)
     fingerprint = body.fingerprint()
-    strategy = SplitStrategy(
-        CloudParty(body, device),
-        local_steps=settings.local_steps,
-        micro_batches=settings.micro_batches,
-        min_nodes=settings.min_nodes,
-        reply_timeout=settings.reply_timeout,
-        global_eval=settings.global_eval,
-    )
-    log(INFO, "flower-split cloud: model %s on %s, %d rounds", config.model, device,
+    common = dict(local_steps=settings.local_steps, min_nodes=settings.min_nodes,
+                  reply_timeout=settings.reply_timeout, global_eval=settings.global_eval)
+    if config.security == "secure":
+        from flower_split.protocol.secure_cloud import SecureCloudParty
+        from flower_split.protocol.secure_dealer import SecureDealerParty
+        from strategies.secure_split import SecureSplitStrategy
+
+        dealer = SecureDealerParty()
+        strategy: SplitStrategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public, device), dealer,
+                                                      **common)
+    else:
+        strategy = SplitStrategy(CloudParty(body, device), micro_batches=settings.micro_batches, **common)
+    log(INFO, "flower-split cloud (%s): model %s on %s, %d rounds", config.security, config.model, device,
         settings.num_server_rounds)
     result = strategy.start(grid, settings.num_server_rounds, settings.eval_every,
                             settings.eval_initial, on_report)

@@ -385,10 +385,14 @@ class SplitStrategy:
         tenant = self._tenant_of.get(node)
         active.discard(node)
         if tenant is not None:
-            self.cloud.drop_tenant(tenant)
+            self._forget_step(tenant)
         label = tenant or f"node-{node}"
         phase.dropped[label] = reason
         log(WARNING, "dropping %s from this round: %s", label, reason)
+
+    def _forget_step(self, tenant: str) -> None:
+        """Free what the cloud holds of ``tenant``'s steps in flight."""
+        self.cloud.drop_tenant(tenant)
 
 
 def _class_counts(content: RecordDict) -> np.ndarray:

@@ -10,6 +10,8 @@ from transformers import (
     AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel,
 )
 
+from flwr.supercore.task_identity import TaskIdentity
+
 from flower_split.he import ClientKeys, CloudKeys
 from flower_split.model import minilm_path
 
@@ -71,3 +73,11 @@ def keys() -> ClientKeys:
 def cloud(keys: ClientKeys) -> CloudKeys:
     """The cloud's public-only copy of ``keys``."""
     return CloudKeys.from_bytes(keys.public_bytes())
+
+
+@pytest.fixture()
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a Flower runtime, ``Message(...)`` needs a run id; set a dummy one."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)

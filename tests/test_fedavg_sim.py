@@ -12,7 +12,6 @@ import json
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from flower_split.cli import main
 from flower_split.client_app import tenant_data as split_tenant_data
@@ -31,14 +30,6 @@ def _values(dataset: str, **extra: object) -> dict:
     return {"model": "tiny", "dataset": dataset, "device": "cpu", "max-train-samples": 320,
             "max-test-samples": 120, "lr": 0.01, "batch-size": 32, "num-server-rounds": 2,
             "partition": "iid", "min-nodes": 2, "reply-timeout": 300.0, **extra}
-
-
-@pytest.fixture()
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outside a Flower runtime, ``Message(...)`` needs a run id; set a dummy one."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
 def test_fedavg_tenants_see_exactly_the_split_apps_rows(small_banking: str) -> None:

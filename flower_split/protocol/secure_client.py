@@ -104,14 +104,11 @@ class SecureClientParty(SecureStepRunner):
         self.optim = Optim(config.lr_head, config.lr_tail, config.momentum, config.weight_decay,
                            config.warmup_fraction, total_steps)
         self._init_weights: dict[str, torch.Tensor] | None = plaintext_weights(head, tail)
-        if self.label_protection == "he":
-            params = he_params or HEParams(frac_bits=frac_bits + self.grad_scale_bits)
-            if params.frac_bits != frac_bits + self.grad_scale_bits:
-                raise ValueError(f"he_params.frac_bits must be {frac_bits + self.grad_scale_bits} "
-                                 "(ring bits + gradient scale bits)")
-            self.he_keys: ClientKeys | None = ClientKeys.generate(params)
-        else:
-            self.he_keys = None
+        self._he_params = he_params or HEParams(frac_bits=frac_bits + self.grad_scale_bits)
+        if self.label_protection == "he" and self._he_params.frac_bits != frac_bits + self.grad_scale_bits:
+            raise ValueError(f"he_params.frac_bits must be {frac_bits + self.grad_scale_bits} "
+                             "(ring bits + gradient scale bits)")
+        self.he_keys: ClientKeys | None = None  # generated at set-up (he), or restored with the state
         self._x25519 = new_private_key()
         self._dealer_key: bytes | None = None
         self.dealer_public: bytes | None = None
@@ -132,6 +129,8 @@ class SecureClientParty(SecureStepRunner):
             dealer_public = check_public_key(hello.dealer_public, "dealer_public")
         except ValueError as exc:
             raise ProtocolError(str(exc)) from exc
+        if self.label_protection == "he":
+            self.he_keys = ClientKeys.generate(self._he_params)
         own_public = public_bytes(self._x25519)
         self._dealer_key = dealer_key(self._x25519, dealer_public, "client", self.tenant, dealer_public, own_public)
         self.dealer_public = dealer_public

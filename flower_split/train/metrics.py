@@ -33,7 +33,7 @@ def macro_f1_from_counts(tp: Sequence[int], fp: Sequence[int], fn: Sequence[int]
     for t, p, n in zip(tp, fp, fn):
         if t + p + n == 0:
             continue
-        scores.append(2 * t / (2 * t + p + n))
+        scores.append(float(2 * t / (2 * t + p + n)))
     return sum(scores) / len(scores) if scores else 0.0
 
 

@@ -249,11 +249,13 @@ def _bool_list(record: ConfigRecord, key: str, count: int) -> list[bool]:
 def state_to_records(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecord]:
     """Flatten a nested state (dicts, lists, tuples, scalars, tensors) for ``Context.state``.
 
-    Tensors go into the ArrayRecord under generated keys; the structure, with references to
-    those keys, goes into the ConfigRecord as JSON (``"skeleton"``). Dict keys keep their type
-    (optimizer states use integer keys).
+    Tensors go into the ArrayRecord under generated keys, byte strings (keys, seeds, CKKS
+    contexts of secure mode) into the ConfigRecord as ``b<i>``; the structure, with references
+    to those keys, goes into the ConfigRecord as JSON (``"skeleton"``). Dict keys keep their
+    type (optimizer states use integer keys).
     """
     arrays = ArrayRecord()
+    blobs: dict[str, bytes] = {}
 
     def encode(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
@@ -270,12 +272,16 @@ def state_to_records(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecor
         if isinstance(value, (list, tuple)):
             tag = "l" if isinstance(value, list) else "u"
             return {tag: [encode(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+        if isinstance(value, bytes):
+            key = f"b{len(blobs)}"
+            blobs[key] = value
+            return {"b": key}
         if value is None or isinstance(value, (bool, int, float, str)):
             return {"v": value}
         raise TypeError(f"state {path}: cannot store a {type(value).__name__}")
 
     skeleton = json.dumps(encode(dict(state), "state"))
-    return arrays, ConfigRecord({"skeleton": skeleton, "format": PACK_FORMAT})
+    return arrays, ConfigRecord({"skeleton": skeleton, "format": PACK_FORMAT, **blobs})
 
 
 def records_to_state(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, Any]:
@@ -286,6 +292,8 @@ def records_to_state(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, Any
         (tag, value), = node.items()
         if tag == "t":
             return array_to_tensor(f"state[{value}]", arrays[value])
+        if tag == "b":
+            return _value(config, value, bytes, "state")
         if tag == "d":
             return {k: decode(v) for k, v in value}
         if tag == "l":
@@ -311,7 +319,9 @@ class FlowerSettings:
     start), ``reply-timeout`` (seconds to wait for a stage's replies; tenants later than that
     are dropped from the round), ``eval-every`` (evaluate every N rounds; 0: only at the end),
     ``eval-initial`` (also evaluate before the first round), ``global-eval`` (after the last
-    round, also evaluate every tenant on the whole test set; split only), ``quick`` (tiny model on a few hundred samples, see ``flower_split.cli.QUICK``).
+    round, also evaluate every tenant on the whole test set; split only), ``secure-metrics``
+    (secure mode: tenants report each step's mean loss and their evaluation counts to the
+    strategy, as plain-mode and FedAvg clients do; false: they report nothing), ``quick`` (tiny model on a few hundred samples, see ``flower_split.cli.QUICK``).
     """
 
     num_server_rounds: int = 3
@@ -323,6 +333,7 @@ class FlowerSettings:
     eval_every: int = 1
     eval_initial: bool = False
     global_eval: bool = True
+    secure_metrics: bool = True
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -335,7 +346,7 @@ class FlowerSettings:
         if isinstance(self.reply_timeout, bool) or not isinstance(self.reply_timeout, (int, float)) \
                 or self.reply_timeout <= 0:
             raise ConfigError(f"reply-timeout: expected a positive number of seconds, got {self.reply_timeout!r}")
-        for name in ("eval_initial", "global_eval", "quick"):
+        for name in ("eval_initial", "global_eval", "secure_metrics", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
         if not isinstance(self.partition, str):
@@ -354,8 +365,8 @@ class FlowerSettings:
 def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings]:
     """Split Flower's ``run_config`` into a validated :class:`RunConfig` and :class:`FlowerSettings`.
 
-    Keys may use dashes or underscores; unknown keys are an error naming the key. Only
-    ``mode='split'`` and ``security='plain'`` run under Flower in this release.
+    Keys may use dashes or underscores; unknown keys are an error naming the key. The
+    Flower apps run ``mode='split'`` (``security`` 'plain' or 'secure').
     """
     from flower_split.cli import QUICK
 
@@ -371,6 +382,4 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
     config = RunConfig.from_mapping(run)
     if config.mode != "split":
         raise ConfigError(f"mode: the Flower app runs 'split' only, got {config.mode!r}")
-    if config.security != "plain":
-        raise ConfigError(f"security: the Flower app runs 'plain' only in this release, got {config.security!r}")
     return config, settings

@@ -1,0 +1,155 @@
+"""Stage handlers of a tenant's ClientApp in security level ``secure`` (registered by client_app).
+
+The tenant is party 1 of the 2PC (:class:`SecureClientParty`); the cloud's strategy
+(:class:`strategies.secure_split.SecureSplitStrategy`) drives one secure step per tenant at
+a time, all tenants in the same Flower round trip. Message types:
+
+``train.secure_setup``     server: the dealer's hello. Client: new party (its halves, dealer key,
+                           CKKS keys in ``he`` mode) -> its :class:`ClientSetup`.
+``train.secure_begin``     server: ``config`` {head-updates, tail-updates} (the cloud's update
+                           counts). Client: reconcile (abort a step in flight, undo a step the
+                           cloud did not complete), next training batch -> first step message,
+                           ``sync`` {head-updates, tail-updates}.
+``evaluate.secure_begin``  the same for the next test batch (``config`` also {restart, scope}),
+                           or no message when the test set is done; ``metrics`` {remaining}.
+``*.secure_next``          server: the cloud's next step message. Client: its reply, or none
+                           when the step ends here; once the step is over ``metrics``
+                           {done: 1, and with ``secure-metrics``: train-loss/num-examples
+                           (training) or correct/num-examples/tp/fp/fn (evaluation)}.
+
+``context.state``: ``secure.arrays`` / ``secure.config`` (the party's state: its secrets —
+halves, dealer key, CKKS secret key — never leave the node), ``secure.batch`` (size of the
+batch in flight), ``secure.labels`` (an evaluation batch's labels) and the data cursors of
+the plain app (``data``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from flower_split.client_app import SECURE_STATE_KEYS, Cursor, TenantData, eval_set, new_adapters, train_batches
+from flower_split.config import RunConfig
+from flower_split.protocol import ProtocolError
+from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
+from flower_split.train.metrics import class_counts
+from flower_split.transport.flower import (
+    FlowerSettings, array_to_tensor, config_value, read_config, records_to_state, state_to_records,
+    tensor_to_array,
+)
+from flower_split.transport.secure_flower import pack_secure, pack_setup, unpack_hello, unpack_secure
+
+SECURE_ARRAYS, SECURE_CONFIG, SECURE_BATCH, SECURE_LABELS = SECURE_STATE_KEYS
+SYNC_KEY = "sync"
+
+
+def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> SecureClientParty:
+    head, tail = new_adapters(data, config)
+    return SecureClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps)
+
+
+def _load(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings) -> SecureClientParty:
+    arrays, meta = context.state.get(SECURE_ARRAYS), context.state.get(SECURE_CONFIG)
+    if arrays is None or meta is None:
+        raise ProtocolError(f"tenant {data.tenant!r}: not set up for secure mode (train.secure_setup first)")
+    party = _new_party(data, config, settings)
+    try:
+        party.load_state_dict(records_to_state(arrays, meta))
+    except ValueError as exc:
+        raise ProtocolError(f"secure state does not fit this run: {exc}") from exc
+    return party
+
+
+def _save(context: Context, party: SecureClientParty) -> None:
+    arrays, meta = state_to_records(party.state_dict())
+    context.state[SECURE_ARRAYS] = arrays
+    context.state[SECURE_CONFIG] = meta
+
+
+def _cloud_updates(record: ConfigRecord) -> dict[str, int]:
+    return {"head": config_value(record, "head-updates", int), "tail": config_value(record, "tail-updates", int)}
+
+
+def _sync(party: SecureClientParty) -> ConfigRecord:
+    updates = party.updates
+    return ConfigRecord({"head-updates": updates["head"], "tail-updates": updates["tail"]})
+
+
+def secure_setup(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+                 data: TenantData) -> RecordDict:
+    hello = unpack_hello(message.content)
+    party = _new_party(data, config, settings)  # a new set-up replaces any earlier one
+    setup = party.setup(hello)
+    _save(context, party)
+    return pack_setup(setup)
+
+
+def secure_train_begin(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+                       data: TenantData) -> RecordDict:
+    instruction = read_config(message.content)
+    party = _load(context, data, config, settings)
+    party.reconcile(_cloud_updates(instruction))
+    cursor = Cursor.load(context.state)
+    batches = train_batches(data, config, cursor, 1)
+    if not batches:
+        raise ProtocolError(f"tenant {data.tenant!r}: no training data")
+    first = party.begin(batches[0], train=True)
+    _save(context, party)
+    cursor.save(context.state)
+    context.state[SECURE_BATCH] = ConfigRecord({"size": len(batches[0].labels)})
+    return pack_secure(first, RecordDict({SYNC_KEY: _sync(party)}))
+
+
+def secure_eval_begin(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+                      data: TenantData) -> RecordDict:
+    instruction = read_config(message.content)
+    restart = config_value(instruction, "restart", bool)
+    test = eval_set(data, instruction)
+    party = _load(context, data, config, settings)
+    party.reconcile(_cloud_updates(instruction))
+    cursor = Cursor.load(context.state)
+    if restart:
+        cursor.eval_cursor = 0
+    content = RecordDict({SYNC_KEY: _sync(party)})
+    if cursor.eval_cursor < len(test):
+        rows = list(range(cursor.eval_cursor, min(len(test), cursor.eval_cursor + config.batch_size)))
+        cursor.eval_cursor += len(rows)
+        batch = test.collate(rows)
+        pack_secure(party.begin(batch, train=False), content)
+        context.state[SECURE_BATCH] = ConfigRecord({"size": len(batch.labels)})
+        context.state[SECURE_LABELS] = ArrayRecord({"labels": tensor_to_array("labels", batch.labels.long())})
+    remaining = -(-(len(test) - cursor.eval_cursor) // config.batch_size)
+    _save(context, party)
+    cursor.save(context.state)
+    content["metrics"] = MetricRecord({"remaining": remaining})
+    return content
+
+
+def secure_next(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+                data: TenantData) -> RecordDict:
+    party = _load(context, data, config, settings)
+    incoming = unpack_secure(message.content, data.tenant, "cloud")
+    reply = party.handle(incoming)
+    content = pack_secure(reply) if reply is not None else RecordDict()
+    if incoming.step in party.finished:
+        result = party.pop_result(incoming.step)
+        metrics: dict[str, int | float | list[int]] = {"done": 1}
+        if settings.secure_metrics:
+            metrics.update(_step_metrics(context, data, incoming.train, result))
+        content["metrics"] = MetricRecord(metrics)
+    _save(context, party)
+    return content
+
+
+def _step_metrics(context: Context, data: TenantData, train: bool, result: SecureStepResult) -> dict:
+    """What the tenant reports of a finished step (it chooses to; the cloud cannot compute it)."""
+    if train:
+        size = config_value(context.state[SECURE_BATCH], "size", int, SECURE_BATCH)
+        return {"train-loss": float(result.loss), "num-examples": size}
+    record = context.state.get(SECURE_LABELS)
+    if not isinstance(record, ArrayRecord) or "labels" not in record:
+        raise ProtocolError("evaluation step finished but its labels are not in the state")
+    labels = array_to_tensor("labels", record["labels"])
+    predicted = result.logits.argmax(-1)
+    tp, fp, fn = class_counts(predicted, labels, data.num_classes)
+    return {"correct": int((predicted == labels).sum()), "num-examples": int(labels.numel()),
+            "tp": tp, "fp": fp, "fn": fn}

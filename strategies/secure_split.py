@@ -1,0 +1,274 @@
+"""Flower strategy of split learning in security level ``secure`` (2PC adapters, protected labels).
+
+The ServerApp hosts the cloud (party 0 of every tenant's 2PC, with the frozen body) and,
+in this release, the dealer object too (:class:`SecureDealerParty`, a separate party in the
+protocol: it talks to the cloud only through its request/bundle messages, and what it sends
+the cloud is only the cloud's own corrections; see docs/secure.md for what co-locating it
+with the cloud means and how to run it apart).
+
+Set-up (once per tenant, on first sight of its node): ``train.secure_setup`` carries the
+dealer's hello; the tenant's :class:`ClientSetup` is registered with the cloud and the dealer.
+
+A secure step is a fixed exchange of messages (``secure_steps.schedule``: 10-11 from the
+client for a training step). Each tenant has one step in flight, and every round trip
+carries the next message of every selected tenant at once::
+
+    train.secure_begin  -> tenants: reconcile with the cloud's update counts, next batch;
+                           reply: the step's first message (+ the tenant's update counts)
+    (cloud)                reconcile, dealer material, answer
+    train.secure_next   -> tenants: the cloud's message; reply: the tenant's next message
+    ...                    until every tenant's step is over (metrics {done})
+
+so a training step costs as many round trips as the longest schedule, whatever the number
+of tenants. Evaluation runs inference steps (``evaluate.secure_begin`` / ``secure_next``)
+until every tenant's test set is done. A tenant that fails or times out is dropped for the
+round: the cloud aborts its step (undoing any update of it) and, at the tenant's next step,
+both sides reconcile (:meth:`SecureCloudParty.reconcile`), so the adapter halves stay a
+consistent pair.
+
+The strategy never sees labels, inputs or the client's halves. With ``secure-metrics`` the
+tenants report each step's mean loss and their evaluation counts (as plain-mode and FedAvg
+clients do); without it the reports have no loss or accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from flower_split.protocol import ProtocolError
+from flower_split.protocol.secure_cloud import SecureCloudParty
+from flower_split.protocol.secure_dealer import SecureDealerParty
+from flower_split.transport.flower import config_value, read_metrics
+from flower_split.transport.secure_flower import has_secure, pack_hello, pack_secure, unpack_secure, unpack_setup
+from flower_split.train.metrics import macro_f1_from_counts
+from strategies.split import EvalReport, RoundReport, SplitStrategy, _class_counts, _Exchange, _weighted
+
+SETUP = "train.secure_setup"
+TRAIN_BEGIN = "train.secure_begin"
+TRAIN_NEXT = "train.secure_next"
+EVAL_BEGIN = "evaluate.secure_begin"
+EVAL_NEXT = "evaluate.secure_next"
+SYNC_KEY = "sync"
+COUNT_KEYS = ("tp", "fp", "fn")
+
+
+class SecureSplitStrategy(SplitStrategy):
+    """Split learning (security ``secure``) over the Flower Message API.
+
+    Parameters
+    ----------
+    cloud : SecureCloudParty
+        The cloud's party with the frozen body; one set of halves per tenant.
+    dealer : SecureDealerParty
+        The dealer of correlated randomness (Beaver material).
+    local_steps : int
+        Training steps (batches) each tenant takes per round.
+    min_nodes, reply_timeout, node_wait_timeout, global_eval
+        As for :class:`strategies.split.SplitStrategy`.
+    """
+
+    def __init__(self, cloud: SecureCloudParty, dealer: SecureDealerParty, local_steps: int,
+                 min_nodes: int = 2, reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0,
+                 global_eval: bool = True) -> None:
+        super().__init__(cloud, local_steps, 1, 1, min_nodes, reply_timeout, node_wait_timeout,  # type: ignore[arg-type]
+                         global_eval)
+        self.dealer = dealer
+
+    def summary(self) -> None:
+        log(INFO, "SecureSplitStrategy: %d steps per tenant and round, one step in flight per tenant, "
+                  "min %d tenants, reply timeout %s s", self.local_steps, self.min_nodes, self.reply_timeout)
+
+    # -- training and evaluation ---------------------------------------------------------------
+
+    def train_round(self, grid: Grid, server_round: int) -> RoundReport:
+        """One round: ``local_steps`` secure training steps for every selected tenant."""
+        started = time.perf_counter()
+        phase = _Exchange()
+        active = self._select(grid, server_round, phase)
+        loss_sum, examples, steps = 0.0, 0, 0
+        reported = True
+        while steps < self.local_steps and active:
+            _, finished = self._run_steps(grid, TRAIN_BEGIN, TRAIN_NEXT, {n: {} for n in active}, True,
+                                          server_round, phase, active)
+            for content in finished.values():
+                metrics = read_metrics(content)
+                if "train-loss" in metrics:
+                    loss_sum += metrics["train-loss"] * metrics["num-examples"]
+                    examples += int(metrics["num-examples"])
+                else:
+                    reported = False
+            steps += 1
+        report = RoundReport(
+            server_round=server_round, tenants=sorted(self._tenant_of[n] for n in active),
+            dropped=dict(phase.dropped), train_loss=loss_sum / examples if examples and reported else None,
+            num_examples=examples, steps=steps, round_trips=phase.round_trips,
+            flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud,
+            wall_seconds=time.perf_counter() - started)
+        log(INFO, "secure round %d: train loss %s, %d tenants (%d dropped), %d steps, %d round trips "
+                  "(%.1f per step), %.1f s waiting on Flower, %.1f s cloud + dealer, %.1f s total",
+            server_round, "n/a" if report.train_loss is None else f"{report.train_loss:.4f}", len(report.tenants),
+            len(report.dropped), steps, report.round_trips, report.round_trips_per_step, phase.wait, phase.cloud,
+            report.wall_seconds)
+        return report
+
+    def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
+        """Secure inference on each tenant's own test split (or, ``scope="global"``, the whole test set)."""
+        started = time.perf_counter()
+        phase = _Exchange()
+        active = self._select(grid, server_round, phase)
+        pending, restart = set(active), {n: True for n in active}
+        correct = {n: 0 for n in active}
+        seen = {n: 0 for n in active}
+        counts: dict[int, Any] = {}
+        while pending:
+            configs = {n: {"restart": restart[n], "scope": scope} for n in pending}
+            begun, finished = self._run_steps(grid, EVAL_BEGIN, EVAL_NEXT, configs, False, server_round,
+                                              phase, active)
+            for node, remaining in begun.items():
+                restart[node] = False
+                if remaining == 0:
+                    pending.discard(node)
+            for node, content in finished.items():
+                metrics = read_metrics(content, lists=COUNT_KEYS)
+                if "correct" not in metrics:
+                    continue  # the tenant keeps its accuracy to itself (secure-metrics = false)
+                try:
+                    classes = _class_counts(content)
+                except ProtocolError as exc:
+                    self._drop(node, str(exc), phase, active)
+                    continue
+                correct[node] += int(metrics["correct"])
+                seen[node] += int(metrics["num-examples"])
+                counts[node] = classes if node not in counts else counts[node] + classes
+            pending &= active
+        done = [n for n in active if seen[n]]
+        per_tenant = {self._tenant_of[n]: correct[n] / seen[n] for n in done}
+        per_tenant_f1 = {self._tenant_of[n]: macro_f1_from_counts(*counts[n]) for n in done}
+        weights = {self._tenant_of[n]: seen[n] if scope == "tenant" else 1 for n in done}
+        report = EvalReport(
+            server_round=server_round, scope=scope, accuracy=_weighted(per_tenant, weights),
+            macro_f1=_weighted(per_tenant_f1, weights), per_tenant=per_tenant, per_tenant_f1=per_tenant_f1,
+            num_examples={self._tenant_of[n]: seen[n] for n in active}, dropped=dict(phase.dropped),
+            round_trips=phase.round_trips, flower_wait_seconds=phase.wait,
+            wall_seconds=time.perf_counter() - started)
+        log(INFO, "secure evaluation (%s test sets) after round %d: accuracy %s, macro-F1 %s (%s)", scope,
+            server_round, "n/a" if report.accuracy is None else f"{report.accuracy:.4f}",
+            "n/a" if report.macro_f1 is None else f"{report.macro_f1:.4f}",
+            ", ".join(f"{t} {a:.3f}" for t, a in sorted(per_tenant.items())))
+        return report
+
+    # -- one step for every tenant -------------------------------------------------------------
+
+    def _run_steps(self, grid: Grid, begin: str, step: str, configs: dict[int, dict[str, Any]], train: bool,
+                   server_round: int, phase: _Exchange,
+                   active: set[int]) -> tuple[dict[int, float], dict[int, RecordDict]]:
+        """Begin a step on every node of ``configs`` and exchange messages until all are over.
+
+        Returns ``remaining`` (evaluation: test batches left after this one) of every node that
+        answered the begin, and the final reply content (with its metrics) of every finished step.
+        """
+        instructions = {}
+        for node, extra in configs.items():
+            updates = self.cloud.updates(self._tenant_of[node])
+            instructions[node] = RecordDict({"config": ConfigRecord({
+                **extra, "head-updates": updates["head"], "tail-updates": updates["tail"],
+                "server-round": server_round})})
+        replies = self._exchange(grid, begin, instructions, server_round, phase, active)
+        remaining: dict[int, float] = {}
+        outgoing: dict[int, RecordDict] = {}
+        for node, content in replies.items():
+            tenant = self._tenant_of[node]
+            tick = time.perf_counter()
+            try:
+                remaining[node] = read_metrics(content).get("remaining", 0.0)
+                if not has_secure(content):
+                    if train or remaining[node] > 0:
+                        raise ProtocolError(f"{begin}: the reply carries no step message "
+                                            f"({remaining[node]:.0f} test batches remaining)")
+                    continue  # evaluation: this tenant's test set is done
+                self.cloud.reconcile(tenant, _sync(content))
+                first = unpack_secure(content, tenant, "client")
+                if first.train != train:
+                    raise ProtocolError(f"{begin}: step {first.step} has train={first.train}, expected {train}")
+                self.cloud.accept_material(self.dealer.handle(self.cloud.material_request(first)))
+                reply = self.cloud.handle(first)
+                if reply is None:
+                    raise ProtocolError(f"{begin}: a step cannot end with its first message")
+                outgoing[node] = pack_secure(reply)
+            except ProtocolError as exc:
+                remaining.pop(node, None)
+                self._drop(node, str(exc), phase, active)
+            finally:
+                phase.cloud += time.perf_counter() - tick
+        finished: dict[int, RecordDict] = {}
+        while outgoing:
+            replies = self._exchange(grid, step, outgoing, server_round, phase, active)
+            outgoing = {}
+            for node, content in replies.items():
+                tick = time.perf_counter()
+                try:
+                    done = bool(read_metrics(content, lists=COUNT_KEYS).get("done", 0))
+                    if has_secure(content):
+                        reply = self.cloud.handle(unpack_secure(content, self._tenant_of[node], "client"))
+                        if reply is not None:
+                            if done:
+                                raise ProtocolError(f"{step}: the tenant reports done but the step goes on")
+                            outgoing[node] = pack_secure(reply)
+                    elif not done:
+                        raise ProtocolError(f"{step}: the reply carries neither a step message nor done")
+                    if done:
+                        finished[node] = content
+                except ProtocolError as exc:
+                    self._drop(node, str(exc), phase, active)
+                finally:
+                    phase.cloud += time.perf_counter() - tick
+        return remaining, finished
+
+    # -- tenants -------------------------------------------------------------------------------
+
+    def _select(self, grid: Grid, server_round: int = 0,  # type: ignore[override]
+                phase: _Exchange | None = None) -> set[int]:
+        """Connected nodes, once ``min_nodes`` are; new nodes are set up first (failures left out)."""
+        nodes = super()._select(grid)
+        new = nodes - set(self._tenant_of)
+        if new:
+            self._setup(grid, new, server_round, phase or _Exchange())
+        return {n for n in nodes if n in self._tenant_of}
+
+    def _setup(self, grid: Grid, nodes: set[int], server_round: int, phase: _Exchange) -> None:
+        hello = pack_hello(self.dealer.hello())
+        replies = self._exchange(grid, SETUP, {n: hello for n in nodes}, server_round, phase, set(nodes))
+        for node, content in replies.items():
+            try:
+                setup = unpack_setup(content)
+                if setup.tenant in self._tenant_of.values():
+                    raise ProtocolError(f"tenant {setup.tenant!r} is already served by another node")
+                registration = self.cloud.register(setup)
+            except ProtocolError as exc:
+                log(WARNING, "node %d: secure set-up failed: %s", node, exc)
+                continue
+            try:
+                self.dealer.register(registration)
+            except ProtocolError as exc:
+                self.cloud.drop_tenant(setup.tenant)
+                log(WARNING, "node %d: secure set-up failed at the dealer: %s", node, exc)
+                continue
+            self._tenant_of[node] = setup.tenant
+            log(INFO, "node %d: tenant %s set up (%s label protection)", node, setup.tenant, setup.label_protection)
+
+    def _forget_step(self, tenant: str) -> None:
+        self.cloud.abort_step(tenant)
+
+
+def _sync(content: RecordDict) -> dict[str, int]:
+    record = content.get(SYNC_KEY)
+    if not isinstance(record, ConfigRecord):
+        raise ProtocolError(f"missing ConfigRecord {SYNC_KEY!r} with the tenant's update counts")
+    return {"head": config_value(record, "head-updates", int, SYNC_KEY),
+            "tail": config_value(record, "tail-updates", int, SYNC_KEY)}

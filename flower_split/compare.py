@@ -11,8 +11,10 @@ A TOML file describes the comparison (see ``simulations/configs/*.toml``)::
     [split]        local_steps: micro-batches per tenant and round, or "auto" (default: the mean
                    partition's batches x fedavg.local_epochs, so each round sees as many samples
                    as a FedAvg round); micro_batches (per Flower message, default 8)
-    [compare]      runs: any of "centralized", "fedavg", "split-plain", "split-secure"
-                   (default: all; split-secure only where ``RunConfig`` accepts security="secure");
+    [compare]      runs: any of "centralized", "fedavg", "split-plain", "split-secure-he",
+                   "split-secure-client" (default: all; the secure runs use the two label
+                   protections and skip the whole-test-set evaluation, ``global-eval``, which
+                   would cost ten times the per-tenant one);
                    threads: torch threads of the centralized run (default 1, like each simulated
                    client: Ray gives every client actor one CPU, and torch then uses one thread)
 
@@ -41,7 +43,7 @@ from typing import Any, Mapping
 from flower_split.config import ConfigError, RunConfig
 
 SECTIONS = ("run", "federation", "centralized", "fedavg", "split", "compare")
-RUN_KINDS = ("centralized", "fedavg", "split-plain", "split-secure")
+RUN_KINDS = ("centralized", "fedavg", "split-plain", "split-secure-he", "split-secure-client")
 FEDERATION_KEYS = {"num_clients", "rounds", "partition", "eval_every", "eval_initial", "reply_timeout"}
 SET_BY_COMPARE = {"mode", "security", "epochs"}
 
@@ -179,7 +181,8 @@ def resolve_local_steps(spec: CompareSpec) -> int:
     return max(1, math.ceil(rows / spec.num_clients / config.batch_size * spec.local_epochs))
 
 
-def federated_values(spec: CompareSpec, strategy: str, security: str = "plain") -> dict[str, Any]:
+def federated_values(spec: CompareSpec, strategy: str, security: str = "plain",
+                     label_protection: str | None = None) -> dict[str, Any]:
     """The Flower ``run_config`` of one federated run of the comparison."""
     values = {**spec.run, **spec.flower, "num_server_rounds": spec.rounds, "partition": spec.partition,
               "min_nodes": spec.num_clients}
@@ -188,6 +191,8 @@ def federated_values(spec: CompareSpec, strategy: str, security: str = "plain") 
     else:
         values.update(security=security, local_steps=resolve_local_steps(spec),
                       micro_batches=spec.micro_batches)
+    if security == "secure":
+        values.update(label_protection=label_protection or "he", global_eval=False)
     return {key.replace("_", "-"): value for key, value in values.items()}
 
 
@@ -246,13 +251,13 @@ def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, pro
             elif kind == "split-plain":
                 runs.append(simulate("split", federated_values(spec, "split"), spec.num_clients,
                                      progress=progress, cpus=cpus))
-            elif kind == "split-secure":
+            elif kind.startswith("split-secure-"):
                 if not secure_available():
                     skipped.append({"name": kind, "reason": "security='secure' is not implemented in this "
                                                             "release (flower_split.config.IMPLEMENTED_SECURITY_LEVELS)"})
                     continue
-                runs.append(simulate("split", federated_values(spec, "split", "secure"), spec.num_clients,
-                                     progress=progress, cpus=cpus))
+                values = federated_values(spec, "split", "secure", kind.removeprefix("split-secure-"))
+                runs.append(simulate("split", values, spec.num_clients, progress=progress, cpus=cpus))
         except ConfigError as exc:
             skipped.append({"name": kind, "reason": f"configuration not supported: {exc}"})
         except Exception as exc:  # one failed run must not lose the others

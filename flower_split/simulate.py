@@ -47,6 +47,9 @@ def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunC
 
 
 def run_name(strategy: str, config: RunConfig) -> str:
+    """``fedavg-lora``, ``split-plain``, ``split-secure-he`` or ``split-secure-client``."""
+    if strategy == "split" and config.security == "secure":
+        return f"split-secure-{config.label_protection}"
     return RUN_NAMES[strategy].format(security=config.security)
 
 

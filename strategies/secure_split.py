@@ -90,7 +90,7 @@ class SecureSplitStrategy(SplitStrategy):
         """One round: ``local_steps`` secure training steps for every selected tenant."""
         started = time.perf_counter()
         phase = _Exchange()
-        active = self._select(grid, server_round, phase)
+        active = self._select(grid)
         loss_sum, examples, steps = 0.0, 0, 0
         reported = True
         while steps < self.local_steps and active:
@@ -121,7 +121,7 @@ class SecureSplitStrategy(SplitStrategy):
         """Secure inference on each tenant's own test split (or, ``scope="global"``, the whole test set)."""
         started = time.perf_counter()
         phase = _Exchange()
-        active = self._select(grid, server_round, phase)
+        active = self._select(grid)
         pending, restart = set(active), {n: True for n in active}
         correct = {n: 0 for n in active}
         seen = {n: 0 for n in active}
@@ -232,18 +232,21 @@ class SecureSplitStrategy(SplitStrategy):
 
     # -- tenants -------------------------------------------------------------------------------
 
-    def _select(self, grid: Grid, server_round: int = 0,  # type: ignore[override]
-                phase: _Exchange | None = None) -> set[int]:
-        """Connected nodes, once ``min_nodes`` are; new nodes are set up first (failures left out)."""
+    def _select(self, grid: Grid) -> set[int]:
+        """Connected nodes, once ``min_nodes`` are; new nodes are set up first (failures left out).
+
+        The set-up round trip is not counted in the round's round trips per step (it happens
+        once per tenant); its bytes are in the round's traffic.
+        """
         nodes = super()._select(grid)
         new = nodes - set(self._tenant_of)
         if new:
-            self._setup(grid, new, server_round, phase or _Exchange())
+            self._setup(grid, new)
         return {n for n in nodes if n in self._tenant_of}
 
-    def _setup(self, grid: Grid, nodes: set[int], server_round: int, phase: _Exchange) -> None:
+    def _setup(self, grid: Grid, nodes: set[int]) -> None:
         hello = pack_hello(self.dealer.hello())
-        replies = self._exchange(grid, SETUP, {n: hello for n in nodes}, server_round, phase, set(nodes))
+        replies = self._exchange(grid, SETUP, {n: hello for n in nodes}, 0, _Exchange(), set(nodes))
         for node, content in replies.items():
             try:
                 setup = unpack_setup(content)

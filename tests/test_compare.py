@@ -101,11 +101,8 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     runs = {run["name"]: run for run in results["runs"]}
     expected = ["centralized-lora", "fedavg-lora", "split-plain"]
     assert [run["name"] for run in results["runs"]][:3] == expected
-    if secure_available():
-        assert "split-secure" in runs or [s["name"] for s in results["skipped"]] == ["split-secure"]
-    else:
-        assert [s["name"] for s in results["skipped"]] == ["split-secure"]
-        assert "not implemented" in results["skipped"][0]["reason"]
+    assert secure_available() and not results["skipped"]
+    assert [run["name"] for run in results["runs"]][3:] == ["split-secure-he", "split-secure-client"]
     for run in runs.values():
         assert RUN_KEYS <= set(run)
         assert run["config"]["seed"] == 0 and run["config"]["model"] == "tiny"
@@ -136,7 +133,14 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
     assert [row.split(" | ")[0][2:] for row in rows] == [run["name"] for run in results["runs"]]
     assert all(row.count("|") == len(COLUMNS) + 1 for row in rows)
-    assert "split-secure" in report
+    assert "split-secure-client" in report
+    # secure runs: the same tenants and test splits; one step in flight per tenant, so a round trip
+    # per client message of a step (11 with he, 10 with client label protection)
+    for name, per_step in (("split-secure-he", 11), ("split-secure-client", 10)):
+        secure = runs[name]
+        assert secure["per_tenant_test_examples"] == split["per_tenant_test_examples"]
+        assert secure["round_trips_per_step"] == pytest.approx(per_step)
+        assert secure["global_test_accuracy"] is None and 0.0 <= secure["test_accuracy"] <= 1.0
     for name in ("accuracy_vs_round.png", "costs.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000

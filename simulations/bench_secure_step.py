@@ -30,7 +30,7 @@ from flower_split.protocol import ClientParty, CloudParty
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.protocol.secure_local import SecureLocalTransport
+from flower_split.transport.secure_local import SecureLocalTransport
 from flower_split.transport import InProcessTransport
 
 SHAPES = {"tiny": dict(head_rank=8, tail_bottleneck=16), "minilm": dict(head_rank=64, tail_bottleneck=256)}

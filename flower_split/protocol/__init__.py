@@ -2,7 +2,7 @@
 
 ``plain``: :class:`ClientParty`, :class:`CloudParty` (split-plain). ``secure``:
 :class:`SecureClientParty`, :class:`SecureCloudParty`, :class:`SecureDealerParty`, driven in
-process by :class:`SecureLocalTransport` (docs/secure.md).
+process by :class:`flower_split.transport.SecureLocalTransport` (docs/secure.md).
 """
 
 from flower_split.protocol.client import ClientParty, StepResult
@@ -13,7 +13,6 @@ from flower_split.protocol.messages import (
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.protocol.secure_local import SecureLocalTransport, SecureTraffic
 from flower_split.protocol.secure_messages import (
     ClientSetup, DealerHello, DealerRegistration, ItemSpec, MaterialBundle, MaterialRequest, SecureMessage,
 )
@@ -22,5 +21,5 @@ from flower_split.protocol.secure_steps import MessageSpec, StepSpec, schedule
 __all__ = ["BodyGrad", "BodyOutput", "ClientParty", "ClientSetup", "CloudParty", "DealerHello",
            "DealerRegistration", "HeadGrad", "HeadOutput", "ItemSpec", "MaterialBundle", "MaterialRequest",
            "Message", "MessageSpec", "ProtocolError", "SecureClientParty", "SecureCloudParty",
-           "SecureDealerParty", "SecureLocalTransport", "SecureMessage", "SecureStepResult", "SecureTraffic",
+           "SecureDealerParty", "SecureMessage", "SecureStepResult",
            "StepResult", "StepSpec", "payload_bytes", "schedule"]

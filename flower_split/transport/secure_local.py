@@ -19,16 +19,17 @@ from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_messages import payload_bytes
+from flower_split.transport.inprocess import TrafficCounter
 
 
 @dataclass
-class SecureTraffic:
-    """Bytes and messages per link (set-up included in the totals, also counted on its own)."""
+class SecureTraffic(TrafficCounter):
+    """Bytes and messages per link (set-up included in the totals, also counted on its own).
 
-    bytes_client_to_cloud: int = 0
-    bytes_cloud_to_client: int = 0
-    messages_client_to_cloud: int = 0
-    messages_cloud_to_client: int = 0
+    The client<->cloud counters come from :class:`TrafficCounter`; this adds the
+    cloud<->dealer link and the set-up share of the client<->cloud totals.
+    """
+
     bytes_cloud_to_dealer: int = 0
     bytes_dealer_to_cloud: int = 0
     setup_bytes_client_to_cloud: int = 0

@@ -118,7 +118,7 @@ def test_config_mapping_and_pyproject_defaults() -> None:
     with pytest.raises(ConfigError, match="lr_hed: unknown"):
         settings_from_run_config({"lr-hed": 0.1})
     with pytest.raises(ConfigError, match="security"):
-        settings_from_run_config({"security": "secure"})
+        settings_from_run_config({"security": "paranoid"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ unknown section or key, or a bad value, fails with ``<file>: <section>.<key>: <r
 Every run uses the same seed, data subsets and (federated runs) partitions and per-tenant test
 splits. Outputs in ``--out``: ``results.json`` (all runs, ``flower-split train`` schema plus the
 federated fields of :func:`flower_split.simulate.simulate`), ``report.md`` (one table) and
-``accuracy_vs_round.png``, ``costs.png``.
+``accuracy_vs_round.png``, ``costs.png``. ``--resume`` reuses the runs of an earlier
+``results.json`` in ``--out`` whose inputs are identical (the MiniLM comparison takes hours on a
+CPU; an interrupted one, or one with a run added or retuned, repeats no finished work).
 """
 
 from __future__ import annotations
@@ -161,13 +163,6 @@ def load_spec(path: str | Path) -> CompareSpec:
 # running
 
 
-def secure_available() -> bool:
-    """Whether this release's RunConfig accepts security='secure' (checked at run time)."""
-    from flower_split import config as config_module
-
-    return "secure" in getattr(config_module, "IMPLEMENTED_SECURITY_LEVELS", ())
-
-
 def resolve_local_steps(spec: CompareSpec) -> int:
     """``auto``: the mean tenant's batches per FedAvg round (same samples per round)."""
     if spec.local_steps != "auto":
@@ -232,32 +227,69 @@ def run_centralized(spec: CompareSpec, progress: bool = True) -> dict:
     return run
 
 
-def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, progress: bool = True) -> dict:
-    """Run every run of ``spec``; write results.json, report.md and the plots into ``out``."""
+def run_inputs(spec: CompareSpec, kind: str) -> dict[str, Any]:
+    """Everything that determines the outcome of run ``kind`` (``--resume`` reuses a run only if
+    these are identical): the centralized RunConfig and torch threads, or the Flower run config
+    and number of tenants of a federated run."""
+    if kind == "centralized":
+        config = RunConfig.from_mapping({**spec.run, "mode": "centralized", "epochs": spec.centralized_epochs})
+        return {"config": config.to_dict(), "threads": spec.threads}
+    if kind == "fedavg":
+        values = federated_values(spec, "fedavg")
+    elif kind == "split-plain":
+        values = federated_values(spec, "split")
+    else:
+        values = federated_values(spec, "split", "secure", kind.removeprefix("split-secure-"))
+    return {"run_config": values, "num_clients": spec.num_clients}
+
+
+def _earlier_runs(out: Path) -> dict[str, dict]:
+    """Runs of ``out/results.json`` by name, for ``--resume`` (none if the file is absent)."""
+    target = out / "results.json"
+    if not target.exists():
+        return {}
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+        return {run["name"]: run for run in data["runs"] if "inputs" in run}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--resume: cannot read {target}: {exc}") from exc
+
+
+def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | None, progress: bool) -> dict:
     from flower_split.simulate import simulate
 
+    if kind == "centralized":
+        return run_centralized(spec, progress)
+    strategy = "fedavg" if kind == "fedavg" else "split"
+    return simulate(strategy, inputs["run_config"], spec.num_clients, progress=progress, cpus=cpus)
+
+
+def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, progress: bool = True,
+                resume: bool = False) -> dict:
+    """Run every run of ``spec``; write results.json, report.md and the plots into ``out``.
+
+    With ``resume``, a run already in ``out/results.json`` with identical inputs
+    (:func:`run_inputs`) is reused instead of run again, so an interrupted comparison, or one
+    that adds a run, repeats no work. The merged file is written after every run.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_runs(out) if resume else {}
     runs: list[dict] = []
     skipped: list[dict] = []
     started = time.perf_counter()
     for kind in spec.runs:
+        inputs = run_inputs(spec, kind)
+        previous = next((run for run in earlier.values()
+                         if run.get("compare_run") == kind and run["inputs"] == inputs), None)
+        if previous is not None:
+            if progress:
+                print(f"[{kind}] reused from {out / 'results.json'} (identical inputs)", flush=True)
+            runs.append(previous)
+            continue
         try:
-            if kind == "centralized":
-                runs.append(run_centralized(spec, progress))
-            elif kind == "fedavg":
-                runs.append(simulate("fedavg", federated_values(spec, "fedavg"), spec.num_clients,
-                                     progress=progress, cpus=cpus))
-            elif kind == "split-plain":
-                runs.append(simulate("split", federated_values(spec, "split"), spec.num_clients,
-                                     progress=progress, cpus=cpus))
-            elif kind.startswith("split-secure-"):
-                if not secure_available():
-                    skipped.append({"name": kind, "reason": "security='secure' is not implemented in this "
-                                                            "release (flower_split.config.IMPLEMENTED_SECURITY_LEVELS)"})
-                    continue
-                values = federated_values(spec, "split", "secure", kind.removeprefix("split-secure-"))
-                runs.append(simulate("split", values, spec.num_clients, progress=progress, cpus=cpus))
+            run = _execute(spec, kind, inputs, cpus, progress)
+            runs.append({**run, "compare_run": kind, "inputs": inputs})
         except ConfigError as exc:
             skipped.append({"name": kind, "reason": f"configuration not supported: {exc}"})
         except Exception as exc:  # one failed run must not lose the others
@@ -441,7 +473,11 @@ def main_compare(args: Any) -> int:
     except ConfigError as exc:
         print(f"flower-split: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    results = run_compare(spec, args.out, cpus=args.cpus)
+    try:
+        results = run_compare(spec, args.out, cpus=args.cpus, resume=args.resume)
+    except ConfigError as exc:
+        print(f"flower-split: {exc}", file=sys.stderr)
+        return 2
     for run in results["runs"]:
         print("  " + " | ".join(table_row(run)))
     print(f"-> {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'}")

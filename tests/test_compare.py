@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flower_split.cli import main
-from flower_split.compare import COLUMNS, load_spec, resolve_local_steps, secure_available
+from flower_split.compare import COLUMNS, load_spec, resolve_local_steps
 from flower_split.config import ConfigError
 
 RUN_KEYS = {"name", "mode", "security", "dataset", "model", "test_accuracy", "test_macro_f1",
@@ -101,7 +101,7 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     runs = {run["name"]: run for run in results["runs"]}
     expected = ["centralized-lora", "fedavg-lora", "split-plain"]
     assert [run["name"] for run in results["runs"]][:3] == expected
-    assert secure_available() and not results["skipped"]
+    assert not results["skipped"]
     assert [run["name"] for run in results["runs"]][3:] == ["split-secure-he", "split-secure-client"]
     for run in runs.values():
         assert RUN_KEYS <= set(run)
@@ -144,3 +144,14 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     for name in ("accuracy_vs_round.png", "costs.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+    # --resume: identical inputs reuse every run; a changed centralized epoch count reruns only it
+    assert main(["compare", "--config", str(path), "--out", str(out), "--cpus", "1", "--resume"]) == 0
+    assert capsys.readouterr().out.count("reused from") == 5
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    path.write_text(_toml({**_base(small_banking), "centralized": {"epochs": 1}}))
+    assert main(["compare", "--config", str(path), "--out", str(out), "--cpus", "1", "--resume"]) == 0
+    assert capsys.readouterr().out.count("reused from") == 4
+    again = {run["name"]: run for run in json.loads((out / "results.json").read_text())["runs"]}
+    assert again["centralized-lora"]["train_examples_processed"] == 320
+    assert all(again[name] == run for name, run in runs.items() if name != "centralized-lora")

@@ -378,6 +378,10 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     def secure_train_begin(message: Message, context: Context) -> Message:
         return _handle(secure.secure_train_begin, message, context, extra)
 
+    @client_app.train("secure_rekey")
+    def secure_rekey(message: Message, context: Context) -> Message:
+        return _handle(secure.secure_rekey, message, context, extra)
+
     @client_app.train("secure_next")
     def secure_train_next(message: Message, context: Context) -> Message:
         return _handle(secure.secure_next, message, context, extra)

@@ -7,18 +7,24 @@ a time, all tenants in the same Flower round trip. Message types:
 ``train.secure_setup``     server: the dealer's hello. Client: new party (its halves, dealer key,
                            CKKS keys in ``he`` mode) -> its :class:`ClientSetup`.
 ``train.secure_begin``     server: ``config`` {head-updates, tail-updates} (the cloud's update
-                           counts). Client: reconcile (abort a step in flight, undo a step the
-                           cloud did not complete), next training batch -> first step message,
-                           ``sync`` {head-updates, tail-updates}.
+                           counts) and, in ``he`` mode, {he-key-id} (the cloud's CKKS key id).
+                           Client: reconcile (abort a step in flight, undo a step the cloud did
+                           not complete), switch to a rotated key the cloud now holds, next
+                           training batch -> first step message, ``sync`` {head-updates,
+                           tail-updates}.
 ``evaluate.secure_begin``  the same for the next test batch (``config`` also {restart, scope}),
                            or no message when the test set is done; ``metrics`` {remaining}.
+``train.secure_rekey``     (``he`` only) server: ``config`` {he-key-id}. Client: switch to a pending
+                           key the cloud holds, then a new CKKS key pair (or the still pending one
+                           again), kept pending until a later message reports the cloud holding
+                           it -> ``rekey`` (:class:`KeyRotation`: the new public context).
 ``*.secure_next``          server: the cloud's next step message. Client: its reply, or none
                            when the step ends here; once the step is over ``metrics``
                            {done: 1, and with ``secure-metrics``: train-loss/num-examples
                            (training) or correct/num-examples/tp/fp/fn (evaluation)}.
 
 ``context.state``: ``secure.arrays`` / ``secure.config`` (the party's state: its secrets —
-halves, dealer key, CKKS secret key — never leave the node), ``secure.batch`` (size of the
+halves, dealer key, CKKS secret keys — never leave the node), ``secure.batch`` (size of the
 batch in flight), ``secure.labels`` (an evaluation batch's labels) and the data cursors of
 the plain app (``data``).
 """
@@ -36,7 +42,9 @@ from flower_split.transport.flower import (
     FlowerSettings, array_to_tensor, config_value, read_config, records_to_state, state_to_records,
     tensor_to_array,
 )
-from flower_split.transport.secure_flower import pack_secure, pack_setup, unpack_hello, unpack_secure
+from flower_split.transport.secure_flower import (
+    HE_KEY_ID, pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
+)
 
 SECURE_ARRAYS, SECURE_CONFIG, SECURE_BATCH, SECURE_LABELS = SECURE_STATE_KEYS
 SYNC_KEY = "sync"
@@ -69,6 +77,12 @@ def _cloud_updates(record: ConfigRecord) -> dict[str, int]:
     return {"head": config_value(record, "head-updates", int), "tail": config_value(record, "tail-updates", int)}
 
 
+def _confirm_key(party: SecureClientParty, instruction: ConfigRecord) -> None:
+    """``he``: the cloud's key id in the instruction acknowledges a pending rotation (or not)."""
+    if party.he_key_id is not None:
+        party.confirm_key_rotation(config_value(instruction, HE_KEY_ID, bytes))
+
+
 def _sync(party: SecureClientParty) -> ConfigRecord:
     updates = party.updates
     return ConfigRecord({"head-updates": updates["head"], "tail-updates": updates["tail"]})
@@ -88,6 +102,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     instruction = read_config(message.content)
     party = _load(context, data, config, settings)
     party.reconcile(_cloud_updates(instruction))
+    _confirm_key(party, instruction)
     cursor = Cursor.load(context.state)
     batches = train_batches(data, config, cursor, 1)
     if not batches:
@@ -106,6 +121,7 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
     test = eval_set(data, instruction)
     party = _load(context, data, config, settings)
     party.reconcile(_cloud_updates(instruction))
+    _confirm_key(party, instruction)
     cursor = Cursor.load(context.state)
     if restart:
         cursor.eval_cursor = 0
@@ -122,6 +138,17 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
     cursor.save(context.state)
     content["metrics"] = MetricRecord({"remaining": remaining})
     return content
+
+
+def secure_rekey(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+                 data: TenantData) -> RecordDict:
+    """A new CKKS key pair; the reply carries its public context (the old key stays in use until acked)."""
+    instruction = read_config(message.content)
+    party = _load(context, data, config, settings)
+    party.confirm_key_rotation(config_value(instruction, HE_KEY_ID, bytes))
+    rotation = party.start_key_rotation()
+    _save(context, party)
+    return pack_key_rotation(rotation)
 
 
 def secure_next(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,

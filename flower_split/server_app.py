@@ -46,6 +46,7 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
 
         dealer = SecureDealerParty()
         strategy: SplitStrategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public, device), dealer,
+                                                      he_key_rotation_every=settings.he_key_rotation_every,
                                                       **common)
     else:
         strategy = SplitStrategy(CloudParty(body, device), micro_batches=settings.micro_batches, **common)

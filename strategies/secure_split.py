@@ -26,6 +26,20 @@ round: the cloud aborts its step (undoing any update of it) and, at the tenant's
 both sides reconcile (:meth:`SecureCloudParty.reconcile`), so the adapter halves stay a
 consistent pair.
 
+CKKS key rotation (``he`` tenants, ``he_key_rotation_every`` = N > 0): before training
+rounds N+1, 2N+1, ... every ``he`` tenant is asked for a new key pair, one extra round trip
+for all of them; the acknowledgement rides in the next ``secure_begin``, which always
+carries the cloud's current key id::
+
+    train.secure_rekey  -> tenants: the cloud's key id; reply: a KeyRotation (new public context)
+    (cloud)                accept_key_rotation: from now on the tenant's labels need the new key
+    train.secure_begin  -> tenants: the cloud's (new) key id; the tenant switches before
+                           encrypting this step's labels
+
+A tenant whose rotation fails (no reply, error reply, refused rotation) is dropped for the
+round like any other failure; both sides stay on one key (the tenant never switches without
+the acknowledgement) and it is asked again at the next round it takes part in.
+
 The strategy never sees labels, inputs or the client's halves. With ``secure-metrics`` the
 tenants report each step's mean loss and their evaluation counts (as plain-mode and FedAvg
 clients do); without it the reports have no loss or accuracy.
@@ -45,13 +59,16 @@ from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.transport.flower import config_value, read_metrics
-from flower_split.transport.secure_flower import has_secure, pack_hello, pack_secure, unpack_secure, unpack_setup
+from flower_split.transport.secure_flower import (
+    HE_KEY_ID, has_secure, pack_hello, pack_secure, unpack_key_rotation, unpack_secure, unpack_setup,
+)
 from flower_split.train.metrics import macro_f1_from_counts
 from strategies.split import EvalReport, RoundReport, SplitStrategy, _class_counts, _Exchange, _weighted
 
 SETUP = "train.secure_setup"
 TRAIN_BEGIN = "train.secure_begin"
 TRAIN_NEXT = "train.secure_next"
+REKEY = "train.secure_rekey"
 EVAL_BEGIN = "evaluate.secure_begin"
 EVAL_NEXT = "evaluate.secure_next"
 SYNC_KEY = "sync"
@@ -71,18 +88,27 @@ class SecureSplitStrategy(SplitStrategy):
         Training steps (batches) each tenant takes per round.
     min_nodes, reply_timeout, node_wait_timeout, global_eval
         As for :class:`strategies.split.SplitStrategy`.
+    he_key_rotation_every : int (default: 0)
+        Rotate the CKKS keys of every ``he`` tenant after every N training rounds (0: never).
     """
 
     def __init__(self, cloud: SecureCloudParty, dealer: SecureDealerParty, local_steps: int,
                  min_nodes: int = 2, reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0,
-                 global_eval: bool = True) -> None:
+                 global_eval: bool = True, he_key_rotation_every: int = 0) -> None:
         super().__init__(cloud, local_steps, 1, 1, min_nodes, reply_timeout, node_wait_timeout,  # type: ignore[arg-type]
                          global_eval)
+        if not isinstance(he_key_rotation_every, int) or isinstance(he_key_rotation_every, bool) \
+                or he_key_rotation_every < 0:
+            raise ValueError(f"he_key_rotation_every must be an integer >= 0, got {he_key_rotation_every!r}")
         self.dealer = dealer
+        self.he_key_rotation_every = he_key_rotation_every
+        self._rekey_due: set[str] = set()  # tenants whose CKKS keys are to be rotated
 
     def summary(self) -> None:
         log(INFO, "SecureSplitStrategy: %d steps per tenant and round, one step in flight per tenant, "
-                  "min %d tenants, reply timeout %s s", self.local_steps, self.min_nodes, self.reply_timeout)
+                  "min %d tenants, reply timeout %s s, CKKS key rotation %s", self.local_steps, self.min_nodes,
+            self.reply_timeout,
+            f"every {self.he_key_rotation_every} rounds" if self.he_key_rotation_every else "off")
 
     # -- training and evaluation ---------------------------------------------------------------
 
@@ -91,6 +117,10 @@ class SecureSplitStrategy(SplitStrategy):
         started = time.perf_counter()
         phase = _Exchange()
         active = self._select(grid)
+        every = self.he_key_rotation_every
+        if every and server_round > 1 and (server_round - 1) % every == 0:
+            self._rekey_due |= {t for t in self.cloud.tenants if self.cloud.he_key_id(t) is not None}
+        self._rotate_keys(grid, server_round, phase, active)
         loss_sum, examples, steps = 0.0, 0, 0
         reported = True
         while steps < self.local_steps and active:
@@ -175,10 +205,12 @@ class SecureSplitStrategy(SplitStrategy):
         """
         instructions = {}
         for node, extra in configs.items():
-            updates = self.cloud.updates(self._tenant_of[node])
+            tenant = self._tenant_of[node]
+            updates = self.cloud.updates(tenant)
+            key_id = self.cloud.he_key_id(tenant)  # he: acknowledges the tenant's last key rotation
             instructions[node] = RecordDict({"config": ConfigRecord({
                 **extra, "head-updates": updates["head"], "tail-updates": updates["tail"],
-                "server-round": server_round})})
+                "server-round": server_round, **({HE_KEY_ID: key_id} if key_id is not None else {})})})
         replies = self._exchange(grid, begin, instructions, server_round, phase, active)
         remaining: dict[int, float] = {}
         outgoing: dict[int, RecordDict] = {}
@@ -229,6 +261,32 @@ class SecureSplitStrategy(SplitStrategy):
                 finally:
                     phase.cloud += time.perf_counter() - tick
         return remaining, finished
+
+    # -- CKKS key rotation ---------------------------------------------------------------------
+
+    def _rotate_keys(self, grid: Grid, server_round: int, phase: _Exchange, active: set[int]) -> None:
+        """Rotate the keys of the due tenants in ``active``: one ``train.secure_rekey`` round trip.
+
+        The cloud takes each tenant's new public context; the tenant switches to the new key
+        when its next ``secure_begin`` carries the cloud's new key id. A tenant whose rotation
+        fails is dropped for the round and stays due; both sides keep the old key.
+        """
+        nodes = {n for n in active if self._tenant_of[n] in self._rekey_due}
+        contents = {n: RecordDict({"config": ConfigRecord({HE_KEY_ID: self.cloud.he_key_id(self._tenant_of[n]),
+                                                           "server-round": server_round})})
+                    for n in nodes}
+        replies = self._exchange(grid, REKEY, contents, server_round, phase, active)
+        for node, content in replies.items():
+            tenant = self._tenant_of[node]
+            tick = time.perf_counter()
+            try:
+                key_id = self.cloud.accept_key_rotation(unpack_key_rotation(content, tenant))
+                self._rekey_due.discard(tenant)
+                log(INFO, "tenant %s: CKKS key rotated to %s", tenant, key_id.hex())
+            except ProtocolError as exc:
+                self._drop(node, f"{REKEY}: {exc}", phase, active)
+            finally:
+                phase.cloud += time.perf_counter() - tick
 
     # -- tenants -------------------------------------------------------------------------------
 

@@ -14,12 +14,13 @@ from flower_split.protocol.secure_client import SecureClientParty, SecureStepRes
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_messages import (
-    ClientSetup, DealerHello, DealerRegistration, ItemSpec, MaterialBundle, MaterialRequest, SecureMessage,
+    ClientSetup, DealerHello, DealerRegistration, ItemSpec, KeyRotation, MaterialBundle, MaterialRequest,
+    SecureMessage,
 )
 from flower_split.protocol.secure_steps import MessageSpec, StepSpec, schedule
 
 __all__ = ["BodyGrad", "BodyOutput", "ClientParty", "ClientSetup", "CloudParty", "DealerHello",
-           "DealerRegistration", "HeadGrad", "HeadOutput", "ItemSpec", "MaterialBundle", "MaterialRequest",
-           "Message", "MessageSpec", "ProtocolError", "SecureClientParty", "SecureCloudParty",
+           "DealerRegistration", "HeadGrad", "HeadOutput", "ItemSpec", "KeyRotation", "MaterialBundle",
+           "MaterialRequest", "Message", "MessageSpec", "ProtocolError", "SecureClientParty", "SecureCloudParty",
            "SecureDealerParty", "SecureMessage", "SecureStepResult",
            "StepResult", "StepSpec", "payload_bytes", "schedule"]

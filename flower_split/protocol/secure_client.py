@@ -12,6 +12,11 @@ answers each cloud message (None when the step is over on this side). At most on
 is in flight per tenant: both halves change at the end of a training step, and a second
 step in flight would read weights of a different version on each side.
 
+Key rotation (``he``): :meth:`start_key_rotation` makes a new CKKS key pair and the
+:class:`KeyRotation` for the cloud. The client keeps encrypting under its old key until
+:meth:`confirm_key_rotation` sees the cloud's key id equal the new one (the acknowledgement),
+so a rotation lost on the way leaves both parties on the old key.
+
 Between messages the client keeps only plain tensors/bytes (:meth:`state_dict`), so under
 Flower every message can be handled by a fresh process. Never restore an older state and
 replay a step number with other data: the step's Beaver material is derived from the step
@@ -39,7 +44,7 @@ from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
     private_from_bytes, public_bytes,
 )
-from flower_split.protocol.secure_messages import ClientSetup, DealerHello, SecureMessage
+from flower_split.protocol.secure_messages import ClientSetup, DealerHello, KeyRotation, SecureMessage
 from flower_split.protocol.secure_party import (
     GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, export_step, import_step,
 )
@@ -109,6 +114,7 @@ class SecureClientParty(SecureStepRunner):
             raise ValueError(f"he_params.frac_bits must be {frac_bits + self.grad_scale_bits} "
                              "(ring bits + gradient scale bits)")
         self.he_keys: ClientKeys | None = None  # generated at set-up (he), or restored with the state
+        self._pending_he_keys: ClientKeys | None = None  # a rotation's new keys, until the cloud holds them
         self._x25519 = new_private_key()
         self._dealer_key: bytes | None = None
         self.dealer_public: bytes | None = None
@@ -148,6 +154,59 @@ class SecureClientParty(SecureStepRunner):
             weights_seed=seed, dims=(self.dim, self.head_rank, self.tail_rank, self.classes),
             label_protection=self.label_protection, train_head=self.train_head, frac_bits=self.frac_bits,
             grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict())
+
+    # ------------------------------------------------------------------------ CKKS keys
+    @property
+    def he_key_id(self) -> bytes | None:
+        """Id of the CKKS key the labels are encrypted under (None in 'client' label protection)."""
+        return None if self.he_keys is None else self.he_keys.key_id
+
+    @property
+    def pending_he_key_id(self) -> bytes | None:
+        """Id of a rotated key the cloud has not yet been seen to hold (None when there is none)."""
+        return None if self._pending_he_keys is None else self._pending_he_keys.key_id
+
+    def start_key_rotation(self) -> KeyRotation:
+        """A new CKKS key pair (same parameters); returns its public context for the cloud.
+
+        The new key stays pending: labels are still encrypted under the current key until
+        :meth:`confirm_key_rotation`. While a key is pending (its rotation lost, or not yet
+        acknowledged), this returns the same rotation again rather than a newer one, so a
+        retry and a late copy of the first message are one rotation, and whichever the
+        cloud accepts, the client can follow.
+        """
+        if self.halves is None:
+            raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
+        if self.he_keys is None:
+            raise ProtocolError(f"tenant {self.tenant!r}: label protection {self.label_protection!r} "
+                                "has no CKKS keys to rotate")
+        if self._pending_he_keys is None:
+            self._pending_he_keys = self.he_keys.rotate()
+        pending = self._pending_he_keys
+        return KeyRotation(self.tenant, self.he_keys.key_id, pending.key_id, pending.public_bytes())
+
+    def confirm_key_rotation(self, cloud_key_id: object) -> bool:
+        """Switch to the pending key once the cloud reports holding it; True if it switched.
+
+        ``cloud_key_id`` is the key id the cloud holds for this tenant (over Flower it comes with
+        every ``secure_begin`` and ``secure_rekey``). The current key: nothing changes, a pending
+        rotation stays pending. The pending key: the client switches and drops the old one. Any
+        other id: the parties disagree (ProtocolError, nothing changes).
+        """
+        if self.he_keys is None:
+            raise ProtocolError(f"tenant {self.tenant!r}: label protection {self.label_protection!r} "
+                                "has no CKKS keys")
+        if cloud_key_id == self.he_keys.key_id:
+            return False
+        pending = self._pending_he_keys
+        if pending is None or cloud_key_id != pending.key_id:
+            shown = cloud_key_id.hex() if isinstance(cloud_key_id, bytes) else repr(cloud_key_id)
+            raise ProtocolError(
+                f"tenant {self.tenant!r}: the cloud holds CKKS key {shown}, the client encrypts under "
+                f"{self.he_keys.key_id.hex()} (pending rotation: "
+                f"{'none' if pending is None else pending.key_id.hex()})")
+        self.he_keys, self._pending_he_keys = pending, None
+        return True
 
     # ------------------------------------------------------------------------ steps
     def begin(self, batch: Batch, train: bool = True) -> SecureMessage:
@@ -294,7 +353,7 @@ class SecureClientParty(SecureStepRunner):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this party in another process (tensors, bytes, scalars).
 
-        Contains the client's secrets (its halves, the dealer key, the CKKS secret key): store
+        Contains the client's secrets (its halves, the dealer key, the CKKS secret keys): store
         it with the client's own state, never anywhere the cloud can read.
         """
         return {
@@ -304,6 +363,7 @@ class SecureClientParty(SecureStepRunner):
             "x25519": private_bytes(self._x25519), "dealer_key": self._dealer_key,
             "dealer_public": self.dealer_public,
             "he_keys": self.he_keys.to_bytes() if self.he_keys is not None else None,
+            "he_pending_keys": self._pending_he_keys.to_bytes() if self._pending_he_keys is not None else None,
             "halves": self.halves.state_dict() if self.halves is not None else None,
             "next_step": self._next_step,
             "step": export_step(self._step) if self._step is not None else None,
@@ -323,6 +383,8 @@ class SecureClientParty(SecureStepRunner):
         self._dealer_key = state["dealer_key"]
         self.dealer_public = state["dealer_public"]
         self.he_keys = ClientKeys.from_bytes(state["he_keys"]) if state["he_keys"] is not None else None
+        pending = state.get("he_pending_keys")
+        self._pending_he_keys = ClientKeys.from_bytes(pending) if pending is not None else None
         self.halves = Halves.from_state(self.party, state["halves"]) if state["halves"] is not None else None
         if self.halves is not None:
             self._init_weights = None

@@ -12,9 +12,12 @@ the body), the logits ``z`` in ``he`` mode, and ``dL/dh`` when the head trains (
 client's Beaver material or its weight halves.
 
 Step flow in process (see ``flower_split.transport.secure_local``): the first message of
-a step goes to :meth:`SecureCloudParty.material_request` (validated; gives the dealer
-request), the dealer's bundle to :meth:`accept_material`, then every message to
-:meth:`handle`.
+a step goes to :meth:`SecureCloudParty.material_request` (validated, including that the
+labels envelope is under the tenant's current CKKS key; gives the dealer request), the
+dealer's bundle to :meth:`accept_material`, then every message to :meth:`handle`.
+
+Key rotation (``he``): :meth:`accept_key_rotation` replaces a tenant's public CKKS context
+between steps; :meth:`he_key_id` is what the client needs to see to switch to the new key.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from flower_split.he import CloudKeys, batch_bounds, compute_loss_and_grad
+from flower_split.he.envelope import decode_labels
 from flower_split.model import Body, hidden_size
 from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
 from flower_split.mpc import new_seed
@@ -34,7 +38,7 @@ from flower_split.protocol.secure_keys import (
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    ClientSetup, DealerRegistration, MaterialBundle, MaterialRequest, SecureMessage,
+    ClientSetup, DealerRegistration, KeyRotation, MaterialBundle, MaterialRequest, SecureMessage,
 )
 from flower_split.protocol.secure_party import (
     Halves, Optim, SecureStepRunner, StepState, export_step, export_value, import_step, import_value,
@@ -123,6 +127,48 @@ class SecureCloudParty(SecureStepRunner):
         self.tenants[setup.tenant] = _Tenant(setup, halves, he_keys, key)
         return DealerRegistration(setup.tenant, setup.client_public, self.public, dims, setup.train_head)
 
+    # ------------------------------------------------------------------------ CKKS keys
+    def he_key_id(self, tenant: str) -> bytes | None:
+        """Id of the CKKS key the cloud holds for ``tenant`` (None in 'client' label protection)."""
+        keys = self._tenant(tenant).he_keys
+        return None if keys is None else keys.key_id
+
+    def accept_key_rotation(self, rotation: KeyRotation) -> bytes:
+        """Replace a tenant's public CKKS context with a rotated one; returns the new key id.
+
+        Checked first, nothing changes on a ProtocolError: a known ``he`` tenant with no step in
+        flight; the rotation starts from the key the cloud holds (a stale or replayed rotation
+        does not); public key material only (a secret key is refused); same HE parameters; the
+        announced key id is the material's. From now on labels under the old key are refused.
+        """
+        if not isinstance(rotation, KeyRotation):
+            raise ProtocolError(f"cloud: expected KeyRotation, got {type(rotation).__name__}")
+        record = self._tenant(rotation.tenant)
+        where = f"key rotation (tenant {rotation.tenant!r})"
+        if record.he_keys is None:
+            raise ProtocolError(f"{where}: label protection {record.setup.label_protection!r} has no CKKS keys")
+        if record.step is not None:
+            raise ProtocolError(f"{where}: step {record.step.spec.step} is in flight; rotate between steps")
+        if not all(isinstance(v, bytes) for v in (rotation.previous_key_id, rotation.key_id, rotation.he_public)):
+            raise ProtocolError(f"{where}: previous_key_id, key_id and he_public must be bytes")
+        if rotation.previous_key_id != record.he_keys.key_id:
+            raise ProtocolError(f"{where}: it replaces key {rotation.previous_key_id.hex()}, but the cloud holds "
+                                f"{record.he_keys.key_id.hex()} (stale or replayed rotation)")
+        try:
+            keys = CloudKeys.from_bytes(rotation.he_public)
+        except ValueError as exc:
+            raise ProtocolError(f"{where}: he_public: {exc}") from exc
+        if keys.key_id != rotation.key_id:
+            raise ProtocolError(f"{where}: key_id {rotation.key_id.hex()} is not the id of he_public "
+                                f"({keys.key_id.hex()})")
+        if keys.key_id == record.he_keys.key_id:
+            raise ProtocolError(f"{where}: he_public is the key the cloud already holds")
+        if keys.params != record.he_keys.params:
+            raise ProtocolError(f"{where}: a rotation keeps the HE parameters; got {keys.params}, "
+                                f"set up with {record.he_keys.params}")
+        record.he_keys = keys
+        return keys.key_id
+
     # ------------------------------------------------------------------------ steps
     def _tenant(self, tenant: object) -> _Tenant:
         record = self.tenants.get(tenant) if isinstance(tenant, str) else None
@@ -155,6 +201,7 @@ class SecureCloudParty(SecureStepRunner):
         if record.he_keys is not None and spec.train:
             try:
                 batch_bounds(record.he_keys.params, spec.batch, classes)
+                _check_labels_key(record.he_keys, spec, message.items)
             except ValueError as exc:
                 raise ProtocolError(f"tenant {message.tenant!r}: {exc}") from exc
         return spec
@@ -347,3 +394,19 @@ class SecureCloudParty(SecureStepRunner):
             if t["material"] is not None:
                 record.material = (StepSpec(**t["material"]["spec"]), import_value(t["material"]["corrections"]))
             self.tenants[name] = record
+
+
+def _check_labels_key(keys: CloudKeys, spec: StepSpec, items: object) -> None:
+    """ValueError unless a training step's labels envelope is under ``keys`` and fits the batch.
+
+    Run on the step's first message, before the dealer is asked or any state changes, so a
+    client still encrypting under a rotated-out key is told at once. A missing or mistyped
+    item is left to the schedule check of :meth:`SecureCloudParty.handle`, which names it.
+    """
+    labels = items.get("input.labels") if isinstance(items, dict) else None
+    if not isinstance(labels, bytes):
+        return
+    envelope = decode_labels(labels, key_id=keys.key_id, degree=keys.params.poly_modulus_degree)
+    if (envelope.batch_size, envelope.num_classes) != (spec.batch, spec.classes):
+        raise ValueError(f"labels envelope: a {envelope.batch_size}x{envelope.num_classes} batch, "
+                         f"the step is {spec.batch}x{spec.classes}")

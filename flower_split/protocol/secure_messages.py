@@ -2,9 +2,9 @@
 
 Two families:
 
-* set-up and dealer messages, one dataclass each (:class:`DealerHello`,
-  :class:`ClientSetup`, :class:`DealerRegistration`, :class:`MaterialRequest`,
-  :class:`MaterialBundle`);
+* set-up, key and dealer messages, one dataclass each (:class:`DealerHello`,
+  :class:`ClientSetup`, :class:`KeyRotation`, :class:`DealerRegistration`,
+  :class:`MaterialRequest`, :class:`MaterialBundle`);
 * step messages (:class:`SecureMessage`): one per direction per exchange of a training or
   inference step. Which items a step message carries is fixed by the step's public
   parameters (:class:`flower_split.protocol.secure_steps.StepSpec`): the schedule derived
@@ -175,6 +175,28 @@ class ClientSetup:
     frac_bits: int
     grad_scale_bits: int
     optim: dict[str, float]
+
+
+@dataclass(frozen=True)
+class KeyRotation:
+    """client -> cloud: a tenant's new CKKS public context, to replace the one the cloud holds.
+
+    The client keeps encrypting under ``previous_key_id`` until the cloud reports holding
+    ``key_id`` (:meth:`SecureClientParty.confirm_key_rotation`), so a rotation lost on the way
+    changes nothing.
+
+    Attributes:
+        tenant: tenant id.
+        previous_key_id: the key id the rotation replaces (the one the cloud must hold now).
+        key_id: the new key's id (16 bytes, the hash of ``he_public``).
+        he_public: the new public context (``ClientKeys.public_bytes``): parameters and public
+            key, never a secret key.
+    """
+
+    tenant: str
+    previous_key_id: bytes
+    key_id: bytes
+    he_public: bytes
 
 
 @dataclass(frozen=True)

@@ -321,7 +321,10 @@ class FlowerSettings:
     ``eval-initial`` (also evaluate before the first round), ``global-eval`` (after the last
     round, also evaluate every tenant on the whole test set; split only), ``secure-metrics``
     (secure mode: tenants report each step's mean loss and their evaluation counts to the
-    strategy, as plain-mode and FedAvg clients do; false: they report nothing), ``quick`` (tiny model on a few hundred samples, see ``flower_split.cli.QUICK``).
+    strategy, as plain-mode and FedAvg clients do; false: they report nothing),
+    ``he-key-rotation-every`` (secure mode with ``he`` label protection: every tenant gets a
+    new CKKS key pair after every N training rounds; 0: never; any other mode refuses N > 0),
+    ``quick`` (tiny model on a few hundred samples, see ``flower_split.cli.QUICK``).
     """
 
     num_server_rounds: int = 3
@@ -334,6 +337,7 @@ class FlowerSettings:
     eval_initial: bool = False
     global_eval: bool = True
     secure_metrics: bool = True
+    he_key_rotation_every: int = 0
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -341,8 +345,10 @@ class FlowerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name.replace('_', '-')}: expected a positive integer, got {value!r}")
-        if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
-            raise ConfigError(f"eval-every: expected an integer >= 0, got {self.eval_every!r}")
+        for name in ("eval_every", "he_key_rotation_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
         if isinstance(self.reply_timeout, bool) or not isinstance(self.reply_timeout, (int, float)) \
                 or self.reply_timeout <= 0:
             raise ConfigError(f"reply-timeout: expected a positive number of seconds, got {self.reply_timeout!r}")
@@ -382,4 +388,8 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
     config = RunConfig.from_mapping(run)
     if config.mode != "split":
         raise ConfigError(f"mode: the Flower app runs 'split' only, got {config.mode!r}")
+    if settings.he_key_rotation_every and (config.security, config.label_protection) != ("secure", "he"):
+        raise ConfigError(f"he-key-rotation-every: only security 'secure' with label-protection 'he' has CKKS "
+                          f"keys to rotate (this run: security {config.security!r}, label-protection "
+                          f"{config.label_protection!r}); set it to 0")
     return config, settings

@@ -14,6 +14,9 @@ secure step in flight (both halves change at its end), so there is nothing to pa
 
 Set-up messages: :class:`DealerHello` as ConfigRecord ``"hello"`` {dealer-public} and
 :class:`ClientSetup` as ConfigRecord ``"setup"`` (its fields; ``optim`` as JSON).
+Key rotation (``he``): :class:`KeyRotation` as ConfigRecord ``"rekey"`` {tenant,
+previous-key-id, key-id, he-public}; the cloud's current CKKS key id travels as
+``he-key-id`` (bytes) in the server's ``config`` of ``secure_begin`` and ``secure_rekey``.
 
 Unpacking checks the records' presence and types and rebuilds the dataclass; whether its
 contents fit the step (names, shapes, dtypes, schedule position) is the receiving party's
@@ -29,13 +32,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from flower_split.protocol import ProtocolError
-from flower_split.protocol.secure_messages import ClientSetup, DealerHello, SecureMessage
+from flower_split.protocol.secure_messages import ClientSetup, DealerHello, KeyRotation, SecureMessage
 from flower_split.transport.flower import PACK_FORMAT, PAYLOAD_KEY, _value, array_to_tensor, tensor_to_array
 
 SECURE_KEY = "secure"
 BLOBS_KEY = "blobs"
 HELLO_KEY = "hello"
 SETUP_KEY = "setup"
+REKEY_KEY = "rekey"
+HE_KEY_ID = "he-key-id"
 
 _HEADER: tuple[tuple[str, str, type], ...] = (
     ("tenant", "tenant", str), ("step", "step", int), ("seq", "seq", int), ("sender", "sender", str),
@@ -143,3 +148,23 @@ def unpack_setup(content: object) -> ClientSetup:
     if not isinstance(optim, dict):
         raise ProtocolError(f"{SETUP_KEY}.optim: expected an object, got {optim!r}")
     return ClientSetup(dims=tuple(dims), optim=optim, **fields)
+
+
+_REKEY_FIELDS: tuple[tuple[str, type], ...] = (
+    ("tenant", str), ("previous_key_id", bytes), ("key_id", bytes), ("he_public", bytes),
+)
+
+
+def pack_key_rotation(rotation: KeyRotation) -> RecordDict:
+    """A tenant's key rotation (its new public context) as the reply to ``train.secure_rekey``."""
+    values = {name.replace("_", "-"): getattr(rotation, name) for name, _ in _REKEY_FIELDS}
+    return RecordDict({REKEY_KEY: ConfigRecord(values)})
+
+
+def unpack_key_rotation(content: object, tenant: str) -> KeyRotation:
+    """``tenant``'s key rotation (field types checked; the cloud validates the key material)."""
+    record = _record(content, REKEY_KEY, ConfigRecord)
+    fields = {name: _value(record, name.replace("_", "-"), kind, REKEY_KEY) for name, kind in _REKEY_FIELDS}
+    if fields["tenant"] != tenant:
+        raise ProtocolError(f"{REKEY_KEY}.tenant: {fields['tenant']!r}, but the node serves tenant {tenant!r}")
+    return KeyRotation(**fields)

@@ -82,6 +82,20 @@ class SecureLocalTransport:
         self.traffic.bytes_cloud_to_dealer += payload_bytes(registration)
         self.dealer.register(registration)
 
+    def rotate_keys(self, client: SecureClientParty) -> bytes:
+        """Rotate a tenant's CKKS keys between steps; returns the new key id, held by both parties.
+
+        The client's :class:`KeyRotation` goes to the cloud; the cloud's key id comes back as
+        the acknowledgement on which the client switches (counted in the byte totals).
+        """
+        rotation = client.start_key_rotation()
+        self._to_cloud(rotation)
+        self.traffic.bytes_client_to_cloud += payload_bytes(rotation)
+        key_id = self.cloud.accept_key_rotation(rotation)
+        self.traffic.bytes_cloud_to_client += len(key_id)
+        client.confirm_key_rotation(key_id)
+        return key_id
+
     def run_step(self, client: SecureClientParty, batch: Batch, train: bool = True,
                  client_clock: Callable[[], Any] | None = None) -> int:
         """Drive one step to completion; returns its number. ``client_clock()`` wraps client work."""

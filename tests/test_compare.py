@@ -155,3 +155,16 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     again = {run["name"]: run for run in json.loads((out / "results.json").read_text())["runs"]}
     assert again["centralized-lora"]["train_examples_processed"] == 320
     assert all(again[name] == run for name, run in runs.items() if name != "centralized-lora")
+
+
+def test_resume_never_reuses_a_run_without_test_accuracy(tmp_path: Path) -> None:
+    from flower_split.compare import _earlier_runs
+
+    runs = [{"name": "split-plain", "inputs": {"a": 1}, "test_accuracy": None},
+            {"name": "fedavg-lora", "inputs": {"a": 1}, "test_accuracy": 0.5},
+            {"name": "centralized-lora", "test_accuracy": 0.9}]  # from a release without inputs
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    assert list(_earlier_runs(tmp_path)) == ["fedavg-lora"]
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="--resume: cannot read"):
+        _earlier_runs(tmp_path)

@@ -6,14 +6,17 @@ Each training step of a round is three stages, and each stage is ONE
 :mod:`flower_split.transport.flower`)::
 
     train.head_fwd  -> tenants: next micro-batches through the head; reply HeadOutputs
-    (cloud)            CloudParty: body forward on every tenant's batches
+    (cloud)            CloudParty: body forward on all tenants' micro-batches, stacked
     train.tail      -> tenants: tail forward, loss, tail update; reply BodyGrads (+ loss, plain)
-    (cloud)            CloudParty: body backward
+    (cloud)            CloudParty: body backward, one per stacked group
     train.head_bwd  -> tenants: head update (skipped when the head is frozen)
 
 so a round of ``local_steps`` micro-batches per tenant costs ``3 * ceil(local_steps /
 micro_batches)`` round trips, whatever the number of tenants. Evaluation is
-``evaluate.infer_fwd`` / ``evaluate.infer_tail`` until every tenant's test set is done.
+``evaluate.infer_fwd`` / ``evaluate.infer_tail`` until every tenant's test set is done. The
+cloud stacks every valid tenant's micro-batches of a stage (:meth:`CloudParty.handle_many`,
+groups of at most ``max_stack_rows`` rows), so the body runs once per stage and group, not
+once per (tenant, micro-batch).
 
 A tenant that does not reply in time, replies with an error or sends a malformed pack is
 dropped for the rest of the round (its in-flight steps are forgotten by the cloud,
@@ -192,26 +195,23 @@ class SplitStrategy:
             config = ConfigRecord({"num-batches": count, "server-round": server_round})
             replies = self._exchange(grid, HEAD_FWD, {n: RecordDict({"config": config}) for n in active},
                                      server_round, phase, active)
-            forward: dict[int, RecordDict] = {}
-            for node, content in replies.items():
-                outputs = self._cloud_step(node, content, HeadOutput, phase, active, train=True)
-                if outputs is not None:
-                    forward[node] = pack_messages(BodyOutput, self._tenant_of[node], outputs)
+            outputs = self._cloud_stage(replies, HeadOutput, phase, active)
+            forward = {node: pack_messages(BodyOutput, self._tenant_of[node], messages)
+                       for node, messages in outputs.items()}
             replies = self._exchange(grid, TAIL, forward, server_round, phase, active)
-            backward: dict[int, RecordDict] = {}
+            metrics: dict[int, dict[str, float]] = {}
             for node, content in replies.items():
                 try:
-                    metrics = read_metrics(content, ("train-loss", "num-examples"))
+                    metrics[node] = read_metrics(content, ("train-loss", "num-examples"))
                 except ProtocolError as exc:
                     self._drop(node, str(exc), phase, active)
-                    continue
-                grads = self._cloud_step(node, content, BodyGrad, phase, active)
-                if grads is None:
-                    continue
-                loss_sum += metrics["train-loss"] * metrics["num-examples"]
-                examples += int(metrics["num-examples"])
-                if grads:
-                    backward[node] = pack_messages(HeadGrad, self._tenant_of[node], grads)
+            grads = self._cloud_stage({n: replies[n] for n in metrics}, BodyGrad, phase, active)
+            backward: dict[int, RecordDict] = {}
+            for node, messages in grads.items():
+                loss_sum += metrics[node]["train-loss"] * metrics[node]["num-examples"]
+                examples += int(metrics[node]["num-examples"])
+                if messages:
+                    backward[node] = pack_messages(HeadGrad, self._tenant_of[node], messages)
             if backward:
                 self._exchange(grid, HEAD_BWD, backward, server_round, phase, active)
             done += count
@@ -255,24 +255,24 @@ class SplitStrategy:
             }
             replies = self._exchange(grid, INFER_FWD, instructions, server_round, phase, active)
             pending &= set(active)
-            forward: dict[int, RecordDict] = {}
+            remaining: dict[int, float] = {}
             for node, content in replies.items():
                 restart[node] = False
                 try:
-                    remaining = read_metrics(content, ("remaining",))["remaining"]
+                    remaining[node] = read_metrics(content, ("remaining",))["remaining"]
                 except ProtocolError as exc:
                     self._drop(node, str(exc), phase, active)
-                    continue
-                outputs = self._cloud_step(node, content, HeadOutput, phase, active, train=False)
-                if outputs is None:
-                    continue
-                if not outputs and remaining > 0:  # would loop forever
-                    self._drop(node, f"{INFER_FWD}: no test batches sent but {remaining:.0f} remaining",
+            outputs = self._cloud_stage({n: replies[n] for n in remaining}, HeadOutput, phase, active,
+                                        inference=True)
+            forward: dict[int, RecordDict] = {}
+            for node, messages in outputs.items():
+                if not messages and remaining[node] > 0:  # would loop forever
+                    self._drop(node, f"{INFER_FWD}: no test batches sent but {remaining[node]:.0f} remaining",
                                phase, active)
                     continue
-                if outputs:
-                    forward[node] = pack_messages(BodyOutput, self._tenant_of[node], outputs)
-                if remaining == 0:
+                if messages:
+                    forward[node] = pack_messages(BodyOutput, self._tenant_of[node], messages)
+                if remaining[node] == 0:
                     pending.discard(node)
             replies = self._exchange(grid, INFER_TAIL, forward, server_round, phase, active)
             for node, content in replies.items():
@@ -355,30 +355,50 @@ class SplitStrategy:
                 self._drop(node, f"{message_type}: no reply within {self.reply_timeout} s", phase, active)
         return valid
 
-    def _cloud_step(self, node: int, content: RecordDict, kind: type, phase: _Exchange,
-                    active: set[int], train: bool | None = None) -> list | None:
-        """Unpack a node's pack of ``kind`` and run the cloud on it; None if the node was dropped."""
+    def _cloud_stage(self, contents: dict[int, RecordDict], kind: type, phase: _Exchange,
+                     active: set[int], inference: bool = False) -> dict[int, list]:
+        """Run the cloud once on every node's pack of ``kind``; the replies by node.
+
+        Each node's pack is checked on its own first and a node with a bad one is dropped, so
+        :meth:`CloudParty.handle_many` (which rejects a call as a whole) gets valid packs only
+        and stacks all tenants' micro-batches of the stage into one body forward / backward.
+        """
         started = time.perf_counter()
         try:
-            tenant = pack_tenant(content)
-            known = self._tenant_of.get(node)
-            if known is not None and known != tenant:
-                raise ProtocolError(f"node {node} was tenant {known!r}, now claims {tenant!r}")
-            owner = next((n for n, t in self._tenant_of.items() if t == tenant and n != node), None)
-            if owner is not None and owner in active:
-                raise ProtocolError(f"tenant {tenant!r} is already served by node {owner}")
-            self._tenant_of[node] = tenant
-            incoming = unpack_messages(content, kind, tenant)
-            if train is not None:
-                for message in incoming:
-                    if message.train and not train:
-                        raise ProtocolError(f"step {message.step}: a training step during evaluation")
-            return [self.cloud.handle(message) for message in incoming]
-        except ProtocolError as exc:
-            self._drop(node, str(exc), phase, active)
-            return None
+            accepted: dict[int, list] = {}
+            admitted: list = []
+            for node, content in contents.items():
+                try:
+                    accepted[node] = self._admit(node, content, kind, inference, active, admitted)
+                except ProtocolError as exc:
+                    self._drop(node, str(exc), phase, active)
+                    continue
+                admitted += accepted[node]
+            replies = iter(self.cloud.handle_many(admitted))
+            return {node: [next(replies) for _ in messages] for node, messages in accepted.items()}
         finally:
             phase.cloud += time.perf_counter() - started
+
+    def _admit(self, node: int, content: RecordDict, kind: type, inference: bool, active: set[int],
+               admitted: list) -> list:
+        """Unpack and check a node's pack against the cloud's state and the packs ``admitted``
+        to the same call (``inference``: no training step allowed); raise
+        :class:`ProtocolError` if the node must be dropped."""
+        tenant = pack_tenant(content)
+        known = self._tenant_of.get(node)
+        if known is not None and known != tenant:
+            raise ProtocolError(f"node {node} was tenant {known!r}, now claims {tenant!r}")
+        owner = next((n for n, t in self._tenant_of.items() if t == tenant and n != node), None)
+        if owner is not None and owner in active:
+            raise ProtocolError(f"tenant {tenant!r} is already served by node {owner}")
+        self._tenant_of[node] = tenant
+        incoming = unpack_messages(content, kind, tenant)
+        if inference:
+            for message in incoming:
+                if message.train:
+                    raise ProtocolError(f"step {message.step}: a training step during evaluation")
+        self.cloud.check(incoming, admitted)
+        return incoming
 
     def _drop(self, node: int, reason: str, phase: _Exchange, active: set[int]) -> None:
         """Drop ``node`` from this round and free its in-flight steps on the cloud."""

@@ -4,13 +4,31 @@ It never sees tokens, labels or losses: it receives head outputs ``f`` and (when
 trains) body-output gradients ``dL/dh``. The cloud process is long-lived (in Flower it is the
 ServerApp), so it keeps the body's autograd graph of each in-flight step until the matching
 gradient arrives, keyed by (tenant, step).
+
+Stacking: :meth:`CloudParty.handle_many` runs the body on all head outputs of a call (every
+tenant's micro-batches of a Flower stage) together: they are concatenated along the batch
+dimension, each right-padded with zeros to the group's longest token length (attention mask
+0 on the padding). Rows are independent in a transformer encoder (attention stays within a
+sequence, LayerNorm is per token) and padded keys get zero attention weight, so each
+message's slice of the stacked output is its own result, up to float rounding. Groups hold
+at most ``max_stack_rows`` rows and pad at most ``max_padding`` of their tokens (shortest
+sequences first, so similar lengths share a group): padding is compute wasted, which on a
+CPU costs more than the per-forward overhead it saves; on a GPU, where few large launches
+win, raise ``max_padding`` (``inf``: one group per ``max_stack_rows`` rows).
+
+A training group keeps one shared graph; its body-output gradients are answered with one
+backward per group and call, the rows of members whose gradient is not in the call getting a
+zero gradient (so they are unaffected). The graph is kept (``retain_graph``) while any
+member still waits for its gradient and freed when none does, answered or dropped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from flower_split.model import Body, hidden_size
 from flower_split.protocol.messages import (
@@ -20,20 +38,46 @@ from flower_split.protocol.messages import (
 FLOAT_DTYPES = (torch.float32,)
 
 
-@dataclass
-class _Pending:
+@dataclass(eq=False)
+class _Group:
+    """One stacked training forward: the leaf input ``f`` [rows, T, d] and the output ``h``."""
+
     f: torch.Tensor
     h: torch.Tensor
 
 
-class CloudParty:
-    """State machine of the cloud: ``HeadOutput -> BodyOutput``, ``BodyGrad -> HeadGrad``."""
+@dataclass
+class _Pending:
+    """A training step waiting for its gradient: its group, rows and own token length."""
 
-    def __init__(self, body: Body, device: torch.device | str = "cpu", max_pending: int = 1024) -> None:
+    group: _Group
+    rows: slice
+    tokens: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.rows.stop - self.rows.start, self.tokens, int(self.group.h.shape[-1]))
+
+
+class CloudParty:
+    """State machine of the cloud: ``HeadOutput -> BodyOutput``, ``BodyGrad -> HeadGrad``.
+
+    ``max_pending`` bounds the training steps in flight (each holds part of a graph);
+    ``max_stack_rows`` bounds the rows of one stacked body forward (a single larger
+    micro-batch runs on its own, never split) and ``max_padding`` the fraction of padded
+    tokens it may add (see the module docstring).
+    """
+
+    def __init__(self, body: Body, device: torch.device | str = "cpu", max_pending: int = 1024,
+                 max_stack_rows: int = 256, max_padding: float = 0.25) -> None:
+        if max_pending <= 0 or max_stack_rows <= 0 or max_padding < 0:
+            raise ValueError("max_pending and max_stack_rows must be positive, max_padding not negative")
         self.body = body.to(device)
         self.device = torch.device(device)
         self.dim = hidden_size(body.encoder)
         self.max_pending = max_pending
+        self.max_stack_rows = max_stack_rows
+        self.max_padding = max_padding
         self._pending: dict[tuple[str, int], _Pending] = {}
 
     @property
@@ -41,49 +85,158 @@ class CloudParty:
         """(tenant, step) of forwards still waiting for their gradient."""
         return sorted(self._pending)
 
+    @property
+    def graphs_held(self) -> int:
+        """Stacked training graphs still held (freed once each member got its gradient or was dropped)."""
+        return len({pending.group for pending in self._pending.values()})
+
     def handle(self, message: Message) -> Message:
         """Answer one message; on :class:`ProtocolError` no state has changed."""
-        if isinstance(message, HeadOutput):
-            return self._forward(message)
-        if isinstance(message, BodyGrad):
-            return self._backward(message)
-        raise ProtocolError(f"cloud: unexpected message type {type(message).__name__}")
+        return self.handle_many([message])[0]
 
-    def _forward(self, message: HeadOutput) -> BodyOutput:
-        key = (message.tenant, message.step)
-        if message.f.dim() != 3:
-            raise ProtocolError(f"f: expected [batch, tokens, {self.dim}], got shape {tuple(message.f.shape)}")
-        batch, tokens, _ = message.f.shape
-        check_tensor("f", message.f, (batch, tokens, self.dim), FLOAT_DTYPES)
-        check_tensor("attention_mask", message.attention_mask, (batch, tokens), (torch.long, torch.int32))
-        if message.train and key in self._pending:
-            raise ProtocolError(f"step {message.step} of tenant {message.tenant!r} is already in flight")
-        if message.train and len(self._pending) >= self.max_pending:
-            raise ProtocolError(f"cloud: {self.max_pending} steps already in flight; send gradients first")
-        f = message.f.to(self.device)
-        mask = message.attention_mask.to(self.device)
-        if message.train:
-            f = f.detach().requires_grad_(True)
-            h = self.body(f, mask)
-            self._pending[key] = _Pending(f, h)
+    def handle_many(self, messages: Sequence[Message]) -> list[Message]:
+        """Answer the messages of one call in order, running the body once per stacked group.
+
+        The call is all or nothing: it is validated as a whole against the state before it
+        (:meth:`check`), and if any message is bad, :class:`ProtocolError` names it and no
+        state has changed. Callers that must isolate senders (the Flower strategy) check each
+        sender's messages first and pass only the valid ones.
+        """
+        self.check(messages)
+        replies: dict[int, Message] = {}
+        grads = [(i, m) for i, m in enumerate(messages) if isinstance(m, BodyGrad)]
+        replies.update(self._backward(grads))  # first: frees graphs before new ones are built
+        for train in (True, False):
+            heads = [(i, m) for i, m in enumerate(messages) if isinstance(m, HeadOutput) and m.train == train]
+            for chunk in self._chunks(heads):
+                replies.update(self._forward(chunk, train))
+        return [replies[i] for i in range(len(messages))]
+
+    def check(self, messages: Sequence[Message], admitted: Sequence[Message] = ()) -> None:
+        """Raise :class:`ProtocolError` naming the first of ``messages`` that cannot be answered
+        in one call together with ``admitted`` (messages of the same call, already checked).
+
+        Changes nothing. Within a call a step may start (training HeadOutput) or end (BodyGrad)
+        once, and the steps in flight before the call plus those it starts must fit in
+        ``max_pending``.
+        """
+        claimed = {claim for claim in map(_claim, admitted) if claim}
+        starting = len(self._pending) + sum(1 for m in admitted if isinstance(m, HeadOutput) and m.train)
+        for message in messages:
+            try:
+                self._check_one(message)
+                claim = _claim(message)
+                if claim in claimed:
+                    raise ProtocolError("the same step twice in one call")
+                if claim:
+                    claimed.add(claim)
+                if isinstance(message, HeadOutput) and message.train:
+                    starting += 1
+                    if starting > self.max_pending:
+                        raise ProtocolError(f"{self.max_pending} steps already in flight; send gradients first")
+            except ProtocolError as exc:
+                raise ProtocolError(f"cloud: {_describe(message)}: {exc}") from None
+
+    def drop_tenant(self, tenant: str) -> None:
+        """Forget in-flight steps of a tenant that dropped out; a stacked graph is freed once
+        none of its members is left."""
+        for key in [k for k in self._pending if k[0] == tenant]:
+            del self._pending[key]
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def _check_one(self, message: Message) -> None:
+        """Shape, dtype and order of one message against the current state."""
+        if isinstance(message, HeadOutput):
+            f = message.f
+            if not isinstance(f, torch.Tensor) or f.dim() != 3:
+                got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+                raise ProtocolError(f"f: expected [batch, tokens, {self.dim}], got {got}")
+            batch, tokens, _ = f.shape
+            check_tensor("f", f, (batch, tokens, self.dim), FLOAT_DTYPES)
+            check_tensor("attention_mask", message.attention_mask, (batch, tokens), (torch.long, torch.int32))
+            if message.train and (message.tenant, message.step) in self._pending:
+                raise ProtocolError("this step is already in flight")
+        elif isinstance(message, BodyGrad):
+            pending = self._pending.get((message.tenant, message.step))
+            if pending is None:
+                raise ProtocolError("no matching forward")
+            check_tensor("grad_h", message.grad_h, pending.shape, FLOAT_DTYPES)
+        else:
+            raise ProtocolError("unexpected message type")
+
+    # -- compute -------------------------------------------------------------------------------
+
+    def _chunks(self, heads: list[tuple[int, HeadOutput]]) -> list[list[tuple[int, HeadOutput]]]:
+        """Stacking groups, shortest sequences first so that similar lengths share a group."""
+        chunks: list[list[tuple[int, HeadOutput]]] = []
+        for item in sorted(heads, key=lambda item: item[1].f.shape[1]):
+            if not chunks or not self._fits([m for _, m in chunks[-1]] + [item[1]]):
+                chunks.append([])
+            chunks[-1].append(item)
+        return chunks
+
+    def _fits(self, group: list[HeadOutput]) -> bool:
+        """Whether ``group`` (its last member the longest) stays within ``max_stack_rows`` rows
+        and pads at most ``max_padding`` of its tokens."""
+        rows = sum(m.f.shape[0] for m in group)
+        tokens = sum(m.f.shape[0] * m.f.shape[1] for m in group)
+        return rows <= self.max_stack_rows and rows * group[-1].f.shape[1] <= (1 + self.max_padding) * tokens
+
+    def _forward(self, chunk: list[tuple[int, HeadOutput]], train: bool) -> dict[int, BodyOutput]:
+        """One body forward over the stacked chunk; each message gets its own rows and tokens."""
+        width = max(m.f.shape[1] for _, m in chunk)
+        f = torch.cat([F.pad(m.f, (0, 0, 0, width - m.f.shape[1])) for _, m in chunk]).to(self.device)
+        mask = torch.cat([F.pad(m.attention_mask.long(), (0, width - m.f.shape[1])) for _, m in chunk])
+        mask = mask.to(self.device)
+        if train:
+            group = _Group(f.requires_grad_(True), self.body(f, mask))
+            h = group.h.detach()
         else:
             with torch.no_grad():
                 h = self.body(f, mask)
-        return BodyOutput(message.tenant, message.step, h.detach().cpu())
+        replies: dict[int, BodyOutput] = {}
+        start = 0
+        for index, message in chunk:
+            rows = slice(start, start + message.f.shape[0])
+            start = rows.stop
+            tokens = message.f.shape[1]
+            if train:
+                self._pending[(message.tenant, message.step)] = _Pending(group, rows, tokens)
+            replies[index] = BodyOutput(message.tenant, message.step, _cut(h, rows, tokens))
+        return replies
 
-    def _backward(self, message: BodyGrad) -> HeadGrad:
-        key = (message.tenant, message.step)
-        pending = self._pending.get(key)
-        if pending is None:
-            raise ProtocolError(
-                f"BodyGrad for step {message.step} of tenant {message.tenant!r} has no matching forward"
-            )
-        check_tensor("grad_h", message.grad_h, tuple(pending.h.shape), FLOAT_DTYPES)
-        del self._pending[key]
-        (grad_f,) = torch.autograd.grad(pending.h, pending.f, message.grad_h.to(self.device))
-        return HeadGrad(message.tenant, message.step, grad_f.detach().cpu())
+    def _backward(self, grads: list[tuple[int, BodyGrad]]) -> dict[int, HeadGrad]:
+        """One ``autograd.grad`` per group for all of its members' gradients in this call."""
+        members: dict[_Group, list[tuple[int, BodyGrad, _Pending]]] = {}
+        for index, message in grads:
+            pending = self._pending.pop((message.tenant, message.step))
+            members.setdefault(pending.group, []).append((index, message, pending))
+        replies: dict[int, HeadGrad] = {}
+        for group, items in members.items():
+            grad_h = torch.zeros_like(group.h)
+            for _, message, pending in items:
+                grad_h[pending.rows, :pending.tokens] = message.grad_h.to(self.device)
+            others = any(p.group is group for p in self._pending.values())
+            (grad_f,) = torch.autograd.grad(group.h, group.f, grad_h, retain_graph=others)
+            for index, message, pending in items:
+                replies[index] = HeadGrad(message.tenant, message.step, _cut(grad_f, pending.rows, pending.tokens))
+        return replies
 
-    def drop_tenant(self, tenant: str) -> None:
-        """Forget in-flight steps of a tenant that dropped out (frees their graphs)."""
-        for key in [k for k in self._pending if k[0] == tenant]:
-            del self._pending[key]
+
+def _describe(message: object) -> str:
+    """Names a received message in an error: kind, tenant and step."""
+    return (f"{type(message).__name__} (tenant {getattr(message, 'tenant', None)!r}, "
+            f"step {getattr(message, 'step', None)})")
+
+
+def _claim(message: Message) -> tuple[str, str, int] | None:
+    """What a message starts or ends in a call: (kind, tenant, step); None for inference."""
+    if isinstance(message, BodyGrad) or (isinstance(message, HeadOutput) and message.train):
+        return (type(message).__name__, message.tenant, message.step)
+    return None
+
+
+def _cut(stacked: torch.Tensor, rows: slice, tokens: int) -> torch.Tensor:
+    """A message's own rows and tokens of a stacked tensor, as a fresh CPU tensor."""
+    return stacked[rows, :tokens].detach().to("cpu", copy=True, memory_format=torch.contiguous_format)

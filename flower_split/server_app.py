@@ -49,7 +49,8 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
                                                       he_key_rotation_every=settings.he_key_rotation_every,
                                                       **common)
     else:
-        strategy = SplitStrategy(CloudParty(body, device), micro_batches=settings.micro_batches, **common)
+        cloud = CloudParty(body, device, keep_graphs=settings.cloud_keep_graphs)
+        strategy = SplitStrategy(cloud, micro_batches=settings.micro_batches, **common)
     log(INFO, "flower-split cloud (%s): model %s on %s, %d rounds", config.security, config.model, device,
         settings.num_server_rounds)
     result = strategy.start(grid, settings.num_server_rounds, settings.eval_every,

@@ -12,6 +12,9 @@ row's own length up to its micro-batch's), two ways on the same inputs:
   ``--max-padding`` of its tokens);
 * stacked, any padding: the same with no padding bound (one group per ``--max-stack-rows``).
 
+Training steps keep no graph by default (the cloud recomputes the forward when the gradient
+arrives); ``--keep-graphs`` times the cloud that keeps them.
+
 Reported: median wall ms over ``--reps`` repetitions (after one warm-up) of forward, backward
 and both, the number of body forwards (one backward each), the speed-up, and the largest
 difference between the two ways' ``h`` and ``dL/df``.
@@ -80,8 +83,9 @@ def bench(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     body = build_split(args.model, 77, 8, 16).body
-    bounded = CloudParty(body, args.device, max_stack_rows=args.max_stack_rows, max_padding=args.max_padding)
-    unbounded = CloudParty(body, args.device, max_stack_rows=args.max_stack_rows, max_padding=float("inf"))
+    common = dict(max_stack_rows=args.max_stack_rows, keep_graphs=args.keep_graphs)
+    bounded = CloudParty(body, args.device, max_padding=args.max_padding, **common)
+    unbounded = CloudParty(body, args.device, max_padding=float("inf"), **common)
     heads, grads = make_stage(args, bounded.dim)
     ways: dict[str, Way] = {"per message": (bounded, lambda messages: [bounded.handle(m) for m in messages]),
                             "stacked": (bounded, bounded.handle_many),
@@ -90,7 +94,8 @@ def bench(args: argparse.Namespace) -> None:
     tokens = [h.f.shape[1] for h in heads]
     print(f"model {args.model} on {args.device}, {torch.get_num_threads()} threads: {args.tenants} tenants x "
           f"{args.micro_batches} micro-batches x {args.rows} rows, tokens {min(tokens)}-{max(tokens)}, "
-          f"max_stack_rows {args.max_stack_rows}, max_padding {args.max_padding}; median of {args.reps}")
+          f"max_stack_rows {args.max_stack_rows}, max_padding {args.max_padding}, "
+          f"{'graphs kept' if args.keep_graphs else 'forward recomputed at the gradient'}; median of {args.reps}")
     print(f"{'':20} {'forwards':>8} {'forward ms':>11} {'backward ms':>12} {'total ms':>9} {'speed-up':>8}")
     reference = results["per message"]
     for way, (forward_ms, backward_ms, forwards, _, _) in results.items():
@@ -114,6 +119,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=45)
     parser.add_argument("--max-stack-rows", type=int, default=256)
     parser.add_argument("--max-padding", type=float, default=0.25, help="inf: one group whatever the padding")
+    parser.add_argument("--keep-graphs", action="store_true",
+                        help="keep each step's graph (CloudParty keep_graphs) instead of recomputing the forward")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     bench(parser.parse_args())

@@ -19,7 +19,7 @@ from flower_helpers import LocalGrid
 from strategies.split import RoundReport
 
 DIM = 32  # hidden size of the tiny model
-ONE_GROUP = dict(max_padding=float("inf"))  # stack whatever the padding
+ONE_GROUP = dict(max_padding=float("inf"), keep_graphs=True)  # stack whatever the padding, keep the graph
 SHAPES = [("a", 3, 7), ("b", 1, 12), ("c", 4, 5), ("a", 2, 12), ("d", 5, 9)]  # tenant, rows, tokens
 
 
@@ -57,11 +57,16 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_stacked_forward_and_backward_equal_per_message(body: Body) -> None:
-    cloud = CloudParty(body, **ONE_GROUP)
+@pytest.mark.parametrize("options, graphs", [
+    (ONE_GROUP, 1),
+    (dict(max_padding=float("inf")), 0),  # default: recomputed at the gradient, no graph kept
+    (dict(max_stack_rows=4), 0),  # recomputed in several groups
+])
+def test_stacked_forward_and_backward_equal_per_message(body: Body, options: dict, graphs: int) -> None:
+    cloud = CloudParty(body, **options)
     heads, grads = _heads(), _grads(_heads())
     outputs = cloud.handle_many(heads)
-    assert cloud.graphs_held == 1 and len(cloud.pending_steps) == len(heads)
+    assert cloud.graphs_held == graphs and len(cloud.pending_steps) == len(heads)
     replies = cloud.handle_many(grads)
     assert cloud.pending_steps == [] and cloud.graphs_held == 0
     for head, grad, output, reply in zip(heads, grads, outputs, replies):
@@ -80,14 +85,16 @@ def test_stacked_inference_equals_per_message_and_keeps_nothing(body: Body) -> N
     assert cloud.pending_steps == [] and cloud.graphs_held == 0
 
 
-def test_gradients_one_at_a_time_while_others_are_pending(body: Body) -> None:
-    cloud = CloudParty(body, **ONE_GROUP)
+@pytest.mark.parametrize("keep_graphs", [True, False])
+def test_gradients_one_at_a_time_while_others_are_pending(body: Body, keep_graphs: bool) -> None:
+    cloud = CloudParty(body, max_padding=float("inf"), keep_graphs=keep_graphs)
     heads, grads = _heads(), _grads(_heads())
     cloud.handle_many(heads)
     for i, (head, grad) in enumerate(zip(heads, grads)):
         reply = cloud.handle(grad)
         assert _close(reply.grad_f, _reference(body, head, grad)[1])
-        assert cloud.graphs_held == (1 if i < len(heads) - 1 else 0)
+        assert cloud.graphs_held == (1 if keep_graphs and i < len(heads) - 1 else 0)
+        assert len(cloud.pending_steps) == len(heads) - i - 1
 
 
 def test_dropped_tenant_does_not_disturb_the_others_and_frees_the_last_group(body: Body) -> None:
@@ -112,7 +119,7 @@ def test_dropped_tenant_does_not_disturb_the_others_and_frees_the_last_group(bod
 def test_groups_within_rows_and_padding_bounds_give_the_same_results(body: Body, bounds: dict,
                                                                      groups: int) -> None:
     heads, grads = _heads(), _grads(_heads())
-    whole, grouped = CloudParty(body, **ONE_GROUP), CloudParty(body, **bounds)
+    whole, grouped = CloudParty(body, **ONE_GROUP), CloudParty(body, keep_graphs=True, **bounds)
     outputs = whole.handle_many(heads), grouped.handle_many(heads)
     assert whole.graphs_held == 1 and grouped.graphs_held == groups
     replies = whole.handle_many(grads), grouped.handle_many(grads)
@@ -155,8 +162,9 @@ def test_strategy_runs_the_body_once_per_stage_and_isolates_a_bad_pack(
 
     def spy_handle_many(self: CloudParty, messages: list) -> list:
         heads = [m for m in messages if isinstance(m, HeadOutput)]
+        grads = [m for m in messages if isinstance(m, BodyGrad)]
         calls.append((sorted({f"{type(m).__name__}:{m.tenant}" for m in messages}), len(heads),
-                      sum(m.f.shape[0] for m in heads)))
+                      sum(m.f.shape[0] for m in heads), len(grads), sum(m.grad_h.shape[0] for m in grads)))
         return handle_many(self, messages)
 
     def spy_forward(self: Body, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -185,8 +193,10 @@ def test_strategy_runs_the_body_once_per_stage_and_isolates_a_bad_pack(
     assert isinstance(report, RoundReport) and report.steps == 4
     assert report.tenants == ["tenant-0", "tenant-2"] and "grad_h: expected shape" in report.dropped["tenant-1"]
     everyone = [f"HeadOutput:tenant-{i}" for i in range(3)]
-    assert [kinds for kinds, _, _ in calls[:4]] == [everyone, ["BodyGrad:tenant-0", "BodyGrad:tenant-2"],
-                                                    everyone[::2], ["BodyGrad:tenant-0", "BodyGrad:tenant-2"]]
+    assert [call[0] for call in calls[:4]] == [everyone, ["BodyGrad:tenant-0", "BodyGrad:tenant-2"],
+                                               everyone[::2], ["BodyGrad:tenant-0", "BodyGrad:tenant-2"]]
     assert calls[0][1] == 6  # all three tenants' two micro-batches in one call
-    # every row through the body once, stacked: fewer body forwards than micro-batches
-    assert sum(forwards) == sum(rows for _, _, rows in calls) and len(forwards) < sum(n for _, n, _ in calls)
+    # every row through the body once forward and once again at its gradient (no graph kept),
+    # stacked: fewer body forwards than messages
+    assert sum(forwards) == sum(call[2] + call[4] for call in calls)
+    assert len(forwards) < sum(call[1] + call[3] for call in calls)

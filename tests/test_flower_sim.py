@@ -119,6 +119,9 @@ def test_config_mapping_and_pyproject_defaults() -> None:
         settings_from_run_config({"lr-hed": 0.1})
     with pytest.raises(ConfigError, match="security"):
         settings_from_run_config({"security": "paranoid"})
+    with pytest.raises(ConfigError, match="cloud-keep-graphs: expected true or false"):
+        settings_from_run_config({"cloud-keep-graphs": "yes"})
+    assert settings_from_run_config({"cloud-keep-graphs": True})[1].cloud_keep_graphs
 
 
 # ---------------------------------------------------------------------------------------------

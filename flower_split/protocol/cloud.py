@@ -16,10 +16,17 @@ sequences first, so similar lengths share a group): padding is compute wasted, w
 CPU costs more than the per-forward overhead it saves; on a GPU, where few large launches
 win, raise ``max_padding`` (``inf``: one group per ``max_stack_rows`` rows).
 
-A training group keeps one shared graph; its body-output gradients are answered with one
-backward per group and call, the rows of members whose gradient is not in the call getting a
-zero gradient (so they are unaffected). The graph is kept (``retain_graph``) while any
-member still waits for its gradient and freed when none does, answered or dropped.
+Training steps: by default (``keep_graphs=False``) the forward runs without a graph and
+the cloud keeps only each step's ``f`` and mask; the gradients of a call are answered by
+stacking their inputs again, one forward with a graph and one backward per group. That
+costs one more body forward per step and bounds the cloud's memory to the inputs: a kept
+MiniLM graph of a 32-row micro-batch holds about 200 MB, and ten tenants with eight
+micro-batches in flight each held 18 GB (measured, docs/BENCHMARKS.md). With
+``keep_graphs=True`` a training group keeps one shared graph instead; its body-output
+gradients are answered with one backward per group and call, the rows of members whose
+gradient is not in the call getting a zero gradient (so they are unaffected). The graph is
+kept (``retain_graph``) while any member still waits for its gradient and freed when none
+does, answered or dropped.
 """
 
 from __future__ import annotations
@@ -48,28 +55,33 @@ class _Group:
 
 @dataclass
 class _Pending:
-    """A training step waiting for its gradient: its group, rows and own token length."""
+    """A training step waiting for its gradient: its kept group, rows and own token length,
+    or (recomputed) its own head output to run again."""
 
-    group: _Group
+    group: _Group | None
     rows: slice
     tokens: int
+    inputs: HeadOutput | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        if self.inputs is not None:
+            return tuple(self.inputs.f.shape)  # type: ignore[return-value]
         return (self.rows.stop - self.rows.start, self.tokens, int(self.group.h.shape[-1]))
 
 
 class CloudParty:
     """State machine of the cloud: ``HeadOutput -> BodyOutput``, ``BodyGrad -> HeadGrad``.
 
-    ``max_pending`` bounds the training steps in flight (each holds part of a graph);
-    ``max_stack_rows`` bounds the rows of one stacked body forward (a single larger
-    micro-batch runs on its own, never split) and ``max_padding`` the fraction of padded
-    tokens it may add (see the module docstring).
+    ``max_pending`` bounds the training steps in flight (each holds its input, or part of a
+    graph with ``keep_graphs``); ``max_stack_rows`` bounds the rows of one stacked body
+    forward (a single larger micro-batch runs on its own, never split) and ``max_padding`` the
+    fraction of padded tokens it may add; ``keep_graphs`` trades memory for one body forward
+    per step (see the module docstring).
     """
 
     def __init__(self, body: Body, device: torch.device | str = "cpu", max_pending: int = 1024,
-                 max_stack_rows: int = 256, max_padding: float = 0.25) -> None:
+                 max_stack_rows: int = 256, max_padding: float = 0.25, keep_graphs: bool = False) -> None:
         if max_pending <= 0 or max_stack_rows <= 0 or max_padding < 0:
             raise ValueError("max_pending and max_stack_rows must be positive, max_padding not negative")
         self.body = body.to(device)
@@ -78,6 +90,7 @@ class CloudParty:
         self.max_pending = max_pending
         self.max_stack_rows = max_stack_rows
         self.max_padding = max_padding
+        self.keep_graphs = keep_graphs
         self._pending: dict[tuple[str, int], _Pending] = {}
 
     @property
@@ -88,7 +101,7 @@ class CloudParty:
     @property
     def graphs_held(self) -> int:
         """Stacked training graphs still held (freed once each member got its gradient or was dropped)."""
-        return len({pending.group for pending in self._pending.values()})
+        return len({pending.group for pending in self._pending.values() if pending.group is not None})
 
     def handle(self, message: Message) -> Message:
         """Answer one message; on :class:`ProtocolError` no state has changed."""
@@ -183,13 +196,18 @@ class CloudParty:
         tokens = sum(m.f.shape[0] * m.f.shape[1] for m in group)
         return rows <= self.max_stack_rows and rows * group[-1].f.shape[1] <= (1 + self.max_padding) * tokens
 
-    def _forward(self, chunk: list[tuple[int, HeadOutput]], train: bool) -> dict[int, BodyOutput]:
-        """One body forward over the stacked chunk; each message gets its own rows and tokens."""
+    def _stack(self, chunk: list[tuple[int, HeadOutput]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's ``f`` and masks concatenated on the device, right-padded to its longest."""
         width = max(m.f.shape[1] for _, m in chunk)
         f = torch.cat([F.pad(m.f, (0, 0, 0, width - m.f.shape[1])) for _, m in chunk]).to(self.device)
         mask = torch.cat([F.pad(m.attention_mask.long(), (0, width - m.f.shape[1])) for _, m in chunk])
-        mask = mask.to(self.device)
-        if train:
+        return f, mask.to(self.device)
+
+    def _forward(self, chunk: list[tuple[int, HeadOutput]], train: bool) -> dict[int, BodyOutput]:
+        """One body forward over the stacked chunk; each message gets its own rows and tokens."""
+        f, mask = self._stack(chunk)
+        group = None
+        if train and self.keep_graphs:
             group = _Group(f.requires_grad_(True), self.body(f, mask))
             h = group.h.detach()
         else:
@@ -202,17 +220,35 @@ class CloudParty:
             start = rows.stop
             tokens = message.f.shape[1]
             if train:
-                self._pending[(message.tenant, message.step)] = _Pending(group, rows, tokens)
+                inputs = None if self.keep_graphs else message
+                self._pending[(message.tenant, message.step)] = _Pending(group, rows, tokens, inputs)
             replies[index] = BodyOutput(message.tenant, message.step, _cut(h, rows, tokens))
         return replies
 
     def _backward(self, grads: list[tuple[int, BodyGrad]]) -> dict[int, HeadGrad]:
-        """One ``autograd.grad`` per group for all of its members' gradients in this call."""
+        """One ``autograd.grad`` per group for all of its members' gradients in this call
+        (recomputed steps: their inputs stacked again into groups, one forward and backward each)."""
         members: dict[_Group, list[tuple[int, BodyGrad, _Pending]]] = {}
+        again: list[tuple[int, HeadOutput]] = []
+        by_index: dict[int, BodyGrad] = {}
         for index, message in grads:
             pending = self._pending.pop((message.tenant, message.step))
-            members.setdefault(pending.group, []).append((index, message, pending))
+            if pending.inputs is not None:
+                again.append((index, pending.inputs))
+                by_index[index] = message
+            else:
+                members.setdefault(pending.group, []).append((index, message, pending))
         replies: dict[int, HeadGrad] = {}
+        for chunk in self._chunks(again):
+            f, mask = self._stack(chunk)
+            group = _Group(f.requires_grad_(True), self.body(f, mask))
+            start = 0
+            items = []
+            for index, inputs in chunk:
+                rows = slice(start, start + inputs.f.shape[0])
+                start = rows.stop
+                items.append((index, by_index[index], _Pending(group, rows, inputs.f.shape[1])))
+            members[group] = items
         for group, items in members.items():
             grad_h = torch.zeros_like(group.h)
             for _, message, pending in items:

@@ -8,7 +8,9 @@ import torch
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
 from flower_split.model import build_split, load_tokenizer
-from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, CloudParty, HeadGrad, HeadOutput, ProtocolError
+from flower_split.protocol import (
+    BodyGrad, BodyOutput, ClientParty, CloudParty, HeadGrad, HeadOutput, ProtocolError, TrainingDiverged,
+)
 from flower_split.transport import InProcessTransport
 
 
@@ -122,3 +124,15 @@ def test_frozen_head_sends_no_gradient(setup) -> None:
     forward = client.begin(data.collate(list(range(4))))
     assert not forward.train
     assert client.handle(cloud.handle(forward)) is None  # nothing label-dependent leaves the client
+
+
+def test_a_non_finite_loss_is_refused_before_any_update(setup) -> None:
+    client, cloud, data, parts = setup
+    with torch.no_grad():
+        parts.tail.classifier.weight.fill_(3e38)  # logits overflow: loss inf or nan
+    tail, head = _snapshot(parts.tail), _snapshot(parts.head)
+    message = client.begin(data.collate(list(range(8))))
+    reply = cloud.handle(message)
+    with pytest.raises(TrainingDiverged, match="training diverged .* lower lr_head / lr_tail"):
+        client.handle(reply)
+    assert _same(tail, parts.tail.state_dict()) and _same(head, parts.head.state_dict())

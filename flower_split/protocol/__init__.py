@@ -5,7 +5,7 @@
 process by :class:`flower_split.transport.SecureLocalTransport` (docs/secure.md).
 """
 
-from flower_split.protocol.client import ClientParty, StepResult
+from flower_split.protocol.client import ClientParty, StepResult, TrainingDiverged
 from flower_split.protocol.cloud import CloudParty
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, payload_bytes,
@@ -23,4 +23,4 @@ __all__ = ["BodyGrad", "BodyOutput", "ClientParty", "ClientSetup", "CloudParty",
            "DealerRegistration", "HeadGrad", "HeadOutput", "ItemSpec", "KeyRotation", "MaterialBundle",
            "MaterialRequest", "Message", "MessageSpec", "ProtocolError", "SecureClientParty", "SecureCloudParty",
            "SecureDealerParty", "SecureMessage", "SecureStepResult",
-           "StepResult", "StepSpec", "payload_bytes", "schedule"]
+           "StepResult", "StepSpec", "TrainingDiverged", "payload_bytes", "schedule"]

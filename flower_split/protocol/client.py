@@ -25,6 +25,12 @@ AWAIT_BODY_OUTPUT = "await_body_output"
 AWAIT_HEAD_GRAD = "await_head_grad"
 
 
+class TrainingDiverged(ProtocolError):
+    """A training step's loss is not finite: refused before any update, so neither party's
+    state changes (under Flower the tenant gets an error reply and is dropped from the round,
+    instead of sending non-finite gradients the cloud would refuse)."""
+
+
 @dataclass
 class _Step:
     batch: Batch
@@ -110,6 +116,9 @@ class ClientParty:
         self.tail.train()
         logits = self.tail(h, batch.attention_mask)
         loss = F.cross_entropy(logits, batch.labels)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"tenant {self.tenant!r}, step {message.step}: training diverged (loss "
+                                   f"{float(loss)}); nothing was updated: lower lr_head / lr_tail")
         self.tail_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.tail_optimizer.step()

@@ -226,8 +226,11 @@ class CloudParty:
         return replies
 
     def _backward(self, grads: list[tuple[int, BodyGrad]]) -> dict[int, HeadGrad]:
-        """One ``autograd.grad`` per group for all of its members' gradients in this call
-        (recomputed steps: their inputs stacked again into groups, one forward and backward each)."""
+        """One ``autograd.grad`` per group for all of its members' gradients in this call.
+
+        Recomputed steps are stacked into groups again; each group's forward and backward run
+        before the next group's forward, so one group's graph is alive at a time.
+        """
         members: dict[_Group, list[tuple[int, BodyGrad, _Pending]]] = {}
         again: list[tuple[int, HeadOutput]] = []
         by_index: dict[int, BodyGrad] = {}
@@ -239,25 +242,28 @@ class CloudParty:
             else:
                 members.setdefault(pending.group, []).append((index, message, pending))
         replies: dict[int, HeadGrad] = {}
+        for group, items in members.items():
+            replies.update(self._group_backward(group, items))
         for chunk in self._chunks(again):
             f, mask = self._stack(chunk)
             group = _Group(f.requires_grad_(True), self.body(f, mask))
-            start = 0
-            items = []
+            items, start = [], 0
             for index, inputs in chunk:
                 rows = slice(start, start + inputs.f.shape[0])
                 start = rows.stop
                 items.append((index, by_index[index], _Pending(group, rows, inputs.f.shape[1])))
-            members[group] = items
-        for group, items in members.items():
-            grad_h = torch.zeros_like(group.h)
-            for _, message, pending in items:
-                grad_h[pending.rows, :pending.tokens] = message.grad_h.to(self.device)
-            others = any(p.group is group for p in self._pending.values())
-            (grad_f,) = torch.autograd.grad(group.h, group.f, grad_h, retain_graph=others)
-            for index, message, pending in items:
-                replies[index] = HeadGrad(message.tenant, message.step, _cut(grad_f, pending.rows, pending.tokens))
+            replies.update(self._group_backward(group, items))
         return replies
+
+    def _group_backward(self, group: _Group, items: list[tuple[int, BodyGrad, _Pending]]) -> dict[int, HeadGrad]:
+        """``dL/df`` of the group's members in ``items``; absent members' rows get zero gradient."""
+        grad_h = torch.zeros_like(group.h)
+        for _, message, pending in items:
+            grad_h[pending.rows, :pending.tokens] = message.grad_h.to(self.device)
+        others = any(p.group is group for p in self._pending.values())
+        (grad_f,) = torch.autograd.grad(group.h, group.f, grad_h, retain_graph=others)
+        return {index: HeadGrad(message.tenant, message.step, _cut(grad_f, pending.rows, pending.tokens))
+                for index, message, pending in items}
 
 
 def _describe(message: object) -> str:

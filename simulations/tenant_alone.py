@@ -1,6 +1,6 @@
-"""Per-tenant split-plain accuracy without Flower: tune a tenant's adapters cheaply.
+"""Per-tenant split accuracy without Flower: tune a tenant's adapters cheaply.
 
-Trains split-plain in process on the training partition of each chosen tenant (the same
+Trains split-plain (or, with ``--set security=secure``, split-secure) in process on the training partition of each chosen tenant (the same
 partition and per-tenant test split a Flower run with the same seed, partition and tenant count
 uses) and reports each tenant's accuracy on its own test split, plus the example-weighted mean.
 A federated split run trains the same kind of per-tenant model (the adapters are private, the body
@@ -8,6 +8,7 @@ frozen; it counts local steps per round where this counts epochs), so this predi
 per-tenant accuracy without Ray or Flower round trips.
 
     python simulations/tenant_alone.py --tenants 0,1 --set epochs=6
+    python simulations/tenant_alone.py --tenants 0,1 --set epochs=1 --set security=secure --set label_protection=he
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flower_split.data.tenants import tenant_splits
 from flower_split.model import load_tokenizer
 from flower_split.train import train_split
 
-DEFAULTS = {"model": "minilm", "dataset": "banking77", "epochs": 3, "device": "cpu"}
+DEFAULTS = {"model": "minilm", "dataset": "banking77", "epochs": 3, "device": "cpu", "security": "plain"}
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
-    config = RunConfig.from_mapping({**DEFAULTS, **overrides, "mode": "split", "security": "plain"}).validate()
+    config = RunConfig.from_mapping({**DEFAULTS, **overrides, "mode": "split"}).validate()
     splits = tenant_splits(config, args.partition, args.num_clients)
     tokenizer = load_tokenizer(config.model)
     correct = total = 0.0
@@ -53,7 +54,8 @@ def main() -> None:
         print(f"tenant {tenant}: {len(train)} train / {len(test)} test rows, {len(set(train.labels))} classes, "
               f"accuracy {run['test_accuracy']:.4f}, train loss per epoch [{losses}], "
               f"{time.perf_counter() - started:.0f} s", flush=True)
-    print(f"example-weighted per-tenant accuracy {correct / total:.4f} ({config.epochs} epochs)")
+    print(f"example-weighted per-tenant accuracy {correct / total:.4f} ({config.epochs} epochs, "
+          f"{config.security}{'/' + config.label_protection if config.security == 'secure' else ''})")
 
 
 if __name__ == "__main__":

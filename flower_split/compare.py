@@ -324,7 +324,8 @@ def _write_json(target: Path, data: dict) -> None:
 
 COLUMNS = ("run", "per-tenant accuracy", "per-tenant macro-F1", "global test accuracy", "global macro-F1",
            "wall time (s)",
-           "client CPU s / sample", "client peak RSS (MB)", "bytes / client / round", "round trips / step")
+           "client CPU s / sample", "client peak RSS (MB)", "bytes / client / round", "round trips / step",
+           "Flower wait")
 
 
 def _pct(value: float | None) -> str:
@@ -359,6 +360,7 @@ def table_row(run: dict) -> list[str]:
         "n/a" if rss is None else f"{rss / 2**20:.0f}" + ("" if growth is None else f" (+{growth / 2**20:.0f})"),
         _bytes(run.get("bytes_per_client_per_round")),
         _num(run.get("round_trips_per_step"), ".3f"),
+        _pct(run.get("flower_wait_fraction")),
     ]
 
 
@@ -408,6 +410,8 @@ def render_report(spec: CompareSpec, runs: list[dict], skipped: list[dict]) -> s
         "(it is in results.json as `eval_bytes_up/down`).",
         "- **round trips / step**: Flower round trips per optimizer step of a tenant in a training round "
         "(FedAvg: one train round trip per round over the mean local steps).",
+        "- **Flower wait**: split only: share of the training rounds' wall time the ServerApp spent in "
+        "`send_and_receive` (the rest is the cloud's own work and bookkeeping; n/a where not measured).",
         "",
         "Plots: `accuracy_vs_round.png` (per-tenant accuracy per round; FedAvg global-test accuracy dashed; "
         "centralized final accuracy as a horizontal line) and `costs.png`.",

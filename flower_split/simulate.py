@@ -271,6 +271,9 @@ def _run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSett
             "train_examples": report.num_examples * epochs,
             "client_cpu_seconds": sum(c.train_cpu_seconds for c in traffic.nodes.values()),
             "wall_seconds": report.wall_seconds,
+            # split only: time the ServerApp spent in send_and_receive, and in the cloud party
+            "flower_wait_seconds": getattr(report, "flower_wait_seconds", None),
+            "cloud_seconds": getattr(report, "cloud_seconds", None),
         })
     initial = evaluations.get(0)
     initial_global = global_evals.get(0)
@@ -325,6 +328,7 @@ def _run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSett
         "bytes_cloud_to_client": sum(c["bytes_down"] for c in clients),
         "bytes_per_client_per_round": _mean([r["bytes_up"] + r["bytes_down"] for r in train_rounds]),
         "round_trips_per_step": _mean([r["round_trips_per_step"] for r in train_rounds]),
+        "flower_wait_fraction": _wait_fraction(train_rounds),
         "num_clients": num_clients,
         "partition": settings.partition,
         "num_server_rounds": settings.num_server_rounds,
@@ -375,3 +379,12 @@ def main_simulate(args: Any) -> int:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _wait_fraction(rounds: list[dict]) -> float | None:
+    """Share of the training rounds' wall time spent waiting on Flower (None if not measured)."""
+    waits = [r.get("flower_wait_seconds") for r in rounds]
+    wall = sum(r["wall_seconds"] or 0.0 for r in rounds)
+    if not rounds or any(w is None for w in waits) or wall <= 0:
+        return None
+    return sum(waits) / wall

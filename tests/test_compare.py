@@ -118,6 +118,7 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     assert [r["round"] for r in fedavg["rounds"]] == [1, 2]  # no eval-initial
     assert [r["round"] for r in split["rounds"]] == [1, 2]
     assert split["round_trips_per_step"] == pytest.approx(0.6)  # 5 steps in one pack of 5: 3 stages
+    assert 0.0 < split["flower_wait_fraction"] < 1.0 and fedavg["flower_wait_fraction"] is None
     assert 0 < fedavg["round_trips_per_step"] < 0.5 and central["round_trips_per_step"] == 0
     for run in (fedavg, split):
         assert run["bytes_per_client_per_round"] > 0 and run["client_cpu_seconds_per_sample"] > 0

@@ -33,14 +33,6 @@ RUN_NAMES = {"split": "split-{security}", "fedavg": "fedavg-lora"}
 # --quick for simulations: the CLI's quick model and data, and short rounds
 QUICK_FLOWER = {"local_steps": 10, "micro_batches": 5}
 
-# glibc malloc settings for the simulated clients of secure runs. A client actor serving many
-# tenants allocates and frees tens of MB per secure message (state, shares, Beaver material);
-# with glibc's dynamic mmap threshold those buffers land in per-thread heaps that never shrink:
-# a 10-tenant MiniLM secure round grew one actor to 16.7 GB and Ray killed it. With a fixed
-# 128 KiB threshold and two arenas it grows about three times slower (docs/BENCHMARKS.md); not
-# yet bounded. A value already in the environment wins.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
-
 
 def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings, Any]:
     """Validate ``run_config`` for ``strategy``: (RunConfig, FlowerSettings, FedAvgSettings or None)."""
@@ -171,15 +163,8 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": _client_gpus(config, cpus)},
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
     started = time.perf_counter()
-    # secure mode only (it costs page faults): inherited by Ray's raylet and client actors
-    malloc = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ} if config.security == "secure" else {}
-    os.environ.update(malloc)
-    try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                       backend_config=backend_config)
-    finally:
-        for key in malloc:
-            del os.environ[key]
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                   backend_config=backend_config)
     total_wall = time.perf_counter() - started
     if collected.grid is None or not collected.rounds:
         raise RuntimeError(f"{name}: the simulation produced no training round (see the log above)")

@@ -12,8 +12,9 @@ from transformers import (
 
 from flwr.supercore.task_identity import TaskIdentity
 
+from flower_split.data import TokenizedDataset, load_dataset
 from flower_split.he import ClientKeys, CloudKeys
-from flower_split.model import minilm_path
+from flower_split.model import load_tokenizer, minilm_path
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=130)
@@ -81,3 +82,20 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls are ~10x slower with 2 contending torch threads on a loaded 2-core VM."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def secure_data() -> TokenizedDataset:
+    """24 Banking77 rows spread over the label-sorted file (several classes), tiny tokenizer."""
+    train, _ = load_dataset("banking77")
+    rows = list(range(0, 8000, 250))[:24]
+    return TokenizedDataset(train.subset(rows), load_tokenizer("tiny"), 24)

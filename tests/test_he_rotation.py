@@ -19,9 +19,9 @@ from flwr.app import Message
 from flower_helpers import LocalGrid
 from flower_split.client_app import make_client_app
 from flower_split.config import ConfigError, RunConfig
-from flower_split.data import Batch, TokenizedDataset, load_dataset
+from flower_split.data import Batch, TokenizedDataset
 from flower_split.he import ClientKeys
-from flower_split.model import build_split, load_encoder, load_tokenizer, split_encoder
+from flower_split.model import build_split, load_encoder, split_encoder
 from flower_split.mpc import decode
 from flower_split.protocol import KeyRotation, ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, load_plaintext_weights
@@ -41,24 +41,11 @@ FLOWER = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, 
           "security": "secure", "label-protection": "he", "global-eval": False, "he-key-rotation-every": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~10x slower with 2 contending torch threads on a loaded 2-core VM."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def data() -> TokenizedDataset:
-    train, _ = load_dataset("banking77")
-    rows = list(range(0, 8000, 250))[:24]  # spread over the label-sorted file: several classes
-    return TokenizedDataset(train.subset(rows), load_tokenizer("tiny"), 24)
-
-
-def _batch(data: TokenizedDataset, index: int) -> Batch:
-    return data.collate(list(range(8 * index, 8 * index + 8)))
+def _batch(secure_data: TokenizedDataset, index: int) -> Batch:
+    return secure_data.collate(list(range(8 * index, 8 * index + 8)))
 
 
 def _client(parts, mode: str = "he") -> SecureClientParty:
@@ -111,28 +98,28 @@ def _same(a, b) -> bool:
 # the parties
 
 
-def test_rotation_then_training_continues_with_the_plaintext_loss(data: TokenizedDataset) -> None:
+def test_rotation_then_training_continues_with_the_plaintext_loss(secure_data: TokenizedDataset) -> None:
     parts, client, cloud, transport = _parties()
     first = client.he_key_id
-    _train_and_check_loss(parts, client, cloud, transport, _batch(data, 0))
+    _train_and_check_loss(parts, client, cloud, transport, _batch(secure_data, 0))
     rotation = client.start_key_rotation()
     assert rotation.previous_key_id == first and client.he_key_id == first  # pending until acknowledged
     key_id = cloud.accept_key_rotation(rotation)
     assert key_id == rotation.key_id == cloud.he_key_id("t0") != first
     assert client.confirm_key_rotation(key_id)
     assert client.he_key_id == key_id and client.pending_he_key_id is None
-    _train_and_check_loss(parts, client, cloud, transport, _batch(data, 1))
+    _train_and_check_loss(parts, client, cloud, transport, _batch(secure_data, 1))
     second = transport.rotate_keys(client)  # the same exchange, in the in-process driver
     assert second not in (first, key_id) and client.he_key_id == cloud.he_key_id("t0") == second
-    _train_and_check_loss(parts, client, cloud, transport, _batch(data, 2))
+    _train_and_check_loss(parts, client, cloud, transport, _batch(secure_data, 2))
 
 
-def test_labels_under_the_old_key_are_rejected_without_state_change(data: TokenizedDataset) -> None:
+def test_labels_under_the_old_key_are_rejected_without_state_change(secure_data: TokenizedDataset) -> None:
     _, client, cloud, transport = _parties()
     old = client.he_key_id
     cloud.accept_key_rotation(client.start_key_rotation())  # the acknowledgement does not reach the client
     assert client.he_key_id == old != cloud.he_key_id("t0")
-    message = client.begin(_batch(data, 0))
+    message = client.begin(_batch(secure_data, 0))
     before = cloud.state_dict()
     for deliver in (cloud.material_request, cloud.handle):
         with pytest.raises(ProtocolError, match=f"key id {old.hex()} does not match this tenant's key .*rotated key"):
@@ -141,11 +128,11 @@ def test_labels_under_the_old_key_are_rejected_without_state_change(data: Tokeni
     # the acknowledgement arrives: the client drops its dead step, switches, and trains on
     client.reconcile(cloud.updates("t0"))
     assert client.confirm_key_rotation(cloud.he_key_id("t0"))
-    step = transport.run_step(client, _batch(data, 1))
+    step = transport.run_step(client, _batch(secure_data, 1))
     assert math.isfinite(client.pop_result(step).loss)
 
 
-def test_bad_rotations_are_rejected_and_change_nothing(data: TokenizedDataset) -> None:
+def test_bad_rotations_are_rejected_and_change_nothing(secure_data: TokenizedDataset) -> None:
     _, client, cloud, transport = _parties()
     current = cloud.he_key_id("t0")
     good = client.start_key_rotation()
@@ -169,7 +156,7 @@ def test_bad_rotations_are_rejected_and_change_nothing(data: TokenizedDataset) -
             cloud.accept_key_rotation(rotation)
         assert _same(before, cloud.state_dict()), f"cloud state changed by a rotation that {reason}"
     # not while a step is in flight
-    message = client.begin(_batch(data, 0))
+    message = client.begin(_batch(secure_data, 0))
     cloud.accept_material(transport.dealer.handle(cloud.material_request(message)))
     cloud.handle(message)
     with pytest.raises(ProtocolError, match="step 0 is in flight"):
@@ -178,7 +165,7 @@ def test_bad_rotations_are_rejected_and_change_nothing(data: TokenizedDataset) -
     assert cloud.accept_key_rotation(good) == good.key_id  # control: the genuine rotation goes through
 
 
-def test_unacknowledged_rotation_keeps_the_client_on_its_old_key(data: TokenizedDataset) -> None:
+def test_unacknowledged_rotation_keeps_the_client_on_its_old_key(secure_data: TokenizedDataset) -> None:
     """The rotation is lost on its way to the cloud: the client trains on under its old key
     (also after a state reload, as under Flower) and a retry sends the same rotation."""
     parts, client, cloud, transport = _parties()
@@ -191,12 +178,12 @@ def test_unacknowledged_rotation_keeps_the_client_on_its_old_key(data: Tokenized
     assert not client.confirm_key_rotation(cloud.he_key_id("t0"))  # the cloud still holds the old key
     assert client.he_key_id == old == cloud.he_key_id("t0")
     for index in range(2):
-        _train_and_check_loss(parts, client, cloud, transport, _batch(data, index))
+        _train_and_check_loss(parts, client, cloud, transport, _batch(secure_data, index))
     assert client.he_key_id == old and client.pending_he_key_id == lost.key_id
     retry = client.start_key_rotation()
     assert retry == lost
     assert client.confirm_key_rotation(cloud.accept_key_rotation(retry))
-    _train_and_check_loss(parts, client, cloud, transport, _batch(data, 2))
+    _train_and_check_loss(parts, client, cloud, transport, _batch(secure_data, 2))
 
 
 def test_client_label_protection_has_no_keys_to_rotate() -> None:

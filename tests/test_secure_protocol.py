@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from flower_split.config import RunConfig
-from flower_split.data import TokenizedDataset, load_dataset
+from flower_split.data import TokenizedDataset
 from flower_split.he import ClientKeys, HEParams
-from flower_split.model import build_split, load_tokenizer
+from flower_split.model import build_split
 from flower_split.mpc import Triple, decode, encode
 from flower_split.protocol import ClientParty, CloudParty, ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, load_plaintext_weights, plaintext_weights
@@ -41,20 +41,7 @@ TOL_PER_STEP = 4 * LSB
 TOTAL_STEPS = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are ~10x slower with 2 contending torch threads on a loaded 2-core VM."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data() -> TokenizedDataset:
-    train, _ = load_dataset("banking77")
-    rows = list(range(0, 8000, 250))[:24]  # spread over the label-sorted file: several classes
-    return TokenizedDataset(train.subset(rows), load_tokenizer("tiny"), 24)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(mode: str, **overrides) -> RunConfig:
@@ -93,7 +80,7 @@ def _weights(client: SecureClientParty, cloud: SecureCloudParty) -> dict[str, to
 
 
 @pytest.mark.parametrize("mode", ["client", "he"])
-def test_secure_steps_match_plain_steps(mode: str, data: TokenizedDataset) -> None:
+def test_secure_steps_match_plain_steps(mode: str, secure_data: TokenizedDataset) -> None:
     config = _config(mode)
     parts = _parts(random_up=True)
     start = {k: v.double() for k, v in plaintext_weights(parts.head, parts.tail).items()}
@@ -104,7 +91,7 @@ def test_secure_steps_match_plain_steps(mode: str, data: TokenizedDataset) -> No
     # secure mode never holds the plaintext weights after set-up
     assert client._init_weights is None
     for index in range(2):
-        batch = data.collate(list(range(8 * index, 8 * index + 8)))
+        batch = secure_data.collate(list(range(8 * index, 8 * index + 8)))
         step = transport.run_step(client, batch)
         secure_loss = client.pop_result(step).loss
         message = plain.begin(batch)
@@ -122,13 +109,13 @@ def test_secure_steps_match_plain_steps(mode: str, data: TokenizedDataset) -> No
     assert transport.last_step.messages_client_to_cloud == (11 if mode == "he" else 10)
 
 
-def test_zero_init_step_matches_plain_and_frozen_head(data: TokenizedDataset) -> None:
+def test_zero_init_step_matches_plain_and_frozen_head(secure_data: TokenizedDataset) -> None:
     """Default init (B = 0) and train_head=False: no body backward, head halves untouched."""
     config = _config("client", train_head=False)
     parts = _parts(random_up=False)
     client, cloud, _, transport = _secure(parts, config, record=True)
     head_before = _weights(client, cloud)
-    batch = data.collate(list(range(8)))
+    batch = secure_data.collate(list(range(8)))
     transport.run_step(client, batch)
     after = _weights(client, cloud)
     for name in ("head.A", "head.B"):
@@ -218,11 +205,11 @@ def _reference(parts, batch) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["client", "he"])
-def test_cloud_transcript_holds_no_inputs_labels_loss_or_gradient(mode: str, data: TokenizedDataset) -> None:
+def test_cloud_transcript_holds_no_inputs_labels_loss_or_gradient(mode: str, secure_data: TokenizedDataset) -> None:
     config = _config(mode)
     parts = _parts(random_up=True)
     client, cloud, _, transport = _secure(parts, config, record=True)
-    batch = data.collate(list(range(8)))
+    batch = secure_data.collate(list(range(8)))
     step = transport.run_step(client, batch)
     loss = client.pop_result(step).loss
     targets = _reference(parts, batch)
@@ -247,11 +234,11 @@ def test_cloud_transcript_holds_no_inputs_labels_loss_or_gradient(mode: str, dat
                       batch.attention_mask), f"planted {what} not found"
 
 
-def test_documented_leak_identity_head_opens_e(data: TokenizedDataset) -> None:
+def test_documented_leak_identity_head_opens_e(secure_data: TokenizedDataset) -> None:
     """Measures the known leak (DESIGN section 7): with the default B = 0 the opened f is e."""
     parts = _parts(random_up=False)
     client, cloud, dealer, _ = _secure(parts, _config("client"))
-    batch = data.collate(list(range(4)))
+    batch = secure_data.collate(list(range(4)))
     message = client.begin(batch)
     cloud.accept_material(dealer.handle(cloud.material_request(message)))
     while "open.f" not in message.items:
@@ -262,10 +249,10 @@ def test_documented_leak_identity_head_opens_e(data: TokenizedDataset) -> None:
     assert (f - e).abs().max().item() <= LSB  # the cloud sees e exactly at step 0
 
 
-def test_cloud_never_holds_client_triples(data: TokenizedDataset) -> None:
+def test_cloud_never_holds_client_triples(secure_data: TokenizedDataset) -> None:
     parts = _parts(random_up=False)
     client, cloud, dealer, transport = _secure(parts, _config("client"), record=True)
-    batch = data.collate(list(range(4)))
+    batch = secure_data.collate(list(range(4)))
     transport.run_step(client, batch)
     bundle = next(m for m in transport.transcript if isinstance(m, MaterialBundle))
     spec = StepSpec("t0", 0, 4, int(batch.input_ids.shape[1]), 32, 4, 8, 77, True, True, "client", 16)
@@ -339,10 +326,10 @@ def _tampered(message: SecureMessage) -> dict[str, SecureMessage]:
 
 
 @pytest.mark.parametrize("mode", ["client", "he"])
-def test_tampered_messages_are_rejected_without_state_change(mode: str, data: TokenizedDataset) -> None:
+def test_tampered_messages_are_rejected_without_state_change(mode: str, secure_data: TokenizedDataset) -> None:
     parts = _parts(random_up=True)
     client, cloud, dealer, _ = _secure(parts, _config(mode))
-    batch = data.collate(list(range(8)))
+    batch = secure_data.collate(list(range(8)))
     to_cloud = client.begin(batch)
     cloud.accept_material(dealer.handle(cloud.material_request(to_cloud)))
     checked_cloud = checked_client = False
@@ -378,7 +365,7 @@ def test_tampered_messages_are_rejected_without_state_change(mode: str, data: To
     assert checked_cloud and checked_client
     assert client.steps_in_flight == [] and cloud.pending_steps == []
     # a replayed step number (its Beaver material was used) or a non-first message to start
-    message = client.begin(data.collate(list(range(8, 16))))
+    message = client.begin(secure_data.collate(list(range(8, 16))))
     with pytest.raises(ProtocolError, match="first message of a step >= 1"):
         cloud.material_request(SecureMessage(**{**vars(message), "step": 0}))
     with pytest.raises(ProtocolError, match="got message 2"):
@@ -387,7 +374,7 @@ def test_tampered_messages_are_rejected_without_state_change(mode: str, data: To
         cloud.handle(message)
 
 
-def test_state_dicts_resume_mid_step(data: TokenizedDataset) -> None:
+def test_state_dicts_resume_mid_step(secure_data: TokenizedDataset) -> None:
     """Both parties are exported/imported (through torch.save) between every pair of messages."""
     config = _config("he")
     parts = _parts(random_up=True)
@@ -408,7 +395,7 @@ def test_state_dicts_resume_mid_step(data: TokenizedDataset) -> None:
         fresh.load_state_dict(party.state_dict())
         return fresh
 
-    batch = data.collate(list(range(8)))
+    batch = secure_data.collate(list(range(8)))
     message = client.begin(batch)
     cloud.accept_material(dealer.handle(cloud.material_request(message)))
     while message is not None:
@@ -488,14 +475,14 @@ def test_bad_setup_is_rejected_and_registers_nothing() -> None:
 
 
 @pytest.mark.parametrize("mode", ["client", "he"])
-def test_step_cut_at_any_message_reconciles_to_a_consistent_model(mode: str, data: TokenizedDataset) -> None:
+def test_step_cut_at_any_message_reconciles_to_a_consistent_model(mode: str, secure_data: TokenizedDataset) -> None:
     """A tenant dropped mid-step (any message lost): after ``reconcile`` the halves sum to the
     model before the step or to a proper update of it, never to one party's update alone
     (which would add that party's random share of the update: garbage of order 2^47)."""
     config = _config(mode)
     parts = _parts(random_up=True)
     client, cloud, dealer, _ = _secure(parts, config)
-    batch = data.collate(list(range(8)))
+    batch = secure_data.collate(list(range(8)))
     messages = len(schedule(StepSpec("t0", 0, 8, int(batch.input_ids.shape[1]), 32, 4, 8, 77, True, True,
                                      mode, 16)))
     outcomes = []
@@ -526,9 +513,9 @@ def test_step_cut_at_any_message_reconciles_to_a_consistent_model(mode: str, dat
     assert outcomes[-1] == "completed" and outcomes[0] == "rolled back"
 
 
-def test_reconcile_refuses_halves_that_diverged_by_more_than_a_step(data: TokenizedDataset) -> None:
+def test_reconcile_refuses_halves_that_diverged_by_more_than_a_step(secure_data: TokenizedDataset) -> None:
     client, cloud, _, transport = _secure(_parts(random_up=True), _config("client"))
-    transport.run_step(client, data.collate(list(range(8))))
+    transport.run_step(client, secure_data.collate(list(range(8))))
     with pytest.raises(ProtocolError, match="diverged"):
         client.reconcile({"head": 5, "tail": 5})
     with pytest.raises(ProtocolError, match="malformed"):

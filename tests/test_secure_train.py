@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from flower_split.api import train
 from flower_split.config import ConfigError, RunConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _quick(mode: str, **overrides) -> RunConfig:

@@ -71,6 +71,10 @@ class CompareSpec:
     def base_config(self) -> RunConfig:
         return RunConfig.from_mapping(self.run)
 
+    def centralized_config(self) -> RunConfig:
+        """The centralized run's RunConfig: the shared fields, ``centralized.epochs`` epochs."""
+        return RunConfig.from_mapping({**self.run, "mode": "centralized", "epochs": self.centralized_epochs})
+
 
 def _norm(section: str, table: Any, where: str) -> dict[str, Any]:
     if not isinstance(table, dict):
@@ -198,7 +202,7 @@ def run_centralized(spec: CompareSpec, progress: bool = True) -> dict:
 
     import torch
 
-    config = RunConfig.from_mapping({**spec.run, "mode": "centralized", "epochs": spec.centralized_epochs})
+    config = spec.centralized_config()
     if progress:
         print(f"[centralized-lora] {config.epochs} epochs on pooled data, {spec.threads} torch thread(s) ...",
               flush=True)
@@ -232,7 +236,7 @@ def run_inputs(spec: CompareSpec, kind: str) -> dict[str, Any]:
     these are identical): the centralized RunConfig and torch threads, or the Flower run config
     and number of tenants of a federated run."""
     if kind == "centralized":
-        config = RunConfig.from_mapping({**spec.run, "mode": "centralized", "epochs": spec.centralized_epochs})
+        config = spec.centralized_config()
         return {"config": config.to_dict(), "threads": spec.threads}
     if kind == "fedavg":
         values = federated_values(spec, "fedavg")

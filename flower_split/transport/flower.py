@@ -256,53 +256,56 @@ def state_to_records(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecor
     """
     arrays = ArrayRecord()
     blobs: dict[str, bytes] = {}
-
-    def encode(value: Any, path: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            key = f"t{len(arrays)}"
-            arrays[key] = tensor_to_array(path, value)
-            return {"t": key}
-        if isinstance(value, dict):
-            items = []
-            for k, v in value.items():
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
-                    raise TypeError(f"state {path}: dict key {k!r} must be str or int")
-                items.append([k, encode(v, f"{path}.{k}")])
-            return {"d": items}
-        if isinstance(value, (list, tuple)):
-            tag = "l" if isinstance(value, list) else "u"
-            return {tag: [encode(v, f"{path}[{i}]") for i, v in enumerate(value)]}
-        if isinstance(value, bytes):
-            key = f"b{len(blobs)}"
-            blobs[key] = value
-            return {"b": key}
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return {"v": value}
-        raise TypeError(f"state {path}: cannot store a {type(value).__name__}")
-
-    skeleton = json.dumps(encode(dict(state), "state"))
+    skeleton = json.dumps(_encode(dict(state), "state", arrays, blobs))
     return arrays, ConfigRecord({"skeleton": skeleton, "format": PACK_FORMAT, **blobs})
+
+
+# Module-level recursion on purpose: a recursive closure is a reference cycle that keeps the
+# whole state (every tensor or Array of it) alive until Python's cyclic collector runs, which
+# in a long-lived Flower client process serving many tenants means gigabytes.
+def _encode(value: Any, path: str, arrays: ArrayRecord, blobs: dict[str, bytes]) -> Any:
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(arrays)}"
+        arrays[key] = tensor_to_array(path, value)
+        return {"t": key}
+    if isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise TypeError(f"state {path}: dict key {k!r} must be str or int")
+            items.append([k, _encode(v, f"{path}.{k}", arrays, blobs)])
+        return {"d": items}
+    if isinstance(value, (list, tuple)):
+        tag = "l" if isinstance(value, list) else "u"
+        return {tag: [_encode(v, f"{path}[{i}]", arrays, blobs) for i, v in enumerate(value)]}
+    if isinstance(value, bytes):
+        key = f"b{len(blobs)}"
+        blobs[key] = value
+        return {"b": key}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"v": value}
+    raise TypeError(f"state {path}: cannot store a {type(value).__name__}")
 
 
 def records_to_state(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, Any]:
     """Inverse of :func:`state_to_records`."""
     skeleton = json.loads(_value(config, "skeleton", str, "state"))
+    return _decode(skeleton, arrays, config)
 
-    def decode(node: Any) -> Any:
-        (tag, value), = node.items()
-        if tag == "t":
-            return array_to_tensor(f"state[{value}]", arrays[value])
-        if tag == "b":
-            return _value(config, value, bytes, "state")
-        if tag == "d":
-            return {k: decode(v) for k, v in value}
-        if tag == "l":
-            return [decode(v) for v in value]
-        if tag == "u":
-            return tuple(decode(v) for v in value)
-        return value
 
-    return decode(skeleton)
+def _decode(node: Any, arrays: ArrayRecord, config: ConfigRecord) -> Any:
+    (tag, value), = node.items()
+    if tag == "t":
+        return array_to_tensor(f"state[{value}]", arrays[value])
+    if tag == "b":
+        return _value(config, value, bytes, "state")
+    if tag == "d":
+        return {k: _decode(v, arrays, config) for k, v in value}
+    if tag == "l":
+        return [_decode(v, arrays, config) for v in value]
+    if tag == "u":
+        return tuple(_decode(v, arrays, config) for v in value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

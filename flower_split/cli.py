@@ -22,6 +22,8 @@ from flower_split.data import DatasetError
 # --quick: the tiny random model on a few hundred samples; a smoke run in seconds.
 QUICK = dict(model="tiny", epochs=3, max_train_samples=1000, max_test_samples=300,
              head_rank=8, tail_bottleneck=16, lr_head=0.05, lr_tail=0.5)
+# ... and for the Flower apps (`flwr run . --run-config quick=true`, `simulate --quick`): short rounds
+QUICK_FLOWER = dict(local_steps=10, micro_batches=5)
 
 
 def build_parser() -> argparse.ArgumentParser:

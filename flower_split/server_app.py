@@ -45,9 +45,9 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
         from strategies.secure_split import SecureSplitStrategy
 
         dealer = SecureDealerParty()
-        strategy: SplitStrategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public, device), dealer,
-                                                      he_key_rotation_every=settings.he_key_rotation_every,
-                                                      **common)
+        secure_cloud = SecureCloudParty(body, dealer.public, device, keep_graphs=settings.cloud_keep_graphs)
+        strategy: SplitStrategy = SecureSplitStrategy(
+            secure_cloud, dealer, he_key_rotation_every=settings.he_key_rotation_every, **common)
     else:
         cloud = CloudParty(body, device, keep_graphs=settings.cloud_keep_graphs)
         strategy = SplitStrategy(cloud, micro_batches=settings.micro_batches, **common)

@@ -30,8 +30,6 @@ from flower_split.transport.flower import FlowerSettings, settings_from_run_conf
 
 STRATEGIES = ("split", "fedavg")
 RUN_NAMES = {"split": "split-{security}", "fedavg": "fedavg-lora"}
-# --quick for simulations: the CLI's quick model and data, and short rounds
-QUICK_FLOWER = {"local_steps": 10, "micro_batches": 5}
 
 
 def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings, Any]:
@@ -346,7 +344,7 @@ def _mean(values: list[float]) -> float | None:
 
 def quick_values() -> dict[str, Any]:
     """What ``--quick`` sets: the CLI's tiny model on a few hundred samples, short rounds."""
-    from flower_split.cli import QUICK
+    from flower_split.cli import QUICK, QUICK_FLOWER
 
     return {**{k: v for k, v in QUICK.items() if k != "epochs"}, **QUICK_FLOWER}
 

@@ -1,11 +1,44 @@
-"""In-process Flower plumbing for tests: a Grid that calls ClientApps directly."""
+"""In-process Flower plumbing for tests: a Grid that calls ClientApps directly, and a check
+that client messages leave no data in reference cycles."""
 
 from __future__ import annotations
 
+import gc
 from typing import Callable, Iterable
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
+
+
+def cyclic_data(action: Callable[[], object]) -> list[str]:
+    """Types of the tensors and Flower arrays that ``action`` left in reference cycles.
+
+    Such garbage is freed only by Python's cyclic collector, which runs by object count, not
+    size: in a client process serving many tenants it piled up to >16 GB (docs/BENCHMARKS.md).
+    """
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        action()
+        gc.collect()
+        return [type(o).__name__ for o in gc.garbage if isinstance(o, (torch.Tensor, Array, ArrayRecord))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+def checked_for_cycles(client_app: Callable[[Message, Context], Message],
+                       found: list[str]) -> Callable[[Message, Context], Message]:
+    """``client_app`` that appends to ``found`` what each message left in cycles, and fails on error replies."""
+
+    def checked(message: Message, context: Context) -> Message:
+        reply: list[Message] = []
+        found.extend(cyclic_data(lambda: reply.append(client_app(message, context))))
+        assert not reply[0].has_error(), reply[0].error
+        return reply[0]
+
+    return checked
 
 
 class LocalGrid(Grid):

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from flower_split.client_app import PARTY_ARRAYS, PARTY_CONFIG, make_client_app, split_test_like_train
 from flower_split.config import ConfigError, RunConfig
@@ -25,7 +23,7 @@ from flower_split.server_app import make_server_app, run_cloud
 from flower_split.transport.flower import (
     pack_messages, records_to_state, settings_from_run_config, state_to_records, unpack_messages,
 )
-from flower_helpers import LocalGrid
+from flower_helpers import LocalGrid, checked_for_cycles
 from strategies.split import EvalReport, RoundReport
 
 TINY = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 8, "tail-bottleneck": 16,
@@ -113,6 +111,7 @@ def test_config_mapping_and_pyproject_defaults() -> None:
     assert config.model == "minilm" and settings.local_steps == 50 and settings.micro_batches == 8
     config, settings = settings_from_run_config({**pyproject["tool"]["flwr"]["app"]["config"], "quick": True})
     assert config.model == "tiny" and config.max_train_samples == 1000
+    assert (settings.local_steps, settings.micro_batches) == (10, 5)  # short rounds too
     with pytest.raises(ConfigError, match="micro-batches"):
         settings_from_run_config({"micro-batches": 0})
     with pytest.raises(ConfigError, match="lr_hed: unknown"):
@@ -227,6 +226,13 @@ def test_strategy_drops_tenants_that_fail_and_the_others_continue(task_identity:
     assert "ProtocolError (tenant-1)" in evaluation.dropped["tenant-1"]
     assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-2"]
     assert global_evaluation.scope == "global" and sorted(global_evaluation.per_tenant) == ["tenant-0", "tenant-2"]
+
+
+def test_client_messages_leave_no_cycles_holding_data(task_identity: None) -> None:
+    found: list[str] = []
+    config = {**TINY, "eval-initial": False, "local-steps": 2, "micro-batches": 2, "num-server-rounds": 1}
+    run_cloud(LocalGrid(checked_for_cycles(make_client_app(config), found), 2), config)
+    assert found == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import gc
-from typing import Callable
-
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
-from flower_helpers import LocalGrid
+from flower_helpers import LocalGrid, checked_for_cycles, cyclic_data
 from flower_split.client_app import make_client_app
 from flower_split.model import load_encoder, split_encoder
 from flower_split.mpc import decode
@@ -92,26 +89,9 @@ def test_state_with_bytes_round_trips() -> None:
     assert torch.equal(back["nested"][3], torch.ones(2))
 
 
-def _cyclic_data(action: Callable[[], object]) -> list[str]:
-    """Types of the tensors and Flower arrays that ``action`` left in reference cycles.
-
-    Such garbage is freed only by Python's cyclic collector, which runs by object count, not
-    size: in a client process serving many tenants it piled up to >16 GB (docs/BENCHMARKS.md).
-    """
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        action()
-        gc.collect()
-        return [type(o).__name__ for o in gc.garbage if isinstance(o, (torch.Tensor, Array, ArrayRecord))]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-
-
 def test_state_records_leave_no_cycles_holding_the_state() -> None:
     state = {"halves": {"w": torch.ones(64, 8)}, "optim": {0: [torch.zeros(3), b"k"]}, "step": 2}
-    assert _cyclic_data(lambda: records_to_state(*state_to_records(state))) == []
+    assert cyclic_data(lambda: records_to_state(*state_to_records(state))) == []
 
 
 def test_flower_settings_accept_secure() -> None:
@@ -188,16 +168,8 @@ def test_tenant_dropped_mid_step_rejoins_with_a_consistent_model(task_identity: 
 
 
 def test_secure_client_messages_leave_no_cycles_holding_data(task_identity: None) -> None:
-    client_app = make_client_app({**SECURE, "label-protection": "he"})
     found: list[str] = []
-
-    def checked(message: Message, context: Context) -> Message:
-        reply: list[Message] = []
-        found.extend(_cyclic_data(lambda: reply.append(client_app(message, context))))
-        assert not reply[0].has_error(), reply[0].error
-        return reply[0]
-
-    grid = LocalGrid(checked, 1)
+    grid = LocalGrid(checked_for_cycles(make_client_app({**SECURE, "label-protection": "he"}), found), 1)
     _strategy(min_nodes=1).start(grid, 1, eval_every=1)
     assert found == []
 

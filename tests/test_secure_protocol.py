@@ -64,9 +64,9 @@ def _parts(random_up: bool):
     return parts
 
 
-def _secure(parts, config, record=False):
+def _secure(parts, config, record=False, keep_graphs=False):
     dealer = SecureDealerParty()
-    cloud = SecureCloudParty(parts.body, dealer.public)
+    cloud = SecureCloudParty(parts.body, dealer.public, keep_graphs=keep_graphs)
     client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail),
                                config, TOTAL_STEPS)
     transport = SecureLocalTransport(cloud, dealer, record_transcript=record)
@@ -79,12 +79,13 @@ def _weights(client: SecureClientParty, cloud: SecureCloudParty) -> dict[str, to
     return {k: decode(mine[k] + theirs[k]) for k in mine}
 
 
-@pytest.mark.parametrize("mode", ["client", "he"])
-def test_secure_steps_match_plain_steps(mode: str, secure_data: TokenizedDataset) -> None:
+@pytest.mark.parametrize("mode,keep_graphs", [("client", False), ("he", False), ("he", True)])
+def test_secure_steps_match_plain_steps(mode: str, keep_graphs: bool, secure_data: TokenizedDataset) -> None:
+    """Both ways of running the cloud's body backward: recomputed (default) or kept graph."""
     config = _config(mode)
     parts = _parts(random_up=True)
     start = {k: v.double() for k, v in plaintext_weights(parts.head, parts.tail).items()}
-    client, cloud, _, transport = _secure(parts, config)
+    client, cloud, _, transport = _secure(parts, config, keep_graphs=keep_graphs)
     head, tail = copy.deepcopy(parts.head), copy.deepcopy(parts.tail)
     plain = ClientParty("t0", parts.embedder, head, tail, config, TOTAL_STEPS)
     plain_transport = InProcessTransport(CloudParty(parts.body))

@@ -72,8 +72,13 @@ class SecureCloudParty(SecureStepRunner):
     party = 0
 
     def __init__(self, body: Body, dealer_public: bytes, device: torch.device | str = "cpu",
-                 frac_bits: int = DEFAULT_FRAC_BITS) -> None:
+                 frac_bits: int = DEFAULT_FRAC_BITS, keep_graphs: bool = False) -> None:
+        """``keep_graphs``: keep each in-flight step's body graph from the forward to the
+        gradient (one body forward less per step) instead of keeping only ``f`` and running
+        the forward again when ``dL/dh`` arrives. A MiniLM graph of a 32-row step holds about
+        200 MB, and every tenant has a step in flight, so the default recomputes."""
         self.body = body.to(device)
+        self.keep_graphs = keep_graphs
         self.device = torch.device(device)
         self.dim = hidden_size(body.encoder)
         self.dealer_public = check_public_key(dealer_public, "dealer_public")
@@ -315,9 +320,11 @@ class SecureCloudParty(SecureStepRunner):
         f = decode(st.ctx["head"].values["y"].data + got["open.f"], self.frac_bits)  # f opened to the cloud
         if not bool(torch.isfinite(f).all()) or float(f.abs().max()) > 1e6:
             raise ProtocolError("open.f: the opened head output is out of range")
-        f_leaf, h = self._body(f, st.ctx["mask"], st.spec.trains_head)
+        keep = st.spec.trains_head and self.keep_graphs
+        f_leaf, h = self._body(f, st.ctx["mask"], keep)
         if st.spec.trains_head:
             st.ctx["f"] = f.to(torch.float32)
+        if keep:
             st.ctx["_graph"] = (f_leaf, h)
         seed = new_seed()
         share = encode(h.detach().cpu().to(torch.float64), self.frac_bits) - prg(seed, tuple(h.shape))
@@ -343,7 +350,7 @@ class SecureCloudParty(SecureStepRunner):
         if not bool(torch.isfinite(grad_h).all()) or float(grad_h.abs().max()) > 1e6:
             raise ProtocolError("open.grad_h: the opened gradient is out of range")
         graph = st.ctx.get("_graph")
-        if graph is None:  # restored from state_dict: recompute the body forward
+        if graph is None:  # not kept (the default), or restored from state_dict: recompute
             graph = self._body(st.ctx["f"], st.ctx["mask"], True)
         f_leaf, h = graph
         (grad_f,) = torch.autograd.grad(h, f_leaf, grad_h.to(self.device, torch.float32))

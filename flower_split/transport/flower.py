@@ -327,10 +327,11 @@ class FlowerSettings:
     strategy, as plain-mode and FedAvg clients do; false: they report nothing),
     ``he-key-rotation-every`` (secure mode with ``he`` label protection: every tenant gets a
     new CKKS key pair after every N training rounds; 0: never; any other mode refuses N > 0),
-    ``cloud-keep-graphs`` (plain mode: the cloud keeps each in-flight step's autograd graph,
+    ``cloud-keep-graphs`` (both modes: the cloud keeps each in-flight step's autograd graph,
     about 200 MB per 32-row MiniLM micro-batch, instead of running the body forward again when
     the gradient arrives; faster, but memory grows with tenants x micro-batches),
-    ``quick`` (tiny model on a few hundred samples, see ``flower_split.cli.QUICK``).
+    ``quick`` (tiny model on a few hundred samples and short rounds, see ``flower_split.cli.QUICK``
+    and ``QUICK_FLOWER``).
     """
 
     num_server_rounds: int = 3
@@ -381,7 +382,7 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
     Keys may use dashes or underscores; unknown keys are an error naming the key. The
     Flower apps run ``mode='split'`` (``security`` 'plain' or 'secure').
     """
-    from flower_split.cli import QUICK
+    from flower_split.cli import QUICK, QUICK_FLOWER
 
     flower_fields = {f.name for f in dataclasses.fields(FlowerSettings)}
     run: dict[str, Any] = {}
@@ -389,9 +390,11 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
     for key, value in values.items():
         name = key.replace("-", "_")
         (flower if name in flower_fields else run)[name] = value
-    settings = FlowerSettings(**flower).validate()
-    if settings.quick:  # applied last so that `--run-config quick=true` wins over pyproject defaults
+    quick = flower.get("quick", False)
+    if quick is True:  # applied last so that `--run-config quick=true` wins over pyproject defaults
         run.update({k: v for k, v in QUICK.items() if k != "epochs"})
+        flower.update(QUICK_FLOWER)
+    settings = FlowerSettings(**flower).validate()
     config = RunConfig.from_mapping(run)
     if config.mode != "split":
         raise ConfigError(f"mode: the Flower app runs 'split' only, got {config.mode!r}")

@@ -11,19 +11,29 @@ times are compute only; add your transport's latency times the rounds). Reported
 * rounds: client -> cloud messages per step (each answered by the cloud, except the last);
   messages cloud -> client.
 
-Usage: ``python simulations/bench_secure_step.py [--models tiny minilm] [--batch 32] [--reps 5]``
+With ``--matmuls`` it also times every exact ring matmul (the Beaver products on both
+parties and the dealer's triples) by operand shape, to show where the 2PC time goes.
+``--set KEY=VALUE`` overrides a RunConfig field for every protocol (e.g. ``tail_bottleneck=64``).
+
+Usage: ``python simulations/bench_secure_step.py [--models tiny minilm] [--batch 32] [--reps 5]
+[--matmuls] [--set tail_bottleneck=64]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
+from collections import defaultdict
+from typing import Iterator
 
 import torch
 
+from flower_split.cli import parse_set
 from flower_split.config import RunConfig
+from flower_split.mpc import beaver, triples
 from flower_split.data import TokenizedDataset, load_dataset
 from flower_split.model import build_split, load_tokenizer
 from flower_split.protocol import ClientParty, CloudParty
@@ -36,6 +46,29 @@ from flower_split.transport import InProcessTransport
 SHAPES = {"tiny": dict(head_rank=8, tail_bottleneck=16), "minilm": dict(head_rank=64, tail_bottleneck=256)}
 
 
+@contextlib.contextmanager
+def ring_matmul_times() -> Iterator[dict[tuple, list[float]]]:
+    """Seconds of every ring matmul by (x shape, y shape) while the block runs.
+
+    Wraps the ``ring_matmul`` that ``beaver`` (both parties' products) and ``triples`` (the
+    dealer) call; the arithmetic is the real one, only timed.
+    """
+    times: dict[tuple, list[float]] = defaultdict(list)
+    original = beaver.ring_matmul
+
+    def timed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        result = original(x, y)
+        times[(tuple(x.shape), tuple(y.shape))].append(time.perf_counter() - start)
+        return result
+
+    beaver.ring_matmul = triples.ring_matmul = timed
+    try:
+        yield times
+    finally:
+        beaver.ring_matmul = triples.ring_matmul = original
+
+
 def _batch(model: str, batch_size: int, max_length: int):
     train, _ = load_dataset("banking77")
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:batch_size].tolist()
@@ -43,8 +76,8 @@ def _batch(model: str, batch_size: int, max_length: int):
         list(range(batch_size)))
 
 
-def bench_plain(model: str, batch, reps: int) -> dict:
-    config = RunConfig(model=model, device="cpu", **SHAPES[model])
+def bench_plain(model: str, batch, reps: int, overrides: dict) -> dict:
+    config = RunConfig(model=model, device="cpu", **{**SHAPES[model], **overrides})
     parts = build_split(model, 77, config.head_rank, config.tail_bottleneck)
     client = ClientParty("t0", parts.embedder, parts.head, parts.tail, config, total_steps=10 * (reps + 1))
     transport = InProcessTransport(CloudParty(parts.body))
@@ -67,8 +100,9 @@ def bench_plain(model: str, batch, reps: int) -> dict:
                 dealer_bytes=0, rounds=rounds, replies=replies)
 
 
-def bench_secure(model: str, batch, reps: int, mode: str) -> dict:
-    config = RunConfig(model=model, device="cpu", security="secure", label_protection=mode, **SHAPES[model])
+def bench_secure(model: str, batch, reps: int, mode: str, overrides: dict) -> dict:
+    config = RunConfig(model=model, device="cpu", security="secure", label_protection=mode,
+                       **{**SHAPES[model], **overrides})
     parts = build_split(model, 77, config.head_rank, config.tail_bottleneck)
     dealer = SecureDealerParty()
     cloud = SecureCloudParty(parts.body, dealer.public)
@@ -98,16 +132,23 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--matmuls", action="store_true", help="also time the ring matmuls by shape")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="RunConfig field for every protocol (repeatable), e.g. --set tail_bottleneck=64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    overrides = parse_set(args.set)
     rows = []
+    matmuls: dict[str, dict[tuple, list[float]]] = {}
     for model in args.models:
         batch = _batch(model, args.batch, args.max_length)
         shape = f"B={batch.input_ids.shape[0]} T={batch.input_ids.shape[1]}"
-        plain = bench_plain(model, batch, args.reps)
+        plain = bench_plain(model, batch, args.reps, overrides)
         rows.append((model, shape, "plain", plain, 1.0))
         for mode in ("client", "he"):
-            result = bench_secure(model, batch, args.reps, mode)
+            with ring_matmul_times() if args.matmuls else contextlib.nullcontext({}) as times:
+                result = bench_secure(model, batch, args.reps, mode, overrides)
+            matmuls[f"{model} secure/{mode}"] = times
             rows.append((model, shape, f"secure/{mode}", result, result["wall"] / plain["wall"]))
 
     def ms(value):
@@ -125,7 +166,22 @@ def main() -> None:
               f"{ms(r['dealer'])} | {kib(r['up'])} | {kib(r['down'])} | {kib(r['dealer_bytes'])} | {r['rounds']} | "
               f"{r['replies']} |")
     print(f"\ntorch {torch.__version__}, {args.threads} thread(s), median of {args.reps} steps after one warm-up; "
-          "in process (no network latency); cloud ms includes the body forward/backward.")
+          "in process (no network latency); cloud ms includes the body forward/backward."
+          + (f" Overrides: {overrides}." if overrides else ""))
+    if args.matmuls:
+        _print_matmuls(matmuls, args.reps + 1)
+
+
+def _print_matmuls(matmuls: dict[str, dict[tuple, list[float]]], steps: int) -> None:
+    """Ring matmul time per step by operand shape (all parties and the dealer, warm-up included)."""
+    print("\n| protocol | x shape | y shape | calls/step | ms/step | share of ring matmul time |")
+    print("|---|---|---|---:|---:|---:|")
+    for name, times in matmuls.items():
+        total = sum(sum(t) for t in times.values()) or 1.0
+        for (x, y), t in sorted(times.items(), key=lambda item: -sum(item[1])):
+            print(f"| {name} | {list(x)} | {list(y)} | {len(t) / steps:.0f} | {1000 * sum(t) / steps:,.1f} | "
+                  f"{sum(t) / total:.0%} |")
+        print(f"| {name} | all | | | {1000 * total / steps:,.1f} | 100% |")
 
 
 if __name__ == "__main__":

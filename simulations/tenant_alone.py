@@ -1,6 +1,7 @@
-"""Per-tenant split accuracy without Flower: tune a tenant's adapters cheaply.
+"""Per-tenant accuracy without Flower: tune a tenant's adapters cheaply.
 
-Trains split-plain (or, with ``--set security=secure``, split-secure) in process on the training partition of each chosen tenant (the same
+Trains split-plain (or, with ``--set security=secure``, split-secure; or, with ``--mode
+centralized``, peft LoRA on the whole model) in process on the training partition of each chosen tenant (the same
 partition and per-tenant test split a Flower run with the same seed, partition and tenant count
 uses) and reports each tenant's accuracy on its own test split, plus the example-weighted mean.
 A federated split run trains the same kind of per-tenant model (the adapters are private, the body
@@ -9,6 +10,7 @@ per-tenant accuracy without Ray or Flower round trips.
 
     python simulations/tenant_alone.py --tenants 0,1 --set epochs=6
     python simulations/tenant_alone.py --tenants 0,1 --set epochs=1 --set security=secure --set label_protection=he
+    python simulations/tenant_alone.py --tenants 0,1 --mode centralized   # LoRA on one tenant's data alone
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import tenant_splits
 from flower_split.model import load_tokenizer
-from flower_split.train import train_split
+from flower_split.train import train_centralized, train_split
 
 DEFAULTS = {"model": "minilm", "dataset": "banking77", "epochs": 3, "device": "cpu", "security": "plain"}
 
@@ -31,6 +33,8 @@ DEFAULTS = {"model": "minilm", "dataset": "banking77", "epochs": 3, "device": "c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", default="0,1,2", help="comma-separated tenant (partition) ids")
+    parser.add_argument("--mode", choices=("split", "centralized"), default="split",
+                        help="split adapters (default) or LoRA on the whole model, trained on the tenant's data only")
     parser.add_argument("--num-clients", type=int, default=10)
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -39,14 +43,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
-    config = RunConfig.from_mapping({**DEFAULTS, **overrides, "mode": "split"}).validate()
+    config = RunConfig.from_mapping({**DEFAULTS, **overrides, "mode": args.mode}).validate()
+    trainer = train_split if args.mode == "split" else train_centralized
     splits = tenant_splits(config, args.partition, args.num_clients)
     tokenizer = load_tokenizer(config.model)
     correct = total = 0.0
     for tenant in (int(t) for t in args.tenants.split(",")):
         train, test = splits.tenant_train(tenant), splits.tenant_test(tenant)
         started = time.perf_counter()
-        run = train_split(config, TokenizedDataset(train, tokenizer, config.max_length),
+        run = trainer(config, TokenizedDataset(train, tokenizer, config.max_length),
                           TokenizedDataset(test, tokenizer, config.max_length), splits.num_classes, progress=False)
         correct += run["test_accuracy"] * len(test)
         total += len(test)
@@ -54,8 +59,9 @@ def main() -> None:
         print(f"tenant {tenant}: {len(train)} train / {len(test)} test rows, {len(set(train.labels))} classes, "
               f"accuracy {run['test_accuracy']:.4f}, train loss per epoch [{losses}], "
               f"{time.perf_counter() - started:.0f} s", flush=True)
-    print(f"example-weighted per-tenant accuracy {correct / total:.4f} ({config.epochs} epochs, "
-          f"{config.security}{'/' + config.label_protection if config.security == 'secure' else ''})")
+    kind = "centralized LoRA" if args.mode == "centralized" else \
+        f"split-{config.security}{'/' + config.label_protection if config.security == 'secure' else ''}"
+    print(f"example-weighted per-tenant accuracy {correct / total:.4f} ({config.epochs} epochs, {kind})")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ class SecureSplitStrategy(SplitStrategy):
         self._rotate_keys(grid, server_round, phase, active)
         loss_sum, examples, steps = 0.0, 0, 0
         reported = True
+        every_log = max(1, self.local_steps // 8)  # a secure MiniLM round takes tens of minutes: say how far it is
         while steps < self.local_steps and active:
             _, finished = self._run_steps(grid, TRAIN_BEGIN, TRAIN_NEXT, {n: {} for n in active}, True,
                                           server_round, phase, active)
@@ -134,6 +135,9 @@ class SecureSplitStrategy(SplitStrategy):
                 else:
                     reported = False
             steps += 1
+            if steps % every_log == 0 and steps < self.local_steps:
+                log(INFO, "secure round %d: step %d/%d, %d tenants, %.0f s", server_round, steps,
+                    self.local_steps, len(active), time.perf_counter() - started)
         report = RoundReport(
             server_round=server_round, tenants=sorted(self._tenant_of[n] for n in active),
             dropped=dict(phase.dropped), train_loss=loss_sum / examples if examples and reported else None,

@@ -158,7 +158,8 @@ def new_adapters(data: TenantData, config: RunConfig) -> tuple[HeadAdapter, Tail
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 1_000_003 + data.partition_id)  # adapter init, not crypto
         head = HeadAdapter(data.dim, config.head_rank, config.activation)
-        tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation)
+        tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation,
+                           config.tail_input)
     return head, tail
 
 

@@ -16,6 +16,7 @@ IMPLEMENTED_SECURITY_LEVELS = ("plain", "secure")
 LABEL_PROTECTIONS = ("he", "client")
 OPTIMIZERS = ("sgd", "adamw")
 ACTIVATIONS = ("quad", "gelu")
+TAIL_INPUTS = ("tokens", "pooled")
 DEVICES = ("auto", "cpu", "cuda")
 BUILTIN_DATASETS = ("banking77", "sst2")
 
@@ -47,6 +48,7 @@ class RunConfig:
     # split model
     head_rank: int = 64
     tail_bottleneck: int = 256
+    tail_input: str = "tokens"   # the tail adapter on every token, or on the mean-pooled body output
     activation: str = "quad"
     train_head: bool = True
     optimizer: str = "sgd"
@@ -73,6 +75,7 @@ class RunConfig:
         _choice("label_protection", self.label_protection, LABEL_PROTECTIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("activation", self.activation, ACTIVATIONS)
+        _choice("tail_input", self.tail_input, TAIL_INPUTS)
         _choice("device", self.device, DEVICES)
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError("dataset: must be 'banking77', 'sst2' or a directory path")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flower_split.model import PolyActivation, build_split, load_encoder, masked_mean
+from flower_split.model import (
+    PolyActivation, TailAdapter, build_split, load_encoder, masked_mean, masked_mean_backward,
+)
 from flower_split.model.adapters import QUAD_COEFFS
 
 
@@ -67,6 +69,25 @@ def test_poly_activation_is_the_quadratic() -> None:
 def test_masked_mean_ignores_padding() -> None:
     x = torch.tensor([[[1.0], [3.0], [100.0]]])
     assert masked_mean(x, torch.tensor([[1, 1, 0]])).item() == 2.0
+
+
+def test_masked_mean_backward_is_the_autograd_gradient() -> None:
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    grad = torch.randn(3, 4, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(masked_mean(x, mask), x, grad)
+    torch.testing.assert_close(masked_mean_backward(grad, mask), expected)
+
+
+def test_pooled_tail_pools_before_the_adapter() -> None:
+    tokens, pooled = TailAdapter(8, 4, 3), TailAdapter(8, 4, 3, tail_input="pooled")
+    torch.nn.init.normal_(tokens.adapter.up.weight)
+    pooled.load_state_dict(tokens.state_dict())  # the same parameters, placed differently
+    h, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    torch.testing.assert_close(pooled(h, mask), pooled.classifier(pooled.adapter(masked_mean(h, mask))))
+    assert not torch.allclose(pooled(h, mask), tokens(h, mask))  # the activation is not linear
+    with pytest.raises(ValueError, match="tail_input"):
+        TailAdapter(8, 4, 3, tail_input="per-token")
 
 
 def test_unknown_model_path_names_the_file(tmp_path) -> None:

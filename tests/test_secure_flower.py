@@ -48,7 +48,7 @@ def test_secure_messages_round_trip_through_record_dicts() -> None:
     hello = DealerHello(b"\x02" * 32)
     assert unpack_hello(pack_hello(hello)) == hello
     setup = ClientSetup("tenant-0", b"a" * 32, b"b" * 32, b"", b"c" * 32, (32, 4, 8, 77), "client", True, 16, 8,
-                        {"lr_head": 0.05, "total_steps": 10})
+                        {"lr_head": 0.05, "total_steps": 10}, tail_input="pooled")
     assert unpack_setup(pack_setup(setup)) == setup
 
 

@@ -51,9 +51,9 @@ def _config(mode: str, **overrides) -> RunConfig:
     return RunConfig(**values)
 
 
-def _parts(random_up: bool):
+def _parts(random_up: bool, tail_input: str = "tokens"):
     """Tiny split with init weights on the fixed-point grid (and, if asked, non-zero B's)."""
-    parts = build_split("tiny", 77, 4, 8)
+    parts = build_split("tiny", 77, 4, 8, tail_input=tail_input)
     weights = plaintext_weights(parts.head, parts.tail)
     if random_up:
         generator = torch.Generator().manual_seed(1)
@@ -79,11 +79,15 @@ def _weights(client: SecureClientParty, cloud: SecureCloudParty) -> dict[str, to
     return {k: decode(mine[k] + theirs[k]) for k in mine}
 
 
-@pytest.mark.parametrize("mode,keep_graphs", [("client", False), ("he", False), ("he", True)])
-def test_secure_steps_match_plain_steps(mode: str, keep_graphs: bool, secure_data: TokenizedDataset) -> None:
-    """Both ways of running the cloud's body backward: recomputed (default) or kept graph."""
-    config = _config(mode)
-    parts = _parts(random_up=True)
+@pytest.mark.parametrize("mode,keep_graphs,tail_input", [
+    ("client", False, "tokens"), ("he", False, "tokens"), ("he", True, "tokens"), ("client", False, "pooled"),
+    ("he", False, "pooled")])
+def test_secure_steps_match_plain_steps(mode: str, keep_graphs: bool, tail_input: str,
+                                        secure_data: TokenizedDataset) -> None:
+    """Both ways of running the cloud's body backward (recomputed by default, or a kept graph)
+    and both tail placements (per token, or on the mean-pooled body output)."""
+    config = _config(mode, tail_input=tail_input)
+    parts = _parts(random_up=True, tail_input=tail_input)
     start = {k: v.double() for k, v in plaintext_weights(parts.head, parts.tail).items()}
     client, cloud, _, transport = _secure(parts, config, keep_graphs=keep_graphs)
     head, tail = copy.deepcopy(parts.head), copy.deepcopy(parts.tail)
@@ -464,6 +468,7 @@ def test_bad_setup_is_rejected_and_registers_nothing() -> None:
         "he frac bits": {"he_public": ClientKeys.generate(HEParams(frac_bits=16)).public_bytes()},
         "optim": {"optim": {**setup.optim, "momentum": 1.5}},
         "grad scale": {"grad_scale_bits": 40},
+        "tail input": {"tail_input": "per-token"},
     }
     for what, change in bad.items():
         with pytest.raises(ProtocolError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flower_split.config import TAIL_INPUTS
+
 # act(u) = c0 + c1 u + c2 u^2: least-squares fit of GELU on [-4, 4] (c = 0.257, 0.5, 0.128),
 # rounded to values that are exact in fixed point.
 QUAD_COEFFS = (0.25, 0.5, 0.125)
@@ -60,14 +62,26 @@ class HeadAdapter(ResidualAdapter):
 
 
 class TailAdapter(nn.Module):
-    """After the body: residual bottleneck per token, masked mean pooling, classifier."""
+    """After the body: residual bottleneck, masked mean pooling, classifier.
 
-    def __init__(self, dim: int, bottleneck: int, num_classes: int, activation: str = "quad") -> None:
+    ``tail_input="tokens"`` runs the bottleneck on every token before pooling;
+    ``"pooled"`` pools first and runs it once per sequence: the same parameters, a
+    T-times smaller product (which is what the 2PC evaluation pays for), and a tail that
+    matches how sentence encoders such as all-MiniLM-L6-v2 were trained (mean pooling).
+    """
+
+    def __init__(self, dim: int, bottleneck: int, num_classes: int, activation: str = "quad",
+                 tail_input: str = "tokens") -> None:
         super().__init__()
+        if tail_input not in TAIL_INPUTS:
+            raise ValueError(f"tail_input: expected one of {TAIL_INPUTS}, got {tail_input!r}")
+        self.tail_input = tail_input
         self.adapter = ResidualAdapter(dim, bottleneck, activation)
         self.classifier = nn.Linear(dim, num_classes)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.tail_input == "pooled":
+            return self.classifier(self.adapter(masked_mean(h, attention_mask)))
         return self.classifier(masked_mean(self.adapter(h), attention_mask))
 
 
@@ -75,3 +89,9 @@ def masked_mean(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real (unpadded) tokens of each sequence."""
     weights = attention_mask.to(x.dtype).unsqueeze(-1)
     return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def masked_mean_backward(grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`masked_mean` w.r.t. its input: ``grad`` [batch, dim] spread over the real tokens."""
+    weights = attention_mask.to(grad.dtype).unsqueeze(-1)
+    return grad.unsqueeze(1) * weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)

@@ -106,6 +106,7 @@ class SecureClientParty(SecureStepRunner):
         self.grad_scale_bits = GRAD_SCALE_BITS
         self.dim, self.head_rank = head.down.in_features, head.down.out_features
         self.tail_rank, self.classes = tail.adapter.down.out_features, tail.classifier.out_features
+        self.tail_input = tail.tail_input
         self.optim = Optim(config.lr_head, config.lr_tail, config.momentum, config.weight_decay,
                            config.warmup_fraction, total_steps)
         self._init_weights: dict[str, torch.Tensor] | None = plaintext_weights(head, tail)
@@ -153,7 +154,7 @@ class SecureClientParty(SecureStepRunner):
             he_public=self.he_keys.public_bytes() if self.he_keys is not None else b"",
             weights_seed=seed, dims=(self.dim, self.head_rank, self.tail_rank, self.classes),
             label_protection=self.label_protection, train_head=self.train_head, frac_bits=self.frac_bits,
-            grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict())
+            grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict(), tail_input=self.tail_input)
 
     # ------------------------------------------------------------------------ CKKS keys
     @property
@@ -219,7 +220,7 @@ class SecureClientParty(SecureStepRunner):
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu().to(torch.int64)
         spec = StepSpec(self.tenant, self._next_step, int(ids.shape[0]), int(ids.shape[1]), self.dim,
                         self.head_rank, self.tail_rank, self.classes, bool(train), self.train_head,
-                        self.label_protection, self.frac_bits)
+                        self.label_protection, self.frac_bits, self.tail_input == "pooled")
         st = StepState(spec, ctx={"input_ids": ids.clone(), "mask": mask.clone(),
                                   "labels": batch.labels.cpu().to(torch.int64).clone()})
         pre_step = self.halves.snapshot()
@@ -338,7 +339,7 @@ class SecureClientParty(SecureStepRunner):
         return {"loss.seed_g": seed}
 
     def _op_open_grad_h(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
-        return {"open.grad_h": st.ctx["tail"].values["gx"].data}
+        return {"open.grad_h": self._grad_h_share(st)}
 
     def _op_receive_grad_f(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         share = prg(got["reshare.seed_gf"], (st.spec.batch, st.spec.tokens, self.dim))

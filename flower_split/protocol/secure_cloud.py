@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
+from flower_split.config import TAIL_INPUTS
 from flower_split.he import CloudKeys, batch_bounds, compute_loss_and_grad
 from flower_split.he.envelope import decode_labels
-from flower_split.model import Body, hidden_size
+from flower_split.model import Body, hidden_size, masked_mean_backward
 from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
 from flower_split.mpc import new_seed
 from flower_split.mpc.triples import TripleRequest
@@ -113,6 +114,8 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError("setup: weights_seed must be 32 bytes")
         if setup.label_protection not in ("he", "client") or not isinstance(setup.train_head, bool):
             raise ProtocolError("setup: label_protection must be 'he' or 'client', train_head a bool")
+        if setup.tail_input not in TAIL_INPUTS:
+            raise ProtocolError(f"setup: tail_input must be one of {TAIL_INPUTS}, got {setup.tail_input!r}")
         optim = Optim.from_dict(dict(setup.optim))
         he_keys = None
         if setup.label_protection == "he":
@@ -130,7 +133,8 @@ class SecureCloudParty(SecureStepRunner):
                         optim, self.frac_bits, setup.grad_scale_bits)
         key = dealer_key(self._x25519, self.dealer_public, "cloud", setup.tenant, self.dealer_public, self.public)
         self.tenants[setup.tenant] = _Tenant(setup, halves, he_keys, key)
-        return DealerRegistration(setup.tenant, setup.client_public, self.public, dims, setup.train_head)
+        return DealerRegistration(setup.tenant, setup.client_public, self.public, dims, setup.train_head,
+                                  setup.tail_input == "pooled")
 
     # ------------------------------------------------------------------------ CKKS keys
     def he_key_id(self, tenant: str) -> bytes | None:
@@ -202,7 +206,8 @@ class SecureCloudParty(SecureStepRunner):
         setup = record.setup
         dim, head_rank, tail_rank, classes = setup.dims
         spec = StepSpec(message.tenant, message.step, message.batch, message.tokens, dim, head_rank, tail_rank,
-                        classes, message.train, setup.train_head, setup.label_protection, self.frac_bits)
+                        classes, message.train, setup.train_head, setup.label_protection, self.frac_bits,
+                        setup.tail_input == "pooled")
         if record.he_keys is not None and spec.train:
             try:
                 batch_bounds(record.he_keys.params, spec.batch, classes)
@@ -346,9 +351,11 @@ class SecureCloudParty(SecureStepRunner):
         st.ctx["cls"].values["gz"] = self._share(prg(got["loss.seed_g"], (st.spec.batch, st.spec.classes)))
 
     def _op_body_backward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
-        grad_h = decode(st.ctx["tail"].values["gx"].data + got["open.grad_h"], self.frac_bits)  # dL/dh, opened
+        grad_h = decode(self._grad_h_share(st) + got["open.grad_h"], self.frac_bits)  # dL/dh, opened
         if not bool(torch.isfinite(grad_h).all()) or float(grad_h.abs().max()) > 1e6:
             raise ProtocolError("open.grad_h: the opened gradient is out of range")
+        if st.spec.tail_pooled:  # opened per sequence: the mean pool's backward over the tokens
+            grad_h = masked_mean_backward(grad_h, st.ctx["mask"])
         graph = st.ctx.get("_graph")
         if graph is None:  # not kept (the default), or restored from state_dict: recompute
             graph = self._body(st.ctx["f"], st.ctx["mask"], True)

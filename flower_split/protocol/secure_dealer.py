@@ -65,6 +65,7 @@ class SecureDealerParty:
             "client_key": dealer_key(self._x25519, client, "client", tenant, self.public, client),
             "cloud_key": dealer_key(self._x25519, cloud, "cloud", tenant, self.public, cloud),
             "dims": dims, "train_head": bool(registration.train_head), "next_step": 0,
+            "tail_pooled": bool(registration.tail_pooled),
         }
 
     def handle(self, request: MaterialRequest) -> MaterialBundle:
@@ -81,7 +82,8 @@ class SecureDealerParty:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SHAPE:
                 raise ProtocolError(f"dealer: {name} {value!r} out of range")
         spec = StepSpec(request.tenant, request.step, request.batch, request.tokens, *record["dims"],
-                        bool(request.train), record["train_head"], "client", self.frac_bits)
+                        bool(request.train), record["train_head"], "client", self.frac_bits,
+                        record["tail_pooled"])
         corrections = {}
         for program, index in material_keys(spec):
             req = programs(spec)[program][1].requests()[index]

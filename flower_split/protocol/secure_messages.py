@@ -162,6 +162,8 @@ class ClientSetup:
         label_protection, train_head, frac_bits, grad_scale_bits: protocol options.
         optim: public optimizer hyperparameters (lr_head, lr_tail, momentum, weight_decay,
             warmup_fraction, total_steps): the cloud must update its halves with the same rule.
+        tail_input: "tokens" (the tail adapter on every token) or "pooled" (on the mean-pooled
+            body output): fixes the tail's 2PC shapes and the step's order.
     """
 
     tenant: str
@@ -175,6 +177,7 @@ class ClientSetup:
     frac_bits: int
     grad_scale_bits: int
     optim: dict[str, float]
+    tail_input: str = "tokens"
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ class DealerRegistration:
     cloud_public: bytes
     dims: tuple[int, int, int, int]
     train_head: bool
+    tail_pooled: bool = False
 
 
 @dataclass(frozen=True)

@@ -274,12 +274,31 @@ class SecureStepRunner:
 
     # --------------------------------------------------------- ops common to both parties
     def _op_pool(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
-        tail = st.ctx["tail"]
-        st.ctx["cls"] = PartyState(self.party, {"p": mean_pool(tail.values["y"], st.ctx["mask"]),
-                                                "Wc": halves.share("cls.Wc"), "bc": halves.share("cls.bc")})
+        tail = st.ctx["tail"].values
+        if st.spec.tail_pooled:  # before the tail adapter: it runs on one row per sequence
+            tail["x"] = mean_pool(tail["x"], st.ctx["mask"]).unsqueeze(1)
+        else:
+            self._to_classifier(st, halves, mean_pool(tail["y"], st.ctx["mask"]))
+
+    def _op_to_classifier(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        y = st.ctx["tail"].values["y"]
+        self._to_classifier(st, halves, y.reshape(y.shape[0], y.shape[2]))
+
+    def _to_classifier(self, st: StepState, halves: Halves, pooled: AdditiveShare) -> None:
+        st.ctx["cls"] = PartyState(self.party, {"p": pooled, "Wc": halves.share("cls.Wc"),
+                                                "bc": halves.share("cls.bc")})
 
     def _op_pool_backward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         st.ctx["tail"].values["gy"] = mean_pool_backward(st.ctx["cls"].values["gp"], st.ctx["mask"])
+
+    def _op_unpool_grad(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
+        st.ctx["tail"].values["gy"] = st.ctx["cls"].values["gp"].unsqueeze(1)
+
+    @staticmethod
+    def _grad_h_share(st: StepState) -> torch.Tensor:
+        """This party's share of dL/dh as opened: per token, or per sequence with a pooled tail."""
+        gx = st.ctx["tail"].values["gx"].data
+        return gx.squeeze(1) if st.spec.tail_pooled else gx
 
     def _op_update_tail(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         tail, cls = st.ctx["tail"].values, st.ctx["cls"].values

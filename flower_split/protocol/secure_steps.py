@@ -25,9 +25,11 @@ Step outline (DESIGN.md section 3)::
     client: send its share of f                (f opened to the cloud only)
     cloud:  h = Body(f); send seed_h           (client's share of h = PRG(seed_h))
     both:   tail.fwd (3 stages), mean pool (local), cls.fwd (1 stage)  -> shares of z
+            (tail_pooled: mean pool first, then tail.fwd on one row per sequence)
     he:     client sends its share of z; cloud: Enc(L), Enc(g - m) -> client; shares (m, g - m)
     client: cloud sends its share of z; client: L, g; sends seed_g (cloud's share of g)
     both:   cls.bwd (1), mean pool backward (local), tail.bwd (3); each updates its tail half
+            (tail_pooled: tail.bwd, then mean pool backward)
     if train_head:
     client: send its share of dL/dh            (opened to the cloud)
     cloud:  dL/df through the frozen body; send seed_gf (client's share = PRG(seed_gf))
@@ -69,6 +71,7 @@ class StepSpec:
     train_head: bool
     label_protection: str
     frac_bits: int
+    tail_pooled: bool = False
 
     @property
     def trains_head(self) -> bool:
@@ -93,14 +96,15 @@ def programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
 @lru_cache(maxsize=256)
 def _programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
     b, t, d = spec.batch, spec.tokens, spec.dim
+    tail_t = 1 if spec.tail_pooled else t  # pooled: one row per sequence, shape [b, 1, d]
     out: dict[str, tuple[str, Program]] = {
         "head.fwd": ("head", adapter_forward(b, t, d, spec.head_rank, ACTIVATION)),
-        "tail.fwd": ("tail", adapter_forward(b, t, d, spec.tail_rank, ACTIVATION)),
+        "tail.fwd": ("tail", adapter_forward(b, tail_t, d, spec.tail_rank, ACTIVATION)),
         "cls.fwd": ("cls", classifier_forward(b, d, spec.classes)),
     }
     if spec.train:
         out["cls.bwd"] = ("cls", classifier_backward(b, d, spec.classes, input_grad=True))
-        out["tail.bwd"] = ("tail", adapter_backward(b, t, d, spec.tail_rank, ACTIVATION,
+        out["tail.bwd"] = ("tail", adapter_backward(b, tail_t, d, spec.tail_rank, ACTIVATION,
                                                     input_grad=spec.train_head))
         if spec.train_head:
             out["head.bwd"] = ("head", adapter_backward(b, t, d, spec.head_rank, ACTIVATION, input_grad=False))
@@ -193,9 +197,16 @@ def _items(spec: StepSpec) -> dict[str, ItemSpec]:
         "open.z": ItemSpec("open.z", RING, (b, c)),
         "he.result": ItemSpec("he.result", BLOB),
         "loss.seed_g": ItemSpec("loss.seed_g", SEED),
-        "open.grad_h": ItemSpec("open.grad_h", RING, (b, t, d)),
+        "open.grad_h": ItemSpec("open.grad_h", RING, (b, d) if spec.tail_pooled else (b, t, d)),
         "reshare.seed_gf": ItemSpec("reshare.seed_gf", SEED),
     }
+
+
+def _tail_forward(spec: StepSpec) -> list[ScriptOp]:
+    """Tail adapter, mean pool and classifier: pool last (per-token tail) or first (pooled tail)."""
+    if spec.tail_pooled:
+        return [Call("pool"), *_beaver(spec, "tail.fwd"), Call("to_classifier"), *_beaver(spec, "cls.fwd")]
+    return [*_beaver(spec, "tail.fwd"), Call("pool"), *_beaver(spec, "cls.fwd")]
 
 
 def script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
@@ -214,9 +225,7 @@ def _script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
         ops += _beaver(spec, "head.fwd")
         ops.append(Call("open_f", gives=(it["open.f"],)))
         ops.append(Call("receive_h", needs=("reshare.seed_h",)))
-        ops += _beaver(spec, "tail.fwd")
-        ops.append(Call("pool"))
-        ops += _beaver(spec, "cls.fwd")
+        ops += _tail_forward(spec)
         if not spec.train:
             ops.append(Call("receive_logits", needs=("open.z",)))
             return tuple(ops)
@@ -230,9 +239,7 @@ def _script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
         ops.append(Call("receive_input", needs=inputs_needed))
         ops += _beaver(spec, "head.fwd")
         ops.append(Call("body_forward", needs=("open.f",), gives=(it["reshare.seed_h"],)))
-        ops += _beaver(spec, "tail.fwd")
-        ops.append(Call("pool"))
-        ops += _beaver(spec, "cls.fwd")
+        ops += _tail_forward(spec)
         if not spec.train:
             ops.append(Call("open_z", gives=(it["open.z"],)))
             return tuple(ops)
@@ -244,8 +251,12 @@ def _script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
     else:
         raise ValueError(f"role must be {CLIENT!r} or {CLOUD!r}, got {role!r}")
     ops += _beaver(spec, "cls.bwd")
-    ops.append(Call("pool_backward"))
-    ops += _beaver(spec, "tail.bwd")
+    if spec.tail_pooled:  # dL/dh is opened per sequence; the cloud spreads it over the tokens
+        ops.append(Call("unpool_grad"))
+        ops += _beaver(spec, "tail.bwd")
+    else:
+        ops.append(Call("pool_backward"))
+        ops += _beaver(spec, "tail.bwd")
     ops.append(Call("update_tail"))
     if spec.train_head:
         if role == CLIENT:

@@ -38,7 +38,7 @@ def train_split(config: RunConfig, train: TokenizedDataset, test: TokenizedDatas
     generator = seed_everything(config.seed)
     device = select_device(config.device)
     parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
-                        config.activation, config.seed)
+                        config.activation, config.seed, config.tail_input)
     body_before = parts.body.fingerprint()
     cloud = CloudParty(parts.body, device)
     transport = InProcessTransport(cloud)
@@ -109,7 +109,7 @@ def train_split_secure(config: RunConfig, train: TokenizedDataset, test: Tokeniz
     generator = seed_everything(config.seed)
     device = select_device(config.device)
     parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
-                        config.activation, config.seed)
+                        config.activation, config.seed, config.tail_input)
     body_before = parts.body.fingerprint()
     dealer = SecureDealerParty()
     cloud = SecureCloudParty(parts.body, dealer.public, device)

@@ -55,6 +55,7 @@ class RunConfig:
     momentum: float = 0.9
     lr_head: float = 0.05
     lr_tail: float = 0.1
+    lr_classifier: float | None = None  # the tail's classifier; None: lr_tail
     weight_decay: float = 0.0
     warmup_fraction: float = 0.06
     # centralized LoRA baseline
@@ -92,6 +93,8 @@ class RunConfig:
             raise ConfigError(f"seed: expected an integer, got {self.seed!r}")
         for name in ("lr_head", "lr_tail", "lr"):
             _positive_float(name, getattr(self, name))
+        if self.lr_classifier is not None:
+            _positive_float("lr_classifier", self.lr_classifier)
         for name, low, high in (("momentum", 0.0, 1.0), ("lora_dropout", 0.0, 1.0),
                                 ("warmup_fraction", 0.0, 1.0)):
             value = getattr(self, name)
@@ -105,6 +108,11 @@ class RunConfig:
                 "which only a linear rule (sgd with momentum) keeps exact; use 'sgd'"
             )
         return self
+
+    @property
+    def classifier_lr(self) -> float:
+        """The classifier's learning rate: ``lr_classifier``, or ``lr_tail`` when unset."""
+        return self.lr_tail if self.lr_classifier is None else self.lr_classifier
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, stored in results.json next to the numbers it produced."""

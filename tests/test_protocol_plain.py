@@ -136,3 +136,37 @@ def test_a_non_finite_loss_is_refused_before_any_update(setup) -> None:
     with pytest.raises(TrainingDiverged, match="training diverged .* lower lr_head / lr_tail"):
         client.handle(reply)
     assert _same(tail, parts.tail.state_dict()) and _same(head, parts.head.state_dict())
+
+
+def test_classifier_learning_rate_scales_only_the_classifier_update() -> None:
+    """``lr_classifier`` = 2 x ``lr_tail`` doubles the classifier's first SGD step and leaves the
+    adapters' steps as they are (the first momentum step is ``lr * factor * g``)."""
+    train, _ = load_dataset("banking77")
+    data = TokenizedDataset(train.subset(list(range(8))), load_tokenizer("tiny"), 32)
+    updates = []
+    for lr_classifier in (None, 0.2):
+        config = RunConfig(model="tiny", head_rank=4, tail_bottleneck=8, device="cpu", lr_tail=0.1,
+                           lr_classifier=lr_classifier).validate()
+        parts = build_split("tiny", 77, 4, 8)
+        before = {**_snapshot(parts.head), **{f"tail.{k}": v for k, v in _snapshot(parts.tail).items()}}
+        client = ClientParty("t0", parts.embedder, parts.head, parts.tail, config, total_steps=10)
+        transport = InProcessTransport(CloudParty(parts.body))
+        message = client.begin(data.collate(list(range(8))))
+        while message is not None:
+            message = client.handle(transport.send(message))
+        after = {**parts.head.state_dict(), **{f"tail.{k}": v for k, v in parts.tail.state_dict().items()}}
+        updates.append({k: after[k] - before[k] for k in before})
+    default, doubled = updates
+    moved = {name for name in default if default[name].abs().max() > 0}  # B = 0: the A's get no gradient yet
+    assert {"tail.classifier.weight", "tail.up.weight"} <= {n.replace("adapter.", "") for n in moved}, \
+        f"only {sorted(moved)} moved: the test would be blind"
+    for name in default:
+        expected = 2 * default[name] if name.startswith("tail.classifier") else default[name]
+        assert torch.allclose(doubled[name], expected, rtol=1e-4, atol=1e-6), name  # float32 weights
+
+
+def test_classifier_learning_rate_is_validated() -> None:
+    with pytest.raises(ValueError, match="^lr_classifier"):
+        RunConfig(lr_classifier=0.0).validate()
+    assert RunConfig(lr_tail=0.3).classifier_lr == 0.3
+    assert RunConfig(lr_tail=0.3, lr_classifier=0.7).classifier_lr == 0.7

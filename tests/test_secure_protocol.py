@@ -45,8 +45,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(mode: str, **overrides) -> RunConfig:
+    # the classifier's own learning rate differs from the adapter's, so the secure update must apply both
     values = dict(model="tiny", head_rank=4, tail_bottleneck=8, device="cpu", label_protection=mode,
-                  lr_head=0.05, lr_tail=0.3)
+                  lr_head=0.05, lr_tail=0.3, lr_classifier=0.5)
     values.update(overrides)
     return RunConfig(**values)
 

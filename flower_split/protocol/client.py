@@ -64,8 +64,8 @@ class ClientParty:
         self.train_head = config.train_head
         if not self.train_head:
             self.head.requires_grad_(False)
-        self.tail_optimizer = make_optimizer(config.optimizer, self.tail, config.lr_tail,
-                                             config.momentum, config.weight_decay)
+        self.tail_optimizer = make_optimizer(config.optimizer, self.tail, config.lr_tail, config.momentum,
+                                             config.weight_decay, {"classifier": config.classifier_lr})
         self.tail_schedule = warmup_cosine(self.tail_optimizer, total_steps, config.warmup_fraction)
         self.head_optimizer = None
         if self.train_head:

@@ -9,9 +9,19 @@ from torch import nn
 
 
 def make_optimizer(name: str, module: nn.Module, lr: float, momentum: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """``sgd`` (with momentum; the only rule secure mode can apply to shares) or ``adamw``."""
-    params = [p for p in module.parameters() if p.requires_grad]
+                   weight_decay: float, lr_of: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """``sgd`` (with momentum; the only rule secure mode can apply to shares) or ``adamw``.
+
+    ``lr_of`` gives some child modules (by attribute name, e.g. ``{"classifier": 0.5}``)
+    their own learning rate; every other trainable parameter uses ``lr``. The learning-rate
+    schedule scales every group alike.
+    """
+    lr_of = lr_of or {}
+    special = {id(p) for child in lr_of for p in getattr(module, child).parameters()}
+    params: list[dict] = [{"params": [p for p in module.parameters() if p.requires_grad and id(p) not in special]}]
+    params += [{"params": [p for p in getattr(module, child).parameters() if p.requires_grad], "lr": child_lr}
+               for child, child_lr in lr_of.items()]
+    params = [group for group in params if group["params"]]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":

@@ -107,8 +107,8 @@ class SecureClientParty(SecureStepRunner):
         self.dim, self.head_rank = head.down.in_features, head.down.out_features
         self.tail_rank, self.classes = tail.adapter.down.out_features, tail.classifier.out_features
         self.tail_input = tail.tail_input
-        self.optim = Optim(config.lr_head, config.lr_tail, config.momentum, config.weight_decay,
-                           config.warmup_fraction, total_steps)
+        self.optim = Optim(config.lr_head, config.lr_tail, config.classifier_lr, config.momentum,
+                           config.weight_decay, config.warmup_fraction, total_steps)
         self._init_weights: dict[str, torch.Tensor] | None = plaintext_weights(head, tail)
         self._he_params = he_params or HEParams(frac_bits=frac_bits + self.grad_scale_bits)
         if self.label_protection == "he" and self._he_params.frac_bits != frac_bits + self.grad_scale_bits:

@@ -16,6 +16,7 @@ restored and :class:`ProtocolError` is raised.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,23 +67,27 @@ class Optim:
 
     lr_head: float
     lr_tail: float
+    lr_classifier: float
     momentum: float
     weight_decay: float
     warmup_fraction: float
     total_steps: int
 
     def as_dict(self) -> dict[str, float]:
-        return dict(lr_head=self.lr_head, lr_tail=self.lr_tail, momentum=self.momentum,
-                    weight_decay=self.weight_decay, warmup_fraction=self.warmup_fraction,
-                    total_steps=self.total_steps)
+        return dataclasses.asdict(self)
+
+    def lr(self, name: str) -> float:
+        """Base learning rate of weight ``name`` (``head.*``, ``tail.*`` or ``cls.*``)."""
+        group = name.split(".", 1)[0]
+        return {"head": self.lr_head, "tail": self.lr_tail, "cls": self.lr_classifier}[group]
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> Optim:
-        expected = {"lr_head", "lr_tail", "momentum", "weight_decay", "warmup_fraction", "total_steps"}
+        expected = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(values, dict) or set(values) != expected:
             raise ProtocolError(f"optim: expected the fields {sorted(expected)}")
         optim = cls(**{k: values[k] for k in expected})
-        if not (optim.lr_head > 0 and optim.lr_tail > 0 and 0 <= optim.momentum < 1
+        if not (optim.lr_head > 0 and optim.lr_tail > 0 and optim.lr_classifier > 0 and 0 <= optim.momentum < 1
                 and optim.weight_decay >= 0 and 0 <= optim.warmup_fraction < 1
                 and isinstance(optim.total_steps, int) and optim.total_steps > 0):
             raise ProtocolError(f"optim: invalid hyperparameters {values}")
@@ -136,9 +141,9 @@ class Halves:
 
     def update(self, group: str, grads: dict[str, AdditiveShare]) -> None:
         """SGD+momentum on this party's halves of ``group`` ("head" or "tail" = tail + classifier)."""
-        base = self.optim.lr_head if group == "head" else self.optim.lr_tail
-        lr = base * lr_factor(self.updates[group], self.optim.total_steps, self.optim.warmup_fraction)
+        factor = lr_factor(self.updates[group], self.optim.total_steps, self.optim.warmup_fraction)
         for name, grad in grads.items():
+            lr = self.optim.lr(name) * factor
             if grad.frac_bits != self.frac_bits or tuple(grad.shape) != tuple(self.weights[name].shape):
                 raise ProtocolError(f"gradient share of {name} does not match its weight")
             self.weights[name], buf = sgd_share_update(

@@ -1,0 +1,134 @@
+"""How far can a tenant get on its own data? Linear probes on the frozen body, per tenant.
+
+A split tenant's adapters are private and learn only from that tenant's rows. This measures
+the accuracy such a model can reach on the tenant's own test split (the headline per-tenant
+metric of a federated comparison) when knowledge is *not* shared, against a model that sees
+every tenant's rows, without any Flower or 2PC cost:
+
+* ``own``: a multinomial logistic regression on the frozen body's mean-pooled output
+  (the split model's tail input at initialisation), trained on the tenant's rows alone;
+* ``pooled``: the same probe trained on all tenants' rows (the centralized data), tested on
+  each tenant's split;
+* ``pooled+prior``: the pooled probe with its logits restricted to the classes the tenant
+  trains on (what a tenant could add locally to a shared model: its own label set).
+
+Each probe's L2 strength is chosen on a held-out fifth of its training rows, then refit on all
+of them. Features are computed once (``--cache``).
+
+    python simulations/tenant_ceiling.py --num-clients 10 --partition dirichlet:0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from flower_split.config import RunConfig
+from flower_split.data import TokenizedDataset
+from flower_split.data.tenants import tenant_splits
+from flower_split.model import load_encoder, load_tokenizer, masked_mean, split_encoder
+
+WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
+
+
+@torch.no_grad()
+def pooled_features(model: str, dataset: TokenizedDataset, batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled frozen body output ``[rows, dim]`` (no adapters: identity head)."""
+    embedder, body = split_encoder(load_encoder(model))
+    out = []
+    for batch in tqdm(dataset.batches(batch_size, shuffle=False), total=-(-len(dataset) // batch_size),
+                      desc="features", leave=False):
+        h = body(embedder(batch.input_ids), batch.attention_mask)
+        out.append(masked_mean(h, batch.attention_mask))
+    return torch.cat(out)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
+              steps: int = 300) -> torch.nn.Linear:
+    """Multinomial logistic regression with an L2 penalty, fitted by full-batch L-BFGS."""
+    probe = torch.nn.Linear(x.shape[1], num_classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + weight_decay * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return probe
+
+
+def tuned_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> tuple[torch.nn.Linear, float]:
+    """The probe whose weight decay scores best on a held-out fifth, refit on all rows."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    held, fit = order[: len(y) // 5], order[len(y) // 5:]
+    scores = []
+    for wd in WEIGHT_DECAYS:
+        probe = fit_probe(x[fit], y[fit], num_classes, wd)
+        scores.append(float((probe(x[held]).argmax(1) == y[held]).float().mean()))
+    best = WEIGHT_DECAYS[max(range(len(scores)), key=scores.__getitem__)]
+    return fit_probe(x, y, num_classes, best), best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--num-clients", type=int, default=10)
+    parser.add_argument("--partition", default="dirichlet:0.5")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--cache", type=Path, default=Path("runs/tenant_ceiling_features.pt"),
+                        help="features file (computed if missing)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = RunConfig.from_mapping({"model": args.model, "dataset": "banking77", "seed": args.seed}).validate()
+    splits = tenant_splits(config, args.partition, args.num_clients)
+    started = time.perf_counter()
+    if args.cache.exists():
+        feats = torch.load(args.cache)
+    else:
+        tokenizer = load_tokenizer(config.model)
+        feats = {name: pooled_features(config.model, TokenizedDataset(data, tokenizer, config.max_length))
+                 for name, data in (("train", splits.train), ("test", splits.test))}
+        args.cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(feats, args.cache)
+    mean, std = feats["train"].mean(0), feats["train"].std(0).clamp_min(1e-6)
+    x_train, x_test = (feats["train"] - mean) / std, (feats["test"] - mean) / std
+    y_train, y_test = torch.tensor(splits.train.labels), torch.tensor(splits.test.labels)
+    classes = splits.num_classes
+
+    pooled, pooled_wd = tuned_probe(x_train, y_train, classes, args.seed)
+    print(f"pooled probe (weight decay {pooled_wd:g}): whole test set "
+          f"{float((pooled(x_test).argmax(1) == y_test).float().mean()):.4f}")
+    totals = {"own": 0, "pooled": 0, "pooled+prior": 0}
+    rows = 0
+    print("| tenant | train rows | classes | own | pooled | pooled+prior |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for k, (train_rows, test_rows) in enumerate(zip(splits.train_rows, splits.test_rows)):
+        tr, te = torch.tensor(train_rows), torch.tensor(test_rows)
+        own_classes = torch.unique(y_train[tr])
+        own, _ = tuned_probe(x_train[tr], y_train[tr], classes, args.seed)
+        with torch.no_grad():
+            logits = pooled(x_test[te])
+            prior = torch.full((classes,), float("-inf"))
+            prior[own_classes] = 0.0
+            correct = {"own": int((own(x_test[te]).argmax(1) == y_test[te]).sum()),
+                       "pooled": int((logits.argmax(1) == y_test[te]).sum()),
+                       "pooled+prior": int(((logits + prior).argmax(1) == y_test[te]).sum())}
+        for key, value in correct.items():
+            totals[key] += value
+        rows += len(te)
+        print(f"| {k} | {len(tr)} | {len(own_classes)} | " +
+              " | ".join(f"{correct[key] / len(te):.2%}" for key in totals) + " |", flush=True)
+    print("| weighted | | | " + " | ".join(f"**{totals[key] / rows:.2%}**" for key in totals) + " |")
+    print(f"{time.perf_counter() - started:.0f} s, {args.num_clients} tenants, {args.partition}, seed {args.seed}")
+
+
+if __name__ == "__main__":
+    main()

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", required=True, help="TOML file, e.g. simulations/configs/quick.toml")
     compare.add_argument("--out", required=True, help="output directory (results.json, report.md, PNGs)")
     compare.add_argument("--cpus", type=int, default=None, help="CPUs for Ray (default: all)")
+    compare.add_argument("--runs", default=None,
+                         help="comma-separated subset of the config's [compare] runs, e.g. split-plain,fedavg")
     compare.add_argument("--resume", action="store_true",
                          help="reuse runs of OUT/results.json whose inputs are identical (interrupted or extended comparisons)")
     return parser

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -269,6 +269,15 @@ def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | N
     return simulate(strategy, inputs["run_config"], spec.num_clients, progress=progress, cpus=cpus)
 
 
+def select_runs(spec: CompareSpec, names: list[str]) -> CompareSpec:
+    """``spec`` with only the runs ``names`` (each one of the config's ``[compare] runs``)."""
+    names = [name.strip() for name in names if name.strip()]
+    unknown = [name for name in names if name not in spec.runs]
+    if not names or unknown:
+        raise ConfigError(f"--runs: {unknown or names!r} not among this config's runs {spec.runs}")
+    return replace(spec, runs=list(dict.fromkeys(names)))
+
+
 def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, progress: bool = True,
                 resume: bool = False) -> dict:
     """Run every run of ``spec``; write results.json, report.md and the plots into ``out``.
@@ -479,6 +488,8 @@ def main_compare(args: Any) -> int:
     """The ``compare`` subcommand."""
     try:
         spec = load_spec(args.config)
+        if getattr(args, "runs", None):
+            spec = select_runs(spec, args.runs.split(","))
     except ConfigError as exc:
         print(f"flower-split: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flower_split.cli import main
-from flower_split.compare import COLUMNS, load_spec, resolve_local_steps
+from flower_split.compare import COLUMNS, load_spec, resolve_local_steps, select_runs
 from flower_split.config import ConfigError
 
 RUN_KEYS = {"name", "mode", "security", "dataset", "model", "test_accuracy", "test_macro_f1",
@@ -86,6 +86,17 @@ def test_cli_fails_fast_on_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFi
     assert "not valid TOML" in capsys.readouterr().err
     assert main(["compare", "--config", str(tmp_path / "missing.toml"), "--out", str(out)]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_runs_option_selects_a_subset_and_names_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = load_spec(CONFIGS / "banking77-10tenants.toml")
+    assert select_runs(spec, ["split-plain", " fedavg", "split-plain"]).runs == ["split-plain", "fedavg"]
+    assert spec.runs[0] == "centralized"  # the loaded spec is left as it was
+    out = tmp_path / "out"
+    argv = ["compare", "--config", str(CONFIGS / "quick.toml"), "--out", str(out), "--runs", "split-plain,magic"]
+    assert main(argv) == 2
+    assert "--runs: ['magic'] not among this config's runs" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: Path,

@@ -13,14 +13,19 @@ every tenant's rows, without any Flower or 2PC cost:
   trains on (what a tenant could add locally to a shared model: its own label set).
 
 Each probe's L2 strength is chosen on a held-out fifth of its training rows, then refit on all
-of them. Features are computed once (``--cache``).
+of them. Features are computed once (``--cache``). ``--sgd-lrs`` also trains the ``own`` probe
+the way the split trainer trains its classifier (SGD momentum 0.9, warm-up + cosine, batch 32,
+``--epochs``, the raw features) at each learning rate: how much the classifier's learning rate
+matters on these unnormalised features.
 
     python simulations/tenant_ceiling.py --num-clients 10 --partition dirichlet:0.5
+    python simulations/tenant_ceiling.py --sgd-lrs 0.1,0.5,1.0 --epochs 3
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import tenant_splits
 from flower_split.model import load_encoder, load_tokenizer, masked_mean, split_encoder
+from flower_split.protocol.optim import make_optimizer, warmup_cosine
 
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -76,6 +82,26 @@ def tuned_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -
     return fit_probe(x, y, num_classes, best), best
 
 
+def sgd_probe_accuracy(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                       num_classes: int, lr: float, epochs: int, seed: int, batch_size: int = 32) -> int:
+    """Correct test predictions of a linear classifier trained like the split tail's classifier."""
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(x.shape[1], num_classes)
+    optimizer = make_optimizer("sgd", probe, lr, momentum=0.9, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, epochs * math.ceil(len(y) / batch_size), 0.06)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            rows = order[start : start + batch_size]
+            optimizer.zero_grad()
+            F.cross_entropy(probe(x[rows]), y[rows]).backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        return int((probe(x_test).argmax(1) == y_test).sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm")
@@ -83,6 +109,8 @@ def main() -> None:
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--sgd-lrs", default="", help="comma-separated SGD learning rates for the own-data probe")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the SGD probes")
     parser.add_argument("--cache", type=Path, default=Path("runs/tenant_ceiling_features.pt"),
                         help="features file (computed if missing)")
     args = parser.parse_args()
@@ -127,6 +155,12 @@ def main() -> None:
         print(f"| {k} | {len(tr)} | {len(own_classes)} | " +
               " | ".join(f"{correct[key] / len(te):.2%}" for key in totals) + " |", flush=True)
     print("| weighted | | | " + " | ".join(f"**{totals[key] / rows:.2%}**" for key in totals) + " |")
+    for lr in (float(v) for v in args.sgd_lrs.split(",") if v):
+        correct = sum(sgd_probe_accuracy(feats["train"][torch.tensor(tr)], y_train[torch.tensor(tr)],
+                                         feats["test"][torch.tensor(te)], y_test[torch.tensor(te)],
+                                         classes, lr, args.epochs, args.seed)
+                      for tr, te in zip(splits.train_rows, splits.test_rows))
+        print(f"own-data SGD probe, lr {lr:g}, {args.epochs} epochs, raw features: {correct / rows:.2%} per tenant")
     print(f"{time.perf_counter() - started:.0f} s, {args.num_clients} tenants, {args.partition}, seed {args.seed}")
 
 

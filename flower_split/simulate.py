@@ -269,9 +269,11 @@ def _run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSett
             "train_examples": report.num_examples * epochs,
             "client_cpu_seconds": sum(c.train_cpu_seconds for c in traffic.nodes.values()),
             "wall_seconds": report.wall_seconds,
-            # split only: time the ServerApp spent in send_and_receive, and in the cloud party
+            # split only: time the ServerApp spent in send_and_receive, in the cloud party and
+            # (secure) in the dealer, which runs in the ServerApp process in simulation
             "flower_wait_seconds": getattr(report, "flower_wait_seconds", None),
             "cloud_seconds": getattr(report, "cloud_seconds", None),
+            "dealer_seconds": getattr(report, "dealer_seconds", None),
         })
     initial = evaluations.get(0)
     initial_global = global_evals.get(0)

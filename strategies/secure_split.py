@@ -142,13 +142,13 @@ class SecureSplitStrategy(SplitStrategy):
             server_round=server_round, tenants=sorted(self._tenant_of[n] for n in active),
             dropped=dict(phase.dropped), train_loss=loss_sum / examples if examples and reported else None,
             num_examples=examples, steps=steps, round_trips=phase.round_trips,
-            flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud,
+            flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud, dealer_seconds=phase.dealer,
             wall_seconds=time.perf_counter() - started)
         log(INFO, "secure round %d: train loss %s, %d tenants (%d dropped), %d steps, %d round trips "
-                  "(%.1f per step), %.1f s waiting on Flower, %.1f s cloud + dealer, %.1f s total",
+                  "(%.1f per step), %.1f s waiting on Flower, %.1f s cloud, %.1f s dealer, %.1f s total",
             server_round, "n/a" if report.train_loss is None else f"{report.train_loss:.4f}", len(report.tenants),
             len(report.dropped), steps, report.round_trips, report.round_trips_per_step, phase.wait, phase.cloud,
-            report.wall_seconds)
+            phase.dealer, report.wall_seconds)
         return report
 
     def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
@@ -220,7 +220,7 @@ class SecureSplitStrategy(SplitStrategy):
         outgoing: dict[int, RecordDict] = {}
         for node, content in replies.items():
             tenant = self._tenant_of[node]
-            tick = time.perf_counter()
+            tick, dealer_time = time.perf_counter(), 0.0
             try:
                 remaining[node] = read_metrics(content).get("remaining", 0.0)
                 if not has_secure(content):
@@ -232,7 +232,13 @@ class SecureSplitStrategy(SplitStrategy):
                 first = unpack_secure(content, tenant, "client")
                 if first.train != train:
                     raise ProtocolError(f"{begin}: step {first.step} has train={first.train}, expected {train}")
-                self.cloud.accept_material(self.dealer.handle(self.cloud.material_request(first)))
+                request = self.cloud.material_request(first)
+                dealt = time.perf_counter()
+                try:
+                    bundle = self.dealer.handle(request)
+                finally:
+                    dealer_time = time.perf_counter() - dealt
+                self.cloud.accept_material(bundle)
                 reply = self.cloud.handle(first)
                 if reply is None:
                     raise ProtocolError(f"{begin}: a step cannot end with its first message")
@@ -241,7 +247,8 @@ class SecureSplitStrategy(SplitStrategy):
                 remaining.pop(node, None)
                 self._drop(node, str(exc), phase, active)
             finally:
-                phase.cloud += time.perf_counter() - tick
+                phase.cloud += time.perf_counter() - tick - dealer_time
+                phase.dealer += dealer_time
         finished: dict[int, RecordDict] = {}
         while outgoing:
             replies = self._exchange(grid, step, outgoing, server_round, phase, active)

@@ -62,6 +62,7 @@ class RoundReport:
     flower_wait_seconds: float
     cloud_seconds: float
     wall_seconds: float
+    dealer_seconds: float = 0.0  # secure only: the dealer's share of the ServerApp's time
 
     @property
     def round_trips_per_step(self) -> float:
@@ -106,6 +107,7 @@ class _Exchange:
     round_trips: int = 0
     wait: float = 0.0
     cloud: float = 0.0
+    dealer: float = 0.0
     dropped: dict[str, str] = field(default_factory=dict)
 
 

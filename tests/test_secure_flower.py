@@ -134,6 +134,8 @@ def test_secure_strategy_trains_every_tenant(mode: str, task_identity: None) -> 
     # every client message of a step is one round trip for all tenants: 11 (he) or 10 (client)
     per_step = 11 if mode == "he" else 10
     assert all(r.round_trips == 4 * per_step and r.round_trips_per_step == per_step for r in rounds)
+    # the dealer's time (in the ServerApp here) is reported apart from the cloud's, inside the round's
+    assert all(0 < r.dealer_seconds and r.dealer_seconds + r.cloud_seconds < r.wall_seconds for r in rounds)
     assert evaluations[-1].num_examples == evaluations[0].num_examples and sum(evaluations[0].num_examples.values()) > 40
     for node in (1, 2):  # both tenants' halves add up to a sane model that moved
         weights = _model_weights(grid, strategy, node)

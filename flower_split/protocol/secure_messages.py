@@ -160,8 +160,9 @@ class ClientSetup:
             its AES-CTR expansion, in the order of ``secure_steps.WEIGHT_NAMES``.
         dims: dim, head_rank, tail_rank, classes.
         label_protection, train_head, frac_bits, grad_scale_bits: protocol options.
-        optim: public optimizer hyperparameters (lr_head, lr_tail, momentum, weight_decay,
-            warmup_fraction, total_steps): the cloud must update its halves with the same rule.
+        optim: public optimizer hyperparameters (lr_head, lr_tail, lr_classifier, momentum,
+            weight_decay, warmup_fraction, total_steps): the cloud must update its halves with
+            the same rule.
         tail_input: "tokens" (the tail adapter on every token) or "pooled" (on the mean-pooled
             body output): fixes the tail's 2PC shapes and the step's order.
     """

@@ -138,8 +138,8 @@ def main() -> None:
     rows = 0
     print("| tenant | train rows | classes | own | pooled | pooled+prior |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for k, (train_rows, test_rows) in enumerate(zip(splits.train_rows, splits.test_rows)):
-        tr, te = torch.tensor(train_rows), torch.tensor(test_rows)
+    tenants = [(torch.tensor(tr), torch.tensor(te)) for tr, te in zip(splits.train_rows, splits.test_rows)]
+    for k, (tr, te) in enumerate(tenants):
         own_classes = torch.unique(y_train[tr])
         own, _ = tuned_probe(x_train[tr], y_train[tr], classes, args.seed)
         with torch.no_grad():
@@ -156,10 +156,9 @@ def main() -> None:
               " | ".join(f"{correct[key] / len(te):.2%}" for key in totals) + " |", flush=True)
     print("| weighted | | | " + " | ".join(f"**{totals[key] / rows:.2%}**" for key in totals) + " |")
     for lr in (float(v) for v in args.sgd_lrs.split(",") if v):
-        correct = sum(sgd_probe_accuracy(feats["train"][torch.tensor(tr)], y_train[torch.tensor(tr)],
-                                         feats["test"][torch.tensor(te)], y_test[torch.tensor(te)],
+        correct = sum(sgd_probe_accuracy(feats["train"][tr], y_train[tr], feats["test"][te], y_test[te],
                                          classes, lr, args.epochs, args.seed)
-                      for tr, te in zip(splits.train_rows, splits.test_rows))
+                      for tr, te in tenants)
         print(f"own-data SGD probe, lr {lr:g}, {args.epochs} epochs, raw features: {correct / rows:.2%} per tenant")
     print(f"{time.perf_counter() - started:.0f} s, {args.num_clients} tenants, {args.partition}, seed {args.seed}")
 

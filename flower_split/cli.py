@@ -4,9 +4,9 @@ Every option maps onto a :class:`RunConfig` field; the config is validated befor
 or data is loaded, so a bad value fails in milliseconds with the field's name.
 
 ``train``     in process (no Flower): centralized LoRA or split.
-``simulate``  a Flower simulation (Ray) of split-plain or FedAvg-LoRA (:mod:`flower_split.simulate`).
+``simulate``  a Flower simulation (Ray) of split-plain or FedAvg-LoRA (:mod:`flower_split.runs.simulate`).
 ``compare``   centralized LoRA, FedAvg-LoRA and split on the same partitions, from a TOML config,
-              with a report and plots (:mod:`flower_split.compare`).
+              with a report and plots (:mod:`flower_split.runs.compare`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,8 @@ import json
 import sys
 from typing import Sequence
 
-from flower_split.config import LABEL_PROTECTIONS, MODES, SECURITY_LEVELS, ConfigError, RunConfig
+from flower_split.config import LABEL_PROTECTIONS, MODES, QUICK, SECURITY_LEVELS, ConfigError, RunConfig, parse_set
 from flower_split.data import DatasetError
-
-# --quick: the tiny random model on a few hundred samples; a smoke run in seconds.
-QUICK = dict(model="tiny", epochs=3, max_train_samples=1000, max_test_samples=300,
-             head_rank=8, tail_bottleneck=16, lr_head=0.05, lr_tail=0.5)
-# ... and for the Flower apps (`flwr run . --run-config quick=true`, `simulate --quick`): short rounds
-QUICK_FLOWER = dict(local_steps=10, micro_batches=5)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flower-split", description=__doc__.splitlines()[0])
@@ -73,20 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_set(items: Sequence[str]) -> dict[str, object]:
-    """``--set FIELD=VALUE`` items as a mapping (values parsed as JSON, else kept as strings)."""
-    values: dict[str, object] = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            values[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[name] = raw
-    return values
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then --quick, then explicit options, then --set; validated."""
     values: dict[str, object] = dict(QUICK) if args.quick else {}
@@ -102,11 +81,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
-        from flower_split.simulate import main_simulate
+        from flower_split.runs.simulate import main_simulate
 
         return main_simulate(args)
     if args.command == "compare":
-        from flower_split.compare import main_compare
+        from flower_split.runs.compare import main_compare
 
         return main_compare(args)
     try:
@@ -114,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TypeError) as exc:
         print(f"flower-split: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    from flower_split.api import train, write_results
+    from flower_split.runs.local import train, write_results
 
     try:
         run = train(config, progress=not args.no_progress)

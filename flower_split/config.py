@@ -7,8 +7,9 @@ work starts and names the offending field, so a typo never costs a 20-minute tra
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 MODES = ("centralized", "split")
 SECURITY_LEVELS = ("plain", "secure")
@@ -19,6 +20,10 @@ ACTIVATIONS = ("quad", "gelu")
 TAIL_INPUTS = ("tokens", "pooled")
 DEVICES = ("auto", "cpu", "cuda")
 BUILTIN_DATASETS = ("banking77", "sst2")
+
+# ``--quick`` / ``quick = true``: the tiny random model on a few hundred samples; a smoke run in seconds.
+QUICK = dict(model="tiny", epochs=3, max_train_samples=1000, max_test_samples=300,
+             head_rank=8, tail_bottleneck=16, lr_head=0.05, lr_tail=0.5)
 
 
 class ConfigError(ValueError):
@@ -147,3 +152,17 @@ def _positive_int(name: str, value: Any) -> None:
 def _positive_float(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+
+
+def parse_set(items: Sequence[str]) -> dict[str, object]:
+    """``--set FIELD=VALUE`` items as a mapping (values parsed as JSON, else kept as strings)."""
+    values: dict[str, object] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            values[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[name] = raw
+    return values

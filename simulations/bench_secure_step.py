@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 
-from flower_split.cli import parse_set
+from flower_split.config import parse_set
 from flower_split.config import RunConfig
 from flower_split.mpc import beaver, triples
 from flower_split.data import TokenizedDataset, load_dataset
@@ -40,7 +40,7 @@ from flower_split.protocol import ClientParty, CloudParty
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.transport.secure_local import SecureLocalTransport
+from flower_split.transport.secure_inprocess import SecureLocalTransport
 from flower_split.transport import InProcessTransport
 
 SHAPES = {"tiny": dict(head_rank=8, tail_bottleneck=16), "minilm": dict(head_rank=64, tail_bottleneck=256)}

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from flower_split.cli import parse_set
+from flower_split.config import parse_set
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import tenant_splits

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flower_split.cli import main
-from flower_split.compare import COLUMNS, load_spec, resolve_local_steps, select_runs
+from flower_split.runs.compare import COLUMNS, load_spec, resolve_local_steps, select_runs
 from flower_split.config import ConfigError
 
 RUN_KEYS = {"name", "mode", "security", "dataset", "model", "test_accuracy", "test_macro_f1",
@@ -170,7 +170,7 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
 
 
 def test_resume_never_reuses_a_run_without_test_accuracy(tmp_path: Path) -> None:
-    from flower_split.compare import _earlier_runs
+    from flower_split.runs.compare import _earlier_runs
 
     runs = [{"name": "split-plain", "inputs": {"a": 1}, "test_accuracy": None},
             {"name": "fedavg-lora", "inputs": {"a": 1}, "test_accuracy": 0.5},

@@ -14,12 +14,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from flower_split.cli import main
-from flower_split.client_app import tenant_data as split_tenant_data
-from flower_split.fedavg_client_app import (
+from flower_split.flower.client_app import tenant_data as split_tenant_data
+from flower_split.flower.fedavg_client_app import (
     fedavg_settings_from_run_config, make_fedavg_client_app, model_for, tenant_data, trainable_state,
 )
 from flower_split.config import ConfigError
-from flower_split.metering import payload_bytes
+from flower_split.flower.metering import payload_bytes
 
 RUN_KEYS = {"name", "mode", "security", "dataset", "model", "test_accuracy", "test_macro_f1",
             "train_loss_history", "wall_seconds", "client_cpu_seconds", "bytes_client_to_cloud",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from flwr.app import Message
 
 from flower_helpers import LocalGrid
-from flower_split.client_app import make_client_app
+from flower_split.flower.client_app import make_client_app
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import Batch, TokenizedDataset
 from flower_split.he import ClientKeys
@@ -27,11 +27,12 @@ from flower_split.protocol import KeyRotation, ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, load_plaintext_weights
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.transport.flower import records_to_state, settings_from_run_config
-from flower_split.transport.secure_flower import pack_key_rotation, unpack_key_rotation
-from flower_split.transport.secure_local import SecureLocalTransport
-from strategies.secure_split import SecureSplitStrategy
-from strategies.split import RoundReport
+from flower_split.flower.records import records_to_state
+from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.secure_records import pack_key_rotation, unpack_key_rotation
+from flower_split.transport.secure_inprocess import SecureLocalTransport
+from flower_split.flower.secure_strategy import SecureSplitStrategy
+from flower_split.flower.strategy import RoundReport
 
 TOTAL_STEPS = 10
 HE_LOSS_TOLERANCE = 2e-3  # fixed-point forward + HE loss at B = 8 (docs/secure.md section 5)

@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flower_split.mpc.adapter import (
+from flower_split.mpc.layers import (
     Quadratic,
     adapter_backward,
     adapter_forward,

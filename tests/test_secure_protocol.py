@@ -28,7 +28,7 @@ from flower_split.protocol import ClientParty, CloudParty, ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, load_plaintext_weights, plaintext_weights
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.transport.secure_local import SecureLocalTransport
+from flower_split.transport.secure_inprocess import SecureLocalTransport
 from flower_split.protocol.secure_messages import MaterialBundle, MaterialRequest, SecureMessage
 from flower_split.protocol.secure_optim import lr_factor
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS, StepState

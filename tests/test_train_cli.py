@@ -57,7 +57,7 @@ def test_cli_quick_writes_results(mode: str, tmp_path) -> None:
 
 
 def test_quick_split_plain_learns() -> None:
-    from flower_split.cli import QUICK
+    from flower_split.config import QUICK
 
     run = train(RunConfig(**{**QUICK, "epochs": 4, "device": "cpu"}), progress=False)
     history = run["train_loss_history"]

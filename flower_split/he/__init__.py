@@ -14,8 +14,8 @@ Flow for one batch (see docs/he.md)::
 mean cross-entropy with respect to z.
 """
 
-from flower_split.he.client import ClientResult, decrypt_loss_and_grad, encrypt_labels
-from flower_split.he.cloud import CloudResult, compute_loss_and_grad
+from flower_split.he.labels import ClientResult, decrypt_loss_and_grad, encrypt_labels
+from flower_split.he.loss import CloudResult, compute_loss_and_grad
 from flower_split.he.envelope import digest as envelope_digest
 from flower_split.he.fixed_point import decode_fixed, encode_fixed
 from flower_split.he.keys import ClientKeys, CloudKeys

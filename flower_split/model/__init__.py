@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from flower_split.model.adapters import HeadAdapter, PolyActivation, TailAdapter, masked_mean, masked_mean_backward
 from flower_split.model.loading import load_encoder, load_tokenizer, minilm_path
-from flower_split.model.split import Body, Embedder, hidden_size, split_encoder
+from flower_split.model.encoder import Body, Embedder, hidden_size, split_encoder
 
 
 @dataclass

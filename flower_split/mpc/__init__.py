@@ -16,7 +16,7 @@ Modules, one job each:
 See docs/mpc.md for encoding range, error bounds, costs and the trust model.
 """
 
-from .adapter import (
+from .layers import (
     Quadratic,
     adapter_backward,
     adapter_forward,

@@ -5,8 +5,8 @@
 process by :class:`flower_split.transport.SecureLocalTransport` (docs/secure.md).
 """
 
-from flower_split.protocol.client import ClientParty, StepResult, TrainingDiverged
-from flower_split.protocol.cloud import CloudParty
+from flower_split.protocol.plain_client import ClientParty, StepResult, TrainingDiverged
+from flower_split.protocol.plain_cloud import CloudParty
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, payload_bytes,
 )

@@ -11,7 +11,7 @@ the body), the logits ``z`` in ``he`` mode, and ``dL/dh`` when the head trains (
 2^grad_scale_bits). Never: tokens, labels, the embeddings ``e``, the loss, ``g``, the
 client's Beaver material or its weight halves.
 
-Step flow in process (see ``flower_split.transport.secure_local``): the first message of
+Step flow in process (see ``flower_split.transport.secure_inprocess``): the first message of
 a step goes to :meth:`SecureCloudParty.material_request` (validated, including that the
 labels envelope is under the tenant's current CKKS key; gives the dealer request), the
 dealer's bundle to :meth:`accept_material`, then every message to :meth:`handle`.

@@ -2,7 +2,7 @@
 
 A step is fixed by public parameters (:class:`StepSpec`: batch shape, adapter sizes,
 train / train_head, label protection). From them both parties build the same 2PC
-programs (:mod:`flower_split.mpc.adapter`) and their own *script*: a list of operations
+programs (:mod:`flower_split.mpc.layers`) and their own *script*: a list of operations
 
 * ``Begin(program, stage)``  - start a Beaver stage; gives this party's openings;
 * ``Finish(program, stage)`` - needs the peer's openings of that stage;

@@ -1,12 +1,9 @@
-"""Transports that carry protocol messages between the parties: in-process and Flower."""
+"""In-process transports: carry protocol messages between parties in one process (tests, benchmarks).
 
-from flower_split.transport.flower import (
-    FlowerSettings, pack_messages, records_to_state, settings_from_run_config, state_to_records,
-    unpack_messages,
-)
+The Flower transport lives in :mod:`flower_split.flower` (record codecs, strategies, apps).
+"""
+
 from flower_split.transport.inprocess import InProcessTransport, TrafficCounter
-from flower_split.transport.secure_local import SecureLocalTransport, SecureTraffic, StepCost
+from flower_split.transport.secure_inprocess import SecureLocalTransport, SecureTraffic, StepCost
 
-__all__ = ["FlowerSettings", "InProcessTransport", "SecureLocalTransport", "SecureTraffic", "StepCost",
-           "TrafficCounter", "pack_messages", "records_to_state", "settings_from_run_config", "state_to_records",
-           "unpack_messages"]
+__all__ = ["InProcessTransport", "SecureLocalTransport", "SecureTraffic", "StepCost", "TrafficCounter"]

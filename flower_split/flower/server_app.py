@@ -3,7 +3,7 @@
 Builds the frozen body from ``run_config`` (see :func:`settings_from_run_config` for the keys,
 and ``[tool.flwr.app.config]`` in pyproject.toml for their defaults), wraps it in a
 :class:`CloudParty` (plain) or a :class:`SecureCloudParty` with a dealer (secure), and lets
-:class:`strategies.split.SplitStrategy` / :class:`strategies.secure_split.SecureSplitStrategy`
+:class:`flower_split.flower.strategy.SplitStrategy` / :class:`flower_split.flower.secure_strategy.SecureSplitStrategy`
 run the rounds and the evaluations. Afterwards it checks that the body did not move. Every round's and evaluation's
 report goes to the log, to the optional ``on_report`` callback, and (as MetricRecords
 ``round-N`` / ``eval-N``) into the ServerApp's ``context.state``.
@@ -22,8 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 from flower_split.model import load_encoder, split_encoder
 from flower_split.protocol import CloudParty
 from flower_split.train.runtime import select_device, seed_everything
-from flower_split.transport.flower import settings_from_run_config
-from strategies.split import EvalReport, RoundReport, SplitResult, SplitStrategy
+from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.strategy import EvalReport, RoundReport, SplitResult, SplitStrategy
 
 Report = RoundReport | EvalReport
 
@@ -42,7 +42,7 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
     if config.security == "secure":
         from flower_split.protocol.secure_cloud import SecureCloudParty
         from flower_split.protocol.secure_dealer import SecureDealerParty
-        from strategies.secure_split import SecureSplitStrategy
+        from flower_split.flower.secure_strategy import SecureSplitStrategy
 
         dealer = SecureDealerParty()
         secure_cloud = SecureCloudParty(body, dealer.public, device, keep_graphs=settings.cloud_keep_graphs)

@@ -48,10 +48,8 @@ from flower_split.model import (
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.train.metrics import class_counts
 from flower_split.train.runtime import select_device
-from flower_split.transport.flower import (
-    FlowerSettings, config_value, pack_messages, read_config, records_to_state,
-    settings_from_run_config, state_to_records, unpack_messages,
-)
+from flower_split.flower.records import config_value, pack_messages, read_config, records_to_state, state_to_records, unpack_messages
+from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 
 PARTY_ARRAYS = "party.arrays"
 PARTY_CONFIG = "party.config"
@@ -369,7 +367,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     def infer_tail(message: Message, context: Context) -> Message:
         return _handle(_infer_tail, message, context, extra)
 
-    from flower_split import secure_client_app as secure  # imports this module's helpers
+    from flower_split.flower import secure_handlers as secure  # imports this module's helpers
 
     @client_app.train("secure_setup")
     def secure_setup(message: Message, context: Context) -> Message:

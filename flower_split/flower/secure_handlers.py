@@ -1,7 +1,7 @@
 """Stage handlers of a tenant's ClientApp in security level ``secure`` (registered by client_app).
 
 The tenant is party 1 of the 2PC (:class:`SecureClientParty`); the cloud's strategy
-(:class:`strategies.secure_split.SecureSplitStrategy`) drives one secure step per tenant at
+(:class:`flower_split.flower.secure_strategy.SecureSplitStrategy`) drives one secure step per tenant at
 a time, all tenants in the same Flower round trip. Message types:
 
 ``train.secure_setup``     server: the dealer's hello. Client: new party (its halves, dealer key,
@@ -33,16 +33,14 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from flower_split.client_app import SECURE_STATE_KEYS, Cursor, TenantData, eval_set, new_adapters, train_batches
+from flower_split.flower.client_app import SECURE_STATE_KEYS, Cursor, TenantData, eval_set, new_adapters, train_batches
 from flower_split.config import RunConfig
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
 from flower_split.train.metrics import class_counts
-from flower_split.transport.flower import (
-    FlowerSettings, array_to_tensor, config_value, read_config, records_to_state, state_to_records,
-    tensor_to_array,
-)
-from flower_split.transport.secure_flower import (
+from flower_split.flower.records import array_to_tensor, config_value, read_config, records_to_state, state_to_records, tensor_to_array
+from flower_split.flower.settings import FlowerSettings
+from flower_split.flower.secure_records import (
     HE_KEY_ID, pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
 )
 

@@ -116,7 +116,7 @@ def compute_loss_and_grad(keys: CloudKeys, labels_envelope: bytes, logits: torch
 
     Args:
         keys: the tenant's public context (see :class:`CloudKeys`).
-        labels_envelope: bytes from :func:`flower_split.he.client.encrypt_labels`.
+        labels_envelope: bytes from :func:`flower_split.he.labels.encrypt_labels`.
         logits: [B, C] logits z, opened to the cloud in ``he`` mode.
 
     Raises:

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_messages import ClientSetup, DealerHello, KeyRotation, SecureMessage
-from flower_split.transport.flower import PACK_FORMAT, PAYLOAD_KEY, _value, array_to_tensor, tensor_to_array
+from flower_split.flower.records import PACK_FORMAT, PAYLOAD_KEY, _value, array_to_tensor, tensor_to_array
 
 SECURE_KEY = "secure"
 BLOBS_KEY = "blobs"

@@ -20,7 +20,7 @@ from flower_split.protocol import ClientParty, CloudParty
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.transport.secure_local import SecureLocalTransport
+from flower_split.transport.secure_inprocess import SecureLocalTransport
 from flower_split.train.metrics import accuracy, macro_f1
 from flower_split.train.runtime import CpuClock, select_device, seed_everything
 from flower_split.transport import InProcessTransport

@@ -58,12 +58,12 @@ from flwr.serverapp import Grid
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.transport.flower import config_value, read_metrics
-from flower_split.transport.secure_flower import (
+from flower_split.flower.records import config_value, read_metrics
+from flower_split.flower.secure_records import (
     HE_KEY_ID, has_secure, pack_hello, pack_secure, unpack_key_rotation, unpack_secure, unpack_setup,
 )
 from flower_split.train.metrics import macro_f1_from_counts
-from strategies.split import EvalReport, RoundReport, SplitStrategy, _class_counts, _Exchange, _weighted
+from flower_split.flower.strategy import EvalReport, RoundReport, SplitStrategy, _class_counts, _Exchange, _weighted
 
 SETUP = "train.secure_setup"
 TRAIN_BEGIN = "train.secure_begin"
@@ -87,7 +87,7 @@ class SecureSplitStrategy(SplitStrategy):
     local_steps : int
         Training steps (batches) each tenant takes per round.
     min_nodes, reply_timeout, node_wait_timeout, global_eval
-        As for :class:`strategies.split.SplitStrategy`.
+        As for :class:`flower_split.flower.strategy.SplitStrategy`.
     he_key_rotation_every : int (default: 0)
         Rotate the CKKS keys of every ``he`` tenant after every N training rounds (0: never).
     """

@@ -1,4 +1,4 @@
-"""Flower ServerApp of the FedAvg-LoRA baseline (:class:`strategies.fedavg_lora.FedAvgLora`).
+"""Flower ServerApp of the FedAvg-LoRA baseline (:class:`flower_split.flower.fedavg_strategy.FedAvgLora`).
 
 Builds the same :class:`LoraClassifier` as the tenants (seeded), sends its trainable parameters
 as the initial global model, and runs Flower's ``FedAvg`` for ``num-server-rounds`` rounds
@@ -20,12 +20,12 @@ from flwr.serverapp.strategy import Result
 
 from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import global_test_set
-from flower_split.fedavg_client_app import fedavg_settings_from_run_config, load_trainable, trainable_state
+from flower_split.flower.fedavg_client_app import fedavg_settings_from_run_config, load_trainable, trainable_state
 from flower_split.model import load_tokenizer
 from flower_split.train.centralized import LoraClassifier, predict_centralized
 from flower_split.train.metrics import accuracy, macro_f1
 from flower_split.train.runtime import select_device, seed_everything
-from strategies.fedavg_lora import FedAvgHistory, FedAvgLora, GlobalEvalReport, Report
+from flower_split.flower.fedavg_strategy import FedAvgHistory, FedAvgLora, GlobalEvalReport, Report
 
 
 def run_fedavg_cloud(grid: Grid, run_config: Mapping[str, Any],

@@ -1,10 +1,10 @@
 """``flower-split simulate``: run split-plain or FedAvg-LoRA as a Flower simulation (Ray backend).
 
-The same ServerApp/ClientApp code as a deployment (``flower_split.server_app`` /
+The same ServerApp/ClientApp code as a deployment (``flower_split.flower.server_app`` /
 ``client_app`` for split, ``fedavg_server_app`` / ``fedavg_client_app`` for FedAvg-LoRA) runs
 under :func:`flwr.simulation.run_simulation` with ``num_clients`` virtual SuperNodes. Every
-client handler is wrapped in :func:`flower_split.metering.cost_mod` and the ServerApp's grid in
-:class:`flower_split.metering.MeteredGrid`, so both strategies are measured the same way
+client handler is wrapped in :func:`flower_split.flower.metering.cost_mod` and the ServerApp's grid in
+:class:`flower_split.flower.metering.MeteredGrid`, so both strategies are measured the same way
 (bytes per node from ArrayRecord sizes, client CPU seconds, client peak RSS).
 
 The result is one ``results.json`` run entry with the fields of ``flower-split train``
@@ -25,8 +25,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from flower_split.config import ConfigError, RunConfig
-from flower_split.metering import MeteredGrid, NodeCosts, Traffic, cost_mod
-from flower_split.transport.flower import FlowerSettings, settings_from_run_config
+from flower_split.flower.metering import MeteredGrid, NodeCosts, Traffic, cost_mod
+from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 
 STRATEGIES = ("split", "fedavg")
 RUN_NAMES = {"split": "split-{security}", "fedavg": "fedavg-lora"}
@@ -38,7 +38,7 @@ def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunC
         config, settings = settings_from_run_config(run_config)
         return config, settings, None
     if strategy == "fedavg":
-        from flower_split.fedavg_client_app import fedavg_settings_from_run_config
+        from flower_split.flower.fedavg_client_app import fedavg_settings_from_run_config
 
         return fedavg_settings_from_run_config(run_config)
     raise ConfigError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -212,15 +212,15 @@ def _apps(strategy: str, values: Mapping[str, Any], on_report: Callable[[Any], N
           wrap: Callable[[Grid], Grid]) -> tuple[ServerApp, Any]:
     overrides = dict(values)
     if strategy == "fedavg":
-        from flower_split.fedavg_client_app import make_fedavg_client_app, prepare
-        from flower_split.fedavg_server_app import make_fedavg_server_app
+        from flower_split.flower.fedavg_client_app import make_fedavg_client_app, prepare
+        from flower_split.flower.fedavg_server_app import make_fedavg_server_app
 
         mod = cost_mod(lambda context: prepare(context, overrides))
         return (make_fedavg_server_app(overrides, on_report, wrap),
                 _add_warm_up(make_fedavg_client_app(overrides, mods=[mod])))
 
-    from flower_split.client_app import make_client_app, tenant_data
-    from flower_split.server_app import run_cloud
+    from flower_split.flower.client_app import make_client_app, tenant_data
+    from flower_split.flower.server_app import run_cloud
 
     def prepare_split(context: Context) -> None:
         config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
@@ -346,15 +346,16 @@ def _mean(values: list[float]) -> float | None:
 
 def quick_values() -> dict[str, Any]:
     """What ``--quick`` sets: the CLI's tiny model on a few hundred samples, short rounds."""
-    from flower_split.cli import QUICK, QUICK_FLOWER
+    from flower_split.config import QUICK
+    from flower_split.flower.settings import QUICK_FLOWER
 
     return {**{k: v for k, v in QUICK.items() if k != "epochs"}, **QUICK_FLOWER}
 
 
 def main_simulate(args: Any) -> int:
     """The ``simulate`` subcommand (``args`` from :func:`flower_split.cli.build_parser`)."""
-    from flower_split.api import write_results
-    from flower_split.cli import parse_set
+    from flower_split.runs.local import write_results
+    from flower_split.config import parse_set
     from flower_split.data import DatasetError
 
     try:

@@ -19,7 +19,7 @@ Message types (Flower's ``FedAvg`` sends the default actions):
 Data: exactly the split apps' rows (:func:`flower_split.data.tenants.tenant_splits`: same
 subsets, partition spec and seed, and per-tenant test split with the tenant's label
 distribution). ``run_config``: the split app's keys (see
-:func:`flower_split.transport.flower.settings_from_run_config`) plus :class:`FedAvgSettings`.
+:func:`flower_split.flower.records.settings_from_run_config`) plus :class:`FedAvgSettings`.
 A malformed message gets an error reply naming the problem.
 """
 
@@ -43,7 +43,7 @@ from flower_split.protocol.optim import make_optimizer, warmup_cosine
 from flower_split.train.centralized import LoraClassifier
 from flower_split.train.metrics import accuracy, macro_f1
 from flower_split.train.runtime import select_device
-from flower_split.transport.flower import FlowerSettings, settings_from_run_config
+from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 
 ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
@@ -117,7 +117,7 @@ def _tenant_data(config_items: tuple[tuple[str, Any], ...], partition: str, part
 
 def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> FedAvgTenantData:
     """This node's rows (the same as the split app's), tokenized."""
-    from flower_split.client_app import node_partition
+    from flower_split.flower.client_app import node_partition
 
     partition_id, num_partitions = node_partition(node_config)
     return _tenant_data(tuple(sorted(config.to_dict().items())), settings.partition, partition_id, num_partitions)

@@ -23,7 +23,7 @@ unknown section or key, or a bad value, fails with ``<file>: <section>.<key>: <r
 
 Every run uses the same seed, data subsets and (federated runs) partitions and per-tenant test
 splits. Outputs in ``--out``: ``results.json`` (all runs, ``flower-split train`` schema plus the
-federated fields of :func:`flower_split.simulate.simulate`), ``report.md`` (one table) and
+federated fields of :func:`flower_split.runs.simulate.simulate`), ``report.md`` (one table) and
 ``accuracy_vs_round.png``, ``costs.png``. ``--resume`` reuses the runs of an earlier
 ``results.json`` in ``--out`` whose inputs are identical (the MiniLM comparison takes hours on a
 CPU; an interrupted one, or one with a run added or retuned, repeats no finished work).
@@ -130,7 +130,7 @@ def load_spec(path: str | Path) -> CompareSpec:
     rounds = _positive("federation", "rounds", federation["rounds"], where)
     partition = federation.get("partition", "iid")
     flower = {k: federation[k] for k in ("eval_every", "eval_initial", "reply_timeout") if k in federation}
-    from flower_split.transport.flower import FlowerSettings
+    from flower_split.flower.settings import FlowerSettings
 
     try:
         FlowerSettings(num_server_rounds=rounds, partition=partition, min_nodes=num_clients, **flower).validate()
@@ -196,7 +196,7 @@ def federated_values(spec: CompareSpec, strategy: str, security: str = "plain",
 
 
 def run_centralized(spec: CompareSpec, progress: bool = True) -> dict:
-    from flower_split.api import train
+    from flower_split.runs.local import train
     from flower_split.data import load_dataset
     from flower_split.data.tenants import sample_rows
 
@@ -261,7 +261,7 @@ def _earlier_runs(out: Path) -> dict[str, dict]:
 
 
 def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | None, progress: bool) -> dict:
-    from flower_split.simulate import simulate
+    from flower_split.runs.simulate import simulate
 
     if kind == "centralized":
         return run_centralized(spec, progress)

@@ -3,7 +3,7 @@
 Each training step of a round is three stages, and each stage is ONE
 ``grid.send_and_receive`` for all selected tenants at once, each Flower message carrying
 ``micro_batches`` protocol messages of that tenant (a "pack", see
-:mod:`flower_split.transport.flower`)::
+:mod:`flower_split.flower.records`)::
 
     train.head_fwd  -> tenants: next micro-batches through the head; reply HeadOutputs
     (cloud)            CloudParty: body forward on all tenants' micro-batches, stacked
@@ -39,7 +39,7 @@ from flwr.common import log
 
 from flower_split.protocol import BodyGrad, BodyOutput, CloudParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.train.metrics import macro_f1_from_counts
-from flower_split.transport.flower import pack_messages, pack_tenant, read_metrics, unpack_messages
+from flower_split.flower.records import pack_messages, pack_tenant, read_metrics, unpack_messages
 
 HEAD_FWD = "train.head_fwd"
 TAIL = "train.tail"

@@ -1,0 +1,1 @@
+"""Flower wiring: message contract, record codecs, strategies, ClientApp and ServerApp."""

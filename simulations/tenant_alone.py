@@ -25,7 +25,8 @@ from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import tenant_splits
 from flower_split.model import load_tokenizer
-from flower_split.train import train_centralized, train_split
+from flower_split.backends import backend_for
+from flower_split.train import train_centralized
 
 DEFAULTS = {"model": "minilm", "dataset": "banking77", "epochs": 3, "device": "cpu", "security": "plain"}
 
@@ -44,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
     config = RunConfig.from_mapping({**DEFAULTS, **overrides, "mode": args.mode}).validate()
-    trainer = train_split if args.mode == "split" else train_centralized
+    trainer = backend_for(config).train_in_process if args.mode == "split" else train_centralized
     splits = tenant_splits(config, args.partition, args.num_clients)
     tokenizer = load_tokenizer(config.model)
     correct = total = 0.0
@@ -59,8 +60,7 @@ def main() -> None:
         print(f"tenant {tenant}: {len(train)} train / {len(test)} test rows, {len(set(train.labels))} classes, "
               f"accuracy {run['test_accuracy']:.4f}, train loss per epoch [{losses}], "
               f"{time.perf_counter() - started:.0f} s", flush=True)
-    kind = "centralized LoRA" if args.mode == "centralized" else \
-        f"split-{config.security}{'/' + config.label_protection if config.security == 'secure' else ''}"
+    kind = "centralized LoRA" if args.mode == "centralized" else backend_for(config).run_name(config)
     print(f"example-weighted per-tenant accuracy {correct / total:.4f} ({config.epochs} epochs, {kind})")
 
 

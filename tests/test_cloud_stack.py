@@ -10,13 +10,13 @@ import pytest
 import torch
 from flwr.app import Context, Message
 
-from flower_split.flower.client_app import make_client_app
+from flower_split.apps.client_app import make_client_app
 from flower_split.model import Body, build_split
 from flower_split.protocol import BodyGrad, BodyOutput, CloudParty, HeadGrad, HeadOutput, ProtocolError
-from flower_split.flower.server_app import run_cloud
+from flower_split.apps.server_app import run_cloud
 from flower_split.flower.records import pack_messages, read_metrics, unpack_messages
 from flower_helpers import LocalGrid
-from flower_split.flower.strategy import RoundReport
+from flower_split.flower.strategy_utils import RoundReport
 
 DIM = 32  # hidden size of the tiny model
 ONE_GROUP = dict(max_padding=float("inf"), keep_graphs=True)  # stack whatever the padding, keep the graph

@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from flower_split.cli import main
-from flower_split.flower.client_app import tenant_data as split_tenant_data
+from flower_split.flower.tenant import tenant_data as split_tenant_data
 from flower_split.flower.fedavg_client_app import (
     fedavg_settings_from_run_config, make_fedavg_client_app, model_for, tenant_data, trainable_state,
 )

@@ -14,16 +14,18 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from flower_split.flower.client_app import PARTY_ARRAYS, PARTY_CONFIG, make_client_app, split_test_like_train
+from flower_split.apps.client_app import make_client_app
+from flower_split.data.tenants import split_test_like_train
+from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
 from flower_split.model import build_split, load_tokenizer
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, CloudParty, HeadGrad, HeadOutput, ProtocolError
-from flower_split.flower.server_app import make_server_app, run_cloud
+from flower_split.apps.server_app import make_server_app, run_cloud
 from flower_split.flower.records import pack_messages, records_to_state, state_to_records, unpack_messages
 from flower_split.flower.settings import settings_from_run_config
 from flower_helpers import LocalGrid, checked_for_cycles
-from flower_split.flower.strategy import EvalReport, RoundReport
+from flower_split.flower.strategy_utils import EvalReport, RoundReport
 
 TINY = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 8, "tail-bottleneck": 16,
         "lr-tail": 0.5, "batch-size": 32, "max-train-samples": 640, "max-test-samples": 300,

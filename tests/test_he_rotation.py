@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from flwr.app import Message
 
 from flower_helpers import LocalGrid
-from flower_split.flower.client_app import make_client_app
+from flower_split.apps.client_app import make_client_app
+from flower_split.backends import backend_for
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import Batch, TokenizedDataset
 from flower_split.he import ClientKeys
@@ -32,7 +33,7 @@ from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.secure_records import pack_key_rotation, unpack_key_rotation
 from flower_split.transport.secure_inprocess import SecureLocalTransport
 from flower_split.flower.secure_strategy import SecureSplitStrategy
-from flower_split.flower.strategy import RoundReport
+from flower_split.flower.strategy_utils import RoundReport
 
 TOTAL_STEPS = 10
 HE_LOSS_TOLERANCE = 2e-3  # fixed-point forward + HE loss at B = 8 (docs/secure.md section 5)
@@ -255,7 +256,7 @@ def test_strategy_rotates_every_n_rounds(task_identity: None) -> None:
     keys, reports = [], []
     for server_round in (1, 2, 3):
         reports.append(strategy.train_round(grid, server_round))
-        cloud = {node: strategy.cloud.he_key_id(strategy._tenant_of[node]) for node in (1, 2)}
+        cloud = {node: strategy.cloud.he_key_id(strategy.tenant_of[node]) for node in (1, 2)}
         assert all(_client_keys(grid, node) == (cloud[node], None) for node in (1, 2))
         keys.append(cloud)
     assert all(not r.dropped and r.tenants == ["tenant-0", "tenant-1"] and r.train_loss > 0 for r in reports)
@@ -304,10 +305,11 @@ def test_bad_rotation_settings_are_rejected(value: object) -> None:
 
 @pytest.mark.parametrize("mode", [{"label-protection": "client"}, {"security": "plain"}])
 def test_rotation_needs_secure_he(mode: dict[str, str]) -> None:
-    with pytest.raises(ConfigError, match="he-key-rotation-every: only security 'secure' with label-protection 'he'"):
-        settings_from_run_config({**FLOWER, **mode})
-    _, settings = settings_from_run_config({**FLOWER, **mode, "he-key-rotation-every": 0})
-    assert settings.he_key_rotation_every == 0
+    config, settings = settings_from_run_config({**FLOWER, **mode})
+    with pytest.raises(ConfigError, match="he-key-rotation-every: .* (no|holds no) CKKS keys to rotate"):
+        backend_for(config, settings)  # the ServerApp, the ClientApp and simulate all ask the backend
+    config, settings = settings_from_run_config({**FLOWER, **mode, "he-key-rotation-every": 0})
+    assert backend_for(config, settings).name == config.security and settings.he_key_rotation_every == 0
 
 
 def test_strategy_refuses_a_bad_rotation_interval() -> None:

@@ -8,21 +8,21 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from flower_helpers import LocalGrid, checked_for_cycles, cyclic_data
-from flower_split.flower.client_app import make_client_app
+from flower_split.apps.client_app import make_client_app
 from flower_split.model import load_encoder, split_encoder
 from flower_split.mpc import decode
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_messages import ClientSetup, DealerHello, SecureMessage
-from flower_split.flower.server_app import make_server_app
+from flower_split.apps.server_app import make_server_app
 from flower_split.flower.records import records_to_state, state_to_records
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.secure_records import (
     pack_hello, pack_secure, pack_setup, unpack_hello, unpack_secure, unpack_setup,
 )
 from flower_split.flower.secure_strategy import SecureSplitStrategy
-from flower_split.flower.strategy import EvalReport, RoundReport
+from flower_split.flower.strategy_utils import EvalReport, RoundReport
 
 SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
           "lr-tail": 0.5, "batch-size": 16, "max-length": 24, "max-train-samples": 192, "max-test-samples": 64,
@@ -115,7 +115,7 @@ def _model_weights(grid: LocalGrid, strategy: SecureSplitStrategy, node: int) ->
     """A tenant's adapter weights: its halves (from its Context.state) plus the cloud's."""
     state = grid.contexts[node].state
     client = records_to_state(state["secure.arrays"], state["secure.config"])
-    tenant = strategy._tenant_of[node]
+    tenant = strategy.tenant_of[node]
     cloud = strategy.cloud.export_halves(tenant)
     return {k: decode(client["halves"]["weights"][k] + cloud[k]) for k in cloud}
 

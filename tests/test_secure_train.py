@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flower_split.api import train
+from flower_split.backends import backend_for
 from flower_split.config import ConfigError, RunConfig
 
 
@@ -20,11 +21,15 @@ def _quick(mode: str, **overrides) -> RunConfig:
 
 
 def test_secure_config_is_accepted_and_checked() -> None:
-    assert RunConfig(security="secure").validate().security == "secure"
+    backend = backend_for(RunConfig(security="secure").validate())
+    assert backend.name == "secure"
     with pytest.raises(ConfigError, match="^optimizer:"):
-        RunConfig(security="secure", optimizer="adamw").validate()
+        backend.validate(RunConfig(security="secure", optimizer="adamw").validate())
+    with pytest.raises(ConfigError, match="^optimizer:"):  # every entry point asks the backend first
+        train(_quick("client", optimizer="adamw", epochs=1, max_train_samples=16), progress=False)
     with pytest.raises(ConfigError, match="^activation:"):
         train(_quick("client", activation="gelu", epochs=1, max_train_samples=16), progress=False)
+    backend_for(RunConfig(optimizer="adamw", activation="gelu").validate())  # plain takes both
 
 
 @pytest.mark.parametrize("mode, epochs", [("client", 6), ("he", 3)])

@@ -117,7 +117,7 @@ def _tenant_data(config_items: tuple[tuple[str, Any], ...], partition: str, part
 
 def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> FedAvgTenantData:
     """This node's rows (the same as the split app's), tokenized."""
-    from flower_split.flower.client_app import node_partition
+    from flower_split.flower.tenant import node_partition
 
     partition_id, num_partitions = node_partition(node_config)
     return _tenant_data(tuple(sorted(config.to_dict().items())), settings.partition, partition_id, num_partitions)

@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from flower_split.flower.contract import RecordKey
 from flower_split.protocol import BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError
 
 PACK_FORMAT = 1
-PROTOCOL_KEY = "protocol"
-PAYLOAD_KEY = "payload"
-METRICS_KEY = "metrics"
+PROTOCOL_KEY = RecordKey.PROTOCOL
+PAYLOAD_KEY = RecordKey.PAYLOAD
+METRICS_KEY = RecordKey.METRICS
 
 # message class -> (its tensor fields, its per-message boolean fields)
 _FIELDS: dict[type[Message], tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -194,7 +195,7 @@ def read_metrics(content: RecordDict, required: Sequence[str] = (),
     return values
 
 
-def read_config(content: object, key: str = "config") -> ConfigRecord:
+def read_config(content: object, key: str = RecordKey.CONFIG) -> ConfigRecord:
     """A server instruction's ConfigRecord (validated presence and type)."""
     if not isinstance(content, RecordDict):
         raise ProtocolError(f"expected a RecordDict, got {type(content).__name__}")

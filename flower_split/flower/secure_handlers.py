@@ -1,4 +1,4 @@
-"""Stage handlers of a tenant's ClientApp in security level ``secure`` (registered by client_app).
+"""Tenant-side handlers of split-secure: one function per message type (see :data:`HANDLERS`).
 
 The tenant is party 1 of the 2PC (:class:`SecureClientParty`); the cloud's strategy
 (:class:`flower_split.flower.secure_strategy.SecureSplitStrategy`) drives one secure step per tenant at
@@ -33,19 +33,21 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from flower_split.flower.client_app import SECURE_STATE_KEYS, Cursor, TenantData, eval_set, new_adapters, train_batches
 from flower_split.config import RunConfig
+from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
+from flower_split.flower.records import (
+    array_to_tensor, config_value, read_config, records_to_state, state_to_records, tensor_to_array,
+)
+from flower_split.flower.secure_records import (
+    pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
+)
+from flower_split.flower.settings import FlowerSettings
+from flower_split.flower.tenant import Cursor, Handler, TenantData, eval_set, new_adapters, train_batches
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
 from flower_split.train.metrics import class_counts
-from flower_split.flower.records import array_to_tensor, config_value, read_config, records_to_state, state_to_records, tensor_to_array
-from flower_split.flower.settings import FlowerSettings
-from flower_split.flower.secure_records import (
-    HE_KEY_ID, pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
-)
 
-SECURE_ARRAYS, SECURE_CONFIG, SECURE_BATCH, SECURE_LABELS = SECURE_STATE_KEYS
-SYNC_KEY = "sync"
+SECURE_ARRAYS, SECURE_CONFIG, SECURE_BATCH, SECURE_LABELS = "secure.arrays", "secure.config", "secure.batch", "secure.labels"
 
 
 def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> SecureClientParty:
@@ -72,18 +74,18 @@ def _save(context: Context, party: SecureClientParty) -> None:
 
 
 def _cloud_updates(record: ConfigRecord) -> dict[str, int]:
-    return {"head": config_value(record, "head-updates", int), "tail": config_value(record, "tail-updates", int)}
+    return {"head": config_value(record, ConfigKey.HEAD_UPDATES, int), "tail": config_value(record, ConfigKey.TAIL_UPDATES, int)}
 
 
 def _confirm_key(party: SecureClientParty, instruction: ConfigRecord) -> None:
     """``he``: the cloud's key id in the instruction acknowledges a pending rotation (or not)."""
     if party.he_key_id is not None:
-        party.confirm_key_rotation(config_value(instruction, HE_KEY_ID, bytes))
+        party.confirm_key_rotation(config_value(instruction, ConfigKey.HE_KEY_ID, bytes))
 
 
 def _sync(party: SecureClientParty) -> ConfigRecord:
     updates = party.updates
-    return ConfigRecord({"head-updates": updates["head"], "tail-updates": updates["tail"]})
+    return ConfigRecord({ConfigKey.HEAD_UPDATES: updates["head"], ConfigKey.TAIL_UPDATES: updates["tail"]})
 
 
 def secure_setup(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
@@ -109,13 +111,13 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     _save(context, party)
     cursor.save(context.state)
     context.state[SECURE_BATCH] = ConfigRecord({"size": len(batches[0].labels)})
-    return pack_secure(first, RecordDict({SYNC_KEY: _sync(party)}))
+    return pack_secure(first, RecordDict({RecordKey.SYNC: _sync(party)}))
 
 
 def secure_eval_begin(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
                       data: TenantData) -> RecordDict:
     instruction = read_config(message.content)
-    restart = config_value(instruction, "restart", bool)
+    restart = config_value(instruction, ConfigKey.RESTART, bool)
     test = eval_set(data, instruction)
     party = _load(context, data, config, settings)
     party.reconcile(_cloud_updates(instruction))
@@ -123,7 +125,7 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
     cursor = Cursor.load(context.state)
     if restart:
         cursor.eval_cursor = 0
-    content = RecordDict({SYNC_KEY: _sync(party)})
+    content = RecordDict({RecordKey.SYNC: _sync(party)})
     if cursor.eval_cursor < len(test):
         rows = list(range(cursor.eval_cursor, min(len(test), cursor.eval_cursor + config.batch_size)))
         cursor.eval_cursor += len(rows)
@@ -134,7 +136,7 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
     remaining = -(-(len(test) - cursor.eval_cursor) // config.batch_size)
     _save(context, party)
     cursor.save(context.state)
-    content["metrics"] = MetricRecord({"remaining": remaining})
+    content[RecordKey.METRICS] = MetricRecord({MetricKey.REMAINING: remaining})
     return content
 
 
@@ -143,7 +145,7 @@ def secure_rekey(message: Message, context: Context, config: RunConfig, settings
     """A new CKKS key pair; the reply carries its public context (the old key stays in use until acked)."""
     instruction = read_config(message.content)
     party = _load(context, data, config, settings)
-    party.confirm_key_rotation(config_value(instruction, HE_KEY_ID, bytes))
+    party.confirm_key_rotation(config_value(instruction, ConfigKey.HE_KEY_ID, bytes))
     rotation = party.start_key_rotation()
     _save(context, party)
     return pack_key_rotation(rotation)
@@ -157,10 +159,10 @@ def secure_next(message: Message, context: Context, config: RunConfig, settings:
     content = pack_secure(reply) if reply is not None else RecordDict()
     if incoming.step in party.finished:
         result = party.pop_result(incoming.step)
-        metrics: dict[str, int | float | list[int]] = {"done": 1}
+        metrics: dict[str, int | float | list[int]] = {MetricKey.DONE: 1}
         if settings.secure_metrics:
             metrics.update(_step_metrics(context, data, incoming.train, result))
-        content["metrics"] = MetricRecord(metrics)
+        content[RecordKey.METRICS] = MetricRecord(metrics)
     _save(context, party)
     return content
 
@@ -169,12 +171,22 @@ def _step_metrics(context: Context, data: TenantData, train: bool, result: Secur
     """What the tenant reports of a finished step (it chooses to; the cloud cannot compute it)."""
     if train:
         size = config_value(context.state[SECURE_BATCH], "size", int, SECURE_BATCH)
-        return {"train-loss": float(result.loss), "num-examples": size}
+        return {MetricKey.TRAIN_LOSS: float(result.loss), MetricKey.NUM_EXAMPLES: size}
     record = context.state.get(SECURE_LABELS)
     if not isinstance(record, ArrayRecord) or "labels" not in record:
         raise ProtocolError("evaluation step finished but its labels are not in the state")
     labels = array_to_tensor("labels", record["labels"])
     predicted = result.logits.argmax(-1)
     tp, fp, fn = class_counts(predicted, labels, data.num_classes)
-    return {"correct": int((predicted == labels).sum()), "num-examples": int(labels.numel()),
-            "tp": tp, "fp": fp, "fn": fn}
+    return {MetricKey.CORRECT: int((predicted == labels).sum()), MetricKey.NUM_EXAMPLES: int(labels.numel()),
+            MetricKey.TP: tp, MetricKey.FP: fp, MetricKey.FN: fn}
+
+
+HANDLERS: dict[str, Handler] = {
+    MessageType.SECURE_SETUP: secure_setup,
+    MessageType.SECURE_TRAIN_BEGIN: secure_train_begin,
+    MessageType.SECURE_REKEY: secure_rekey,
+    MessageType.SECURE_TRAIN_NEXT: secure_next,
+    MessageType.SECURE_EVAL_BEGIN: secure_eval_begin,
+    MessageType.SECURE_EVAL_NEXT: secure_next,
+}

@@ -31,16 +31,16 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from flower_split.flower.contract import RecordKey
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_messages import ClientSetup, DealerHello, KeyRotation, SecureMessage
 from flower_split.flower.records import PACK_FORMAT, PAYLOAD_KEY, _value, array_to_tensor, tensor_to_array
 
-SECURE_KEY = "secure"
-BLOBS_KEY = "blobs"
-HELLO_KEY = "hello"
-SETUP_KEY = "setup"
-REKEY_KEY = "rekey"
-HE_KEY_ID = "he-key-id"
+SECURE_KEY = RecordKey.SECURE
+BLOBS_KEY = RecordKey.BLOBS
+HELLO_KEY = RecordKey.HELLO
+SETUP_KEY = RecordKey.SETUP
+REKEY_KEY = RecordKey.REKEY
 
 _HEADER: tuple[tuple[str, str, type], ...] = (
     ("tenant", "tenant", str), ("step", "step", int), ("seq", "seq", int), ("sender", "sender", str),

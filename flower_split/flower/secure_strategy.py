@@ -41,8 +41,8 @@ round like any other failure; both sides stay on one key (the tenant never switc
 the acknowledgement) and it is asked again at the next round it takes part in.
 
 The strategy never sees labels, inputs or the client's halves. With ``secure-metrics`` the
-tenants report each step's mean loss and their evaluation counts (as plain-mode and FedAvg
-clients do); without it the reports have no loss or accuracy.
+tenants report what they choose to (docs/secure.md says what, and why it is safe); without it
+the reports have no loss or accuracy.
 """
 
 from __future__ import annotations
@@ -55,48 +55,32 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from flower_split.flower.contract import CLASS_COUNT_KEYS, ConfigKey, MessageType, MetricKey, RecordKey
+from flower_split.flower.records import config_value, read_metrics
+from flower_split.flower.secure_records import (
+    has_secure, pack_hello, pack_secure, unpack_key_rotation, unpack_secure, unpack_setup,
+)
+from flower_split.flower.strategy import SplitStrategyBase
+from flower_split.flower.strategy_utils import EvalReport, EvalTally, Exchange, RoundReport
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.flower.records import config_value, read_metrics
-from flower_split.flower.secure_records import (
-    HE_KEY_ID, has_secure, pack_hello, pack_secure, unpack_key_rotation, unpack_secure, unpack_setup,
-)
-from flower_split.train.metrics import macro_f1_from_counts
-from flower_split.flower.strategy import EvalReport, RoundReport, SplitStrategy, _class_counts, _Exchange, _weighted
-
-SETUP = "train.secure_setup"
-TRAIN_BEGIN = "train.secure_begin"
-TRAIN_NEXT = "train.secure_next"
-REKEY = "train.secure_rekey"
-EVAL_BEGIN = "evaluate.secure_begin"
-EVAL_NEXT = "evaluate.secure_next"
-SYNC_KEY = "sync"
-COUNT_KEYS = ("tp", "fp", "fn")
 
 
-class SecureSplitStrategy(SplitStrategy):
+class SecureSplitStrategy(SplitStrategyBase):
     """Split learning (security ``secure``) over the Flower Message API.
 
-    Parameters
-    ----------
-    cloud : SecureCloudParty
-        The cloud's party with the frozen body; one set of halves per tenant.
-    dealer : SecureDealerParty
-        The dealer of correlated randomness (Beaver material).
-    local_steps : int
-        Training steps (batches) each tenant takes per round.
-    min_nodes, reply_timeout, node_wait_timeout, global_eval
-        As for :class:`flower_split.flower.strategy.SplitStrategy`.
-    he_key_rotation_every : int (default: 0)
-        Rotate the CKKS keys of every ``he`` tenant after every N training rounds (0: never).
+    Parameters as for :class:`~flower_split.flower.strategy.SplitStrategyBase` (``cloud``: the
+    :class:`SecureCloudParty`; ``local_steps``: training steps, one batch each, per tenant and
+    round), plus ``dealer`` (the :class:`SecureDealerParty` of correlated randomness) and
+    ``he_key_rotation_every`` (default 0): rotate the CKKS keys of every tenant whose label
+    protection holds such keys after every N training rounds (0: never).
     """
 
     def __init__(self, cloud: SecureCloudParty, dealer: SecureDealerParty, local_steps: int,
                  min_nodes: int = 2, reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0,
                  global_eval: bool = True, he_key_rotation_every: int = 0) -> None:
-        super().__init__(cloud, local_steps, 1, 1, min_nodes, reply_timeout, node_wait_timeout,  # type: ignore[arg-type]
-                         global_eval)
+        super().__init__(cloud, local_steps, min_nodes, reply_timeout, node_wait_timeout, global_eval)
         if not isinstance(he_key_rotation_every, int) or isinstance(he_key_rotation_every, bool) \
                 or he_key_rotation_every < 0:
             raise ValueError(f"he_key_rotation_every must be an integer >= 0, got {he_key_rotation_every!r}")
@@ -110,155 +94,139 @@ class SecureSplitStrategy(SplitStrategy):
             self.reply_timeout,
             f"every {self.he_key_rotation_every} rounds" if self.he_key_rotation_every else "off")
 
+    def forget_step(self, tenant: str) -> None:
+        self.cloud.abort_step(tenant)
+
     # -- training and evaluation ---------------------------------------------------------------
 
     def train_round(self, grid: Grid, server_round: int) -> RoundReport:
         """One round: ``local_steps`` secure training steps for every selected tenant."""
-        started = time.perf_counter()
-        phase = _Exchange()
-        active = self._select(grid)
+        phase = Exchange()
+        active = self.select(grid)
         every = self.he_key_rotation_every
         if every and server_round > 1 and (server_round - 1) % every == 0:
             self._rekey_due |= {t for t in self.cloud.tenants if self.cloud.he_key_id(t) is not None}
         self._rotate_keys(grid, server_round, phase, active)
-        loss_sum, examples, steps = 0.0, 0, 0
-        reported = True
+        loss_sum, examples, steps, reported = 0.0, 0, 0, True
         every_log = max(1, self.local_steps // 8)  # a secure MiniLM round takes tens of minutes: say how far it is
         while steps < self.local_steps and active:
-            _, finished = self._run_steps(grid, TRAIN_BEGIN, TRAIN_NEXT, {n: {} for n in active}, True,
-                                          server_round, phase, active)
+            _, finished = self._run_steps(grid, True, {n: {} for n in active}, server_round, phase, active)
             for content in finished.values():
-                metrics = read_metrics(content)
-                if "train-loss" in metrics:
-                    loss_sum += metrics["train-loss"] * metrics["num-examples"]
-                    examples += int(metrics["num-examples"])
+                metrics = read_metrics(content, lists=CLASS_COUNT_KEYS)
+                if MetricKey.TRAIN_LOSS in metrics:
+                    loss_sum += metrics[MetricKey.TRAIN_LOSS] * metrics[MetricKey.NUM_EXAMPLES]
+                    examples += int(metrics[MetricKey.NUM_EXAMPLES])
                 else:
                     reported = False
             steps += 1
             if steps % every_log == 0 and steps < self.local_steps:
                 log(INFO, "secure round %d: step %d/%d, %d tenants, %.0f s", server_round, steps,
-                    self.local_steps, len(active), time.perf_counter() - started)
-        report = RoundReport(
-            server_round=server_round, tenants=sorted(self._tenant_of[n] for n in active),
+                    self.local_steps, len(active), time.perf_counter() - phase.started)
+        return RoundReport(
+            server_round=server_round, tenants=sorted(self.tenant_of[n] for n in active),
             dropped=dict(phase.dropped), train_loss=loss_sum / examples if examples and reported else None,
             num_examples=examples, steps=steps, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud, dealer_seconds=phase.dealer,
-            wall_seconds=time.perf_counter() - started)
-        log(INFO, "secure round %d: train loss %s, %d tenants (%d dropped), %d steps, %d round trips "
-                  "(%.1f per step), %.1f s waiting on Flower, %.1f s cloud, %.1f s dealer, %.1f s total",
-            server_round, "n/a" if report.train_loss is None else f"{report.train_loss:.4f}", len(report.tenants),
-            len(report.dropped), steps, report.round_trips, report.round_trips_per_step, phase.wait, phase.cloud,
-            phase.dealer, report.wall_seconds)
-        return report
+            wall_seconds=time.perf_counter() - phase.started)
 
     def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
         """Secure inference on each tenant's own test split (or, ``scope="global"``, the whole test set)."""
-        started = time.perf_counter()
-        phase = _Exchange()
-        active = self._select(grid)
+        phase, tally = Exchange(), EvalTally()
+        active = self.select(grid)
         pending, restart = set(active), {n: True for n in active}
-        correct = {n: 0 for n in active}
-        seen = {n: 0 for n in active}
-        counts: dict[int, Any] = {}
         while pending:
-            configs = {n: {"restart": restart[n], "scope": scope} for n in pending}
-            begun, finished = self._run_steps(grid, EVAL_BEGIN, EVAL_NEXT, configs, False, server_round,
-                                              phase, active)
+            configs = {n: {ConfigKey.RESTART: restart[n], ConfigKey.SCOPE: scope} for n in pending}
+            begun, finished = self._run_steps(grid, False, configs, server_round, phase, active)
             for node, remaining in begun.items():
                 restart[node] = False
                 if remaining == 0:
                     pending.discard(node)
             for node, content in finished.items():
-                metrics = read_metrics(content, lists=COUNT_KEYS)
-                if "correct" not in metrics:
-                    continue  # the tenant keeps its accuracy to itself (secure-metrics = false)
                 try:
-                    classes = _class_counts(content)
+                    tally.add(node, content)  # no counts: the tenant keeps them (secure-metrics = false)
                 except ProtocolError as exc:
-                    self._drop(node, str(exc), phase, active)
-                    continue
-                correct[node] += int(metrics["correct"])
-                seen[node] += int(metrics["num-examples"])
-                counts[node] = classes if node not in counts else counts[node] + classes
+                    self.drop(node, str(exc), phase, active)
             pending &= active
-        done = [n for n in active if seen[n]]
-        per_tenant = {self._tenant_of[n]: correct[n] / seen[n] for n in done}
-        per_tenant_f1 = {self._tenant_of[n]: macro_f1_from_counts(*counts[n]) for n in done}
-        weights = {self._tenant_of[n]: seen[n] if scope == "tenant" else 1 for n in done}
-        report = EvalReport(
-            server_round=server_round, scope=scope, accuracy=_weighted(per_tenant, weights),
-            macro_f1=_weighted(per_tenant_f1, weights), per_tenant=per_tenant, per_tenant_f1=per_tenant_f1,
-            num_examples={self._tenant_of[n]: seen[n] for n in active}, dropped=dict(phase.dropped),
-            round_trips=phase.round_trips, flower_wait_seconds=phase.wait,
-            wall_seconds=time.perf_counter() - started)
-        log(INFO, "secure evaluation (%s test sets) after round %d: accuracy %s, macro-F1 %s (%s)", scope,
-            server_round, "n/a" if report.accuracy is None else f"{report.accuracy:.4f}",
-            "n/a" if report.macro_f1 is None else f"{report.macro_f1:.4f}",
-            ", ".join(f"{t} {a:.3f}" for t, a in sorted(per_tenant.items())))
-        return report
+        return tally.report(server_round, scope, self.tenant_of, active, phase)
 
     # -- one step for every tenant -------------------------------------------------------------
 
-    def _run_steps(self, grid: Grid, begin: str, step: str, configs: dict[int, dict[str, Any]], train: bool,
-                   server_round: int, phase: _Exchange,
-                   active: set[int]) -> tuple[dict[int, float], dict[int, RecordDict]]:
+    def _run_steps(self, grid: Grid, train: bool, configs: dict[int, dict[str, Any]], server_round: int,
+                   phase: Exchange, active: set[int]) -> tuple[dict[int, float], dict[int, RecordDict]]:
         """Begin a step on every node of ``configs`` and exchange messages until all are over.
 
         Returns ``remaining`` (evaluation: test batches left after this one) of every node that
         answered the begin, and the final reply content (with its metrics) of every finished step.
         """
-        instructions = {}
-        for node, extra in configs.items():
-            tenant = self._tenant_of[node]
-            updates = self.cloud.updates(tenant)
-            key_id = self.cloud.he_key_id(tenant)  # he: acknowledges the tenant's last key rotation
-            instructions[node] = RecordDict({"config": ConfigRecord({
-                **extra, "head-updates": updates["head"], "tail-updates": updates["tail"],
-                "server-round": server_round, **({HE_KEY_ID: key_id} if key_id is not None else {})})})
-        replies = self._exchange(grid, begin, instructions, server_round, phase, active)
+        begin = MessageType.SECURE_TRAIN_BEGIN if train else MessageType.SECURE_EVAL_BEGIN
+        instructions = {node: self._begin_instruction(node, extra, server_round) for node, extra in configs.items()}
+        replies = self.exchange(grid, begin, instructions, server_round, phase, active)
         remaining: dict[int, float] = {}
         outgoing: dict[int, RecordDict] = {}
         for node, content in replies.items():
-            tenant = self._tenant_of[node]
-            tick, dealer_time = time.perf_counter(), 0.0
             try:
-                remaining[node] = read_metrics(content).get("remaining", 0.0)
-                if not has_secure(content):
-                    if train or remaining[node] > 0:
-                        raise ProtocolError(f"{begin}: the reply carries no step message "
-                                            f"({remaining[node]:.0f} test batches remaining)")
-                    continue  # evaluation: this tenant's test set is done
-                self.cloud.reconcile(tenant, _sync(content))
-                first = unpack_secure(content, tenant, "client")
-                if first.train != train:
-                    raise ProtocolError(f"{begin}: step {first.step} has train={first.train}, expected {train}")
-                request = self.cloud.material_request(first)
-                dealt = time.perf_counter()
-                try:
-                    bundle = self.dealer.handle(request)
-                finally:
-                    dealer_time = time.perf_counter() - dealt
-                self.cloud.accept_material(bundle)
-                reply = self.cloud.handle(first)
-                if reply is None:
-                    raise ProtocolError(f"{begin}: a step cannot end with its first message")
-                outgoing[node] = pack_secure(reply)
+                remaining[node] = read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.REMAINING, 0.0)
+                first = self._first_reply(node, content, train, remaining[node], phase)
+                if first is not None:
+                    outgoing[node] = first
             except ProtocolError as exc:
                 remaining.pop(node, None)
-                self._drop(node, str(exc), phase, active)
+                self.drop(node, f"{begin}: {exc}", phase, active)
+        return remaining, self._step_loop(grid, train, outgoing, server_round, phase, active)
+
+    def _begin_instruction(self, node: int, extra: dict[str, Any], server_round: int) -> RecordDict:
+        """The ``*.secure_begin`` config: the cloud's update counts and (``he``) its CKKS key id."""
+        tenant = self.tenant_of[node]
+        updates = self.cloud.updates(tenant)
+        key_id = self.cloud.he_key_id(tenant)  # acknowledges the tenant's last key rotation
+        return RecordDict({RecordKey.CONFIG: ConfigRecord({
+            **extra, ConfigKey.HEAD_UPDATES: updates["head"], ConfigKey.TAIL_UPDATES: updates["tail"],
+            ConfigKey.SERVER_ROUND: server_round, **({ConfigKey.HE_KEY_ID: key_id} if key_id is not None else {})})})
+
+    def _first_reply(self, node: int, content: RecordDict, train: bool, remaining: float,
+                     phase: Exchange) -> RecordDict | None:
+        """The cloud's answer to a tenant's first step message (with the dealer's material), or
+        None when an evaluation has no test batch left for it."""
+        tenant = self.tenant_of[node]
+        tick, dealer_time = time.perf_counter(), 0.0
+        try:
+            if not has_secure(content):
+                if train or remaining > 0:
+                    raise ProtocolError(f"the reply carries no step message ({remaining:.0f} test batches remaining)")
+                return None
+            self.cloud.reconcile(tenant, _sync(content))
+            first = unpack_secure(content, tenant, "client")
+            if first.train != train:
+                raise ProtocolError(f"step {first.step} has train={first.train}, expected {train}")
+            request = self.cloud.material_request(first)
+            dealt = time.perf_counter()
+            try:
+                bundle = self.dealer.handle(request)
             finally:
-                phase.cloud += time.perf_counter() - tick - dealer_time
-                phase.dealer += dealer_time
+                dealer_time = time.perf_counter() - dealt
+            self.cloud.accept_material(bundle)
+            reply = self.cloud.handle(first)
+            if reply is None:
+                raise ProtocolError("a step cannot end with its first message")
+            return pack_secure(reply)
+        finally:
+            phase.cloud += time.perf_counter() - tick - dealer_time
+            phase.dealer += dealer_time
+
+    def _step_loop(self, grid: Grid, train: bool, outgoing: dict[int, RecordDict], server_round: int,
+                   phase: Exchange, active: set[int]) -> dict[int, RecordDict]:
+        """Exchange the steps' messages until every tenant's step is over; the final replies."""
+        step = MessageType.SECURE_TRAIN_NEXT if train else MessageType.SECURE_EVAL_NEXT
         finished: dict[int, RecordDict] = {}
         while outgoing:
-            replies = self._exchange(grid, step, outgoing, server_round, phase, active)
+            replies = self.exchange(grid, step, outgoing, server_round, phase, active)
             outgoing = {}
             for node, content in replies.items():
                 tick = time.perf_counter()
                 try:
-                    done = bool(read_metrics(content, lists=COUNT_KEYS).get("done", 0))
+                    done = bool(read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.DONE, 0))
                     if has_secure(content):
-                        reply = self.cloud.handle(unpack_secure(content, self._tenant_of[node], "client"))
+                        reply = self.cloud.handle(unpack_secure(content, self.tenant_of[node], "client"))
                         if reply is not None:
                             if done:
                                 raise ProtocolError(f"{step}: the tenant reports done but the step goes on")
@@ -268,58 +236,58 @@ class SecureSplitStrategy(SplitStrategy):
                     if done:
                         finished[node] = content
                 except ProtocolError as exc:
-                    self._drop(node, str(exc), phase, active)
+                    self.drop(node, str(exc), phase, active)
                 finally:
                     phase.cloud += time.perf_counter() - tick
-        return remaining, finished
+        return finished
 
     # -- CKKS key rotation ---------------------------------------------------------------------
 
-    def _rotate_keys(self, grid: Grid, server_round: int, phase: _Exchange, active: set[int]) -> None:
+    def _rotate_keys(self, grid: Grid, server_round: int, phase: Exchange, active: set[int]) -> None:
         """Rotate the keys of the due tenants in ``active``: one ``train.secure_rekey`` round trip.
 
         The cloud takes each tenant's new public context; the tenant switches to the new key
         when its next ``secure_begin`` carries the cloud's new key id. A tenant whose rotation
         fails is dropped for the round and stays due; both sides keep the old key.
         """
-        nodes = {n for n in active if self._tenant_of[n] in self._rekey_due}
-        contents = {n: RecordDict({"config": ConfigRecord({HE_KEY_ID: self.cloud.he_key_id(self._tenant_of[n]),
-                                                           "server-round": server_round})})
+        nodes = {n for n in active if self.tenant_of[n] in self._rekey_due}
+        contents = {n: RecordDict({RecordKey.CONFIG: ConfigRecord({
+                        ConfigKey.HE_KEY_ID: self.cloud.he_key_id(self.tenant_of[n]),
+                                                           ConfigKey.SERVER_ROUND: server_round})})
                     for n in nodes}
-        replies = self._exchange(grid, REKEY, contents, server_round, phase, active)
+        replies = self.exchange(grid, MessageType.SECURE_REKEY, contents, server_round, phase, active)
         for node, content in replies.items():
-            tenant = self._tenant_of[node]
+            tenant = self.tenant_of[node]
             tick = time.perf_counter()
             try:
                 key_id = self.cloud.accept_key_rotation(unpack_key_rotation(content, tenant))
                 self._rekey_due.discard(tenant)
                 log(INFO, "tenant %s: CKKS key rotated to %s", tenant, key_id.hex())
             except ProtocolError as exc:
-                self._drop(node, f"{REKEY}: {exc}", phase, active)
+                self.drop(node, f"{MessageType.SECURE_REKEY}: {exc}", phase, active)
             finally:
                 phase.cloud += time.perf_counter() - tick
 
     # -- tenants -------------------------------------------------------------------------------
 
-    def _select(self, grid: Grid) -> set[int]:
-        """Connected nodes, once ``min_nodes`` are; new nodes are set up first (failures left out).
+    def admit_nodes(self, grid: Grid, nodes: set[int]) -> set[int]:
+        """New nodes are set up first (failures left out); the nodes that are set up.
 
         The set-up round trip is not counted in the round's round trips per step (it happens
         once per tenant); its bytes are in the round's traffic.
         """
-        nodes = super()._select(grid)
-        new = nodes - set(self._tenant_of)
+        new = nodes - set(self.tenant_of)
         if new:
             self._setup(grid, new)
-        return {n for n in nodes if n in self._tenant_of}
+        return {n for n in nodes if n in self.tenant_of}
 
     def _setup(self, grid: Grid, nodes: set[int]) -> None:
         hello = pack_hello(self.dealer.hello())
-        replies = self._exchange(grid, SETUP, {n: hello for n in nodes}, 0, _Exchange(), set(nodes))
+        replies = self.exchange(grid, MessageType.SECURE_SETUP, {n: hello for n in nodes}, 0, Exchange(), set(nodes))
         for node, content in replies.items():
             try:
                 setup = unpack_setup(content)
-                if setup.tenant in self._tenant_of.values():
+                if setup.tenant in self.tenant_of.values():
                     raise ProtocolError(f"tenant {setup.tenant!r} is already served by another node")
                 registration = self.cloud.register(setup)
             except ProtocolError as exc:
@@ -331,16 +299,13 @@ class SecureSplitStrategy(SplitStrategy):
                 self.cloud.drop_tenant(setup.tenant)
                 log(WARNING, "node %d: secure set-up failed at the dealer: %s", node, exc)
                 continue
-            self._tenant_of[node] = setup.tenant
+            self.tenant_of[node] = setup.tenant
             log(INFO, "node %d: tenant %s set up (%s label protection)", node, setup.tenant, setup.label_protection)
-
-    def _forget_step(self, tenant: str) -> None:
-        self.cloud.abort_step(tenant)
 
 
 def _sync(content: RecordDict) -> dict[str, int]:
-    record = content.get(SYNC_KEY)
+    record = content.get(RecordKey.SYNC)
     if not isinstance(record, ConfigRecord):
-        raise ProtocolError(f"missing ConfigRecord {SYNC_KEY!r} with the tenant's update counts")
-    return {"head": config_value(record, "head-updates", int, SYNC_KEY),
-            "tail": config_value(record, "tail-updates", int, SYNC_KEY)}
+        raise ProtocolError(f"missing ConfigRecord {RecordKey.SYNC!r} with the tenant's update counts")
+    return {"head": config_value(record, ConfigKey.HEAD_UPDATES, int, RecordKey.SYNC),
+            "tail": config_value(record, ConfigKey.TAIL_UPDATES, int, RecordKey.SYNC)}

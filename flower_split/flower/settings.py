@@ -87,7 +87,8 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
     """Split Flower's ``run_config`` into a validated :class:`RunConfig` and :class:`FlowerSettings`.
 
     Keys may use dashes or underscores; unknown keys are an error naming the key. The
-    Flower apps run ``mode='split'`` (``security`` 'plain' or 'secure').
+    Flower apps run ``mode='split'``; the security level's own rules are its backend's
+    (:func:`flower_split.backends.backend_for`).
     """
     flower_fields = {f.name for f in dataclasses.fields(FlowerSettings)}
     run: dict[str, Any] = {}
@@ -103,8 +104,4 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
     config = RunConfig.from_mapping(run)
     if config.mode != "split":
         raise ConfigError(f"mode: the Flower app runs 'split' only, got {config.mode!r}")
-    if settings.he_key_rotation_every and (config.security, config.label_protection) != ("secure", "he"):
-        raise ConfigError(f"he-key-rotation-every: only security 'secure' with label-protection 'he' has CKKS "
-                          f"keys to rotate (this run: security {config.security!r}, label-protection "
-                          f"{config.label_protection!r}); set it to 0")
     return config, settings

@@ -42,10 +42,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from flower_split.backends import compare_variants
 from flower_split.config import ConfigError, RunConfig
 
 SECTIONS = ("run", "federation", "centralized", "fedavg", "split", "compare")
-RUN_KINDS = ("centralized", "fedavg", "split-plain", "split-secure-he", "split-secure-client")
+# the split runs are every security backend's variants: split-plain, split-secure-he, split-secure-client
+RUN_KINDS = ("centralized", "fedavg", *compare_variants())
 FEDERATION_KEYS = {"num_clients", "rounds", "partition", "eval_every", "eval_initial", "reply_timeout"}
 SET_BY_COMPARE = {"mode", "security", "epochs"}
 
@@ -180,18 +182,15 @@ def resolve_local_steps(spec: CompareSpec) -> int:
     return max(1, math.ceil(rows / spec.num_clients / config.batch_size * spec.local_epochs))
 
 
-def federated_values(spec: CompareSpec, strategy: str, security: str = "plain",
-                     label_protection: str | None = None) -> dict[str, Any]:
-    """The Flower ``run_config`` of one federated run of the comparison."""
+def federated_values(spec: CompareSpec, kind: str) -> dict[str, Any]:
+    """The Flower ``run_config`` of federated run ``kind`` (``fedavg`` or a split variant's name)."""
     values = {**spec.run, **spec.flower, "num_server_rounds": spec.rounds, "partition": spec.partition,
               "min_nodes": spec.num_clients}
-    if strategy == "fedavg":
+    if kind == "fedavg":
         values["local_epochs"] = spec.local_epochs
     else:
-        values.update(security=security, local_steps=resolve_local_steps(spec),
-                      micro_batches=spec.micro_batches)
-    if security == "secure":
-        values.update(label_protection=label_protection or "he", global_eval=False)
+        values.update(local_steps=resolve_local_steps(spec), micro_batches=spec.micro_batches,
+                      **compare_variants()[kind])
     return {key.replace("_", "-"): value for key, value in values.items()}
 
 
@@ -238,13 +237,7 @@ def run_inputs(spec: CompareSpec, kind: str) -> dict[str, Any]:
     if kind == "centralized":
         config = spec.centralized_config()
         return {"config": config.to_dict(), "threads": spec.threads}
-    if kind == "fedavg":
-        values = federated_values(spec, "fedavg")
-    elif kind == "split-plain":
-        values = federated_values(spec, "split")
-    else:
-        values = federated_values(spec, "split", "secure", kind.removeprefix("split-secure-"))
-    return {"run_config": values, "num_clients": spec.num_clients}
+    return {"run_config": federated_values(spec, kind), "num_clients": spec.num_clients}
 
 
 def _earlier_runs(out: Path) -> dict[str, dict]:

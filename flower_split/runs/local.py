@@ -1,4 +1,8 @@
-"""Python API: run one training job described by a :class:`RunConfig` and write results.json."""
+"""In-process runs: one training job described by a :class:`RunConfig`, and results.json.
+
+Centralized LoRA runs on pooled data; split runs ask the security backend of
+``config.security`` (:mod:`flower_split.backends`) to wire and train its parties.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,34 @@ import os
 import tempfile
 from pathlib import Path
 
+from flower_split.backends import backend_for
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
 from flower_split.data.tenants import sample_rows
 from flower_split.model import load_tokenizer
+from flower_split.train import train_centralized
 
 RESULTS_FILE = "results.json"
 
 
 def train(config: RunConfig, progress: bool = True) -> dict:
     """Run ``config`` in process and return one ``results.json`` run entry."""
-    from flower_split.train import train_centralized, train_split
-
     config.validate()
+    backend = backend_for(config) if config.mode == "split" else None
     train_data, test_data = load_dataset(config.dataset, config.data_dir)
     train_data = train_data.subset(sample_rows(len(train_data), config.max_train_samples, config.seed))
     test_data = test_data.subset(sample_rows(len(test_data), config.max_test_samples, config.seed + 1))
     tokenizer = load_tokenizer(config.model)
     train_tok = TokenizedDataset(train_data, tokenizer, config.max_length)
     test_tok = TokenizedDataset(test_data, tokenizer, config.max_length)
-    trainer = train_centralized if config.mode == "centralized" else train_split
-    metrics = trainer(config, train_tok, test_tok, train_data.num_classes, progress=progress)
-    security = "none" if config.mode == "centralized" else config.security
+    if backend is None:
+        metrics = train_centralized(config, train_tok, test_tok, train_data.num_classes, progress=progress)
+    else:
+        metrics = backend.train_in_process(config, train_tok, test_tok, train_data.num_classes, progress=progress)
     return {
-        "name": f"{config.mode}-{security}" if config.mode == "split" else "centralized-lora",
+        "name": "centralized-lora" if backend is None else f"split-{backend.name}",
         "mode": config.mode,
-        "security": security,
+        "security": "none" if backend is None else backend.name,
         "dataset": config.dataset,
         "model": config.model,
         **metrics,

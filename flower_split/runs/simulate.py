@@ -1,6 +1,6 @@
 """``flower-split simulate``: run split-plain or FedAvg-LoRA as a Flower simulation (Ray backend).
 
-The same ServerApp/ClientApp code as a deployment (``flower_split.flower.server_app`` /
+The same ServerApp/ClientApp code as a deployment (``flower_split.apps.server_app`` /
 ``client_app`` for split, ``fedavg_server_app`` / ``fedavg_client_app`` for FedAvg-LoRA) runs
 under :func:`flwr.simulation.run_simulation` with ``num_clients`` virtual SuperNodes. Every
 client handler is wrapped in :func:`flower_split.flower.metering.cost_mod` and the ServerApp's grid in
@@ -24,18 +24,19 @@ from typing import Any, Callable, Mapping
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flower_split.backends import backend_for, get_backend
 from flower_split.config import ConfigError, RunConfig
 from flower_split.flower.metering import MeteredGrid, NodeCosts, Traffic, cost_mod
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 
 STRATEGIES = ("split", "fedavg")
-RUN_NAMES = {"split": "split-{security}", "fedavg": "fedavg-lora"}
 
 
 def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerSettings, Any]:
     """Validate ``run_config`` for ``strategy``: (RunConfig, FlowerSettings, FedAvgSettings or None)."""
     if strategy == "split":
         config, settings = settings_from_run_config(run_config)
+        backend_for(config, settings)
         return config, settings, None
     if strategy == "fedavg":
         from flower_split.flower.fedavg_client_app import fedavg_settings_from_run_config
@@ -45,10 +46,8 @@ def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunC
 
 
 def run_name(strategy: str, config: RunConfig) -> str:
-    """``fedavg-lora``, ``split-plain``, ``split-secure-he`` or ``split-secure-client``."""
-    if strategy == "split" and config.security == "secure":
-        return f"split-secure-{config.label_protection}"
-    return RUN_NAMES[strategy].format(security=config.security)
+    """``fedavg-lora``, or the split run's name from its backend (``split-plain``, ``split-secure-he`` ...)."""
+    return get_backend(config.security).run_name(config) if strategy == "split" else "fedavg-lora"
 
 
 @dataclass
@@ -219,8 +218,9 @@ def _apps(strategy: str, values: Mapping[str, Any], on_report: Callable[[Any], N
         return (make_fedavg_server_app(overrides, on_report, wrap),
                 _add_warm_up(make_fedavg_client_app(overrides, mods=[mod])))
 
-    from flower_split.flower.client_app import make_client_app, tenant_data
-    from flower_split.flower.server_app import run_cloud
+    from flower_split.apps.client_app import make_client_app
+    from flower_split.apps.server_app import run_cloud
+    from flower_split.flower.tenant import tenant_data
 
     def prepare_split(context: Context) -> None:
         config, settings = settings_from_run_config({**dict(context.run_config), **overrides})

@@ -1,12 +1,11 @@
-"""Flower ServerApp of the cloud (security levels ``plain`` and ``secure``).
+"""Flower ServerApp of the cloud: the run's security backend builds the strategy around the body.
 
-Builds the frozen body from ``run_config`` (see :func:`settings_from_run_config` for the keys,
-and ``[tool.flwr.app.config]`` in pyproject.toml for their defaults), wraps it in a
-:class:`CloudParty` (plain) or a :class:`SecureCloudParty` with a dealer (secure), and lets
-:class:`flower_split.flower.strategy.SplitStrategy` / :class:`flower_split.flower.secure_strategy.SecureSplitStrategy`
-run the rounds and the evaluations. Afterwards it checks that the body did not move. Every round's and evaluation's
-report goes to the log, to the optional ``on_report`` callback, and (as MetricRecords
-``round-N`` / ``eval-N``) into the ServerApp's ``context.state``.
+Builds the frozen body from ``run_config`` (see :mod:`flower_split.flower.settings` for the
+keys, and ``[tool.flwr.app.config]`` in pyproject.toml for their defaults), asks the backend
+of ``security`` for its strategy (:meth:`SecurityBackend.make_strategy`) and runs the rounds
+and the evaluations. Afterwards it checks that the body did not move. Every round's and
+evaluation's report goes to the log, to the optional ``on_report`` callback, and (as
+MetricRecords ``round-N`` / ``eval-N``) into the ServerApp's ``context.state``.
 """
 
 from __future__ import annotations
@@ -19,39 +18,26 @@ from flwr.app import ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from flower_split.model import load_encoder, split_encoder
-from flower_split.protocol import CloudParty
-from flower_split.train.runtime import select_device, seed_everything
+from flower_split.backends import backend_for
 from flower_split.flower.settings import settings_from_run_config
-from flower_split.flower.strategy import EvalReport, RoundReport, SplitResult, SplitStrategy
-
-Report = RoundReport | EvalReport
+from flower_split.flower.strategy import Report
+from flower_split.flower.strategy_utils import SplitResult
+from flower_split.model import load_encoder, split_encoder
+from flower_split.train.runtime import select_device, seed_everything
 
 
 def run_cloud(grid: Grid, run_config: Mapping[str, Any],
               on_report: Callable[[Report], None] | None = None) -> SplitResult:
     """Build the body and the strategy from ``run_config``, run every round, evaluate."""
     config, settings = settings_from_run_config(run_config)
+    backend = backend_for(config, settings)
     seed_everything(config.seed)
     device = select_device(config.device)
     encoder = load_encoder(config.model, seed=config.seed)
     _, body = split_encoder(encoder)
     fingerprint = body.fingerprint()
-    common = dict(local_steps=settings.local_steps, min_nodes=settings.min_nodes,
-                  reply_timeout=settings.reply_timeout, global_eval=settings.global_eval)
-    if config.security == "secure":
-        from flower_split.protocol.secure_cloud import SecureCloudParty
-        from flower_split.protocol.secure_dealer import SecureDealerParty
-        from flower_split.flower.secure_strategy import SecureSplitStrategy
-
-        dealer = SecureDealerParty()
-        secure_cloud = SecureCloudParty(body, dealer.public, device, keep_graphs=settings.cloud_keep_graphs)
-        strategy: SplitStrategy = SecureSplitStrategy(
-            secure_cloud, dealer, he_key_rotation_every=settings.he_key_rotation_every, **common)
-    else:
-        cloud = CloudParty(body, device, keep_graphs=settings.cloud_keep_graphs)
-        strategy = SplitStrategy(cloud, micro_batches=settings.micro_batches, **common)
-    log(INFO, "flower-split cloud (%s): model %s on %s, %d rounds", config.security, config.model, device,
+    strategy = backend.make_strategy(body, device, settings)
+    log(INFO, "flower-split cloud (%s): model %s on %s, %d rounds", backend.name, config.model, device,
         settings.num_server_rounds)
     result = strategy.start(grid, settings.num_server_rounds, settings.eval_every,
                             settings.eval_initial, on_report)

@@ -1,0 +1,85 @@
+"""The wire contract between the cloud's strategies and the tenants' handlers.
+
+Every Flower message type and every record, config and metric key that both sides use is a
+constant here, imported by the strategies (server side) and the handlers (client side), in
+the manner of Flower's own ``MessageType`` and ``arrayrecord_key``: a key misspelt on one side
+is an ``AttributeError`` at import, not a silent ``KeyError`` in round 3.
+
+Message types follow Flower's ``<category>.<action>`` rule (``train.*``, ``evaluate.*``,
+``query.*``); :func:`split_type` gives the two halves the ClientApp registers under.
+"""
+
+from __future__ import annotations
+
+
+class MessageType:
+    """Message types of the split protocols (plain and secure) and of the simulation harness."""
+
+    # split-plain: three stages per training step, two per inference step
+    HEAD_FWD = "train.head_fwd"
+    TAIL = "train.tail"
+    HEAD_BWD = "train.head_bwd"
+    INFER_FWD = "evaluate.infer_fwd"
+    INFER_TAIL = "evaluate.infer_tail"
+    # split-secure: set-up, then one message of every tenant's step per round trip
+    SECURE_SETUP = "train.secure_setup"
+    SECURE_TRAIN_BEGIN = "train.secure_begin"
+    SECURE_TRAIN_NEXT = "train.secure_next"
+    SECURE_REKEY = "train.secure_rekey"
+    SECURE_EVAL_BEGIN = "evaluate.secure_begin"
+    SECURE_EVAL_NEXT = "evaluate.secure_next"
+    # simulations: load model and data before the first timed round
+    WARM_UP = "query.warmup"
+
+
+def split_type(message_type: str) -> tuple[str, str]:
+    """``"train.head_fwd"`` -> ``("train", "head_fwd")``; anything else is a ValueError."""
+    category, sep, action = message_type.partition(".")
+    if not sep or category not in ("train", "evaluate", "query") or not action:
+        raise ValueError(f"message type {message_type!r}: expected '<train|evaluate|query>.<action>'")
+    return category, action
+
+
+class RecordKey:
+    """Names of the records inside a message's ``RecordDict``."""
+
+    CONFIG = "config"        # ConfigRecord: the server's instruction
+    METRICS = "metrics"      # MetricRecord: what a tenant reports
+    SYNC = "sync"            # ConfigRecord: a secure tenant's update counts
+    PROTOCOL = "protocol"    # ConfigRecord: header of a plain pack
+    PAYLOAD = "payload"      # ArrayRecord: tensors of a pack or a secure message
+    SECURE = "secure"        # ConfigRecord: header of a secure step message
+    BLOBS = "blobs"          # ConfigRecord: byte items of a secure step message
+    HELLO = "hello"          # ConfigRecord: the dealer's hello
+    SETUP = "setup"          # ConfigRecord: a tenant's secure set-up
+    REKEY = "rekey"          # ConfigRecord: a tenant's CKKS key rotation
+
+
+class ConfigKey:
+    """Keys of the server's ``config`` record."""
+
+    NUM_BATCHES = "num-batches"
+    SERVER_ROUND = "server-round"
+    RESTART = "restart"
+    SCOPE = "scope"
+    HEAD_UPDATES = "head-updates"
+    TAIL_UPDATES = "tail-updates"
+    HE_KEY_ID = "he-key-id"
+
+
+class MetricKey:
+    """Keys of a tenant's ``metrics`` record."""
+
+    TRAIN_LOSS = "train-loss"
+    NUM_EXAMPLES = "num-examples"
+    STEPS = "steps"
+    REMAINING = "remaining"
+    DONE = "done"
+    CORRECT = "correct"
+    TP = "tp"
+    FP = "fp"
+    FN = "fn"
+
+
+CLASS_COUNT_KEYS = (MetricKey.TP, MetricKey.FP, MetricKey.FN)
+EVAL_SCOPES = ("tenant", "global")

@@ -1,0 +1,166 @@
+"""Tenant-side handlers of split-plain: one function per message type (see :data:`HANDLERS`).
+
+``train.head_fwd``     server: ``config`` {num-batches}. Client: the next micro-batches of its
+                       partition through embeddings and head -> pack of ``HeadOutput``.
+``train.tail``         server: pack of ``BodyOutput``. Client: tail forward, loss, tail update ->
+                       pack of ``BodyGrad`` (empty when the head is frozen) and ``metrics``
+                       {train-loss, num-examples}.
+``train.head_bwd``     server: pack of ``HeadGrad``. Client: head update -> ``metrics`` {steps}.
+``evaluate.infer_fwd`` server: ``config`` {num-batches, restart, scope}. Client: next test batches
+                       (``scope`` "tenant": its own test split; "global": the whole sampled test
+                       set) through the head -> pack of ``HeadOutput`` (train=False), ``metrics`` {remaining}.
+``evaluate.infer_tail`` server: pack of ``BodyOutput``. Client: tail -> ``metrics`` {correct,
+                       num-examples, tp, fp, fn} (per-class counts, for macro-F1).
+
+``context.state`` holds ``party.arrays`` / ``party.config`` (adapters, optimizer momentum,
+schedule, step counter, in-flight batches; see :meth:`ClientParty.state_dict`) and the data
+cursors (:class:`~flower_split.flower.tenant.Cursor`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from flower_split.config import RunConfig
+from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
+from flower_split.flower.records import config_value, pack_messages, read_config, records_to_state, state_to_records, unpack_messages
+from flower_split.flower.settings import FlowerSettings
+from flower_split.flower.tenant import Cursor, Handler, TenantData, eval_set, new_adapters, train_batches
+from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
+from flower_split.train.metrics import class_counts
+from flower_split.train.runtime import select_device
+
+PARTY_ARRAYS = "party.arrays"
+PARTY_CONFIG = "party.config"
+
+
+def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> ClientParty:
+    """A plain party with freshly initialised adapters."""
+    head, tail = new_adapters(data, config)
+    return ClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps,
+                       select_device(config.device))
+
+
+def _load_party(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings,
+                drop_in_flight: bool) -> tuple[ClientParty, dict[str, Any] | None]:
+    """The party as saved in ``context.state`` (or new), and the decoded state it was built from."""
+    party = _new_party(data, config, settings)
+    arrays, meta = context.state.get(PARTY_ARRAYS), context.state.get(PARTY_CONFIG)
+    if arrays is None or meta is None:
+        return party, None
+    state = records_to_state(arrays, meta)
+    if drop_in_flight:  # a stage-opening message: anything still in flight was abandoned
+        state["steps"] = {}
+    party.load_state_dict(state)
+    return party, state
+
+
+def _save_party(context: Context, party: ClientParty) -> None:
+    arrays, meta = state_to_records(party.state_dict())
+    context.state[PARTY_ARRAYS] = arrays
+    context.state[PARTY_CONFIG] = meta
+
+
+def _head_fwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+              data: TenantData) -> RecordDict:
+    count = config_value(read_config(message.content), ConfigKey.NUM_BATCHES, int)
+    if count < 0:
+        raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
+    cursor = Cursor.load(context.state)
+    outputs = [party.begin(batch, train=True) for batch in train_batches(data, config, cursor, count)]
+    _save_party(context, party)
+    cursor.save(context.state)
+    return pack_messages(HeadOutput, data.tenant, outputs)
+
+
+def _tail(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+          data: TenantData) -> RecordDict:
+    incoming = unpack_messages(message.content, BodyOutput, data.tenant)
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=False)
+    grads, loss_sum, examples = [], 0.0, 0
+    for body_output in incoming:
+        grad = party.handle(body_output)
+        if grad is not None:
+            grads.append(grad)
+        result = party.pop_result(body_output.step)
+        if result.loss is None:
+            raise ProtocolError(f"step {body_output.step} is an inference step; train.tail expects training steps")
+        loss_sum += result.loss * result.logits.shape[0]
+        examples += result.logits.shape[0]
+    _save_party(context, party)
+    # the client reports its own mean loss (secure mode: only with secure-metrics)
+    metrics = {MetricKey.TRAIN_LOSS: loss_sum / examples if examples else 0.0, MetricKey.NUM_EXAMPLES: examples}
+    return pack_messages(BodyGrad, data.tenant, grads, metrics)
+
+
+def _head_bwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+              data: TenantData) -> RecordDict:
+    incoming = unpack_messages(message.content, HeadGrad, data.tenant)
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=False)
+    for head_grad in incoming:
+        if party.handle(head_grad) is not None:
+            raise ProtocolError(f"step {head_grad.step}: unexpected reply after HeadGrad")
+    _save_party(context, party)
+    return RecordDict({RecordKey.METRICS: MetricRecord({MetricKey.STEPS: len(incoming)})})
+
+
+def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+               data: TenantData) -> RecordDict:
+    record = read_config(message.content)
+    count = config_value(record, ConfigKey.NUM_BATCHES, int)
+    restart = config_value(record, ConfigKey.RESTART, bool)
+    test = eval_set(data, record)
+    if count < 0:
+        raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
+    cursor = Cursor.load(context.state)
+    if restart:
+        cursor.eval_cursor = 0
+    size = len(test)
+    outputs = []
+    for _ in range(count):
+        if cursor.eval_cursor >= size:
+            break
+        rows = list(range(cursor.eval_cursor, min(size, cursor.eval_cursor + config.batch_size)))
+        cursor.eval_cursor += len(rows)
+        outputs.append(party.begin(test.collate(rows), train=False))
+    remaining = -(-(size - cursor.eval_cursor) // config.batch_size)
+    _save_party(context, party)
+    cursor.save(context.state)
+    return pack_messages(HeadOutput, data.tenant, outputs, {MetricKey.REMAINING: remaining})
+
+
+def _infer_tail(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+                data: TenantData) -> RecordDict:
+    incoming = unpack_messages(message.content, BodyOutput, data.tenant)
+    party, state = _load_party(context, data, config, settings, drop_in_flight=False)
+    steps = state["steps"] if state is not None else {}
+    predictions, labels = [], []
+    for body_output in incoming:
+        entry = steps.get(body_output.step)
+        if entry is not None and entry["train"]:
+            raise ProtocolError(f"step {body_output.step} is a training step; evaluate.infer_tail expects inference")
+        party.handle(body_output)  # validates tenant, step, stage, shape
+        labels.append(entry["labels"])
+        predictions.append(party.pop_result(body_output.step).logits.argmax(-1))
+    _save_party(context, party)
+    # plain mode only: the client reports its own counts (correct, and per class for macro-F1)
+    predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    truth = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    tp, fp, fn = class_counts(predicted, truth, data.num_classes)
+    return RecordDict({RecordKey.METRICS: MetricRecord({
+        MetricKey.CORRECT: int((predicted == truth).sum()), MetricKey.NUM_EXAMPLES: int(truth.numel()),
+        MetricKey.TP: tp, MetricKey.FP: fp, MetricKey.FN: fn})})
+
+
+HANDLERS: dict[str, Handler] = {
+    MessageType.HEAD_FWD: _head_fwd,
+    MessageType.TAIL: _tail,
+    MessageType.HEAD_BWD: _head_bwd,
+    MessageType.INFER_FWD: _infer_fwd,
+    MessageType.INFER_TAIL: _infer_tail,
+}

@@ -1,0 +1,188 @@
+"""What every tenant-side handler shares: the node's data, its adapters' start, its cursors.
+
+``context.state`` (the only thing that survives between a node's Flower messages; in
+deployment each message runs in a fresh process) holds the party's state under the keys of
+its security level's handlers and, under :data:`DATA_STATE`, the data cursors of
+:class:`Cursor`. :func:`handle` runs one handler all-or-nothing: a malformed or out-of-order
+message gets an error reply and leaves ``context.state`` as it was.
+
+Data: node ``partition-id`` of ``num-partitions`` (``context.node_config``) loads its
+partition of the training set (spec and seed from ``run_config``) and its own test split with
+the label distribution of that partition (:func:`split_test_like_train`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+
+from flower_split.config import RunConfig
+from flower_split.data import Batch, TokenizedDataset
+from flower_split.data.tenants import split_test_like_train, tenant_splits  # noqa: F401 (re-exported)
+from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
+from flower_split.flower.records import config_value
+from flower_split.flower.settings import FlowerSettings, settings_from_run_config
+from flower_split.model import Embedder, HeadAdapter, TailAdapter, hidden_size, load_encoder, load_tokenizer, split_encoder
+from flower_split.protocol import ProtocolError
+
+DATA_STATE = "data"
+PROTOCOL_ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+@dataclass(frozen=True)
+class TenantData:
+    """What one node trains and tests on (tokenized), and the public embedder."""
+
+    tenant: str
+    partition_id: int
+    train: TokenizedDataset
+    test: TokenizedDataset
+    global_test: TokenizedDataset
+    num_classes: int
+    embedder: Embedder
+    dim: int
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@functools.lru_cache(maxsize=2)
+def _embedder(model: str, seed: int) -> tuple[Embedder, int]:
+    """The public embedding layer and the hidden size (cached per process; public and frozen)."""
+    encoder = load_encoder(model, seed=seed)
+    dim = hidden_size(encoder)
+    embedder, _ = split_encoder(encoder)
+    return embedder, dim
+
+
+@functools.lru_cache(maxsize=32)  # a simulation actor may serve every tenant in turn
+def _tenant_data(config_items: tuple[tuple[str, Any], ...], partition: str, partition_id: int,
+                 num_partitions: int) -> TenantData:
+    config = RunConfig(**dict(config_items))
+    splits = tenant_splits(config, partition, num_partitions)
+    tokenizer = load_tokenizer(config.model)
+    embedder, dim = _embedder(config.model, config.seed)
+    return TenantData(
+        tenant=f"tenant-{partition_id}",
+        partition_id=partition_id,
+        train=TokenizedDataset(splits.tenant_train(partition_id), tokenizer, config.max_length),
+        test=TokenizedDataset(splits.tenant_test(partition_id), tokenizer, config.max_length),
+        global_test=TokenizedDataset(splits.test, tokenizer, config.max_length),
+        num_classes=splits.num_classes,
+        embedder=embedder,
+        dim=dim,
+    )
+
+
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from a node's config, validated."""
+    try:
+        partition_id = int(node_config["partition-id"])
+        num_partitions = int(node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            "node_config: the ClientApp needs integer 'partition-id' and 'num-partitions' "
+            f"(e.g. flower-supernode --node-config 'partition-id=0 num-partitions=2'); got {dict(node_config)}"
+        ) from exc
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"node_config: partition-id {partition_id} not in [0, {num_partitions})")
+    return partition_id, num_partitions
+
+
+def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantData:
+    """This node's data, from ``partition-id`` / ``num-partitions`` in its node config."""
+    partition_id, num_partitions = node_partition(node_config)
+    items = tuple(sorted(config.to_dict().items()))
+    return _tenant_data(items, settings.partition, partition_id, num_partitions)
+
+
+@dataclass
+class Cursor:
+    """Position in the training stream (epoch, row) and in the test set."""
+
+    epoch: int = 0
+    cursor: int = 0
+    eval_cursor: int = 0
+
+    @classmethod
+    def load(cls, state: RecordDict) -> "Cursor":
+        record = state.get(DATA_STATE)
+        if record is None:
+            return cls()
+        return cls(int(record["epoch"]), int(record["cursor"]), int(record["eval-cursor"]))
+
+    def save(self, state: RecordDict) -> None:
+        state[DATA_STATE] = ConfigRecord({"epoch": self.epoch, "cursor": self.cursor,
+                                          "eval-cursor": self.eval_cursor})
+
+
+def new_adapters(data: TenantData, config: RunConfig) -> tuple[HeadAdapter, TailAdapter]:
+    """Freshly initialised head and tail (seeded per tenant; overwritten by saved state)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed * 1_000_003 + data.partition_id)  # adapter init, not crypto
+        head = HeadAdapter(data.dim, config.head_rank, config.activation)
+        tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation,
+                           config.tail_input)
+    return head, tail
+
+
+def train_batches(data: TenantData, config: RunConfig, cursor: Cursor, count: int) -> list[Batch]:
+    """The next ``count`` training micro-batches; a new shuffled pass starts when one ends."""
+    size = len(data.train)
+    if size == 0:
+        return []
+    batches = []
+    order = _order(size, config.seed, data.partition_id, cursor.epoch)
+    for _ in range(count):
+        if cursor.cursor >= size:
+            cursor.epoch, cursor.cursor = cursor.epoch + 1, 0
+            order = _order(size, config.seed, data.partition_id, cursor.epoch)
+        rows = order[cursor.cursor : cursor.cursor + config.batch_size]
+        cursor.cursor += len(rows)
+        batches.append(data.train.collate(rows))
+    return batches
+
+
+def _order(size: int, seed: int, partition_id: int, epoch: int) -> list[int]:
+    return np.random.default_rng([seed, partition_id, epoch]).permutation(size).tolist()
+
+
+def eval_set(data: TenantData, record: ConfigRecord) -> TokenizedDataset:
+    """``scope`` "tenant" (default): this tenant's test split; "global": the whole sampled test set."""
+    scope = config_value(record, ConfigKey.SCOPE, str) if ConfigKey.SCOPE in record else "tenant"
+    if scope not in EVAL_SCOPES:
+        raise ProtocolError(f"config.scope: expected one of {EVAL_SCOPES}, got {scope!r}")
+    return data.test if scope == "tenant" else data.global_test
+
+
+Handler = Callable[[Message, Context, RunConfig, FlowerSettings, TenantData], RecordDict]
+
+
+def handle(handler: Handler, message: Message, context: Context, overrides: Mapping[str, Any],
+           validate: Callable[[RunConfig, FlowerSettings], Any] | None = None) -> Message:
+    """Run one stage handler; a ProtocolError becomes an error reply and the state is kept.
+
+    ``validate`` (the security backend's check of the run) runs before the handler.
+    """
+    config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
+    if validate is not None:
+        validate(config, settings)
+    data = tenant_data(config, settings, context.node_config)
+    saved = dict(context.state.items())  # handlers replace records, never mutate them in place
+    try:
+        content = handler(message, context, config, settings, data)
+    except ProtocolError as exc:
+        for key in list(context.state.keys()):  # leave the state as it was
+            if key not in saved:
+                del context.state[key]
+        for key, record in saved.items():
+            context.state[key] = record
+        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"ProtocolError ({data.tenant}): {exc}"),
+                       reply_to=message)
+    return Message(content, reply_to=message)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from flower_split.cli import main
-from flower_split.runs.compare import COLUMNS, load_spec, resolve_local_steps, select_runs
+from flower_split.runs.compare_spec import load_spec, resolve_local_steps, select_runs
+from flower_split.runs.report import COLUMNS
 from flower_split.config import ConfigError
 
 RUN_KEYS = {"name", "mode", "security", "dataset", "model", "test_accuracy", "test_macro_f1",

@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
-from flower_split.data.tenants import split_test_like_train, tenant_splits  # noqa: F401 (re-exported)
+from flower_split.data.tenants import tenant_splits
 from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config

@@ -190,15 +190,27 @@ def batch_bounds(params: HEParams, batch_size: int, num_classes: int) -> BatchBo
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: must be >= 2")
-    n_poly = params.poly_modulus_degree
-    primes = coeff_primes(params)
-    data = primes[:-1]
-    q0, q_last = data[0], data[-1]
-    q_top = math.prod(data)
-    entries = batch_size * num_classes
-    label_scale = 1 << params.label_scale_bits
+    flood_bits, loss_abs_error, loss_hiding_bits = _loss_bounds(params, batch_size, num_classes)
+    mask_range, grad_error_lsb, grad_hiding_bits = _grad_bounds(params, batch_size, num_classes)
+    return BatchBounds(
+        batch_size=batch_size,
+        num_classes=num_classes,
+        num_ciphertexts=num_ciphertexts(batch_size, num_classes, params.poly_modulus_degree),
+        flood_bits=flood_bits,
+        grad_mask_range=mask_range,
+        loss_abs_error=loss_abs_error,
+        grad_error_lsb=grad_error_lsb,
+        loss_hiding_bits=loss_hiding_bits,
+        grad_hiding_bits=grad_hiding_bits,
+    )
 
-    # Loss ciphertext.
+
+def _loss_bounds(params: HEParams, batch_size: int, num_classes: int) -> tuple[int, float, float]:
+    """The loss ciphertext: (flood bits, absolute error of the decrypted loss, hiding bits)."""
+    n_poly = params.poly_modulus_degree
+    data = coeff_primes(params)[:-1]
+    q0, q_last = data[0], data[-1]
+    entries = batch_size * num_classes
     scale = 1 << (params.label_scale_bits + params.logprob_frac_bits)
     a_max = params.max_neg_log_prob
     a_step_max = 2**params.logprob_frac_bits * a_max + 1  # largest difference of two encoded entries
@@ -218,27 +230,22 @@ def batch_bounds(params: HEParams, batch_size: int, num_classes: int) -> BatchBo
         (2**flood_bits + leak + enc0_noise + rescale_noise * q_last) / scale / batch_size
         + 2.0 ** -(params.logprob_frac_bits + 1)
     )
-    loss_hiding_bits = -math.log2(leak / 2 ** (flood_bits + 1) + 2.0**-45)
+    return flood_bits, loss_abs_error, -math.log2(leak / 2 ** (flood_bits + 1) + 2.0**-45)
 
-    # Gradient ciphertexts.
+
+def _grad_bounds(params: HEParams, batch_size: int, num_classes: int) -> tuple[int, float, float]:
+    """The gradient ciphertexts: (mask range, error in units of the last place, hiding bits)."""
+    data = coeff_primes(params)[:-1]
+    q_top, q_last = math.prod(data), data[-1]
+    label_scale = 1 << params.label_scale_bits
     unit = ring_unit(params, batch_size)
     mask_range = (q_top // 2 - 2 * label_scale) // unit
     per_entry = math.log2(mask_range * unit) - math.log2(label_scale + NOISE_MAX + 1)
-    grad_hiding_bits = per_entry - math.log2(entries)  # union bound over the batch
+    grad_hiding_bits = per_entry - math.log2(batch_size * num_classes)  # union bound over the batch
     if grad_hiding_bits < params.stat_sec:
         raise ValueError(
             f"batch {batch_size}x{num_classes}: gradient mask hides only {grad_hiding_bits:.1f} bits "
             f"< stat_sec={params.stat_sec}; use a smaller batch or a larger data modulus"
         )
-    grad_error_lsb = 1.0 + (rescale_noise * q_last + NOISE_MAX + 1) / unit
-    return BatchBounds(
-        batch_size=batch_size,
-        num_classes=num_classes,
-        num_ciphertexts=num_ciphertexts(batch_size, num_classes, n_poly),
-        flood_bits=flood_bits,
-        grad_mask_range=mask_range,
-        loss_abs_error=loss_abs_error,
-        grad_error_lsb=grad_error_lsb,
-        loss_hiding_bits=loss_hiding_bits,
-        grad_hiding_bits=grad_hiding_bits,
-    )
+    grad_error_lsb = 1.0 + (params.poly_modulus_degree * q_last + NOISE_MAX + 1) / unit
+    return mask_range, grad_error_lsb, grad_hiding_bits

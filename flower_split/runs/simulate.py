@@ -14,11 +14,9 @@ loss and bytes per client) and ``clients`` (per-tenant costs); see :func:`simula
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from flwr.app import Context, Message, RecordDict
@@ -26,7 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_split.backends import backend_for, get_backend
 from flower_split.config import ConfigError, RunConfig
-from flower_split.flower.metering import MeteredGrid, NodeCosts, Traffic, cost_mod
+from flower_split.flower.metering import MeteredGrid, cost_mod
+from flower_split.runs.sim_results import Collected, run_entry
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 
 STRATEGIES = ("split", "fedavg")
@@ -48,20 +47,6 @@ def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunC
 def run_name(strategy: str, config: RunConfig) -> str:
     """``fedavg-lora``, or the split run's name from its backend (``split-plain``, ``split-secure-he`` ...)."""
     return get_backend(config.security).run_name(config) if strategy == "split" else "fedavg-lora"
-
-
-@dataclass
-class _Collected:
-    """Reports of the ServerApp, each with the traffic of its phase."""
-
-    rounds: list[tuple[Any, Traffic]] = field(default_factory=list)
-    evaluations: list[tuple[Any, Traffic]] = field(default_factory=list)
-    global_evaluations: list[Any] = field(default_factory=list)
-    grid: MeteredGrid | None = None
-    warm_up: Traffic | None = None
-    startup_seconds: float = 0.0
-    started: float = 0.0
-    finished: float = 0.0
 
 
 def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
@@ -86,6 +71,66 @@ def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
     return emit
 
 
+class _Collector:
+    """Meters the ServerApp's grid and collects its reports, printing a line per finished round."""
+
+    def __init__(self, name: str, strategy: str, settings: FlowerSettings, num_clients: int, progress: bool) -> None:
+        self.name, self.strategy, self.settings = name, strategy, settings
+        self.num_clients, self.progress = num_clients, progress
+        self.collected = Collected()
+        self.emit = _printer(name, settings.num_server_rounds, progress)
+        self.pending: dict[int, dict] = {}
+
+    def wrap(self, grid: Grid) -> Grid:
+        """The metered grid, once every client has warmed up (start-up kept out of round 1)."""
+        started = time.perf_counter()
+        collected = self.collected
+        collected.grid = MeteredGrid(grid)
+        warm_up(collected.grid, self.num_clients, self.settings.reply_timeout)
+        collected.warm_up = collected.grid.take()
+        collected.startup_seconds = time.perf_counter() - started
+        if self.progress:
+            print(f"[{self.name}] {self.num_clients} clients ready after {collected.startup_seconds:.1f} s "
+                  "(Ray actors started, model and data loaded)", flush=True)
+        collected.started = time.perf_counter()
+        return collected.grid
+
+    def evaluated(self, server_round: int) -> bool:
+        if server_round == 0:
+            return self.settings.eval_initial
+        return server_round == self.settings.num_server_rounds or bool(
+            self.settings.eval_every and server_round % self.settings.eval_every == 0)
+
+    def global_due(self, server_round: int) -> bool:
+        """Whether a global-test evaluation follows (FedAvg: every evaluated round; split: the last)."""
+        last = server_round == self.settings.num_server_rounds
+        return self.settings.global_eval and self.evaluated(server_round) and (self.strategy == "fedavg" or last)
+
+    def on_report(self, report: Any) -> None:
+        """Collect a report; print the round's line once its last report is in."""
+        kind, collected = type(report).__name__, self.collected
+        server_round = report.server_round
+        line = self.pending.setdefault(server_round, {"round": server_round})
+        complete = True
+        if kind in ("RoundReport", "FedAvgRoundReport"):
+            traffic = collected.grid.take()
+            collected.rounds.append((report, traffic))
+            line.update(train_loss=report.train_loss, bytes_up=traffic.per_client("bytes_up"),
+                        bytes_down=traffic.per_client("bytes_down"), wall_seconds=report.wall_seconds)
+            complete = not self.evaluated(server_round)
+        elif kind == "GlobalEvalReport" or getattr(report, "scope", "tenant") == "global":
+            collected.grid.take()  # split: the tenants' global-test traffic, not part of a round
+            collected.global_evaluations.append(report)
+            line.update(global_test_accuracy=report.accuracy)
+        elif kind in ("EvalReport", "FedAvgEvalReport"):
+            collected.evaluations.append((report, collected.grid.take()))
+            line.update(test_accuracy=report.accuracy, test_macro_f1=report.macro_f1)
+            complete = not self.global_due(server_round)
+        if complete:
+            self.emit(self.pending.pop(server_round, line))
+        collected.finished = time.perf_counter()
+
+
 def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, progress: bool = True,
              cpus: int | None = None) -> dict:
     """Run one Flower simulation and return its ``results.json`` run entry.
@@ -104,58 +149,9 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     if settings.min_nodes > num_clients:
         raise ConfigError(f"min-nodes: {settings.min_nodes} tenants required but only {num_clients} simulated")
     name = run_name(strategy, config)
-    collected = _Collected()
-    emit = _printer(name, settings.num_server_rounds, progress)
-    pending: dict[int, dict] = {}
-
-    def wrap(grid: Grid) -> Grid:
-        started = time.perf_counter()
-        collected.grid = MeteredGrid(grid)
-        warm_up(collected.grid, num_clients, settings.reply_timeout)
-        collected.warm_up = collected.grid.take()
-        collected.startup_seconds = time.perf_counter() - started
-        if progress:
-            print(f"[{name}] {num_clients} clients ready after {collected.startup_seconds:.1f} s "
-                  "(Ray actors started, model and data loaded)", flush=True)
-        collected.started = time.perf_counter()
-        return collected.grid
-
-    def evaluated(server_round: int) -> bool:
-        if server_round == 0:
-            return settings.eval_initial
-        return server_round == settings.num_server_rounds or bool(
-            settings.eval_every and server_round % settings.eval_every == 0)
-
-    def global_due(server_round: int) -> bool:
-        """Whether a global-test evaluation follows (FedAvg: every evaluated round; split: the last)."""
-        last = server_round == settings.num_server_rounds
-        return settings.global_eval and evaluated(server_round) and (strategy == "fedavg" or last)
-
-    def on_report(report: Any) -> None:
-        """Collect a report; print the round's line once its last report is in."""
-        kind = type(report).__name__
-        server_round = report.server_round
-        line = pending.setdefault(server_round, {"round": server_round})
-        complete = True
-        if kind in ("RoundReport", "FedAvgRoundReport"):
-            traffic = collected.grid.take()
-            collected.rounds.append((report, traffic))
-            line.update(train_loss=report.train_loss, bytes_up=traffic.per_client("bytes_up"),
-                        bytes_down=traffic.per_client("bytes_down"), wall_seconds=report.wall_seconds)
-            complete = not evaluated(server_round)
-        elif kind == "GlobalEvalReport" or getattr(report, "scope", "tenant") == "global":
-            collected.grid.take()  # split: the tenants' global-test traffic, not part of a round
-            collected.global_evaluations.append(report)
-            line.update(global_test_accuracy=report.accuracy)
-        elif kind in ("EvalReport", "FedAvgEvalReport"):
-            collected.evaluations.append((report, collected.grid.take()))
-            line.update(test_accuracy=report.accuracy, test_macro_f1=report.macro_f1)
-            complete = not global_due(server_round)
-        if complete:
-            emit(pending.pop(server_round, line))
-        collected.finished = time.perf_counter()
-
-    server_app, client_app = _apps(strategy, values, on_report, wrap)
+    collector = _Collector(name, strategy, settings, num_clients, progress)
+    collected = collector.collected
+    server_app, client_app = _apps(strategy, values, collector.on_report, collector.wrap)
     cpus = cpus or os.cpu_count() or 1
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": _client_gpus(config, cpus)},
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
@@ -165,7 +161,7 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     total_wall = time.perf_counter() - started
     if collected.grid is None or not collected.rounds:
         raise RuntimeError(f"{name}: the simulation produced no training round (see the log above)")
-    return _run_entry(name, strategy, config, settings, fedavg, num_clients, collected, total_wall)
+    return run_entry(name, strategy, config, settings, fedavg, num_clients, collected, total_wall)
 
 
 WARM_UP = "query.warmup"
@@ -235,115 +231,6 @@ def _apps(strategy: str, values: Mapping[str, Any], on_report: Callable[[Any], N
     return server_app, _add_warm_up(make_client_app(overrides, mods=[cost_mod(prepare_split)]))
 
 
-def _tenant(costs: NodeCosts, node: int) -> str:
-    return f"tenant-{costs.partition_id}" if costs.partition_id >= 0 else f"node-{node}"
-
-
-def _run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSettings, fedavg: Any,
-               num_clients: int, collected: _Collected, total_wall: float) -> dict:
-    """One results.json run: the fields of ``flower-split train`` plus the federated details."""
-    evaluations = {report.server_round: report for report, _ in collected.evaluations}
-    global_evals = {report.server_round: report for report in collected.global_evaluations}
-    final_eval = collected.evaluations[-1][0] if collected.evaluations else None
-    final_global = collected.global_evaluations[-1] if collected.global_evaluations else None
-    epochs = fedavg.local_epochs if fedavg is not None else 1
-
-    rounds = []
-    for report, traffic in collected.rounds:
-        r = report.server_round
-        evaluation = evaluations.get(r)
-        eval_traffic = next((t for e, t in collected.evaluations if e.server_round == r), Traffic())
-        rounds.append({
-            "round": r,
-            "test_accuracy": evaluation.accuracy if evaluation else None,
-            "per_tenant_accuracy": dict(evaluation.per_tenant) if evaluation else None,
-            "test_macro_f1": evaluation.macro_f1 if evaluation else None,
-            "global_test_accuracy": global_evals[r].accuracy if r in global_evals else None,
-            "train_loss": report.train_loss,
-            "bytes_up": traffic.per_client("bytes_up"),
-            "bytes_down": traffic.per_client("bytes_down"),
-            "eval_bytes_up": eval_traffic.per_client("bytes_up"),
-            "eval_bytes_down": eval_traffic.per_client("bytes_down"),
-            "round_trips": traffic.round_trips,
-            "round_trips_per_step": report.round_trips_per_step,
-            "train_examples": report.num_examples * epochs,
-            "client_cpu_seconds": sum(c.train_cpu_seconds for c in traffic.nodes.values()),
-            "wall_seconds": report.wall_seconds,
-            # split only: time the ServerApp spent in send_and_receive, in the cloud party and
-            # (secure) in the dealer, which runs in the ServerApp process in simulation
-            "flower_wait_seconds": getattr(report, "flower_wait_seconds", None),
-            "cloud_seconds": getattr(report, "cloud_seconds", None),
-            "dealer_seconds": getattr(report, "dealer_seconds", None),
-        })
-    initial = evaluations.get(0)
-    initial_global = global_evals.get(0)
-    if initial is not None or initial_global is not None:
-        rounds.insert(0, {"round": 0, "test_accuracy": initial.accuracy if initial else None,
-                          "per_tenant_accuracy": dict(initial.per_tenant) if initial else None,
-                          "global_test_accuracy": initial_global.accuracy if initial_global else None,
-                          "train_loss": None, "bytes_up": 0, "bytes_down": 0})
-
-    total = collected.grid.total if collected.grid else Traffic()
-    clients = sorted(({
-        "tenant": _tenant(costs, node),
-        "node_id": node,
-        "train_cpu_seconds": costs.train_cpu_seconds,
-        "eval_cpu_seconds": costs.eval_cpu_seconds,
-        "setup_cpu_seconds": costs.setup_cpu_seconds,
-        "peak_rss_bytes": costs.peak_rss_bytes,
-        "rss_above_baseline_bytes": costs.rss_above_baseline_bytes,
-        "torch_threads": costs.torch_threads,
-        "bytes_up": costs.bytes_up,
-        "bytes_down": costs.bytes_down,
-        "messages": costs.messages,
-    } for node, costs in total.nodes.items()), key=lambda c: c["tenant"])
-    train_rounds = [r for r in rounds if r["round"] > 0]
-    train_examples = sum(r["train_examples"] for r in train_rounds)
-    train_cpu = sum(c["train_cpu_seconds"] for c in clients)
-    return {
-        "name": name,
-        "mode": "federated",
-        "strategy": strategy,
-        "security": config.security if strategy == "split" else "none",
-        "dataset": config.dataset,
-        "model": config.model,
-        "test_accuracy": final_eval.accuracy if final_eval else None,
-        "test_macro_f1": final_eval.macro_f1 if final_eval else None,
-        "global_test_accuracy": final_global.accuracy if final_global else None,
-        "global_test_macro_f1": final_global.macro_f1 if final_global else None,
-        "per_tenant_accuracy": dict(final_eval.per_tenant) if final_eval else {},
-        "per_tenant_macro_f1": dict(final_eval.per_tenant_f1) if final_eval else {},
-        "per_tenant_test_examples": dict(final_eval.num_examples) if final_eval else {},
-        "train_loss_history": [r["train_loss"] for r in train_rounds],
-        "wall_seconds": collected.finished - collected.started,
-        "startup_seconds": collected.startup_seconds,
-        "simulation_wall_seconds": total_wall,
-        "client_cpu_seconds": train_cpu + sum(c["eval_cpu_seconds"] for c in clients),
-        "client_train_cpu_seconds": train_cpu,
-        "train_examples_processed": train_examples,
-        "client_cpu_seconds_per_sample": train_cpu / train_examples if train_examples else None,
-        "client_peak_rss_bytes": max((c["peak_rss_bytes"] for c in clients), default=0),
-        "client_rss_above_baseline_bytes": max((c["rss_above_baseline_bytes"] for c in clients), default=0),
-        "bytes_client_to_cloud": sum(c["bytes_up"] for c in clients),
-        "bytes_cloud_to_client": sum(c["bytes_down"] for c in clients),
-        "bytes_per_client_per_round": _mean([r["bytes_up"] + r["bytes_down"] for r in train_rounds]),
-        "round_trips_per_step": _mean([r["round_trips_per_step"] for r in train_rounds]),
-        "flower_wait_fraction": _wait_fraction(train_rounds),
-        "num_clients": num_clients,
-        "partition": settings.partition,
-        "num_server_rounds": settings.num_server_rounds,
-        "rounds": rounds,
-        "clients": clients,
-        "config": config.to_dict(),
-        "flower": {**settings.__dict__, **({"local_epochs": fedavg.local_epochs} if fedavg else {})},
-    }
-
-
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else None
-
-
 def quick_values() -> dict[str, Any]:
     """What ``--quick`` sets: the CLI's tiny model on a few hundred samples, short rounds."""
     from flower_split.config import QUICK
@@ -380,12 +267,3 @@ def main_simulate(args: Any) -> int:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _wait_fraction(rounds: list[dict]) -> float | None:
-    """Share of the training rounds' wall time spent waiting on Flower (None if not measured)."""
-    waits = [r.get("flower_wait_seconds") for r in rounds]
-    wall = sum(r["wall_seconds"] or 0.0 for r in rounds)
-    if not rounds or any(w is None for w in waits) or wall <= 0:
-        return None
-    return sum(waits) / wall

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from flower_split.api import train
 from flower_split.config import RunConfig
+
+pytestmark = pytest.mark.slow  # minutes; `pytest -m 'not slow'` deselects it, CI runs it
 
 
 def test_minilm_split_plain_learns_banking77() -> None:

@@ -25,9 +25,18 @@ def _logits(batch_size: int = 4, num_classes: int = 3) -> torch.Tensor:
     return torch.randn(batch_size, num_classes, dtype=torch.float64)
 
 
-def test_valid_request_is_accepted(cloud, request_bytes):
-    # Control for the rejections below: the untouched request goes through.
-    assert compute_loss_and_grad(cloud, request_bytes, _logits()).payload
+def test_valid_request_is_accepted(keys, cloud, request_bytes):
+    # Control for the rejections below: the untouched request goes through, and what the client
+    # decrypts is the batch's cross-entropy and its share of the gradient.
+    logits = _logits()
+    result = compute_loss_and_grad(cloud, request_bytes, logits)
+    out = decrypt_loss_and_grad(keys, result.payload, envelope_digest(request_bytes))
+    labels = torch.tensor([0, 2, 1, 2])
+    expected = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert abs(out.loss - expected) < 1e-2, (out.loss, expected)
+    grad = (out.grad_share + result.grad_mask).double() / 2**keys.params.frac_bits
+    truth = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(labels, 3)) / len(labels)
+    assert (grad - truth).abs().max() < 1e-3
 
 
 def test_ciphertext_under_another_tenants_key_is_rejected(request_bytes):

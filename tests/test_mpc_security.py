@@ -75,10 +75,6 @@ SECRETS = [
 ]
 
 
-def test_thresholds():
-    assert 400 < _chi2_threshold(255) < 430
-
-
 def test_single_shares_are_independent_of_the_secret():
     assert looks_independent([share_ring(secret)[0].data for secret in SECRETS])
     assert looks_independent([share_ring(secret)[1].data for secret in SECRETS])

@@ -15,6 +15,8 @@ from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_messages import ClientSetup, DealerHello, SecureMessage
+from flower_split.backends import backend_for
+from flower_split.config import ConfigError
 from flower_split.apps.server_app import make_server_app
 from flower_split.flower.records import records_to_state, state_to_records
 from flower_split.flower.settings import settings_from_run_config
@@ -95,9 +97,12 @@ def test_state_records_leave_no_cycles_holding_the_state() -> None:
     assert cyclic_data(lambda: records_to_state(*state_to_records(state))) == []
 
 
-def test_flower_settings_accept_secure() -> None:
+def test_flower_run_config_is_checked_by_the_secure_backend() -> None:
     config, settings = settings_from_run_config({**SECURE, "label-protection": "client", "secure-metrics": False})
-    assert config.security == "secure" and not settings.secure_metrics
+    assert backend_for(config, settings).name == "secure" and not settings.secure_metrics
+    config, settings = settings_from_run_config({**SECURE, "optimizer": "adamw"})
+    with pytest.raises(ConfigError, match="^optimizer: secure mode"):  # before any model is loaded
+        backend_for(config, settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.transport.secure_inprocess import SecureLocalTransport
 from flower_split.protocol.secure_messages import MaterialBundle, MaterialRequest, SecureMessage
-from flower_split.protocol.secure_optim import lr_factor
+from flower_split.protocol.optim import lr_factor
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS, StepState
 from flower_split.protocol.secure_steps import StepSpec, material_keys, programs, schedule
 from flower_split.protocol.optim import warmup_cosine

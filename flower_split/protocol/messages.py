@@ -8,7 +8,7 @@ is what a transport would put on the wire.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -58,14 +58,28 @@ class HeadGrad(Message):
     grad_f: torch.Tensor
 
 
-def payload_bytes(message: Message) -> int:
-    """Bytes of tensor payload plus a small fixed header (tenant, step, type)."""
-    total = 16 + len(message.tenant.encode())
-    for item in fields(message):
-        value = getattr(message, item.name)
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-    return total
+HEADER_BYTES = 16  # message type, step and lengths, as a compact binary header would carry them
+
+
+def payload_bytes(message: object) -> int:
+    """Bytes a transport would carry for any protocol message (plain or secure, set-up included).
+
+    A fixed header plus every field's content: tensors (elements x element size), byte and
+    text strings (their length, so the tenant id counts), and containers of those, recursively.
+    """
+    return HEADER_BYTES + sum(_value_bytes(value) for value in vars(message).values())
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _value_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_value_bytes(v) for v in value)
+    return 0
 
 
 def check_tensor(name: str, tensor: object, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:

@@ -97,7 +97,7 @@ class SecureClientParty(SecureStepRunner):
         _check_activation(head, "head")
         _check_activation(tail.adapter, "tail")
         if config.optimizer != "sgd":
-            raise ValueError("optimizer: secure mode needs 'sgd' (see secure_optim)")
+            raise ValueError("optimizer: secure mode needs 'sgd' (see protocol.optim)")
         self.tenant = tenant
         self.embedder = embedder.cpu()
         self.label_protection = config.label_protection

@@ -28,13 +28,13 @@ from flower_split.mpc.beaver import PendingProduct
 from flower_split.mpc.triples import SquarePair, Triple, TripleRequest
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import SecureMessage, check_items
-from flower_split.protocol.secure_optim import lr_factor, sgd_share_update
+from flower_split.protocol.optim import lr_factor, sgd_share_update
 from flower_split.protocol.secure_steps import (
     CLIENT, CLOUD, Begin, Call, Finish, StepSpec, op_needs, opening_specs, programs, schedule, script,
 )
 
 GRAD_SCALE_BITS = 8
-"""Gradients enter the 2PC backward scaled by 2^8 (see ``secure_optim``)."""
+"""Gradients enter the 2PC backward scaled by 2^8 (see ``protocol.optim``)."""
 
 MODULE_WEIGHTS = {"head": ("head.A", "head.B"), "tail": ("tail.A", "tail.B"), "cls": ("cls.Wc", "cls.bc")}
 

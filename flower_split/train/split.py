@@ -13,6 +13,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from flower_split.audit.taps import tap_cloud
+from flower_split.audit.transcript import CloudViewRecorder
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import Batch, TokenizedDataset
 from flower_split.model import build_split
@@ -27,20 +29,24 @@ from flower_split.transport import InProcessTransport
 
 
 def train_split(config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
-                num_classes: int, progress: bool = True) -> dict:
+                num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
     """Train the split model and evaluate it; return one results.json run.
 
     Dispatches on ``config.security``: ``plain`` runs the split-plain parties, ``secure``
-    the secure ones (:func:`train_split_secure`).
+    the secure ones (:func:`train_split_secure`). With a ``recorder``, the cloud's view of
+    every step (and, apart, each step's tokens and labels) is recorded for the leakage audit.
     """
     if config.security == "secure":
-        return train_split_secure(config, train, test, num_classes, progress)
+        return train_split_secure(config, train, test, num_classes, progress, recorder)
     generator = seed_everything(config.seed)
     device = select_device(config.device)
     parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
                         config.activation, config.seed, config.tail_input)
     body_before = parts.body.fingerprint()
     cloud = CloudParty(parts.body, device)
+    if recorder is not None:
+        recorder.describe(config, num_classes)
+        tap_cloud(cloud, recorder)
     transport = InProcessTransport(cloud)
     steps_per_epoch = -(-len(train) // config.batch_size)
     client = ClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config,
@@ -54,10 +60,12 @@ def train_split(config: RunConfig, train: TokenizedDataset, test: TokenizedDatas
         losses = []
         for batch in bar:
             step = run_step(client, transport, clock, batch, train=True)
+            if recorder is not None:
+                recorder.record_truth(client.tenant, step, batch.input_ids, batch.labels)
             losses.append(client.pop_result(step).loss)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         history.append(sum(losses) / len(losses))
-    predictions, labels = predict_split(client, transport, clock, test, config.batch_size)
+    predictions, labels = predict_split(client, transport, clock, test, config.batch_size, recorder)
     if parts.body.fingerprint() != body_before:
         raise AssertionError("the body changed during training; it must stay frozen")
     return {
@@ -85,18 +93,21 @@ def run_step(client: ClientParty, transport: InProcessTransport, clock: CpuClock
 
 
 def predict_split(client: ClientParty, transport: InProcessTransport, clock: CpuClock,
-                  data: TokenizedDataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  data: TokenizedDataset, batch_size: int,
+                  recorder: CloudViewRecorder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference protocol: client head -> cloud body -> client tail."""
     predictions, labels = [], []
     for batch in data.batches(batch_size, shuffle=False):
         step = run_step(client, transport, clock, batch, train=False)
+        if recorder is not None:
+            recorder.record_truth(client.tenant, step, batch.input_ids, batch.labels)
         predictions.append(client.pop_result(step).logits.argmax(-1))
         labels.append(batch.labels)
     return torch.cat(predictions), torch.cat(labels)
 
 
 def train_split_secure(config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
-                       num_classes: int, progress: bool = True) -> dict:
+                       num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
     """Secure split training in process: client, cloud and dealer parties (docs/secure.md).
 
     Besides the plain run's keys it reports the label protection, the mean client->cloud
@@ -113,6 +124,9 @@ def train_split_secure(config: RunConfig, train: TokenizedDataset, test: Tokeniz
     body_before = parts.body.fingerprint()
     dealer = SecureDealerParty()
     cloud = SecureCloudParty(parts.body, dealer.public, device)
+    if recorder is not None:
+        recorder.describe(config, num_classes)
+        tap_cloud(cloud, recorder)
     steps_per_epoch = -(-len(train) // config.batch_size)
     client = SecureClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config,
                                steps_per_epoch * config.epochs)
@@ -128,6 +142,8 @@ def train_split_secure(config: RunConfig, train: TokenizedDataset, test: Tokeniz
         losses = []
         for batch in bar:
             step = transport.run_step(client, batch, train=True, client_clock=clock.measure)
+            if recorder is not None:
+                recorder.record_truth(client.tenant, step, batch.input_ids, batch.labels)
             costs.append(transport.last_step)
             losses.append(client.pop_result(step).loss)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -135,6 +151,8 @@ def train_split_secure(config: RunConfig, train: TokenizedDataset, test: Tokeniz
     predictions, labels = [], []
     for batch in test.batches(config.batch_size, shuffle=False):
         step = transport.run_step(client, batch, train=False, client_clock=clock.measure)
+        if recorder is not None:
+            recorder.record_truth(client.tenant, step, batch.input_ids, batch.labels)
         predictions.append(client.pop_result(step).logits.argmax(-1))
         labels.append(batch.labels)
     predicted, truth = torch.cat(predictions), torch.cat(labels)

@@ -108,7 +108,7 @@ class KMeansAttack:
             centres = torch.cat([centres, unit[torch.multinomial(weights, 1, generator=generator)]])
         for _ in range(self.iterations):
             assign = (unit @ centres.T).argmax(1)
-            moved = torch.zeros_like(centres).index_add_(0, assign, unit)
+            moved = F.one_hot(assign, len(centres)).T.to(unit.dtype) @ unit
             empty = moved.norm(dim=1) == 0
             centres = torch.where(empty.unsqueeze(1), centres, F.normalize(moved, dim=1))
         return (unit @ centres.T).argmax(1)

@@ -18,9 +18,10 @@ from flower_split.model import Embedder
 
 
 class VocabularyTable:
-    """``e(v, p)`` for all tokens ``v``, computed one position at a time (and the last one kept)."""
+    """``e(v, p)`` for all tokens ``v``, computed one position at a time; positions are kept
+    while they fit in ``cache_bytes`` (MiniLM: 47 MB a position) and recomputed otherwise."""
 
-    def __init__(self, embedder: Embedder, chunk: int = 4096) -> None:
+    def __init__(self, embedder: Embedder, chunk: int = 4096, cache_bytes: int = 1 << 30) -> None:
         embeddings = embedder.embeddings
         if "position_ids" not in inspect.signature(embeddings.forward).parameters:
             raise ValueError(f"audit: {type(embeddings).__name__} takes no position_ids; the vocabulary "
@@ -30,7 +31,8 @@ class VocabularyTable:
         padding_idx = getattr(embeddings, "padding_idx", None)  # RoBERTa numbers positions after it
         self.offset = 0 if padding_idx is None else int(padding_idx) + 1
         self.chunk = chunk
-        self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def rows(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -41,11 +43,14 @@ class VocabularyTable:
 
     def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The table of ``position`` [V, d] and its squared row norms [V]."""
-        if self._cached is None or self._cached[0] != position:
-            ids = torch.arange(self.vocab_size)
-            table = self.rows(ids, torch.full_like(ids, position))
-            self._cached = (position, table, (table * table).sum(1))
-        return self._cached[1], self._cached[2]
+        if position in self._cache:
+            return self._cache[position]
+        ids = torch.arange(self.vocab_size)
+        table = self.rows(ids, torch.full_like(ids, position))
+        entry = (table, (table * table).sum(1))
+        if (len(self._cache) + 1) * table.numel() * table.element_size() <= self.cache_bytes:
+            self._cache[position] = entry
+        return entry
 
     @torch.no_grad()
     def nearest(self, x: torch.Tensor, positions: torch.Tensor, progress: bool = False) -> torch.Tensor:

@@ -176,3 +176,12 @@ def test_a_leak_point_the_cloud_never_saw_is_reported_so(embedder, special) -> N
     report = run_audit(Transcript(leak.meta, views, leak.truth), embedder, tokens, special_ids, None,
                        AuditOptions(inverters=False))
     assert report["leak_points"]["grad_h"] == {"seen": False} and report["leak_points"]["z"] == {"seen": False}
+
+
+def test_public_coverage_bounds_the_inverters(embedder, special) -> None:
+    from flower_split.audit.report import public_coverage
+
+    tokens, special_ids = special
+    leak = planted(embedder, tokens, steps=2)
+    assert public_coverage(leak, sentences(400, 99, tokens), special_ids) == 1.0
+    assert public_coverage(leak, [[tokens.cls, tokens.sep]], special_ids) == 0.0

@@ -4,7 +4,7 @@
 
     {"format": ..., "transcript": {meta, "steps", "train_steps", "sequences"},
      "leak_points": {
-       "f":      {"scored_tokens", "chance", "majority",
+       "f":      {"scored_tokens", "chance", "majority", "public_coverage" (with inverters),
                   "attacks": {name: {"recovery", "first_step", "last_step"}}},
        "grad_h": {"examples", "num_classes", "chance", "majority",
                   "attacks": {name: {"recovery", "scored"}}},
@@ -76,6 +76,8 @@ def run_audit(transcript: Transcript, embedder: Embedder, special: SpecialTokens
         alignment = AlignmentAttack(table, special, known)
         token_attacks.append((alignment.name, alignment.guess(views, truth, progress)))
     leaks: dict[str, dict] = {"f": score_tokens(transcript, token_attacks, special_ids, table.vocab_size)}
+    if public_corpus is not None and "scored_tokens" in leaks["f"]:
+        leaks["f"]["public_coverage"] = public_coverage(transcript, public_corpus, special_ids)
     num_classes = int(meta.get("num_classes", 0))
     centroids = [NearestCentroidAttack(k, options.seed) for k in options.known_labels]
     grads, labels = pooled_gradients(views, truth)
@@ -113,6 +115,21 @@ def score_tokens(transcript: Transcript, attacks: list[tuple[str, TokenGuess]], 
     tokens = torch.cat([ids[counted] for ids, counted in targets.values()])
     majority = float(tokens.bincount().max()) / len(tokens) if len(tokens) else 0.0
     return {"scored_tokens": len(tokens), "chance": 1 / vocab_size, "majority": majority, "attacks": results}
+
+
+def public_coverage(transcript: Transcript, corpus: Sequence[Sequence[int]], special_ids: set[int]) -> float:
+    """Share of the scored tokens that occur in the public corpus: the learned inverters'
+    ceiling, since they only ever guess tokens they were trained on."""
+    seen = torch.tensor(sorted({t for sequence in corpus for t in sequence}), dtype=torch.long)
+    special = torch.tensor(sorted(special_ids), dtype=torch.long)
+    hits = total = 0
+    for view, truth in zip(transcript.views, transcript.truth):
+        if view.f is None:
+            continue
+        ids = truth.input_ids[view.attention_mask.bool() & ~torch.isin(truth.input_ids, special)]
+        hits += int(torch.isin(ids, seen).sum())
+        total += len(ids)
+    return hits / max(total, 1)
 
 
 def _recovery(guess: TokenGuess, targets: dict[int, tuple[torch.Tensor, torch.Tensor]],

@@ -7,6 +7,7 @@ or data is loaded, so a bad value fails in milliseconds with the field's name.
 ``simulate``  a Flower simulation (Ray) of split-plain or FedAvg-LoRA (:mod:`flower_split.runs.simulate`).
 ``compare``   centralized LoRA, FedAvg-LoRA and split on the same partitions, from a TOML config,
               with a report and plots (:mod:`flower_split.runs.compare`).
+``audit``     the leakage audit of a run recorded with ``train --audit`` (:mod:`flower_split.audit`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="any other RunConfig field, e.g. --set lr_tail=0.2 (JSON values)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.add_argument("--audit", action="store_true",
+                       help="split mode: record the cloud's view into OUT and run the leakage audit (OUT/audit.json)")
+    add_audit_options(train)
 
     simulate = commands.add_parser("simulate", help="Flower simulation (Ray) of split-plain or FedAvg-LoRA")
     simulate.add_argument("--strategy", choices=("split", "fedavg"), required=True)
@@ -63,7 +67,44 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated subset of the config's [compare] runs, e.g. split-plain,fedavg")
     compare.add_argument("--resume", action="store_true",
                          help="reuse runs of OUT/results.json whose inputs are identical (interrupted or extended comparisons)")
+    audit = commands.add_parser("audit", help="leakage audit of a run recorded with `train --audit`")
+    audit.add_argument("--run", required=True, help="run directory holding transcript.json (writes audit.json)")
+    add_audit_options(audit)
+    audit.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def add_audit_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the audit's attacks (shared by ``audit`` and ``train --audit``)."""
+    parser.add_argument("--public-data", default="sst2",
+                        help="public text the inverters train on: sst2 (default), a data directory, or 'none'")
+    parser.add_argument("--public-dir", default=None, help="directory holding the public data set's files")
+    parser.add_argument("--public-sentences", type=int, default=3000, help="public sentences for the inverters")
+    parser.add_argument("--known-sequences", type=int, default=2,
+                        help="sequences per step the alignment attack knows (besides [CLS]/[SEP]/[PAD])")
+
+
+def run_audit_command(directory: str, args: argparse.Namespace) -> int:
+    """Audit the transcript in ``directory``; print a summary line per leak point."""
+    from flower_split.audit import AuditOptions, TranscriptError, audit_directory
+
+    public = None if args.public_data == "none" else args.public_data
+    options = AuditOptions(known_sequences=args.known_sequences, inverters=public is not None)
+    try:
+        path = audit_directory(directory, public, args.public_sentences, args.public_dir, options,
+                               progress=not args.no_progress)
+    except (TranscriptError, DatasetError) as exc:
+        print(f"flower-split: audit: {exc}", file=sys.stderr)
+        return 2
+    for point, leak in json.loads(path.read_text())["leak_points"].items():
+        if leak.get("seen") is False:
+            print(f"{point}: not seen by the cloud")
+            continue
+        rates = ", ".join(f"{name} {'-' if attack['recovery'] is None else format(attack['recovery'], '.1%')}"
+                          for name, attack in leak["attacks"].items())
+        print(f"{point}: {rates} (chance {leak['chance']:.2%}, majority {leak['majority']:.1%})")
+    print(f"-> {path}")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -88,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flower_split.runs.compare import main_compare
 
         return main_compare(args)
+    if args.command == "audit":
+        return run_audit_command(args.run, args)
     try:
         config = config_from_args(args)
     except (ConfigError, TypeError) as exc:
@@ -95,14 +138,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from flower_split.runs.local import train, write_results
 
+    recorder = None
+    if args.audit:
+        from flower_split.audit import CloudViewRecorder
+
+        recorder = CloudViewRecorder()
     try:
-        run = train(config, progress=not args.no_progress)
-    except (DatasetError, FileNotFoundError) as exc:
+        run = train(config, progress=not args.no_progress, recorder=recorder)
+    except (DatasetError, FileNotFoundError, ConfigError) as exc:
         print(f"flower-split: {exc}", file=sys.stderr)
         return 2
     path = write_results(args.out, [run])
     print(f"{run['name']}: test accuracy {run['test_accuracy']:.4f}, macro-F1 {run['test_macro_f1']:.4f}, "
           f"{run['wall_seconds']:.1f} s -> {path}")
+    if recorder is not None:
+        recorder.save(args.out)
+        return run_audit_command(args.out, args)
     return 0
 
 

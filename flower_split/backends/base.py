@@ -21,12 +21,14 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from flower_split.audit import CloudViewRecorder, tap_cloud
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.tenant import Handler
 from flower_split.model import Body
+from flower_split.train.driver import StepHook
 
 
 class SecurityBackend(ABC):
@@ -51,8 +53,12 @@ class SecurityBackend(ABC):
 
     @abstractmethod
     def train_in_process(self, config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
-                         num_classes: int, progress: bool = True) -> dict:
-        """Train and evaluate one tenant in this process; a results.json run's metrics."""
+                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
+        """Train and evaluate one tenant in this process; a results.json run's metrics.
+
+        ``recorder``: record the cloud's view (and, apart, each step's tokens and labels) for
+        the leakage audit.
+        """
 
     @abstractmethod
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:
@@ -62,3 +68,15 @@ class SecurityBackend(ABC):
     @abstractmethod
     def handlers(self) -> Mapping[str, Handler]:
         """The tenant's ClientApp handlers of this level: Flower message type -> handler."""
+
+
+def audit_hook(config: RunConfig, num_classes: int, cloud: object, recorder: CloudViewRecorder | None,
+               tenant: str = "tenant-0") -> StepHook | None:
+    """Tap ``cloud`` into ``recorder`` and return the driver's hook that records each step's
+    tokens and labels (the audit's ground truth, kept apart from the cloud's view); None
+    without a recorder."""
+    if recorder is None:
+        return None
+    recorder.describe(config, num_classes)
+    tap_cloud(cloud, recorder)
+    return lambda step, batch: recorder.record_truth(tenant, step, batch.input_ids, batch.labels)

@@ -10,7 +10,8 @@ from typing import Mapping
 
 import torch
 
-from flower_split.backends.base import SecurityBackend
+from flower_split.audit import CloudViewRecorder
+from flower_split.backends.base import SecurityBackend, audit_hook
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.flower import plain_handlers
@@ -37,15 +38,18 @@ class PlainBackend(SecurityBackend):
             raise ConfigError("he-key-rotation-every: security 'plain' has no CKKS keys to rotate; set it to 0")
 
     def train_in_process(self, config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
-                         num_classes: int, progress: bool = True) -> dict:
+                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
         generator = seed_everything(config.seed)
         device = select_device(config.device)
         parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
                             config.activation, config.seed, config.tail_input)
         steps = -(-len(train) // config.batch_size) * config.epochs
         client = ClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config, steps, device)
-        session = PlainSession(client, InProcessTransport(CloudParty(parts.body, device)))
-        return run_in_process(config, session, parts.body, train, test, num_classes, generator, progress, "split")
+        cloud = CloudParty(parts.body, device)
+        hook = audit_hook(config, num_classes, cloud, recorder)
+        session = PlainSession(client, InProcessTransport(cloud))
+        return run_in_process(config, session, parts.body, train, test, num_classes, generator, progress, "split",
+                              hook)
 
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:
         cloud = CloudParty(body, device, keep_graphs=settings.cloud_keep_graphs)

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 import torch
 
-from flower_split.backends.base import SecurityBackend
+from flower_split.audit import CloudViewRecorder
+from flower_split.backends.base import SecurityBackend, audit_hook
 from flower_split.config import LABEL_PROTECTIONS, ConfigError, RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.flower import secure_handlers
@@ -60,7 +61,7 @@ class SecureBackend(SecurityBackend):
                 for name in LABEL_PROTECTIONS}
 
     def train_in_process(self, config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
-                         num_classes: int, progress: bool = True) -> dict:
+                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
         self.validate(config)
         generator = seed_everything(config.seed)
         device = select_device(config.device)
@@ -68,12 +69,13 @@ class SecureBackend(SecurityBackend):
                             config.activation, config.seed, config.tail_input)
         dealer = SecureDealerParty()
         cloud = SecureCloudParty(parts.body, dealer.public, device)
+        hook = audit_hook(config, num_classes, cloud, recorder)
         steps = -(-len(train) // config.batch_size) * config.epochs
         client = SecureClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config, steps)
         transport = SecureLocalTransport(cloud, dealer)
         transport.connect(client)
         return run_in_process(config, SecureSession(client, transport), parts.body, train, test, num_classes,
-                              generator, progress, "split-secure")
+                              generator, progress, "split-secure", hook)
 
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:
         dealer = SecureDealerParty()

@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 from flower_split.backends import backend_for
-from flower_split.config import RunConfig
+from flower_split.audit import CloudViewRecorder
+from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
 from flower_split.data.tenants import sample_rows
 from flower_split.model import load_tokenizer
@@ -21,10 +22,15 @@ from flower_split.train import train_centralized
 RESULTS_FILE = "results.json"
 
 
-def train(config: RunConfig, progress: bool = True) -> dict:
-    """Run ``config`` in process and return one ``results.json`` run entry."""
+def train(config: RunConfig, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
+    """Run ``config`` in process and return one ``results.json`` run entry.
+
+    ``recorder`` (split mode only) records the cloud's view for the leakage audit.
+    """
     config.validate()
     backend = backend_for(config) if config.mode == "split" else None
+    if recorder is not None and backend is None:
+        raise ConfigError("audit: only split runs have a cloud whose view can be recorded")
     train_data, test_data = load_dataset(config.dataset, config.data_dir)
     train_data = train_data.subset(sample_rows(len(train_data), config.max_train_samples, config.seed))
     test_data = test_data.subset(sample_rows(len(test_data), config.max_test_samples, config.seed + 1))
@@ -34,7 +40,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     if backend is None:
         metrics = train_centralized(config, train_tok, test_tok, train_data.num_classes, progress=progress)
     else:
-        metrics = backend.train_in_process(config, train_tok, test_tok, train_data.num_classes, progress=progress)
+        metrics = backend.train_in_process(config, train_tok, test_tok, train_data.num_classes, progress, recorder)
     return {
         "name": "centralized-lora" if backend is None else f"split-{backend.name}",
         "mode": config.mode,

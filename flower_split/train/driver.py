@@ -11,7 +11,7 @@ head -> cloud body -> client tail) and checks that the body did not move.
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +21,10 @@ from flower_split.data import Batch, TokenizedDataset
 from flower_split.model import Body
 from flower_split.train.metrics import accuracy, macro_f1
 from flower_split.train.runtime import CpuClock
+
+
+StepHook = Callable[[int, Batch], None]
+"""Called after every finished step with its number and batch (the audit records its ground truth)."""
 
 
 class Session(Protocol):
@@ -42,9 +46,9 @@ class Session(Protocol):
 
 def run_in_process(config: RunConfig, session: Session, body: Body, train: TokenizedDataset,
                    test: TokenizedDataset, num_classes: int, generator: torch.Generator, progress: bool = True,
-                   label: str = "split") -> dict:
+                   label: str = "split", on_step: StepHook | None = None) -> dict:
     """Train ``session`` on ``train`` (batch order from ``generator``), evaluate it on ``test``;
-    one results.json run's metrics."""
+    one results.json run's metrics. ``on_step`` sees every finished step, training and test."""
     body_before = body.fingerprint()
     steps_per_epoch = -(-len(train) // config.batch_size)
     clock = CpuClock()
@@ -55,10 +59,13 @@ def run_in_process(config: RunConfig, session: Session, body: Body, train: Token
                    desc=f"{label} epoch {epoch + 1}/{config.epochs}", disable=not progress)
         losses = []
         for batch in bar:
-            losses.append(float(session.pop_result(session.run_step(batch, True, clock)).loss))
+            step = session.run_step(batch, True, clock)
+            if on_step is not None:
+                on_step(step, batch)
+            losses.append(float(session.pop_result(step).loss))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         history.append(sum(losses) / len(losses))
-    predicted, truth = predict(session, clock, test, config.batch_size)
+    predicted, truth = predict(session, clock, test, config.batch_size, on_step)
     if body.fingerprint() != body_before:
         raise AssertionError("the body changed during training; it must stay frozen")
     return {
@@ -73,12 +80,14 @@ def run_in_process(config: RunConfig, session: Session, body: Body, train: Token
     }
 
 
-def predict(session: Session, clock: CpuClock, data: TokenizedDataset,
-            batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(session: Session, clock: CpuClock, data: TokenizedDataset, batch_size: int,
+            on_step: StepHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference protocol over ``data``: the predicted and the true labels."""
     predictions, labels = [], []
     for batch in data.batches(batch_size, shuffle=False):
         step = session.run_step(batch, False, clock)
+        if on_step is not None:
+            on_step(step, batch)
         predictions.append(session.pop_result(step).logits.argmax(-1))
         labels.append(batch.labels)
     return torch.cat(predictions), torch.cat(labels)

@@ -11,7 +11,7 @@ from flower_split.data import DatasetError, TokenizedDataset, load_dataset, part
 from flower_split.data.datasets import PACKAGED_BANKING77
 from flower_split.model import load_tokenizer
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+SST2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
 
 
 def test_banking77_ships_with_its_license() -> None:

@@ -15,7 +15,7 @@ from flower_split.config import ConfigError
 RUN_KEYS = {"name", "mode", "security", "dataset", "model", "test_accuracy", "test_macro_f1",
             "train_loss_history", "wall_seconds", "client_cpu_seconds", "bytes_client_to_cloud",
             "bytes_cloud_to_client", "config"}
-CONFIGS = Path(__file__).parents[1] / "simulations" / "configs"
+CONFIGS = Path(__file__).parents[2] / "simulations" / "configs"
 
 
 def _toml(sections: dict[str, dict]) -> str:

@@ -107,7 +107,7 @@ def test_malformed_record_dict_gets_a_clear_protocol_error(reason: str, corrupt:
 
 
 def test_config_mapping_and_pyproject_defaults() -> None:
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     config, settings = settings_from_run_config(pyproject["tool"]["flwr"]["app"]["config"])
     assert config.model == "minilm" and settings.local_steps == 50 and settings.micro_batches == 8
     config, settings = settings_from_run_config({**pyproject["tool"]["flwr"]["app"]["config"], "quick": True})

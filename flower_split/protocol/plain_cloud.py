@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from flower_split.model import Body, hidden_size
+from flower_split.protocol.body_runner import BodyGraph, BodyRunner
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_tensor,
 )
@@ -45,20 +46,12 @@ from flower_split.protocol.messages import (
 FLOAT_DTYPES = (torch.float32,)
 
 
-@dataclass(eq=False)
-class _Group:
-    """One stacked training forward: the leaf input ``f`` [rows, T, d] and the output ``h``."""
-
-    f: torch.Tensor
-    h: torch.Tensor
-
-
 @dataclass
 class _Pending:
     """A training step waiting for its gradient: its kept group, rows and own token length,
     or (recomputed) its own head output to run again."""
 
-    group: _Group | None
+    group: BodyGraph | None
     rows: slice
     tokens: int
     inputs: HeadOutput | None = None
@@ -84,8 +77,8 @@ class CloudParty:
                  max_stack_rows: int = 256, max_padding: float = 0.25, keep_graphs: bool = False) -> None:
         if max_pending <= 0 or max_stack_rows <= 0 or max_padding < 0:
             raise ValueError("max_pending and max_stack_rows must be positive, max_padding not negative")
-        self.body = body.to(device)
-        self.device = torch.device(device)
+        self.runner = BodyRunner(body, device, keep_graphs)
+        self.body, self.device = self.runner.body, self.runner.device
         self.dim = hidden_size(body.encoder)
         self.max_pending = max_pending
         self.max_stack_rows = max_stack_rows
@@ -206,13 +199,7 @@ class CloudParty:
     def _forward(self, chunk: list[tuple[int, HeadOutput]], train: bool) -> dict[int, BodyOutput]:
         """One body forward over the stacked chunk; each message gets its own rows and tokens."""
         f, mask = self._stack(chunk)
-        group = None
-        if train and self.keep_graphs:
-            group = _Group(f.requires_grad_(True), self.body(f, mask))
-            h = group.h.detach()
-        else:
-            with torch.no_grad():
-                h = self.body(f, mask)
+        h, group = self.runner.forward(f, mask, graph=train and self.keep_graphs)
         replies: dict[int, BodyOutput] = {}
         start = 0
         for index, message in chunk:
@@ -231,7 +218,7 @@ class CloudParty:
         Recomputed steps are stacked into groups again; each group's forward and backward run
         before the next group's forward, so one group's graph is alive at a time.
         """
-        members: dict[_Group, list[tuple[int, BodyGrad, _Pending]]] = {}
+        members: dict[BodyGraph, list[tuple[int, BodyGrad, _Pending]]] = {}
         again: list[tuple[int, HeadOutput]] = []
         by_index: dict[int, BodyGrad] = {}
         for index, message in grads:
@@ -246,7 +233,7 @@ class CloudParty:
             replies.update(self._group_backward(group, items))
         for chunk in self._chunks(again):
             f, mask = self._stack(chunk)
-            group = _Group(f.requires_grad_(True), self.body(f, mask))
+            _, group = self.runner.forward(f, mask, graph=True)
             items, start = [], 0
             for index, inputs in chunk:
                 rows = slice(start, start + inputs.f.shape[0])
@@ -255,13 +242,13 @@ class CloudParty:
             replies.update(self._group_backward(group, items))
         return replies
 
-    def _group_backward(self, group: _Group, items: list[tuple[int, BodyGrad, _Pending]]) -> dict[int, HeadGrad]:
+    def _group_backward(self, group: BodyGraph, items: list[tuple[int, BodyGrad, _Pending]]) -> dict[int, HeadGrad]:
         """``dL/df`` of the group's members in ``items``; absent members' rows get zero gradient."""
         grad_h = torch.zeros_like(group.h)
         for _, message, pending in items:
             grad_h[pending.rows, :pending.tokens] = message.grad_h.to(self.device)
         others = any(p.group is group for p in self._pending.values())
-        (grad_f,) = torch.autograd.grad(group.h, group.f, grad_h, retain_graph=others)
+        grad_f = self.runner.backward(group, grad_h, retain=others)
         return {index: HeadGrad(message.tenant, message.step, _cut(grad_f, pending.rows, pending.tokens))
                 for index, message, pending in items}
 

@@ -88,7 +88,7 @@ class CloudViewRecorder:
         """Note in ``meta`` what the attacker knows anyway: the public model and the run's public shape."""
         self.meta.update(model=config.model, seed=config.seed, max_length=config.max_length,
                          num_classes=num_classes, dataset=config.dataset, security=config.security,
-                         label_protection=config.label_protection if config.security == "secure" else None,
+                         label_protection=config.label_protection,  # as configured; only secure mode uses it
                          train_head=config.train_head, tail_input=config.tail_input)
 
     def _view(self, tenant: str, step: int) -> StepView:

@@ -1,0 +1,1 @@
+"""Runs above everything else: Flower simulations, comparisons, reports and plots."""

@@ -1,0 +1,151 @@
+"""The results.json entry of a Flower simulation, from the ServerApp's reports and the cost meters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from flower_split.config import RunConfig
+from flower_split.flower.metering import MeteredGrid, NodeCosts, Traffic
+from flower_split.flower.settings import FlowerSettings
+
+
+@dataclass
+class Collected:
+    """Reports of the ServerApp, each with the traffic of its phase."""
+
+    rounds: list[tuple[Any, Traffic]] = field(default_factory=list)
+    evaluations: list[tuple[Any, Traffic]] = field(default_factory=list)
+    global_evaluations: list[Any] = field(default_factory=list)
+    grid: MeteredGrid | None = None
+    warm_up: Traffic | None = None
+    startup_seconds: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+
+
+def _tenant(costs: NodeCosts, node: int) -> str:
+    return f"tenant-{costs.partition_id}" if costs.partition_id >= 0 else f"node-{node}"
+
+
+def round_rows(collected: Collected, epochs: int) -> list[dict]:
+    """results.json ``rounds``: accuracy, loss, bytes and time of every round (round 0: initial evaluation)."""
+    evaluations = {report.server_round: report for report, _ in collected.evaluations}
+    global_evals = {report.server_round: report for report in collected.global_evaluations}
+    rounds = []
+    for report, traffic in collected.rounds:
+        r = report.server_round
+        evaluation = evaluations.get(r)
+        eval_traffic = next((t for e, t in collected.evaluations if e.server_round == r), Traffic())
+        rounds.append({
+            "round": r,
+            "test_accuracy": evaluation.accuracy if evaluation else None,
+            "per_tenant_accuracy": dict(evaluation.per_tenant) if evaluation else None,
+            "test_macro_f1": evaluation.macro_f1 if evaluation else None,
+            "global_test_accuracy": global_evals[r].accuracy if r in global_evals else None,
+            "train_loss": report.train_loss,
+            "bytes_up": traffic.per_client("bytes_up"),
+            "bytes_down": traffic.per_client("bytes_down"),
+            "eval_bytes_up": eval_traffic.per_client("bytes_up"),
+            "eval_bytes_down": eval_traffic.per_client("bytes_down"),
+            "round_trips": traffic.round_trips,
+            "round_trips_per_step": report.round_trips_per_step,
+            "train_examples": report.num_examples * epochs,
+            "client_cpu_seconds": sum(c.train_cpu_seconds for c in traffic.nodes.values()),
+            "wall_seconds": report.wall_seconds,
+            # split only: time the ServerApp spent in send_and_receive, in the cloud party and
+            # (secure) in the dealer, which runs in the ServerApp process in simulation
+            "flower_wait_seconds": getattr(report, "flower_wait_seconds", None),
+            "cloud_seconds": getattr(report, "cloud_seconds", None),
+            "dealer_seconds": getattr(report, "dealer_seconds", None),
+        })
+    initial = evaluations.get(0)
+    initial_global = global_evals.get(0)
+    if initial is not None or initial_global is not None:
+        rounds.insert(0, {"round": 0, "test_accuracy": initial.accuracy if initial else None,
+                          "per_tenant_accuracy": dict(initial.per_tenant) if initial else None,
+                          "global_test_accuracy": initial_global.accuracy if initial_global else None,
+                          "train_loss": None, "bytes_up": 0, "bytes_down": 0})
+    return rounds
+
+
+def client_rows(collected: Collected) -> list[dict]:
+    """results.json ``clients``: each tenant's CPU, memory and bytes over the whole run."""
+    total = collected.grid.total if collected.grid else Traffic()
+    return sorted(({
+        "tenant": _tenant(costs, node),
+        "node_id": node,
+        "train_cpu_seconds": costs.train_cpu_seconds,
+        "eval_cpu_seconds": costs.eval_cpu_seconds,
+        "setup_cpu_seconds": costs.setup_cpu_seconds,
+        "peak_rss_bytes": costs.peak_rss_bytes,
+        "rss_above_baseline_bytes": costs.rss_above_baseline_bytes,
+        "torch_threads": costs.torch_threads,
+        "bytes_up": costs.bytes_up,
+        "bytes_down": costs.bytes_down,
+        "messages": costs.messages,
+    } for node, costs in total.nodes.items()), key=lambda c: c["tenant"])
+
+
+def run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSettings, fedavg: Any,
+              num_clients: int, collected: Collected, total_wall: float) -> dict:
+    """One results.json run: the fields of ``flower-split train`` plus the federated details."""
+    final_eval = collected.evaluations[-1][0] if collected.evaluations else None
+    final_global = collected.global_evaluations[-1] if collected.global_evaluations else None
+    rounds = round_rows(collected, fedavg.local_epochs if fedavg is not None else 1)
+    clients = client_rows(collected)
+    train_rounds = [r for r in rounds if r["round"] > 0]
+    train_examples = sum(r["train_examples"] for r in train_rounds)
+    train_cpu = sum(c["train_cpu_seconds"] for c in clients)
+    return {
+        "name": name,
+        "mode": "federated",
+        "strategy": strategy,
+        "security": config.security if strategy == "split" else "none",
+        "dataset": config.dataset,
+        "model": config.model,
+        "test_accuracy": final_eval.accuracy if final_eval else None,
+        "test_macro_f1": final_eval.macro_f1 if final_eval else None,
+        "global_test_accuracy": final_global.accuracy if final_global else None,
+        "global_test_macro_f1": final_global.macro_f1 if final_global else None,
+        "per_tenant_accuracy": dict(final_eval.per_tenant) if final_eval else {},
+        "per_tenant_macro_f1": dict(final_eval.per_tenant_f1) if final_eval else {},
+        "per_tenant_test_examples": dict(final_eval.num_examples) if final_eval else {},
+        "train_loss_history": [r["train_loss"] for r in train_rounds],
+        "wall_seconds": collected.finished - collected.started,
+        "startup_seconds": collected.startup_seconds,
+        "simulation_wall_seconds": total_wall,
+        "client_cpu_seconds": train_cpu + sum(c["eval_cpu_seconds"] for c in clients),
+        "client_train_cpu_seconds": train_cpu,
+        "train_examples_processed": train_examples,
+        "client_cpu_seconds_per_sample": train_cpu / train_examples if train_examples else None,
+        "client_peak_rss_bytes": max((c["peak_rss_bytes"] for c in clients), default=0),
+        "client_rss_above_baseline_bytes": max((c["rss_above_baseline_bytes"] for c in clients), default=0),
+        "bytes_client_to_cloud": sum(c["bytes_up"] for c in clients),
+        "bytes_cloud_to_client": sum(c["bytes_down"] for c in clients),
+        "bytes_per_client_per_round": _mean([r["bytes_up"] + r["bytes_down"] for r in train_rounds]),
+        "round_trips_per_step": _mean([r["round_trips_per_step"] for r in train_rounds]),
+        "flower_wait_fraction": _wait_fraction(train_rounds),
+        "num_clients": num_clients,
+        "partition": settings.partition,
+        "num_server_rounds": settings.num_server_rounds,
+        "rounds": rounds,
+        "clients": clients,
+        "config": config.to_dict(),
+        "flower": {**settings.__dict__, **({"local_epochs": fedavg.local_epochs} if fedavg else {})},
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _wait_fraction(rounds: list[dict]) -> float | None:
+    """Share of the training rounds' wall time spent waiting on Flower (None if not measured)."""
+    waits = [r.get("flower_wait_seconds") for r in rounds]
+    wall = sum(r["wall_seconds"] or 0.0 for r in rounds)
+    if not rounds or any(w is None for w in waits) or wall <= 0:
+        return None
+    return sum(waits) / wall

@@ -64,7 +64,7 @@ class PlainBackend(SecurityBackend):
         cloud = CloudParty(body, device, keep_graphs=settings.cloud_keep_graphs)
         return SplitStrategy(cloud, settings.local_steps, micro_batches=settings.micro_batches,
                              min_nodes=settings.min_nodes, reply_timeout=settings.reply_timeout,
-                             global_eval=settings.global_eval)
+                             global_eval=settings.global_eval, target_loss=settings.target_loss or None)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:

@@ -31,7 +31,8 @@ def _every_kind() -> dict:
     return {"f32": torch.randn(3, 2), "i64": torch.arange(5), "bool": torch.tensor([True, False]),
             "scalar": torch.tensor(2.5), "empty": torch.zeros(0), "bytes": b"\x00\x01secret", "nothing": b"",
             "int_keys": {0: {"momentum_buffer": torch.ones(2)}, 7: "x"}, "tuple": (1, "a", None),
-            "list": [1.5, True, None, {"nested": b"\xff"}], "text": "tenant-0", "inf": float("inf")}
+            "list": [1.5, True, None, {"nested": b"\xff"}], "text": "tenant-0", "inf": float("inf"),
+            "a.b": torch.zeros(1), "a": {"b": torch.ones(1)}}  # two entries spelling the same path
 
 
 def _batch(seed: int = 0) -> Batch:
@@ -49,6 +50,7 @@ def test_codec_round_trip_keeps_every_value_type(tmp_path: Path) -> None:
     assert digest(loaded.state) == digest(state) and loaded.meta == {"k": 1}
     assert loaded.state["int_keys"][0]["momentum_buffer"].tolist() == [1.0, 1.0]
     assert loaded.state["tuple"] == (1, "a", None) and loaded.state["bytes"] == b"\x00\x01secret"
+    assert loaded.state["a.b"].item() == 0.0 and loaded.state["a"]["b"].item() == 1.0
     assert digest({**state, "bytes": b"\x00\x01secreT"}) != digest(state)
 
 

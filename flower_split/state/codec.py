@@ -30,13 +30,16 @@ def encode(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
 
 
 def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        tensors[path] = value.detach().cpu().contiguous().clone()
-        return {TENSOR: path}
-    if isinstance(value, (bytes, bytearray)):
-        tensors[path] = torch.frombuffer(bytearray(value), dtype=torch.uint8).clone() if value else \
+    if isinstance(value, (torch.Tensor, bytes, bytearray)):
+        name = path
+        while name in tensors:  # keys with dots can spell another entry's path: {"a.b": x, "a": {"b": y}}
+            name += "~"
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().cpu().contiguous().clone()
+            return {TENSOR: name}
+        tensors[name] = torch.frombuffer(bytearray(value), dtype=torch.uint8).clone() if value else \
             torch.zeros(0, dtype=torch.uint8)
-        return {BYTES: path}
+        return {BYTES: name}
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
             return {k: _encode(v, f"{path}.{k}", tensors) for k, v in value.items()}

@@ -8,6 +8,7 @@ or data is loaded, so a bad value fails in milliseconds with the field's name.
 ``compare``   centralized LoRA, FedAvg-LoRA and split on the same partitions, from a TOML config,
               with a report and plots (:mod:`flower_split.runs.compare`).
 ``audit``     the leakage audit of a run recorded with ``train --audit`` (:mod:`flower_split.audit`).
+``predict``   classify texts with a run's saved parties (:mod:`flower_split.runs.predict`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from flower_split.config import LABEL_PROTECTIONS, MODES, QUICK, SECURITY_LEVELS, ConfigError, RunConfig, parse_set
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    train.add_argument("--out", required=True, help="output directory for results.json")
+    train.add_argument("--out", required=True,
+                       help="output directory for results.json and (split) every party's state in OUT/state")
     train.add_argument("--quick", action="store_true",
                        help="tiny model, a few hundred samples: a smoke run in seconds")
     train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -71,7 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--run", required=True, help="run directory holding transcript.json (writes audit.json)")
     add_audit_options(audit)
     audit.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_predict_parser(commands)
     return parser
+
+
+def add_predict_parser(commands: argparse._SubParsersAction) -> None:
+    """``predict``: the split inference protocol over a text file, with a run's saved parties."""
+    predict = commands.add_parser("predict", help="classify texts with the parties saved by `train --out`")
+    predict.add_argument("--state", required=True, help="a `train --out` directory, or its state directory")
+    predict.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
+    predict.add_argument("--out", required=True, help="JSON-lines output: text, label, probabilities")
+    predict.add_argument("--tenant", default=None, help="tenant id (default: the only tenant saved)")
+    predict.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    predict.add_argument("--top-k", type=int, default=5, help="probabilities of the K likeliest labels (0: all)")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def add_audit_options(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_compare(args)
     if args.command == "audit":
         return run_audit_command(args.run, args)
+    if args.command == "predict":
+        from flower_split.runs.predict import main_predict
+
+        return main_predict(args)
     try:
         config = config_from_args(args)
     except (ConfigError, TypeError) as exc:
@@ -143,8 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flower_split.audit import CloudViewRecorder
 
         recorder = CloudViewRecorder()
+    state_dir = Path(args.out) / "state" if config.mode == "split" else None
     try:
-        run = train(config, progress=not args.no_progress, recorder=recorder)
+        run = train(config, progress=not args.no_progress, recorder=recorder, state_dir=state_dir)
     except (DatasetError, FileNotFoundError, ConfigError) as exc:
         print(f"flower-split: {exc}", file=sys.stderr)
         return 2

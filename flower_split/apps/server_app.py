@@ -52,6 +52,7 @@ def _store(context: Context, result: SplitResult) -> None:
         values = {k: v for k, v in dataclasses.asdict(report).items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         values["round-trips-per-step"] = report.round_trips_per_step
+        values.update({f"stopped/{tenant}": stop for tenant, stop in report.stopped.items()})
         context.state[f"round-{report.server_round}"] = MetricRecord(values)
     for report in result.evaluations:
         values = {"accuracy": report.accuracy if report.accuracy is not None else -1.0,

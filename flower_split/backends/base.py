@@ -7,6 +7,7 @@ registered in :mod:`flower_split.backends`. It supplies
 - its rules on a run's configuration (:meth:`validate`, :meth:`validate_flower`),
 - its run names and the variants a comparison runs (:meth:`run_name`, :meth:`variants`),
 - its parties wired in process, trained by the shared driver (:meth:`train_in_process`),
+- its parties saved after a run and restored for inference (:meth:`restore`),
 - its Flower strategy, built around the cloud's body (:meth:`make_strategy`),
 - its tenant-side Flower handlers, one per message type (:attr:`handlers`).
 
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from flower_split.audit import CloudViewRecorder, tap_cloud
+from flower_split.backends.saved import Restored, SavedRun, SaveTo
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.flower.settings import FlowerSettings
@@ -53,12 +55,17 @@ class SecurityBackend(ABC):
 
     @abstractmethod
     def train_in_process(self, config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
-                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
+                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None,
+                         save: SaveTo | None = None) -> dict:
         """Train and evaluate one tenant in this process; a results.json run's metrics.
 
         ``recorder``: record the cloud's view (and, apart, each step's tokens and labels) for
-        the leakage audit.
+        the leakage audit. ``save``: write every party's state under ``save.root`` at the end.
         """
+
+    @abstractmethod
+    def restore(self, run: SavedRun, device: torch.device) -> Restored:
+        """The parties of a saved run loaded from their directories and wired in process."""
 
     @abstractmethod
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:

@@ -12,6 +12,8 @@ import torch
 
 from flower_split.audit import CloudViewRecorder
 from flower_split.backends.base import SecurityBackend, audit_hook
+from flower_split.backends.plain_state import restore_plain, save_plain
+from flower_split.backends.saved import Restored, SavedRun, SaveTo
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.flower import plain_handlers
@@ -38,7 +40,8 @@ class PlainBackend(SecurityBackend):
             raise ConfigError("he-key-rotation-every: security 'plain' has no CKKS keys to rotate; set it to 0")
 
     def train_in_process(self, config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
-                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
+                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None,
+                         save: SaveTo | None = None) -> dict:
         generator = seed_everything(config.seed)
         device = select_device(config.device)
         parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
@@ -48,14 +51,20 @@ class PlainBackend(SecurityBackend):
         cloud = CloudParty(parts.body, device)
         hook = audit_hook(config, num_classes, cloud, recorder)
         session = PlainSession(client, InProcessTransport(cloud))
-        return run_in_process(config, session, parts.body, train, test, num_classes, generator, progress, "split",
-                              hook)
+        metrics = run_in_process(config, session, parts.body, train, test, num_classes, generator, progress,
+                                 "split", hook)
+        if save is not None:
+            save_plain(save.root, config, parts, client, save.label_names, steps)
+        return metrics
+
+    def restore(self, run: SavedRun, device: torch.device) -> Restored:
+        return restore_plain(run, device)
 
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:
         cloud = CloudParty(body, device, keep_graphs=settings.cloud_keep_graphs)
         return SplitStrategy(cloud, settings.local_steps, micro_batches=settings.micro_batches,
                              min_nodes=settings.min_nodes, reply_timeout=settings.reply_timeout,
-                             global_eval=settings.global_eval)
+                             global_eval=settings.global_eval, target_loss=settings.target_loss or None)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:

@@ -15,6 +15,8 @@ import torch
 
 from flower_split.audit import CloudViewRecorder
 from flower_split.backends.base import SecurityBackend, audit_hook
+from flower_split.backends.saved import Restored, SavedRun, SaveTo
+from flower_split.backends.secure_state import restore_secure, save_secure
 from flower_split.config import LABEL_PROTECTIONS, ConfigError, RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.flower import secure_handlers
@@ -47,6 +49,8 @@ class SecureBackend(SecurityBackend):
 
     def validate_flower(self, config: RunConfig, settings: FlowerSettings) -> None:
         super().validate_flower(config, settings)
+        if settings.target_loss:
+            raise ConfigError("target-loss: the stop rule is implemented for security 'plain' only; set it to 0")
         protection = label_protection(config.label_protection)
         if settings.he_key_rotation_every and not protection.ckks_keys:
             raise ConfigError(f"he-key-rotation-every: label protection {protection.name!r} holds no CKKS keys "
@@ -61,7 +65,8 @@ class SecureBackend(SecurityBackend):
                 for name in LABEL_PROTECTIONS}
 
     def train_in_process(self, config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
-                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
+                         num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None,
+                         save: SaveTo | None = None) -> dict:
         self.validate(config)
         generator = seed_everything(config.seed)
         device = select_device(config.device)
@@ -74,8 +79,14 @@ class SecureBackend(SecurityBackend):
         client = SecureClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config, steps)
         transport = SecureLocalTransport(cloud, dealer)
         transport.connect(client)
-        return run_in_process(config, SecureSession(client, transport), parts.body, train, test, num_classes,
-                              generator, progress, "split-secure", hook)
+        metrics = run_in_process(config, SecureSession(client, transport), parts.body, train, test, num_classes,
+                                 generator, progress, "split-secure", hook)
+        if save is not None:
+            save_secure(save.root, config, parts, client, cloud, dealer, save.label_names, steps)
+        return metrics
+
+    def restore(self, run: SavedRun, device: torch.device) -> Restored:
+        return restore_secure(run, device)
 
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:
         dealer = SecureDealerParty()

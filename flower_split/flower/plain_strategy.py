@@ -54,8 +54,8 @@ class SplitStrategy(SplitStrategyBase):
     def __init__(self, cloud: CloudParty, local_steps: int, micro_batches: int = 8,
                  eval_micro_batches: int | None = None, min_nodes: int = 2,
                  reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0,
-                 global_eval: bool = True) -> None:
-        super().__init__(cloud, local_steps, min_nodes, reply_timeout, node_wait_timeout, global_eval)
+                 global_eval: bool = True, target_loss: float | None = None) -> None:
+        super().__init__(cloud, local_steps, min_nodes, reply_timeout, node_wait_timeout, global_eval, target_loss)
         if not isinstance(micro_batches, int) or micro_batches <= 0:
             raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
         self.micro_batches = micro_batches
@@ -67,10 +67,12 @@ class SplitStrategy(SplitStrategyBase):
             self.min_nodes, self.reply_timeout)
 
     def train_round(self, grid: Grid, server_round: int) -> RoundReport:
-        """One round: ``local_steps`` micro-batches for every selected tenant, three stages each."""
+        """One round: ``local_steps`` micro-batches for every selected tenant, three stages each
+        (tenants that met the stop rule are not selected)."""
         phase = Exchange()
-        active = self.select(grid)
-        loss_sum, examples, done = 0.0, 0, 0
+        active = self.training_nodes(self.select(grid))
+        losses: dict[int, tuple[float, int]] = {}  # node -> (loss sum, examples) of this round
+        done = 0
         while done < self.local_steps and active:
             count = min(self.micro_batches, self.local_steps - done)
             config = ConfigRecord({ConfigKey.NUM_BATCHES: count, ConfigKey.SERVER_ROUND: server_round})
@@ -90,18 +92,22 @@ class SplitStrategy(SplitStrategyBase):
             grads = self.cloud_stage({n: replies[n] for n in metrics}, BodyGrad, phase, active)
             backward: dict[int, RecordDict] = {}
             for node, messages in grads.items():
-                loss_sum += metrics[node][MetricKey.TRAIN_LOSS] * metrics[node][MetricKey.NUM_EXAMPLES]
-                examples += int(metrics[node][MetricKey.NUM_EXAMPLES])
+                n_examples = int(metrics[node][MetricKey.NUM_EXAMPLES])
+                total, seen = losses.get(node, (0.0, 0))
+                losses[node] = (total + metrics[node][MetricKey.TRAIN_LOSS] * n_examples, seen + n_examples)
                 if messages:
                     backward[node] = pack_messages(HeadGrad, self.tenant_of[node], messages)
             self.exchange(grid, MessageType.HEAD_BWD, backward, server_round, phase, active)
             done += count
+        loss_sum, examples = sum(v[0] for v in losses.values()), sum(v[1] for v in losses.values())
+        self.note_round_losses(server_round, {self.tenant_of[n]: losses[n][0] / losses[n][1]
+                                              for n in active if losses.get(n, (0, 0))[1]})
         return RoundReport(
             server_round=server_round, tenants=sorted(self.tenant_of[n] for n in active),
             dropped=dict(phase.dropped), train_loss=loss_sum / examples if examples else None,
             num_examples=examples, steps=done, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud,
-            wall_seconds=time.perf_counter() - phase.started)
+            wall_seconds=time.perf_counter() - phase.started, stopped=dict(self.stopped))
 
     def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
         """Inference (head -> cloud body -> tail) on each tenant's own test split or, with

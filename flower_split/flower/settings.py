@@ -37,6 +37,9 @@ class FlowerSettings:
     ``cloud-keep-graphs`` (both modes: the cloud keeps each in-flight step's autograd graph,
     about 200 MB per 32-row MiniLM micro-batch, instead of running the body forward again when
     the gradient arrives; faster, but memory grows with tenants x micro-batches),
+    ``target-loss`` (the stop rule, split-plain: a tenant whose own mean training loss of a
+    round is <= this value gets no more training rounds but is still evaluated; the round it
+    stopped is recorded; 0: never stop),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`).
     """
@@ -53,6 +56,7 @@ class FlowerSettings:
     secure_metrics: bool = True
     he_key_rotation_every: int = 0
     cloud_keep_graphs: bool = False
+    target_loss: float = 0.0
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -67,6 +71,9 @@ class FlowerSettings:
         if isinstance(self.reply_timeout, bool) or not isinstance(self.reply_timeout, (int, float)) \
                 or self.reply_timeout <= 0:
             raise ConfigError(f"reply-timeout: expected a positive number of seconds, got {self.reply_timeout!r}")
+        if isinstance(self.target_loss, bool) or not isinstance(self.target_loss, (int, float)) \
+                or not self.target_loss >= 0:
+            raise ConfigError(f"target-loss: expected a number >= 0 (0: never stop), got {self.target_loss!r}")
         for name in ("eval_initial", "global_eval", "secure_metrics", "cloud_keep_graphs", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")

@@ -48,14 +48,20 @@ class SplitStrategyBase(ABC):
         Seconds to wait for ``min_nodes`` tenants to connect.
     global_eval : bool (default: True)
         After the last round, also evaluate every tenant's adapters on the whole test set.
+    target_loss : float | None (default: None)
+        The stop rule: once a tenant's own reported round loss is <= ``target_loss``, it gets
+        no more training work (:meth:`training_nodes`) but is still evaluated; the round it
+        stopped is in every later :class:`RoundReport`'s ``stopped``. None: train every round.
     """
 
     name = "split"
 
     def __init__(self, cloud: Any, local_steps: int, min_nodes: int = 2, reply_timeout: float | None = 600.0,
-                 node_wait_timeout: float = 600.0, global_eval: bool = True) -> None:
+                 node_wait_timeout: float = 600.0, global_eval: bool = True, target_loss: float | None = None) -> None:
         if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps <= 0:
             raise ValueError(f"local_steps must be a positive integer, got {local_steps!r}")
+        if target_loss is not None and (isinstance(target_loss, bool) or not target_loss > 0):
+            raise ValueError(f"target_loss must be a positive number or None, got {target_loss!r}")
         self.cloud = cloud
         self.local_steps = local_steps
         self.min_nodes = min_nodes
@@ -63,6 +69,8 @@ class SplitStrategyBase(ABC):
         self.node_wait_timeout = node_wait_timeout
         self.global_eval = global_eval
         self.tenant_of: dict[int, str] = {}
+        self.target_loss = target_loss
+        self.stopped: dict[str, int] = {}  # tenant -> the round its loss reached target_loss
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -113,6 +121,20 @@ class SplitStrategyBase(ABC):
             for scope in scopes + (["global"] if last and self.global_eval else []):
                 emit(self.evaluate(grid, server_round, scope))
         return result
+
+    def training_nodes(self, nodes: set[int]) -> set[int]:
+        """``nodes`` less those whose tenant has met the stop rule (they are still evaluated)."""
+        return {node for node in nodes if self.tenant_of.get(node) not in self.stopped}
+
+    def note_round_losses(self, server_round: int, losses: dict[str, float]) -> None:
+        """Apply the stop rule to each tenant's own mean loss of ``server_round``."""
+        if self.target_loss is None:
+            return
+        for tenant, loss in losses.items():
+            if loss <= self.target_loss and tenant not in self.stopped:
+                self.stopped[tenant] = server_round
+                log(INFO, "%s reached target-loss %.4g (round loss %.4g): no more training", tenant,
+                    self.target_loss, loss)
 
     def select(self, grid: Grid) -> set[int]:
         """The connected nodes that may take part, once at least ``min_nodes`` are connected."""

@@ -34,6 +34,7 @@ class RoundReport:
     cloud_seconds: float
     wall_seconds: float
     dealer_seconds: float = 0.0  # secure only: the dealer's share of the ServerApp's time
+    stopped: dict[str, int] = field(default_factory=dict)  # tenant -> round it reached target-loss
 
     @property
     def round_trips_per_step(self) -> float:

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from flower_split.backends import backend_for
+from flower_split.backends.saved import SaveTo
 from flower_split.audit import CloudViewRecorder
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
@@ -22,15 +23,20 @@ from flower_split.train import train_centralized
 RESULTS_FILE = "results.json"
 
 
-def train(config: RunConfig, progress: bool = True, recorder: CloudViewRecorder | None = None) -> dict:
+def train(config: RunConfig, progress: bool = True, recorder: CloudViewRecorder | None = None,
+          state_dir: str | Path | None = None) -> dict:
     """Run ``config`` in process and return one ``results.json`` run entry.
 
-    ``recorder`` (split mode only) records the cloud's view for the leakage audit.
+    ``recorder`` (split mode only) records the cloud's view for the leakage audit;
+    ``state_dir`` (split mode only) receives every party's state at the end (docs/STATE.md),
+    which ``flower-split predict`` / :class:`flower_split.runs.predict.SplitClassifier` load.
     """
     config.validate()
     backend = backend_for(config) if config.mode == "split" else None
     if recorder is not None and backend is None:
         raise ConfigError("audit: only split runs have a cloud whose view can be recorded")
+    if state_dir is not None and backend is None:
+        raise ConfigError("state: only split runs have party states to save")
     train_data, test_data = load_dataset(config.dataset, config.data_dir)
     train_data = train_data.subset(sample_rows(len(train_data), config.max_train_samples, config.seed))
     test_data = test_data.subset(sample_rows(len(test_data), config.max_test_samples, config.seed + 1))
@@ -40,7 +46,9 @@ def train(config: RunConfig, progress: bool = True, recorder: CloudViewRecorder 
     if backend is None:
         metrics = train_centralized(config, train_tok, test_tok, train_data.num_classes, progress=progress)
     else:
-        metrics = backend.train_in_process(config, train_tok, test_tok, train_data.num_classes, progress, recorder)
+        save = None if state_dir is None else SaveTo(Path(state_dir), list(train_data.label_names))
+        metrics = backend.train_in_process(config, train_tok, test_tok, train_data.num_classes, progress, recorder,
+                                           save)
     return {
         "name": "centralized-lora" if backend is None else f"split-{backend.name}",
         "mode": config.mode,

@@ -59,6 +59,8 @@ def round_rows(collected: Collected, epochs: int) -> list[dict]:
             "flower_wait_seconds": getattr(report, "flower_wait_seconds", None),
             "cloud_seconds": getattr(report, "cloud_seconds", None),
             "dealer_seconds": getattr(report, "dealer_seconds", None),
+            # split with target-loss: tenant -> the round its own loss reached the target
+            "stopped": dict(getattr(report, "stopped", {}) or {}),
         })
     initial = evaluations.get(0)
     initial_global = global_evals.get(0)
@@ -131,6 +133,7 @@ def run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSetti
         "partition": settings.partition,
         "num_server_rounds": settings.num_server_rounds,
         "rounds": rounds,
+        "tenants_stopped": rounds[-1].get("stopped", {}) if rounds else {},
         "clients": clients,
         "config": config.to_dict(),
         "flower": {**settings.__dict__, **({"local_epochs": fedavg.local_epochs} if fedavg else {})},

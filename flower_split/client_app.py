@@ -43,7 +43,7 @@ from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
 from flower_split.data.tenants import sample_rows, split_test_like_train, tenant_splits  # noqa: F401 (re-exported)
 from flower_split.model import (
-    Embedder, HeadAdapter, TailAdapter, hidden_size, load_encoder, load_tokenizer, split_encoder,
+    Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder,
 )
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.train.metrics import class_counts
@@ -154,12 +154,15 @@ class Cursor:
 
 
 def new_adapters(data: TenantData, config: RunConfig) -> tuple[HeadAdapter, TailAdapter]:
-    """Freshly initialised head and tail (seeded per tenant; overwritten by saved state)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed * 1_000_003 + data.partition_id)  # adapter init, not crypto
-        head = HeadAdapter(data.dim, config.head_rank, config.activation)
-        tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation,
-                           config.tail_input)
+    """Freshly initialised head and tail (overwritten by saved state).
+
+    Random parts from the tenant's CSPRNG; from ``(seed, partition-id)`` only with
+    ``insecure-reproducible-init`` (then the cloud can compute them too).
+    """
+    rng = adapter_random(config.insecure_reproducible_init, config.seed, data.partition_id)
+    head = HeadAdapter(data.dim, config.head_rank, config.activation, rng)
+    tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation,
+                       config.tail_input, rng)
     return head, tail
 
 

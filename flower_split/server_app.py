@@ -45,7 +45,8 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
         from strategies.secure_split import SecureSplitStrategy
 
         dealer = SecureDealerParty()
-        secure_cloud = SecureCloudParty(body, dealer.public, device, keep_graphs=settings.cloud_keep_graphs)
+        secure_cloud = SecureCloudParty(body, dealer.public, device, keep_graphs=settings.cloud_keep_graphs,
+                                        allow_reproducible_init=settings.allow_insecure_reproducible_init)
         strategy: SplitStrategy = SecureSplitStrategy(
             secure_cloud, dealer, he_key_rotation_every=settings.he_key_rotation_every, **common)
     else:

@@ -107,6 +107,7 @@ class SecureClientParty(SecureStepRunner):
         self.dim, self.head_rank = head.down.in_features, head.down.out_features
         self.tail_rank, self.classes = tail.adapter.down.out_features, tail.classifier.out_features
         self.tail_input = tail.tail_input
+        self.reproducible_init = config.insecure_reproducible_init  # declared in ClientSetup
         self.optim = Optim(config.lr_head, config.lr_tail, config.classifier_lr, config.momentum,
                            config.weight_decay, config.warmup_fraction, total_steps)
         self._init_weights: dict[str, torch.Tensor] | None = plaintext_weights(head, tail)
@@ -154,7 +155,8 @@ class SecureClientParty(SecureStepRunner):
             he_public=self.he_keys.public_bytes() if self.he_keys is not None else b"",
             weights_seed=seed, dims=(self.dim, self.head_rank, self.tail_rank, self.classes),
             label_protection=self.label_protection, train_head=self.train_head, frac_bits=self.frac_bits,
-            grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict(), tail_input=self.tail_input)
+            grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict(), tail_input=self.tail_input,
+            reproducible_init=self.reproducible_init)
 
     # ------------------------------------------------------------------------ CKKS keys
     @property

@@ -73,11 +73,16 @@ class SecureCloudParty(SecureStepRunner):
     party = 0
 
     def __init__(self, body: Body, dealer_public: bytes, device: torch.device | str = "cpu",
-                 frac_bits: int = DEFAULT_FRAC_BITS, keep_graphs: bool = False) -> None:
+                 frac_bits: int = DEFAULT_FRAC_BITS, keep_graphs: bool = False,
+                 allow_reproducible_init: bool = False) -> None:
         """``keep_graphs``: keep each in-flight step's body graph from the forward to the
         gradient (one body forward less per step) instead of keeping only ``f`` and running
         the forward again when ``dL/dh`` arrives. A MiniLM graph of a 32-row step holds about
-        200 MB, and every tenant has a step in flight, so the default recomputes."""
+        200 MB, and every tenant has a step in flight, so the default recomputes.
+
+        ``allow_reproducible_init``: accept tenants whose set-up declares seed-derived initial
+        weights (benchmarks only; such a head is no secret to the cloud). Off: refused."""
+        self.allow_reproducible_init = allow_reproducible_init
         self.body = body.to(device)
         self.keep_graphs = keep_graphs
         self.device = torch.device(device)
@@ -116,6 +121,12 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError("setup: label_protection must be 'he' or 'client', train_head a bool")
         if setup.tail_input not in TAIL_INPUTS:
             raise ProtocolError(f"setup: tail_input must be one of {TAIL_INPUTS}, got {setup.tail_input!r}")
+        if not isinstance(setup.reproducible_init, bool):
+            raise ProtocolError("setup: reproducible_init must be a bool")
+        if setup.reproducible_init and not self.allow_reproducible_init:
+            raise ProtocolError("setup: the tenant's initial weights come from a public seed "
+                                "(insecure-reproducible-init), so its head is no secret to the cloud; "
+                                "refused unless the run allows it (allow-insecure-reproducible-init, benchmarks only)")
         optim = Optim.from_dict(dict(setup.optim))
         he_keys = None
         if setup.label_protection == "he":

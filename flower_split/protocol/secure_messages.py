@@ -165,6 +165,9 @@ class ClientSetup:
             the same rule.
         tail_input: "tokens" (the tail adapter on every token) or "pooled" (on the mean-pooled
             body output): fixes the tail's 2PC shapes and the step's order.
+        reproducible_init: the initial weights were drawn from a public seed
+            (``insecure-reproducible-init``), not the tenant's CSPRNG: the cloud could compute
+            them and track the head. The cloud refuses it unless its run allows it (benchmarks).
     """
 
     tenant: str
@@ -179,6 +182,7 @@ class ClientSetup:
     grad_scale_bits: int
     optim: dict[str, float]
     tail_input: str = "tokens"
+    reproducible_init: bool = False
 
 
 @dataclass(frozen=True)

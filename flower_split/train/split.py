@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import Batch, TokenizedDataset
-from flower_split.model import build_split
+from flower_split.model import adapter_random, build_split
 from flower_split.protocol import ClientParty, CloudParty
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
@@ -38,7 +38,8 @@ def train_split(config: RunConfig, train: TokenizedDataset, test: TokenizedDatas
     generator = seed_everything(config.seed)
     device = select_device(config.device)
     parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
-                        config.activation, config.seed, config.tail_input)
+                        config.activation, config.seed, config.tail_input,
+                        adapter_random(config.insecure_reproducible_init, config.seed))
     body_before = parts.body.fingerprint()
     cloud = CloudParty(parts.body, device)
     transport = InProcessTransport(cloud)
@@ -109,10 +110,13 @@ def train_split_secure(config: RunConfig, train: TokenizedDataset, test: Tokeniz
     generator = seed_everything(config.seed)
     device = select_device(config.device)
     parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
-                        config.activation, config.seed, config.tail_input)
+                        config.activation, config.seed, config.tail_input,
+                        adapter_random(config.insecure_reproducible_init, config.seed))
     body_before = parts.body.fingerprint()
     dealer = SecureDealerParty()
-    cloud = SecureCloudParty(parts.body, dealer.public, device)
+    # in process the run config is the cloud's too: its opt-in is the cloud's permission
+    cloud = SecureCloudParty(parts.body, dealer.public, device,
+                             allow_reproducible_init=config.insecure_reproducible_init)
     steps_per_epoch = -(-len(train) // config.batch_size)
     client = SecureClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config,
                                steps_per_epoch * config.epochs)

@@ -330,6 +330,8 @@ class FlowerSettings:
     ``cloud-keep-graphs`` (both modes: the cloud keeps each in-flight step's autograd graph,
     about 200 MB per 32-row MiniLM micro-batch, instead of running the body forward again when
     the gradient arrives; faster, but memory grows with tenants x micro-batches),
+    ``allow-insecure-reproducible-init`` (secure mode, the cloud: accept tenants whose adapters
+    start from the public seed, ``insecure-reproducible-init``; benchmarks only, default false),
     ``quick`` (tiny model on a few hundred samples and short rounds, see ``flower_split.cli.QUICK``
     and ``QUICK_FLOWER``).
     """
@@ -346,6 +348,7 @@ class FlowerSettings:
     secure_metrics: bool = True
     he_key_rotation_every: int = 0
     cloud_keep_graphs: bool = False
+    allow_insecure_reproducible_init: bool = False
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -360,7 +363,8 @@ class FlowerSettings:
         if isinstance(self.reply_timeout, bool) or not isinstance(self.reply_timeout, (int, float)) \
                 or self.reply_timeout <= 0:
             raise ConfigError(f"reply-timeout: expected a positive number of seconds, got {self.reply_timeout!r}")
-        for name in ("eval_initial", "global_eval", "secure_metrics", "cloud_keep_graphs", "quick"):
+        for name in ("eval_initial", "global_eval", "secure_metrics", "cloud_keep_graphs",
+                     "allow_insecure_reproducible_init", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
         if not isinstance(self.partition, str):
@@ -402,4 +406,8 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
         raise ConfigError(f"he-key-rotation-every: only security 'secure' with label-protection 'he' has CKKS "
                           f"keys to rotate (this run: security {config.security!r}, label-protection "
                           f"{config.label_protection!r}); set it to 0")
+    if config.security == "secure" and config.insecure_reproducible_init \
+            and not settings.allow_insecure_reproducible_init:
+        raise ConfigError("insecure-reproducible-init: the cloud refuses tenants whose head starts from a public "
+                          "seed unless allow-insecure-reproducible-init = true (benchmarks only)")
     return config, settings

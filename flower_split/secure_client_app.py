@@ -20,8 +20,10 @@ a time, all tenants in the same Flower round trip. Message types:
                            it -> ``rekey`` (:class:`KeyRotation`: the new public context).
 ``*.secure_next``          server: the cloud's next step message. Client: its reply, or none
                            when the step ends here; once the step is over ``metrics``
-                           {done: 1, and with ``secure-metrics``: train-loss/num-examples
-                           (training) or correct/num-examples/tp/fp/fn (evaluation)}.
+                           {done: 1, and with ``secure-metrics``: num-examples (training) or
+                           correct/num-examples/tp/fp/fn (evaluation)}. Never a training loss: in ``he`` mode it is a
+                           decrypted CKKS value (each one given back is an equation in the
+                           tenant's secret key), and no mode reports one (docs/secure.md §9).
 
 ``context.state``: ``secure.arrays`` / ``secure.config`` (the party's state: its secrets —
 halves, dealer key, CKKS secret keys — never leave the node), ``secure.batch`` (size of the
@@ -168,10 +170,13 @@ def secure_next(message: Message, context: Context, config: RunConfig, settings:
 
 
 def _step_metrics(context: Context, data: TenantData, train: bool, result: SecureStepResult) -> dict:
-    """What the tenant reports of a finished step (it chooses to; the cloud cannot compute it)."""
+    """What the tenant reports of a finished step: never a decrypted value, never its loss.
+
+    Training: the batch size only (public anyway). Evaluation: counts from the logits opened
+    to the client alone (inference decrypts nothing).
+    """
     if train:
-        size = config_value(context.state[SECURE_BATCH], "size", int, SECURE_BATCH)
-        return {"train-loss": float(result.loss), "num-examples": size}
+        return {"num-examples": config_value(context.state[SECURE_BATCH], "size", int, SECURE_BATCH)}
     record = context.state.get(SECURE_LABELS)
     if not isinstance(record, ArrayRecord) or "labels" not in record:
         raise ProtocolError("evaluation step finished but its labels are not in the state")

@@ -40,9 +40,11 @@ A tenant whose rotation fails (no reply, error reply, refused rotation) is dropp
 round like any other failure; both sides stay on one key (the tenant never switches without
 the acknowledgement) and it is asked again at the next round it takes part in.
 
-The strategy never sees labels, inputs or the client's halves. With ``secure-metrics`` the
-tenants report each step's mean loss and their evaluation counts (as plain-mode and FedAvg
-clients do); without it the reports have no loss or accuracy.
+The strategy never sees labels, inputs, the client's halves or anything a tenant decrypted:
+no training loss (``train_loss`` is None; in ``he`` mode the loss is a decrypted CKKS value,
+and each one given back to the cloud is an equation in the tenant's secret key). With
+``secure-metrics`` the tenants report their evaluation counts (from logits opened to them
+only); without it the evaluations have no accuracy.
 """
 
 from __future__ import annotations
@@ -121,26 +123,20 @@ class SecureSplitStrategy(SplitStrategy):
         if every and server_round > 1 and (server_round - 1) % every == 0:
             self._rekey_due |= {t for t in self.cloud.tenants if self.cloud.he_key_id(t) is not None}
         self._rotate_keys(grid, server_round, phase, active)
-        loss_sum, examples, steps = 0.0, 0, 0
-        reported = True
+        examples, steps = 0, 0
         every_log = max(1, self.local_steps // 8)  # a secure MiniLM round takes tens of minutes: say how far it is
         while steps < self.local_steps and active:
             _, finished = self._run_steps(grid, TRAIN_BEGIN, TRAIN_NEXT, {n: {} for n in active}, True,
                                           server_round, phase, active)
-            for content in finished.values():
-                metrics = read_metrics(content)
-                if "train-loss" in metrics:
-                    loss_sum += metrics["train-loss"] * metrics["num-examples"]
-                    examples += int(metrics["num-examples"])
-                else:
-                    reported = False
+            for content in finished.values():  # no loss: secure tenants report none (module docstring)
+                examples += int(read_metrics(content).get("num-examples", 0))
             steps += 1
             if steps % every_log == 0 and steps < self.local_steps:
                 log(INFO, "secure round %d: step %d/%d, %d tenants, %.0f s", server_round, steps,
                     self.local_steps, len(active), time.perf_counter() - started)
         report = RoundReport(
             server_round=server_round, tenants=sorted(self._tenant_of[n] for n in active),
-            dropped=dict(phase.dropped), train_loss=loss_sum / examples if examples and reported else None,
+            dropped=dict(phase.dropped), train_loss=None,
             num_examples=examples, steps=steps, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud, dealer_seconds=phase.dealer,
             wall_seconds=time.perf_counter() - started)

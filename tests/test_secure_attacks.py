@@ -1,6 +1,7 @@
 """Secure mode against a curious cloud (issue 13): each test plays the cloud's attack.
 
 * The cloud tracks the head from a start it can compute (the public seed) and predicts ``f``.
+* The cloud collects what a tenant decrypted (each value an equation in its CKKS secret key).
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ from typing import Any
 import pytest
 import torch
 
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from flower_helpers import LocalGrid
+from flower_split import he
+from flower_split.client_app import make_client_app
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.model import HeadAdapter, InitRandom, TailAdapter, adapter_random, build_split, load_encoder, split_encoder
 from flower_split.mpc import decode, encode
 from flower_split.protocol import ProtocolError
+from flower_split.protocol import secure_client
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
@@ -24,6 +31,7 @@ from flower_split.protocol.secure_optim import lr_factor
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS
 from flower_split.transport.flower import settings_from_run_config
 from flower_split.transport.secure_local import SecureLocalTransport
+from strategies.secure_split import SecureSplitStrategy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -164,3 +172,78 @@ def test_cloud_refuses_a_reproducible_init_unless_its_run_allows_it() -> None:
     config, settings = settings_from_run_config({"security": "secure", "insecure-reproducible-init": True,
                                                  "allow-insecure-reproducible-init": True})
     assert config.insecure_reproducible_init and settings.allow_insecure_reproducible_init
+
+
+# ---------------------------------------------------------------------------------------------
+# decrypted values
+
+
+FLOWER = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
+          "batch-size": 8, "max-length": 16, "max-train-samples": 48, "max-test-samples": 16, "local-steps": 3,
+          "num-server-rounds": 1, "min-nodes": 1, "security": "secure", "label-protection": "he",
+          "global-eval": False, "secure-metrics": True}
+
+
+def _numbers(content: RecordDict) -> tuple[list[float], list[torch.Tensor]]:
+    """Every scalar and every array of a reply, as the cloud receives it."""
+    scalars: list[float] = []
+    arrays: list[torch.Tensor] = []
+    for record in content.values():
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, Array):
+                    arrays.append(torch.from_numpy(item.numpy().copy()).reshape(-1))
+                elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                    scalars.append(float(item))
+    return scalars, arrays
+
+
+def _nearest(values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For each target, the distance to the nearest of ``values`` (float64)."""
+    ordered = torch.sort(values).values
+    index = torch.searchsorted(ordered, targets).clamp(1, len(ordered) - 1)
+    return torch.minimum((ordered[index] - targets).abs(), (ordered[index - 1] - targets).abs())
+
+
+def test_no_decrypted_value_reaches_the_cloud(task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secure ``he`` run over Flower with metrics on: nothing the tenant decrypted (each step's loss
+    and gradient share) is in, or within 2^-10 of a value in, what the cloud received."""
+    decrypted_floats: list[float] = []
+    decrypted_ring: list[torch.Tensor] = []
+
+    def recording_decrypt(*args: Any) -> he.ClientResult:
+        result = he.decrypt_loss_and_grad(*args)
+        decrypted_floats.append(result.loss)
+        decrypted_floats.extend(decode(result.grad_share, 24).reshape(-1).tolist())
+        decrypted_ring.append(result.grad_share.reshape(-1))
+        return result
+
+    monkeypatch.setattr(secure_client, "decrypt_loss_and_grad", recording_decrypt)
+    client_app = make_client_app(FLOWER)
+    received: list[RecordDict] = []
+
+    def tenant(message: Message, context: Any) -> Message:
+        reply = client_app(message, context)
+        assert not reply.has_error(), reply.error
+        received.append(reply.content)
+        return reply
+
+    grid = LocalGrid(tenant, 1)
+    _, body = split_encoder(load_encoder("tiny", seed=SEED))
+    dealer = SecureDealerParty()
+    strategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public), dealer, local_steps=3, min_nodes=1,
+                                   global_eval=False)
+    result = strategy.start(grid, 1, eval_every=1)
+    assert len(decrypted_floats) > 3 and result.evaluations[-1].accuracy is not None  # metrics were on
+    scalars, arrays = [], []
+    for content in received:
+        more_scalars, more_arrays = _numbers(content)
+        scalars += more_scalars
+        arrays += more_arrays
+    ring = torch.cat([a for a in arrays if a.dtype == torch.int64])
+    views = [torch.tensor(scalars, dtype=torch.float64), decode(ring, 16), decode(ring, 24), ring.double()]
+    targets = torch.tensor(decrypted_floats, dtype=torch.float64)
+    closest = min(float(_nearest(view, targets).min()) for view in views if len(view) > 1)
+    assert closest > 2.0**-10, f"a value the cloud received is within {closest:.3g} of one the tenant decrypted"
+    assert not torch.isin(torch.cat(decrypted_ring), ring).any(), "a decrypted gradient share reached the cloud"
+    assert result.rounds[0].train_loss is None and result.rounds[0].num_examples == 24

@@ -323,8 +323,8 @@ class FlowerSettings:
     are dropped from the round), ``eval-every`` (evaluate every N rounds; 0: only at the end),
     ``eval-initial`` (also evaluate before the first round), ``global-eval`` (after the last
     round, also evaluate every tenant on the whole test set; split only), ``secure-metrics``
-    (secure mode: tenants report each step's mean loss and their evaluation counts to the
-    strategy, as plain-mode and FedAvg clients do; false: they report nothing),
+    (secure mode: tenants report their evaluation counts, from logits opened to them only, to
+    the strategy; false: they report none. Never a training loss, see docs/secure.md §9),
     ``he-key-rotation-every`` (secure mode with ``he`` label protection: every tenant gets a
     new CKKS key pair after every N training rounds; 0: never; any other mode refuses N > 0),
     ``cloud-keep-graphs`` (both modes: the cloud keeps each in-flight step's autograd graph,

@@ -7,11 +7,13 @@ a time, all tenants in the same Flower round trip. Message types:
 ``train.secure_setup``     server: the dealer's hello. Client: new party (its halves, dealer key,
                            CKKS keys in ``he`` mode) -> its :class:`ClientSetup`.
 ``train.secure_begin``     server: ``config`` {head-updates, tail-updates} (the cloud's update
-                           counts) and, in ``he`` mode, {he-key-id} (the cloud's CKKS key id).
+                           counts), {next-step} (the lowest step number the cloud accepts) and,
+                           in ``he`` mode, {he-key-id} (the cloud's CKKS key id).
                            Client: reconcile (abort a step in flight, undo a step the cloud did
                            not complete), switch to a rotated key the cloud now holds, next
-                           training batch -> first step message, ``sync`` {head-updates,
-                           tail-updates}.
+                           training batch -> first step message (refused, before anything is
+                           opened, if its step number is below next-step), ``sync``
+                           {head-updates, tail-updates}.
 ``evaluate.secure_begin``  the same for the next test batch (``config`` also {restart, scope}),
                            or no message when the test set is done; ``metrics`` {remaining}.
 ``train.secure_rekey``     (``he`` only) server: ``config`` {he-key-id}. Client: switch to a pending
@@ -109,7 +111,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     batches = train_batches(data, config, cursor, 1)
     if not batches:
         raise ProtocolError(f"tenant {data.tenant!r}: no training data")
-    first = party.begin(batches[0], train=True)
+    first = party.begin(batches[0], train=True, cloud_step=config_value(instruction, "next-step", int))
     _save(context, party)
     cursor.save(context.state)
     context.state[SECURE_BATCH] = ConfigRecord({"size": len(batches[0].labels)})
@@ -132,7 +134,7 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
         rows = list(range(cursor.eval_cursor, min(len(test), cursor.eval_cursor + config.batch_size)))
         cursor.eval_cursor += len(rows)
         batch = test.collate(rows)
-        pack_secure(party.begin(batch, train=False), content)
+        pack_secure(party.begin(batch, train=False, cloud_step=config_value(instruction, "next-step", int)), content)
         context.state[SECURE_BATCH] = ConfigRecord({"size": len(batch.labels)})
         context.state[SECURE_LABELS] = ArrayRecord({"labels": tensor_to_array("labels", batch.labels.long())})
     remaining = -(-(len(test) - cursor.eval_cursor) // config.batch_size)

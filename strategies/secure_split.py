@@ -13,8 +13,9 @@ A secure step is a fixed exchange of messages (``secure_steps.schedule``: 10-11 
 client for a training step). Each tenant has one step in flight, and every round trip
 carries the next message of every selected tenant at once::
 
-    train.secure_begin  -> tenants: reconcile with the cloud's update counts, next batch;
-                           reply: the step's first message (+ the tenant's update counts)
+    train.secure_begin  -> tenants: reconcile with the cloud's update counts, refuse a step
+                           number below the cloud's next-step, next batch; reply: the step's
+                           first message (+ the tenant's update counts)
     (cloud)                reconcile, dealer material, answer
     train.secure_next   -> tenants: the cloud's message; reply: the tenant's next message
     ...                    until every tenant's step is over (metrics {done})
@@ -210,6 +211,7 @@ class SecureSplitStrategy(SplitStrategy):
             key_id = self.cloud.he_key_id(tenant)  # he: acknowledges the tenant's last key rotation
             instructions[node] = RecordDict({"config": ConfigRecord({
                 **extra, "head-updates": updates["head"], "tail-updates": updates["tail"],
+                "next-step": self.cloud.next_step(tenant),  # the tenant refuses to start a lower (used) step
                 "server-round": server_round, **({HE_KEY_ID: key_id} if key_id is not None else {})})})
         replies = self._exchange(grid, begin, instructions, server_round, phase, active)
         remaining: dict[int, float] = {}

@@ -2,6 +2,8 @@
 
 * The cloud tracks the head from a start it can compute (the public seed) and predicts ``f``.
 * The cloud collects what a tenant decrypted (each value an equation in its CKKS secret key).
+* A tenant restored from an old state replays a step number (its Beaver openings then give
+  the cloud the difference of two inputs); a first message jumps the step counter to its end.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_keys import prg
+from flower_split.protocol.secure_messages import MAX_STEP, STEP_WINDOW, MaterialRequest, SecureMessage
 from flower_split.protocol.secure_optim import lr_factor
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS
 from flower_split.transport.flower import settings_from_run_config
@@ -247,3 +250,85 @@ def test_no_decrypted_value_reaches_the_cloud(task_identity: None, monkeypatch: 
     assert closest > 2.0**-10, f"a value the cloud received is within {closest:.3g} of one the tenant decrypted"
     assert not torch.isin(torch.cat(decrypted_ring), ring).any(), "a decrypted gradient share reached the cloud"
     assert result.rounds[0].train_loss is None and result.rounds[0].num_examples == 24
+
+
+# ---------------------------------------------------------------------------------------------
+# step numbers
+
+
+def _pair(data: TokenizedDataset) -> tuple[SecureClientParty, SecureCloudParty, SecureLocalTransport]:
+    parts = build_split("tiny", 77, 4, 8)
+    dealer = SecureDealerParty()
+    cloud = SecureCloudParty(parts.body, dealer.public)
+    client = SecureClientParty("t0", parts.embedder, parts.head, parts.tail, _config(), TOTAL_STEPS)
+    transport = SecureLocalTransport(cloud, dealer)
+    transport.connect(client)
+    return client, cloud, transport
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_restored_client_refuses_to_replay_a_step_before_opening_anything(secure_data: TokenizedDataset) -> None:
+    client, cloud, transport = _pair(secure_data)
+    transport.run_step(client, secure_data.collate(list(range(8))))
+    old = client.state_dict()  # e.g. a backup of the tenant's Context.state
+    transport.run_step(client, secure_data.collate(list(range(8, 16))))
+    assert cloud.next_step("t0") == 2
+    client.load_state_dict(old)  # the tenant restores it: its next step is 1 again
+    before = client.state_dict()
+    with pytest.raises(ProtocolError, match="expects step >= 2, this client's next step is 1"):
+        client.begin(secure_data.collate(list(range(16, 24))), cloud_step=cloud.next_step("t0"))
+    assert _same(before, client.state_dict()) and client.steps_in_flight == []
+    for bad in (-1, MAX_STEP, 2**64, True, "2"):
+        with pytest.raises(ProtocolError, match="the cloud's next step"):
+            client.begin(secure_data.collate(list(range(8))), cloud_step=bad)  # type: ignore[arg-type]
+
+
+def test_restored_client_over_flower_is_refused_at_begin(task_identity: None) -> None:
+    """The cloud's next step travels in every ``secure_begin``; a tenant restored from an old
+    ``Context.state`` answers with an error (no step message: nothing opened) and keeps its state."""
+    config = {**FLOWER, "label-protection": "client", "local-steps": 1}
+    grid = LocalGrid(make_client_app(config), 1)
+    _, body = split_encoder(load_encoder("tiny", seed=SEED))
+    dealer = SecureDealerParty()
+    strategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public), dealer, local_steps=1, min_nodes=1,
+                                   global_eval=False)
+    strategy.start(grid, 1, eval_every=0)
+    state = grid.contexts[1].state
+    old = {key: copy.deepcopy(state[key]) for key in state.keys()}
+    assert not strategy.train_round(grid, 2).dropped
+    for key, record in old.items():
+        state[key] = record
+    report = strategy.train_round(grid, 3)
+    assert "its state is older than the cloud's" in report.dropped["tenant-0"]
+    assert all(_same(dict(state[k].items()) if hasattr(state[k], "items") else state[k],
+                     dict(old[k].items()) if hasattr(old[k], "items") else old[k]) for k in old)
+
+
+def _first_message(client: SecureClientParty, cloud: SecureCloudParty, data: TokenizedDataset) -> SecureMessage:
+    return client.begin(data.collate(list(range(8))), cloud_step=cloud.next_step("t0"))
+
+
+def test_cloud_bounds_step_numbers_before_any_state_change(secure_data: TokenizedDataset) -> None:
+    client, cloud, transport = _pair(secure_data)
+    message = _first_message(client, cloud, secure_data)
+    before = cloud.state_dict()
+    for step in (2**63 - 1, 2**64, MAX_STEP, STEP_WINDOW, -1):
+        with pytest.raises(ProtocolError, match=f"got message 0 of step {step}"):
+            cloud.material_request(SecureMessage(**{**vars(message), "step": step}))
+        assert _same(before, cloud.state_dict())
+    with pytest.raises(ProtocolError, match="not below 2"):
+        transport.dealer.handle(MaterialRequest("t0", MAX_STEP, 8, int(message.tokens), True))
+    # a client ahead by lost first messages, within the window, is served
+    client.abort_step()
+    client._next_step = STEP_WINDOW - 1
+    step = transport.run_step(client, secure_data.collate(list(range(8))))
+    assert step == STEP_WINDOW - 1 and cloud.next_step("t0") == STEP_WINDOW

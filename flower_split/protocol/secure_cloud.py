@@ -39,7 +39,8 @@ from flower_split.protocol.secure_keys import (
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    ClientSetup, DealerRegistration, KeyRotation, MaterialBundle, MaterialRequest, SecureMessage,
+    MAX_STEP, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation, MaterialBundle, MaterialRequest,
+    SecureMessage,
 )
 from flower_split.protocol.secure_party import (
     Halves, Optim, SecureStepRunner, StepState, export_step, export_value, import_step, import_value,
@@ -204,11 +205,15 @@ class SecureCloudParty(SecureStepRunner):
         if record.step is not None:
             raise ProtocolError(f"tenant {message.tenant!r}: step {record.step.spec.step} is still in flight")
         # step numbers only grow (a step abandoned by a dropped tenant leaves a gap); a number
-        # is never reused, since the step's Beaver material is derived from it
+        # is never reused, since the step's Beaver material is derived from it; and a client is
+        # ahead only by steps whose first message was lost (STEP_WINDOW), so no message can
+        # exhaust the tenant's step numbers (or overflow a seed label)
+        high = min(record.next_step + STEP_WINDOW, MAX_STEP)
         if message.seq != 0 or isinstance(message.step, bool) or not isinstance(message.step, int) \
-                or message.step < record.next_step:
+                or not record.next_step <= message.step < high:
             raise ProtocolError(f"tenant {message.tenant!r}: expected the first message of a step >= "
-                                f"{record.next_step}, got message {message.seq} of step {message.step}")
+                                f"{record.next_step} and < {high}, got message {message.seq} of step "
+                                f"{message.step!r}")
         for name, value, high in (("batch", message.batch, MAX_BATCH), ("tokens", message.tokens, MAX_TOKENS)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
                 raise ProtocolError(f"tenant {message.tenant!r}: {name} {value!r} out of range 1..{high}")
@@ -275,6 +280,15 @@ class SecureCloudParty(SecureStepRunner):
         if self._done(st):
             record.step = None
         return reply
+
+    def next_step(self, tenant: str) -> int:
+        """The lowest step number the cloud accepts next from ``tenant``.
+
+        Sent with every step's begin instruction: the client refuses to start (and so to open
+        anything for) a lower step, which only a client restored from an older state would
+        try; replaying a number would reuse its Beaver material on other inputs.
+        """
+        return self._tenant(tenant).next_step
 
     @property
     def pending_steps(self) -> list[tuple[str, int]]:

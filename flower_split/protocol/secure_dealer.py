@@ -29,7 +29,9 @@ from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, private_bytes, private_from_bytes, public_bytes,
 )
-from flower_split.protocol.secure_messages import DealerHello, DealerRegistration, MaterialBundle, MaterialRequest
+from flower_split.protocol.secure_messages import (
+    MAX_STEP, DealerHello, DealerRegistration, MaterialBundle, MaterialRequest,
+)
 from flower_split.protocol.secure_steps import StepSpec, material_keys, programs
 
 MAX_SHAPE = 4096
@@ -75,8 +77,10 @@ class SecureDealerParty:
         record = self._tenants.get(request.tenant)
         if record is None:
             raise ProtocolError(f"dealer: unknown tenant {request.tenant!r}")
-        if not isinstance(request.step, int) or request.step < record["next_step"]:
+        if isinstance(request.step, bool) or not isinstance(request.step, int) or request.step < record["next_step"]:
             raise ProtocolError(f"dealer: step {request.step!r} of tenant {request.tenant!r} was already served")
+        if request.step >= MAX_STEP:
+            raise ProtocolError(f"dealer: step {request.step} of tenant {request.tenant!r} is not below 2^62")
         for name in ("batch", "tokens"):
             value = getattr(request, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SHAPE:

@@ -33,6 +33,20 @@ from flower_split.protocol.messages import ProtocolError
 RING, MASK, SEED, BLOB = "ring", "mask", "seed", "blob"
 ITEM_KINDS = (RING, MASK, SEED, BLOB)
 MAX_BLOB_BYTES = 64 * 1024 * 1024
+MAX_STEP = 1 << 62
+"""Step numbers are below 2^62: far from the 64 bits a Beaver seed's label packs them into."""
+STEP_WINDOW = 1024
+"""The cloud takes a first message for a step in [expected, expected + STEP_WINDOW): a client
+is ahead of the cloud only by steps whose first message was lost, and no message can jump
+the tenant's step counter to the end of its space."""
+
+
+def check_step(step: object, low: int, high: int, what: str) -> int:
+    """``step`` if it is an int in [low, min(high, MAX_STEP)), else :class:`ProtocolError` naming ``what``."""
+    high = min(high, MAX_STEP)
+    if isinstance(step, bool) or not isinstance(step, int) or not low <= step < high:
+        raise ProtocolError(f"{what}: step {step!r} is outside [{low}, {high})")
+    return step
 
 
 @dataclass(frozen=True)

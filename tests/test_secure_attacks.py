@@ -4,11 +4,15 @@
 * The cloud collects what a tenant decrypted (each value an equation in its CKKS secret key).
 * A tenant restored from an old state replays a step number (its Beaver openings then give
   the cloud the difference of two inputs); a first message jumps the step counter to its end.
+* One tenant's malformed set-up or step header must not crash the ServerApp for all tenants.
+* A tenant picks weak HE parameters (statistical security 16 bits, or beyond the 128-bit table).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -29,7 +33,9 @@ from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_keys import prg
-from flower_split.protocol.secure_messages import MAX_STEP, STEP_WINDOW, MaterialRequest, SecureMessage
+from flower_split.protocol.secure_messages import (
+    MAX_STEP, STEP_WINDOW, DealerRegistration, MaterialRequest, SecureMessage,
+)
 from flower_split.protocol.secure_optim import lr_factor
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS
 from flower_split.transport.flower import settings_from_run_config
@@ -332,3 +338,112 @@ def test_cloud_bounds_step_numbers_before_any_state_change(secure_data: Tokenize
     client._next_step = STEP_WINDOW - 1
     step = transport.run_step(client, secure_data.collate(list(range(8))))
     assert step == STEP_WINDOW - 1 and cloud.next_step("t0") == STEP_WINDOW
+
+
+# ---------------------------------------------------------------------------------------------
+# one tenant's bad set-up or header
+
+
+LOW_ORDER_POINT = (1).to_bytes(32, "little")  # X25519: the shared secret with it is all zeros
+BAD_SETUPS = {
+    "low-order": {"client_public": LOW_ORDER_POINT},
+    "string in optim": {"optim": "string"},
+    "rank 2^40": {"dims": (32, 2**40, 8, 77)},
+}
+
+
+def _bad_setup(setup: Any, case: str) -> Any:
+    change = dict(BAD_SETUPS[case])
+    if change.get("optim") == "string":
+        change["optim"] = {**setup.optim, "lr_head": "0.05"}
+    return dataclasses.replace(setup, **change)
+
+
+@pytest.mark.parametrize("case", list(BAD_SETUPS))
+def test_bad_set_up_is_a_protocol_error_before_any_allocation(case: str) -> None:
+    embedder, body = split_encoder(load_encoder("tiny", seed=SEED))
+    parts = build_split("tiny", 77, 4, 8)
+    dealer = SecureDealerParty()
+    cloud = SecureCloudParty(body, dealer.public)
+    setup = SecureClientParty("t0", embedder, parts.head, parts.tail, _config(), TOTAL_STEPS).setup(dealer.hello())
+    with pytest.raises(ProtocolError, match="setup"):
+        cloud.register(_bad_setup(setup, case))
+    assert cloud.tenants == {}
+    with pytest.raises(ProtocolError, match="low-order"):
+        dealer.register(DealerRegistration("t0", LOW_ORDER_POINT, cloud.public, (32, 4, 8, 77), True))
+
+
+def test_bad_set_ups_over_flower_drop_only_their_tenants(task_identity: None) -> None:
+    client_app = make_client_app({**FLOWER, "label-protection": "client", "local-steps": 1})
+    cases = dict(zip((2, 3, 4), BAD_SETUPS))
+
+    def tenant(message: Message, context: Any) -> Message:
+        reply = client_app(message, context)
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == "train.secure_setup" and node in cases:
+            record = reply.content["setup"]
+            if cases[node] == "low-order":
+                record["client-public"] = LOW_ORDER_POINT
+            elif cases[node] == "string in optim":
+                record["optim"] = json.dumps({**json.loads(record["optim"]), "momentum": "0.9"})
+            else:
+                record["dims"] = [32, 2**40, 8, 77]
+        return reply
+
+    grid = LocalGrid(tenant, 4)
+    _, body = split_encoder(load_encoder("tiny", seed=SEED))
+    dealer = SecureDealerParty()
+    strategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public), dealer, local_steps=1, min_nodes=1,
+                                   global_eval=False)
+    result = strategy.start(grid, 1, eval_every=0)
+    assert result.rounds[0].tenants == ["tenant-0"] and list(strategy._tenant_of) == [1]
+    assert result.rounds[0].num_examples > 0
+
+
+def test_step_header_is_bounded_and_checked_before_the_dealer_works(secure_data: TokenizedDataset) -> None:
+    client, cloud, transport = _pair(secure_data)
+    message = _first_message(client, cloud, secure_data)
+    asked: list[MaterialRequest] = []
+    original = transport.dealer.handle
+    transport.dealer.handle = lambda request: asked.append(request) or original(request)  # type: ignore[method-assign]
+    before = cloud.state_dict()
+    for header, reason in (({"batch": 4096, "tokens": 4096}, "batch x tokens"),
+                           ({"batch": 64}, "input.mask")):  # a header the items do not match
+        with pytest.raises(ProtocolError, match=reason):
+            cloud.material_request(SecureMessage(**{**vars(message), **header}))
+        assert _same(before, cloud.state_dict())
+    with pytest.raises(ProtocolError, match="batch x tokens"):
+        transport.dealer.handle(MaterialRequest("t0", 0, 4096, 4096, True))
+    assert asked == [MaterialRequest("t0", 0, 4096, 4096, True)]  # only the direct call reached the dealer
+
+
+# ---------------------------------------------------------------------------------------------
+# HE parameters
+
+
+def _with_params(public: bytes, **changes: Any) -> bytes:
+    """A tenant's public CKKS context relabelled with other parameters (as a tenant could send it)."""
+    from flower_split.he import keys as he_keys
+
+    kind, sections = he_keys._unpack(public)
+    params = {**json.loads(sections[0]), **changes}
+    return he_keys._pack(kind, [json.dumps(params, sort_keys=True, separators=(",", ":")).encode(), sections[1]])
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"stat_sec": 16}, "stat_sec=16"),
+    ({"stat_sec": 39}, "stat_sec=39"),
+    ({"poly_modulus_degree": 4096}, "128-bit"),  # 151-bit modulus at N=4096: under 128-bit security
+    ({"stat_sec": 40.5}, "integer"),
+])
+def test_cloud_refuses_weak_he_parameters(changes: dict, reason: str) -> None:
+    embedder, body = split_encoder(load_encoder("tiny", seed=SEED))
+    parts = build_split("tiny", 77, 4, 8)
+    dealer = SecureDealerParty()
+    cloud = SecureCloudParty(body, dealer.public)
+    setup = SecureClientParty("t0", embedder, parts.head, parts.tail, _config(label_protection="he"),
+                              TOTAL_STEPS).setup(dealer.hello())
+    with pytest.raises(ProtocolError, match=reason):
+        cloud.register(dataclasses.replace(setup, he_public=_with_params(setup.he_public, **changes)))
+    assert cloud.tenants == {}
+    cloud.register(dataclasses.replace(setup, he_public=_with_params(setup.he_public)))  # control: as generated

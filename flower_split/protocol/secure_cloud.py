@@ -22,6 +22,7 @@ between steps; :meth:`he_key_id` is what the client needs to see to switch to th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from flower_split.protocol.secure_keys import (
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    MAX_STEP, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation, MaterialBundle, MaterialRequest,
+    MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, MAX_WEIGHTS, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation, MaterialBundle, MaterialRequest,
     SecureMessage,
 )
 from flower_split.protocol.secure_party import (
@@ -109,9 +110,13 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError(f"setup: {exc}") from exc
         if setup.dealer_public != self.dealer_public:
             raise ProtocolError("setup: the client agreed a key with another dealer")
-        dims = tuple(setup.dims)
-        if len(dims) != 4 or not all(isinstance(v, int) and v > 0 for v in dims) or dims[0] != self.dim:
-            raise ProtocolError(f"setup: dims {setup.dims!r} do not fit a body of width {self.dim}")
+        dims = tuple(setup.dims) if isinstance(setup.dims, (tuple, list)) else ()
+        if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM
+                                     for v in dims) or dims[0] != self.dim:
+            raise ProtocolError(f"setup: dims {setup.dims!r:.80} do not fit a body of width {self.dim} "
+                                f"(each in 1..{MAX_DIM})")
+        if sum(math.prod(shape) for shape in weight_shapes(*dims).values()) > MAX_WEIGHTS:
+            raise ProtocolError(f"setup: dims {dims} declare more than {MAX_WEIGHTS} adapter weights")
         if setup.frac_bits != self.frac_bits:
             raise ProtocolError(f"setup: frac_bits {setup.frac_bits!r}, the cloud uses {self.frac_bits}")
         if not isinstance(setup.grad_scale_bits, int) or not 0 <= setup.grad_scale_bits <= 14:
@@ -128,7 +133,10 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError("setup: the tenant's initial weights come from a public seed "
                                 "(insecure-reproducible-init), so its head is no secret to the cloud; "
                                 "refused unless the run allows it (allow-insecure-reproducible-init, benchmarks only)")
-        optim = Optim.from_dict(dict(setup.optim))
+        try:
+            optim = Optim.from_dict(dict(setup.optim))
+        except (ProtocolError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"setup: {exc}") from None
         he_keys = None
         if setup.label_protection == "he":
             try:
@@ -217,6 +225,9 @@ class SecureCloudParty(SecureStepRunner):
         for name, value, high in (("batch", message.batch, MAX_BATCH), ("tokens", message.tokens, MAX_TOKENS)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
                 raise ProtocolError(f"tenant {message.tenant!r}: {name} {value!r} out of range 1..{high}")
+        if message.batch * message.tokens > MAX_STEP_TOKENS:
+            raise ProtocolError(f"tenant {message.tenant!r}: batch x tokens = {message.batch * message.tokens} "
+                                f"is over {MAX_STEP_TOKENS}")
         if not isinstance(message.train, bool):
             raise ProtocolError("train must be a bool")
         setup = record.setup
@@ -235,6 +246,7 @@ class SecureCloudParty(SecureStepRunner):
     def material_request(self, message: SecureMessage) -> MaterialRequest:
         """Validate a step's first message and say what to ask the dealer for."""
         spec = self._new_step_spec(message)
+        self._check_incoming(StepState(spec), message)  # every item, before the dealer works for it
         record = self.tenants[spec.tenant]
         record.material = (spec, None)
         return MaterialRequest(spec.tenant, spec.step, spec.batch, spec.tokens, spec.train)

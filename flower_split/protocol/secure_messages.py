@@ -33,6 +33,12 @@ from flower_split.protocol.messages import ProtocolError
 RING, MASK, SEED, BLOB = "ring", "mask", "seed", "blob"
 ITEM_KINDS = (RING, MASK, SEED, BLOB)
 MAX_BLOB_BYTES = 64 * 1024 * 1024
+MAX_DIM = 1 << 16
+"""Largest adapter dimension (width, rank, classes) a set-up may declare."""
+MAX_WEIGHTS = 1 << 24
+"""Largest number of adapter weights (all halves' elements, 128 MiB of int64) a set-up may declare."""
+MAX_STEP_TOKENS = 1 << 16
+"""Largest batch x tokens of one step: the dealer's work is sized by a step's header alone."""
 MAX_STEP = 1 << 62
 """Step numbers are below 2^62: far from the 64 bits a Beaver seed's label packs them into."""
 STEP_WINDOW = 1024

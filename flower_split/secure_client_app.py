@@ -23,9 +23,10 @@ a time, all tenants in the same Flower round trip. Message types:
 ``*.secure_next``          server: the cloud's next step message. Client: its reply, or none
                            when the step ends here; once the step is over ``metrics``
                            {done: 1, and with ``secure-metrics``: num-examples (training) or
-                           correct/num-examples/tp/fp/fn (evaluation)}. Never a training loss: in ``he`` mode it is a
-                           decrypted CKKS value (each one given back is an equation in the
-                           tenant's secret key), and no mode reports one (docs/secure.md §9).
+                           correct/num-examples/tp/fp/fn (evaluation)}. Never a training loss:
+                           in ``he`` mode it is a decrypted CKKS value (each one given back is
+                           an equation in the tenant's secret key); no mode reports one
+                           (docs/secure.md §9).
 
 ``context.state``: ``secure.arrays`` / ``secure.config`` (the party's state: its secrets —
 halves, dealer key, CKKS secret keys — never leave the node), ``secure.batch`` (size of the
@@ -134,7 +135,8 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
         rows = list(range(cursor.eval_cursor, min(len(test), cursor.eval_cursor + config.batch_size)))
         cursor.eval_cursor += len(rows)
         batch = test.collate(rows)
-        pack_secure(party.begin(batch, train=False, cloud_step=config_value(instruction, "next-step", int)), content)
+        first = party.begin(batch, train=False, cloud_step=config_value(instruction, "next-step", int))
+        pack_secure(first, content)
         context.state[SECURE_BATCH] = ConfigRecord({"size": len(batch.labels)})
         context.state[SECURE_LABELS] = ArrayRecord({"labels": tensor_to_array("labels", batch.labels.long())})
     remaining = -(-(len(test) - cursor.eval_cursor) // config.batch_size)

@@ -25,7 +25,9 @@ from flower_split import he
 from flower_split.client_app import make_client_app
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset
-from flower_split.model import HeadAdapter, InitRandom, TailAdapter, adapter_random, build_split, load_encoder, split_encoder
+from flower_split.model import (
+    HeadAdapter, InitRandom, TailAdapter, adapter_random, build_split, load_encoder, split_encoder,
+)
 from flower_split.mpc import decode, encode
 from flower_split.protocol import ProtocolError
 from flower_split.protocol import secure_client
@@ -154,8 +156,9 @@ def test_adapter_init_comes_from_the_tenants_csprng_only() -> None:
     assert all(torch.equal(a, b) for a, b in zip(tails[0].state_dict().values(), tails[1].state_dict().values()))
     other = TailAdapter(32, 8, 5, rng=InitRandom.insecure_from_seed(SEED, 4))
     assert not torch.equal(other.classifier.weight, tails[0].classifier.weight)
+    bound = 384 ** -0.5
     weight = TailAdapter(384, 8, 77).classifier.weight  # nn.Linear's default distribution, U(+-1/sqrt(dim))
-    assert weight.abs().max() < 384 ** -0.5 and abs(weight.std().item() - 384 ** -0.5 / 3 ** 0.5) < 0.01 * 384 ** -0.5 * 5
+    assert weight.abs().max() < bound and abs(weight.std().item() - bound / 3 ** 0.5) < 0.05 * bound
     down = HeadAdapter(384, 64).down.weight
     assert abs(down.std().item() - 384 ** -0.5) < 0.02 * 384 ** -0.5 and abs(down.mean().item()) < 0.01
 
@@ -405,7 +408,7 @@ def test_step_header_is_bounded_and_checked_before_the_dealer_works(secure_data:
     message = _first_message(client, cloud, secure_data)
     asked: list[MaterialRequest] = []
     original = transport.dealer.handle
-    transport.dealer.handle = lambda request: asked.append(request) or original(request)  # type: ignore[method-assign]
+    transport.dealer.handle = lambda request: asked.append(request) or original(request)  # type: ignore
     before = cloud.state_dict()
     for header, reason in (({"batch": 4096, "tokens": 4096}, "batch x tokens"),
                            ({"batch": 64}, "input.mask")):  # a header the items do not match

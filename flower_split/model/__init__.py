@@ -40,6 +40,6 @@ def build_split(model: str, num_classes: int, head_rank: int, tail_bottleneck: i
 
 __all__ = [
     "Body", "Embedder", "HeadAdapter", "InitRandom", "PolyActivation", "SplitParts", "TailAdapter",
-    "adapter_random", "build_split", "hidden_size", "load_encoder", "load_tokenizer", "masked_mean", "masked_mean_backward",
-    "minilm_path", "split_encoder",
+    "adapter_random", "build_split", "hidden_size", "load_encoder", "load_tokenizer", "masked_mean",
+    "masked_mean_backward", "minilm_path", "split_encoder",
 ]

@@ -40,8 +40,8 @@ from flower_split.protocol.secure_keys import (
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, MAX_WEIGHTS, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation, MaterialBundle, MaterialRequest,
-    SecureMessage,
+    MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, MAX_WEIGHTS, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation,
+    MaterialBundle, MaterialRequest, SecureMessage,
 )
 from flower_split.protocol.secure_party import (
     Halves, Optim, SecureStepRunner, StepState, export_step, export_value, import_step, import_value,
@@ -131,8 +131,8 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError("setup: reproducible_init must be a bool")
         if setup.reproducible_init and not self.allow_reproducible_init:
             raise ProtocolError("setup: the tenant's initial weights come from a public seed "
-                                "(insecure-reproducible-init), so its head is no secret to the cloud; "
-                                "refused unless the run allows it (allow-insecure-reproducible-init, benchmarks only)")
+                                "(insecure-reproducible-init), so its head is no secret to the cloud; refused "
+                                "unless the run allows it (allow-insecure-reproducible-init, benchmarks only)")
         try:
             optim = Optim.from_dict(dict(setup.optim))
         except (ProtocolError, TypeError, ValueError) as exc:

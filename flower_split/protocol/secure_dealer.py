@@ -60,7 +60,8 @@ class SecureDealerParty:
         except ValueError as exc:
             raise ProtocolError(f"dealer: {exc}") from exc
         dims = tuple(registration.dims)
-        if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM for v in dims):
+        if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM
+                                     for v in dims):
             raise ProtocolError(f"dealer: invalid dims {registration.dims!r}")
         tenant = registration.tenant
         self._tenants[tenant] = {
@@ -77,7 +78,8 @@ class SecureDealerParty:
         record = self._tenants.get(request.tenant)
         if record is None:
             raise ProtocolError(f"dealer: unknown tenant {request.tenant!r}")
-        if isinstance(request.step, bool) or not isinstance(request.step, int) or request.step < record["next_step"]:
+        if isinstance(request.step, bool) or not isinstance(request.step, int) \
+                or request.step < record["next_step"]:
             raise ProtocolError(f"dealer: step {request.step!r} of tenant {request.tenant!r} was already served")
         if request.step >= MAX_STEP:
             raise ProtocolError(f"dealer: step {request.step} of tenant {request.tenant!r} is not below 2^62")

@@ -50,6 +50,9 @@ class RunConfig:
     max_train_samples: int | None = None
     max_test_samples: int | None = None
     seed: int = 0
+    # adapters start from a seed-derived stream (exactly reproducible, also by the cloud) instead
+    # of the tenant's CSPRNG; for tests and benchmarks only (docs/secure.md §2)
+    insecure_reproducible_init: bool = False
     device: str = "auto"
     # split model
     head_rank: int = 64
@@ -96,6 +99,9 @@ class RunConfig:
                 _positive_int(name, value)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed: expected an integer, got {self.seed!r}")
+        if not isinstance(self.insecure_reproducible_init, bool):
+            raise ConfigError(f"insecure_reproducible_init: expected true or false, got "
+                              f"{self.insecure_reproducible_init!r}")
         for name in ("lr_head", "lr_tail", "lr"):
             _positive_float(name, getattr(self, name))
         if self.lr_classifier is not None:

@@ -21,7 +21,7 @@ from flower_split.flower.plain_strategy import SplitStrategy
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.tenant import Handler
-from flower_split.model import Body, build_split
+from flower_split.model import Body, adapter_random, build_split
 from flower_split.protocol import ClientParty, CloudParty
 from flower_split.train.driver import run_in_process
 from flower_split.train.runtime import select_device, seed_everything
@@ -45,7 +45,8 @@ class PlainBackend(SecurityBackend):
         generator = seed_everything(config.seed)
         device = select_device(config.device)
         parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
-                            config.activation, config.seed, config.tail_input)
+                            config.activation, config.seed, config.tail_input,
+                            adapter_random(config.insecure_reproducible_init, config.seed))
         steps = -(-len(train) // config.batch_size) * config.epochs
         client = ClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config, steps, device)
         cloud = CloudParty(parts.body, device)

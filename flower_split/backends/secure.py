@@ -24,7 +24,7 @@ from flower_split.flower.secure_strategy import SecureSplitStrategy
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.tenant import Handler
-from flower_split.model import Body, build_split
+from flower_split.model import Body, adapter_random, build_split
 from flower_split.protocol.labels import label_protection
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
@@ -55,6 +55,9 @@ class SecureBackend(SecurityBackend):
         if settings.he_key_rotation_every and not protection.ckks_keys:
             raise ConfigError(f"he-key-rotation-every: label protection {protection.name!r} holds no CKKS keys "
                               "to rotate; set it to 0")
+        if config.insecure_reproducible_init and not settings.allow_insecure_reproducible_init:
+            raise ConfigError("insecure-reproducible-init: the cloud refuses tenants whose head starts from a public "
+                              "seed unless allow-insecure-reproducible-init = true (benchmarks only)")
 
     def run_name(self, config: RunConfig) -> str:
         return f"split-secure-{config.label_protection}"
@@ -71,9 +74,12 @@ class SecureBackend(SecurityBackend):
         generator = seed_everything(config.seed)
         device = select_device(config.device)
         parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
-                            config.activation, config.seed, config.tail_input)
+                            config.activation, config.seed, config.tail_input,
+                            adapter_random(config.insecure_reproducible_init, config.seed))
         dealer = SecureDealerParty()
-        cloud = SecureCloudParty(parts.body, dealer.public, device)
+        # in process the run config is the cloud's too: its opt-in is the cloud's permission
+        cloud = SecureCloudParty(parts.body, dealer.public, device,
+                                 allow_reproducible_init=config.insecure_reproducible_init)
         hook = audit_hook(config, num_classes, cloud, recorder)
         steps = -(-len(train) // config.batch_size) * config.epochs
         client = SecureClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config, steps)
@@ -90,7 +96,8 @@ class SecureBackend(SecurityBackend):
 
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:
         dealer = SecureDealerParty()
-        cloud = SecureCloudParty(body, dealer.public, device, keep_graphs=settings.cloud_keep_graphs)
+        cloud = SecureCloudParty(body, dealer.public, device, keep_graphs=settings.cloud_keep_graphs,
+                                 allow_reproducible_init=settings.allow_insecure_reproducible_init)
         return SecureSplitStrategy(cloud, dealer, settings.local_steps, min_nodes=settings.min_nodes,
                                    reply_timeout=settings.reply_timeout, global_eval=settings.global_eval,
                                    he_key_rotation_every=settings.he_key_rotation_every)

@@ -62,6 +62,7 @@ class ConfigKey:
     SERVER_ROUND = "server-round"
     RESTART = "restart"
     SCOPE = "scope"
+    NEXT_STEP = "next-step"  # secure: the lowest step number the cloud accepts (a tenant refuses lower)
     HEAD_UPDATES = "head-updates"
     TAIL_UPDATES = "tail-updates"
     HE_KEY_ID = "he-key-id"

@@ -92,7 +92,7 @@ def _tail(message: Message, context: Context, config: RunConfig, settings: Flowe
         loss_sum += result.loss * result.logits.shape[0]
         examples += result.logits.shape[0]
     _save_party(context, party)
-    # the client reports its own mean loss (secure mode: only with secure-metrics)
+    # the client reports its own mean loss (plain mode only: secure tenants report none)
     metrics = {MetricKey.TRAIN_LOSS: loss_sum / examples if examples else 0.0, MetricKey.NUM_EXAMPLES: examples}
     return pack_messages(BodyGrad, data.tenant, grads, metrics)
 

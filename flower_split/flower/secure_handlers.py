@@ -7,11 +7,13 @@ a time, all tenants in the same Flower round trip. Message types:
 ``train.secure_setup``     server: the dealer's hello. Client: new party (its halves, dealer key,
                            CKKS keys in ``he`` mode) -> its :class:`ClientSetup`.
 ``train.secure_begin``     server: ``config`` {head-updates, tail-updates} (the cloud's update
-                           counts) and, in ``he`` mode, {he-key-id} (the cloud's CKKS key id).
+                           counts), {next-step} (the lowest step number the cloud accepts) and,
+                           in ``he`` mode, {he-key-id} (the cloud's CKKS key id).
                            Client: reconcile (abort a step in flight, undo a step the cloud did
                            not complete), switch to a rotated key the cloud now holds, next
-                           training batch -> first step message, ``sync`` {head-updates,
-                           tail-updates}.
+                           training batch -> first step message (refused, before anything is
+                           opened, if its step number is below next-step), ``sync``
+                           {head-updates, tail-updates}.
 ``evaluate.secure_begin``  the same for the next test batch (``config`` also {restart, scope}),
                            or no message when the test set is done; ``metrics`` {remaining}.
 ``train.secure_rekey``     (``he`` only) server: ``config`` {he-key-id}. Client: switch to a pending
@@ -20,8 +22,11 @@ a time, all tenants in the same Flower round trip. Message types:
                            it -> ``rekey`` (:class:`KeyRotation`: the new public context).
 ``*.secure_next``          server: the cloud's next step message. Client: its reply, or none
                            when the step ends here; once the step is over ``metrics``
-                           {done: 1, and with ``secure-metrics``: train-loss/num-examples
-                           (training) or correct/num-examples/tp/fp/fn (evaluation)}.
+                           {done: 1, and with ``secure-metrics``: num-examples (training) or
+                           correct/num-examples/tp/fp/fn (evaluation)}. Never a training loss:
+                           in ``he`` mode it is a decrypted CKKS value (each one given back is
+                           an equation in the tenant's secret key); no mode reports one
+                           (docs/secure.md §9).
 
 ``context.state``: ``secure.arrays`` / ``secure.config`` (the party's state: its secrets —
 halves, dealer key, CKKS secret keys — never leave the node), ``secure.batch`` (size of the
@@ -107,7 +112,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     batches = train_batches(data, config, cursor, 1)
     if not batches:
         raise ProtocolError(f"tenant {data.tenant!r}: no training data")
-    first = party.begin(batches[0], train=True)
+    first = party.begin(batches[0], train=True, cloud_step=config_value(instruction, ConfigKey.NEXT_STEP, int))
     _save(context, party)
     cursor.save(context.state)
     context.state[SECURE_BATCH] = ConfigRecord({"size": len(batches[0].labels)})
@@ -130,7 +135,8 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
         rows = list(range(cursor.eval_cursor, min(len(test), cursor.eval_cursor + config.batch_size)))
         cursor.eval_cursor += len(rows)
         batch = test.collate(rows)
-        pack_secure(party.begin(batch, train=False), content)
+        first = party.begin(batch, train=False, cloud_step=config_value(instruction, ConfigKey.NEXT_STEP, int))
+        pack_secure(first, content)
         context.state[SECURE_BATCH] = ConfigRecord({"size": len(batch.labels)})
         context.state[SECURE_LABELS] = ArrayRecord({"labels": tensor_to_array("labels", batch.labels.long())})
     remaining = -(-(len(test) - cursor.eval_cursor) // config.batch_size)
@@ -168,10 +174,13 @@ def secure_next(message: Message, context: Context, config: RunConfig, settings:
 
 
 def _step_metrics(context: Context, data: TenantData, train: bool, result: SecureStepResult) -> dict:
-    """What the tenant reports of a finished step (it chooses to; the cloud cannot compute it)."""
+    """What the tenant reports of a finished step: never a decrypted value, never its loss.
+
+    Training: the batch size only (public anyway). Evaluation: counts from the logits opened
+    to the client alone (inference decrypts nothing).
+    """
     if train:
-        size = config_value(context.state[SECURE_BATCH], "size", int, SECURE_BATCH)
-        return {MetricKey.TRAIN_LOSS: float(result.loss), MetricKey.NUM_EXAMPLES: size}
+        return {MetricKey.NUM_EXAMPLES: config_value(context.state[SECURE_BATCH], "size", int, SECURE_BATCH)}
     record = context.state.get(SECURE_LABELS)
     if not isinstance(record, ArrayRecord) or "labels" not in record:
         raise ProtocolError("evaluation step finished but its labels are not in the state")

@@ -123,7 +123,7 @@ def unpack_hello(content: object) -> DealerHello:
 _SETUP_FIELDS: tuple[tuple[str, type], ...] = (
     ("tenant", str), ("client_public", bytes), ("dealer_public", bytes), ("he_public", bytes),
     ("weights_seed", bytes), ("label_protection", str), ("train_head", bool), ("frac_bits", int),
-    ("grad_scale_bits", int), ("tail_input", str),
+    ("grad_scale_bits", int), ("tail_input", str), ("reproducible_init", bool),
 )
 
 

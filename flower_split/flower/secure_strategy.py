@@ -13,8 +13,9 @@ A secure step is a fixed exchange of messages (``secure_steps.schedule``: 10-11 
 client for a training step). Each tenant has one step in flight, and every round trip
 carries the next message of every selected tenant at once::
 
-    train.secure_begin  -> tenants: reconcile with the cloud's update counts, next batch;
-                           reply: the step's first message (+ the tenant's update counts)
+    train.secure_begin  -> tenants: reconcile with the cloud's update counts, refuse a step
+                           number below the cloud's next-step, next batch; reply: the step's
+                           first message (+ the tenant's update counts)
     (cloud)                reconcile, dealer material, answer
     train.secure_next   -> tenants: the cloud's message; reply: the tenant's next message
     ...                    until every tenant's step is over (metrics {done})
@@ -40,9 +41,11 @@ A tenant whose rotation fails (no reply, error reply, refused rotation) is dropp
 round like any other failure; both sides stay on one key (the tenant never switches without
 the acknowledgement) and it is asked again at the next round it takes part in.
 
-The strategy never sees labels, inputs or the client's halves. With ``secure-metrics`` the
-tenants report what they choose to (docs/secure.md says what, and why it is safe); without it
-the reports have no loss or accuracy.
+The strategy never sees labels, inputs, the client's halves or anything a tenant decrypted:
+no training loss (``train_loss`` is None; in ``he`` mode the loss is a decrypted CKKS value,
+and each one given back to the cloud is an equation in the tenant's secret key). With
+``secure-metrics`` the tenants report their evaluation counts (from logits opened to them
+only); without it the evaluations have no accuracy.
 """
 
 from __future__ import annotations
@@ -107,24 +110,19 @@ class SecureSplitStrategy(SplitStrategyBase):
         if every and server_round > 1 and (server_round - 1) % every == 0:
             self._rekey_due |= {t for t in self.cloud.tenants if self.cloud.he_key_id(t) is not None}
         self._rotate_keys(grid, server_round, phase, active)
-        loss_sum, examples, steps, reported = 0.0, 0, 0, True
+        examples, steps = 0, 0
         every_log = max(1, self.local_steps // 8)  # a secure MiniLM round takes tens of minutes: say how far it is
         while steps < self.local_steps and active:
             _, finished = self._run_steps(grid, True, {n: {} for n in active}, server_round, phase, active)
-            for content in finished.values():
-                metrics = read_metrics(content, lists=CLASS_COUNT_KEYS)
-                if MetricKey.TRAIN_LOSS in metrics:
-                    loss_sum += metrics[MetricKey.TRAIN_LOSS] * metrics[MetricKey.NUM_EXAMPLES]
-                    examples += int(metrics[MetricKey.NUM_EXAMPLES])
-                else:
-                    reported = False
+            for content in finished.values():  # no loss: secure tenants report none (module docstring)
+                examples += int(read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.NUM_EXAMPLES, 0))
             steps += 1
             if steps % every_log == 0 and steps < self.local_steps:
                 log(INFO, "secure round %d: step %d/%d, %d tenants, %.0f s", server_round, steps,
                     self.local_steps, len(active), time.perf_counter() - phase.started)
         return RoundReport(
             server_round=server_round, tenants=sorted(self.tenant_of[n] for n in active),
-            dropped=dict(phase.dropped), train_loss=loss_sum / examples if examples and reported else None,
+            dropped=dict(phase.dropped), train_loss=None,
             num_examples=examples, steps=steps, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud, dealer_seconds=phase.dealer,
             wall_seconds=time.perf_counter() - phase.started)
@@ -175,12 +173,13 @@ class SecureSplitStrategy(SplitStrategyBase):
         return remaining, self._step_loop(grid, train, outgoing, server_round, phase, active)
 
     def _begin_instruction(self, node: int, extra: dict[str, Any], server_round: int) -> RecordDict:
-        """The ``*.secure_begin`` config: the cloud's update counts and (``he``) its CKKS key id."""
+        """The ``*.secure_begin`` config: the cloud's update counts, its next step and (``he``) its CKKS key id."""
         tenant = self.tenant_of[node]
         updates = self.cloud.updates(tenant)
         key_id = self.cloud.he_key_id(tenant)  # acknowledges the tenant's last key rotation
         return RecordDict({RecordKey.CONFIG: ConfigRecord({
             **extra, ConfigKey.HEAD_UPDATES: updates["head"], ConfigKey.TAIL_UPDATES: updates["tail"],
+            ConfigKey.NEXT_STEP: self.cloud.next_step(tenant),  # the tenant refuses to start a lower (used) step
             ConfigKey.SERVER_ROUND: server_round, **({ConfigKey.HE_KEY_ID: key_id} if key_id is not None else {})})})
 
     def _first_reply(self, node: int, content: RecordDict, train: bool, remaining: float,

@@ -30,13 +30,15 @@ class FlowerSettings:
     are dropped from the round), ``eval-every`` (evaluate every N rounds; 0: only at the end),
     ``eval-initial`` (also evaluate before the first round), ``global-eval`` (after the last
     round, also evaluate every tenant on the whole test set; split only), ``secure-metrics``
-    (secure mode: tenants report each step's mean loss and their evaluation counts to the
-    strategy, as plain-mode and FedAvg clients do; false: they report nothing),
+    (secure mode: tenants report their evaluation counts, from logits opened to them only, to
+    the strategy; false: they report none. Never a training loss, see docs/secure.md §9),
     ``he-key-rotation-every`` (secure mode with ``he`` label protection: every tenant gets a
     new CKKS key pair after every N training rounds; 0: never; any other mode refuses N > 0),
     ``cloud-keep-graphs`` (both modes: the cloud keeps each in-flight step's autograd graph,
     about 200 MB per 32-row MiniLM micro-batch, instead of running the body forward again when
     the gradient arrives; faster, but memory grows with tenants x micro-batches),
+    ``allow-insecure-reproducible-init`` (secure mode, the cloud: accept tenants whose adapters
+    start from the public seed, ``insecure-reproducible-init``; benchmarks only, default false),
     ``target-loss`` (the stop rule, split-plain: a tenant whose own mean training loss of a
     round is <= this value gets no more training rounds but is still evaluated; the round it
     stopped is recorded; 0: never stop),
@@ -56,6 +58,7 @@ class FlowerSettings:
     secure_metrics: bool = True
     he_key_rotation_every: int = 0
     cloud_keep_graphs: bool = False
+    allow_insecure_reproducible_init: bool = False
     target_loss: float = 0.0
     quick: bool = False
 
@@ -74,7 +77,8 @@ class FlowerSettings:
         if isinstance(self.target_loss, bool) or not isinstance(self.target_loss, (int, float)) \
                 or not self.target_loss >= 0:
             raise ConfigError(f"target-loss: expected a number >= 0 (0: never stop), got {self.target_loss!r}")
-        for name in ("eval_initial", "global_eval", "secure_metrics", "cloud_keep_graphs", "quick"):
+        for name in ("eval_initial", "global_eval", "secure_metrics", "cloud_keep_graphs",
+                     "allow_insecure_reproducible_init", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
         if not isinstance(self.partition, str):

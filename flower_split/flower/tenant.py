@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from flower_split.config import RunConfig
@@ -27,7 +26,7 @@ from flower_split.data.tenants import tenant_splits
 from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
-from flower_split.model import Embedder, HeadAdapter, TailAdapter, hidden_size, load_encoder, load_tokenizer, split_encoder
+from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
 from flower_split.protocol import ProtocolError
 
 DATA_STATE = "data"
@@ -123,12 +122,15 @@ class Cursor:
 
 
 def new_adapters(data: TenantData, config: RunConfig) -> tuple[HeadAdapter, TailAdapter]:
-    """Freshly initialised head and tail (seeded per tenant; overwritten by saved state)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed * 1_000_003 + data.partition_id)  # adapter init, not crypto
-        head = HeadAdapter(data.dim, config.head_rank, config.activation)
-        tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation,
-                           config.tail_input)
+    """Freshly initialised head and tail (overwritten by saved state).
+
+    Random parts from the tenant's CSPRNG; from ``(seed, partition-id)`` only with
+    ``insecure-reproducible-init`` (then the cloud can compute them too).
+    """
+    rng = adapter_random(config.insecure_reproducible_init, config.seed, data.partition_id)
+    head = HeadAdapter(data.dim, config.head_rank, config.activation, rng)
+    tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation,
+                       config.tail_input, rng)
     return head, tail
 
 

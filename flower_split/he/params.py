@@ -22,6 +22,10 @@ import tenseal.sealapi as seal
 #: (Albrecht et al., 2018, Table 1). SEAL enforces the same table.
 HE_STANDARD_MAX_LOGQ_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
+#: Smallest statistical security parameter accepted (the cloud parses a tenant's parameters
+#: with this class, so a tenant cannot pick a weaker flooding of its decrypted values).
+MIN_STAT_SEC = 40
+
 #: Standard deviation of SEAL's fresh-encryption noise (centred binomial, 21 coin pairs).
 NOISE_SIGMA = 3.24
 #: Largest magnitude that noise can take.
@@ -65,6 +69,11 @@ class HEParams:
     stat_sec: int = 40
 
     def __post_init__(self) -> None:
+        for name in ("poly_modulus_degree", "special_prime_bits", "label_scale_bits", "logprob_frac_bits",
+                     "frac_bits", "stat_sec"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}={value!r}: must be an integer")
         n = self.poly_modulus_degree
         if n not in HE_STANDARD_MAX_LOGQ_128:
             raise ValueError(
@@ -95,8 +104,8 @@ class HEParams:
             raise ValueError(f"logprob_frac_bits={self.logprob_frac_bits}: must be in 0..30")
         if not 0 < self.max_neg_log_prob <= 1024:
             raise ValueError(f"max_neg_log_prob={self.max_neg_log_prob}: must be in (0, 1024]")
-        if not 16 <= self.stat_sec <= 128:
-            raise ValueError(f"stat_sec={self.stat_sec}: must be in 16..128")
+        if not MIN_STAT_SEC <= self.stat_sec <= 128:
+            raise ValueError(f"stat_sec={self.stat_sec}: must be in {MIN_STAT_SEC}..128")
 
     @property
     def total_modulus_bits(self) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flower_split.model.adapters import HeadAdapter, PolyActivation, TailAdapter, masked_mean, masked_mean_backward
+from flower_split.model.adapters import (
+    HeadAdapter, InitRandom, PolyActivation, TailAdapter, adapter_random, masked_mean, masked_mean_backward,
+)
 from flower_split.model.loading import load_encoder, load_tokenizer, minilm_path
 from flower_split.model.encoder import Body, Embedder, hidden_size, split_encoder
 
@@ -20,23 +22,24 @@ class SplitParts:
 
 
 def build_split(model: str, num_classes: int, head_rank: int, tail_bottleneck: int,
-                activation: str = "quad", seed: int = 0, tail_input: str = "tokens") -> SplitParts:
-    """Load ``model`` and cut it; adapters start at identity so the split equals the original."""
-    import torch
+                activation: str = "quad", seed: int = 0, tail_input: str = "tokens",
+                rng: InitRandom | None = None) -> SplitParts:
+    """Load ``model`` and cut it; adapters start at identity so the split equals the original.
 
+    ``seed`` seeds only the public model (the ``tiny`` encoder's random weights); the adapters'
+    random weights come from ``rng``, a fresh CSPRNG stream when None (see :class:`InitRandom`).
+    """
     encoder = load_encoder(model, seed=seed)
     dim = hidden_size(encoder)
     embedder, body = split_encoder(encoder)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # adapter init only; never used for cryptographic masks
-    head = HeadAdapter(dim, head_rank, activation)
-    tail = TailAdapter(dim, tail_bottleneck, num_classes, activation, tail_input)
-    torch.random.set_rng_state(state)
+    rng = InitRandom() if rng is None else rng
+    head = HeadAdapter(dim, head_rank, activation, rng)
+    tail = TailAdapter(dim, tail_bottleneck, num_classes, activation, tail_input, rng)
     return SplitParts(embedder, head, body, tail)
 
 
 __all__ = [
-    "Body", "Embedder", "HeadAdapter", "PolyActivation", "SplitParts", "TailAdapter",
-    "build_split", "hidden_size", "load_encoder", "load_tokenizer", "masked_mean", "masked_mean_backward",
-    "minilm_path", "split_encoder",
+    "Body", "Embedder", "HeadAdapter", "InitRandom", "PolyActivation", "SplitParts", "TailAdapter",
+    "adapter_random", "build_split", "hidden_size", "load_encoder", "load_tokenizer", "masked_mean",
+    "masked_mean_backward", "minilm_path", "split_encoder",
 ]

@@ -6,10 +6,66 @@ evaluate them exactly on secret shares (one Beaver product per activation).
 
 from __future__ import annotations
 
+import hashlib
+import math
+import secrets
+
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from torch import nn
 
 from flower_split.config import TAIL_INPUTS
+
+_INSECURE_INIT_LABEL = b"flower-split/insecure-reproducible-init/v1"
+
+
+class InitRandom:
+    """The source of the adapters' random initial weights: AES-256-CTR under a 32-byte key.
+
+    ``InitRandom()`` takes its key from the OS CSPRNG (:mod:`secrets`), so only this tenant
+    can replay its draws. That is what keeps the head secret in secure mode: everything else
+    that shapes the head's trajectory (optimizer settings, the embedder, ``dL/df``) is known to
+    the cloud, so a start it could compute (from a seed, the run config or the partition)
+    would let it track the head step by step and invert ``f`` into tokens (docs/secure.md §2).
+    Not a ``torch.Generator``: torch seeds its Mersenne twister from the low 32 bits of the
+    seed only (``manual_seed(s)`` and ``manual_seed(s + 2**32)`` give the same stream), so even
+    an OS-random seed would leave 2^32 starts to try.
+
+    :meth:`insecure_from_seed` derives the key from public integers instead: exactly
+    reproducible runs (tests, benchmarks) whose start the cloud can compute just as well.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        key = secrets.token_bytes(32) if key is None else key
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise ValueError("InitRandom: the key must be 32 bytes")
+        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+    @classmethod
+    def insecure_from_seed(cls, *seeds: int) -> "InitRandom":
+        """A stream that anyone knowing ``seeds`` (the cloud included) reproduces."""
+        return cls(hashlib.sha256(_INSECURE_INIT_LABEL + repr(tuple(int(s) for s in seeds)).encode()).digest())
+
+    def uniform(self, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+        """Uniform float32 draws in ``[low, high)`` (53 random bits each)."""
+        return (low + (high - low) * self._unit(math.prod(shape))).reshape(shape).float()
+
+    def normal(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
+        """Normal float32 draws with mean 0 and standard deviation ``std`` (Box-Muller)."""
+        count = math.prod(shape)
+        u = self._unit(2 * count)
+        radius = torch.sqrt(-2.0 * torch.log1p(-u[:count]))  # 1 - u in (0, 1]: log is finite
+        return (std * radius * torch.cos(2.0 * math.pi * u[count:])).reshape(shape).float()
+
+    def _unit(self, count: int) -> torch.Tensor:
+        words = np.frombuffer(self._encryptor.update(bytes(8 * count)), dtype="<u8")
+        return torch.from_numpy((words >> np.uint64(11)).astype(np.float64)) * 2.0**-53
+
+
+def adapter_random(insecure_reproducible: bool, seed: int, *stream: int) -> InitRandom:
+    """The tenant's CSPRNG; with the insecure opt-in, a stream derived from ``(seed, *stream)``."""
+    return InitRandom.insecure_from_seed(seed, *stream) if insecure_reproducible else InitRandom()
 
 # act(u) = c0 + c1 u + c2 u^2: least-squares fit of GELU on [-4, 4] (c = 0.257, 0.5, 0.128),
 # rounded to values that are exact in fixed point.
@@ -40,15 +96,21 @@ def make_activation(name: str) -> nn.Module:
 
 
 class ResidualAdapter(nn.Module):
-    """``x + act(x A) B`` per token; ``B`` starts at zero so the adapter starts as identity."""
+    """``x + act(x A) B`` per token; ``B`` starts at zero so the adapter starts as identity.
 
-    def __init__(self, dim: int, rank: int, activation: str = "quad") -> None:
+    ``A`` is the only random part: N(0, 1/dim) from ``rng`` (a fresh :class:`InitRandom` when
+    None); torch's global RNG is never used.
+    """
+
+    def __init__(self, dim: int, rank: int, activation: str = "quad", rng: InitRandom | None = None) -> None:
         super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
-        self.up = nn.Linear(rank, dim, bias=False)
+        rng = InitRandom() if rng is None else rng
+        self.down = nn.utils.skip_init(nn.Linear, dim, rank, bias=False)
+        self.up = nn.utils.skip_init(nn.Linear, rank, dim, bias=False)
         self.act = make_activation(activation)
-        nn.init.normal_(self.down.weight, std=dim ** -0.5)
-        nn.init.zeros_(self.up.weight)
+        with torch.no_grad():
+            self.down.weight.copy_(rng.normal((rank, dim), dim ** -0.5))
+            self.up.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.up(self.act(self.down(x)))
@@ -71,13 +133,19 @@ class TailAdapter(nn.Module):
     """
 
     def __init__(self, dim: int, bottleneck: int, num_classes: int, activation: str = "quad",
-                 tail_input: str = "tokens") -> None:
+                 tail_input: str = "tokens", rng: InitRandom | None = None) -> None:
         super().__init__()
         if tail_input not in TAIL_INPUTS:
             raise ValueError(f"tail_input: expected one of {TAIL_INPUTS}, got {tail_input!r}")
+        rng = InitRandom() if rng is None else rng
         self.tail_input = tail_input
-        self.adapter = ResidualAdapter(dim, bottleneck, activation)
-        self.classifier = nn.Linear(dim, num_classes)
+        self.adapter = ResidualAdapter(dim, bottleneck, activation, rng)
+        # nn.Linear's default distribution, U(-1/sqrt(dim), 1/sqrt(dim)) for weight and bias, from rng
+        self.classifier = nn.utils.skip_init(nn.Linear, dim, num_classes)
+        bound = dim ** -0.5
+        with torch.no_grad():
+            self.classifier.weight.copy_(rng.uniform((num_classes, dim), -bound, bound))
+            self.classifier.bias.copy_(rng.uniform((num_classes,), -bound, bound))
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.tail_input == "pooled":

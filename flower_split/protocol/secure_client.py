@@ -44,7 +44,9 @@ from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
     private_from_bytes, public_bytes,
 )
-from flower_split.protocol.secure_messages import ClientSetup, DealerHello, KeyRotation, SecureMessage
+from flower_split.protocol.secure_messages import (
+    MAX_STEP, ClientSetup, DealerHello, KeyRotation, SecureMessage, check_step,
+)
 from flower_split.protocol.secure_party import (
     GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, export_step, import_step,
 )
@@ -107,6 +109,7 @@ class SecureClientParty(SecureStepRunner):
         self.dim, self.head_rank = head.down.in_features, head.down.out_features
         self.tail_rank, self.classes = tail.adapter.down.out_features, tail.classifier.out_features
         self.tail_input = tail.tail_input
+        self.reproducible_init = config.insecure_reproducible_init  # declared in ClientSetup
         self.optim = Optim(config.lr_head, config.lr_tail, config.classifier_lr, config.momentum,
                            config.weight_decay, config.warmup_fraction, total_steps)
         self._init_weights: dict[str, torch.Tensor] | None = plaintext_weights(head, tail)
@@ -154,7 +157,8 @@ class SecureClientParty(SecureStepRunner):
             he_public=self.he_keys.public_bytes() if self.he_keys is not None else b"",
             weights_seed=seed, dims=(self.dim, self.head_rank, self.tail_rank, self.classes),
             label_protection=self.label_protection, train_head=self.train_head, frac_bits=self.frac_bits,
-            grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict(), tail_input=self.tail_input)
+            grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict(), tail_input=self.tail_input,
+            reproducible_init=self.reproducible_init)
 
     # ------------------------------------------------------------------------ CKKS keys
     @property
@@ -210,13 +214,26 @@ class SecureClientParty(SecureStepRunner):
         return True
 
     # ------------------------------------------------------------------------ steps
-    def begin(self, batch: Batch, train: bool = True) -> SecureMessage:
-        """Start a step on ``batch``; returns the first message for the cloud."""
+    def begin(self, batch: Batch, train: bool = True, *, cloud_step: int) -> SecureMessage:
+        """Start a step on ``batch``; returns the first message for the cloud.
+
+        ``cloud_step`` is the lowest step number the cloud accepts next
+        (:meth:`SecureCloudParty.next_step`, in every begin instruction). A client whose next
+        step is lower was restored from an older state: its next step number was used, and the
+        first message's openings under that number's Beaver material would give the cloud the
+        difference of two inputs. It is refused here, before anything is opened; nothing changes.
+        """
         if self.halves is None:
             raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
         if self._step is not None:
             raise ProtocolError(f"tenant {self.tenant!r}: step {self._step.spec.step} is still in flight "
                                 "(secure mode runs one step at a time per tenant)")
+        check_step(cloud_step, 0, MAX_STEP, f"tenant {self.tenant!r}: the cloud's next step")
+        if self._next_step < cloud_step:
+            raise ProtocolError(f"tenant {self.tenant!r}: the cloud expects step >= {cloud_step}, this client's "
+                                f"next step is {self._next_step}: its state is older than the cloud's (restored?); "
+                                "refusing to reuse a step number (set the tenant up again)")
+        check_step(self._next_step, 0, MAX_STEP, f"tenant {self.tenant!r}: next step")
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu().to(torch.int64)
         spec = StepSpec(self.tenant, self._next_step, int(ids.shape[0]), int(ids.shape[1]), self.dim,
                         self.head_rank, self.tail_rank, self.classes, bool(train), self.train_head,

@@ -22,6 +22,7 @@ between steps; :meth:`he_key_id` is what the client needs to see to switch to th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ from flower_split.protocol.secure_keys import (
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    ClientSetup, DealerRegistration, KeyRotation, MaterialBundle, MaterialRequest, SecureMessage,
+    MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, MAX_WEIGHTS, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation,
+    MaterialBundle, MaterialRequest, SecureMessage,
 )
 from flower_split.protocol.secure_party import (
     Halves, Optim, SecureStepRunner, StepState, export_step, export_value, import_step, import_value,
@@ -73,11 +75,16 @@ class SecureCloudParty(SecureStepRunner):
     party = 0
 
     def __init__(self, body: Body, dealer_public: bytes, device: torch.device | str = "cpu",
-                 frac_bits: int = DEFAULT_FRAC_BITS, keep_graphs: bool = False) -> None:
+                 frac_bits: int = DEFAULT_FRAC_BITS, keep_graphs: bool = False,
+                 allow_reproducible_init: bool = False) -> None:
         """``keep_graphs``: keep each in-flight step's body graph from the forward to the
         gradient (one body forward less per step) instead of keeping only ``f`` and running
         the forward again when ``dL/dh`` arrives. A MiniLM graph of a 32-row step holds about
-        200 MB, and every tenant has a step in flight, so the default recomputes."""
+        200 MB, and every tenant has a step in flight, so the default recomputes.
+
+        ``allow_reproducible_init``: accept tenants whose set-up declares seed-derived initial
+        weights (benchmarks only; such a head is no secret to the cloud). Off: refused."""
+        self.allow_reproducible_init = allow_reproducible_init
         self.body = body.to(device)
         self.keep_graphs = keep_graphs
         self.device = torch.device(device)
@@ -103,9 +110,13 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError(f"setup: {exc}") from exc
         if setup.dealer_public != self.dealer_public:
             raise ProtocolError("setup: the client agreed a key with another dealer")
-        dims = tuple(setup.dims)
-        if len(dims) != 4 or not all(isinstance(v, int) and v > 0 for v in dims) or dims[0] != self.dim:
-            raise ProtocolError(f"setup: dims {setup.dims!r} do not fit a body of width {self.dim}")
+        dims = tuple(setup.dims) if isinstance(setup.dims, (tuple, list)) else ()
+        if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM
+                                     for v in dims) or dims[0] != self.dim:
+            raise ProtocolError(f"setup: dims {setup.dims!r:.80} do not fit a body of width {self.dim} "
+                                f"(each in 1..{MAX_DIM})")
+        if sum(math.prod(shape) for shape in weight_shapes(*dims).values()) > MAX_WEIGHTS:
+            raise ProtocolError(f"setup: dims {dims} declare more than {MAX_WEIGHTS} adapter weights")
         if setup.frac_bits != self.frac_bits:
             raise ProtocolError(f"setup: frac_bits {setup.frac_bits!r}, the cloud uses {self.frac_bits}")
         if not isinstance(setup.grad_scale_bits, int) or not 0 <= setup.grad_scale_bits <= 14:
@@ -116,7 +127,16 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError("setup: label_protection must be 'he' or 'client', train_head a bool")
         if setup.tail_input not in TAIL_INPUTS:
             raise ProtocolError(f"setup: tail_input must be one of {TAIL_INPUTS}, got {setup.tail_input!r}")
-        optim = Optim.from_dict(dict(setup.optim))
+        if not isinstance(setup.reproducible_init, bool):
+            raise ProtocolError("setup: reproducible_init must be a bool")
+        if setup.reproducible_init and not self.allow_reproducible_init:
+            raise ProtocolError("setup: the tenant's initial weights come from a public seed "
+                                "(insecure-reproducible-init), so its head is no secret to the cloud; refused "
+                                "unless the run allows it (allow-insecure-reproducible-init, benchmarks only)")
+        try:
+            optim = Optim.from_dict(dict(setup.optim))
+        except (ProtocolError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"setup: {exc}") from None
         he_keys = None
         if setup.label_protection == "he":
             try:
@@ -193,14 +213,21 @@ class SecureCloudParty(SecureStepRunner):
         if record.step is not None:
             raise ProtocolError(f"tenant {message.tenant!r}: step {record.step.spec.step} is still in flight")
         # step numbers only grow (a step abandoned by a dropped tenant leaves a gap); a number
-        # is never reused, since the step's Beaver material is derived from it
+        # is never reused, since the step's Beaver material is derived from it; and a client is
+        # ahead only by steps whose first message was lost (STEP_WINDOW), so no message can
+        # exhaust the tenant's step numbers (or overflow a seed label)
+        high = min(record.next_step + STEP_WINDOW, MAX_STEP)
         if message.seq != 0 or isinstance(message.step, bool) or not isinstance(message.step, int) \
-                or message.step < record.next_step:
+                or not record.next_step <= message.step < high:
             raise ProtocolError(f"tenant {message.tenant!r}: expected the first message of a step >= "
-                                f"{record.next_step}, got message {message.seq} of step {message.step}")
+                                f"{record.next_step} and < {high}, got message {message.seq} of step "
+                                f"{message.step!r}")
         for name, value, high in (("batch", message.batch, MAX_BATCH), ("tokens", message.tokens, MAX_TOKENS)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
                 raise ProtocolError(f"tenant {message.tenant!r}: {name} {value!r} out of range 1..{high}")
+        if message.batch * message.tokens > MAX_STEP_TOKENS:
+            raise ProtocolError(f"tenant {message.tenant!r}: batch x tokens = {message.batch * message.tokens} "
+                                f"is over {MAX_STEP_TOKENS}")
         if not isinstance(message.train, bool):
             raise ProtocolError("train must be a bool")
         setup = record.setup
@@ -219,6 +246,7 @@ class SecureCloudParty(SecureStepRunner):
     def material_request(self, message: SecureMessage) -> MaterialRequest:
         """Validate a step's first message and say what to ask the dealer for."""
         spec = self._new_step_spec(message)
+        self._check_incoming(StepState(spec), message)  # every item, before the dealer works for it
         record = self.tenants[spec.tenant]
         record.material = (spec, None)
         return MaterialRequest(spec.tenant, spec.step, spec.batch, spec.tokens, spec.train)
@@ -264,6 +292,15 @@ class SecureCloudParty(SecureStepRunner):
         if self._done(st):
             record.step = None
         return reply
+
+    def next_step(self, tenant: str) -> int:
+        """The lowest step number the cloud accepts next from ``tenant``.
+
+        Sent with every step's begin instruction: the client refuses to start (and so to open
+        anything for) a lower step, which only a client restored from an older state would
+        try; replaying a number would reuse its Beaver material on other inputs.
+        """
+        return self._tenant(tenant).next_step
 
     @property
     def pending_steps(self) -> list[tuple[str, int]]:

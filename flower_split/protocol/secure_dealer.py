@@ -29,7 +29,9 @@ from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, private_bytes, private_from_bytes, public_bytes,
 )
-from flower_split.protocol.secure_messages import DealerHello, DealerRegistration, MaterialBundle, MaterialRequest
+from flower_split.protocol.secure_messages import (
+    MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, DealerHello, DealerRegistration, MaterialBundle, MaterialRequest,
+)
 from flower_split.protocol.secure_steps import StepSpec, material_keys, programs
 
 MAX_SHAPE = 4096
@@ -58,7 +60,8 @@ class SecureDealerParty:
         except ValueError as exc:
             raise ProtocolError(f"dealer: {exc}") from exc
         dims = tuple(registration.dims)
-        if len(dims) != 4 or not all(isinstance(v, int) and 0 < v <= 1 << 16 for v in dims):
+        if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM
+                                     for v in dims):
             raise ProtocolError(f"dealer: invalid dims {registration.dims!r}")
         tenant = registration.tenant
         self._tenants[tenant] = {
@@ -75,12 +78,17 @@ class SecureDealerParty:
         record = self._tenants.get(request.tenant)
         if record is None:
             raise ProtocolError(f"dealer: unknown tenant {request.tenant!r}")
-        if not isinstance(request.step, int) or request.step < record["next_step"]:
+        if isinstance(request.step, bool) or not isinstance(request.step, int) \
+                or request.step < record["next_step"]:
             raise ProtocolError(f"dealer: step {request.step!r} of tenant {request.tenant!r} was already served")
+        if request.step >= MAX_STEP:
+            raise ProtocolError(f"dealer: step {request.step} of tenant {request.tenant!r} is not below 2^62")
         for name in ("batch", "tokens"):
             value = getattr(request, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SHAPE:
                 raise ProtocolError(f"dealer: {name} {value!r} out of range")
+        if request.batch * request.tokens > MAX_STEP_TOKENS:
+            raise ProtocolError(f"dealer: batch x tokens over {MAX_STEP_TOKENS}")
         spec = StepSpec(request.tenant, request.step, request.batch, request.tokens, *record["dims"],
                         bool(request.train), record["train_head"], "client", self.frac_bits,
                         record["tail_pooled"])

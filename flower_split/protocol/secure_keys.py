@@ -55,10 +55,18 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
 
 
 def check_public_key(data: object, what: str) -> bytes:
-    """Return ``data`` if it is a valid 32-byte X25519 public key, else raise ValueError."""
+    """Return ``data`` if it is a valid 32-byte X25519 public key, else raise ValueError.
+
+    A low-order point (all-zero shared secret with any key) is refused here by a trial
+    exchange with a throw-away key, so it fails at the first party that sees it, not later
+    inside the dealer.
+    """
     if not isinstance(data, bytes) or len(data) != PUBLIC_KEY_BYTES:
         raise ValueError(f"{what}: expected a {PUBLIC_KEY_BYTES}-byte X25519 public key")
-    X25519PublicKey.from_public_bytes(data)
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(data))
+    except ValueError:
+        raise ValueError(f"{what}: a low-order X25519 point (no shared secret)") from None
     return data
 
 

@@ -33,6 +33,26 @@ from flower_split.protocol.messages import ProtocolError
 RING, MASK, SEED, BLOB = "ring", "mask", "seed", "blob"
 ITEM_KINDS = (RING, MASK, SEED, BLOB)
 MAX_BLOB_BYTES = 64 * 1024 * 1024
+MAX_DIM = 1 << 16
+"""Largest adapter dimension (width, rank, classes) a set-up may declare."""
+MAX_WEIGHTS = 1 << 24
+"""Largest number of adapter weights (all halves' elements, 128 MiB of int64) a set-up may declare."""
+MAX_STEP_TOKENS = 1 << 16
+"""Largest batch x tokens of one step: the dealer's work is sized by a step's header alone."""
+MAX_STEP = 1 << 62
+"""Step numbers are below 2^62: far from the 64 bits a Beaver seed's label packs them into."""
+STEP_WINDOW = 1024
+"""The cloud takes a first message for a step in [expected, expected + STEP_WINDOW): a client
+is ahead of the cloud only by steps whose first message was lost, and no message can jump
+the tenant's step counter to the end of its space."""
+
+
+def check_step(step: object, low: int, high: int, what: str) -> int:
+    """``step`` if it is an int in [low, min(high, MAX_STEP)), else :class:`ProtocolError` naming ``what``."""
+    high = min(high, MAX_STEP)
+    if isinstance(step, bool) or not isinstance(step, int) or not low <= step < high:
+        raise ProtocolError(f"{what}: step {step!r} is outside [{low}, {high})")
+    return step
 
 
 @dataclass(frozen=True)
@@ -165,6 +185,9 @@ class ClientSetup:
             the same rule.
         tail_input: "tokens" (the tail adapter on every token) or "pooled" (on the mean-pooled
             body output): fixes the tail's 2PC shapes and the step's order.
+        reproducible_init: the initial weights were drawn from a public seed
+            (``insecure-reproducible-init``), not the tenant's CSPRNG: the cloud could compute
+            them and track the head. The cloud refuses it unless its run allows it (benchmarks).
     """
 
     tenant: str
@@ -179,6 +202,7 @@ class ClientSetup:
     grad_scale_bits: int
     optim: dict[str, float]
     tail_input: str = "tokens"
+    reproducible_init: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ restored and :class:`ProtocolError` is raised.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +84,16 @@ class Optim:
 
     @classmethod
     def from_dict(cls, values: dict[str, float]) -> Optim:
+        """The hyperparameters a peer sent, checked (types first: they come off the wire)."""
         expected = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(values, dict) or set(values) != expected:
             raise ProtocolError(f"optim: expected the fields {sorted(expected)}")
+        for name in expected:
+            value, integral = values[name], name == "total_steps"
+            if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)) \
+                    or not math.isfinite(value):
+                raise ProtocolError(f"optim.{name}: expected {'an integer' if integral else 'a number'}, "
+                                    f"got {value!r:.40}")
         optim = cls(**{k: values[k] for k in expected})
         if not (optim.lr_head > 0 and optim.lr_tail > 0 and optim.lr_classifier > 0 and 0 <= optim.momentum < 1
                 and optim.weight_decay >= 0 and 0 <= optim.warmup_fraction < 1

@@ -8,6 +8,7 @@ received, for the leakage audit and for tests that search it.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -113,8 +114,9 @@ class SecureLocalTransport:
             finally:
                 spent[who] += time.perf_counter() - tick
 
+        begin = functools.partial(client.begin, cloud_step=self.cloud.next_step(client.tenant))  # the instruction
         with measure():
-            message = timed("client", client.begin, batch, train)
+            message = timed("client", begin, batch, train)
         step = message.step
         request = timed("cloud", self.cloud.material_request, message)
         t.bytes_cloud_to_dealer += payload_bytes(request)

@@ -136,7 +136,8 @@ def test_secure_strategy_trains_every_tenant(mode: str, task_identity: None) -> 
     evaluations = [r for r in reports if isinstance(r, EvalReport)]
     assert [r.server_round for r in rounds] == [1, 2] and [e.server_round for e in evaluations] == [0, 1, 2]
     assert all(r.tenants == ["tenant-0", "tenant-1"] and not r.dropped and r.steps == 4 for r in rounds)
-    assert rounds[1].train_loss < rounds[0].train_loss
+    # no training loss reaches the cloud (docs/secure.md §9); the batch sizes do
+    assert all(r.train_loss is None and r.num_examples == 2 * 4 * 16 for r in rounds)
     # every client message of a step is one round trip for all tenants: 11 (he) or 10 (client)
     per_step = 11 if mode == "he" else 10
     assert all(r.round_trips == 4 * per_step and r.round_trips_per_step == per_step for r in rounds)
@@ -207,5 +208,5 @@ def test_secure_flower_simulation_learns() -> None:
     rounds = [r for r in reports if isinstance(r, RoundReport)]
     evaluations = [r for r in reports if isinstance(r, EvalReport)]
     assert [r.server_round for r in rounds] == [1, 2] and all(not r.dropped for r in rounds)
-    assert rounds[1].train_loss < rounds[0].train_loss
+    assert all(r.train_loss is None for r in rounds)  # secure tenants report no loss
     assert evaluations[-1].accuracy > evaluations[0].accuracy

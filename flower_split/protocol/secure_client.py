@@ -35,10 +35,10 @@ from flower_split.config import RunConfig
 from flower_split.data import Batch
 from flower_split.he import ClientKeys, HEParams, decrypt_loss_and_grad, encrypt_labels, envelope_digest
 from flower_split.model import Embedder, HeadAdapter, TailAdapter
-from flower_split.model.adapters import PolyActivation
 from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
 from flower_split.mpc import new_seed
 from flower_split.mpc.triples import TripleRequest
+from flower_split.protocol.labels import label_protection
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
@@ -50,7 +50,8 @@ from flower_split.protocol.secure_messages import (
 from flower_split.protocol.secure_party import (
     GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, export_step, import_step,
 )
-from flower_split.protocol.secure_steps import ACTIVATION, CLIENT, WEIGHT_NAMES, StepSpec, weight_shapes
+from flower_split.protocol.secure_weights import check_activation, plaintext_weights
+from flower_split.protocol.secure_steps import CLIENT, WEIGHT_NAMES, StepSpec, weight_shapes
 
 
 @dataclass
@@ -59,32 +60,6 @@ class SecureStepResult:
 
     loss: float | None
     logits: torch.Tensor | None
-
-
-def plaintext_weights(head: HeadAdapter, tail: TailAdapter) -> dict[str, torch.Tensor]:
-    """The adapters' weights in the 2PC layout (x A, h B, p Wc + bc), float64."""
-    return {"head.A": head.down.weight.detach().T, "head.B": head.up.weight.detach().T,
-            "tail.A": tail.adapter.down.weight.detach().T, "tail.B": tail.adapter.up.weight.detach().T,
-            "cls.Wc": tail.classifier.weight.detach().T, "cls.bc": tail.classifier.bias.detach()}
-
-
-def load_plaintext_weights(head: HeadAdapter, tail: TailAdapter, weights: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`plaintext_weights` (e.g. to export reconstructed halves)."""
-    with torch.no_grad():
-        head.down.weight.copy_(weights["head.A"].T)
-        head.up.weight.copy_(weights["head.B"].T)
-        tail.adapter.down.weight.copy_(weights["tail.A"].T)
-        tail.adapter.up.weight.copy_(weights["tail.B"].T)
-        tail.classifier.weight.copy_(weights["cls.Wc"].T)
-        tail.classifier.bias.copy_(weights["cls.bc"])
-
-
-def _check_activation(module: torch.nn.Module, what: str) -> None:
-    act = module.act
-    expected = (ACTIVATION.c0, ACTIVATION.c1, ACTIVATION.c2)
-    if not isinstance(act, PolyActivation) or tuple(act.coeffs) != expected:
-        raise ValueError(f"activation: secure mode evaluates the quadratic activation {expected} in 2PC; "
-                         f"the {what} adapter uses {act!r} (use activation='quad')")
 
 
 class SecureClientParty(SecureStepRunner):
@@ -96,13 +71,14 @@ class SecureClientParty(SecureStepRunner):
     def __init__(self, tenant: str, embedder: Embedder, head: HeadAdapter, tail: TailAdapter,
                  config: RunConfig, total_steps: int, he_params: HEParams | None = None,
                  frac_bits: int = DEFAULT_FRAC_BITS) -> None:
-        _check_activation(head, "head")
-        _check_activation(tail.adapter, "tail")
+        check_activation(head, "head")
+        check_activation(tail.adapter, "tail")
         if config.optimizer != "sgd":
             raise ValueError("optimizer: secure mode needs 'sgd' (see protocol.optim)")
         self.tenant = tenant
         self.embedder = embedder.cpu()
         self.label_protection = config.label_protection
+        self.protection = label_protection(self.label_protection)  # what it needs and reveals
         self.train_head = config.train_head
         self.frac_bits = frac_bits
         self.grad_scale_bits = GRAD_SCALE_BITS
@@ -114,7 +90,7 @@ class SecureClientParty(SecureStepRunner):
                            config.weight_decay, config.warmup_fraction, total_steps)
         self._init_weights: dict[str, torch.Tensor] | None = plaintext_weights(head, tail)
         self._he_params = he_params or HEParams(frac_bits=frac_bits + self.grad_scale_bits)
-        if self.label_protection == "he" and self._he_params.frac_bits != frac_bits + self.grad_scale_bits:
+        if self.protection.ckks_keys and self._he_params.frac_bits != frac_bits + self.grad_scale_bits:
             raise ValueError(f"he_params.frac_bits must be {frac_bits + self.grad_scale_bits} "
                              "(ring bits + gradient scale bits)")
         self.he_keys: ClientKeys | None = None  # generated at set-up (he), or restored with the state
@@ -139,7 +115,7 @@ class SecureClientParty(SecureStepRunner):
             dealer_public = check_public_key(hello.dealer_public, "dealer_public")
         except ValueError as exc:
             raise ProtocolError(str(exc)) from exc
-        if self.label_protection == "he":
+        if self.protection.ckks_keys:
             self.he_keys = ClientKeys.generate(self._he_params)
         own_public = public_bytes(self._x25519)
         self._dealer_key = dealer_key(self._x25519, dealer_public, "client", self.tenant, dealer_public, own_public)
@@ -313,7 +289,7 @@ class SecureClientParty(SecureStepRunner):
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
                                                  "B": halves.share("head.B")})
         out: dict[str, Any] = {"input.seed_e": seed, "input.mask": st.ctx["mask"]}
-        if self.label_protection == "he" and st.spec.train:
+        if self.protection.ckks_keys and st.spec.train:
             assert self.he_keys is not None
             envelope = encrypt_labels(self.he_keys, st.ctx["labels"], self.classes)
             st.ctx["he_digest"] = envelope_digest(envelope)

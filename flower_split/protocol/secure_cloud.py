@@ -22,29 +22,29 @@ between steps; :meth:`he_key_id` is what the client needs to see to switch to th
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from flower_split.config import TAIL_INPUTS
 from flower_split.he import CloudKeys, batch_bounds, compute_loss_and_grad
-from flower_split.he.envelope import decode_labels
 from flower_split.model import Body, hidden_size, masked_mean_backward
 from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
 from flower_split.mpc import new_seed
 from flower_split.mpc.triples import TripleRequest
+from flower_split.protocol.body_runner import BodyRunner
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, MAX_WEIGHTS, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation,
+    MAX_STEP, MAX_STEP_TOKENS, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation,
     MaterialBundle, MaterialRequest, SecureMessage,
 )
+from flower_split.protocol.secure_he_checks import check_key_rotation, check_labels_key
+from flower_split.protocol.secure_setup import check_setup
 from flower_split.protocol.secure_party import (
-    Halves, Optim, SecureStepRunner, StepState, export_step, export_value, import_step, import_value,
+    Halves, SecureStepRunner, StepState, export_step, export_value, import_step, import_value,
 )
 from flower_split.protocol.secure_steps import (
     CLOUD, WEIGHT_NAMES, StepSpec, material_keys, programs, weight_shapes,
@@ -85,9 +85,8 @@ class SecureCloudParty(SecureStepRunner):
         ``allow_reproducible_init``: accept tenants whose set-up declares seed-derived initial
         weights (benchmarks only; such a head is no secret to the cloud). Off: refused."""
         self.allow_reproducible_init = allow_reproducible_init
-        self.body = body.to(device)
-        self.keep_graphs = keep_graphs
-        self.device = torch.device(device)
+        self.runner = BodyRunner(body, device, keep_graphs)
+        self.body, self.device, self.keep_graphs = self.runner.body, self.runner.device, keep_graphs
         self.dim = hidden_size(body.encoder)
         self.dealer_public = check_public_key(dealer_public, "dealer_public")
         self.frac_bits = frac_bits
@@ -110,43 +109,8 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError(f"setup: {exc}") from exc
         if setup.dealer_public != self.dealer_public:
             raise ProtocolError("setup: the client agreed a key with another dealer")
-        dims = tuple(setup.dims) if isinstance(setup.dims, (tuple, list)) else ()
-        if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM
-                                     for v in dims) or dims[0] != self.dim:
-            raise ProtocolError(f"setup: dims {setup.dims!r:.80} do not fit a body of width {self.dim} "
-                                f"(each in 1..{MAX_DIM})")
-        if sum(math.prod(shape) for shape in weight_shapes(*dims).values()) > MAX_WEIGHTS:
-            raise ProtocolError(f"setup: dims {dims} declare more than {MAX_WEIGHTS} adapter weights")
-        if setup.frac_bits != self.frac_bits:
-            raise ProtocolError(f"setup: frac_bits {setup.frac_bits!r}, the cloud uses {self.frac_bits}")
-        if not isinstance(setup.grad_scale_bits, int) or not 0 <= setup.grad_scale_bits <= 14:
-            raise ProtocolError(f"setup: grad_scale_bits {setup.grad_scale_bits!r} out of range 0..14")
-        if not isinstance(setup.weights_seed, bytes) or len(setup.weights_seed) != 32:
-            raise ProtocolError("setup: weights_seed must be 32 bytes")
-        if setup.label_protection not in ("he", "client") or not isinstance(setup.train_head, bool):
-            raise ProtocolError("setup: label_protection must be 'he' or 'client', train_head a bool")
-        if setup.tail_input not in TAIL_INPUTS:
-            raise ProtocolError(f"setup: tail_input must be one of {TAIL_INPUTS}, got {setup.tail_input!r}")
-        if not isinstance(setup.reproducible_init, bool):
-            raise ProtocolError("setup: reproducible_init must be a bool")
-        if setup.reproducible_init and not self.allow_reproducible_init:
-            raise ProtocolError("setup: the tenant's initial weights come from a public seed "
-                                "(insecure-reproducible-init), so its head is no secret to the cloud; refused "
-                                "unless the run allows it (allow-insecure-reproducible-init, benchmarks only)")
-        try:
-            optim = Optim.from_dict(dict(setup.optim))
-        except (ProtocolError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"setup: {exc}") from None
-        he_keys = None
-        if setup.label_protection == "he":
-            try:
-                he_keys = CloudKeys.from_bytes(setup.he_public)
-            except ValueError as exc:
-                raise ProtocolError(f"setup: he_public: {exc}") from exc
-            if he_keys.params.frac_bits != setup.frac_bits + setup.grad_scale_bits:
-                raise ProtocolError("setup: the CKKS gradient shares must carry frac_bits + grad_scale_bits bits")
-        elif setup.he_public:
-            raise ProtocolError("setup: he_public must be empty in 'client' label protection")
+        dims, optim, he_keys = check_setup(setup, dim=self.dim, frac_bits=self.frac_bits,
+                                           allow_reproducible_init=self.allow_reproducible_init)
         shapes = weight_shapes(*dims)
         halves = Halves(self.party, dict(zip(WEIGHT_NAMES, prg_many(setup.weights_seed,
                                                                    [shapes[n] for n in WEIGHT_NAMES]))),
@@ -173,28 +137,8 @@ class SecureCloudParty(SecureStepRunner):
         if not isinstance(rotation, KeyRotation):
             raise ProtocolError(f"cloud: expected KeyRotation, got {type(rotation).__name__}")
         record = self._tenant(rotation.tenant)
-        where = f"key rotation (tenant {rotation.tenant!r})"
-        if record.he_keys is None:
-            raise ProtocolError(f"{where}: label protection {record.setup.label_protection!r} has no CKKS keys")
-        if record.step is not None:
-            raise ProtocolError(f"{where}: step {record.step.spec.step} is in flight; rotate between steps")
-        if not all(isinstance(v, bytes) for v in (rotation.previous_key_id, rotation.key_id, rotation.he_public)):
-            raise ProtocolError(f"{where}: previous_key_id, key_id and he_public must be bytes")
-        if rotation.previous_key_id != record.he_keys.key_id:
-            raise ProtocolError(f"{where}: it replaces key {rotation.previous_key_id.hex()}, but the cloud holds "
-                                f"{record.he_keys.key_id.hex()} (stale or replayed rotation)")
-        try:
-            keys = CloudKeys.from_bytes(rotation.he_public)
-        except ValueError as exc:
-            raise ProtocolError(f"{where}: he_public: {exc}") from exc
-        if keys.key_id != rotation.key_id:
-            raise ProtocolError(f"{where}: key_id {rotation.key_id.hex()} is not the id of he_public "
-                                f"({keys.key_id.hex()})")
-        if keys.key_id == record.he_keys.key_id:
-            raise ProtocolError(f"{where}: he_public is the key the cloud already holds")
-        if keys.params != record.he_keys.params:
-            raise ProtocolError(f"{where}: a rotation keeps the HE parameters; got {keys.params}, "
-                                f"set up with {record.he_keys.params}")
+        keys = check_key_rotation(rotation, record.he_keys, record.setup.label_protection,
+                                  None if record.step is None else record.step.spec.step)
         record.he_keys = keys
         return keys.key_id
 
@@ -238,7 +182,7 @@ class SecureCloudParty(SecureStepRunner):
         if record.he_keys is not None and spec.train:
             try:
                 batch_bounds(record.he_keys.params, spec.batch, classes)
-                _check_labels_key(record.he_keys, spec, message.items)
+                check_labels_key(record.he_keys, spec, message.items)
             except ValueError as exc:
                 raise ProtocolError(f"tenant {message.tenant!r}: {exc}") from exc
         return spec
@@ -349,25 +293,15 @@ class SecureCloudParty(SecureStepRunner):
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
                                                  "B": halves.share("head.B")})
 
-    def _body(self, f: torch.Tensor, mask: torch.Tensor, graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        f = f.to(self.device, torch.float32)
-        mask = mask.to(self.device)
-        if graph:
-            f = f.detach().requires_grad_(True)
-            return f, self.body(f, mask)
-        with torch.no_grad():
-            return f, self.body(f, mask)
-
     def _op_body_forward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         f = decode(st.ctx["head"].values["y"].data + got["open.f"], self.frac_bits)  # f opened to the cloud
         if not bool(torch.isfinite(f).all()) or float(f.abs().max()) > 1e6:
             raise ProtocolError("open.f: the opened head output is out of range")
-        keep = st.spec.trains_head and self.keep_graphs
-        f_leaf, h = self._body(f, st.ctx["mask"], keep)
+        h, graph = self.runner.forward(f, st.ctx["mask"], graph=st.spec.trains_head and self.keep_graphs)
         if st.spec.trains_head:
             st.ctx["f"] = f.to(torch.float32)
-        if keep:
-            st.ctx["_graph"] = (f_leaf, h)
+        if graph is not None:
+            st.ctx["_graph"] = graph
         seed = new_seed()
         share = encode(h.detach().cpu().to(torch.float64), self.frac_bits) - prg(seed, tuple(h.shape))
         st.ctx["tail"] = PartyState(self.party, {"x": self._share(share), "A": halves.share("tail.A"),
@@ -395,9 +329,8 @@ class SecureCloudParty(SecureStepRunner):
             grad_h = masked_mean_backward(grad_h, st.ctx["mask"])
         graph = st.ctx.get("_graph")
         if graph is None:  # not kept (the default), or restored from state_dict: recompute
-            graph = self._body(st.ctx["f"], st.ctx["mask"], True)
-        f_leaf, h = graph
-        (grad_f,) = torch.autograd.grad(h, f_leaf, grad_h.to(self.device, torch.float32))
+            _, graph = self.runner.forward(st.ctx["f"], st.ctx["mask"], graph=True)
+        grad_f = self.runner.backward(graph, grad_h)
         seed = new_seed()
         share = encode(grad_f.detach().cpu().to(torch.float64), self.frac_bits) - prg(seed, tuple(grad_f.shape))
         st.ctx["head"].values["gy"] = self._share(share)
@@ -446,18 +379,3 @@ class SecureCloudParty(SecureStepRunner):
                 record.material = (StepSpec(**t["material"]["spec"]), import_value(t["material"]["corrections"]))
             self.tenants[name] = record
 
-
-def _check_labels_key(keys: CloudKeys, spec: StepSpec, items: object) -> None:
-    """ValueError unless a training step's labels envelope is under ``keys`` and fits the batch.
-
-    Run on the step's first message, before the dealer is asked or any state changes, so a
-    client still encrypting under a rotated-out key is told at once. A missing or mistyped
-    item is left to the schedule check of :meth:`SecureCloudParty.handle`, which names it.
-    """
-    labels = items.get("input.labels") if isinstance(items, dict) else None
-    if not isinstance(labels, bytes):
-        return
-    envelope = decode_labels(labels, key_id=keys.key_id, degree=keys.params.poly_modulus_degree)
-    if (envelope.batch_size, envelope.num_classes) != (spec.batch, spec.classes):
-        raise ValueError(f"labels envelope: a {envelope.batch_size}x{envelope.num_classes} batch, "
-                         f"the step is {spec.batch}x{spec.classes}")

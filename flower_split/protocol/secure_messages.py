@@ -127,26 +127,6 @@ class SecureMessage:
     items: dict[str, Any] = field(default_factory=dict)
 
 
-def payload_bytes(message: object) -> int:
-    """Bytes a transport would carry: a small header plus every tensor and byte string."""
-    total = 64
-    for value in vars(message).values():
-        total += _value_bytes(value)
-    return total
-
-
-def _value_bytes(value: object) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (bytes, str)):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(len(str(k)) + _value_bytes(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return sum(_value_bytes(v) for v in value)
-    return 0
-
-
 def check_items(items: object, specs: tuple[ItemSpec, ...], where: str) -> None:
     """Raise :class:`ProtocolError` unless ``items`` holds exactly ``specs``, each valid."""
     if not isinstance(items, dict):

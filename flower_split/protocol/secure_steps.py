@@ -45,6 +45,7 @@ from functools import lru_cache
 from flower_split.mpc import Program, Quadratic, adapter_backward, adapter_forward
 from flower_split.mpc import classifier_backward, classifier_forward
 from flower_split.mpc.triples import Op as TripleOp
+from flower_split.protocol.labels import label_protection
 from flower_split.protocol.secure_messages import BLOB, MASK, RING, SEED, ItemSpec
 
 CLIENT, CLOUD = "client", "cloud"
@@ -217,7 +218,7 @@ def script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
 @lru_cache(maxsize=256)
 def _script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
     it = _items(spec)
-    he = spec.label_protection == "he"
+    he = label_protection(spec.label_protection).ckks_keys  # labels under CKKS, loss on the cloud
     ops: list[ScriptOp] = []
     if role == CLIENT:
         inputs = [it["input.seed_e"], it["input.mask"]] + ([it["input.labels"]] if he and spec.train else [])

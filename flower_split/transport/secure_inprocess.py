@@ -19,7 +19,7 @@ from flower_split.data import Batch
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.protocol.secure_messages import payload_bytes
+from flower_split.protocol.messages import payload_bytes
 from flower_split.transport.inprocess import TrafficCounter
 
 

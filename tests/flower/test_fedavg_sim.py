@@ -19,7 +19,7 @@ from flower_split.flower.fedavg_client_app import (
     fedavg_settings_from_run_config, make_fedavg_client_app, model_for, tenant_data, trainable_state,
 )
 from flower_split.config import ConfigError
-from flower_split.flower.metering import payload_bytes
+from flower_split.flower.metering import record_bytes
 
 RUN_KEYS = {"name", "mode", "security", "dataset", "model", "test_accuracy", "test_macro_f1",
             "train_loss_history", "wall_seconds", "client_cpu_seconds", "bytes_client_to_cloud",
@@ -70,7 +70,7 @@ def test_fedavg_client_trains_its_partition_and_rejects_malformed_messages(
     assert trained.keys() == initial.keys()
     assert any("lora_A" in k for k in trained) and "classifier.weight" in trained
     assert not all(torch.equal(trained[k], initial[k]) for k in initial)  # it trained
-    assert payload_bytes(reply.content) == payload_bytes(RecordDict({"arrays": arrays}))
+    assert record_bytes(reply.content) == record_bytes(RecordDict({"arrays": arrays}))
 
     reply = app(Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                         1, "evaluate"), context)

@@ -25,7 +25,8 @@ from flower_split.he import ClientKeys
 from flower_split.model import build_split, load_encoder, split_encoder
 from flower_split.mpc import decode
 from flower_split.protocol import KeyRotation, ProtocolError
-from flower_split.protocol.secure_client import SecureClientParty, load_plaintext_weights
+from flower_split.protocol.secure_client import SecureClientParty
+from flower_split.protocol.secure_weights import load_plaintext_weights
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.flower.records import records_to_state

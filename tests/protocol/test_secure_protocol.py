@@ -25,7 +25,8 @@ from flower_split.he import ClientKeys, HEParams
 from flower_split.model import build_split
 from flower_split.mpc import Triple, decode, encode
 from flower_split.protocol import ClientParty, CloudParty, ProtocolError
-from flower_split.protocol.secure_client import SecureClientParty, load_plaintext_weights, plaintext_weights
+from flower_split.protocol.secure_client import SecureClientParty
+from flower_split.protocol.secure_weights import load_plaintext_weights, plaintext_weights
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.transport.secure_inprocess import SecureLocalTransport

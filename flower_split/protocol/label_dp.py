@@ -9,7 +9,9 @@ to every entry of ``g`` before anything uses it, so every later value (``dL/dh``
 cloud, the tail and head updates, the logits of later steps) is post-processing of one
 Gaussian mechanism with noise multiplier ``sigma`` per use of each label
 (docs/PRIVACY.md, "Label-DP"). The noise comes from the OS CSPRNG (``os.urandom``) through the
-Box-Muller transform, never from torch's seeded global generator.
+Box-Muller transform, never from torch's seeded global generator. Where the tenant knows the
+logits (split-plain, secure ``client``) it then replaces the noisy ``g`` by its posterior mean
+(:meth:`LabelNoise.denoised`), which is post-processing and keeps training stable.
 
 :class:`LabelNoise` also counts how often each example's label was used; the privacy loss
 composes over the uses of the most used example (:func:`label_dp_epsilon`).
@@ -82,12 +84,31 @@ class LabelNoise:
             self._uses = torch.cat([self._uses, torch.zeros(size - len(self._uses), dtype=torch.int64)])
         self._uses.index_add_(0, indices, torch.ones_like(indices))
 
-    def logits_hook(self, indices: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Autograd hook for the logits ``z`` of the examples ``indices``: returns ``g`` plus the
-        noise and counts the use (split-plain)."""
+    def denoised(self, g: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Noisy ``g`` [B, C], then its posterior-mean denoising given the logits ``z``: ``(p - q) / B``.
+
+        ``p = softmax(z)`` does not depend on the step's labels, so from the noisy row
+        ``(p - e_y)/B + n`` the tenant gets ``v = p - B * noisy = e_y - B n`` with ``B n ~ N(0, s^2 I)``,
+        ``s^2 = 2 sigma^2``; the posterior of the label with prior ``p`` is
+        ``q = softmax(log p + v / s^2)``, and ``(p - q) / B`` is the cross-entropy gradient against the
+        soft label ``q``. A function of the mechanism's output and of label-independent values
+        (post-processing: the guarantee is unchanged), bounded like a true ``g`` (row norm at most
+        ``sqrt(2) / B``), so training stays stable at any ``sigma`` where the raw noise (row norm
+        about ``sigma sqrt(2C) / B``) makes it diverge.
+        """
+        batch = g.shape[0]
+        noisy = g.to(torch.float64) + self.sample(tuple(g.shape)).to(g.device)
+        log_p = torch.log_softmax(logits.detach().to(g.device, torch.float64), dim=-1)
+        p = log_p.exp()
+        q = torch.softmax(log_p + (p - batch * noisy) / (2 * self.noise_multiplier ** 2), dim=-1)
+        return ((p - q) / batch).to(g.dtype)
+
+    def logits_hook(self, logits: torch.Tensor, indices: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Autograd hook for the logits ``z`` of the examples ``indices``: replaces ``g`` by its noisy,
+        denoised version (:meth:`denoised`) and counts the use (split-plain)."""
         def add_noise(grad: torch.Tensor) -> torch.Tensor:
             self.count(indices)
-            return grad + self.sample(tuple(grad.shape)).to(grad.device, grad.dtype)
+            return self.denoised(grad, logits)
         return add_noise
 
     @property
@@ -116,14 +137,16 @@ class LabelNoise:
         self._uses = state["uses"].to(torch.int64).clone()
 
 
-def noisy_g(noise: LabelNoise | None, g: torch.Tensor) -> torch.Tensor:
-    """``g`` [B, C] plus its label-DP noise; ``g`` itself when label-DP is off (secure ``client`` mode)."""
-    return g if noise is None else g + noise.sample(tuple(g.shape)).to(g.dtype)
+def noisy_g(noise: LabelNoise | None, g: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``g`` [B, C] noised and denoised (:meth:`LabelNoise.denoised`); ``g`` itself when label-DP is
+    off (secure ``client`` mode, where the logits are opened to the tenant)."""
+    return g if noise is None else noise.denoised(g, logits)
 
 
 def noisy_share(noise: LabelNoise | None, share: torch.Tensor, frac_bits: int) -> torch.Tensor:
     """A ring share [B, C] of ``g`` (``frac_bits`` fractional bits) plus the encoded noise: the
-    shares then sum to the noisy ``g``; the share itself when label-DP is off (secure ``he`` mode)."""
+    shares then sum to the noisy ``g``; the share itself when label-DP is off (secure ``he`` mode,
+    where the tenant has no logits to denoise with: the raw noisy ``g`` is used)."""
     return share if noise is None else share + encode(noise.sample(tuple(share.shape)), frac_bits)
 
 

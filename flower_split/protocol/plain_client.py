@@ -118,7 +118,7 @@ class ClientParty:
         self.tail.train()
         logits = self.tail(h, batch.attention_mask)
         if self.label_noise is not None:  # g = dL/dz gets its noise before the tail backward uses it
-            logits.register_hook(self.label_noise.logits_hook(batch.indices))
+            logits.register_hook(self.label_noise.logits_hook(logits, batch.indices))
         loss = F.cross_entropy(logits, batch.labels)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"tenant {self.tenant!r}, step {message.step}: training diverged (loss "

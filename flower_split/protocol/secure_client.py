@@ -336,7 +336,7 @@ class SecureClientParty(SecureStepRunner):
         st.ctx["loss"] = float(F.cross_entropy(z, labels))
         st.ctx["logits"] = z.float()
         g = (torch.softmax(z, dim=-1) - F.one_hot(labels, self.classes).to(torch.float64)) / st.spec.batch
-        g = noisy_g(self.label_noise, g)
+        g = noisy_g(self.label_noise, g, z)
         seed = new_seed()
         scaled = encode(g * (1 << self.grad_scale_bits), self.frac_bits)
         st.ctx["cls"].values["gz"] = self._share(scaled - prg(seed, tuple(g.shape)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -70,6 +71,9 @@ class RunConfig:
     lr_classifier: float | None = None  # the tail's classifier; None: lr_tail
     weight_decay: float = 0.0
     warmup_fraction: float = 0.06
+    # label-DP (docs/PRIVACY.md): Gaussian noise multiplier on g = dL/dz (0 = off), and its delta
+    label_dp_noise: float = 0.0
+    label_dp_delta: float = 1e-5
     # centralized LoRA baseline
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -116,7 +120,18 @@ class RunConfig:
                 raise ConfigError(f"{name}: expected a number in [{low}, {high}), got {value!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        self._validate_label_dp()
         return self
+
+    def _validate_label_dp(self) -> None:
+        noise, delta = self.label_dp_noise, self.label_dp_delta
+        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < math.inf:
+            raise ConfigError(f"label_dp_noise: expected a finite number >= 0 (0 = off), got {noise!r}")
+        if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0 < delta < 1:
+            raise ConfigError(f"label_dp_delta: expected a number in (0, 1), got {delta!r}")
+        if noise and self.mode != "split":
+            raise ConfigError(f"label_dp_noise: label-DP noise is added to the split's gradient; "
+                              f"mode {self.mode!r} has none (set it to 0)")
 
     @property
     def classifier_lr(self) -> float:

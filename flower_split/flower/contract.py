@@ -72,6 +72,7 @@ class MetricKey:
     """Keys of a tenant's ``metrics`` record."""
 
     TRAIN_LOSS = "train-loss"
+    LABEL_DP_EPSILON = "label-dp-epsilon"  # the tenant's label-DP epsilon so far (label_dp_noise > 0)
     NUM_EXAMPLES = "num-examples"
     STEPS = "steps"
     REMAINING = "remaining"

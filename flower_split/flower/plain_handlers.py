@@ -4,7 +4,7 @@
                        partition through embeddings and head -> pack of ``HeadOutput``.
 ``train.tail``         server: pack of ``BodyOutput``. Client: tail forward, loss, tail update ->
                        pack of ``BodyGrad`` (empty when the head is frozen) and ``metrics``
-                       {train-loss, num-examples}.
+                       {train-loss, num-examples, label-dp-epsilon (with label-DP)}.
 ``train.head_bwd``     server: pack of ``HeadGrad``. Client: head update -> ``metrics`` {steps}.
 ``evaluate.infer_fwd`` server: ``config`` {num-batches, restart, scope}. Client: next test batches
                        (``scope`` "tenant": its own test split; "global": the whole sampled test
@@ -94,6 +94,8 @@ def _tail(message: Message, context: Context, config: RunConfig, settings: Flowe
     _save_party(context, party)
     # the client reports its own mean loss (plain mode only: secure tenants report none)
     metrics = {MetricKey.TRAIN_LOSS: loss_sum / examples if examples else 0.0, MetricKey.NUM_EXAMPLES: examples}
+    if party.label_noise is not None:  # from its own label uses, kept in its state across rounds
+        metrics[MetricKey.LABEL_DP_EPSILON] = party.label_noise.epsilon()
     return pack_messages(BodyGrad, data.tenant, grads, metrics)
 
 

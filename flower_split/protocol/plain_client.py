@@ -19,6 +19,7 @@ from flower_split.model import Embedder, HeadAdapter, TailAdapter
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_tensor,
 )
+from flower_split.protocol.label_dp import LabelNoise
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
 
 AWAIT_BODY_OUTPUT = "await_body_output"
@@ -72,6 +73,7 @@ class ClientParty:
             self.head_optimizer = make_optimizer(config.optimizer, self.head, config.lr_head,
                                                  config.momentum, config.weight_decay)
             self.head_schedule = warmup_cosine(self.head_optimizer, total_steps, config.warmup_fraction)
+        self.label_noise = LabelNoise.from_config(config)  # None: label-DP off
         self._steps: dict[int, _Step] = {}
         self._next_step = 0
         self.finished: dict[int, StepResult] = {}
@@ -115,6 +117,8 @@ class ClientParty:
         h.requires_grad_(send_grad)
         self.tail.train()
         logits = self.tail(h, batch.attention_mask)
+        if self.label_noise is not None:  # g = dL/dz gets its noise before the tail backward uses it
+            logits.register_hook(self.label_noise.logits_hook(logits, batch.indices))
         loss = F.cross_entropy(logits, batch.labels)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"tenant {self.tenant!r}, step {message.step}: training diverged (loss "
@@ -185,6 +189,8 @@ class ClientParty:
         if self.head_optimizer is not None:
             state["head_optimizer"] = _cpu_copy(self.head_optimizer.state_dict())
             state["head_schedule"] = self.head_schedule.state_dict()
+        if self.label_noise is not None:
+            state["label_dp"] = self.label_noise.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -198,6 +204,9 @@ class ClientParty:
         if bool(state.get("train_head")) != self.train_head:
             raise ValueError(f"state: saved with train_head={state.get('train_head')!r}, "
                              f"party has train_head={self.train_head}")
+        if (self.label_noise is not None) != ("label_dp" in state):
+            raise ValueError(f"state: saved with label-DP {'on' if 'label_dp' in state else 'off'}, the party "
+                             f"has it {'off' if self.label_noise is None else 'on'} (label_dp_noise)")
         steps: dict[int, _Step] = {}
         for step, entry in state["steps"].items():
             stage = entry["stage"]
@@ -205,6 +214,8 @@ class ClientParty:
                 raise ValueError(f"state: step {step} has unknown stage {stage!r}")
             batch = Batch(entry["input_ids"], entry["attention_mask"], entry["labels"], entry["indices"])
             steps[int(step)] = _Step(batch.to(self.device), bool(entry["train"]), stage)
+        if self.label_noise is not None:  # first: it raises (other noise multiplier) before any change
+            self.label_noise.load_state_dict(state["label_dp"])
         self.head.load_state_dict(state["head"])
         self.tail.load_state_dict(state["tail"])
         self.tail_optimizer.load_state_dict(state["tail_optimizer"])

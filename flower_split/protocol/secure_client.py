@@ -39,6 +39,7 @@ from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, Seede
 from flower_split.mpc import new_seed
 from flower_split.mpc.triples import TripleRequest
 from flower_split.protocol.labels import label_protection
+from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
@@ -79,6 +80,7 @@ class SecureClientParty(SecureStepRunner):
         self.embedder = embedder.cpu()
         self.label_protection = config.label_protection
         self.protection = label_protection(self.label_protection)  # what it needs and reveals
+        self.label_noise = LabelNoise.from_config(config)  # label-DP noise on g (None: off)
         self.train_head = config.train_head
         self.frac_bits = frac_bits
         self.grad_scale_bits = GRAD_SCALE_BITS
@@ -318,7 +320,8 @@ class SecureClientParty(SecureStepRunner):
             raise ProtocolError("he.result: gradient share has the wrong shape")
         st.ctx["loss"] = float(result.loss)
         # share of g at frac_bits + grad_scale_bits bits == share of 2^grad_scale_bits g at frac_bits bits
-        st.ctx["cls"].values["gz"] = self._share(result.grad_share)
+        st.ctx["cls"].values["gz"] = self._share(noisy_share(self.label_noise, result.grad_share,
+                                                             self.frac_bits + self.grad_scale_bits))
 
     def _op_local_loss(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         z = decode(st.ctx["cls"].values["z"].data + got["open.z"], self.frac_bits)
@@ -326,6 +329,7 @@ class SecureClientParty(SecureStepRunner):
         st.ctx["loss"] = float(F.cross_entropy(z, labels))
         st.ctx["logits"] = z.float()
         g = (torch.softmax(z, dim=-1) - F.one_hot(labels, self.classes).to(torch.float64)) / st.spec.batch
+        g = noisy_g(self.label_noise, g, z)
         seed = new_seed()
         scaled = encode(g * (1 << self.grad_scale_bits), self.frac_bits)
         st.ctx["cls"].values["gz"] = self._share(scaled - prg(seed, tuple(g.shape)))

@@ -2,7 +2,9 @@
 
 :class:`PlainSession` carries split-plain messages through an :class:`InProcessTransport`;
 :class:`SecureSession` runs secure steps through a :class:`SecureLocalTransport` (cloud and
-dealer in this process) and reports what a secure step costs.
+dealer in this process) and reports what a secure step costs. Both report the tenant's label-DP
+guarantee (``label_dp_epsilon``; the secure session counts the label uses of its training steps,
+the plain client counts its own).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from flower_split.data import Batch
 from flower_split.protocol import ClientParty
+from flower_split.protocol.label_dp import label_dp_summary
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.train.runtime import CpuClock
 from flower_split.transport import InProcessTransport, SecureLocalTransport, StepCost
@@ -42,7 +45,7 @@ class PlainSession:
         return self.client.pop_result(step)
 
     def summary(self) -> dict[str, Any]:
-        return {}
+        return label_dp_summary(self.client.label_noise)
 
 
 @dataclass
@@ -66,6 +69,8 @@ class SecureSession:
         step = self.transport.run_step(self.client, batch, train=train, client_clock=clock.measure)
         if train:
             self.costs.append(self.transport.last_step)
+            if self.client.label_noise is not None:  # the step used these labels once, through noisy g
+                self.client.label_noise.count(batch.indices)
         return step
 
     def pop_result(self, step: int) -> Any:
@@ -80,4 +85,5 @@ class SecureSession:
             "bytes_per_step_client_to_cloud": sum(c.bytes_client_to_cloud for c in self.costs) / count,
             "bytes_per_step_cloud_to_client": sum(c.bytes_cloud_to_client for c in self.costs) / count,
             "bytes_dealer_to_cloud": self.transport.traffic.bytes_dealer_to_cloud,
+            **label_dp_summary(self.client.label_noise),
         }

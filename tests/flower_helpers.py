@@ -41,7 +41,27 @@ def checked_for_cycles(client_app: Callable[[Message, Context], Message],
     return checked
 
 
-class LocalGrid(Grid):
+class StubGrid(Grid):
+    """The parts of Flower's Grid a split strategy does not use (``send_and_receive`` and
+    ``get_node_ids`` are the subclass's)."""
+
+    def set_run(self, run: object) -> None: ...
+
+    @property
+    def run(self) -> None:
+        return None
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+
+class LocalGrid(StubGrid):
     """Delivers messages to ClientApps in process, one Context per node (like the simulation).
 
     ``intercept(node, message_type)`` may return ``"silent"`` (no reply) or ``"error"``.
@@ -57,23 +77,8 @@ class LocalGrid(Grid):
             for node in range(1, num_nodes + 1)
         }
 
-    def set_run(self, run: object) -> None: ...
-
-    @property
-    def run(self) -> None:
-        return None
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:
-        raise NotImplementedError
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []

@@ -130,18 +130,18 @@ def unpack_messages(content: object, kind: type[Message], tenant: str | None = N
         raise ValueError(f"kind: {kind!r} is not a protocol message class")
     if not isinstance(content, RecordDict):
         raise ProtocolError(f"expected a RecordDict, got {type(content).__name__}")
-    header = _record(content, PROTOCOL_KEY, ConfigRecord)
-    payload = _record(content, PAYLOAD_KEY, ArrayRecord)
-    fmt = _value(header, "format", int)
+    header = read_record(content, PROTOCOL_KEY, ConfigRecord)
+    payload = read_record(content, PAYLOAD_KEY, ArrayRecord)
+    fmt = typed_value(header, "format", int)
     if fmt != PACK_FORMAT:
         raise ProtocolError(f"{PROTOCOL_KEY}.format: expected {PACK_FORMAT}, got {fmt}")
-    got_kind = _value(header, "kind", str)
+    got_kind = typed_value(header, "kind", str)
     if got_kind != kind.__name__:
         raise ProtocolError(f"{PROTOCOL_KEY}.kind: expected {kind.__name__!r}, got {got_kind!r}")
-    got_tenant = _value(header, "tenant", str)
+    got_tenant = typed_value(header, "tenant", str)
     if tenant is not None and got_tenant != tenant:
         raise ProtocolError(f"{PROTOCOL_KEY}.tenant: expected {tenant!r}, got {got_tenant!r}")
-    count = _value(header, "count", int)
+    count = typed_value(header, "count", int)
     if count < 0:
         raise ProtocolError(f"{PROTOCOL_KEY}.count: must be >= 0, got {count}")
     steps = _int_list(header, "steps", count)
@@ -165,7 +165,7 @@ def unpack_messages(content: object, kind: type[Message], tenant: str | None = N
 
 def pack_tenant(content: RecordDict) -> str:
     """The tenant named in a pack's header (validated)."""
-    return _value(_record(content, PROTOCOL_KEY, ConfigRecord), "tenant", str)
+    return typed_value(read_record(content, PROTOCOL_KEY, ConfigRecord), "tenant", str)
 
 
 def read_metrics(content: RecordDict, required: Sequence[str] = (),
@@ -199,15 +199,18 @@ def read_config(content: object, key: str = RecordKey.CONFIG) -> ConfigRecord:
     """A server instruction's ConfigRecord (validated presence and type)."""
     if not isinstance(content, RecordDict):
         raise ProtocolError(f"expected a RecordDict, got {type(content).__name__}")
-    return _record(content, key, ConfigRecord)
+    return read_record(content, key, ConfigRecord)
 
 
 def config_value(record: ConfigRecord, key: str, kind: type, where: str = "config") -> Any:
     """One typed value of a ConfigRecord (ProtocolError if missing or of the wrong type)."""
-    return _value(record, key, kind, where)
+    return typed_value(record, key, kind, where)
 
 
-def _record(content: RecordDict, key: str, kind: type) -> Any:
+def read_record(content: object, key: str, kind: type) -> Any:
+    """The record ``key`` of a received RecordDict, of type ``kind`` (ProtocolError naming what is wrong)."""
+    if not isinstance(content, RecordDict):
+        raise ProtocolError(f"expected a RecordDict, got {type(content).__name__}")
     if key not in content:
         raise ProtocolError(f"missing {kind.__name__} {key!r} (records present: {sorted(content.keys())})")
     record = content[key]
@@ -216,7 +219,8 @@ def _record(content: RecordDict, key: str, kind: type) -> Any:
     return record
 
 
-def _value(record: ConfigRecord, key: str, kind: type, where: str = PROTOCOL_KEY) -> Any:
+def typed_value(record: ConfigRecord, key: str, kind: type, where: str = PROTOCOL_KEY) -> Any:
+    """One typed value of a received record (ProtocolError if missing or of the wrong type)."""
     if key not in record:
         raise ProtocolError(f"{where}: missing key {key!r}")
     value = record[key]
@@ -227,14 +231,14 @@ def _value(record: ConfigRecord, key: str, kind: type, where: str = PROTOCOL_KEY
 
 
 def _int_list(record: ConfigRecord, key: str, count: int) -> list[int]:
-    values = _value(record, key, list)
+    values = typed_value(record, key, list)
     if len(values) != count or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ProtocolError(f"{PROTOCOL_KEY}.{key}: expected {count} integers, got {values!r}")
     return list(values)
 
 
 def _bool_list(record: ConfigRecord, key: str, count: int) -> list[bool]:
-    values = _value(record, key, list)
+    values = typed_value(record, key, list)
     if len(values) != count or not all(isinstance(v, bool) for v in values):
         raise ProtocolError(f"{PROTOCOL_KEY}.{key}: expected {count} booleans, got {values!r}")
     return list(values)
@@ -287,7 +291,7 @@ def _encode(value: Any, path: str, arrays: ArrayRecord, blobs: dict[str, bytes])
 
 def records_to_state(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, Any]:
     """Inverse of :func:`state_to_records`."""
-    skeleton = json.loads(_value(config, "skeleton", str, "state"))
+    skeleton = json.loads(typed_value(config, "skeleton", str, "state"))
     return _decode(skeleton, arrays, config)
 
 
@@ -296,7 +300,7 @@ def _decode(node: Any, arrays: ArrayRecord, config: ConfigRecord) -> Any:
     if tag == "t":
         return array_to_tensor(f"state[{value}]", arrays[value])
     if tag == "b":
-        return _value(config, value, bytes, "state")
+        return typed_value(config, value, bytes, "state")
     if tag == "d":
         return {k: _decode(v, arrays, config) for k, v in value}
     if tag == "l":

@@ -34,7 +34,9 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flower_split.flower.contract import RecordKey
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_messages import ClientSetup, DealerHello, KeyRotation, SecureMessage
-from flower_split.flower.records import PACK_FORMAT, PAYLOAD_KEY, _value, array_to_tensor, tensor_to_array
+from flower_split.flower.records import (
+    PACK_FORMAT, PAYLOAD_KEY, array_to_tensor, read_record, tensor_to_array, typed_value,
+)
 
 SECURE_KEY = RecordKey.SECURE
 BLOBS_KEY = RecordKey.BLOBS
@@ -49,19 +51,8 @@ _HEADER: tuple[tuple[str, str, type], ...] = (
 )
 
 
-def _record(content: object, key: str, kind: type) -> Any:
-    if not isinstance(content, RecordDict):
-        raise ProtocolError(f"expected a RecordDict, got {type(content).__name__}")
-    if key not in content:
-        raise ProtocolError(f"missing {kind.__name__} {key!r} (records present: {sorted(content.keys())})")
-    record = content[key]
-    if not isinstance(record, kind):
-        raise ProtocolError(f"record {key!r}: expected a {kind.__name__}, got {type(record).__name__}")
-    return record
-
-
 def _names(record: ConfigRecord, key: str) -> list[str]:
-    values = _value(record, key, list, SECURE_KEY)
+    values = typed_value(record, key, list, SECURE_KEY)
     if not all(isinstance(v, str) and v for v in values) or len(set(values)) != len(values):
         raise ProtocolError(f"{SECURE_KEY}.{key}: expected distinct item names, got {values!r}")
     return list(values)
@@ -91,24 +82,24 @@ def has_secure(content: RecordDict) -> bool:
 
 def unpack_secure(content: object, tenant: str, sender: str) -> SecureMessage:
     """The secure step message in ``content``, from ``sender`` for ``tenant`` (ProtocolError if not)."""
-    header = _record(content, SECURE_KEY, ConfigRecord)
-    if _value(header, "format", int, SECURE_KEY) != PACK_FORMAT:
+    header = read_record(content, SECURE_KEY, ConfigRecord)
+    if typed_value(header, "format", int, SECURE_KEY) != PACK_FORMAT:
         raise ProtocolError(f"{SECURE_KEY}.format: unsupported version {header['format']!r}")
-    if _value(header, "kind", str, SECURE_KEY) != "SecureMessage":
+    if typed_value(header, "kind", str, SECURE_KEY) != "SecureMessage":
         raise ProtocolError(f"{SECURE_KEY}.kind: expected 'SecureMessage', got {header['kind']!r}")
-    fields = {attr: _value(header, wire, kind, SECURE_KEY) for attr, wire, kind in _HEADER}
+    fields = {attr: typed_value(header, wire, kind, SECURE_KEY) for attr, wire, kind in _HEADER}
     if fields["tenant"] != tenant:
         raise ProtocolError(f"message for tenant {fields['tenant']!r} delivered to {tenant!r}")
     if fields["sender"] != sender:
         raise ProtocolError(f"{SECURE_KEY}.sender: expected {sender!r}, got {fields['sender']!r}")
     tensor_names, blob_names = _names(header, "tensors"), _names(header, "blobs")
-    payload = _record(content, PAYLOAD_KEY, ArrayRecord)
-    blobs = _record(content, BLOBS_KEY, ConfigRecord)
+    payload = read_record(content, PAYLOAD_KEY, ArrayRecord)
+    blobs = read_record(content, BLOBS_KEY, ConfigRecord)
     if set(payload.keys()) != set(tensor_names) or set(blobs.keys()) != set(blob_names):
         raise ProtocolError(f"items do not match the header: arrays {sorted(payload.keys())} vs {tensor_names}, "
                             f"blobs {sorted(blobs.keys())} vs {blob_names}")
     items: dict[str, Any] = {k: array_to_tensor(f"item {k!r}", payload[k]) for k in tensor_names}
-    items.update({k: _value(blobs, k, bytes, BLOBS_KEY) for k in blob_names})
+    items.update({k: typed_value(blobs, k, bytes, BLOBS_KEY) for k in blob_names})
     return SecureMessage(items=items, **fields)
 
 
@@ -117,7 +108,7 @@ def pack_hello(hello: DealerHello) -> RecordDict:
 
 
 def unpack_hello(content: object) -> DealerHello:
-    return DealerHello(_value(_record(content, HELLO_KEY, ConfigRecord), "dealer-public", bytes, HELLO_KEY))
+    return DealerHello(typed_value(read_record(content, HELLO_KEY, ConfigRecord), "dealer-public", bytes, HELLO_KEY))
 
 
 _SETUP_FIELDS: tuple[tuple[str, type], ...] = (
@@ -136,13 +127,13 @@ def pack_setup(setup: ClientSetup) -> RecordDict:
 
 def unpack_setup(content: object) -> ClientSetup:
     """The client's set-up message (field types checked; the cloud validates the values)."""
-    record = _record(content, SETUP_KEY, ConfigRecord)
-    fields = {name: _value(record, name.replace("_", "-"), kind, SETUP_KEY) for name, kind in _SETUP_FIELDS}
-    dims = _value(record, "dims", list, SETUP_KEY)
+    record = read_record(content, SETUP_KEY, ConfigRecord)
+    fields = {name: typed_value(record, name.replace("_", "-"), kind, SETUP_KEY) for name, kind in _SETUP_FIELDS}
+    dims = typed_value(record, "dims", list, SETUP_KEY)
     if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in dims):
         raise ProtocolError(f"{SETUP_KEY}.dims: expected 4 integers, got {dims!r}")
     try:
-        optim = json.loads(_value(record, "optim", str, SETUP_KEY))
+        optim = json.loads(typed_value(record, "optim", str, SETUP_KEY))
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"{SETUP_KEY}.optim: not JSON ({exc})") from None
     if not isinstance(optim, dict):
@@ -163,8 +154,8 @@ def pack_key_rotation(rotation: KeyRotation) -> RecordDict:
 
 def unpack_key_rotation(content: object, tenant: str) -> KeyRotation:
     """``tenant``'s key rotation (field types checked; the cloud validates the key material)."""
-    record = _record(content, REKEY_KEY, ConfigRecord)
-    fields = {name: _value(record, name.replace("_", "-"), kind, REKEY_KEY) for name, kind in _REKEY_FIELDS}
+    record = read_record(content, REKEY_KEY, ConfigRecord)
+    fields = {name: typed_value(record, name.replace("_", "-"), kind, REKEY_KEY) for name, kind in _REKEY_FIELDS}
     if fields["tenant"] != tenant:
         raise ProtocolError(f"{REKEY_KEY}.tenant: {fields['tenant']!r}, but the node serves tenant {tenant!r}")
     return KeyRotation(**fields)

@@ -9,36 +9,22 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from flower_helpers import StubGrid
 from flower_split.flower.contract import MessageType, MetricKey, RecordKey, split_type
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.strategy_utils import EvalReport, EvalTally, Exchange, RoundReport, class_counts, weighted_mean
 from flower_split.protocol import ProtocolError
 
 
-class ScriptedGrid(Grid):
+class ScriptedGrid(StubGrid):
     """A Grid whose nodes answer by script: ``"ok"`` echoes the content, ``"error"`` / ``"silent"``."""
 
     def __init__(self, script: dict[int, str]) -> None:
         self.script = script
         self.sent: list[tuple[int, str]] = []
 
-    def set_run(self, run: object) -> None: ...
-
-    @property
-    def run(self) -> None:
-        return None
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:
-        raise NotImplementedError
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.script)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []

@@ -17,7 +17,7 @@ from flower_helpers import LocalGrid
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 8, "tail-bottleneck": 16,
-        "lr-tail": 0.5, "batch-size": 16, "max-train-samples": 128, "max-test-samples": 64,
+        "lr-head": 0.02, "lr-tail": 0.3, "batch-size": 16, "max-train-samples": 128, "max-test-samples": 64,
         "local-steps": 2, "micro-batches": 2, "num-server-rounds": 3, "eval-every": 1, "eval-initial": False,
         "global-eval": False, "min-nodes": 2, "reply-timeout": 120.0}
 

@@ -30,7 +30,7 @@ def _toml(sections: dict[str, dict]) -> str:
 def _base(dataset: str = "banking77") -> dict[str, dict]:
     return {
         "run": {"model": "tiny", "dataset": dataset, "device": "cpu", "max_train_samples": 320,
-                "max_test_samples": 120, "lr": 0.01, "head_rank": 8, "tail_bottleneck": 16, "lr_tail": 0.5},
+                "max_test_samples": 120, "lr": 0.01, "head_rank": 8, "tail_bottleneck": 16, "lr_head": 0.02, "lr_tail": 0.3},
         # dirichlet:100 is close to IID (flwr-datasets' "iid" takes contiguous, label-sorted shards)
         "federation": {"num_clients": 2, "rounds": 2, "partition": "dirichlet:100"},
         "fedavg": {"local_epochs": 1},

@@ -92,9 +92,10 @@ def _tail(message: Message, context: Context, config: RunConfig, settings: Flowe
         loss_sum += result.loss * result.logits.shape[0]
         examples += result.logits.shape[0]
     _save_party(context, party)
-    # the client reports its own mean loss (plain mode only: secure tenants report none)
-    metrics = {MetricKey.TRAIN_LOSS: loss_sum / examples if examples else 0.0, MetricKey.NUM_EXAMPLES: examples}
-    if party.label_noise is not None:  # from its own label uses, kept in its state across rounds
+    metrics: dict[str, float] = {MetricKey.NUM_EXAMPLES: examples}
+    if party.label_noise is None:  # the client reports its own mean loss (plain mode only)
+        metrics[MetricKey.TRAIN_LOSS] = loss_sum / examples if examples else 0.0
+    else:  # under label-DP the loss is not noised, so it stays on the tenant; epsilon from its own uses
         metrics[MetricKey.LABEL_DP_EPSILON] = party.label_noise.epsilon()
     return pack_messages(BodyGrad, data.tenant, grads, metrics)
 

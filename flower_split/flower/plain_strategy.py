@@ -72,7 +72,7 @@ class SplitStrategy(SplitStrategyBase):
         phase = Exchange()
         active = self.training_nodes(self.select(grid))
         losses: dict[int, tuple[float, int]] = {}  # node -> (loss sum, examples) of this round
-        done = 0
+        done, examples = 0, 0
         while done < self.local_steps and active:
             count = min(self.micro_batches, self.local_steps - done)
             config = ConfigRecord({ConfigKey.NUM_BATCHES: count, ConfigKey.SERVER_ROUND: server_round})
@@ -86,25 +86,27 @@ class SplitStrategy(SplitStrategyBase):
             metrics: dict[int, dict[str, float]] = {}
             for node, content in replies.items():
                 try:
-                    metrics[node] = read_metrics(content, (MetricKey.TRAIN_LOSS, MetricKey.NUM_EXAMPLES))
+                    metrics[node] = read_metrics(content, (MetricKey.NUM_EXAMPLES,))  # loss: not under label-DP
                 except ProtocolError as exc:
                     self.drop(node, str(exc), phase, active)
             grads = self.cloud_stage({n: replies[n] for n in metrics}, BodyGrad, phase, active)
             backward: dict[int, RecordDict] = {}
             for node, messages in grads.items():
-                n_examples = int(metrics[node][MetricKey.NUM_EXAMPLES])
-                total, seen = losses.get(node, (0.0, 0))
-                losses[node] = (total + metrics[node][MetricKey.TRAIN_LOSS] * n_examples, seen + n_examples)
+                examples += int(metrics[node][MetricKey.NUM_EXAMPLES])
+                if MetricKey.TRAIN_LOSS in metrics[node]:
+                    n_examples = int(metrics[node][MetricKey.NUM_EXAMPLES])
+                    total, seen = losses.get(node, (0.0, 0))
+                    losses[node] = (total + metrics[node][MetricKey.TRAIN_LOSS] * n_examples, seen + n_examples)
                 if messages:
                     backward[node] = pack_messages(HeadGrad, self.tenant_of[node], messages)
             self.exchange(grid, MessageType.HEAD_BWD, backward, server_round, phase, active)
             done += count
-        loss_sum, examples = sum(v[0] for v in losses.values()), sum(v[1] for v in losses.values())
+        loss_sum, reported = sum(v[0] for v in losses.values()), sum(v[1] for v in losses.values())
         self.note_round_losses(server_round, {self.tenant_of[n]: losses[n][0] / losses[n][1]
                                               for n in active if losses.get(n, (0, 0))[1]})
         return RoundReport(
             server_round=server_round, tenants=sorted(self.tenant_of[n] for n in active),
-            dropped=dict(phase.dropped), train_loss=loss_sum / examples if examples else None,
+            dropped=dict(phase.dropped), train_loss=loss_sum / reported if reported == examples and examples else None,
             num_examples=examples, steps=done, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud,
             wall_seconds=time.perf_counter() - phase.started, stopped=dict(self.stopped))

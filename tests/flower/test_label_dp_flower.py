@@ -3,6 +3,7 @@ in its state between messages (every message is handled by a freshly loaded part
 
 from __future__ import annotations
 
+import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from flower_split.apps.client_app import make_client_app
@@ -29,6 +30,23 @@ def test_plain_tenant_reports_its_label_dp_epsilon_from_counted_uses(task_identi
         outputs = [cloud.handle(head) for head in heads]
         reply = grid.send_and_receive([Message(pack_messages(BodyOutput, "tenant-0", outputs), 1, "train.tail")])[0]
         assert not reply.has_error(), reply.error
-        reported.append(reply.content[RecordKey.METRICS][MetricKey.LABEL_DP_EPSILON])
+        metrics = reply.content[RecordKey.METRICS]
+        reported.append(metrics[MetricKey.LABEL_DP_EPSILON])
+        # the loss depends on the labels and is not noised: under label-DP it never leaves the tenant
+        assert MetricKey.TRAIN_LOSS not in metrics and metrics[MetricKey.NUM_EXAMPLES] == 32
     assert reported[:2] == [label_dp_epsilon(2.0, 1, 1e-6)] * 2
     assert reported[2] == label_dp_epsilon(2.0, 2, 1e-6)
+
+
+def test_label_dp_round_reports_no_loss_and_refuses_the_stop_rule(task_identity: None) -> None:
+    from flower_split.apps.server_app import run_cloud
+    from flower_split.backends import backend_for
+    from flower_split.config import ConfigError
+    from flower_split.flower.settings import settings_from_run_config
+
+    rounds = []
+    run_cloud(LocalGrid(make_client_app(CONFIG), 1), {**CONFIG, "global-eval": False}, rounds.append)
+    train = [r for r in rounds if type(r).__name__ == "RoundReport"]
+    assert train and train[0].train_loss is None and train[0].num_examples == 32
+    with pytest.raises(ConfigError, match="^target-loss: under label-DP"):
+        backend_for(*settings_from_run_config({**CONFIG, "target-loss": 1.0}))

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_options(audit)
     audit.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_predict_parser(commands)
+    keygen = commands.add_parser("dealer-keygen", help="make the secure-mode dealer's long-term key pair")
+    keygen.add_argument("--out", required=True, help="directory for dealer.key (0600, the dealer node's) and "
+                                                     "dealer.pub (what every tenant pins)")
     return parser
 
 
@@ -124,6 +127,20 @@ def run_audit_command(directory: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def dealer_keygen(directory: str) -> int:
+    """Write a fresh dealer key pair; refuse to overwrite an existing one (tenants pinned it)."""
+    from flower_split.protocol.dealer_identity import PRIVATE_FILE, new_identity, save_identity
+
+    if (Path(directory) / PRIVATE_FILE).exists():
+        print(f"flower-split: {Path(directory) / PRIVATE_FILE} exists; tenants may have pinned its key, "
+              "so it is not replaced (remove it first to make a new one)", file=sys.stderr)
+        return 2
+    private, public = save_identity(new_identity(), directory)
+    print(f"dealer key: {private} (keep it on the dealer's machine: node config dealer-key)\n"
+          f"public key: {public} = {public.read_text().strip()} (every tenant pins it: node config dealer-public-key)")
+    return 0
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then --quick, then explicit options, then --set; validated."""
     values: dict[str, object] = dict(QUICK) if args.quick else {}
@@ -152,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flower_split.runs.predict import main_predict
 
         return main_predict(args)
+    if args.command == "dealer-keygen":
+        return dealer_keygen(args.out)
     try:
         config = config_from_args(args)
     except (ConfigError, TypeError) as exc:

@@ -4,11 +4,14 @@ that client messages leave no data in reference cycles."""
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
+
+from flower_split.protocol.dealer_identity import new_identity, save_identity
 
 
 def cyclic_data(action: Callable[[], object]) -> list[str]:
@@ -65,17 +68,30 @@ class LocalGrid(StubGrid):
     """Delivers messages to ClientApps in process, one Context per node (like the simulation).
 
     ``intercept(node, message_type)`` may return ``"silent"`` (no reply) or ``"error"``.
+    ``dealer``: a directory; then node ``num_nodes + 1`` is secure mode's dealer node (node
+    config ``role = "dealer"`` with a fresh key file written there) and every tenant pins its
+    public key, as in a deployment.
     """
 
     def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
-                 intercept: Callable[[int, str], str | None] | None = None) -> None:
+                 intercept: Callable[[int, str], str | None] | None = None, dealer: str | Path | None = None) -> None:
         self.client_app = client_app
         self.intercept = intercept or (lambda node, kind: None)
+        pinned: dict[str, str] = {}
+        if dealer is not None:
+            private, public = save_identity(new_identity(), dealer)
+            pinned = {"dealer-public-key": str(public)}
         self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+            node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": num_nodes,
+                                                               **pinned},
                           state=RecordDict(), run_config={})
             for node in range(1, num_nodes + 1)
         }
+        if dealer is not None:
+            self.dealer_node = num_nodes + 1
+            self.contexts[self.dealer_node] = Context(run_id=1, node_id=self.dealer_node, state=RecordDict(),
+                                                      node_config={"role": "dealer", "dealer-key": str(private)},
+                                                      run_config={})
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)

@@ -7,8 +7,13 @@ Every Flower message is handled by a handler of :mod:`flower_split.flower.plain_
 only thing that survives between messages; in deployment each message runs in a fresh
 process), and its state is written back only when the whole message was handled.
 
+The dealer of secure mode runs this same app on a node of its own (node config
+``role = "dealer"``): :mod:`flower_split.flower.dealer_node` handles its ``query.dealer_*``
+messages, and ``query.role`` tells the strategy which node is which.
+
 Node config: ``partition-id`` and ``num-partitions`` (which partition of the run's data set
-this tenant trains on).
+this tenant trains on); ``role`` (``tenant`` or ``dealer``); ``dealer-public-key`` (a tenant:
+the dealer key it pins) and ``dealer-key`` (the dealer: its key file).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from flower_split.backends import BACKENDS, backend_for
-from flower_split.flower.contract import split_type
-from flower_split.flower.tenant import Handler, handle
+from flower_split.flower.contract import MessageType, split_type
+from flower_split.flower.dealer_node import DEALER_HANDLERS, DEALER_ROLE, DealerHandler, handle_dealer, node_role, role_record
+from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.tenant import Handler, handle, tenant_data
 
 
 def _bind(handler: Handler, overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
@@ -29,6 +36,27 @@ def _bind(handler: Handler, overrides: Mapping[str, Any]) -> Callable[[Message, 
 
     run.__name__ = run.__qualname__ = handler.__name__.lstrip("_")
     return run
+
+
+def _bind_dealer(handler: DealerHandler, overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
+    def run(message: Message, context: Context) -> Message:
+        _, settings = settings_from_run_config({**dict(context.run_config), **overrides})
+        return handle_dealer(handler, message, context, settings)
+
+    run.__name__ = run.__qualname__ = handler.__name__
+    return run
+
+
+def _bind_role(overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
+    def role(message: Message, context: Context) -> Message:
+        """``query.role``: this node's role and, for a tenant, its tenant id."""
+        config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
+        if node_role(context.node_config, settings) == DEALER_ROLE:
+            return Message(role_record(DEALER_ROLE), reply_to=message)
+        return Message(role_record("tenant", tenant_data(config, settings, context.node_config).tenant),
+                       reply_to=message)
+
+    return role
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] | None = None) -> ClientApp:
@@ -46,6 +74,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
             registered[message_type] = backend.name
             category, action = split_type(message_type)
             getattr(client_app, category)(action)(_bind(handler, extra))
+    for message_type, dealer_handler in DEALER_HANDLERS.items():
+        category, action = split_type(message_type)
+        getattr(client_app, category)(action)(_bind_dealer(dealer_handler, extra))
+    category, action = split_type(MessageType.ROLE)
+    getattr(client_app, category)(action)(_bind_role(extra))
     return client_app
 
 

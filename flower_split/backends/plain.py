@@ -38,6 +38,8 @@ class PlainBackend(SecurityBackend):
         super().validate_flower(config, settings)
         if settings.he_key_rotation_every:
             raise ConfigError("he-key-rotation-every: security 'plain' has no CKKS keys to rotate; set it to 0")
+        if settings.simulated_dealer:
+            raise ConfigError("simulated-dealer: security 'plain' has no dealer; set it to false")
         if settings.target_loss and config.label_dp_noise:
             raise ConfigError("target-loss: under label-DP a tenant keeps its (label-dependent) loss to itself, "
                               "so the strategy has none to stop it on; set target-loss = 0 or label-dp-noise = 0")

@@ -20,6 +20,7 @@ from flower_split.backends.secure_state import restore_secure, save_secure
 from flower_split.config import LABEL_PROTECTIONS, ConfigError, RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.flower import secure_handlers
+from flower_split.flower.dealer_link import ColocatedDealer, DealerLink, NodeDealer
 from flower_split.flower.secure_strategy import SecureSplitStrategy
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.strategy import SplitStrategyBase
@@ -95,8 +96,10 @@ class SecureBackend(SecurityBackend):
         return restore_secure(run, device)
 
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:
-        dealer = SecureDealerParty()
-        cloud = SecureCloudParty(body, dealer.public, device, keep_graphs=settings.cloud_keep_graphs,
+        # the ServerApp holds no dealer secret unless the run explicitly co-locates it (insecure)
+        dealer: DealerLink = (ColocatedDealer(SecureDealerParty()) if settings.insecure_colocated_dealer
+                              else NodeDealer(settings.reply_timeout))
+        cloud = SecureCloudParty(body, None, device, keep_graphs=settings.cloud_keep_graphs,
                                  allow_reproducible_init=settings.allow_insecure_reproducible_init)
         return SecureSplitStrategy(cloud, dealer, settings.local_steps, min_nodes=settings.min_nodes,
                                    reply_timeout=settings.reply_timeout, global_eval=settings.global_eval,

@@ -28,6 +28,12 @@ class MessageType:
     SECURE_REKEY = "train.secure_rekey"
     SECURE_EVAL_BEGIN = "evaluate.secure_begin"
     SECURE_EVAL_NEXT = "evaluate.secure_next"
+    # secure mode's dealer node (docs/secure.md §9): its role, signed hellos, tenant
+    # registrations and each step's sealed material, always for many tenants at once
+    ROLE = "query.role"
+    DEALER_HELLO = "query.dealer_hello"
+    DEALER_REGISTER = "query.dealer_register"
+    DEALER_MATERIAL = "query.dealer_material"
     # simulations: load model and data before the first timed round
     WARM_UP = "query.warmup"
 
@@ -53,6 +59,10 @@ class RecordKey:
     HELLO = "hello"          # ConfigRecord: the dealer's hello
     SETUP = "setup"          # ConfigRecord: a tenant's secure set-up
     REKEY = "rekey"          # ConfigRecord: a tenant's CKKS key rotation
+    ROLE = "role"            # ConfigRecord: a node's role (tenant / dealer) and tenant id
+    DEALER = "dealer"        # ConfigRecord: a request to the dealer node (per-tenant lists)
+    OUTCOME = "outcome"      # ConfigRecord: the dealer's per-tenant results (errors by tenant)
+    MATERIAL = "material"    # ArrayRecord: sealed material by tenant (uint8)
 
 
 class ConfigKey:

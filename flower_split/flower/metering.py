@@ -146,14 +146,19 @@ class Traffic:
 
     nodes: dict[int, NodeCosts] = field(default_factory=dict)
     round_trips: int = 0
+    dealer_nodes: set[int] = field(default_factory=set)  # secure mode's dealer: not a client
 
     def node(self, node_id: int) -> NodeCosts:
         return self.nodes.setdefault(node_id, NodeCosts())
 
     def per_client(self, name: str) -> float:
-        """Mean of ``name`` over the nodes that exchanged messages in this phase."""
-        active = [c for c in self.nodes.values() if c.messages]
+        """Mean of ``name`` over the tenant nodes that exchanged messages in this phase."""
+        active = [c for n, c in self.nodes.items() if c.messages and n not in self.dealer_nodes]
         return sum(getattr(c, name) for c in active) / len(active) if active else 0.0
+
+    def dealer(self, name: str) -> float:
+        """Total of ``name`` over the dealer node(s) in this phase."""
+        return sum(getattr(c, name) for n, c in self.nodes.items() if n in self.dealer_nodes)
 
 
 class MeteredGrid(Grid):
@@ -164,6 +169,7 @@ class MeteredGrid(Grid):
         self._lock = threading.Lock()
         self._phase = Traffic()
         self.total = Traffic()
+        self.dealer_nodes: set[int] = set()  # nodes sent ``query.dealer_*`` messages
 
     # -- metering ------------------------------------------------------------------------------
 
@@ -171,6 +177,7 @@ class MeteredGrid(Grid):
         """Costs since the previous call (and start a new phase)."""
         with self._lock:
             phase, self._phase = self._phase, Traffic()
+            phase.dealer_nodes = set(self.dealer_nodes)
         return phase
 
     def _count(self, node_id: int, costs: NodeCosts) -> None:
@@ -183,6 +190,10 @@ class MeteredGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         for message in messages:
+            if message.metadata.message_type.startswith("query.dealer_"):
+                with self._lock:
+                    self.dealer_nodes.add(message.metadata.dst_node_id)
+                    self.total.dealer_nodes.add(message.metadata.dst_node_id)
             self._count(message.metadata.dst_node_id,
                         NodeCosts(bytes_down=record_bytes(message.content), messages=1))
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))

@@ -12,7 +12,8 @@ secure step in flight (both halves change at its end), so there is nothing to pa
 ``"blobs"`` (:class:`ConfigRecord`)
     one ``bytes`` value per byte item (seeds, CKKS envelopes), keyed by item name.
 
-Set-up messages: :class:`DealerHello` as ConfigRecord ``"hello"`` {dealer-public} and
+Set-up messages: :class:`DealerHello` as ConfigRecord ``"hello"`` {dealer-public, tenant,
+signature} and
 :class:`ClientSetup` as ConfigRecord ``"setup"`` (its fields; ``optim`` as JSON).
 Key rotation (``he``): :class:`KeyRotation` as ConfigRecord ``"rekey"`` {tenant,
 previous-key-id, key-id, he-public}; the cloud's current CKKS key id travels as
@@ -104,11 +105,14 @@ def unpack_secure(content: object, tenant: str, sender: str) -> SecureMessage:
 
 
 def pack_hello(hello: DealerHello) -> RecordDict:
-    return RecordDict({HELLO_KEY: ConfigRecord({"dealer-public": hello.dealer_public})})
+    return RecordDict({HELLO_KEY: ConfigRecord({"dealer-public": hello.dealer_public, "tenant": hello.tenant,
+                                                "signature": hello.signature})})
 
 
 def unpack_hello(content: object) -> DealerHello:
-    return DealerHello(typed_value(read_record(content, HELLO_KEY, ConfigRecord), "dealer-public", bytes, HELLO_KEY))
+    record = read_record(content, HELLO_KEY, ConfigRecord)
+    return DealerHello(typed_value(record, "dealer-public", bytes, HELLO_KEY),
+                       typed_value(record, "tenant", str, HELLO_KEY), typed_value(record, "signature", bytes, HELLO_KEY))
 
 
 _SETUP_FIELDS: tuple[tuple[str, type], ...] = (

@@ -1,13 +1,13 @@
 """Flower strategy of split learning in security level ``secure`` (2PC adapters, protected labels).
 
-The ServerApp hosts the cloud (party 0 of every tenant's 2PC, with the frozen body) and,
-in this release, the dealer object too (:class:`SecureDealerParty`, a separate party in the
-protocol: it talks to the cloud only through its request/bundle messages, and what it sends
-the cloud is only the cloud's own corrections; see docs/secure.md for what co-locating it
-with the cloud means and how to run it apart).
+The ServerApp hosts the cloud (party 0 of every tenant's 2PC, with the frozen body). The
+dealer is its own SuperNode, reached through a :class:`~flower_split.flower.dealer_link.DealerLink`
+(only with ``insecure-colocated-dealer`` does it live in this process; docs/secure.md §9).
 
-Set-up (once per tenant, on first sight of its node): ``train.secure_setup`` carries the
-dealer's hello; the tenant's :class:`ClientSetup` is registered with the cloud and the dealer.
+Set-up (once per tenant, on first sight of its node; :mod:`flower_split.flower.secure_admission`):
+``query.role`` finds the dealer node and binds each tenant id to its node;
+``train.secure_setup`` carries the dealer's hello signed for that tenant; the tenant's
+:class:`ClientSetup` is registered with the cloud and the dealer.
 
 A secure step is a fixed exchange of messages (``secure_steps.schedule``: 10-11 from the
 client for a training step). Each tenant has one step in flight, and every round trip
@@ -16,7 +16,9 @@ carries the next message of every selected tenant at once::
     train.secure_begin  -> tenants: reconcile with the cloud's update counts, refuse a step
                            number below the cloud's next-step, next batch; reply: the step's
                            first message (+ the tenant's update counts)
-    (cloud)                reconcile, dealer material, answer
+    query.dealer_material -> the dealer node: every tenant's request (one round trip);
+                           reply: the sealed material, which the cloud opens
+    (cloud)                reconcile, answer
     train.secure_next   -> tenants: the cloud's message; reply: the tenant's next message
     ...                    until every tenant's step is over (metrics {done})
 
@@ -60,27 +62,27 @@ from flwr.serverapp import Grid
 
 from flower_split.flower.contract import CLASS_COUNT_KEYS, ConfigKey, MessageType, MetricKey, RecordKey
 from flower_split.flower.records import config_value, read_metrics
-from flower_split.flower.secure_records import (
-    has_secure, pack_hello, pack_secure, unpack_key_rotation, unpack_secure, unpack_setup,
-)
+from flower_split.flower.dealer_link import DealerLink
+from flower_split.flower.secure_admission import SecureAdmission
+from flower_split.flower.secure_records import has_secure, pack_secure, unpack_key_rotation, unpack_secure
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.strategy_utils import EvalReport, EvalTally, Exchange, RoundReport
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
-from flower_split.protocol.secure_dealer import SecureDealerParty
+from flower_split.protocol.secure_messages import MaterialRequest, SecureMessage
 
 
-class SecureSplitStrategy(SplitStrategyBase):
+class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
     """Split learning (security ``secure``) over the Flower Message API.
 
     Parameters as for :class:`~flower_split.flower.strategy.SplitStrategyBase` (``cloud``: the
     :class:`SecureCloudParty`; ``local_steps``: training steps, one batch each, per tenant and
-    round), plus ``dealer`` (the :class:`SecureDealerParty` of correlated randomness) and
+    round), plus ``dealer`` (the :class:`DealerLink` to the dealer of correlated randomness) and
     ``he_key_rotation_every`` (default 0): rotate the CKKS keys of every tenant whose label
     protection holds such keys after every N training rounds (0: never).
     """
 
-    def __init__(self, cloud: SecureCloudParty, dealer: SecureDealerParty, local_steps: int,
+    def __init__(self, cloud: SecureCloudParty, dealer: DealerLink, local_steps: int,
                  min_nodes: int = 2, reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0,
                  global_eval: bool = True, he_key_rotation_every: int = 0) -> None:
         super().__init__(cloud, local_steps, min_nodes, reply_timeout, node_wait_timeout, global_eval)
@@ -88,6 +90,7 @@ class SecureSplitStrategy(SplitStrategyBase):
                 or he_key_rotation_every < 0:
             raise ValueError(f"he_key_rotation_every must be an integer >= 0, got {he_key_rotation_every!r}")
         self.dealer = dealer
+        self._init_admission()
         self.he_key_rotation_every = he_key_rotation_every
         self._rekey_due: set[str] = set()  # tenants whose CKKS keys are to be rotated
 
@@ -106,6 +109,7 @@ class SecureSplitStrategy(SplitStrategyBase):
         """One round: ``local_steps`` secure training steps for every selected tenant."""
         phase = Exchange()
         active = self.select(grid)
+        self.dealer.round_started(server_round)
         every = self.he_key_rotation_every
         if every and server_round > 1 and (server_round - 1) % every == 0:
             self._rekey_due |= {t for t in self.cloud.tenants if self.cloud.he_key_id(t) is not None}
@@ -160,16 +164,20 @@ class SecureSplitStrategy(SplitStrategyBase):
         instructions = {node: self._begin_instruction(node, extra, server_round) for node, extra in configs.items()}
         replies = self.exchange(grid, begin, instructions, server_round, phase, active)
         remaining: dict[int, float] = {}
-        outgoing: dict[int, RecordDict] = {}
+        firsts: dict[int, SecureMessage] = {}
         for node, content in replies.items():
+            tick = time.perf_counter()
             try:
                 remaining[node] = read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.REMAINING, 0.0)
-                first = self._first_reply(node, content, train, remaining[node], phase)
+                first = self._first_message(node, content, train, remaining[node])
                 if first is not None:
-                    outgoing[node] = first
+                    firsts[node] = first
             except ProtocolError as exc:
                 remaining.pop(node, None)
                 self.drop(node, f"{begin}: {exc}", phase, active)
+            finally:
+                phase.cloud += time.perf_counter() - tick
+        outgoing = self._answer_first(grid, firsts, phase, active)
         return remaining, self._step_loop(grid, train, outgoing, server_round, phase, active)
 
     def _begin_instruction(self, node: int, extra: dict[str, Any], server_round: int) -> RecordDict:
@@ -182,35 +190,51 @@ class SecureSplitStrategy(SplitStrategyBase):
             ConfigKey.NEXT_STEP: self.cloud.next_step(tenant),  # the tenant refuses to start a lower (used) step
             ConfigKey.SERVER_ROUND: server_round, **({ConfigKey.HE_KEY_ID: key_id} if key_id is not None else {})})})
 
-    def _first_reply(self, node: int, content: RecordDict, train: bool, remaining: float,
-                     phase: Exchange) -> RecordDict | None:
-        """The cloud's answer to a tenant's first step message (with the dealer's material), or
-        None when an evaluation has no test batch left for it."""
+    def _first_message(self, node: int, content: RecordDict, train: bool, remaining: float) -> SecureMessage | None:
+        """A tenant's first step message after reconciling (None: an evaluation with no batch left)."""
+        if not has_secure(content):
+            if train or remaining > 0:
+                raise ProtocolError(f"the reply carries no step message ({remaining:.0f} test batches remaining)")
+            return None
         tenant = self.tenant_of[node]
-        tick, dealer_time = time.perf_counter(), 0.0
-        try:
-            if not has_secure(content):
-                if train or remaining > 0:
-                    raise ProtocolError(f"the reply carries no step message ({remaining:.0f} test batches remaining)")
-                return None
-            self.cloud.reconcile(tenant, _sync(content))
-            first = unpack_secure(content, tenant, "client")
-            if first.train != train:
-                raise ProtocolError(f"step {first.step} has train={first.train}, expected {train}")
-            request = self.cloud.material_request(first)
-            dealt = time.perf_counter()
+        self.cloud.reconcile(tenant, _sync(content))
+        first = unpack_secure(content, tenant, "client")
+        if first.train != train:
+            raise ProtocolError(f"step {first.step} has train={first.train}, expected {train}")
+        return first
+
+    def _answer_first(self, grid: Grid, firsts: dict[int, SecureMessage], phase: Exchange,
+                      active: set[int]) -> dict[int, RecordDict]:
+        """The cloud's answers to the first messages, with every tenant's material asked of the
+        dealer in one request (validated in full before the dealer works for it)."""
+        requests: dict[int, MaterialRequest] = {}
+        tick = time.perf_counter()
+        for node, first in firsts.items():
             try:
-                bundle = self.dealer.handle(request)
-            finally:
-                dealer_time = time.perf_counter() - dealt
-            self.cloud.accept_material(bundle)
-            reply = self.cloud.handle(first)
-            if reply is None:
-                raise ProtocolError("a step cannot end with its first message")
-            return pack_secure(reply)
-        finally:
-            phase.cloud += time.perf_counter() - tick - dealer_time
-            phase.dealer += dealer_time
+                requests[node] = self.cloud.material_request(first)
+            except ProtocolError as exc:
+                self.drop(node, f"first message: {exc}", phase, active)
+        phase.cloud += time.perf_counter() - tick
+        dealt = time.perf_counter()
+        bundles = self.dealer.material(grid, list(requests.values()))
+        phase.dealer += time.perf_counter() - dealt
+        phase.round_trips += 0 if self.dealer.colocated or not requests else 1
+        outgoing: dict[int, RecordDict] = {}
+        tick = time.perf_counter()
+        for node, request in requests.items():
+            try:
+                bundle = bundles.get(request.tenant, "no answer from the dealer")
+                if isinstance(bundle, str):
+                    raise ProtocolError(f"dealer: {bundle}")
+                self.cloud.accept_material(bundle)
+                reply = self.cloud.handle(firsts[node])
+                if reply is None:
+                    raise ProtocolError("a step cannot end with its first message")
+                outgoing[node] = pack_secure(reply)
+            except ProtocolError as exc:
+                self.drop(node, f"first message: {exc}", phase, active)
+        phase.cloud += time.perf_counter() - tick
+        return outgoing
 
     def _step_loop(self, grid: Grid, train: bool, outgoing: dict[int, RecordDict], server_round: int,
                    phase: Exchange, active: set[int]) -> dict[int, RecordDict]:
@@ -266,40 +290,6 @@ class SecureSplitStrategy(SplitStrategyBase):
                 self.drop(node, f"{MessageType.SECURE_REKEY}: {exc}", phase, active)
             finally:
                 phase.cloud += time.perf_counter() - tick
-
-    # -- tenants -------------------------------------------------------------------------------
-
-    def admit_nodes(self, grid: Grid, nodes: set[int]) -> set[int]:
-        """New nodes are set up first (failures left out); the nodes that are set up.
-
-        The set-up round trip is not counted in the round's round trips per step (it happens
-        once per tenant); its bytes are in the round's traffic.
-        """
-        new = nodes - set(self.tenant_of)
-        if new:
-            self._setup(grid, new)
-        return {n for n in nodes if n in self.tenant_of}
-
-    def _setup(self, grid: Grid, nodes: set[int]) -> None:
-        hello = pack_hello(self.dealer.hello())
-        replies = self.exchange(grid, MessageType.SECURE_SETUP, {n: hello for n in nodes}, 0, Exchange(), set(nodes))
-        for node, content in replies.items():
-            try:
-                setup = unpack_setup(content)
-                if setup.tenant in self.tenant_of.values():
-                    raise ProtocolError(f"tenant {setup.tenant!r} is already served by another node")
-                registration = self.cloud.register(setup)
-            except ProtocolError as exc:
-                log(WARNING, "node %d: secure set-up failed: %s", node, exc)
-                continue
-            try:
-                self.dealer.register(registration)
-            except ProtocolError as exc:
-                self.cloud.drop_tenant(setup.tenant)
-                log(WARNING, "node %d: secure set-up failed at the dealer: %s", node, exc)
-                continue
-            self.tenant_of[node] = setup.tenant
-            log(INFO, "node %d: tenant %s set up (%s label protection)", node, setup.tenant, setup.label_protection)
 
 
 def _sync(content: RecordDict) -> dict[str, int]:

@@ -42,6 +42,13 @@ class FlowerSettings:
     ``target-loss`` (the stop rule, split-plain: a tenant whose own mean training loss of a
     round is <= this value gets no more training rounds but is still evaluated; the round it
     stopped is recorded; 0: never stop),
+    ``insecure-colocated-dealer`` (secure mode: run the dealer inside the ServerApp, so the
+    cloud holds every tenant's Beaver material and can open everything; tests and demos only,
+    warned every round; tenants without a pinned dealer key accept its unsigned hello. Off
+    (default): the dealer is its own SuperNode, node config ``role = "dealer"``),
+    ``simulated-dealer`` (simulation, which has no per-node config: the node with the last
+    ``partition-id`` is the dealer and the tenants split the data ``num-partitions - 1`` ways;
+    ``flower-split simulate`` sets it for secure runs),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`).
     """
@@ -60,6 +67,8 @@ class FlowerSettings:
     cloud_keep_graphs: bool = False
     allow_insecure_reproducible_init: bool = False
     target_loss: float = 0.0
+    insecure_colocated_dealer: bool = False
+    simulated_dealer: bool = False
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -78,7 +87,7 @@ class FlowerSettings:
                 or not self.target_loss >= 0:
             raise ConfigError(f"target-loss: expected a number >= 0 (0: never stop), got {self.target_loss!r}")
         for name in ("eval_initial", "global_eval", "secure_metrics", "cloud_keep_graphs",
-                     "allow_insecure_reproducible_init", "quick"):
+                     "allow_insecure_reproducible_init", "insecure_colocated_dealer", "simulated_dealer", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
         if not isinstance(self.partition, str):

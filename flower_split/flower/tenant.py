@@ -24,13 +24,13 @@ from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
 from flower_split.data.tenants import tenant_splits
 from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
+from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
 from flower_split.protocol import ProtocolError
 
 DATA_STATE = "data"
-PROTOCOL_ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,16 @@ def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantData:
-    """This node's data, from ``partition-id`` / ``num-partitions`` in its node config."""
+    """This node's data, from ``partition-id`` / ``num-partitions`` in its node config.
+
+    With ``simulated-dealer`` the last partition id is the dealer node's, so the tenants
+    split the data one way fewer.
+    """
     partition_id, num_partitions = node_partition(node_config)
+    if settings.simulated_dealer and "role" not in node_config:
+        num_partitions -= 1
+        if partition_id >= num_partitions:
+            raise ValueError(f"node_config: partition-id {partition_id} is the simulated dealer's, not a tenant's")
     items = tuple(sorted(config.to_dict().items()))
     return _tenant_data(items, settings.partition, partition_id, num_partitions)
 
@@ -175,6 +183,9 @@ def handle(handler: Handler, message: Message, context: Context, overrides: Mapp
     config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
     if validate is not None:
         validate(config, settings)
+    if node_role(context.node_config, settings) != TENANT_ROLE:
+        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"ProtocolError: {message.metadata.message_type} "
+                             "sent to the dealer node, which serves no tenant"), reply_to=message)
     data = tenant_data(config, settings, context.node_config)
     saved = dict(context.state.items())  # handlers replace records, never mutate them in place
     try:

@@ -38,6 +38,7 @@ from flower_split.model import Embedder, HeadAdapter, TailAdapter
 from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
 from flower_split.mpc import new_seed
 from flower_split.mpc.triples import TripleRequest
+from flower_split.protocol.dealer_identity import accept_hello
 from flower_split.protocol.labels import label_protection
 from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share
 from flower_split.protocol.messages import ProtocolError
@@ -107,12 +108,15 @@ class SecureClientParty(SecureStepRunner):
         self.finished: dict[int, SecureStepResult] = {}
 
     # ------------------------------------------------------------------------ set-up
-    def setup(self, hello: DealerHello) -> ClientSetup:
-        """Agree the dealer key, split the initial weights; returns the set-up message for the cloud."""
+    def setup(self, hello: DealerHello, pinned_dealer: bytes | None, allow_unpinned: bool = False) -> ClientSetup:
+        """Verify the dealer's hello (``dealer_identity.accept_hello``: signed for this tenant by
+        ``pinned_dealer``), agree the dealer key, split the initial weights; returns the set-up
+        message for the cloud."""
         if self.halves is not None:
             raise ProtocolError(f"tenant {self.tenant!r}: already set up")
         if not isinstance(hello, DealerHello):
             raise ProtocolError(f"setup needs a DealerHello, got {type(hello).__name__}")
+        accept_hello(hello, self.tenant, pinned_dealer, allow_unpinned)
         try:
             dealer_public = check_public_key(hello.dealer_public, "dealer_public")
         except ValueError as exc:

@@ -32,6 +32,7 @@ from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, Seede
 from flower_split.mpc import new_seed
 from flower_split.mpc.triples import TripleRequest
 from flower_split.protocol.body_runner import BodyRunner
+from flower_split.protocol.material_seal import open_sealed, seal_key
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
@@ -74,7 +75,7 @@ class SecureCloudParty(SecureStepRunner):
     role = CLOUD
     party = 0
 
-    def __init__(self, body: Body, dealer_public: bytes, device: torch.device | str = "cpu",
+    def __init__(self, body: Body, dealer_public: bytes | None, device: torch.device | str = "cpu",
                  frac_bits: int = DEFAULT_FRAC_BITS, keep_graphs: bool = False,
                  allow_reproducible_init: bool = False) -> None:
         """``keep_graphs``: keep each in-flight step's body graph from the forward to the
@@ -83,18 +84,33 @@ class SecureCloudParty(SecureStepRunner):
         200 MB, and every tenant has a step in flight, so the default recomputes.
 
         ``allow_reproducible_init``: accept tenants whose set-up declares seed-derived initial
-        weights (benchmarks only; such a head is no secret to the cloud). Off: refused."""
+        weights (benchmarks only; such a head is no secret to the cloud). Off: refused.
+
+        ``dealer_public``: the dealer's X25519 session key, or None when the dealer is a node
+        the cloud meets later (:meth:`bind_dealer` before the first set-up)."""
         self.allow_reproducible_init = allow_reproducible_init
         self.runner = BodyRunner(body, device, keep_graphs)
         self.body, self.device, self.keep_graphs = self.runner.body, self.runner.device, keep_graphs
         self.dim = hidden_size(body.encoder)
-        self.dealer_public = check_public_key(dealer_public, "dealer_public")
+        self.dealer_public: bytes | None = None
+        if dealer_public is not None:
+            self.bind_dealer(dealer_public)
         self.frac_bits = frac_bits
         self._x25519 = new_private_key()
         self.public = public_bytes(self._x25519)
         self.tenants: dict[str, _Tenant] = {}
 
     # ------------------------------------------------------------------------ set-up
+    def bind_dealer(self, dealer_public: bytes) -> None:
+        """Fix the dealer's session key (once; tenants already set up agreed keys with it)."""
+        try:
+            key = check_public_key(dealer_public, "dealer_public")
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
+        if self.dealer_public is not None and key != self.dealer_public:
+            raise ProtocolError("cloud: already bound to another dealer session key")
+        self.dealer_public = key
+
     def register(self, setup: ClientSetup) -> DealerRegistration:
         """Accept a tenant's set-up; returns the registration to forward to the dealer."""
         if not isinstance(setup, ClientSetup):
@@ -107,6 +123,8 @@ class SecureCloudParty(SecureStepRunner):
             check_public_key(setup.client_public, "client_public")
         except ValueError as exc:
             raise ProtocolError(f"setup: {exc}") from exc
+        if self.dealer_public is None:
+            raise ProtocolError("setup: the cloud has no dealer yet")
         if setup.dealer_public != self.dealer_public:
             raise ProtocolError("setup: the client agreed a key with another dealer")
         dims, optim, he_keys = check_setup(setup, dim=self.dim, frac_bits=self.frac_bits,
@@ -196,21 +214,17 @@ class SecureCloudParty(SecureStepRunner):
         return MaterialRequest(spec.tenant, spec.step, spec.batch, spec.tokens, spec.train)
 
     def accept_material(self, bundle: MaterialBundle) -> None:
-        """Store the dealer's corrections for the requested step (validated)."""
+        """Open and store the dealer's sealed corrections for the requested step."""
         if not isinstance(bundle, MaterialBundle):
             raise ProtocolError(f"cloud: expected MaterialBundle, got {type(bundle).__name__}")
         record = self._tenant(bundle.tenant)
         if record.material is None or record.material[0].step != bundle.step:
             raise ProtocolError(f"tenant {bundle.tenant!r}: no material was requested for step {bundle.step}")
         spec = record.material[0]
-        expected = {f"{key}:{i}": programs(spec)[key][1].requests()[i].out_shape for key, i in material_keys(spec)}
-        if not isinstance(bundle.corrections, dict) or set(bundle.corrections) != set(expected):
-            raise ProtocolError(f"tenant {bundle.tenant!r}: material bundle does not match step {bundle.step}")
-        for name, shape in expected.items():
-            tensor = bundle.corrections[name]
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != shape:
-                raise ProtocolError(f"material {name}: expected an int64 tensor of shape {shape}")
-        record.material = (spec, dict(bundle.corrections))
+        keys = material_keys(spec)
+        shapes = [programs(spec)[key][1].requests()[i].out_shape for key, i in keys]
+        tensors = open_sealed(seal_key(record.key), bundle.tenant, bundle.step, bundle.sealed, shapes)
+        record.material = (spec, {f"{key}:{i}": t for (key, i), t in zip(keys, tensors)})
 
     def handle(self, message: SecureMessage) -> SecureMessage | None:
         """Answer one client message (None when the step ends with it); on ProtocolError nothing changed."""
@@ -361,6 +375,8 @@ class SecureCloudParty(SecureStepRunner):
                 "frac_bits": self.frac_bits, "tenants": tenants}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.dealer_public is None and state["dealer_public"] is not None:
+            self.bind_dealer(state["dealer_public"])
         if state["dealer_public"] != self.dealer_public or state["frac_bits"] != self.frac_bits:
             raise ValueError("state: saved for another dealer or another fixed-point format")
         self._x25519 = private_from_bytes(state["x25519"])

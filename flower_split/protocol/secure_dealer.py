@@ -9,8 +9,9 @@ keys; the dealer derives one 32-byte key with each (``secure_keys.dealer_key``).
 the cloud sends a :class:`MaterialRequest` (tenant, step, batch shape, train); the dealer
 derives both parties' seeds for every product from the two keys, computes the triples,
 and returns to the cloud only the corrections ``masked_c = c - c_client + t_cloud``
-(``flower_split.mpc.deal_seeded`` with ``correction_party=0``). The client's share of
-every triple is the expansion of a seed only it and the dealer can derive, so:
+(``flower_split.mpc.deal_seeded`` with ``correction_party=0``), sealed to the cloud
+(``material_seal``). The client's share of every triple is the expansion of a seed only it
+and the dealer can derive, so:
 
 * nothing of the client's material travels at all (no relay through the cloud, no
   per-step bytes on the client's link);
@@ -18,13 +19,24 @@ every triple is the expansion of a seed only it and the dealer can derive, so:
 
 A step number is served once per tenant: a second request for a served step (which
 would hand out the same triples for other inputs) is refused.
+
+Identity: the dealer holds a long-term Ed25519 key (``identity``; over Flower read from its
+node's key file, never from anything the cloud holds) and signs each tenant's hello with
+it (``dealer_identity``); tenants pin its public half. The X25519 session key is fresh per
+dealer process state.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from flower_split.mpc import deal_seeded
+from flower_split.protocol.dealer_identity import (
+    identity_from_bytes, identity_private_bytes, identity_public, new_identity, signed_hello,
+)
+from flower_split.protocol.material_seal import seal, seal_key
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, private_bytes, private_from_bytes, public_bytes,
@@ -40,14 +52,19 @@ MAX_SHAPE = 4096
 class SecureDealerParty:
     """The trusted dealer (a third party, neither the cloud nor a client)."""
 
-    def __init__(self, frac_bits: int = 16) -> None:
+    def __init__(self, identity: Ed25519PrivateKey | None = None, frac_bits: int = 16) -> None:
+        self._identity = identity if identity is not None else new_identity()
+        self.identity = identity_public(self._identity)  # what tenants pin
         self._x25519 = new_private_key()
         self.public = public_bytes(self._x25519)
         self.frac_bits = frac_bits
         self._tenants: dict[str, dict[str, Any]] = {}
 
-    def hello(self) -> DealerHello:
-        return DealerHello(self.public)
+    def hello(self, tenant: str) -> DealerHello:
+        """The session key, signed for ``tenant`` with the dealer's long-term key."""
+        if not isinstance(tenant, str) or not tenant:
+            raise ProtocolError(f"dealer: hello needs a non-empty tenant id, got {tenant!r}")
+        return signed_hello(self._identity, tenant, self.public)
 
     def register(self, registration: DealerRegistration) -> None:
         if not isinstance(registration, DealerRegistration):
@@ -92,22 +109,27 @@ class SecureDealerParty:
         spec = StepSpec(request.tenant, request.step, request.batch, request.tokens, *record["dims"],
                         bool(request.train), record["train_head"], "client", self.frac_bits,
                         record["tail_pooled"])
-        corrections = {}
+        corrections = []
         for program, index in material_keys(spec):
             req = programs(spec)[program][1].requests()[index]
             seed0 = beaver_seed(record["cloud_key"], spec.tenant, spec.step, program, index)
             seed1 = beaver_seed(record["client_key"], spec.tenant, spec.step, program, index)
             cloud_material, _ = deal_seeded(req, seed0, seed1, correction_party=0)
             assert cloud_material.masked_c is not None
-            corrections[f"{program}:{index}"] = cloud_material.masked_c
+            corrections.append(cloud_material.masked_c)
         record["next_step"] = request.step + 1
-        return MaterialBundle(request.tenant, request.step, corrections)
+        sealed = seal(seal_key(record["cloud_key"]), request.tenant, request.step, corrections)
+        return MaterialBundle(request.tenant, request.step, sealed)
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything the dealer holds (its own secrets: keep it on the dealer's machine, 0600)."""
         return {"x25519": private_bytes(self._x25519), "frac_bits": self.frac_bits,
+                "identity": identity_private_bytes(self._identity),
                 "tenants": {k: dict(v) for k, v in self._tenants.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._identity = identity_from_bytes(state["identity"])
+        self.identity = identity_public(self._identity)
         self._x25519 = private_from_bytes(state["x25519"])
         self.public = public_bytes(self._x25519)
         self.frac_bits = int(state["frac_bits"])

@@ -142,9 +142,16 @@ def check_items(items: object, specs: tuple[ItemSpec, ...], where: str) -> None:
 # ----------------------------------------------------------------- set-up and dealer messages
 @dataclass(frozen=True)
 class DealerHello:
-    """dealer -> cloud, and relayed by the cloud -> client: the dealer's X25519 public key."""
+    """dealer -> cloud, and relayed by the cloud -> client: the dealer's X25519 session key.
+
+    ``signature``: the dealer's Ed25519 signature over the session key and ``tenant``
+    (:mod:`flower_split.protocol.dealer_identity`); the tenant verifies it under the dealer
+    key it pinned. Empty only from a dealer co-located with the cloud (insecure, tests).
+    """
 
     dealer_public: bytes
+    tenant: str = ""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -232,12 +239,14 @@ class MaterialRequest:
 
 @dataclass(frozen=True)
 class MaterialBundle:
-    """dealer -> cloud: the cloud's correction tensors ``masked_c`` for every product of a step.
+    """dealer -> cloud: the cloud's correction tensors ``masked_c`` for every product of a step,
+    sealed to the cloud (:mod:`flower_split.protocol.material_seal`: AES-256-GCM under a key
+    only the dealer and the cloud derive), in the order of ``secure_steps.material_keys``.
 
-    Keyed ``"<program>:<index>"``. The cloud derives its own seeds; the client derives its
-    material entirely from its dealer key, so nothing of the client's material exists here.
+    The cloud derives its own seeds; the client derives its material entirely from its
+    dealer key, so nothing of the client's material exists here.
     """
 
     tenant: str
     step: int
-    corrections: dict[str, torch.Tensor]
+    sealed: bytes

@@ -14,10 +14,12 @@ loss and bytes per client) and ``clients`` (per-tenant costs); see :func:`simula
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -149,15 +151,21 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     if settings.min_nodes > num_clients:
         raise ConfigError(f"min-nodes: {settings.min_nodes} tenants required but only {num_clients} simulated")
     name = run_name(strategy, config)
-    collector = _Collector(name, strategy, settings, num_clients, progress)
+    dealer_node = strategy == "split" and get_backend(config.security).name == "secure" \
+        and not settings.insecure_colocated_dealer
+    if dealer_node:  # the dealer is a simulated node of its own (docs/secure.md §9)
+        values["simulated-dealer"] = True
+    nodes = num_clients + int(dealer_node)
+    collector = _Collector(name, strategy, settings, nodes, progress)
     collected = collector.collected
     server_app, client_app = _apps(strategy, values, collector.on_report, collector.wrap)
     cpus = cpus or os.cpu_count() or 1
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": _client_gpus(config, cpus)},
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
     started = time.perf_counter()
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                   backend_config=backend_config)
+    with simulated_dealer_keys(dealer_node):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
+                       backend_config=backend_config)
     total_wall = time.perf_counter() - started
     if collected.grid is None or not collected.rounds:
         raise RuntimeError(f"{name}: the simulation produced no training round (see the log above)")
@@ -165,6 +173,35 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
 
 
 WARM_UP = "query.warmup"
+
+
+@contextlib.contextmanager
+def simulated_dealer_keys(enabled: bool) -> Iterator[None]:
+    """A fresh dealer key pair for one simulation, handed to its nodes by environment.
+
+    Simulated nodes have no node config of their own, so the dealer node finds its key file
+    and the tenants the key they pin in ``FLOWER_SPLIT_DEALER_KEY`` /
+    ``FLOWER_SPLIT_DEALER_PUBLIC_KEY`` (set before Ray starts its workers, restored after).
+    The ServerApp never reads them. In a deployment each machine has its own node config.
+    """
+    if not enabled:
+        yield
+        return
+    from flower_split.flower.dealer_node import DEALER_KEY_ENV, DEALER_PUBLIC_ENV
+    from flower_split.protocol.dealer_identity import new_identity, save_identity
+
+    saved = {name: os.environ.get(name) for name in (DEALER_KEY_ENV, DEALER_PUBLIC_ENV)}
+    with tempfile.TemporaryDirectory(prefix="flower-split-dealer-") as directory:
+        private, public = save_identity(new_identity(), directory)
+        os.environ[DEALER_KEY_ENV], os.environ[DEALER_PUBLIC_ENV] = str(private), str(public)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def warm_up(grid: Grid, num_clients: int, timeout: float) -> None:
@@ -216,11 +253,13 @@ def _apps(strategy: str, values: Mapping[str, Any], on_report: Callable[[Any], N
 
     from flower_split.apps.client_app import make_client_app
     from flower_split.apps.server_app import run_cloud
+    from flower_split.flower.dealer_node import TENANT_ROLE, node_role
     from flower_split.flower.tenant import tenant_data
 
     def prepare_split(context: Context) -> None:
         config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
-        tenant_data(config, settings, context.node_config)
+        if node_role(context.node_config, settings) == TENANT_ROLE:  # the dealer node loads no data
+            tenant_data(config, settings, context.node_config)
 
     server_app = ServerApp()
 

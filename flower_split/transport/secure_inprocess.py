@@ -69,12 +69,12 @@ class SecureLocalTransport:
 
     def connect(self, client: SecureClientParty) -> None:
         """Set-up: dealer hello (relayed to the client), client set-up, dealer registration."""
-        hello = self.dealer.hello()
+        hello = self.dealer.hello(client.tenant)
         self._to_cloud(hello)
         self.traffic.bytes_dealer_to_cloud += payload_bytes(hello)
         self.traffic.setup_bytes_cloud_to_client += payload_bytes(hello)
         self.traffic.bytes_cloud_to_client += payload_bytes(hello)
-        setup = client.setup(hello)
+        setup = client.setup(hello, pinned_dealer=self.dealer.identity)
         self._to_cloud(setup)
         size = payload_bytes(setup)
         self.traffic.setup_bytes_client_to_cloud += size

@@ -33,6 +33,7 @@ from flower_split.flower.records import records_to_state
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.secure_records import pack_key_rotation, unpack_key_rotation
 from flower_split.transport.secure_inprocess import SecureLocalTransport
+from flower_split.flower.dealer_link import ColocatedDealer
 from flower_split.flower.secure_strategy import SecureSplitStrategy
 from flower_split.flower.strategy_utils import RoundReport
 
@@ -41,7 +42,8 @@ HE_LOSS_TOLERANCE = 2e-3  # fixed-point forward + HE loss at B = 8 (docs/secure.
 FLOWER = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
           "lr-tail": 0.5, "batch-size": 8, "max-length": 24, "max-train-samples": 64, "max-test-samples": 16,
           "local-steps": 1, "num-server-rounds": 4, "min-nodes": 2, "reply-timeout": 120.0,
-          "security": "secure", "label-protection": "he", "global-eval": False, "he-key-rotation-every": 1}
+          "security": "secure", "label-protection": "he", "global-eval": False, "he-key-rotation-every": 1,
+          "insecure-colocated-dealer": True}  # the dealer's place is not what these tests are about
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -238,7 +240,8 @@ class LossyGrid(LocalGrid):
 def _strategy(every: int) -> SecureSplitStrategy:
     _, body = split_encoder(load_encoder("tiny", seed=0))
     dealer = SecureDealerParty()
-    return SecureSplitStrategy(SecureCloudParty(body, dealer.public), dealer, local_steps=1, reply_timeout=120.0,
+    return SecureSplitStrategy(SecureCloudParty(body, dealer.public), ColocatedDealer(dealer), local_steps=1,
+                               reply_timeout=120.0,
                                global_eval=False, he_key_rotation_every=every)
 
 

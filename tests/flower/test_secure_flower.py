@@ -23,7 +23,9 @@ from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.secure_records import (
     pack_hello, pack_secure, pack_setup, unpack_hello, unpack_secure, unpack_setup,
 )
+from flower_split.flower.dealer_link import NodeDealer
 from flower_split.flower.secure_strategy import SecureSplitStrategy
+from flower_split.runs.simulate import simulated_dealer_keys
 from flower_split.flower.strategy_utils import EvalReport, RoundReport
 
 SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
@@ -48,7 +50,7 @@ def test_secure_messages_round_trip_through_record_dicts() -> None:
         {k: v for k, v in vars(message).items() if k != "items"}
     assert torch.equal(back.items["head.fwd/s0/u/eps"], message.items["head.fwd/s0/u/eps"])
     assert back.items["input.seed_e"] == message.items["input.seed_e"]
-    hello = DealerHello(b"\x02" * 32)
+    hello = DealerHello(b"\x02" * 32, "tenant-0", b"s" * 64)
     assert unpack_hello(pack_hello(hello)) == hello
     setup = ClientSetup("tenant-0", b"a" * 32, b"b" * 32, b"", b"c" * 32, (32, 4, 8, 77), "client", True, 16, 8,
                         {"lr_head": 0.05, "total_steps": 10}, tail_input="pooled")
@@ -110,9 +112,9 @@ def test_flower_run_config_is_checked_by_the_secure_backend() -> None:
 
 
 def _strategy(**overrides) -> SecureSplitStrategy:
+    """The strategy as the ServerApp builds it: no dealer inside, the dealer node found at set-up."""
     _, body = split_encoder(load_encoder("tiny", seed=0))
-    dealer = SecureDealerParty()
-    return SecureSplitStrategy(SecureCloudParty(body, dealer.public), dealer, local_steps=SECURE["local-steps"],
+    return SecureSplitStrategy(SecureCloudParty(body, None), NodeDealer(120.0), local_steps=SECURE["local-steps"],
                                reply_timeout=120.0, global_eval=False, **overrides)
 
 
@@ -126,9 +128,9 @@ def _model_weights(grid: LocalGrid, strategy: SecureSplitStrategy, node: int) ->
 
 
 @pytest.mark.parametrize("mode", ["he", "client"])
-def test_secure_strategy_trains_every_tenant(mode: str, task_identity: None) -> None:
+def test_secure_strategy_trains_every_tenant(mode: str, task_identity: None, tmp_path) -> None:
     config = {**SECURE, "label-protection": mode}
-    grid = LocalGrid(make_client_app(config), 2)
+    grid = LocalGrid(make_client_app(config), 2, dealer=tmp_path)
     strategy = _strategy()
     reports: list = []
     strategy.start(grid, 2, eval_every=1, eval_initial=True, on_report=reports.append)
@@ -138,10 +140,11 @@ def test_secure_strategy_trains_every_tenant(mode: str, task_identity: None) -> 
     assert all(r.tenants == ["tenant-0", "tenant-1"] and not r.dropped and r.steps == 4 for r in rounds)
     # no training loss reaches the cloud (docs/secure.md §9); the batch sizes do
     assert all(r.train_loss is None and r.num_examples == 2 * 4 * 16 for r in rounds)
-    # every client message of a step is one round trip for all tenants: 11 (he) or 10 (client)
-    per_step = 11 if mode == "he" else 10
+    # every client message of a step is one round trip for all tenants: 11 (he) or 10 (client),
+    # plus one to the dealer node for all tenants' material
+    per_step = (11 if mode == "he" else 10) + 1
     assert all(r.round_trips == 4 * per_step and r.round_trips_per_step == per_step for r in rounds)
-    # the dealer's time (in the ServerApp here) is reported apart from the cloud's, inside the round's
+    # the dealer's time (its node's round trip) is reported apart from the cloud's, inside the round's
     assert all(0 < r.dealer_seconds and r.dealer_seconds + r.cloud_seconds < r.wall_seconds for r in rounds)
     assert evaluations[-1].num_examples == evaluations[0].num_examples and sum(evaluations[0].num_examples.values()) > 40
     for node in (1, 2):  # both tenants' halves add up to a sane model that moved
@@ -150,7 +153,7 @@ def test_secure_strategy_trains_every_tenant(mode: str, task_identity: None) -> 
         assert weights["cls.bc"].abs().max() > 0
 
 
-def test_tenant_dropped_mid_step_rejoins_with_a_consistent_model(task_identity: None) -> None:
+def test_tenant_dropped_mid_step_rejoins_with_a_consistent_model(task_identity: None, tmp_path) -> None:
     calls = {"n": 0}
 
     def intercept(node: int, message_type: str) -> str | None:
@@ -161,7 +164,7 @@ def test_tenant_dropped_mid_step_rejoins_with_a_consistent_model(task_identity: 
         return None
 
     config = {**SECURE, "label-protection": "client"}
-    grid = LocalGrid(make_client_app(config), 2, intercept)
+    grid = LocalGrid(make_client_app(config), 2, intercept, dealer=tmp_path)
     strategy = _strategy()
     reports: list = []
     strategy.start(grid, 2, eval_every=0, on_report=reports.append)
@@ -176,9 +179,10 @@ def test_tenant_dropped_mid_step_rejoins_with_a_consistent_model(task_identity: 
     assert max(w.abs().max().item() for w in weights.values()) < 10.0
 
 
-def test_secure_client_messages_leave_no_cycles_holding_data(task_identity: None) -> None:
+def test_secure_client_messages_leave_no_cycles_holding_data(task_identity: None, tmp_path) -> None:
     found: list[str] = []
-    grid = LocalGrid(checked_for_cycles(make_client_app({**SECURE, "label-protection": "he"}), found), 1)
+    grid = LocalGrid(checked_for_cycles(make_client_app({**SECURE, "label-protection": "he"}), found), 1,
+                     dealer=tmp_path)
     _strategy(min_nodes=1).start(grid, 1, eval_every=1)
     assert found == []
 
@@ -202,11 +206,13 @@ def test_secure_flower_simulation_learns() -> None:
     # one known start, so that the learning check below does not depend on a random one
     config = {**SECURE, "label-protection": "he", "local-steps": 6, "batch-size": 32,
               "insecure-reproducible-init": True, "allow-insecure-reproducible-init": True}
+    config["simulated-dealer"] = True  # the third node is the dealer, with its own key file
     reports: list = []
-    run_simulation(server_app=make_server_app(config, reports.append), client_app=make_client_app(config),
-                   num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    with simulated_dealer_keys(True):
+        run_simulation(server_app=make_server_app(config, reports.append), client_app=make_client_app(config),
+                       num_supernodes=3,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
     rounds = [r for r in reports if isinstance(r, RoundReport)]
     evaluations = [r for r in reports if isinstance(r, EvalReport)]
     assert [r.server_round for r in rounds] == [1, 2] and all(not r.dropped for r in rounds)

@@ -43,6 +43,7 @@ from flower_split.protocol.optim import lr_factor
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.transport.secure_inprocess import SecureLocalTransport
+from flower_split.flower.dealer_link import ColocatedDealer, NodeDealer
 from flower_split.flower.secure_strategy import SecureSplitStrategy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -171,7 +172,7 @@ def test_cloud_refuses_a_reproducible_init_unless_its_run_allows_it() -> None:
     for allow in (False, True):
         dealer = SecureDealerParty()
         cloud = SecureCloudParty(body, dealer.public, allow_reproducible_init=allow)
-        setup = SecureClientParty("t0", embedder, parts.head, parts.tail, config, TOTAL_STEPS).setup(dealer.hello())
+        setup = SecureClientParty("t0", embedder, parts.head, parts.tail, config, TOTAL_STEPS).setup(dealer.hello("t0"), dealer.identity)
         assert setup.reproducible_init
         if allow:
             cloud.register(setup)
@@ -196,6 +197,7 @@ FLOWER = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, 
           "batch-size": 8, "max-length": 16, "max-train-samples": 48, "max-test-samples": 16, "local-steps": 3,
           "num-server-rounds": 1, "min-nodes": 1, "security": "secure", "label-protection": "he",
           "global-eval": False, "secure-metrics": True}
+COLOCATED = {"insecure-colocated-dealer": True}  # where the dealer runs is not what these tests are about
 
 
 def _numbers(content: RecordDict) -> tuple[list[float], list[torch.Tensor]]:
@@ -219,7 +221,8 @@ def _nearest(values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.minimum((ordered[index] - targets).abs(), (ordered[index - 1] - targets).abs())
 
 
-def test_no_decrypted_value_reaches_the_cloud(task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_decrypted_value_reaches_the_cloud(task_identity: None, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Any) -> None:
     """A secure ``he`` run over Flower with metrics on: nothing the tenant decrypted (each step's loss
     and gradient share) is in, or within 2^-10 of a value in, what the cloud received."""
     decrypted_floats: list[float] = []
@@ -242,10 +245,9 @@ def test_no_decrypted_value_reaches_the_cloud(task_identity: None, monkeypatch: 
         received.append(reply.content)
         return reply
 
-    grid = LocalGrid(tenant, 1)
+    grid = LocalGrid(tenant, 1, dealer=tmp_path)  # the dealer node's replies are part of what the cloud receives
     _, body = split_encoder(load_encoder("tiny", seed=SEED))
-    dealer = SecureDealerParty()
-    strategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public), dealer, local_steps=3, min_nodes=1,
+    strategy = SecureSplitStrategy(SecureCloudParty(body, None), NodeDealer(60.0), local_steps=3, min_nodes=1,
                                    global_eval=False)
     result = strategy.start(grid, 1, eval_every=1)
     assert len(decrypted_floats) > 3 and result.evaluations[-1].accuracy is not None  # metrics were on
@@ -306,12 +308,12 @@ def test_restored_client_refuses_to_replay_a_step_before_opening_anything(secure
 def test_restored_client_over_flower_is_refused_at_begin(task_identity: None) -> None:
     """The cloud's next step travels in every ``secure_begin``; a tenant restored from an old
     ``Context.state`` answers with an error (no step message: nothing opened) and keeps its state."""
-    config = {**FLOWER, "label-protection": "client", "local-steps": 1}
+    config = {**FLOWER, **COLOCATED, "label-protection": "client", "local-steps": 1}
     grid = LocalGrid(make_client_app(config), 1)
     _, body = split_encoder(load_encoder("tiny", seed=SEED))
     dealer = SecureDealerParty()
-    strategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public), dealer, local_steps=1, min_nodes=1,
-                                   global_eval=False)
+    strategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public), ColocatedDealer(dealer), local_steps=1,
+                                   min_nodes=1, global_eval=False)
     strategy.start(grid, 1, eval_every=0)
     state = grid.contexts[1].state
     old = {key: copy.deepcopy(state[key]) for key in state.keys()}
@@ -370,7 +372,7 @@ def test_bad_set_up_is_a_protocol_error_before_any_allocation(case: str) -> None
     parts = build_split("tiny", 77, 4, 8)
     dealer = SecureDealerParty()
     cloud = SecureCloudParty(body, dealer.public)
-    setup = SecureClientParty("t0", embedder, parts.head, parts.tail, _config(), TOTAL_STEPS).setup(dealer.hello())
+    setup = SecureClientParty("t0", embedder, parts.head, parts.tail, _config(), TOTAL_STEPS).setup(dealer.hello("t0"), dealer.identity)
     with pytest.raises(ProtocolError, match="setup"):
         cloud.register(_bad_setup(setup, case))
     assert cloud.tenants == {}
@@ -379,7 +381,7 @@ def test_bad_set_up_is_a_protocol_error_before_any_allocation(case: str) -> None
 
 
 def test_bad_set_ups_over_flower_drop_only_their_tenants(task_identity: None) -> None:
-    client_app = make_client_app({**FLOWER, "label-protection": "client", "local-steps": 1})
+    client_app = make_client_app({**FLOWER, **COLOCATED, "label-protection": "client", "local-steps": 1})
     cases = dict(zip((2, 3, 4), BAD_SETUPS))
 
     def tenant(message: Message, context: Any) -> Message:
@@ -398,8 +400,8 @@ def test_bad_set_ups_over_flower_drop_only_their_tenants(task_identity: None) ->
     grid = LocalGrid(tenant, 4)
     _, body = split_encoder(load_encoder("tiny", seed=SEED))
     dealer = SecureDealerParty()
-    strategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public), dealer, local_steps=1, min_nodes=1,
-                                   global_eval=False)
+    strategy = SecureSplitStrategy(SecureCloudParty(body, dealer.public), ColocatedDealer(dealer), local_steps=1,
+                                   min_nodes=1, global_eval=False)
     result = strategy.start(grid, 1, eval_every=0)
     assert result.rounds[0].tenants == ["tenant-0"] and list(strategy.tenant_of) == [1]
     assert result.rounds[0].num_examples > 0
@@ -447,7 +449,7 @@ def test_cloud_refuses_weak_he_parameters(changes: dict, reason: str) -> None:
     dealer = SecureDealerParty()
     cloud = SecureCloudParty(body, dealer.public)
     setup = SecureClientParty("t0", embedder, parts.head, parts.tail, _config(label_protection="he"),
-                              TOTAL_STEPS).setup(dealer.hello())
+                              TOTAL_STEPS).setup(dealer.hello("t0"), dealer.identity)
     with pytest.raises(ProtocolError, match=reason):
         cloud.register(dataclasses.replace(setup, he_public=_with_params(setup.he_public, **changes)))
     assert cloud.tenants == {}

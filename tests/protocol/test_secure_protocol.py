@@ -30,6 +30,7 @@ from flower_split.protocol.secure_weights import load_plaintext_weights, plainte
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.transport.secure_inprocess import SecureLocalTransport
+from flower_split.protocol.material_seal import open_sealed, seal_key
 from flower_split.protocol.secure_messages import MaterialBundle, MaterialRequest, SecureMessage
 from flower_split.protocol.optim import lr_factor
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS, StepState
@@ -142,11 +143,27 @@ def test_zero_init_step_matches_plain_and_frozen_head(secure_data: TokenizedData
 
 
 # --------------------------------------------------------------------------- transcript
-def _received_tensors(transcript: list) -> list[tuple[str, torch.Tensor]]:
+def _opened(cloud: SecureCloudParty, request: MaterialRequest | SecureMessage,
+            bundle: MaterialBundle) -> dict[str, torch.Tensor]:
+    """A sealed bundle as the cloud reads it (it holds the key): the corrections by product.
+    ``request``: the dealer request, or the step's first message (the same shape fields)."""
+    record = cloud.tenants[bundle.tenant]
+    setup = record.setup
+    spec = StepSpec(bundle.tenant, bundle.step, request.batch, request.tokens, *setup.dims, request.train,
+                    setup.train_head, "client", cloud.frac_bits, setup.tail_input == "pooled")
+    keys = material_keys(spec)
+    shapes = [programs(spec)[key][1].requests()[i].out_shape for key, i in keys]
+    tensors = open_sealed(seal_key(record.key), bundle.tenant, bundle.step, bundle.sealed, shapes)
+    return {f"{key}:{i}": t for (key, i), t in zip(keys, tensors)}
+
+
+def _received_tensors(transcript: list, cloud: SecureCloudParty) -> list[tuple[str, torch.Tensor]]:
     tensors = []
+    first = {m.step: m for m in transcript if isinstance(m, SecureMessage) and m.seq == 0}
     for message in transcript:
+        request = first.get(message.step) if isinstance(message, MaterialBundle) else None
         values = message.items if isinstance(message, SecureMessage) else (
-            message.corrections if isinstance(message, MaterialBundle) else vars(message))
+            _opened(cloud, request, message) if isinstance(message, MaterialBundle) else vars(message))
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
                 tensors.append((f"{type(message).__name__}.{name}", value))
@@ -171,11 +188,11 @@ def _close_fraction(tensor: torch.Tensor, target: torch.Tensor, atol: float) -> 
     return max(raw, ((values - target.double()).abs() <= atol).double().mean().item())
 
 
-def _leaks(transcript: list, targets: dict[str, torch.Tensor], loss: float, labels: torch.Tensor,
-           mask: torch.Tensor) -> list[str]:
+def _leaks(transcript: list, cloud: SecureCloudParty, targets: dict[str, torch.Tensor], loss: float,
+           labels: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Everything of ``targets``, the loss or the labels found in what the cloud received."""
     found = []
-    tensors = _received_tensors(transcript)
+    tensors = _received_tensors(transcript, cloud)
     found += [f"float tensor {name}" for name, t in tensors if t.dtype != torch.int64]
     e = targets["e"]
     for name, tensor in tensors:
@@ -220,10 +237,10 @@ def test_cloud_transcript_holds_no_inputs_labels_loss_or_gradient(mode: str, sec
     step = transport.run_step(client, batch)
     loss = client.pop_result(step).loss
     targets = _reference(parts, batch)
-    names = {name for name, _ in _received_tensors(transport.transcript)}
+    names = {name for name, _ in _received_tensors(transport.transcript, cloud)}
     assert any("open.f" in n for n in names) and any("input.mask" in n for n in names)
     assert any("open.grad_h" in n for n in names) and any("MaterialBundle" in n for n in names)
-    assert _leaks(transport.transcript, targets, loss, batch.labels, batch.attention_mask) == []
+    assert _leaks(transport.transcript, cloud, targets, loss, batch.labels, batch.attention_mask) == []
     received = [m for m in transport.transcript if isinstance(m, SecureMessage)]
     opened_z = [m for m in received if "open.z" in m.items]
     if mode == "client":
@@ -237,7 +254,7 @@ def test_cloud_transcript_holds_no_inputs_labels_loss_or_gradient(mode: str, sec
         if what == "e":  # one token embedding, moved to another place
             ring = encode(value[1:3, 2:3]).reshape(-1, value.shape[-1])
         planted = SecureMessage("t0", 9, 0, "client", "x", True, 8, 1, 16, {"planted": ring})
-        assert _leaks([*transport.transcript, planted], targets, loss, batch.labels,
+        assert _leaks([*transport.transcript, planted], cloud, targets, loss, batch.labels,
                       batch.attention_mask), f"planted {what} not found"
 
 
@@ -264,11 +281,12 @@ def test_cloud_never_holds_client_triples(secure_data: TokenizedDataset) -> None
     bundle = next(m for m in transport.transcript if isinstance(m, MaterialBundle))
     spec = StepSpec("t0", 0, 4, int(batch.input_ids.shape[1]), 32, 4, 8, 77, True, True, "client", 16)
     assert cloud.tenants["t0"].key != client._dealer_key
-    cloud_view = [t for _, t in _received_tensors(transport.transcript)]
+    cloud_view = [t for _, t in _received_tensors(transport.transcript, cloud)]
+    first = next(m for m in transport.transcript if isinstance(m, SecureMessage) and m.seq == 0)
     for program, index in material_keys(spec):
         request = programs(spec)[program][1].requests()[index]
         (mine,) = client._materials(StepState(spec), program, index, [request])
-        (theirs,) = cloud._materials(StepState(spec, ctx={"material": bundle.corrections}), program, index,
+        (theirs,) = cloud._materials(StepState(spec, ctx={"material": _opened(cloud, first, bundle)}), program, index,
                                      [request])
         assert mine.seed != theirs.seed
         client_half, cloud_half = mine.expand(), theirs.expand()
@@ -458,7 +476,7 @@ def test_bad_setup_is_rejected_and_registers_nothing() -> None:
     dealer = SecureDealerParty()
     cloud = SecureCloudParty(parts.body, dealer.public)
     client = SecureClientParty("t0", parts.embedder, parts.head, parts.tail, _config("he"), TOTAL_STEPS)
-    setup = client.setup(dealer.hello())
+    setup = client.setup(dealer.hello("t0"), dealer.identity)
     bad = {
         "dims": {"dims": (31, 4, 8, 77)},
         "frac_bits": {"frac_bits": 12},

@@ -1,0 +1,131 @@
+"""Admitting nodes to a secure run: roles, tenant-id binding, the dealer, the set-up.
+
+New nodes are asked their role (``query.role``, one round trip for all of them). The
+dealer's node becomes the strategy's :class:`NodeDealer` target; every tenant node declares
+its tenant id there, and the id is **bound to that Flower node** (the node id the SuperLink
+gave the authenticated SuperNode): a second node that claims a bound id is refused, logged,
+and never selected again, so a late impostor cannot take over a tenant or its halves.
+(The first claim wins: with SuperNode authentication only registered nodes can claim at
+all; docs/deployment.md says how to keep registration closed.)
+
+Set-up, once a dealer is there: one signed hello per tenant from the dealer, relayed to
+each tenant (``train.secure_setup``), whose :class:`ClientSetup` the cloud registers and
+forwards to the dealer (one ``query.dealer_register`` for all of them). A tenant that fails
+any stage is left out and tried again at the next round.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+from typing import Callable
+
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from flower_split.flower.contract import MessageType, RecordKey
+from flower_split.flower.dealer_link import DealerLink, NodeDealer
+from flower_split.flower.dealer_node import DEALER_ROLE, ROLES, TENANT_ROLE
+from flower_split.flower.records import read_record, typed_value
+from flower_split.flower.secure_records import pack_hello, unpack_setup
+from flower_split.flower.strategy_utils import Exchange
+from flower_split.protocol import ProtocolError
+from flower_split.protocol.secure_cloud import SecureCloudParty
+from flower_split.protocol.secure_messages import DealerRegistration
+
+
+class SecureAdmission:
+    """Mixin of the secure strategy: who is who, and the set-up of new tenants."""
+
+    cloud: SecureCloudParty
+    dealer: DealerLink
+    tenant_of: dict[int, str]
+    exchange: Callable[[Grid, str, dict[int, RecordDict], int, Exchange, set[int]], dict[int, RecordDict]]
+
+    def _init_admission(self) -> None:
+        self.dealer_nodes: set[int] = set()
+        self.refused: dict[int, str] = {}  # node -> why it is never selected
+
+    def admit_nodes(self, grid: Grid, nodes: set[int]) -> set[int]:
+        """New nodes: roles, bindings, set-up (failures left out); the tenant nodes set up."""
+        new = nodes - set(self.tenant_of) - self.dealer_nodes - set(self.refused)
+        if new:
+            claims = self._claims(grid, new)
+            if claims and not self.dealer.ready:
+                log(WARNING, "%d tenant node(s) wait: no dealer node has joined yet (node config role = \"dealer\")",
+                    len(claims))
+            elif claims:
+                self._setup(grid, claims)
+        return {n for n in nodes if n in self.tenant_of}
+
+    def _claims(self, grid: Grid, nodes: set[int]) -> dict[int, str]:
+        """Ask ``nodes`` their role; take the dealer; the tenant ids the others may claim."""
+        replies = self.exchange(grid, MessageType.ROLE, {n: RecordDict() for n in nodes}, 0, Exchange(), set(nodes))
+        claims: dict[int, str] = {}
+        bound = {tenant: node for node, tenant in self.tenant_of.items()}
+        for node in sorted(replies):
+            try:
+                role, tenant = _role(replies[node])
+            except ProtocolError as exc:
+                log(WARNING, "node %d: bad role reply: %s", node, exc)
+                continue
+            if role == DEALER_ROLE:
+                self._take_dealer(node)
+            elif tenant in bound or tenant in claims.values():
+                other = bound.get(tenant, next((n for n, t in claims.items() if t == tenant), -1))
+                self.refused[node] = f"claims tenant {tenant!r}, bound to node {other}"
+                log(WARNING, "node %d refused: it claims tenant %r, which is bound to node %d", node, tenant, other)
+            else:
+                claims[node] = tenant
+        return claims
+
+    def _take_dealer(self, node: int) -> None:
+        if isinstance(self.dealer, NodeDealer) and self.dealer.node is None:
+            self.dealer.node = node
+            self.dealer_nodes.add(node)
+            log(INFO, "node %d is the dealer", node)
+            return
+        why = "a second dealer node" if isinstance(self.dealer, NodeDealer) else "a dealer node, but this run's dealer is co-located"
+        self.refused[node] = why
+        log(WARNING, "node %d refused: %s", node, why)
+
+    def _setup(self, grid: Grid, claims: dict[int, str]) -> None:
+        hellos = self.dealer.hellos(grid, sorted(claims.values()))
+        contents: dict[int, RecordDict] = {}
+        for node, tenant in claims.items():
+            hello = hellos.get(tenant, "no hello")
+            try:
+                if isinstance(hello, str):
+                    raise ProtocolError(f"dealer: {hello}")
+                self.cloud.bind_dealer(hello.dealer_public)
+                contents[node] = pack_hello(hello)
+            except ProtocolError as exc:
+                log(WARNING, "node %d (%s): secure set-up failed: %s", node, tenant, exc)
+        replies = self.exchange(grid, MessageType.SECURE_SETUP, contents, 0, Exchange(), set(contents))
+        registrations: dict[int, DealerRegistration] = {}
+        for node, content in replies.items():
+            try:
+                setup = unpack_setup(content)
+                if setup.tenant != claims[node]:
+                    raise ProtocolError(f"set up as tenant {setup.tenant!r} after claiming {claims[node]!r}")
+                registrations[node] = self.cloud.register(setup)
+            except ProtocolError as exc:
+                log(WARNING, "node %d: secure set-up failed: %s", node, exc)
+        outcome = self.dealer.register(grid, list(registrations.values())) if registrations else {}
+        for node, registration in registrations.items():
+            error = outcome.get(registration.tenant, "no answer from the dealer")
+            if error:
+                self.cloud.drop_tenant(registration.tenant)
+                log(WARNING, "node %d: secure set-up failed at the dealer: %s", node, error)
+                continue
+            self.tenant_of[node] = registration.tenant
+            log(INFO, "node %d: tenant %s set up (%s label protection)", node, registration.tenant,
+                self.cloud.tenants[registration.tenant].setup.label_protection)
+
+
+def _role(content: RecordDict) -> tuple[str, str]:
+    record = read_record(content, RecordKey.ROLE, ConfigRecord)
+    role, tenant = typed_value(record, "role", str, RecordKey.ROLE), typed_value(record, "tenant", str, RecordKey.ROLE)
+    if role not in ROLES or (role == TENANT_ROLE and not tenant):
+        raise ProtocolError(f"role {role!r} / tenant {tenant!r}")
+    return role, tenant

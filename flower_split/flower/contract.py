@@ -76,6 +76,8 @@ class ConfigKey:
     HEAD_UPDATES = "head-updates"
     TAIL_UPDATES = "tail-updates"
     HE_KEY_ID = "he-key-id"
+    NEXT_BATCH = "next-batch"    # secure: the shape of a tenant's next training batch (in its sync),
+    NEXT_TOKENS = "next-tokens"  # so that the cloud asks the dealer for that step's material ahead
 
 
 class MetricKey:

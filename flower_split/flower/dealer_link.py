@@ -52,7 +52,15 @@ class DealerLink(ABC):
 
     @abstractmethod
     def material(self, grid: Grid, requests: list[MaterialRequest]) -> dict[str, MaterialBundle | str]:
-        """Each tenant's sealed material for the step it asks."""
+        """Each tenant's sealed material for the step it asks (a round trip of its own)."""
+
+    def material_message(self, requests: list[MaterialRequest]) -> Message | None:
+        """The request as a message to send along with a round trip to the tenants (None: no node)."""
+        return None
+
+    def material_reply(self, reply: Message | None, requests: list[MaterialRequest]) -> dict[str, MaterialBundle | str]:
+        """The bundles of :meth:`material_message`'s ``reply`` (None: it did not come)."""
+        return {r.tenant: "no reply from the dealer" for r in requests}
 
     def round_started(self, server_round: int) -> None:
         """Called at the start of every round (the co-located dealer warns there)."""
@@ -77,6 +85,12 @@ class ColocatedDealer(DealerLink):
         return {r.tenant: _error(lambda r=r: self.party.register(r)) for r in registrations}
 
     def material(self, grid: Grid, requests: list[MaterialRequest]) -> dict[str, MaterialBundle | str]:
+        return self._deal(requests)
+
+    def material_reply(self, reply: Message | None, requests: list[MaterialRequest]) -> dict[str, MaterialBundle | str]:
+        return self._deal(requests)  # in process: nothing was sent
+
+    def _deal(self, requests: list[MaterialRequest]) -> dict[str, MaterialBundle | str]:
         return {r.tenant: _try(lambda r=r: self.party.handle(r)) for r in requests}
 
     def round_started(self, server_round: int) -> None:
@@ -128,6 +142,22 @@ class NodeDealer(DealerLink):
         steps = {r.tenant: r.step for r in requests}
         try:
             return unpack_bundles(self._call(grid, MessageType.DEALER_MATERIAL, pack_requests(requests)), steps)
+        except ProtocolError as exc:
+            return {t: str(exc) for t in steps}
+
+    def material_message(self, requests: list[MaterialRequest]) -> Message | None:
+        if self.node is None or not requests:
+            return None
+        return Message(content=pack_requests(requests), dst_node_id=self.node, message_type=MessageType.DEALER_MATERIAL)
+
+    def material_reply(self, reply: Message | None, requests: list[MaterialRequest]) -> dict[str, MaterialBundle | str]:
+        steps = {r.tenant: r.step for r in requests}
+        if reply is None:
+            return {t: f"the dealer node did not reply within {self.timeout} s" for t in steps}
+        if reply.has_error():
+            return {t: f"the dealer node replied with an error: {reply.error.reason}" for t in steps}
+        try:
+            return unpack_bundles(reply.content, steps)
         except ProtocolError as exc:
             return {t: str(exc) for t in steps}
 

@@ -39,6 +39,8 @@ the plain app (``data``).
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flower_split.config import RunConfig
@@ -120,7 +122,11 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     _save(context, party)
     cursor.save(context.state)
     context.state[SECURE_BATCH] = ConfigRecord({"size": len(batches[0].labels)})
-    return pack_secure(first, RecordDict({RecordKey.SYNC: _sync(party)}))
+    sync = _sync(party)
+    upcoming = train_batches(data, config, dataclasses.replace(cursor), 1)  # a peek: the cursor stays
+    if upcoming:  # the next training step's shape, public then anyway: its material can be dealt ahead
+        sync[ConfigKey.NEXT_BATCH], sync[ConfigKey.NEXT_TOKENS] = (int(v) for v in upcoming[0].input_ids.shape)
+    return pack_secure(first, RecordDict({RecordKey.SYNC: sync}))
 
 
 def secure_eval_begin(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,

@@ -53,10 +53,10 @@ only); without it the evaluations have no accuracy.
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import DEBUG, INFO
 from typing import Any
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -91,6 +91,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             raise ValueError(f"he_key_rotation_every must be an integer >= 0, got {he_key_rotation_every!r}")
         self.dealer = dealer
         self._init_admission()
+        self._announced: dict[int, tuple[object, object]] = {}  # node -> its next training batch's shape
         self.he_key_rotation_every = he_key_rotation_every
         self._rekey_due: set[str] = set()  # tenants whose CKKS keys are to be rotated
 
@@ -117,7 +118,8 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         examples, steps = 0, 0
         every_log = max(1, self.local_steps // 8)  # a secure MiniLM round takes tens of minutes: say how far it is
         while steps < self.local_steps and active:
-            _, finished = self._run_steps(grid, True, {n: {} for n in active}, server_round, phase, active)
+            ahead = steps + 1 < self.local_steps  # another training step follows: ask its material now
+            _, finished = self._run_steps(grid, True, {n: {} for n in active}, server_round, phase, active, ahead)
             for content in finished.values():  # no loss: secure tenants report none (module docstring)
                 examples += int(read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.NUM_EXAMPLES, 0))
             steps += 1
@@ -154,7 +156,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
     # -- one step for every tenant -------------------------------------------------------------
 
     def _run_steps(self, grid: Grid, train: bool, configs: dict[int, dict[str, Any]], server_round: int,
-                   phase: Exchange, active: set[int]) -> tuple[dict[int, float], dict[int, RecordDict]]:
+                   phase: Exchange, active: set[int], ahead: bool = False) -> tuple[dict[int, float], dict[int, RecordDict]]:
         """Begin a step on every node of ``configs`` and exchange messages until all are over.
 
         Returns ``remaining`` (evaluation: test batches left after this one) of every node that
@@ -178,7 +180,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             finally:
                 phase.cloud += time.perf_counter() - tick
         outgoing = self._answer_first(grid, firsts, phase, active)
-        return remaining, self._step_loop(grid, train, outgoing, server_round, phase, active)
+        return remaining, self._step_loop(grid, train, outgoing, server_round, phase, active, ahead)
 
     def _begin_instruction(self, node: int, extra: dict[str, Any], server_round: int) -> RecordDict:
         """The ``*.secure_begin`` config: the cloud's update counts, its next step and (``he``) its CKKS key id."""
@@ -201,6 +203,9 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         first = unpack_secure(content, tenant, "client")
         if first.train != train:
             raise ProtocolError(f"step {first.step} has train={first.train}, expected {train}")
+        announced = content[RecordKey.SYNC]
+        if train and ConfigKey.NEXT_BATCH in announced and ConfigKey.NEXT_TOKENS in announced:
+            self._announced[node] = (announced[ConfigKey.NEXT_BATCH], announced[ConfigKey.NEXT_TOKENS])
         return first
 
     def _answer_first(self, grid: Grid, firsts: dict[int, SecureMessage], phase: Exchange,
@@ -209,25 +214,29 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         dealer in one request (validated in full before the dealer works for it)."""
         requests: dict[int, MaterialRequest] = {}
         tick = time.perf_counter()
-        for node, first in firsts.items():
+        for node, first in list(firsts.items()):
             try:
-                requests[node] = self.cloud.material_request(first)
+                request = self.cloud.material_request(first)  # None: asked ahead, ready
+                if request is not None:
+                    requests[node] = request
             except ProtocolError as exc:
+                del firsts[node]
                 self.drop(node, f"first message: {exc}", phase, active)
         phase.cloud += time.perf_counter() - tick
         dealt = time.perf_counter()
-        bundles = self.dealer.material(grid, list(requests.values()))
+        bundles = self.dealer.material(grid, list(requests.values())) if requests else {}
         phase.dealer += time.perf_counter() - dealt
         phase.round_trips += 0 if self.dealer.colocated or not requests else 1
         outgoing: dict[int, RecordDict] = {}
         tick = time.perf_counter()
-        for node, request in requests.items():
+        for node, first in firsts.items():
             try:
-                bundle = bundles.get(request.tenant, "no answer from the dealer")
-                if isinstance(bundle, str):
-                    raise ProtocolError(f"dealer: {bundle}")
-                self.cloud.accept_material(bundle)
-                reply = self.cloud.handle(firsts[node])
+                if node in requests:
+                    bundle = bundles.get(requests[node].tenant, "no answer from the dealer")
+                    if isinstance(bundle, str):
+                        raise ProtocolError(f"dealer: {bundle}")
+                    self.cloud.accept_material(bundle)
+                reply = self.cloud.handle(first)
                 if reply is None:
                     raise ProtocolError("a step cannot end with its first message")
                 outgoing[node] = pack_secure(reply)
@@ -236,13 +245,46 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         phase.cloud += time.perf_counter() - tick
         return outgoing
 
+    def _ask_ahead(self, active: set[int]) -> list[MaterialRequest]:
+        """Material requests for the announced next training steps of the ``active`` tenants."""
+        requests = []
+        for node, (batch, tokens) in self._announced.items():
+            if node in active:
+                try:
+                    requests.append(self.cloud.prefetch_request(self.tenant_of[node], batch, tokens))
+                except ProtocolError as exc:  # asked for at the step's first message instead
+                    log(DEBUG, "tenant %s: no material ahead: %s", self.tenant_of[node], exc)
+        return requests
+
+    def _take_ahead(self, reply: Message | None, requests: list[MaterialRequest], phase: Exchange) -> None:
+        tick = time.perf_counter()
+        for tenant, bundle in self.dealer.material_reply(reply, requests).items():
+            try:
+                if isinstance(bundle, str):
+                    raise ProtocolError(bundle)
+                self.cloud.accept_material(bundle)
+            except ProtocolError as exc:
+                self.cloud.forget_prefetch(tenant)
+                log(DEBUG, "tenant %s: material ahead refused: %s", tenant, exc)
+        phase.dealer += time.perf_counter() - tick
+
     def _step_loop(self, grid: Grid, train: bool, outgoing: dict[int, RecordDict], server_round: int,
-                   phase: Exchange, active: set[int]) -> dict[int, RecordDict]:
-        """Exchange the steps' messages until every tenant's step is over; the final replies."""
+                   phase: Exchange, active: set[int], ahead: bool = False) -> dict[int, RecordDict]:
+        """Exchange the steps' messages until every tenant's step is over; the final replies.
+
+        ``ahead``: the dealer's material for every tenant's next training step rides along
+        with the first round trip (no round trip of its own at the next step's begin)."""
         step = MessageType.SECURE_TRAIN_NEXT if train else MessageType.SECURE_EVAL_NEXT
         finished: dict[int, RecordDict] = {}
+        requests = self._ask_ahead(active) if ahead else []
+        self._announced.clear()
         while outgoing:
-            replies = self.exchange(grid, step, outgoing, server_round, phase, active)
+            rider = self.dealer.material_message(requests) if requests else None
+            riders = {rider.metadata.dst_node_id: rider} if rider is not None else {}
+            replies = self.exchange(grid, step, outgoing, server_round, phase, active, riders)
+            if requests:
+                self._take_ahead(next(iter(riders.values()), None), requests, phase)
+                requests = []
             outgoing = {}
             for node, content in replies.items():
                 tick = time.perf_counter()

@@ -148,23 +148,33 @@ class SplitStrategyBase(ABC):
             time.sleep(1.0)
 
     def exchange(self, grid: Grid, message_type: str, contents: dict[int, RecordDict],
-                 server_round: int, phase: Exchange, active: set[int]) -> dict[int, RecordDict]:
+                 server_round: int, phase: Exchange, active: set[int],
+                 riders: dict[int, Message] | None = None) -> dict[int, RecordDict]:
         """One round trip to every node in ``contents``; the valid replies by node.
 
-        Nodes that reply with an error or not at all are dropped from ``active``.
+        Nodes that reply with an error or not at all are dropped from ``active``. ``riders``:
+        other messages (e.g. to secure mode's dealer node) sent in the same round trip; their
+        replies replace them in the dict (a rider without a reply is removed).
         """
-        if not contents:
+        riders = {} if riders is None else riders
+        if not contents and not riders:
             return {}
         messages = [Message(content=content, dst_node_id=node, message_type=message_type,
                             group_id=str(server_round)) for node, content in contents.items()]
+        messages += list(riders.values())
         started = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=self.reply_timeout))
         waited = time.perf_counter() - started
         phase.wait += waited
         phase.round_trips += 1
         valid: dict[int, RecordDict] = {}
+        carried = set(riders)
+        riders.clear()
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node in carried and node not in contents:
+                riders[node] = reply
+                continue
             if node not in contents:
                 continue
             if reply.has_error():

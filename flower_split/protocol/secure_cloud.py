@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from flower_split.he import CloudKeys, batch_bounds, compute_loss_and_grad
+from flower_split.he import batch_bounds, compute_loss_and_grad
 from flower_split.model import Body, hidden_size, masked_mean_backward
 from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
 from flower_split.mpc import new_seed
@@ -42,31 +42,16 @@ from flower_split.protocol.secure_messages import (
     MAX_STEP, MAX_STEP_TOKENS, STEP_WINDOW, ClientSetup, DealerRegistration, KeyRotation,
     MaterialBundle, MaterialRequest, SecureMessage,
 )
+from flower_split.protocol.secure_cloud_tenant import CloudTenant
 from flower_split.protocol.secure_he_checks import check_key_rotation, check_labels_key
 from flower_split.protocol.secure_setup import check_setup
-from flower_split.protocol.secure_party import (
-    Halves, SecureStepRunner, StepState, export_step, export_value, import_step, import_value,
-)
+from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState
 from flower_split.protocol.secure_steps import (
     CLOUD, WEIGHT_NAMES, StepSpec, material_keys, programs, weight_shapes,
 )
 
 MAX_TOKENS = 4096
 MAX_BATCH = 4096
-
-
-class _Tenant:
-    """The cloud's record of one tenant."""
-
-    def __init__(self, setup: ClientSetup, halves: Halves, he_keys: CloudKeys | None, key: bytes) -> None:
-        self.setup = setup
-        self.halves = halves
-        self.he_keys = he_keys
-        self.key = key
-        self.next_step = 0
-        self.step: StepState | None = None
-        self.pre_step: tuple | None = None  # halves before the last training step (for reconcile)
-        self.material: tuple[StepSpec, dict[str, torch.Tensor] | None] | None = None
 
 
 class SecureCloudParty(SecureStepRunner):
@@ -98,7 +83,7 @@ class SecureCloudParty(SecureStepRunner):
         self.frac_bits = frac_bits
         self._x25519 = new_private_key()
         self.public = public_bytes(self._x25519)
-        self.tenants: dict[str, _Tenant] = {}
+        self.tenants: dict[str, CloudTenant] = {}
 
     # ------------------------------------------------------------------------ set-up
     def bind_dealer(self, dealer_public: bytes) -> None:
@@ -134,7 +119,7 @@ class SecureCloudParty(SecureStepRunner):
                                                                    [shapes[n] for n in WEIGHT_NAMES]))),
                         optim, self.frac_bits, setup.grad_scale_bits)
         key = dealer_key(self._x25519, self.dealer_public, "cloud", setup.tenant, self.dealer_public, self.public)
-        self.tenants[setup.tenant] = _Tenant(setup, halves, he_keys, key)
+        self.tenants[setup.tenant] = CloudTenant(setup, halves, he_keys, key)
         return DealerRegistration(setup.tenant, setup.client_public, self.public, dims, setup.train_head,
                                   setup.tail_input == "pooled")
 
@@ -161,7 +146,7 @@ class SecureCloudParty(SecureStepRunner):
         return keys.key_id
 
     # ------------------------------------------------------------------------ steps
-    def _tenant(self, tenant: object) -> _Tenant:
+    def _tenant(self, tenant: object) -> CloudTenant:
         record = self.tenants.get(tenant) if isinstance(tenant, str) else None
         if record is None:
             raise ProtocolError(f"cloud: unknown tenant {tenant!r}")
@@ -184,47 +169,83 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError(f"tenant {message.tenant!r}: expected the first message of a step >= "
                                 f"{record.next_step} and < {high}, got message {message.seq} of step "
                                 f"{message.step!r}")
-        for name, value, high in (("batch", message.batch, MAX_BATCH), ("tokens", message.tokens, MAX_TOKENS)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
-                raise ProtocolError(f"tenant {message.tenant!r}: {name} {value!r} out of range 1..{high}")
-        if message.batch * message.tokens > MAX_STEP_TOKENS:
-            raise ProtocolError(f"tenant {message.tenant!r}: batch x tokens = {message.batch * message.tokens} "
-                                f"is over {MAX_STEP_TOKENS}")
-        if not isinstance(message.train, bool):
-            raise ProtocolError("train must be a bool")
-        setup = record.setup
-        dim, head_rank, tail_rank, classes = setup.dims
-        spec = StepSpec(message.tenant, message.step, message.batch, message.tokens, dim, head_rank, tail_rank,
-                        classes, message.train, setup.train_head, setup.label_protection, self.frac_bits,
-                        setup.tail_input == "pooled")
+        spec = self._spec(record, message.tenant, message.step, message.batch, message.tokens, message.train)
         if record.he_keys is not None and spec.train:
             try:
-                batch_bounds(record.he_keys.params, spec.batch, classes)
                 check_labels_key(record.he_keys, spec, message.items)
             except ValueError as exc:
                 raise ProtocolError(f"tenant {message.tenant!r}: {exc}") from exc
         return spec
 
-    def material_request(self, message: SecureMessage) -> MaterialRequest:
-        """Validate a step's first message and say what to ask the dealer for."""
+    def _spec(self, record: CloudTenant, tenant: str, step: int, batch: object, tokens: object,
+              train: object) -> StepSpec:
+        """A step's spec from its (checked) public shape: every size bounded before any work."""
+        for name, value, high in (("batch", batch, MAX_BATCH), ("tokens", tokens, MAX_TOKENS)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
+                raise ProtocolError(f"tenant {tenant!r}: {name} {value!r} out of range 1..{high}")
+        assert isinstance(batch, int) and isinstance(tokens, int)
+        if batch * tokens > MAX_STEP_TOKENS:
+            raise ProtocolError(f"tenant {tenant!r}: batch x tokens = {batch * tokens} is over {MAX_STEP_TOKENS}")
+        if not isinstance(train, bool):
+            raise ProtocolError("train must be a bool")
+        setup = record.setup
+        dim, head_rank, tail_rank, classes = setup.dims
+        spec = StepSpec(tenant, step, batch, tokens, dim, head_rank, tail_rank, classes, train, setup.train_head,
+                        setup.label_protection, self.frac_bits, setup.tail_input == "pooled")
+        if record.he_keys is not None and train:
+            try:
+                batch_bounds(record.he_keys.params, batch, classes)
+            except ValueError as exc:
+                raise ProtocolError(f"tenant {tenant!r}: {exc}") from exc
+        return spec
+
+    def material_request(self, message: SecureMessage) -> MaterialRequest | None:
+        """Validate a step's first message and say what to ask the dealer for (None: its
+        material was asked ahead, :meth:`prefetch_request`, for exactly this step and shape)."""
         spec = self._new_step_spec(message)
         self._check_incoming(StepState(spec), message)  # every item, before the dealer works for it
         record = self.tenants[spec.tenant]
+        ahead, record.prefetched = record.prefetched, None
+        if ahead is not None and ahead[0] == spec and ahead[1] is not None:
+            record.material = ahead
+            return None
+        if ahead is not None and ahead[0].step >= spec.step:
+            # the dealer served that step number for another shape: it will not deal it again
+            record.next_step = max(record.next_step, ahead[0].step + 1)
+            raise ProtocolError(f"tenant {spec.tenant!r}: step {spec.step} does not match the shape it announced "
+                                f"({ahead[0].batch} x {ahead[0].tokens}); its number is spent")
         record.material = (spec, None)
         return MaterialRequest(spec.tenant, spec.step, spec.batch, spec.tokens, spec.train)
 
+    def prefetch_request(self, tenant: str, batch: object, tokens: object) -> MaterialRequest:
+        """Ask the dealer now for ``tenant``'s next training step (number :meth:`next_step`),
+        whose shape the tenant announced: its material is ready when the first message comes,
+        and the dealer's round trip rides along with the current step's (docs/secure.md §9)."""
+        record = self._tenant(tenant)
+        spec = self._spec(record, tenant, record.next_step, batch, tokens, True)
+        record.prefetched = (spec, None)
+        return MaterialRequest(tenant, spec.step, spec.batch, spec.tokens, True)
+
     def accept_material(self, bundle: MaterialBundle) -> None:
-        """Open and store the dealer's sealed corrections for the requested step."""
+        """Open and store the dealer's sealed corrections for a step asked for (now or ahead)."""
         if not isinstance(bundle, MaterialBundle):
             raise ProtocolError(f"cloud: expected MaterialBundle, got {type(bundle).__name__}")
         record = self._tenant(bundle.tenant)
-        if record.material is None or record.material[0].step != bundle.step:
+        slot = next((name for name in ("material", "prefetched") if getattr(record, name) is not None
+                     and getattr(record, name)[0].step == bundle.step and getattr(record, name)[1] is None), None)
+        if slot is None:
             raise ProtocolError(f"tenant {bundle.tenant!r}: no material was requested for step {bundle.step}")
-        spec = record.material[0]
+        spec = getattr(record, slot)[0]
         keys = material_keys(spec)
         shapes = [programs(spec)[key][1].requests()[i].out_shape for key, i in keys]
         tensors = open_sealed(seal_key(record.key), bundle.tenant, bundle.step, bundle.sealed, shapes)
-        record.material = (spec, {f"{key}:{i}": t for (key, i), t in zip(keys, tensors)})
+        setattr(record, slot, (spec, {f"{key}:{i}": t for (key, i), t in zip(keys, tensors)}))
+
+    def forget_prefetch(self, tenant: str) -> None:
+        """Drop material asked ahead that never came (its step number stays unused)."""
+        record = self.tenants.get(tenant)
+        if record is not None and record.prefetched is not None and record.prefetched[1] is None:
+            record.prefetched = None
 
     def handle(self, message: SecureMessage) -> SecureMessage | None:
         """Answer one client message (None when the step ends with it); on ProtocolError nothing changed."""
@@ -359,20 +380,8 @@ class SecureCloudParty(SecureStepRunner):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data export of the cloud (not the body); the autograd graphs are recomputed on demand."""
-        tenants = {}
-        for name, r in self.tenants.items():
-            tenants[name] = {
-                "setup": dict(vars(r.setup)), "halves": r.halves.state_dict(),
-                "he_keys": r.he_keys.to_bytes() if r.he_keys is not None else None,
-                "key": r.key, "next_step": r.next_step,
-                "pre_step": None if r.pre_step is None else
-                {"weights": r.pre_step[0], "buffers": r.pre_step[1], "updates": r.pre_step[2]},
-                "step": export_step(r.step) if r.step is not None else None,
-                "material": None if r.material is None else
-                {"spec": dict(vars(r.material[0])), "corrections": export_value(r.material[1])},
-            }
         return {"x25519": private_bytes(self._x25519), "dealer_public": self.dealer_public,
-                "frac_bits": self.frac_bits, "tenants": tenants}
+                "frac_bits": self.frac_bits, "tenants": {name: r.export() for name, r in self.tenants.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.dealer_public is None and state["dealer_public"] is not None:
@@ -381,17 +390,4 @@ class SecureCloudParty(SecureStepRunner):
             raise ValueError("state: saved for another dealer or another fixed-point format")
         self._x25519 = private_from_bytes(state["x25519"])
         self.public = public_bytes(self._x25519)
-        self.tenants = {}
-        for name, t in state["tenants"].items():
-            setup = ClientSetup(**t["setup"])
-            record = _Tenant(setup, Halves.from_state(self.party, t["halves"]),
-                             CloudKeys.from_bytes(t["he_keys"]) if t["he_keys"] is not None else None, t["key"])
-            record.next_step = int(t["next_step"])
-            pre = t.get("pre_step")
-            record.pre_step = None if pre is None else (dict(pre["weights"]), dict(pre["buffers"]),
-                                                        dict(pre["updates"]))
-            record.step = import_step(t["step"]) if t["step"] is not None else None
-            if t["material"] is not None:
-                record.material = (StepSpec(**t["material"]["spec"]), import_value(t["material"]["corrections"]))
-            self.tenants[name] = record
-
+        self.tenants = {name: CloudTenant.load(t, self.party) for name, t in state["tenants"].items()}

@@ -1,0 +1,69 @@
+"""What the secure cloud keeps per tenant, and its plain-data export for saved state.
+
+One :class:`CloudTenant` per set-up tenant: its public set-up, the cloud's weight halves and
+momentum, its public CKKS context (``he``), the cloud's dealer key for it, the next step
+number it accepts, the step in flight (with the halves from before it, for reconcile), and
+Beaver material: for the step whose first message arrived (``material``) and for the
+tenant's next training step asked ahead of it (``prefetched``, docs/secure.md §9).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flower_split.he import CloudKeys
+from flower_split.protocol.secure_messages import ClientSetup
+from flower_split.protocol.secure_party import Halves, StepState, export_step, export_value, import_step, import_value
+from flower_split.protocol.secure_steps import StepSpec
+
+Material = tuple[StepSpec, dict[str, torch.Tensor] | None]  # spec, and its corrections once dealt
+
+
+class CloudTenant:
+    """The cloud's record of one tenant."""
+
+    def __init__(self, setup: ClientSetup, halves: Halves, he_keys: CloudKeys | None, key: bytes) -> None:
+        self.setup = setup
+        self.halves = halves
+        self.he_keys = he_keys
+        self.key = key
+        self.next_step = 0
+        self.step: StepState | None = None
+        self.pre_step: tuple | None = None  # halves before the last training step (for reconcile)
+        self.material: Material | None = None
+        self.prefetched: Material | None = None
+
+    def export(self) -> dict[str, Any]:
+        """Plain data (tensors, bytes, numbers) for ``state_dict``."""
+        return {
+            "setup": dict(vars(self.setup)), "halves": self.halves.state_dict(),
+            "he_keys": self.he_keys.to_bytes() if self.he_keys is not None else None,
+            "key": self.key, "next_step": self.next_step,
+            "pre_step": None if self.pre_step is None else
+            {"weights": self.pre_step[0], "buffers": self.pre_step[1], "updates": self.pre_step[2]},
+            "step": export_step(self.step) if self.step is not None else None,
+            "material": _export_material(self.material), "prefetched": _export_material(self.prefetched),
+        }
+
+    @classmethod
+    def load(cls, state: dict[str, Any], party: int) -> "CloudTenant":
+        """Inverse of :meth:`export`."""
+        record = cls(ClientSetup(**state["setup"]), Halves.from_state(party, state["halves"]),
+                     CloudKeys.from_bytes(state["he_keys"]) if state["he_keys"] is not None else None, state["key"])
+        record.next_step = int(state["next_step"])
+        pre = state.get("pre_step")
+        record.pre_step = None if pre is None else (dict(pre["weights"]), dict(pre["buffers"]), dict(pre["updates"]))
+        record.step = import_step(state["step"]) if state["step"] is not None else None
+        record.material = _import_material(state["material"])
+        record.prefetched = _import_material(state.get("prefetched"))
+        return record
+
+
+def _export_material(material: Material | None) -> dict[str, Any] | None:
+    return None if material is None else {"spec": dict(vars(material[0])), "corrections": export_value(material[1])}
+
+
+def _import_material(data: dict[str, Any] | None) -> Material | None:
+    return None if data is None else (StepSpec(**data["spec"]), import_value(data["corrections"]))

@@ -70,14 +70,16 @@ class LocalGrid(StubGrid):
     ``intercept(node, message_type)`` may return ``"silent"`` (no reply) or ``"error"``.
     ``dealer``: a directory; then node ``num_nodes + 1`` is secure mode's dealer node (node
     config ``role = "dealer"`` with a fresh key file written there) and every tenant pins its
-    public key, as in a deployment.
+    public key, as in a deployment. ``unpinned``: the tenants accept an unsigned hello (their
+    own ``allow-unpinned-dealer``; for a strategy with the dealer co-located, insecure).
     """
 
     def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
-                 intercept: Callable[[int, str], str | None] | None = None, dealer: str | Path | None = None) -> None:
+                 intercept: Callable[[int, str], str | None] | None = None, dealer: str | Path | None = None,
+                 unpinned: bool = False) -> None:
         self.client_app = client_app
         self.intercept = intercept or (lambda node, kind: None)
-        pinned: dict[str, str] = {}
+        pinned: dict[str, object] = {"allow-unpinned-dealer": True} if unpinned else {}
         if dealer is not None:
             private, public = save_identity(new_identity(), dealer)
             pinned = {"dealer-public-key": str(public)}

@@ -25,9 +25,12 @@ from flwr.clientapp import ClientApp
 
 from flower_split.backends import BACKENDS, backend_for
 from flower_split.flower.contract import MessageType, split_type
-from flower_split.flower.dealer_node import DEALER_HANDLERS, DEALER_ROLE, DealerHandler, handle_dealer, node_role, role_record
+from flower_split.flower.dealer_node import (
+    DEALER_HANDLERS, DEALER_ROLE, DealerHandler, dealer_identity, handle_dealer, node_role, role_record,
+)
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.tenant import Handler, handle, tenant_data
+from flower_split.protocol.dealer_identity import identity_public
 
 
 def _bind(handler: Handler, overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
@@ -52,7 +55,8 @@ def _bind_role(overrides: Mapping[str, Any]) -> Callable[[Message, Context], Mes
         """``query.role``: this node's role and, for a tenant, its tenant id."""
         config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
         if node_role(context.node_config, settings) == DEALER_ROLE:
-            return Message(role_record(DEALER_ROLE), reply_to=message)
+            identity = identity_public(dealer_identity(context.node_config))
+            return Message(role_record(DEALER_ROLE, identity=identity), reply_to=message)
         return Message(role_record("tenant", tenant_data(config, settings, context.node_config).tenant),
                        reply_to=message)
 

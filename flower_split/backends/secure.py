@@ -26,6 +26,7 @@ from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.tenant import Handler
 from flower_split.model import Body, adapter_random, build_split
+from flower_split.protocol.dealer_identity import load_pinned
 from flower_split.protocol.labels import label_protection
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
@@ -56,6 +57,11 @@ class SecureBackend(SecurityBackend):
         if settings.he_key_rotation_every and not protection.ckks_keys:
             raise ConfigError(f"he-key-rotation-every: label protection {protection.name!r} holds no CKKS keys "
                               "to rotate; set it to 0")
+        if settings.expected_dealer_key:
+            try:
+                load_pinned(settings.expected_dealer_key)
+            except ValueError as exc:
+                raise ConfigError(f"expected-dealer-key: {exc}") from exc
         if config.insecure_reproducible_init and not settings.allow_insecure_reproducible_init:
             raise ConfigError("insecure-reproducible-init: the cloud refuses tenants whose head starts from a public "
                               "seed unless allow-insecure-reproducible-init = true (benchmarks only)")
@@ -97,8 +103,9 @@ class SecureBackend(SecurityBackend):
 
     def make_strategy(self, body: Body, device: torch.device, settings: FlowerSettings) -> SplitStrategyBase:
         # the ServerApp holds no dealer secret unless the run explicitly co-locates it (insecure)
+        pinned = load_pinned(settings.expected_dealer_key) if settings.expected_dealer_key else None
         dealer: DealerLink = (ColocatedDealer(SecureDealerParty()) if settings.insecure_colocated_dealer
-                              else NodeDealer(settings.reply_timeout))
+                              else NodeDealer(settings.reply_timeout, pinned))
         cloud = SecureCloudParty(body, None, device, keep_graphs=settings.cloud_keep_graphs,
                                  allow_reproducible_init=settings.allow_insecure_reproducible_init)
         return SecureSplitStrategy(cloud, dealer, settings.local_steps, min_nodes=settings.min_nodes,

@@ -49,7 +49,7 @@ def restore_secure(run: SavedRun, device: torch.device) -> Restored:
         raise StateError(f"{saved_dealer.meta_file}: the dealer holds no keys of tenant {run.tenant_id!r}")
     parts = run.parts
     dealer = SecureDealerParty()
-    load_party_state(saved_dealer, dealer.load_state_dict)
+    load_party_state(saved_dealer, lambda state: dealer.load_state_dict(state, same_identity=False))
     cloud = SecureCloudParty(parts.body, dealer.public, device)
     load_party_state(run.cloud, cloud.load_state_dict)
     client = SecureClientParty(run.tenant_id, parts.embedder, parts.head, parts.tail, run.config, run.total_steps)

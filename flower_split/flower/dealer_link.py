@@ -102,9 +102,14 @@ class ColocatedDealer(DealerLink):
 class NodeDealer(DealerLink):
     """The dealer's own SuperNode, reached through the grid."""
 
-    def __init__(self, timeout: float | None) -> None:
+    def __init__(self, timeout: float | None, pinned: bytes | None = None) -> None:
+        """``pinned``: the dealer's long-term public key the ServerApp expects (run config
+        ``expected-dealer-key``; public); a node claiming the role under another key, or
+        whose hellos do not verify under it, is refused. None: the first dealer node is taken
+        (tenants still verify against their own pins)."""
         self.node: int | None = None
         self.timeout = timeout
+        self.pinned = pinned
 
     @property
     def ready(self) -> bool:

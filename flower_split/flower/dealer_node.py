@@ -23,10 +23,12 @@ reported for that tenant alone) and writes it back.
 from __future__ import annotations
 
 import os
+from logging import WARNING
 from typing import Any, Callable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common import log
 
 from flower_split.flower.contract import MessageType, RecordKey
 from flower_split.flower.dealer_records import (
@@ -43,6 +45,7 @@ TENANT_ROLE, DEALER_ROLE = "tenant", "dealer"
 ROLES = (TENANT_ROLE, DEALER_ROLE)
 DEALER_KEY_CONFIG, DEALER_PUBLIC_CONFIG = "dealer-key", "dealer-public-key"
 DEALER_KEY_ENV, DEALER_PUBLIC_ENV = "FLOWER_SPLIT_DEALER_KEY", "FLOWER_SPLIT_DEALER_PUBLIC_KEY"
+UNPINNED_CONFIG, UNPINNED_ENV = "allow-unpinned-dealer", "FLOWER_SPLIT_ALLOW_UNPINNED_DEALER"
 DEALER_ARRAYS, DEALER_STATE = "dealer.arrays", "dealer.config"
 PROTOCOL_ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
@@ -77,6 +80,22 @@ def pinned_dealer(node_config: Mapping[str, Any]) -> bytes | None:
         return load_pinned(spec)
     except ValueError as exc:
         raise ProtocolError(str(exc)) from exc
+
+
+def allow_unpinned(node_config: Mapping[str, Any]) -> bool:
+    """Whether this tenant accepts an unsigned dealer hello when it pins no key.
+
+    The tenant's own choice (node config ``allow-unpinned-dealer`` or
+    ``FLOWER_SPLIT_ALLOW_UNPINNED_DEALER=1``), never the run config's: whoever submits the
+    run is the cloud, and an unsigned hello lets the cloud be the dealer. Only for a dealer
+    co-located with the cloud (``insecure-colocated-dealer``, tests and demos); warned.
+    """
+    value = _setting(node_config, UNPINNED_CONFIG, UNPINNED_ENV)
+    allowed = value is not None and value.strip().lower() in ("1", "true", "yes")
+    if allowed:
+        log(WARNING, "this tenant accepts an unsigned dealer hello (%s): the cloud can act as the dealer and open "
+                     "everything it sends", UNPINNED_CONFIG)
+    return allowed
 
 
 def dealer_identity(node_config: Mapping[str, Any]) -> Ed25519PrivateKey:
@@ -115,23 +134,30 @@ def dealer_hello(message: Message, party: SecureDealerParty) -> RecordDict:
 def dealer_register(message: Message, party: SecureDealerParty) -> RecordDict:
     errors: dict[str, str] = {}
     for registration in unpack_registrations(message.content):
-        try:
-            party.register(registration)
-            errors[registration.tenant] = ""
-        except ProtocolError as exc:
-            errors[registration.tenant] = str(exc)
+        errors[registration.tenant] = _confined(lambda r=registration: party.register(r))
     return pack_outcome(errors)
 
 
 def dealer_material(message: Message, party: SecureDealerParty) -> RecordDict:
     bundles, errors = [], {}
     for request in unpack_requests(message.content):
-        try:
-            bundles.append(party.handle(request))
-            errors[request.tenant] = ""
-        except ProtocolError as exc:
-            errors[request.tenant] = str(exc)
+        errors[request.tenant] = _confined(lambda r=request: bundles.append(party.handle(r)))
     return pack_bundles(bundles, errors)
+
+
+def _confined(work: Callable[[], object]) -> str:
+    """Run one tenant's part of a dealer message; any failure is that tenant's error alone.
+
+    (Every exception, not only ProtocolError: one tenant's request that exhausts memory must
+    not turn the reply for every other tenant into an error.)
+    """
+    try:
+        work()
+        return ""
+    except ProtocolError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - confined to this tenant on purpose, reported to the cloud
+        return f"{type(exc).__name__}: {exc}"
 
 
 DealerHandler = Callable[[Message, SecureDealerParty], RecordDict]
@@ -155,6 +181,6 @@ def handle_dealer(handler: DealerHandler, message: Message, context: Context, se
     return Message(content, reply_to=message)
 
 
-def role_record(role: str, tenant: str = "") -> RecordDict:
-    """A ``query.role`` reply."""
-    return RecordDict({RecordKey.ROLE: ConfigRecord({"role": role, "tenant": tenant})})
+def role_record(role: str, tenant: str = "", identity: bytes = b"") -> RecordDict:
+    """A ``query.role`` reply (a dealer names its long-term public key)."""
+    return RecordDict({RecordKey.ROLE: ConfigRecord({"role": role, "tenant": tenant, "identity": identity})})

@@ -39,12 +39,14 @@ def _lists(record: ConfigRecord, fields: tuple[tuple[str, type], ...]) -> dict[s
         if not all(isinstance(v, kind) and (kind is not int or not isinstance(v, bool)) for v in values):
             raise ProtocolError(f"{RecordKey.DEALER}.{name}: expected a list of {kind.__name__}")
         out[name] = list(values)
-    lengths = {len(v) for v in out.values()}
     count = len(out[fields[0][0]])
     if fields[0][0] == "tenants" and len(set(out["tenants"])) != count:
         raise ProtocolError(f"{RecordKey.DEALER}.tenants: duplicate tenant ids")
-    if count > MAX_TENANTS_PER_MESSAGE or lengths - {count, 4 * count}:
-        raise ProtocolError(f"{RecordKey.DEALER}: list lengths {sorted(lengths)} do not fit {count} tenants")
+    if count > MAX_TENANTS_PER_MESSAGE:
+        raise ProtocolError(f"{RecordKey.DEALER}: {count} tenants in one message, over {MAX_TENANTS_PER_MESSAGE}")
+    for name, values in out.items():
+        if len(values) != (4 if name == "dims" else 1) * count:
+            raise ProtocolError(f"{RecordKey.DEALER}.{name}: {len(values)} values do not fit {count} tenants")
     return out
 
 
@@ -136,8 +138,10 @@ def unpack_bundles(content: object, steps: dict[str, int]) -> dict[str, Material
             out[tenant] = "the dealer sent no material"
         else:
             array = material[tenant]
-            if array.dtype != "uint8" or len(array.shape) != 1:
-                out[tenant] = f"material: expected a flat uint8 array, got {array.dtype} {array.shape}"
-            else:
+            try:
+                if array.dtype != "uint8" or len(array.shape) != 1:
+                    raise ValueError(f"expected a flat uint8 array, got {array.dtype} {array.shape}")
                 out[tenant] = MaterialBundle(tenant, step, array.numpy().tobytes())
+            except (TypeError, ValueError) as exc:
+                out[tenant] = f"material: {exc}"
     return out

@@ -16,6 +16,7 @@ any stage is left out and tried again at the next round.
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
 from typing import Callable
 
@@ -31,7 +32,8 @@ from flower_split.flower.secure_records import pack_hello, unpack_setup
 from flower_split.flower.strategy_utils import Exchange
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
-from flower_split.protocol.secure_messages import DealerRegistration
+from flower_split.protocol.dealer_identity import verify_hello
+from flower_split.protocol.secure_messages import DealerHello, DealerRegistration
 
 
 class SecureAdmission:
@@ -40,11 +42,27 @@ class SecureAdmission:
     cloud: SecureCloudParty
     dealer: DealerLink
     tenant_of: dict[int, str]
+    min_nodes: int
+    node_wait_timeout: float
     exchange: Callable[[Grid, str, dict[int, RecordDict], int, Exchange, set[int]], dict[int, RecordDict]]
 
     def _init_admission(self) -> None:
         self.dealer_nodes: set[int] = set()
         self.refused: dict[int, str] = {}  # node -> why it is never selected
+
+    def select(self, grid: Grid) -> set[int]:
+        """The tenant nodes set up, once a dealer is there and at least ``min_nodes`` tenants are
+        (a round never runs empty because the dealer node is late); TimeoutError after
+        ``node_wait_timeout`` seconds."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        while True:
+            admitted = self.admit_nodes(grid, set(grid.get_node_ids()))
+            if len(admitted) >= self.min_nodes:
+                return admitted
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(admitted)} of the {self.min_nodes} required tenants set up"
+                                   + ("" if self.dealer.ready else "; no dealer node joined"))
+            time.sleep(1.0)
 
     def admit_nodes(self, grid: Grid, nodes: set[int]) -> set[int]:
         """New nodes: roles, bindings, set-up (failures left out); the tenant nodes set up."""
@@ -65,12 +83,12 @@ class SecureAdmission:
         bound = {tenant: node for node, tenant in self.tenant_of.items()}
         for node in sorted(replies):
             try:
-                role, tenant = _role(replies[node])
+                role, tenant, identity = _role(replies[node])
             except ProtocolError as exc:
                 log(WARNING, "node %d: bad role reply: %s", node, exc)
                 continue
             if role == DEALER_ROLE:
-                self._take_dealer(node)
+                self._take_dealer(node, identity)
             elif tenant in bound or tenant in claims.values():
                 other = bound.get(tenant, next((n for n, t in claims.items() if t == tenant), -1))
                 self.refused[node] = f"claims tenant {tenant!r}, bound to node {other}"
@@ -79,7 +97,12 @@ class SecureAdmission:
                 claims[node] = tenant
         return claims
 
-    def _take_dealer(self, node: int) -> None:
+    def _take_dealer(self, node: int, identity: bytes) -> None:
+        pinned = self.dealer.pinned if isinstance(self.dealer, NodeDealer) else None
+        if pinned is not None and identity != pinned:
+            self.refused[node] = "a dealer node with another identity than the pinned one"
+            log(WARNING, "node %d refused: it claims the dealer role under another key than expected-dealer-key", node)
+            return
         if isinstance(self.dealer, NodeDealer) and self.dealer.node is None:
             self.dealer.node = node
             self.dealer_nodes.add(node)
@@ -91,6 +114,8 @@ class SecureAdmission:
 
     def _setup(self, grid: Grid, claims: dict[int, str]) -> None:
         hellos = self.dealer.hellos(grid, sorted(claims.values()))
+        if self._impostor_dealer(hellos):
+            return
         contents: dict[int, RecordDict] = {}
         for node, tenant in claims.items():
             hello = hellos.get(tenant, "no hello")
@@ -123,9 +148,34 @@ class SecureAdmission:
                 self.cloud.tenants[registration.tenant].setup.label_protection)
 
 
-def _role(content: RecordDict) -> tuple[str, str]:
+    def _impostor_dealer(self, hellos: dict[str, DealerHello | str]) -> bool:
+        """With ``expected-dealer-key``: a dealer node whose hellos do not verify under it is
+        refused (and the next node claiming the role is tried), before any tenant sees them."""
+        if not isinstance(self.dealer, NodeDealer) or self.dealer.pinned is None or self.dealer.node is None:
+            return False
+        for tenant, hello in hellos.items():
+            if isinstance(hello, str):
+                continue
+            try:
+                verify_hello(self.dealer.pinned, hello, tenant)
+            except ProtocolError as exc:
+                node, self.dealer.node = self.dealer.node, None
+                self.dealer_nodes.discard(node)
+                self.refused[node] = f"its hellos do not verify under expected-dealer-key ({exc})"
+                log(WARNING, "dealer node %d refused: %s", node, self.refused[node])
+                return True
+        return False
+
+
+MAX_TENANT_ID = 128
+
+
+def _role(content: RecordDict) -> tuple[str, str, bytes]:
     record = read_record(content, RecordKey.ROLE, ConfigRecord)
     role, tenant = typed_value(record, "role", str, RecordKey.ROLE), typed_value(record, "tenant", str, RecordKey.ROLE)
+    identity = typed_value(record, "identity", bytes, RecordKey.ROLE) if "identity" in record else b""
     if role not in ROLES or (role == TENANT_ROLE and not tenant):
-        raise ProtocolError(f"role {role!r} / tenant {tenant!r}")
-    return role, tenant
+        raise ProtocolError(f"role {role!r} / tenant {tenant!r:.64}")
+    if len(tenant) > MAX_TENANT_ID or not tenant.isprintable():
+        raise ProtocolError(f"tenant id: at most {MAX_TENANT_ID} printable characters")
+    return role, tenant, identity

@@ -6,7 +6,8 @@ a time, all tenants in the same Flower round trip. Message types:
 
 ``train.secure_setup``     server: the dealer's hello for this tenant. Client: verify its
                            signature under the pinned dealer key (node config
-                           ``dealer-public-key``; unpinned only with ``insecure-colocated-dealer``),
+                           ``dealer-public-key``; unpinned only if the tenant's own node config
+                           says ``allow-unpinned-dealer``, never the run config),
                            new party (its halves, dealer key, CKKS keys in ``he`` mode) -> its
                            :class:`ClientSetup`.
 ``train.secure_begin``     server: ``config`` {head-updates, tail-updates} (the cloud's update
@@ -51,7 +52,7 @@ from flower_split.flower.records import (
 from flower_split.flower.secure_records import (
     pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
 )
-from flower_split.flower.dealer_node import pinned_dealer
+from flower_split.flower.dealer_node import allow_unpinned, pinned_dealer
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.tenant import Cursor, Handler, TenantData, eval_set, new_adapters, train_batches
 from flower_split.protocol import ProtocolError
@@ -103,7 +104,8 @@ def secure_setup(message: Message, context: Context, config: RunConfig, settings
                  data: TenantData) -> RecordDict:
     hello = unpack_hello(message.content)
     party = _new_party(data, config, settings)  # a new set-up replaces any earlier one
-    setup = party.setup(hello, pinned_dealer(context.node_config), allow_unpinned=settings.insecure_colocated_dealer)
+    pinned = pinned_dealer(context.node_config)
+    setup = party.setup(hello, pinned, allow_unpinned=pinned is None and allow_unpinned(context.node_config))
     _save(context, party)
     return pack_setup(setup)
 

@@ -44,8 +44,13 @@ class FlowerSettings:
     stopped is recorded; 0: never stop),
     ``insecure-colocated-dealer`` (secure mode: run the dealer inside the ServerApp, so the
     cloud holds every tenant's Beaver material and can open everything; tests and demos only,
-    warned every round; tenants without a pinned dealer key accept its unsigned hello. Off
+    warned every round; only tenants whose own node config says ``allow-unpinned-dealer``
+    accept its unsigned hello. Off
     (default): the dealer is its own SuperNode, node config ``role = "dealer"``),
+    ``expected-dealer-key`` (secure mode, the cloud's own pin of the dealer: 64 hex digits or a
+    ``dealer.pub`` path; public. A node claiming the dealer role under another key, or whose
+    hellos do not verify, is refused. Empty: the first dealer node is taken; tenants verify
+    against their own pins either way),
     ``simulated-dealer`` (simulation, which has no per-node config: the node with the last
     ``partition-id`` is the dealer and the tenants split the data ``num-partitions - 1`` ways;
     ``flower-split simulate`` sets it for secure runs),
@@ -68,6 +73,7 @@ class FlowerSettings:
     allow_insecure_reproducible_init: bool = False
     target_loss: float = 0.0
     insecure_colocated_dealer: bool = False
+    expected_dealer_key: str = ""
     simulated_dealer: bool = False
     quick: bool = False
 
@@ -90,6 +96,8 @@ class FlowerSettings:
                      "allow_insecure_reproducible_init", "insecure_colocated_dealer", "simulated_dealer", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.expected_dealer_key, str):
+            raise ConfigError(f"expected-dealer-key: expected a string, got {self.expected_dealer_key!r}")
         if not isinstance(self.partition, str):
             raise ConfigError(f"partition: expected a string, got {self.partition!r}")
         from flower_split.data import make_partitioner  # validates the spec's syntax

@@ -43,18 +43,6 @@ def identity_public(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def identity_private_bytes(key: Ed25519PrivateKey) -> bytes:
-    """The raw 32-byte private key (for the dealer's own saved state only)."""
-    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                             serialization.NoEncryption())
-
-
-def identity_from_bytes(data: bytes) -> Ed25519PrivateKey:
-    if not isinstance(data, bytes) or len(data) != IDENTITY_BYTES:
-        raise ValueError("dealer identity: expected a raw 32-byte Ed25519 private key")
-    return Ed25519PrivateKey.from_private_bytes(data)
-
-
 def _hello_bytes(tenant: str, session_public: bytes) -> bytes:
     name = tenant.encode()
     return b"|".join((_HELLO_CONTEXT, struct.pack(">I", len(name)) + name, session_public))

@@ -281,7 +281,7 @@ class SecureClientParty(SecureStepRunner):
                    requests: list[TripleRequest]) -> list[SeededMaterial]:
         assert self._dealer_key is not None
         return [SeededMaterial(request, 1, beaver_seed(self._dealer_key, self.tenant, st.spec.step, program,
-                                                       first + i))
+                                                       first + i, st.spec.material_label()))
                 for i, request in enumerate(requests)]
 
     # --------------------------------------------------------------------- script ops

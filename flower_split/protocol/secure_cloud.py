@@ -47,7 +47,7 @@ from flower_split.protocol.secure_he_checks import check_key_rotation, check_lab
 from flower_split.protocol.secure_setup import check_setup
 from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState
 from flower_split.protocol.secure_steps import (
-    CLOUD, WEIGHT_NAMES, StepSpec, material_keys, programs, weight_shapes,
+    CLOUD, WEIGHT_NAMES, StepSpec, check_material_size, material_keys, programs, weight_shapes,
 )
 
 MAX_TOKENS = 4096
@@ -197,6 +197,7 @@ class SecureCloudParty(SecureStepRunner):
                 batch_bounds(record.he_keys.params, batch, classes)
             except ValueError as exc:
                 raise ProtocolError(f"tenant {tenant!r}: {exc}") from exc
+        check_material_size(spec)
         return spec
 
     def material_request(self, message: SecureMessage) -> MaterialRequest | None:
@@ -238,7 +239,8 @@ class SecureCloudParty(SecureStepRunner):
         spec = getattr(record, slot)[0]
         keys = material_keys(spec)
         shapes = [programs(spec)[key][1].requests()[i].out_shape for key, i in keys]
-        tensors = open_sealed(seal_key(record.key), bundle.tenant, bundle.step, bundle.sealed, shapes)
+        tensors = open_sealed(seal_key(record.key), bundle.tenant, bundle.step, spec.material_label(), bundle.sealed,
+                              shapes)
         setattr(record, slot, (spec, {f"{key}:{i}": t for (key, i), t in zip(keys, tensors)}))
 
     def forget_prefetch(self, tenant: str) -> None:
@@ -311,7 +313,8 @@ class SecureCloudParty(SecureStepRunner):
     def _materials(self, st: StepState, program: str, first: int,
                    requests: list[TripleRequest]) -> list[SeededMaterial]:
         key = self.tenants[st.spec.tenant].key
-        return [SeededMaterial(request, 0, beaver_seed(key, st.spec.tenant, st.spec.step, program, first + i),
+        return [SeededMaterial(request, 0, beaver_seed(key, st.spec.tenant, st.spec.step, program, first + i,
+                                                       st.spec.material_label()),
                                st.ctx["material"][f"{program}:{first + i}"])
                 for i, request in enumerate(requests)]
 

@@ -33,9 +33,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from flower_split.mpc import deal_seeded
-from flower_split.protocol.dealer_identity import (
-    identity_from_bytes, identity_private_bytes, identity_public, new_identity, signed_hello,
-)
+from flower_split.protocol.dealer_identity import identity_public, new_identity, signed_hello
 from flower_split.protocol.material_seal import seal, seal_key
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
@@ -44,7 +42,7 @@ from flower_split.protocol.secure_keys import (
 from flower_split.protocol.secure_messages import (
     MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, DealerHello, DealerRegistration, MaterialBundle, MaterialRequest,
 )
-from flower_split.protocol.secure_steps import StepSpec, material_keys, programs
+from flower_split.protocol.secure_steps import StepSpec, check_material_size, material_keys, programs
 
 MAX_SHAPE = 4096
 
@@ -53,7 +51,7 @@ class SecureDealerParty:
     """The trusted dealer (a third party, neither the cloud nor a client)."""
 
     def __init__(self, identity: Ed25519PrivateKey | None = None, frac_bits: int = 16) -> None:
-        self._identity = identity if identity is not None else new_identity()
+        self._identity: Ed25519PrivateKey | None = identity if identity is not None else new_identity()
         self.identity = identity_public(self._identity)  # what tenants pin
         self._x25519 = new_private_key()
         self.public = public_bytes(self._x25519)
@@ -64,13 +62,19 @@ class SecureDealerParty:
         """The session key, signed for ``tenant`` with the dealer's long-term key."""
         if not isinstance(tenant, str) or not tenant:
             raise ProtocolError(f"dealer: hello needs a non-empty tenant id, got {tenant!r}")
+        if self._identity is None:
+            raise ProtocolError("dealer: restored without its signing key; it cannot sign hellos")
         return signed_hello(self._identity, tenant, self.public)
 
     def register(self, registration: DealerRegistration) -> None:
+        """Derive the tenant's two keys. Registering again before any step was served replaces
+        them (a registration whose reply was lost, then a fresh set-up, must not lock the
+        tenant out); after that a tenant's keys are fixed."""
         if not isinstance(registration, DealerRegistration):
             raise ProtocolError(f"dealer: expected DealerRegistration, got {type(registration).__name__}")
-        if registration.tenant in self._tenants:
-            raise ProtocolError(f"dealer: tenant {registration.tenant!r} is already registered")
+        previous = self._tenants.get(registration.tenant)
+        if previous is not None and previous["next_step"] > 0:
+            raise ProtocolError(f"dealer: tenant {registration.tenant!r} is already registered and served")
         try:
             client = check_public_key(registration.client_public, "client_public")
             cloud = check_public_key(registration.cloud_public, "cloud_public")
@@ -106,30 +110,40 @@ class SecureDealerParty:
                 raise ProtocolError(f"dealer: {name} {value!r} out of range")
         if request.batch * request.tokens > MAX_STEP_TOKENS:
             raise ProtocolError(f"dealer: batch x tokens over {MAX_STEP_TOKENS}")
+        if not isinstance(request.train, bool):
+            raise ProtocolError(f"dealer: train must be a bool, got {request.train!r}")
         spec = StepSpec(request.tenant, request.step, request.batch, request.tokens, *record["dims"],
-                        bool(request.train), record["train_head"], "client", self.frac_bits,
+                        request.train, record["train_head"], "client", self.frac_bits,
                         record["tail_pooled"])
+        check_material_size(spec)  # what one step may cost the dealer, bounded before it works
         corrections = []
         for program, index in material_keys(spec):
             req = programs(spec)[program][1].requests()[index]
-            seed0 = beaver_seed(record["cloud_key"], spec.tenant, spec.step, program, index)
-            seed1 = beaver_seed(record["client_key"], spec.tenant, spec.step, program, index)
+            seed0 = beaver_seed(record["cloud_key"], spec.tenant, spec.step, program, index, spec.material_label())
+            seed1 = beaver_seed(record["client_key"], spec.tenant, spec.step, program, index, spec.material_label())
             cloud_material, _ = deal_seeded(req, seed0, seed1, correction_party=0)
             assert cloud_material.masked_c is not None
             corrections.append(cloud_material.masked_c)
         record["next_step"] = request.step + 1
-        sealed = seal(seal_key(record["cloud_key"]), request.tenant, request.step, corrections)
+        sealed = seal(seal_key(record["cloud_key"]), request.tenant, request.step, spec.material_label(), corrections)
         return MaterialBundle(request.tenant, request.step, sealed)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the dealer holds (its own secrets: keep it on the dealer's machine, 0600)."""
-        return {"x25519": private_bytes(self._x25519), "frac_bits": self.frac_bits,
-                "identity": identity_private_bytes(self._identity),
+        """The dealer's session state (its own secrets: keep it on the dealer's machine, 0600).
+
+        Not the long-term signing key, which stays in its key file; only its public half, so
+        that a state is loaded under the identity it was made with."""
+        return {"x25519": private_bytes(self._x25519), "frac_bits": self.frac_bits, "identity": self.identity,
                 "tenants": {k: dict(v) for k, v in self._tenants.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._identity = identity_from_bytes(state["identity"])
-        self.identity = identity_public(self._identity)
+    def load_state_dict(self, state: dict[str, Any], same_identity: bool = True) -> None:
+        """Load a saved state. ``same_identity`` (default): it must have been made under this
+        dealer's key; False (a saved run restored for inference): take the state's identity,
+        without its signing key (no new hellos can be signed)."""
+        if state["identity"] != self.identity:
+            if same_identity:
+                raise ValueError("dealer state: saved under another dealer identity key")
+            self._identity, self.identity = None, state["identity"]
         self._x25519 = private_from_bytes(state["x25519"])
         self.public = public_bytes(self._x25519)
         self.frac_bits = int(state["frac_bits"])

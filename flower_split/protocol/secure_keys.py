@@ -31,7 +31,7 @@ from flower_split.mpc import SEED_BYTES, RingStream
 
 PUBLIC_KEY_BYTES = 32
 _KDF_INFO = b"flower-split/secure/dealer-key/v1"
-_SEED_LABEL = b"flower-split/secure/beaver-seed/v1"
+_SEED_LABEL = b"flower-split/secure/beaver-seed/v2"
 
 
 def new_private_key() -> X25519PrivateKey:
@@ -85,9 +85,16 @@ def dealer_key(own: X25519PrivateKey, peer_public: bytes, role: str, tenant: str
     return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=info).derive(shared)
 
 
-def beaver_seed(key: bytes, tenant: str, step: int, program: str, index: int) -> bytes:
-    """Seed of product ``index`` of ``program`` in ``step``: HMAC-SHA256(key, label)."""
-    label = b"|".join((_SEED_LABEL, tenant.encode(), struct.pack(">QI", step, index), program.encode()))
+def beaver_seed(key: bytes, tenant: str, step: int, program: str, index: int, shape: bytes) -> bytes:
+    """Seed of product ``index`` of ``program`` in ``step``: HMAC-SHA256(key, label).
+
+    ``shape``: the step's ``StepSpec.material_label()``; the label binds it with tenant, step,
+    program and index (length-prefixed), so no two products of any two steps or shapes share
+    a seed.
+    """
+    name, prog = tenant.encode(), program.encode()
+    label = b"".join((_SEED_LABEL, struct.pack(">I", len(name)), name, struct.pack(">QI", step, index),
+                      struct.pack(">I", len(prog)), prog, shape))
     return hmac.new(key, label, hashlib.sha256).digest()
 
 

@@ -39,6 +39,7 @@ Step outline (DESIGN.md section 3)::
 from __future__ import annotations
 
 import dataclasses
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -46,6 +47,7 @@ from flower_split.mpc import Program, Quadratic, adapter_backward, adapter_forwa
 from flower_split.mpc import classifier_backward, classifier_forward
 from flower_split.mpc.triples import Op as TripleOp
 from flower_split.protocol.labels import label_protection
+from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import BLOB, MASK, RING, SEED, ItemSpec
 
 CLIENT, CLOUD = "client", "cloud"
@@ -77,6 +79,18 @@ class StepSpec:
     @property
     def trains_head(self) -> bool:
         return self.train and self.train_head
+
+    def material_label(self) -> bytes:
+        """Everything besides tenant and step that shapes this step's Beaver material.
+
+        Bound into every Beaver seed (``secure_keys.beaver_seed``) and into the sealing of the
+        dealer's bundle: material dealt for another shape of the same step number comes from
+        other seeds, so a cloud that asks the dealer for a shape the tenant did not use learns
+        nothing about the tenant's real material (the streams would otherwise overlap).
+        """
+        flags = int(self.train) | int(self.train_head) << 1 | int(self.tail_pooled) << 2
+        return struct.pack(">7IB", self.batch, self.tokens, self.dim, self.head_rank, self.tail_rank, self.classes,
+                           self.frac_bits, flags)
 
     def shape_key(self) -> StepSpec:
         """The same spec without tenant and step: what programs and schedules depend on."""
@@ -330,3 +344,25 @@ def _schedule(spec: StepSpec) -> tuple[MessageSpec, ...]:
     if leftover:
         raise RuntimeError(f"secure step schedule leaves items unconsumed: {sorted(leftover)}")
     return tuple(messages)
+
+
+MAX_MATERIAL_ELEMENTS = 2**26  # per step: 512 MiB of int64 corrections; MiniLM at B=32 needs about 2^22
+
+
+def check_material_size(spec: StepSpec) -> None:
+    """Refuse a step whose Beaver material would exceed :data:`MAX_MATERIAL_ELEMENTS`.
+
+    The cloud checks it before asking the dealer, the dealer before dealing: one tenant's
+    set-up dims (each bounded on its own) times a large batch must not cost the dealer, or
+    the cloud, gigabytes for one step.
+    """
+    total = 0
+    for program, index in material_keys(spec):
+        shape = programs(spec)[program][1].requests()[index].out_shape
+        size = 1
+        for n in shape:
+            size *= int(n)
+        total += size
+    if total > MAX_MATERIAL_ELEMENTS:
+        raise ProtocolError(f"step {spec.step} of tenant {spec.tenant!r}: its Beaver material would hold {total} "
+                            f"ring elements, over {MAX_MATERIAL_ELEMENTS}")

@@ -151,8 +151,8 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     if settings.min_nodes > num_clients:
         raise ConfigError(f"min-nodes: {settings.min_nodes} tenants required but only {num_clients} simulated")
     name = run_name(strategy, config)
-    dealer_node = strategy == "split" and get_backend(config.security).name == "secure" \
-        and not settings.insecure_colocated_dealer
+    secure = strategy == "split" and get_backend(config.security).name == "secure"
+    dealer_node = secure and not settings.insecure_colocated_dealer
     if dealer_node:  # the dealer is a simulated node of its own (docs/secure.md §9)
         values["simulated-dealer"] = True
     nodes = num_clients + int(dealer_node)
@@ -163,7 +163,7 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": _client_gpus(config, cpus)},
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
     started = time.perf_counter()
-    with simulated_dealer_keys(dealer_node):
+    with simulated_dealer_keys(dealer_node, unpinned=secure and not dealer_node):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)
     total_wall = time.perf_counter() - started
@@ -176,24 +176,27 @@ WARM_UP = "query.warmup"
 
 
 @contextlib.contextmanager
-def simulated_dealer_keys(enabled: bool) -> Iterator[None]:
+def simulated_dealer_keys(enabled: bool, unpinned: bool = False) -> Iterator[None]:
     """A fresh dealer key pair for one simulation, handed to its nodes by environment.
 
     Simulated nodes have no node config of their own, so the dealer node finds its key file
     and the tenants the key they pin in ``FLOWER_SPLIT_DEALER_KEY`` /
     ``FLOWER_SPLIT_DEALER_PUBLIC_KEY`` (set before Ray starts its workers, restored after).
     The ServerApp never reads them. In a deployment each machine has its own node config.
+    ``unpinned`` (a run that co-locates the dealer, insecure): the tenants instead get
+    ``FLOWER_SPLIT_ALLOW_UNPINNED_DEALER=1``, the opt-in a tenant must give itself.
     """
-    if not enabled:
-        yield
-        return
-    from flower_split.flower.dealer_node import DEALER_KEY_ENV, DEALER_PUBLIC_ENV
+    from flower_split.flower.dealer_node import DEALER_KEY_ENV, DEALER_PUBLIC_ENV, UNPINNED_ENV
     from flower_split.protocol.dealer_identity import new_identity, save_identity
 
-    saved = {name: os.environ.get(name) for name in (DEALER_KEY_ENV, DEALER_PUBLIC_ENV)}
+    names = (DEALER_KEY_ENV, DEALER_PUBLIC_ENV, UNPINNED_ENV)
+    saved = {name: os.environ.get(name) for name in names}
     with tempfile.TemporaryDirectory(prefix="flower-split-dealer-") as directory:
-        private, public = save_identity(new_identity(), directory)
-        os.environ[DEALER_KEY_ENV], os.environ[DEALER_PUBLIC_ENV] = str(private), str(public)
+        if enabled:
+            private, public = save_identity(new_identity(), directory)
+            os.environ[DEALER_KEY_ENV], os.environ[DEALER_PUBLIC_ENV] = str(private), str(public)
+        if unpinned:
+            os.environ[UNPINNED_ENV] = "1"
         try:
             yield
         finally:

@@ -93,7 +93,7 @@ def test_the_serverapp_holds_no_dealer_secret(task_identity: None, tmp_path) -> 
 
 def test_the_check_finds_the_secrets_of_a_colocated_dealer(task_identity: None, caplog) -> None:
     """Control: the same search on the insecure topology finds what the cloud could use."""
-    grid = LocalGrid(make_client_app({**SECURE, "insecure-colocated-dealer": True}), 2)
+    grid = LocalGrid(make_client_app({**SECURE, "insecure-colocated-dealer": True}), 2, unpinned=True)
     strategy = _strategy(colocated=True)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         strategy.start(grid, 1, eval_every=0)
@@ -118,17 +118,20 @@ def test_a_wrongly_signed_hello_is_refused(task_identity: None, tmp_path) -> Non
     assert "secure.arrays" not in grid.contexts[1].state
 
 
-def test_an_unpinned_tenant_refuses_a_dealer_unless_the_run_is_colocated(task_identity: None) -> None:
-    grid = LocalGrid(make_client_app(SECURE), 1)  # no dealer-public-key in the node config
-    dealer = SecureDealerParty()
+def test_an_unpinned_tenant_accepts_an_unsigned_hello_only_by_its_own_choice(task_identity: None) -> None:
+    """The run config is the cloud's: setting insecure-colocated-dealer there must not make a
+    tenant accept a hello the cloud made (review finding: the downgrade). Only the tenant's
+    own node config (allow-unpinned-dealer) does."""
     from flower_split.flower.secure_records import pack_hello
 
-    reply = make_client_app(SECURE)(Message(pack_hello(dealer.hello("tenant-0")), 1, "train.secure_setup"),
-                                    grid.contexts[1])
-    assert reply.has_error() and "no pinned dealer key" in reply.error.reason
-    colocated = make_client_app({**SECURE, "insecure-colocated-dealer": True})
-    assert not colocated(Message(pack_hello(dealer.hello("tenant-0")), 1, "train.secure_setup"),
-                         grid.contexts[1]).has_error()
+    forged = SecureDealerParty().hello("tenant-0")  # a cloud-made dealer: valid shape, no pinned key
+    for config in (SECURE, {**SECURE, "insecure-colocated-dealer": True}):
+        grid = LocalGrid(make_client_app(config), 1)  # no dealer-public-key, no allow-unpinned-dealer
+        reply = make_client_app(config)(Message(pack_hello(forged), 1, "train.secure_setup"), grid.contexts[1])
+        assert reply.has_error() and "no pinned dealer key" in reply.error.reason
+    grid = LocalGrid(make_client_app(SECURE), 1, unpinned=True)
+    assert not make_client_app(SECURE)(Message(pack_hello(forged), 1, "train.secure_setup"),
+                                       grid.contexts[1]).has_error()
 
 
 def test_a_node_claiming_a_bound_tenant_id_is_refused(task_identity: None, tmp_path, caplog) -> None:
@@ -186,7 +189,7 @@ def test_one_tenants_bad_registration_leaves_the_others_registered(task_identity
     assert outcome["a"] == "" and "low-order" in outcome["b"] and "dims" in outcome["c"]
 
 
-@pytest.mark.parametrize("tamper", ["flip", "other step"])
+@pytest.mark.parametrize("tamper", ["flip", "other step", "other shape"])
 def test_sealed_material_that_was_tampered_with_or_replayed_is_refused(tamper: str) -> None:
     from flower_split.protocol.material_seal import open_sealed, seal, seal_key
     from flower_split.protocol import ProtocolError
@@ -194,16 +197,19 @@ def test_sealed_material_that_was_tampered_with_or_replayed_is_refused(tamper: s
 
     key = seal_key(b"k" * 32)
     tensors = [torch.arange(6, dtype=torch.int64).reshape(2, 3), torch.tensor([-1, 2**62], dtype=torch.int64)]
-    sealed = seal(key, "t", 5, tensors)
-    back = open_sealed(key, "t", 5, sealed, [(2, 3), (2,)])
+    shape = b"shape"
+    sealed = seal(key, "t", 5, shape, tensors)
+    back = open_sealed(key, "t", 5, shape, sealed, [(2, 3), (2,)])
     assert all(torch.equal(a, b) for a, b in zip(back, tensors))
     with pytest.raises(ProtocolError, match="does not authenticate"):
         if tamper == "flip":
-            open_sealed(key, "t", 5, sealed[:3] + bytes([sealed[3] ^ 1]) + sealed[4:], [(2, 3), (2,)])
+            open_sealed(key, "t", 5, shape, sealed[:3] + bytes([sealed[3] ^ 1]) + sealed[4:], [(2, 3), (2,)])
+        elif tamper == "other step":
+            open_sealed(key, "t", 6, shape, sealed, [(2, 3), (2,)])
         else:
-            open_sealed(key, "t", 6, sealed, [(2, 3), (2,)])
+            open_sealed(key, "t", 5, b"other shape", sealed, [(2, 3), (2,)])
     with pytest.raises(ProtocolError, match="bytes, expected"):
-        open_sealed(key, "t", 5, sealed, [(2, 3)])
+        open_sealed(key, "t", 5, shape, sealed, [(2, 3)])
 
 
 def test_dealer_keygen_writes_a_private_file_and_a_key_tenants_can_pin(tmp_path, capsys) -> None:
@@ -223,3 +229,78 @@ def test_dealer_keygen_writes_a_private_file_and_a_key_tenants_can_pin(tmp_path,
         load_identity(tmp_path / "missing.key")
     with pytest.raises(ValueError, match="neither 64 hex digits nor a readable file"):
         load_pinned(str(tmp_path / "missing.pub"))
+
+
+# ---------------------------------------------------------------------------------------------
+# findings of the hostile review (2026-12-02)
+
+
+def test_a_lost_registration_reply_does_not_lock_the_tenant_out() -> None:
+    from flower_split.protocol.secure_messages import DealerRegistration, MaterialRequest
+
+    dealer = SecureDealerParty()
+    first, second = (public_bytes(X25519PrivateKey.generate()) for _ in range(2))
+    cloud = public_bytes(X25519PrivateKey.generate())
+    dealer.register(DealerRegistration("t", first, cloud, (32, 4, 8, 5), True))  # its reply is lost
+    dealer.register(DealerRegistration("t", second, cloud, (32, 4, 8, 5), True))  # the tenant set up again
+    dealer.handle(MaterialRequest("t", 0, 2, 4, True))
+    from flower_split.protocol import ProtocolError
+
+    with pytest.raises(ProtocolError, match="already registered and served"):
+        dealer.register(DealerRegistration("t", first, cloud, (32, 4, 8, 5), True))
+
+
+def test_the_dealer_state_holds_no_signing_key_and_loads_only_under_its_identity() -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = new_identity()
+    dealer = SecureDealerParty(key)
+    state = dealer.state_dict()
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    assert raw not in [v for v in state.values() if isinstance(v, bytes)]
+    with pytest.raises(ValueError, match="another dealer identity"):
+        SecureDealerParty().load_state_dict(state)
+    restored = SecureDealerParty()
+    restored.load_state_dict(state, same_identity=False)  # a saved run, restored for inference
+    assert restored.identity == dealer.identity
+    from flower_split.protocol import ProtocolError
+
+    with pytest.raises(ProtocolError, match="cannot sign"):
+        restored.hello("t")
+
+
+def test_a_huge_step_is_refused_before_the_dealer_allocates(task_identity: None, tmp_path) -> None:
+    """One tenant's set-up dims x a large batch must not cost the dealer gigabytes (or turn the
+    reply for every tenant into an error): refused for that tenant alone, by size."""
+    from flower_split.flower.dealer_records import pack_registrations, pack_requests, unpack_bundles
+    from flower_split.protocol.secure_messages import DealerRegistration, MaterialRequest
+
+    grid = LocalGrid(make_client_app(SECURE), 1, dealer=tmp_path)
+    app, node = make_client_app(SECURE), grid.dealer_node
+    key = public_bytes(X25519PrivateKey.generate())
+    registrations = [DealerRegistration("small", key, key, (32, 4, 8, 5), True),
+                     DealerRegistration("huge", key, key, (32, 65536, 8, 5), True)]
+    app(Message(pack_registrations(registrations), node, "query.dealer_register"), grid.contexts[node])
+    requests = [MaterialRequest("small", 0, 4, 8, True), MaterialRequest("huge", 0, 16, 4096, True)]
+    reply = app(Message(pack_requests(requests), node, "query.dealer_material"), grid.contexts[node])
+    bundles = unpack_bundles(reply.content, {"small": 0, "huge": 0})
+    assert not isinstance(bundles["small"], str) and "Beaver material would hold" in bundles["huge"]
+
+
+def test_the_serverapp_refuses_a_dealer_node_that_is_not_the_expected_one(task_identity: None, tmp_path) -> None:
+    grid = LocalGrid(make_client_app(SECURE), 2, dealer=tmp_path / "rogue")
+    _, expected = save_identity(new_identity(), tmp_path / "real")
+    from flower_split.protocol.dealer_identity import load_pinned
+
+    strategy = _strategy()
+    strategy.dealer.pinned = load_pinned(str(expected))
+    assert strategy.admit_nodes(grid, {1, 2, 3}) == set()
+    assert 3 in strategy.refused and "another identity" in strategy.refused[3] and not strategy.dealer.ready
+
+
+def test_a_round_does_not_run_without_a_dealer(task_identity: None) -> None:
+    grid = LocalGrid(make_client_app(SECURE), 2)  # two tenants, no dealer node
+    strategy = _strategy()
+    strategy.node_wait_timeout = 0.5
+    with pytest.raises(TimeoutError, match="no dealer node joined"):
+        strategy.train_round(grid, 1)

@@ -221,7 +221,7 @@ class LossyGrid(LocalGrid):
     """
 
     def __init__(self, client_app, num_nodes: int, losses: dict[tuple[int, int, str], str]) -> None:
-        super().__init__(client_app, num_nodes)
+        super().__init__(client_app, num_nodes, unpinned=True)
         self.losses = dict(losses)
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
@@ -255,7 +255,7 @@ def _client_keys(grid: LocalGrid, node: int) -> tuple[bytes, bytes | None]:
 
 
 def test_strategy_rotates_every_n_rounds(task_identity: None) -> None:
-    grid = LocalGrid(make_client_app({**FLOWER, "he-key-rotation-every": 2}), 2)
+    grid = LocalGrid(make_client_app({**FLOWER, "he-key-rotation-every": 2}), 2, unpinned=True)
     strategy = _strategy(every=2)
     keys, reports = [], []
     for server_round in (1, 2, 3):

@@ -13,7 +13,6 @@ from flower_split.model import load_encoder, split_encoder
 from flower_split.mpc import decode
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
-from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_messages import ClientSetup, DealerHello, SecureMessage
 from flower_split.backends import backend_for
 from flower_split.config import ConfigError

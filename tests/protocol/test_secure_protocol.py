@@ -153,7 +153,7 @@ def _opened(cloud: SecureCloudParty, request: MaterialRequest | SecureMessage,
                     setup.train_head, "client", cloud.frac_bits, setup.tail_input == "pooled")
     keys = material_keys(spec)
     shapes = [programs(spec)[key][1].requests()[i].out_shape for key, i in keys]
-    tensors = open_sealed(seal_key(record.key), bundle.tenant, bundle.step, bundle.sealed, shapes)
+    tensors = open_sealed(seal_key(record.key), bundle.tenant, bundle.step, spec.material_label(), bundle.sealed, shapes)
     return {f"{key}:{i}": t for (key, i), t in zip(keys, tensors)}
 
 

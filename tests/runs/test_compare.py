@@ -148,11 +148,12 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     assert all(row.count("|") == len(COLUMNS) + 1 for row in rows)
     assert "split-secure-client" in report
     # secure runs: the same tenants and test splits; one step in flight per tenant, so a round trip
-    # per client message of a step (11 with he, 10 with client label protection)
+    # per client message of a step (11 with he, 10 with client label protection), plus one per
+    # round to the dealer node (later steps' material is asked ahead, riding along)
     for name, per_step in (("split-secure-he", 11), ("split-secure-client", 10)):
         secure = runs[name]
         assert secure["per_tenant_test_examples"] == split["per_tenant_test_examples"]
-        assert secure["round_trips_per_step"] == pytest.approx(per_step)
+        assert per_step < secure["round_trips_per_step"] < per_step + 1
         assert secure["global_test_accuracy"] is None and 0.0 <= secure["test_accuracy"] <= 1.0
     for name in ("accuracy_vs_round.png", "costs.png"):
         data = (out / name).read_bytes()

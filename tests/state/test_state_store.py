@@ -15,6 +15,7 @@ from flower_split.model import build_split
 from flower_split.protocol import ClientParty
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
+from flower_split.protocol.dealer_identity import new_identity
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.state import (
     FORMAT_VERSION, META_FILE, StateError, decode, digest, encode, read_party, write_party,
@@ -69,14 +70,15 @@ def test_plain_client_state_round_trips_through_disk(tmp_path: Path) -> None:
 def test_secure_party_states_round_trip_through_disk(tmp_path: Path, protection: str) -> None:
     config = RunConfig(**{**CONFIG.to_dict(), "label_protection": protection})
     parts = build_split("tiny", 3, 4, 8)
-    dealer = SecureDealerParty()
+    identity = new_identity()  # the dealer's key file: a restarted dealer loads its state under it
+    dealer = SecureDealerParty(identity)
     cloud = SecureCloudParty(parts.body, dealer.public)
     client = SecureClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config, 10)
     transport = SecureLocalTransport(cloud, dealer)
     transport.connect(client)
     client.pop_result(transport.run_step(client, _batch()))
     for kind, party, fresh in (
-            ("dealer", dealer, SecureDealerParty()),
+            ("dealer", dealer, SecureDealerParty(identity)),
             ("cloud", cloud, SecureCloudParty(parts.body, dealer.public)),
             ("tenant", client, SecureClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config, 10))):
         saved = read_party(write_party(tmp_path / kind, kind, party.state_dict(), {}), kind)

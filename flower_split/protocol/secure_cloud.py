@@ -208,8 +208,9 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError(f"tenant {bundle.tenant!r}: material bundle does not match step {bundle.step}")
         for name, shape in expected.items():
             tensor = bundle.corrections[name]
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != shape:
-                raise ProtocolError(f"material {name}: expected an int64 tensor of shape {shape}")
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != shape \
+                    or tensor.layout != torch.strided or tensor.device.type == "meta":
+                raise ProtocolError(f"material {name}: expected a dense int64 tensor of shape {shape}")
         record.material = (spec, dict(bundle.corrections))
 
     def handle(self, message: SecureMessage) -> SecureMessage | None:

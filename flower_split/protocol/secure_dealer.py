@@ -52,6 +52,10 @@ class SecureDealerParty:
     def register(self, registration: DealerRegistration) -> None:
         if not isinstance(registration, DealerRegistration):
             raise ProtocolError(f"dealer: expected DealerRegistration, got {type(registration).__name__}")
+        if not isinstance(registration.tenant, str) or not registration.tenant:
+            raise ProtocolError("dealer: tenant must be a non-empty string")
+        if not isinstance(registration.train_head, bool) or not isinstance(registration.tail_pooled, bool):
+            raise ProtocolError("dealer: train_head and tail_pooled must be bools")
         if registration.tenant in self._tenants:
             raise ProtocolError(f"dealer: tenant {registration.tenant!r} is already registered")
         try:
@@ -59,7 +63,7 @@ class SecureDealerParty:
             cloud = check_public_key(registration.cloud_public, "cloud_public")
         except ValueError as exc:
             raise ProtocolError(f"dealer: {exc}") from exc
-        dims = tuple(registration.dims)
+        dims = tuple(registration.dims) if isinstance(registration.dims, (tuple, list)) else ()
         if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM
                                      for v in dims):
             raise ProtocolError(f"dealer: invalid dims {registration.dims!r}")
@@ -75,7 +79,7 @@ class SecureDealerParty:
         """The cloud's corrections for every Beaver product of one step."""
         if not isinstance(request, MaterialRequest):
             raise ProtocolError(f"dealer: expected MaterialRequest, got {type(request).__name__}")
-        record = self._tenants.get(request.tenant)
+        record = self._tenants.get(request.tenant) if isinstance(request.tenant, str) else None
         if record is None:
             raise ProtocolError(f"dealer: unknown tenant {request.tenant!r}")
         if isinstance(request.step, bool) or not isinstance(request.step, int) \
@@ -89,6 +93,8 @@ class SecureDealerParty:
                 raise ProtocolError(f"dealer: {name} {value!r} out of range")
         if request.batch * request.tokens > MAX_STEP_TOKENS:
             raise ProtocolError(f"dealer: batch x tokens over {MAX_STEP_TOKENS}")
+        if not isinstance(request.train, bool):
+            raise ProtocolError("dealer: train must be a bool")
         spec = StepSpec(request.tenant, request.step, request.batch, request.tokens, *record["dims"],
                         bool(request.train), record["train_head"], "client", self.frac_bits,
                         record["tail_pooled"])

@@ -27,7 +27,6 @@ secure mode, whose shares are fresh randomness in every run).
 
 from __future__ import annotations
 
-import dataclasses
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -80,7 +79,15 @@ class Swap:
     index: int
 
 
-Input = Mutation | Duplicate | Swap
+@dataclass(frozen=True)
+class Given:
+    """Deliver ``make(genuine)`` instead (the regression tests name their bad message this way)."""
+
+    make: Callable[[Any], Any]
+    label: str = "given"
+
+
+Input = Mutation | Duplicate | Swap | Given
 
 
 class World:
@@ -177,6 +184,8 @@ def _short(exc: BaseException) -> str:
 def _materialize(world: World, control: Control, event: Event, genuine: Any, item: Input) -> tuple[Any, str] | None:
     if isinstance(item, Mutation):
         return mutate(genuine, item, event.free)
+    if isinstance(item, Given):
+        return item.make(genuine), item.label
     if isinstance(item, Swap):
         name, message = control.trace[item.index % len(control.trace)]
         if message is genuine:
@@ -280,5 +289,7 @@ def check_case(world: World, control: Control, k: int, inputs: list[Input]) -> l
     return outcomes
 
 
-def replace(message: Any, **changes: Any) -> Any:
-    return dataclasses.replace(message, **changes)
+def event_index(world: World, name: str, tenant: str = "t0", nth: int = 0) -> int:
+    """Index of the ``nth`` fuzzable event called ``name`` (prefix) of ``tenant``."""
+    found = [k for k in fuzzable(world) if world.events[k].name.startswith(name) and world.events[k].tenant == tenant]
+    return found[nth]

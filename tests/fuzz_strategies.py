@@ -305,21 +305,21 @@ def _array_kinds() -> dict[str, Callable[[Any, int], Any]]:
         return lambda v, a: fn(v, a) if _is_array(v) else None
 
     def with_data(v: Any, data: bytes) -> Any:
-        return _flwr().Array(dtype=v.dtype, shape=list(v.shape), stype=v.stype, data=data)
+        return _flwr().Array(dtype=v.dtype, shape=tuple(v.shape), stype=v.stype, data=data)
 
     def with_header(v: Any, a: int) -> Any:
         dtypes = ("float32", "int64", "float16", "int8", "object", "<U5", "bool")
         shape = list(v.shape)
         if a % 2 and shape:
             shape[a % len(shape)] += 1
-            return _flwr().Array(dtype=v.dtype, shape=shape, stype=v.stype, data=v.data)
-        return _flwr().Array(dtype=dtypes[a % len(dtypes)], shape=shape, stype=v.stype, data=v.data)
+            return _flwr().Array(dtype=v.dtype, shape=tuple(shape), stype=v.stype, data=v.data)
+        return _flwr().Array(dtype=dtypes[a % len(dtypes)], shape=tuple(shape), stype=v.stype, data=v.data)
 
     return {
         "array.truncate": rewrite(lambda v, a: with_data(v, v.data[: (a % max(1, len(v.data)))])),
         "array.garbage": rewrite(lambda v, a: with_data(v, bytes([a % 256]) * (1 + a % 64))),
         "array.header": rewrite(with_header),
-        "array.stype": rewrite(lambda v, a: _flwr().Array(dtype=v.dtype, shape=list(v.shape), stype="torch.raw",
+        "array.stype": rewrite(lambda v, a: _flwr().Array(dtype=v.dtype, shape=tuple(v.shape), stype="torch.raw",
                                                          data=v.data)),
     }
 
@@ -416,7 +416,10 @@ def mutate(message: Any, mutation: Mutation, free: Iterable[str] = ()) -> tuple[
     new = KINDS[kind](slot.value, mutation.arg)
     if new is None or _same(new, slot.value):
         return None
-    return replace_at(message, slot.path, new), f"{kind}@{slot.name}"
+    try:
+        return replace_at(message, slot.path, new), f"{kind}@{slot.name}"
+    except (TypeError, ValueError):  # a Flower record refuses the value: it cannot travel at all
+        return None
 
 
 def _same(a: Any, b: Any) -> bool:

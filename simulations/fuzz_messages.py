@@ -90,8 +90,8 @@ def report(results: dict[str, list[Outcome]], seconds: float, args: argparse.Nam
                 seen.add(key)
                 lines.append(f"- {o.verdict}: {o.event} <- {o.label}: {o.detail}")
     by_event = collections.Counter(o.event for o in everything)
-    lines += ["", f"Receiving methods fuzzed: {len(by_event)}; mutation kinds used: "
-                  f"{len({o.label.split('@')[0] for o in everything})}."]
+    lines += ["", f"Receiving events (method, and schedule stage for step messages): {len(by_event)}; "
+                  f"kinds of mutation: {len({o.label.split('@')[0].split('<-')[0] for o in everything})}."]
     return "\n".join(lines)
 
 

@@ -36,13 +36,13 @@ from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 
 COMMON = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
-          "lr-tail": 0.3, "batch-size": 8, "max-length": 24, "max-train-samples": 64, "max-test-samples": 16,
+          "lr-tail": 0.3, "batch-size": 8, "max-length": 24, "max-train-samples": 64, "max-test-samples": 8,
           "local-steps": 2, "micro-batches": 2, "num-server-rounds": 1, "min-nodes": 2, "reply-timeout": 60.0,
           "global-eval": False, "insecure-reproducible-init": True, "allow-insecure-reproducible-init": True}
 CONFIGS = {"plain": {**COMMON, "security": "plain"},
            "secure": {**COMMON, "security": "secure", "label-protection": "client", "local-steps": 1}}
 """``he`` adds CKKS key generation to every set-up (seconds); its messages are fuzzed at the protocol level."""
-FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -30,7 +30,7 @@ from flower_split.protocol import ClientParty
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAST = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 INPUTS = st.one_of(mutations(), mutations(), mutations(), st.builds(Swap, st.integers(0, 10_000)),
                    st.just(Duplicate()))
@@ -61,7 +61,7 @@ def test_plain_messages_are_rejected_cleanly_or_harmless(plain, data) -> None:
     _fuzz(*plain, data)
 
 
-@settings(FAST, max_examples=25)
+@settings(FAST, max_examples=15)
 @given(data=st.data())
 def test_secure_messages_are_rejected_cleanly_or_harmless(secure, data) -> None:
     _fuzz(*secure, data)

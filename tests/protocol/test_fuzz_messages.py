@@ -26,7 +26,8 @@ from fuzz_worlds import ACCEPTED, REJECTED, Duplicate, Given, Swap, check_case, 
 
 from flower_split.config import RunConfig
 from flower_split.model import build_split
-from flower_split.protocol import ClientParty
+from flower_split.protocol import ClientParty, CloudParty
+from flower_split.transport import InProcessTransport
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,9 +131,6 @@ def test_plain_client_does_not_keep_the_tensors_of_a_loaded_state(secure_data) -
     config = RunConfig(model="tiny", head_rank=4, tail_bottleneck=8, device="cpu").validate()
     parts = build_split("tiny", 77, 4, 8)
     client = ClientParty("t0", parts.embedder, parts.head, parts.tail, config, total_steps=10)
-    from flower_split.protocol import CloudParty
-    from flower_split.transport import InProcessTransport
-
     transport = InProcessTransport(CloudParty(parts.body))
     for i in range(2):
         message = client.begin(secure_data.collate([i, i + 1]))

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
@@ -64,11 +64,18 @@ def _save_party(context: Context, party: ClientParty) -> None:
     context.state[PARTY_CONFIG] = meta
 
 
+def _num_batches(record: ConfigRecord, settings: FlowerSettings) -> int:
+    """The instruction's micro-batch count: 0 .. micro-batches (the strategy never asks for more;
+    a larger count would have the tenant embed batches without end)."""
+    count = config_value(record, ConfigKey.NUM_BATCHES, int)
+    if not 0 <= count <= settings.micro_batches:
+        raise ProtocolError(f"config.num-batches: expected 0..{settings.micro_batches} (micro-batches), got {count}")
+    return count
+
+
 def _head_fwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
               data: TenantData) -> RecordDict:
-    count = config_value(read_config(message.content), ConfigKey.NUM_BATCHES, int)
-    if count < 0:
-        raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
+    count = _num_batches(read_config(message.content), settings)
     party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
     cursor = Cursor.load(context.state)
     outputs = [party.begin(batch, train=True) for batch in train_batches(data, config, cursor, count)]
@@ -114,7 +121,7 @@ def _head_bwd(message: Message, context: Context, config: RunConfig, settings: F
 def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
                data: TenantData) -> RecordDict:
     record = read_config(message.content)
-    count = config_value(record, ConfigKey.NUM_BATCHES, int)
+    count = config_value(record, ConfigKey.NUM_BATCHES, int)  # the loop below ends with the test set
     restart = config_value(record, ConfigKey.RESTART, bool)
     test = eval_set(data, record)
     if count < 0:

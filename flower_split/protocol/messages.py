@@ -82,10 +82,34 @@ def _value_bytes(value: object) -> int:
     return 0
 
 
-def check_tensor(name: str, tensor: object, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
-    """Raise :class:`ProtocolError` unless ``tensor`` has exactly ``shape`` and one of ``dtypes``."""
+def check_header(message: object, kind: type | tuple[type, ...]) -> None:
+    """Raise :class:`ProtocolError` unless ``message`` is a ``kind`` whose tenant is a non-empty
+    string and whose step is a non-negative int (checked before either is used as a key)."""
+    if not isinstance(message, kind):
+        raise ProtocolError(f"unexpected message type {type(message).__name__}")
+    tenant, step = getattr(message, "tenant", None), getattr(message, "step", None)
+    if not isinstance(tenant, str) or not tenant:
+        raise ProtocolError(f"tenant: expected a non-empty string, got {type(tenant).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ProtocolError(f"step: expected an integer >= 0, got {step!r:.40}")
+
+
+def check_dense(name: str, tensor: object) -> torch.Tensor:
+    """``tensor`` if it is a dense tensor with data (not sparse, not on the meta device), else
+    :class:`ProtocolError`: the checks and the compute after them need its values."""
     if not isinstance(tensor, torch.Tensor):
         raise ProtocolError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        raise ProtocolError(f"{name}: expected a dense tensor with data, got layout {tensor.layout} "
+                            f"on {tensor.device.type}")
+    return tensor
+
+
+def check_tensor(name: str, tensor: object, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
+    """Raise :class:`ProtocolError` unless ``tensor`` is dense, has exactly ``shape``, one of
+    ``dtypes`` and, if floating point, only finite values."""
+    check_dense(name, tensor)
+    assert isinstance(tensor, torch.Tensor)
     if tuple(tensor.shape) != tuple(shape):
         raise ProtocolError(f"{name}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
     if tensor.dtype not in dtypes:

@@ -17,7 +17,7 @@ from flower_split.config import RunConfig
 from flower_split.data import Batch
 from flower_split.model import Embedder, HeadAdapter, TailAdapter
 from flower_split.protocol.messages import (
-    BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_tensor,
+    BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_header, check_tensor,
 )
 from flower_split.protocol.label_dp import LabelNoise
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
@@ -90,6 +90,7 @@ class ClientParty:
 
     def handle(self, message: Message) -> Message | None:
         """Answer one cloud message; on :class:`ProtocolError` no state has changed."""
+        check_header(message, (BodyOutput, HeadGrad))
         if message.tenant != self.tenant:
             raise ProtocolError(f"message for tenant {message.tenant!r} delivered to {self.tenant!r}")
         step = self._steps.get(message.step)
@@ -107,7 +108,7 @@ class ClientParty:
         batch = step.batch
         shape = (*batch.input_ids.shape, self.tail.classifier.in_features)
         check_tensor("h", message.h, shape, (torch.float32,))
-        h = message.h.to(self.device)
+        h = message.h.detach().to(self.device)  # the received tensor itself is never given a graph
         if not step.train:
             with torch.no_grad():
                 logits = self.tail(h, batch.attention_mask)
@@ -122,7 +123,7 @@ class ClientParty:
         loss = F.cross_entropy(logits, batch.labels)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"tenant {self.tenant!r}, step {message.step}: training diverged (loss "
-                                   f"{float(loss)}); nothing was updated: lower lr_head / lr_tail")
+                                   f"{float(loss.detach())}); nothing was updated: lower lr_head / lr_tail")
         self.tail_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.tail_optimizer.step()
@@ -204,6 +205,7 @@ class ClientParty:
         if bool(state.get("train_head")) != self.train_head:
             raise ValueError(f"state: saved with train_head={state.get('train_head')!r}, "
                              f"party has train_head={self.train_head}")
+        state = _cpu_copy(state)  # the optimizers keep what they load: never the caller's tensors
         if (self.label_noise is not None) != ("label_dp" in state):
             raise ValueError(f"state: saved with label-DP {'on' if 'label_dp' in state else 'off'}, the party "
                              f"has it {'off' if self.label_noise is None else 'on'} (label_dp_noise)")

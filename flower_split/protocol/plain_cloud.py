@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from flower_split.model import Body, hidden_size
 from flower_split.protocol.body_runner import BodyGraph, BodyRunner
 from flower_split.protocol.messages import (
-    BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_tensor,
+    BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_dense, check_header, check_tensor,
 )
 
 FLOAT_DTYPES = (torch.float32,)
@@ -152,15 +152,19 @@ class CloudParty:
     # -- validation ----------------------------------------------------------------------------
 
     def _check_one(self, message: Message) -> None:
-        """Shape, dtype and order of one message against the current state."""
+        """Types, shape, dtype and order of one message against the current state."""
+        check_header(message, (HeadOutput, BodyGrad))
         if isinstance(message, HeadOutput):
-            f = message.f
-            if not isinstance(f, torch.Tensor) or f.dim() != 3:
-                got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-                raise ProtocolError(f"f: expected [batch, tokens, {self.dim}], got {got}")
+            f = check_dense("f", message.f)
+            if f.dim() != 3 or not f.shape[0] or not f.shape[1]:
+                raise ProtocolError(f"f: expected [batch, tokens, {self.dim}] with a row and a token, "
+                                    f"got {tuple(f.shape)}")
             batch, tokens, _ = f.shape
             check_tensor("f", f, (batch, tokens, self.dim), FLOAT_DTYPES)
             check_tensor("attention_mask", message.attention_mask, (batch, tokens), (torch.long, torch.int32))
+            _check_mask(message.attention_mask)
+            if not isinstance(message.train, bool):
+                raise ProtocolError(f"train: expected a bool, got {type(message.train).__name__}")
             if message.train and (message.tenant, message.step) in self._pending:
                 raise ProtocolError("this step is already in flight")
         elif isinstance(message, BodyGrad):
@@ -251,6 +255,14 @@ class CloudParty:
         grad_f = self.runner.backward(group, grad_h, retain=others)
         return {index: HeadGrad(message.tenant, message.step, _cut(grad_f, pending.rows, pending.tokens))
                 for index, message, pending in items}
+
+
+def _check_mask(mask: torch.Tensor) -> None:
+    """An attention mask holds only 0 and 1, and every sequence at least one token."""
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ProtocolError("attention_mask: must hold only 0 and 1")
+    if bool((mask.sum(1) == 0).any()):
+        raise ProtocolError("attention_mask: every sequence needs at least one token")
 
 
 def _describe(message: object) -> str:

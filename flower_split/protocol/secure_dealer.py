@@ -72,6 +72,10 @@ class SecureDealerParty:
         tenant out); after that a tenant's keys are fixed."""
         if not isinstance(registration, DealerRegistration):
             raise ProtocolError(f"dealer: expected DealerRegistration, got {type(registration).__name__}")
+        if not isinstance(registration.tenant, str) or not registration.tenant:
+            raise ProtocolError("dealer: tenant must be a non-empty string")
+        if not isinstance(registration.train_head, bool) or not isinstance(registration.tail_pooled, bool):
+            raise ProtocolError("dealer: train_head and tail_pooled must be bools")
         previous = self._tenants.get(registration.tenant)
         if previous is not None and previous["next_step"] > 0:
             raise ProtocolError(f"dealer: tenant {registration.tenant!r} is already registered and served")
@@ -80,7 +84,7 @@ class SecureDealerParty:
             cloud = check_public_key(registration.cloud_public, "cloud_public")
         except ValueError as exc:
             raise ProtocolError(f"dealer: {exc}") from exc
-        dims = tuple(registration.dims)
+        dims = tuple(registration.dims) if isinstance(registration.dims, (tuple, list)) else ()
         if len(dims) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM
                                      for v in dims):
             raise ProtocolError(f"dealer: invalid dims {registration.dims!r}")
@@ -96,7 +100,7 @@ class SecureDealerParty:
         """The cloud's corrections for every Beaver product of one step."""
         if not isinstance(request, MaterialRequest):
             raise ProtocolError(f"dealer: expected MaterialRequest, got {type(request).__name__}")
-        record = self._tenants.get(request.tenant)
+        record = self._tenants.get(request.tenant) if isinstance(request.tenant, str) else None
         if record is None:
             raise ProtocolError(f"dealer: unknown tenant {request.tenant!r}")
         if isinstance(request.step, bool) or not isinstance(request.step, int) \

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from flower_split.mpc import SEED_BYTES
-from flower_split.protocol.messages import ProtocolError
+from flower_split.protocol.messages import ProtocolError, check_dense
 
 RING, MASK, SEED, BLOB = "ring", "mask", "seed", "blob"
 ITEM_KINDS = (RING, MASK, SEED, BLOB)
@@ -81,6 +81,7 @@ class ItemSpec:
         if self.kind in (RING, MASK):
             if not isinstance(value, torch.Tensor):
                 raise ProtocolError(f"item {self.name!r}: expected an int64 tensor, got {type(value).__name__}")
+            check_dense(f"item {self.name!r}", value)
             if value.dtype != torch.int64:
                 raise ProtocolError(f"item {self.name!r}: expected dtype torch.int64, got {value.dtype}")
             if tuple(value.shape) != self.shape:

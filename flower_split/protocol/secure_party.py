@@ -248,6 +248,7 @@ class SecureStepRunner:
         where = f"{self.role}: message {message.seq} of step {message.step} (tenant {message.tenant!r})"
         peer = CLOUD if self.role == CLIENT else CLIENT
         plans = schedule(spec)
+        _check_header_types(message, where)
         if message.seq != st.seq:
             raise ProtocolError(f"{where}: out of order, expected message {st.seq}")
         if st.seq >= len(plans) or plans[st.seq].sender != peer:
@@ -321,6 +322,15 @@ class SecureStepRunner:
     def _op_update_head(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         head = st.ctx["head"].values
         halves.update("head", {"head.A": head["gA"], "head.B": head["gB"]})
+
+
+def _check_header_types(message: SecureMessage, where: str) -> None:
+    """The header fields have their exact types (``1.0 == 1`` and ``1 == True`` must not pass)."""
+    for name, kind in (("tenant", str), ("sender", str), ("stage", str), ("train", bool), ("step", int),
+                       ("seq", int), ("batch", int), ("tokens", int), ("frac_bits", int)):
+        value = getattr(message, name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError(f"{where}: {name} must be a {kind.__name__}, got {type(value).__name__}")
 
 
 # ------------------------------------------------------------------------ state export

@@ -93,6 +93,8 @@ class SplitStrategy(SplitStrategyBase):
             backward: dict[int, RecordDict] = {}
             for node, messages in grads.items():
                 examples += int(metrics[node][MetricKey.NUM_EXAMPLES])
+                if MetricKey.LABEL_DP_EPSILON in metrics[node]:
+                    self.label_dp[self.tenant_of[node]] = float(metrics[node][MetricKey.LABEL_DP_EPSILON])
                 if MetricKey.TRAIN_LOSS in metrics[node]:
                     n_examples = int(metrics[node][MetricKey.NUM_EXAMPLES])
                     total, seen = losses.get(node, (0.0, 0))
@@ -109,7 +111,8 @@ class SplitStrategy(SplitStrategyBase):
             dropped=dict(phase.dropped), train_loss=loss_sum / reported if reported == examples and examples else None,
             num_examples=examples, steps=done, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud,
-            wall_seconds=time.perf_counter() - phase.started, stopped=dict(self.stopped))
+            wall_seconds=time.perf_counter() - phase.started, stopped=dict(self.stopped),
+            label_dp_epsilon=dict(self.label_dp))
 
     def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
         """Inference (head -> cloud body -> tail) on each tenant's own test split or, with

@@ -121,6 +121,8 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     if not batches:
         raise ProtocolError(f"tenant {data.tenant!r}: no training data")
     first = party.begin(batches[0], train=True, cloud_step=config_value(instruction, ConfigKey.NEXT_STEP, int))
+    if party.label_noise is not None:  # counted at the begin: a step cut short still counts (conservative)
+        party.label_noise.count(batches[0].indices)
     _save(context, party)
     cursor.save(context.state)
     context.state[SECURE_BATCH] = ConfigRecord({"size": len(batches[0].labels)})
@@ -179,20 +181,25 @@ def secure_next(message: Message, context: Context, config: RunConfig, settings:
         result = party.pop_result(incoming.step)
         metrics: dict[str, int | float | list[int]] = {MetricKey.DONE: 1}
         if settings.secure_metrics:
-            metrics.update(_step_metrics(context, data, incoming.train, result))
+            metrics.update(_step_metrics(context, data, party, incoming.train, result))
         content[RecordKey.METRICS] = MetricRecord(metrics)
     _save(context, party)
     return content
 
 
-def _step_metrics(context: Context, data: TenantData, train: bool, result: SecureStepResult) -> dict:
+def _step_metrics(context: Context, data: TenantData, party: SecureClientParty, train: bool,
+                  result: SecureStepResult) -> dict:
     """What the tenant reports of a finished step: never a decrypted value, never its loss.
 
-    Training: the batch size only (public anyway). Evaluation: counts from the logits opened
+    Training: the batch size (public anyway) and, under label-DP, the tenant's epsilon so far
+    (a function of its label uses, not of the labels). Evaluation: counts from the logits opened
     to the client alone (inference decrypts nothing).
     """
     if train:
-        return {MetricKey.NUM_EXAMPLES: config_value(context.state[SECURE_BATCH], "size", int, SECURE_BATCH)}
+        size = config_value(context.state[SECURE_BATCH], "size", int, SECURE_BATCH)
+        if party.label_noise is None:
+            return {MetricKey.NUM_EXAMPLES: size}
+        return {MetricKey.NUM_EXAMPLES: size, MetricKey.LABEL_DP_EPSILON: party.label_noise.epsilon()}
     record = context.state.get(SECURE_LABELS)
     if not isinstance(record, ArrayRecord) or "labels" not in record:
         raise ProtocolError("evaluation step finished but its labels are not in the state")

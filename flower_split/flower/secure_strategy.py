@@ -120,8 +120,11 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         while steps < self.local_steps and active:
             ahead = steps + 1 < self.local_steps  # another training step follows: ask its material now
             _, finished = self._run_steps(grid, True, {n: {} for n in active}, server_round, phase, active, ahead)
-            for content in finished.values():  # no loss: secure tenants report none (module docstring)
-                examples += int(read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.NUM_EXAMPLES, 0))
+            for node, content in finished.items():  # no loss: secure tenants report none (module docstring)
+                metrics = read_metrics(content, lists=CLASS_COUNT_KEYS)
+                examples += int(metrics.get(MetricKey.NUM_EXAMPLES, 0))
+                if MetricKey.LABEL_DP_EPSILON in metrics:
+                    self.label_dp[self.tenant_of[node]] = float(metrics[MetricKey.LABEL_DP_EPSILON])
             steps += 1
             if steps % every_log == 0 and steps < self.local_steps:
                 log(INFO, "secure round %d: step %d/%d, %d tenants, %.0f s", server_round, steps,
@@ -131,7 +134,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             dropped=dict(phase.dropped), train_loss=None,
             num_examples=examples, steps=steps, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud, dealer_seconds=phase.dealer,
-            wall_seconds=time.perf_counter() - phase.started)
+            wall_seconds=time.perf_counter() - phase.started, label_dp_epsilon=dict(self.label_dp))
 
     def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
         """Secure inference on each tenant's own test split (or, ``scope="global"``, the whole test set)."""

@@ -71,6 +71,7 @@ class SplitStrategyBase(ABC):
         self.tenant_of: dict[int, str] = {}
         self.target_loss = target_loss
         self.stopped: dict[str, int] = {}  # tenant -> the round its loss reached target_loss
+        self.label_dp: dict[str, float] = {}  # tenant -> the label-DP epsilon it last reported
 
     # -- hooks ---------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ class RoundReport:
     wall_seconds: float
     dealer_seconds: float = 0.0  # secure only: the dealer's share of the ServerApp's time
     stopped: dict[str, int] = field(default_factory=dict)  # tenant -> round it reached target-loss
+    label_dp_epsilon: dict[str, float] = field(default_factory=dict)  # tenant -> its label-DP epsilon so far
 
     @property
     def round_trips_per_step(self) -> float:

@@ -137,6 +137,15 @@ class LabelNoise:
         self._uses = state["uses"].to(torch.int64).clone()
 
 
+def restore_label_noise(noise: LabelNoise | None, saved: dict[str, Any] | None) -> None:
+    """Load a party's saved label uses; ValueError if label-DP was on in one and off in the other."""
+    if (noise is None) != (saved is None):
+        raise ValueError("state: saved with label-DP " + ("on" if noise is None else "off")
+                         + f", this party has it {'off' if noise is None else 'on'} (label_dp_noise)")
+    if noise is not None and saved is not None:
+        noise.load_state_dict(saved)
+
+
 def noisy_g(noise: LabelNoise | None, g: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """``g`` [B, C] noised and denoised (:meth:`LabelNoise.denoised`); ``g`` itself when label-DP is
     off (secure ``client`` mode, where the logits are opened to the tenant)."""

@@ -40,7 +40,7 @@ from flower_split.mpc import new_seed
 from flower_split.mpc.triples import TripleRequest
 from flower_split.protocol.dealer_identity import accept_hello
 from flower_split.protocol.labels import label_protection
-from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share
+from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share, restore_label_noise
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
     beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
@@ -371,6 +371,7 @@ class SecureClientParty(SecureStepRunner):
             "step": export_step(self._step) if self._step is not None else None,
             "pre_step": None if self._pre_step is None else
             {"weights": self._pre_step[0], "buffers": self._pre_step[1], "updates": self._pre_step[2]},
+            "label_dp": self.label_noise.state_dict() if self.label_noise is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -394,3 +395,4 @@ class SecureClientParty(SecureStepRunner):
         self._step = import_step(state["step"]) if state["step"] is not None else None
         pre = state.get("pre_step")
         self._pre_step = None if pre is None else (dict(pre["weights"]), dict(pre["buffers"]), dict(pre["updates"]))
+        restore_label_noise(self.label_noise, state.get("label_dp"))

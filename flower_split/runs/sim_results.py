@@ -61,6 +61,7 @@ def round_rows(collected: Collected, epochs: int) -> list[dict]:
             "dealer_seconds": getattr(report, "dealer_seconds", None),
             # split with target-loss: tenant -> the round its own loss reached the target
             "stopped": dict(getattr(report, "stopped", {}) or {}),
+            "label_dp_epsilon": dict(getattr(report, "label_dp_epsilon", {}) or {}),
         })
     initial = evaluations.get(0)
     initial_global = global_evals.get(0)
@@ -134,10 +135,23 @@ def run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSetti
         "num_server_rounds": settings.num_server_rounds,
         "rounds": rounds,
         "tenants_stopped": rounds[-1].get("stopped", {}) if rounds else {},
+        **_label_dp(config, rounds),
         "clients": clients,
         "config": config.to_dict(),
         "flower": {**settings.__dict__, **({"local_epochs": fedavg.local_epochs} if fedavg else {})},
     }
+
+
+def _label_dp(config: RunConfig, rounds: list[dict]) -> dict[str, Any]:
+    """Label-DP of a federated run: every tenant's epsilon after its last round, and the worst
+    (None when label-DP is off: no guarantee)."""
+    per_tenant: dict[str, float] = {}
+    for row in rounds:
+        per_tenant.update(row.get("label_dp_epsilon", {}))
+    if not config.label_dp_noise:
+        return {"label_dp_epsilon": None}
+    return {"label_dp_noise": config.label_dp_noise, "label_dp_delta": config.label_dp_delta,
+            "label_dp_epsilon": max(per_tenant.values(), default=None), "per_tenant_label_dp_epsilon": per_tenant}
 
 
 def _mean(values: list[float]) -> float | None:

@@ -50,3 +50,23 @@ def test_label_dp_round_reports_no_loss_and_refuses_the_stop_rule(task_identity:
     assert train and train[0].train_loss is None and train[0].num_examples == 32
     with pytest.raises(ConfigError, match="^target-loss: under label-DP"):
         backend_for(*settings_from_run_config({**CONFIG, "target-loss": 1.0}))
+
+
+def test_rounds_report_each_tenants_epsilon_plain_and_secure(task_identity: None, tmp_path) -> None:
+    """The round reports (and so results.json) carry every tenant's epsilon after the round, in
+    both security levels; a secure tenant counts its label uses in its saved state, so the
+    epsilon grows across rounds although every message rebuilds the party."""
+    from flower_split.apps.server_app import run_cloud
+
+    secure = {**CONFIG, "security": "secure", "label-protection": "client", "head-rank": 4, "tail-bottleneck": 8,
+              "local-steps": 2, "num-server-rounds": 3, "global-eval": False, "eval-every": 0}
+    for config, grid in ((CONFIG, LocalGrid(make_client_app(CONFIG), 1)),
+                         (secure, LocalGrid(make_client_app(secure), 1, dealer=tmp_path))):
+        reports = []
+        run_cloud(grid, {**config, "global-eval": False}, reports.append)
+        rounds = [r for r in reports if type(r).__name__ == "RoundReport"]
+        epsilons = [r.label_dp_epsilon["tenant-0"] for r in rounds]
+        steps = config["local-steps"] * config.get("num-server-rounds", 1)
+        uses = -(-steps * config["batch-size"] // 64)  # 64 examples, every batch a fresh slice
+        assert epsilons[-1] == pytest.approx(label_dp_epsilon(2.0, uses, 1e-6)), config.get("security")
+        assert epsilons == sorted(epsilons)

@@ -74,6 +74,8 @@ class RunConfig:
     # label-DP (docs/PRIVACY.md): Gaussian noise multiplier on g = dL/dz (0 = off), and its delta
     label_dp_noise: float = 0.0
     label_dp_delta: float = 1e-5
+    # label-DP by randomized response: each training label replaced once, epsilon-label-DP (0 = off)
+    label_rr_epsilon: float = 0.0
     # centralized LoRA baseline
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -132,6 +134,12 @@ class RunConfig:
         if noise and self.mode != "split":
             raise ConfigError(f"label_dp_noise: label-DP noise is added to the split's gradient; "
                               f"mode {self.mode!r} has none (set it to 0)")
+        rr = self.label_rr_epsilon
+        if not isinstance(rr, (int, float)) or isinstance(rr, bool) or not 0 <= rr < math.inf:
+            raise ConfigError(f"label_rr_epsilon: expected a finite number >= 0 (0 = off), got {rr!r}")
+        if rr and self.mode != "split":
+            raise ConfigError(f"label_rr_epsilon: randomized response protects the tenant's labels from the cloud; "
+                              f"mode {self.mode!r} has no cloud (set it to 0)")
 
     @property
     def classifier_lr(self) -> float:

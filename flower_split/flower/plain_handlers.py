@@ -28,7 +28,9 @@ from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
 from flower_split.flower.records import config_value, pack_messages, read_config, records_to_state, state_to_records, unpack_messages
 from flower_split.flower.settings import FlowerSettings
-from flower_split.flower.tenant import Cursor, Handler, TenantData, eval_set, new_adapters, train_batches
+from flower_split.flower.tenant import (
+    Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
+)
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.train.metrics import class_counts
 from flower_split.train.runtime import select_device
@@ -78,7 +80,8 @@ def _head_fwd(message: Message, context: Context, config: RunConfig, settings: F
     count = _num_batches(read_config(message.content), settings)
     party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
     cursor = Cursor.load(context.state)
-    outputs = [party.begin(batch, train=True) for batch in train_batches(data, config, cursor, count)]
+    batches = train_batches(data, config, cursor, count, randomized_labels(context, config, data))
+    outputs = [party.begin(batch, train=True) for batch in batches]
     _save_party(context, party)
     cursor.save(context.state)
     return pack_messages(HeadOutput, data.tenant, outputs)

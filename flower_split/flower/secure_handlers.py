@@ -54,7 +54,9 @@ from flower_split.flower.secure_records import (
 )
 from flower_split.flower.dealer_node import allow_unpinned, pinned_dealer
 from flower_split.flower.settings import FlowerSettings
-from flower_split.flower.tenant import Cursor, Handler, TenantData, eval_set, new_adapters, train_batches
+from flower_split.flower.tenant import (
+    Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
+)
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
 from flower_split.train.metrics import class_counts
@@ -117,7 +119,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     party.reconcile(_cloud_updates(instruction))
     _confirm_key(party, instruction)
     cursor = Cursor.load(context.state)
-    batches = train_batches(data, config, cursor, 1)
+    batches = train_batches(data, config, cursor, 1, randomized_labels(context, config, data))
     if not batches:
         raise ProtocolError(f"tenant {data.tenant!r}: no training data")
     first = party.begin(batches[0], train=True, cloud_step=config_value(instruction, ConfigKey.NEXT_STEP, int))

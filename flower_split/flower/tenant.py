@@ -13,6 +13,7 @@ the label distribution of that partition (:func:`split_test_like_train`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -29,8 +30,10 @@ from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
 from flower_split.protocol import ProtocolError
+from flower_split.protocol.label_rr import RandomizedLabels
 
 DATA_STATE = "data"
+RR_STATE = "label-rr"  # ConfigRecord {key}: the tenant's randomized-response key (label_rr_epsilon)
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,27 @@ def new_adapters(data: TenantData, config: RunConfig) -> tuple[HeadAdapter, Tail
     return head, tail
 
 
-def train_batches(data: TenantData, config: RunConfig, cursor: Cursor, count: int) -> list[Batch]:
-    """The next ``count`` training micro-batches; a new shuffled pass starts when one ends."""
+def randomized_labels(context: Context, config: RunConfig, data: TenantData) -> RandomizedLabels | None:
+    """The tenant's randomized response (``label_rr_epsilon``), None when off.
+
+    Its secret key is made once and kept in ``context.state``, so that every message (every
+    process, in deployment) sees the same randomized labels: a new draw per use would compose.
+    """
+    if not config.label_rr_epsilon:
+        return None
+    record = context.state.get(RR_STATE)
+    if isinstance(record, ConfigRecord) and isinstance(record.get("key"), bytes):
+        return RandomizedLabels(config.label_rr_epsilon, data.num_classes, record["key"])
+    randomized = RandomizedLabels(config.label_rr_epsilon, data.num_classes)
+    context.state[RR_STATE] = ConfigRecord({"key": randomized.key})
+    return randomized
+
+
+def train_batches(data: TenantData, config: RunConfig, cursor: Cursor, count: int,
+                  randomized: RandomizedLabels | None = None) -> list[Batch]:
+    """The next ``count`` training micro-batches; a new shuffled pass starts when one ends.
+
+    ``randomized``: the tenant's randomized response; the batches then carry its labels."""
     size = len(data.train)
     if size == 0:
         return []
@@ -155,7 +177,10 @@ def train_batches(data: TenantData, config: RunConfig, cursor: Cursor, count: in
             order = _order(size, config.seed, data.partition_id, cursor.epoch)
         rows = order[cursor.cursor : cursor.cursor + config.batch_size]
         cursor.cursor += len(rows)
-        batches.append(data.train.collate(rows))
+        batch = data.train.collate(rows)
+        if randomized is not None:
+            batch = dataclasses.replace(batch, labels=randomized.apply(batch.labels, batch.indices))
+        batches.append(batch)
     return batches
 
 

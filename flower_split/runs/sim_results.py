@@ -148,10 +148,12 @@ def _label_dp(config: RunConfig, rounds: list[dict]) -> dict[str, Any]:
     per_tenant: dict[str, float] = {}
     for row in rounds:
         per_tenant.update(row.get("label_dp_epsilon", {}))
+    rr = {"label_rr_epsilon": config.label_rr_epsilon or None}  # randomized response: pure, fixed epsilon
     if not config.label_dp_noise:
-        return {"label_dp_epsilon": None}
+        return {"label_dp_epsilon": None, **rr}
     return {"label_dp_noise": config.label_dp_noise, "label_dp_delta": config.label_dp_delta,
-            "label_dp_epsilon": max(per_tenant.values(), default=None), "per_tenant_label_dp_epsilon": per_tenant}
+            "label_dp_epsilon": max(per_tenant.values(), default=None), "per_tenant_label_dp_epsilon": per_tenant,
+            **rr}
 
 
 def _mean(values: list[float]) -> float | None:

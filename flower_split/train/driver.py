@@ -10,6 +10,7 @@ head -> cloud body -> client tail) and checks that the body did not move.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Protocol
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
 from flower_split.model import Body
+from flower_split.protocol.label_rr import RandomizedLabels
 from flower_split.train.metrics import accuracy, macro_f1
 from flower_split.train.runtime import CpuClock
 
@@ -50,6 +52,7 @@ def run_in_process(config: RunConfig, session: Session, body: Body, train: Token
     """Train ``session`` on ``train`` (batch order from ``generator``), evaluate it on ``test``;
     one results.json run's metrics. ``on_step`` sees every finished step, training and test."""
     body_before = body.fingerprint()
+    randomized = RandomizedLabels(config.label_rr_epsilon, num_classes) if config.label_rr_epsilon else None
     steps_per_epoch = -(-len(train) // config.batch_size)
     clock = CpuClock()
     history: list[float] = []
@@ -59,9 +62,11 @@ def run_in_process(config: RunConfig, session: Session, body: Body, train: Token
                    desc=f"{label} epoch {epoch + 1}/{config.epochs}", disable=not progress)
         losses = []
         for batch in bar:
-            step = session.run_step(batch, True, clock)
+            used = batch if randomized is None else \
+                dataclasses.replace(batch, labels=randomized.apply(batch.labels, batch.indices))
+            step = session.run_step(used, True, clock)
             if on_step is not None:
-                on_step(step, batch)
+                on_step(step, batch)  # the true labels: the audit scores against them
             losses.append(float(session.pop_result(step).loss))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         history.append(sum(losses) / len(losses))
@@ -77,6 +82,7 @@ def run_in_process(config: RunConfig, session: Session, body: Body, train: Token
         "bytes_client_to_cloud": session.traffic.bytes_client_to_cloud,
         "bytes_cloud_to_client": session.traffic.bytes_cloud_to_client,
         **session.summary(),
+        **(randomized.summary() if randomized is not None else {"label_rr_epsilon": None}),
     }
 
 

@@ -4,6 +4,7 @@ in its state between messages (every message is handled by a freshly loaded part
 from __future__ import annotations
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from flower_split.apps.client_app import make_client_app
@@ -70,3 +71,23 @@ def test_rounds_report_each_tenants_epsilon_plain_and_secure(task_identity: None
         uses = -(-steps * config["batch-size"] // 64)  # 64 examples, every batch a fresh slice
         assert epsilons[-1] == pytest.approx(label_dp_epsilon(2.0, uses, 1e-6)), config.get("security")
         assert epsilons == sorted(epsilons)
+
+
+def test_a_tenants_randomized_labels_stay_fixed_across_messages() -> None:
+    """The randomized-response key lives in the tenant's Context.state: every message (a fresh
+    process in deployment) sees the same randomized labels, so no label is drawn twice."""
+    from flwr.app import Context
+
+    from flower_split.flower.settings import settings_from_run_config
+    from flower_split.flower.tenant import Cursor, randomized_labels, tenant_data, train_batches
+
+    config, settings = settings_from_run_config({**CONFIG, "label-dp-noise": 0.0, "label-rr-epsilon": 1.0})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
+                      state=RecordDict(), run_config={})
+    data = tenant_data(config, settings, context.node_config)
+    draws = [train_batches(data, config, Cursor(), 4, randomized_labels(context, config, data)) for _ in range(2)]
+    true = train_batches(data, config, Cursor(), 4)
+    noisy = [torch.cat([b.labels for b in batches]) for batches in draws]
+    truth = torch.cat([b.labels for b in true])
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], truth)
+    assert list(context.state.keys()) == ["label-rr"]

@@ -231,6 +231,8 @@ class SecureCloudParty(SecureStepRunner):
         """Open and store the dealer's sealed corrections for a step asked for (now or ahead)."""
         if not isinstance(bundle, MaterialBundle):
             raise ProtocolError(f"cloud: expected MaterialBundle, got {type(bundle).__name__}")
+        if isinstance(bundle.step, bool) or not isinstance(bundle.step, int):
+            raise ProtocolError(f"material: step must be an int, got {bundle.step!r}")
         record = self._tenant(bundle.tenant)
         slot = next((name for name in ("material", "prefetched") if getattr(record, name) is not None
                      and getattr(record, name)[0].step == bundle.step and getattr(record, name)[1] is None), None)

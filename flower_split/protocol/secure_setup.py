@@ -39,9 +39,10 @@ def check_setup(setup: ClientSetup, *, dim: int, frac_bits: int,
         raise ProtocolError(f"setup: grad_scale_bits {setup.grad_scale_bits!r} out of range 0..14")
     if not isinstance(setup.weights_seed, bytes) or len(setup.weights_seed) != 32:
         raise ProtocolError("setup: weights_seed must be 32 bytes")
-    if setup.label_protection not in PROTECTIONS or not isinstance(setup.train_head, bool):
+    if not isinstance(setup.label_protection, str) or setup.label_protection not in PROTECTIONS \
+            or not isinstance(setup.train_head, bool):
         raise ProtocolError(f"setup: label_protection must be one of {tuple(PROTECTIONS)}, train_head a bool")
-    if setup.tail_input not in TAIL_INPUTS:
+    if not isinstance(setup.tail_input, str) or setup.tail_input not in TAIL_INPUTS:
         raise ProtocolError(f"setup: tail_input must be one of {TAIL_INPUTS}, got {setup.tail_input!r}")
     if not isinstance(setup.reproducible_init, bool):
         raise ProtocolError("setup: reproducible_init must be a bool")

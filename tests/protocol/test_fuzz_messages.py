@@ -153,6 +153,11 @@ SECURE_CASES = {
     "cloud.accept_material": {
         "one sealed bit flipped": lambda m: dataclasses.replace(m, sealed=bytes([m.sealed[0] ^ 1]) + m.sealed[1:]),
         "sealed bytes as a tensor": lambda m: dataclasses.replace(m, sealed=torch.zeros(3, dtype=torch.int64)),
+        "step as a float": lambda m: dataclasses.replace(m, step=float(m.step)),
+    },
+    "cloud.register": {
+        "label protection as a list": _replace(label_protection=["client"]),
+        "tail input as a list": _replace(tail_input=["tokens"]),
     },
     "dealer.register": {
         "tenant not a str": _replace(tenant=["t0"]),

@@ -15,9 +15,7 @@ errors that name the file.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -26,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import DealerHello
+from flower_split.state.store import write_atomic
 
 IDENTITY_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -88,23 +87,9 @@ def save_identity(key: Ed25519PrivateKey, directory: str | Path) -> tuple[Path, 
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     private, public = root / PRIVATE_FILE, root / PUBLIC_FILE
-    _write_atomic(private, pem, 0o600)
-    _write_atomic(public, (identity_public(key).hex() + "\n").encode(), 0o644)
+    write_atomic(private, pem, 0o600)
+    write_atomic(public, (identity_public(key).hex() + "\n").encode(), 0o644)
     return private, public
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_identity(path: str | Path) -> Ed25519PrivateKey:

@@ -63,21 +63,22 @@ def write_party(directory: str | Path, kind: str, state: Any, meta: dict[str, An
     blob = save_tensors(tensors) if tensors else b""
     digest = hashlib.sha256(blob).hexdigest()
     tensor_file = f"tensors-{digest[:16]}.safetensors"
-    _write_atomic(directory / tensor_file, blob)
+    write_atomic(directory / tensor_file, blob)
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "meta": meta,
                 "tensors": {"file": tensor_file, "sha256": digest}, "state": tree}
-    _write_atomic(directory / META_FILE, json.dumps(document, indent=1).encode())
+    write_atomic(directory / META_FILE, json.dumps(document, indent=1).encode())
     for stale in directory.glob("tensors-*.safetensors"):
         if stale.name != tensor_file:
             stale.unlink(missing_ok=True)
     return directory
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a 0600 temp file in the same directory and ``os.replace``."""
+def write_atomic(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Write ``data`` to ``path`` through a temp file (``mode``, default 0600) in the same
+    directory, ``fsync`` and ``os.replace``: a reader sees the old file or the new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -5,7 +5,7 @@ A TOML file describes the comparison (see ``simulations/configs/*.toml``)::
     [run]          RunConfig fields shared by every run: model, dataset, seed, subsets, lr, ...
                    (not ``mode`` / ``security`` / ``epochs``: each run sets its own)
     [federation]   num_clients, rounds, partition ("iid", "dirichlet:ALPHA", "shards:N"), and
-                   optional Flower settings: eval_every, eval_initial, reply_timeout
+                   optional Flower settings: eval_every, eval_initial, reply_timeout, global_eval
     [centralized]  epochs (default: rounds x fedavg.local_epochs, the same passes over the data)
     [fedavg]       the FedAvg family (fedavg, fedprox, local-only): local_epochs (default 1),
                    rounds (default: federation.rounds; the maximum with a plateau rule),
@@ -32,9 +32,10 @@ unknown section or key, or a bad value, fails with ``<file>: <section>.<key>: <r
 Every run uses the same seed, data subsets and (federated runs) partitions and per-tenant test
 splits. Outputs in ``--out``: ``results.json`` (all runs, ``flower-split train`` schema plus the
 federated fields of :func:`flower_split.runs.simulate.simulate`), ``report.md`` (the tables of
-:mod:`flower_split.runs.report`) and the plots of :mod:`flower_split.runs.report_plots`. ``--resume`` reuses the runs of an earlier
-``results.json`` in ``--out`` whose inputs are identical (the MiniLM comparison takes hours on a
-CPU; an interrupted one, or one with a run added or retuned, repeats no finished work).
+:mod:`flower_split.runs.report`) and the plots of :mod:`flower_split.runs.report_plots`.
+``--resume`` reuses the runs of an earlier ``results.json`` in ``--out`` whose inputs are
+identical (the MiniLM comparison takes hours on a CPU; an interrupted one, or one with a run
+added or retuned, repeats no finished work).
 """
 
 from __future__ import annotations

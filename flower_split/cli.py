@@ -4,8 +4,8 @@ Every option maps onto a :class:`RunConfig` field; the config is validated befor
 or data is loaded, so a bad value fails in milliseconds with the field's name.
 
 ``train``     in process (no Flower): centralized LoRA or split.
-``simulate``  a Flower simulation (Ray) of split-plain or FedAvg-LoRA (:mod:`flower_split.runs.simulate`).
-``compare``   centralized LoRA, FedAvg-LoRA and split on the same partitions, from a TOML config,
+``simulate``  a Flower simulation (Ray) of split or the FedAvg-LoRA family (:mod:`flower_split.runs.simulate`).
+``compare``   centralized LoRA, the FedAvg-LoRA family, probes and split on the same partitions, from a TOML config,
               with a report and plots (:mod:`flower_split.runs.compare`).
 ``audit``     the leakage audit of a run recorded with ``train --audit`` (:mod:`flower_split.audit`).
 ``predict``   classify texts with a run's saved parties (:mod:`flower_split.runs.predict`).
@@ -51,14 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="Flower simulation (Ray) of split-plain or FedAvg-LoRA")
     simulate.add_argument("--strategy", choices=("split", "fedavg"), required=True)
     simulate.add_argument("--num-clients", type=int, required=True, help="number of tenants (SuperNodes)")
-    simulate.add_argument("--rounds", type=int, required=True, help="server rounds")
+    simulate.add_argument("--rounds", type=int, required=True,
+                          help="server rounds (the maximum with --set plateau_patience=N)")
     simulate.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA or shards:N")
     simulate.add_argument("--out", required=True, help="output directory for results.json")
     simulate.add_argument("--quick", action="store_true",
                           help="tiny model, a few hundred samples, short rounds: a smoke run")
     simulate.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                           help="a RunConfig field or Flower setting, e.g. --set local_steps=20, "
-                               "--set local_epochs=2 (fedavg) (JSON values)")
+                               "--set local_epochs=2, --set baseline=fedprox --set proximal_mu=0.01, "
+                               "--set personalize_epochs=2 (fedavg) (JSON values)")
     simulate.add_argument("--cpus", type=int, default=None,
                           help="CPUs for Ray (default: all); each client uses one")
 

@@ -13,7 +13,8 @@ every tenant's rows, without any Flower or 2PC cost:
   trains on (what a tenant could add locally to a shared model: its own label set).
 
 Each probe's L2 strength is chosen on a held-out fifth of its training rows, then refit on all
-of them. Features are computed once (``--cache``). ``--sgd-lrs`` also trains the ``own`` probe
+of them (the probes are :mod:`flower_split.train.probes`, which ``flower-split compare`` also runs
+as the ``probes`` reference rows). Features are computed once (``--cache``). ``--sgd-lrs`` also trains the ``own`` probe
 the way the split trainer trains its classifier (SGD momentum 0.9, warm-up + cosine, batch 32,
 ``--epochs``, the raw features) at each learning rate: how much the classifier's learning rate
 matters on these unnormalised features.
@@ -25,81 +26,16 @@ matters on these unnormalised features.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import tenant_splits
-from flower_split.model import load_encoder, load_tokenizer, masked_mean, split_encoder
-from flower_split.protocol.optim import make_optimizer, warmup_cosine
-
-WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
-
-
-@torch.no_grad()
-def pooled_features(model: str, dataset: TokenizedDataset, batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled frozen body output ``[rows, dim]`` (no adapters: identity head)."""
-    embedder, body = split_encoder(load_encoder(model))
-    out = []
-    for batch in tqdm(dataset.batches(batch_size, shuffle=False), total=-(-len(dataset) // batch_size),
-                      desc="features", leave=False):
-        h = body(embedder(batch.input_ids), batch.attention_mask)
-        out.append(masked_mean(h, batch.attention_mask))
-    return torch.cat(out)
-
-
-def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
-              steps: int = 300) -> torch.nn.Linear:
-    """Multinomial logistic regression with an L2 penalty, fitted by full-batch L-BFGS."""
-    probe = torch.nn.Linear(x.shape[1], num_classes)
-    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(probe(x), y) + weight_decay * probe.weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return probe
-
-
-def tuned_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> tuple[torch.nn.Linear, float]:
-    """The probe whose weight decay scores best on a held-out fifth, refit on all rows."""
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    held, fit = order[: len(y) // 5], order[len(y) // 5:]
-    scores = []
-    for wd in WEIGHT_DECAYS:
-        probe = fit_probe(x[fit], y[fit], num_classes, wd)
-        scores.append(float((probe(x[held]).argmax(1) == y[held]).float().mean()))
-    best = WEIGHT_DECAYS[max(range(len(scores)), key=scores.__getitem__)]
-    return fit_probe(x, y, num_classes, best), best
-
-
-def sgd_probe_accuracy(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                       num_classes: int, lr: float, epochs: int, seed: int, batch_size: int = 32) -> int:
-    """Correct test predictions of a linear classifier trained like the split tail's classifier."""
-    torch.manual_seed(seed)
-    probe = torch.nn.Linear(x.shape[1], num_classes)
-    optimizer = make_optimizer("sgd", probe, lr, momentum=0.9, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, epochs * math.ceil(len(y) / batch_size), 0.06)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), batch_size):
-            rows = order[start : start + batch_size]
-            optimizer.zero_grad()
-            F.cross_entropy(probe(x[rows]), y[rows]).backward()
-            optimizer.step()
-            schedule.step()
-    with torch.no_grad():
-        return int((probe(x_test).argmax(1) == y_test).sum())
+from flower_split.model import load_tokenizer
+from flower_split.train.probes import PROBES, pooled_features, sgd_probe_accuracy, tenant_probes
 
 
 def main() -> None:
@@ -126,38 +62,22 @@ def main() -> None:
                  for name, data in (("train", splits.train), ("test", splits.test))}
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(feats, args.cache)
-    mean, std = feats["train"].mean(0), feats["train"].std(0).clamp_min(1e-6)
-    x_train, x_test = (feats["train"] - mean) / std, (feats["test"] - mean) / std
-    y_train, y_test = torch.tensor(splits.train.labels), torch.tensor(splits.test.labels)
-    classes = splits.num_classes
-
-    pooled, pooled_wd = tuned_probe(x_train, y_train, classes, args.seed)
-    print(f"pooled probe (weight decay {pooled_wd:g}): whole test set "
-          f"{float((pooled(x_test).argmax(1) == y_test).float().mean()):.4f}")
-    totals = {"own": 0, "pooled": 0, "pooled+prior": 0}
-    rows = 0
+    probes = tenant_probes(splits, feats, args.seed)
+    print(f"pooled probe (weight decay {probes.weight_decays['pooled']:g}): whole test set "
+          f"{probes.pooled_whole_test:.4f}")
     print("| tenant | train rows | classes | own | pooled | pooled+prior |")
     print("|---:|---:|---:|---:|---:|---:|")
+    for k, tenant in enumerate(probes.test_rows):
+        print(f"| {k} | {probes.train_rows[tenant]} | {probes.classes[tenant]} | " +
+              " | ".join(f"{probes.scores[kind].accuracy[tenant]:.2%}" for kind in PROBES) + " |")
+    print("| weighted | | | " + " | ".join(f"**{probes.scores[kind].weighted(probes.test_rows):.2%}**"
+                                         for kind in PROBES) + " |")
+    y_train, y_test = torch.tensor(splits.train.labels), torch.tensor(splits.test.labels)
     tenants = [(torch.tensor(tr), torch.tensor(te)) for tr, te in zip(splits.train_rows, splits.test_rows)]
-    for k, (tr, te) in enumerate(tenants):
-        own_classes = torch.unique(y_train[tr])
-        own, _ = tuned_probe(x_train[tr], y_train[tr], classes, args.seed)
-        with torch.no_grad():
-            logits = pooled(x_test[te])
-            prior = torch.full((classes,), float("-inf"))
-            prior[own_classes] = 0.0
-            correct = {"own": int((own(x_test[te]).argmax(1) == y_test[te]).sum()),
-                       "pooled": int((logits.argmax(1) == y_test[te]).sum()),
-                       "pooled+prior": int(((logits + prior).argmax(1) == y_test[te]).sum())}
-        for key, value in correct.items():
-            totals[key] += value
-        rows += len(te)
-        print(f"| {k} | {len(tr)} | {len(own_classes)} | " +
-              " | ".join(f"{correct[key] / len(te):.2%}" for key in totals) + " |", flush=True)
-    print("| weighted | | | " + " | ".join(f"**{totals[key] / rows:.2%}**" for key in totals) + " |")
+    rows = sum(len(te) for _, te in tenants)
     for lr in (float(v) for v in args.sgd_lrs.split(",") if v):
         correct = sum(sgd_probe_accuracy(feats["train"][tr], y_train[tr], feats["test"][te], y_test[te],
-                                         classes, lr, args.epochs, args.seed)
+                                         splits.num_classes, lr, args.epochs, args.seed)
                       for tr, te in tenants)
         print(f"own-data SGD probe, lr {lr:g}, {args.epochs} epochs, raw features: {correct / rows:.2%} per tenant")
     print(f"{time.perf_counter() - started:.0f} s, {args.num_clients} tenants, {args.partition}, seed {args.seed}")

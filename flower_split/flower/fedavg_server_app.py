@@ -1,11 +1,14 @@
-"""Flower ServerApp of the FedAvg-LoRA baseline (:class:`flower_split.flower.fedavg_strategy.FedAvgLora`).
+"""Flower ServerApp of the FedAvg-LoRA family (:mod:`flower_split.flower.fedavg_strategy`).
 
 Builds the same :class:`LoraClassifier` as the tenants (seeded), sends its trainable parameters
-as the initial global model, and runs Flower's ``FedAvg`` for ``num-server-rounds`` rounds
-of ``local-epochs`` each. After the rounds the strategy evaluates (every ``eval-every`` rounds
-and the last; before the first with ``eval-initial``) the tenants test the global model on
-their own test splits and, with ``global-eval``, the ServerApp tests it on the whole sampled
-test set (the centralized baseline's test set).
+as the initial global model, and runs the ``baseline``'s Flower strategy (``FedAvg``,
+``FedProx`` or local-only) for ``num-server-rounds`` rounds of ``local-epochs`` each, or until
+the plateau rule stops it. After the rounds the strategy evaluates (every ``eval-every`` rounds
+and the last; before the first with ``eval-initial``) the tenants test the global model (local
+only: their own) on their own test splits and, with ``global-eval``, the ServerApp tests the
+global model on the whole sampled test set (the centralized baseline's test set; not for
+local-only, which has no global model). With ``personalize-epochs``, every tenant then
+fine-tunes the final global model on its own rows and is evaluated once more.
 """
 
 from __future__ import annotations
@@ -20,52 +23,70 @@ from flwr.serverapp.strategy import Result
 
 from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import global_test_set
-from flower_split.flower.fedavg_client_app import fedavg_settings_from_run_config, load_trainable, trainable_state
+from flower_split.flower.fedavg_reports import FedAvgHistory, GlobalEvalReport, PlateauStop, Report
+from flower_split.flower.fedavg_settings import FedAvgSettings, fedavg_settings_from_run_config
+from flower_split.flower.fedavg_strategy import FedAvgLora, FedProxLora, LocalOnlyLora
+from flower_split.flower.fedavg_training import load_trainable, trainable_state
+from flower_split.flower.settings import FlowerSettings
 from flower_split.model import load_tokenizer
 from flower_split.train.centralized import LoraClassifier, predict_centralized
 from flower_split.train.metrics import accuracy, macro_f1
 from flower_split.train.runtime import select_device, seed_everything
-from flower_split.flower.fedavg_strategy import FedAvgHistory, FedAvgLora, GlobalEvalReport, Report
+
+
+def make_strategy(settings: FlowerSettings, fedavg: FedAvgSettings,
+                  on_report: Callable[[Report], None] | None = None) -> FedAvgLora | FedProxLora | LocalOnlyLora:
+    """The Flower strategy of ``fedavg.baseline``, with the run's schedule and plateau rule."""
+    common = dict(min_nodes=settings.min_nodes, on_report=on_report, num_rounds=settings.num_server_rounds,
+                  eval_every=settings.eval_every, eval_initial=settings.eval_initial,
+                  plateau=PlateauStop(fedavg.plateau_patience, fedavg.plateau_delta))
+    if fedavg.baseline == "fedprox":
+        return FedProxLora(**common, proximal_mu=fedavg.proximal_mu)
+    if fedavg.baseline == "local-only":
+        return LocalOnlyLora(**common)
+    return FedAvgLora(**common)
 
 
 def run_fedavg_cloud(grid: Grid, run_config: Mapping[str, Any],
                      on_report: Callable[[Report], None] | None = None) -> tuple[FedAvgHistory, Result]:
-    """Run FedAvg-LoRA as described by ``run_config``; return the per-round history and Flower's result."""
+    """Run the baseline described by ``run_config``; return the per-round history and Flower's result."""
     config, settings, fedavg = fedavg_settings_from_run_config(run_config)
     seed_everything(config.seed)
     device = select_device(config.device)
     test = global_test_set(config)
     test_tok = TokenizedDataset(test, load_tokenizer(config.model), config.max_length)
     model = LoraClassifier(config.model, test.num_classes, config).to(device)
-    strategy = FedAvgLora(min_nodes=settings.min_nodes, on_report=on_report,
-                          num_rounds=settings.num_server_rounds, eval_every=settings.eval_every,
-                          eval_initial=settings.eval_initial)
+    strategy = make_strategy(settings, fedavg, on_report)
+    has_global_model = not isinstance(strategy, LocalOnlyLora)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if not (strategy.evaluates(server_round) and settings.global_eval):
+        if not (strategy.evaluates(server_round) and settings.global_eval and has_global_model):
             return None
         load_trainable(model, arrays)
         predictions, labels = predict_centralized(model, test_tok, config.batch_size, device)
         report = GlobalEvalReport(server_round, accuracy(predictions, labels),
                                   macro_f1(predictions, labels, test.num_classes), len(labels))
-        log(INFO, "fedavg-lora global test after round %d: accuracy %.4f, macro-F1 %.4f", server_round,
-            report.accuracy, report.macro_f1)
+        log(INFO, "%s global test after round %d: accuracy %.4f, macro-F1 %.4f", strategy.run_name,
+            server_round, report.accuracy, report.macro_f1)
         strategy.report_global(report)
         return MetricRecord({"accuracy": report.accuracy, "macro-f1": report.macro_f1})
 
-    log(INFO, "fedavg-lora: model %s on %s, %d rounds of %d local epochs", config.model, device,
+    log(INFO, "%s: model %s on %s, up to %d rounds of %d local epochs", strategy.run_name, config.model, device,
         settings.num_server_rounds, fedavg.local_epochs)
+    initial = ArrayRecord(torch_state_dict=trainable_state(model))
     result = strategy.start(
-        grid, ArrayRecord(torch_state_dict=trainable_state(model)), settings.num_server_rounds,
-        timeout=settings.reply_timeout, train_config=ConfigRecord({"local-epochs": fedavg.local_epochs}),
-        evaluate_fn=evaluate_global)
+        grid, initial, settings.num_server_rounds, timeout=settings.reply_timeout,
+        train_config=ConfigRecord({"local-epochs": fedavg.local_epochs}), evaluate_fn=evaluate_global)
+    if fedavg.personalize_epochs:
+        final = result.arrays if len(result.arrays) else initial
+        strategy.personalize(grid, final, fedavg.personalize_epochs, settings.reply_timeout)
     return strategy.history, result
 
 
 def make_fedavg_server_app(overrides: Mapping[str, Any] | None = None,
                            on_report: Callable[[Report], None] | None = None,
                            wrap_grid: Callable[[Grid], Grid] | None = None) -> ServerApp:
-    """The FedAvg-LoRA ServerApp; ``overrides`` take precedence over ``context.run_config``."""
+    """The FedAvg-family ServerApp; ``overrides`` take precedence over ``context.run_config``."""
     extra = dict(overrides or {})
     server_app = ServerApp()
 

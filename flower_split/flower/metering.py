@@ -40,6 +40,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid
 
 COSTS_KEY = "client-costs"
+# training after the federated rounds (personalisation), metered apart from the rounds' training
+FINETUNE_TYPES = ("train.personalize",)
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -121,6 +123,7 @@ class NodeCosts:
     messages: int = 0
     train_cpu_seconds: float = 0.0
     eval_cpu_seconds: float = 0.0
+    finetune_cpu_seconds: float = 0.0  # personalisation after the rounds (``train.personalize``)
     setup_cpu_seconds: float = 0.0
     peak_rss_bytes: int = 0
     rss_above_baseline_bytes: int = 0
@@ -134,6 +137,7 @@ class NodeCosts:
         self.messages += other.messages
         self.train_cpu_seconds += other.train_cpu_seconds
         self.eval_cpu_seconds += other.eval_cpu_seconds
+        self.finetune_cpu_seconds += other.finetune_cpu_seconds
         self.setup_cpu_seconds += other.setup_cpu_seconds
         self.peak_rss_bytes = max(self.peak_rss_bytes, other.peak_rss_bytes)
         self.rss_above_baseline_bytes = max(self.rss_above_baseline_bytes, other.rss_above_baseline_bytes)
@@ -189,6 +193,8 @@ class MeteredGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        if not messages:  # nothing sent: no round trip (a strategy's idle round)
+            return []
         for message in messages:
             if message.metadata.message_type.startswith("query.dealer_"):
                 with self._lock:
@@ -209,10 +215,12 @@ class MeteredGrid(Grid):
             if isinstance(record, MetricRecord):
                 del reply.content[COSTS_KEY]
                 cpu = float(record.get("cpu-seconds", 0.0))
-                category = reply.metadata.message_type.split(".")[0]
-                if category == "evaluate":
+                message_type = reply.metadata.message_type
+                if message_type in FINETUNE_TYPES:
+                    costs.finetune_cpu_seconds = cpu
+                elif message_type.split(".")[0] == "evaluate":
                     costs.eval_cpu_seconds = cpu
-                elif category == "train":
+                elif message_type.split(".")[0] == "train":
                     costs.train_cpu_seconds = cpu
                 costs.setup_cpu_seconds = float(record.get("setup-cpu-seconds", 0.0))
                 costs.peak_rss_bytes = int(record.get("peak-rss-bytes", 0))

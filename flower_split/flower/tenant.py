@@ -8,7 +8,8 @@ message gets an error reply and leaves ``context.state`` as it was.
 
 Data: node ``partition-id`` of ``num-partitions`` (``context.node_config``) loads its
 partition of the training set (spec and seed from ``run_config``) and its own test split with
-the label distribution of that partition (:func:`split_test_like_train`).
+the label distribution of that partition (:func:`split_test_like_train`). :func:`tenant_rows`
+is the one loader of a tenant's rows for every federated app (split and the FedAvg family).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
-from flower_split.data.tenants import tenant_splits
+from flower_split.data.tenants import TenantSplits, tenant_splits
 from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
 from flower_split.flower.records import config_value
@@ -37,8 +38,9 @@ RR_STATE = "label-rr"  # ConfigRecord {key}: the tenant's randomized-response ke
 
 
 @dataclass(frozen=True)
-class TenantData:
-    """What one node trains and tests on (tokenized), and the public embedder."""
+class TenantRows:
+    """What one node trains and tests on, tokenized: the one loader of every federated app
+    (split and the FedAvg-LoRA family), so all of them see exactly the same rows."""
 
     tenant: str
     partition_id: int
@@ -46,6 +48,12 @@ class TenantData:
     test: TokenizedDataset
     global_test: TokenizedDataset
     num_classes: int
+
+
+@dataclass(frozen=True)
+class TenantData(TenantRows):
+    """A split tenant's rows and the public embedder."""
+
     embedder: Embedder
     dim: int
 
@@ -63,22 +71,32 @@ def _embedder(model: str, seed: int) -> tuple[Embedder, int]:
     return embedder, dim
 
 
-@functools.lru_cache(maxsize=32)  # a simulation actor may serve every tenant in turn
-def _tenant_data(config_items: tuple[tuple[str, Any], ...], partition: str, partition_id: int,
-                 num_partitions: int) -> TenantData:
+@functools.lru_cache(maxsize=2)
+def _splits(config_items: tuple[tuple[str, Any], ...], partition: str, num_partitions: int) -> TenantSplits:
+    return tenant_splits(RunConfig(**dict(config_items)), partition, num_partitions)
+
+
+@functools.lru_cache(maxsize=2)
+def _global_test(config_items: tuple[tuple[str, Any], ...], partition: str, num_partitions: int) -> TokenizedDataset:
+    """The whole sampled test set, tokenized once per process (shared by every tenant it serves)."""
     config = RunConfig(**dict(config_items))
-    splits = tenant_splits(config, partition, num_partitions)
+    splits = _splits(config_items, partition, num_partitions)
+    return TokenizedDataset(splits.test, load_tokenizer(config.model), config.max_length)
+
+
+@functools.lru_cache(maxsize=32)  # a simulation actor may serve every tenant in turn
+def _tenant_rows(config_items: tuple[tuple[str, Any], ...], partition: str, partition_id: int,
+                 num_partitions: int) -> TenantRows:
+    config = RunConfig(**dict(config_items))
+    splits = _splits(config_items, partition, num_partitions)
     tokenizer = load_tokenizer(config.model)
-    embedder, dim = _embedder(config.model, config.seed)
-    return TenantData(
+    return TenantRows(
         tenant=f"tenant-{partition_id}",
         partition_id=partition_id,
         train=TokenizedDataset(splits.tenant_train(partition_id), tokenizer, config.max_length),
         test=TokenizedDataset(splits.tenant_test(partition_id), tokenizer, config.max_length),
-        global_test=TokenizedDataset(splits.test, tokenizer, config.max_length),
+        global_test=_global_test(config_items, partition, num_partitions),
         num_classes=splits.num_classes,
-        embedder=embedder,
-        dim=dim,
     )
 
 
@@ -97,19 +115,26 @@ def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
-def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantData:
-    """This node's data, from ``partition-id`` / ``num-partitions`` in its node config.
+def tenant_rows(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantRows:
+    """This node's rows, from ``partition-id`` / ``num-partitions`` in its node config (cached).
 
     With ``simulated-dealer`` the last partition id is the dealer node's, so the tenants
     split the data one way fewer.
     """
     partition_id, num_partitions = node_partition(node_config)
-    if settings.simulated_dealer and "role" not in node_config:
+    if getattr(settings, "simulated_dealer", False) and "role" not in node_config:
         num_partitions -= 1
         if partition_id >= num_partitions:
             raise ValueError(f"node_config: partition-id {partition_id} is the simulated dealer's, not a tenant's")
-    items = tuple(sorted(config.to_dict().items()))
-    return _tenant_data(items, settings.partition, partition_id, num_partitions)
+    return _tenant_rows(tuple(sorted(config.to_dict().items())), settings.partition, partition_id, num_partitions)
+
+
+def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantData:
+    """A split tenant's rows (:func:`tenant_rows`) and the public embedder."""
+    rows = tenant_rows(config, settings, node_config)
+    embedder, dim = _embedder(config.model, config.seed)
+    return TenantData(**{f.name: getattr(rows, f.name) for f in dataclasses.fields(TenantRows)},
+                      embedder=embedder, dim=dim)
 
 
 @dataclass

@@ -1,18 +1,26 @@
-"""``flower-split compare``: centralized LoRA vs FedAvg-LoRA vs split on the same data, one report.
+"""``flower-split compare``: centralized LoRA, the FedAvg-LoRA family and split on the same data, one report.
 
 A TOML file describes the comparison (see ``simulations/configs/*.toml``)::
 
     [run]          RunConfig fields shared by every run: model, dataset, seed, subsets, lr, ...
                    (not ``mode`` / ``security`` / ``epochs``: each run sets its own)
     [federation]   num_clients, rounds, partition ("iid", "dirichlet:ALPHA", "shards:N"), and
-                   optional Flower settings: eval_every, eval_initial, reply_timeout
+                   optional Flower settings: eval_every, eval_initial, reply_timeout, global_eval
     [centralized]  epochs (default: rounds x fedavg.local_epochs, the same passes over the data)
-    [fedavg]       local_epochs (default 1)
+    [fedavg]       the FedAvg family (fedavg, fedprox, local-only): local_epochs (default 1),
+                   rounds (default: federation.rounds; the maximum with a plateau rule),
+                   plateau_patience / plateau_delta (stop once per-tenant accuracy has not gained
+                   more than delta, default 0.002, for that many evaluations; 0: never),
+                   personalize_epochs (fedavg and fedprox: afterwards each tenant fine-tunes the
+                   final model on its own rows, a second row "<run>-personalized"; default 0)
+    [fedprox]      mu: FedProx's proximal weight (default 0, which is FedAvg)
     [split]        local_steps: micro-batches per tenant and round, or "auto" (default: the mean
                    partition's batches x fedavg.local_epochs, so each round sees as many samples
                    as a FedAvg round); micro_batches (per Flower message, default 8)
-    [compare]      runs: any of "centralized", "fedavg", "split-plain", "split-secure-he",
-                   "split-secure-client" (default: all; the secure runs use the two label
+    [compare]      runs: any of "centralized", "fedavg", "fedprox", "local-only", "probes" (linear
+                   probes on the frozen body: own rows / pooled rows, reference rows),
+                   "split-plain", "split-secure-he", "split-secure-client" (default: centralized,
+                   fedavg and the split runs; the secure runs use the two label
                    protections and skip the whole-test-set evaluation, ``global-eval``, which
                    would cost ten times the per-tenant one);
                    threads: torch threads of the centralized run (default 1, like each simulated
@@ -23,10 +31,11 @@ unknown section or key, or a bad value, fails with ``<file>: <section>.<key>: <r
 
 Every run uses the same seed, data subsets and (federated runs) partitions and per-tenant test
 splits. Outputs in ``--out``: ``results.json`` (all runs, ``flower-split train`` schema plus the
-federated fields of :func:`flower_split.runs.simulate.simulate`), ``report.md`` (one table) and
-``accuracy_vs_round.png``, ``costs.png``. ``--resume`` reuses the runs of an earlier
-``results.json`` in ``--out`` whose inputs are identical (the MiniLM comparison takes hours on a
-CPU; an interrupted one, or one with a run added or retuned, repeats no finished work).
+federated fields of :func:`flower_split.runs.simulate.simulate`), ``report.md`` (the tables of
+:mod:`flower_split.runs.report`) and the plots of :mod:`flower_split.runs.report_plots`.
+``--resume`` reuses the runs of an earlier ``results.json`` in ``--out`` whose inputs are
+identical (the MiniLM comparison takes hours on a CPU; an interrupted one, or one with a run
+added or retuned, repeats no finished work).
 """
 
 from __future__ import annotations
@@ -41,16 +50,22 @@ from typing import Any
 
 from flower_split.backends import compare_variants
 from flower_split.config import ConfigError
-from flower_split.runs.compare_spec import CompareSpec, load_spec, resolve_local_steps, select_runs
-from flower_split.runs.report import plot, render_report, table_row
+from flower_split.runs.compare_spec import FEDAVG_KINDS, CompareSpec, load_spec, resolve_local_steps, select_runs
+from flower_split.runs.report import expand_runs, render_report, table_row
+from flower_split.runs.report_plots import plot
 
 
 def federated_values(spec: CompareSpec, kind: str) -> dict[str, Any]:
     """The Flower ``run_config`` of federated run ``kind`` (``fedavg`` or a split variant's name)."""
     values = {**spec.run, **spec.flower, "num_server_rounds": spec.rounds, "partition": spec.partition,
               "min_nodes": spec.num_clients}
-    if kind == "fedavg":
-        values["local_epochs"] = spec.local_epochs
+    if kind in FEDAVG_KINDS:
+        values.update(num_server_rounds=spec.fedavg_rounds, local_epochs=spec.local_epochs,
+                      baseline=FEDAVG_KINDS[kind], **spec.fedavg_options)
+        if kind == "fedprox":
+            values["proximal_mu"] = spec.proximal_mu
+        if kind == "local-only":
+            values.pop("personalize_epochs", None)  # a local model is its tenant's own already
     else:
         values.update(local_steps=resolve_local_steps(spec), micro_batches=spec.micro_batches,
                       **compare_variants()[kind])
@@ -82,6 +97,7 @@ def run_centralized(spec: CompareSpec, progress: bool = True) -> dict:
         "global_test_macro_f1": run["test_macro_f1"],
         "train_examples_processed": samples,
         "client_cpu_seconds_per_sample": run["client_cpu_seconds"] / samples if samples else None,
+        "client_cpu_seconds_per_tenant": run["client_cpu_seconds"] / spec.num_clients,  # its share, pooled
         "client_peak_rss_bytes": None,  # no client: the data is pooled
         "bytes_per_client_per_round": 0,
         "round_trips_per_step": 0.0,
@@ -100,6 +116,9 @@ def run_inputs(spec: CompareSpec, kind: str) -> dict[str, Any]:
     if kind == "centralized":
         config = spec.centralized_config()
         return {"config": config.to_dict(), "threads": spec.threads}
+    if kind == "probes":
+        return {"config": spec.base_config().to_dict(), "partition": spec.partition,
+                "num_clients": spec.num_clients, "threads": spec.threads}
     return {"run_config": federated_values(spec, kind), "num_clients": spec.num_clients}
 
 
@@ -116,13 +135,17 @@ def _earlier_runs(out: Path) -> dict[str, dict]:
         raise ConfigError(f"--resume: cannot read {target}: {exc}") from exc
 
 
-def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | None, progress: bool) -> dict:
+def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | None, progress: bool) -> list[dict]:
     from flower_split.runs.simulate import simulate
 
     if kind == "centralized":
-        return run_centralized(spec, progress)
-    strategy = "fedavg" if kind == "fedavg" else "split"
-    return simulate(strategy, inputs["run_config"], spec.num_clients, progress=progress, cpus=cpus)
+        return [run_centralized(spec, progress)]
+    if kind == "probes":
+        from flower_split.runs.probes import run_probes
+
+        return run_probes(spec.base_config(), spec.partition, spec.num_clients, spec.threads, progress)
+    strategy = "fedavg" if kind in FEDAVG_KINDS else "split"
+    return [simulate(strategy, inputs["run_config"], spec.num_clients, progress=progress, cpus=cpus)]
 
 
 def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, progress: bool = True,
@@ -141,16 +164,15 @@ def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, pro
     started = time.perf_counter()
     for kind in spec.runs:
         inputs = run_inputs(spec, kind)
-        previous = next((run for run in earlier.values()
-                         if run.get("compare_run") == kind and run["inputs"] == inputs), None)
-        if previous is not None:
+        previous = [run for run in earlier.values() if run.get("compare_run") == kind and run["inputs"] == inputs]
+        if previous:
             if progress:
                 print(f"[{kind}] reused from {out / 'results.json'} (identical inputs)", flush=True)
-            runs.append(previous)
+            runs.extend(previous)
             continue
         try:
-            run = _execute(spec, kind, inputs, cpus, progress)
-            runs.append({**run, "compare_run": kind, "inputs": inputs})
+            runs.extend({**run, "compare_run": kind, "inputs": inputs}
+                        for run in _execute(spec, kind, inputs, cpus, progress))
         except ConfigError as exc:
             skipped.append({"name": kind, "reason": f"configuration not supported: {exc}"})
         except Exception as exc:  # one failed run must not lose the others
@@ -169,7 +191,8 @@ def _results(spec: CompareSpec, runs: list[dict], skipped: list[dict], seconds: 
     return {"runs": runs, "skipped": skipped,
             "compare": {"config_file": spec.source, "config": spec.raw, "seconds": seconds,
                         "num_clients": spec.num_clients, "rounds": spec.rounds, "partition": spec.partition,
-                        "local_epochs": spec.local_epochs, "centralized_epochs": spec.centralized_epochs}}
+                        "local_epochs": spec.local_epochs, "centralized_epochs": spec.centralized_epochs,
+                        "fedavg_rounds": spec.fedavg_rounds}}
 
 
 def _write_json(target: Path, data: dict) -> None:
@@ -196,7 +219,7 @@ def main_compare(args: Any) -> int:
     except ConfigError as exc:
         print(f"flower-split: {exc}", file=sys.stderr)
         return 2
-    for run in results["runs"]:
+    for run in expand_runs(results["runs"]):
         print("  " + " | ".join(table_row(run)))
     print(f"-> {Path(args.out) / 'results.json'}, {Path(args.out) / 'report.md'}")
     return 1 if any(s["reason"].startswith("failed") for s in results["skipped"]) else 0

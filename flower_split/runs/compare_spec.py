@@ -17,10 +17,14 @@ from flower_split.backends import compare_variants
 from flower_split.config import ConfigError, RunConfig
 from flower_split.flower.settings import FlowerSettings
 
-SECTIONS = ("run", "federation", "centralized", "fedavg", "split", "compare")
-# the split runs are every security backend's variants: split-plain, split-secure-he, split-secure-client
-RUN_KINDS = ("centralized", "fedavg", *compare_variants())
-FEDERATION_KEYS = {"num_clients", "rounds", "partition", "eval_every", "eval_initial", "reply_timeout"}
+SECTIONS = ("run", "federation", "centralized", "fedavg", "fedprox", "split", "compare")
+# the FedAvg family (Flower's FedAvg / FedProx, local-only), the linear probes (reference rows), and
+# the split runs: every security backend's variants (split-plain, split-secure-he, split-secure-client)
+FEDAVG_KINDS = {"fedavg": "fedavg", "fedprox": "fedprox", "local-only": "local-only"}
+RUN_KINDS = ("centralized", *FEDAVG_KINDS, "probes", *compare_variants())
+DEFAULT_RUNS = ("centralized", "fedavg", *compare_variants())
+FEDERATION_KEYS = {"num_clients", "rounds", "partition", "eval_every", "eval_initial", "reply_timeout", "global_eval"}
+FEDAVG_KEYS = {"local_epochs", "rounds", "plateau_patience", "plateau_delta", "personalize_epochs"}
 SET_BY_COMPARE = {"mode", "security", "epochs"}
 
 
@@ -41,6 +45,10 @@ class CompareSpec:
     runs: list[str]
     threads: int = 1
     raw: dict[str, Any] = field(default_factory=dict)
+    # the FedAvg family: its rounds (the maximum, with a plateau rule), plateau rule, personalisation
+    fedavg_rounds: int = 0
+    fedavg_options: dict[str, Any] = field(default_factory=dict)
+    proximal_mu: float = 0.0
 
     def base_config(self) -> RunConfig:
         return RunConfig.from_mapping(self.run)
@@ -85,9 +93,8 @@ def load_spec(path: str | Path) -> CompareSpec:
 
     run = _run_section(tables["run"], where)
     num_clients, rounds, partition, flower = _federation_section(tables["federation"], where)
-    fedavg = tables["fedavg"]
-    _only("fedavg", fedavg, {"local_epochs"}, where)
-    local_epochs = _positive("fedavg", "local_epochs", fedavg.get("local_epochs", 1), where)
+    local_epochs, fedavg_rounds, fedavg_options, mu = _fedavg_sections(tables["fedavg"], tables["fedprox"],
+                                                                       rounds, where)
 
     centralized = tables["centralized"]
     _only("centralized", centralized, {"epochs"}, where)
@@ -103,11 +110,12 @@ def load_spec(path: str | Path) -> CompareSpec:
     compare = tables["compare"]
     _only("compare", compare, {"runs", "threads"}, where)
     threads = _positive("compare", "threads", compare.get("threads", 1), where)
-    runs = compare.get("runs", list(RUN_KINDS))
+    runs = compare.get("runs", list(DEFAULT_RUNS))
     if not isinstance(runs, list) or not runs or not all(r in RUN_KINDS for r in runs):
         raise ConfigError(f"{where}: compare.runs: expected a non-empty list of {RUN_KINDS}, got {runs!r}")
     return CompareSpec(where, run, num_clients, rounds, partition, flower, epochs, local_epochs,
-                       local_steps, micro_batches, list(dict.fromkeys(runs)), threads, raw)
+                       local_steps, micro_batches, list(dict.fromkeys(runs)), threads, raw,
+                       fedavg_rounds, fedavg_options, mu)
 
 
 def _run_section(run: dict[str, Any], where: str) -> dict[str, Any]:
@@ -134,13 +142,36 @@ def _federation_section(federation: dict[str, Any], where: str) -> tuple[int, in
     num_clients = _positive("federation", "num_clients", federation["num_clients"], where)
     rounds = _positive("federation", "rounds", federation["rounds"], where)
     partition = federation.get("partition", "iid")
-    flower = {k: federation[k] for k in ("eval_every", "eval_initial", "reply_timeout") if k in federation}
+    flower = {k: federation[k] for k in ("eval_every", "eval_initial", "reply_timeout", "global_eval")
+              if k in federation}
     try:
         FlowerSettings(num_server_rounds=rounds, partition=partition, min_nodes=num_clients, **flower).validate()
     except ConfigError as exc:
         name, _, reason = str(exc).partition(":")
         raise ConfigError(f"{where}: federation.{name.replace('-', '_')}:{reason}") from None
     return num_clients, rounds, partition, flower
+
+
+def _fedavg_sections(fedavg: dict[str, Any], fedprox: dict[str, Any], rounds: int,
+                     where: str) -> tuple[int, int, dict[str, Any], float]:
+    """``[fedavg]`` and ``[fedprox]``: (local_epochs, the family's rounds, plateau and personalisation
+    options, FedProx's mu), validated."""
+    from flower_split.flower.fedavg_settings import FedAvgSettings
+
+    _only("fedavg", fedavg, FEDAVG_KEYS, where)
+    _only("fedprox", fedprox, {"mu"}, where)
+    local_epochs = _positive("fedavg", "local_epochs", fedavg.get("local_epochs", 1), where)
+    fedavg_rounds = _positive("fedavg", "rounds", fedavg.get("rounds", rounds), where)
+    options = {k: fedavg[k] for k in ("plateau_patience", "plateau_delta", "personalize_epochs") if k in fedavg}
+    mu = fedprox.get("mu", 0.0)
+    for section, values in (("fedavg", options), ("fedprox", {"baseline": "fedprox", "proximal_mu": mu})):
+        try:
+            FedAvgSettings(local_epochs=local_epochs, **values).validate()
+        except ConfigError as exc:
+            name, _, reason = str(exc).partition(":")
+            key = "mu" if name == "proximal-mu" else name.replace("-", "_")
+            raise ConfigError(f"{where}: {section}.{key}:{reason}") from None
+    return local_epochs, fedavg_rounds, options, float(mu)
 
 
 def resolve_local_steps(spec: CompareSpec) -> int:

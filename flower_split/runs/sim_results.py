@@ -18,6 +18,7 @@ class Collected:
     rounds: list[tuple[Any, Traffic]] = field(default_factory=list)
     evaluations: list[tuple[Any, Traffic]] = field(default_factory=list)
     global_evaluations: list[Any] = field(default_factory=list)
+    personalized: tuple[Any, Traffic] | None = None  # FedAvg family: the fine-tuning after the rounds
     grid: MeteredGrid | None = None
     warm_up: Traffic | None = None
     startup_seconds: float = 0.0
@@ -43,6 +44,7 @@ def round_rows(collected: Collected, epochs: int) -> list[dict]:
             "test_accuracy": evaluation.accuracy if evaluation else None,
             "per_tenant_accuracy": dict(evaluation.per_tenant) if evaluation else None,
             "test_macro_f1": evaluation.macro_f1 if evaluation else None,
+            "per_tenant_macro_f1": dict(evaluation.per_tenant_f1) if evaluation else None,
             "global_test_accuracy": global_evals[r].accuracy if r in global_evals else None,
             "train_loss": report.train_loss,
             "bytes_up": traffic.per_client("bytes_up"),
@@ -68,6 +70,8 @@ def round_rows(collected: Collected, epochs: int) -> list[dict]:
     if initial is not None or initial_global is not None:
         rounds.insert(0, {"round": 0, "test_accuracy": initial.accuracy if initial else None,
                           "per_tenant_accuracy": dict(initial.per_tenant) if initial else None,
+                          "test_macro_f1": initial.macro_f1 if initial else None,
+                          "per_tenant_macro_f1": dict(initial.per_tenant_f1) if initial else None,
                           "global_test_accuracy": initial_global.accuracy if initial_global else None,
                           "train_loss": None, "bytes_up": 0, "bytes_down": 0})
     return rounds
@@ -81,6 +85,7 @@ def client_rows(collected: Collected) -> list[dict]:
         "node_id": node,
         "train_cpu_seconds": costs.train_cpu_seconds,
         "eval_cpu_seconds": costs.eval_cpu_seconds,
+        "finetune_cpu_seconds": costs.finetune_cpu_seconds,
         "setup_cpu_seconds": costs.setup_cpu_seconds,
         "peak_rss_bytes": costs.peak_rss_bytes,
         "rss_above_baseline_bytes": costs.rss_above_baseline_bytes,
@@ -121,6 +126,8 @@ def run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSetti
         "simulation_wall_seconds": total_wall,
         "client_cpu_seconds": train_cpu + sum(c["eval_cpu_seconds"] for c in clients),
         "client_train_cpu_seconds": train_cpu,
+        "client_cpu_seconds_per_tenant": train_cpu / num_clients,
+        "per_tenant_client_cpu_seconds": {c["tenant"]: c["train_cpu_seconds"] for c in clients},
         "train_examples_processed": train_examples,
         "client_cpu_seconds_per_sample": train_cpu / train_examples if train_examples else None,
         "client_peak_rss_bytes": max((c["peak_rss_bytes"] for c in clients), default=0),
@@ -133,12 +140,50 @@ def run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSetti
         "num_clients": num_clients,
         "partition": settings.partition,
         "num_server_rounds": settings.num_server_rounds,
+        "rounds_run": len(train_rounds),
+        # FedAvg family: the plateau rule ended the run before its maximum number of rounds
+        "plateau_stopped": bool(fedavg is not None and fedavg.plateau_patience
+                                and len(train_rounds) < settings.num_server_rounds),
         "rounds": rounds,
+        "personalized": personalized_entry(collected, clients, train_cpu, train_examples, num_clients),
         "tenants_stopped": rounds[-1].get("stopped", {}) if rounds else {},
         **_label_dp(config, rounds),
         "clients": clients,
         "config": config.to_dict(),
-        "flower": {**settings.__dict__, **({"local_epochs": fedavg.local_epochs} if fedavg else {})},
+        "flower": {**settings.__dict__, **(dict(fedavg.__dict__) if fedavg else {})},
+    }
+
+
+def personalized_entry(collected: Collected, clients: list[dict], train_cpu: float, train_examples: int,
+                       num_clients: int) -> dict | None:
+    """The personalised row of a FedAvg-family run (fine-tuning after the rounds), or None.
+
+    Its costs are the federated rounds' plus the fine-tuning's: client CPU per tenant and per
+    training sample count both (what a tenant spent to get the personalised model).
+    """
+    if collected.personalized is None:
+        return None
+    report, _ = collected.personalized
+    tune_cpu = sum(c["finetune_cpu_seconds"] for c in clients)
+    tune_examples = sum(report.train_examples.values())
+    samples = train_examples + tune_examples
+    return {
+        "epochs": report.epochs,
+        "test_accuracy": report.accuracy,
+        "test_macro_f1": report.macro_f1,
+        "per_tenant_accuracy": dict(report.per_tenant),
+        "per_tenant_macro_f1": dict(report.per_tenant_f1),
+        "per_tenant_test_examples": dict(report.num_examples),
+        "failures": dict(report.failures),
+        "wall_seconds": report.wall_seconds,
+        "finetune_examples": tune_examples,
+        "client_finetune_cpu_seconds": tune_cpu,
+        "client_train_cpu_seconds": train_cpu + tune_cpu,
+        "client_cpu_seconds_per_tenant": (train_cpu + tune_cpu) / num_clients,
+        "per_tenant_client_cpu_seconds": {c["tenant"]: c["train_cpu_seconds"] + c["finetune_cpu_seconds"]
+                                          for c in clients},
+        "train_examples_processed": samples,
+        "client_cpu_seconds_per_sample": (train_cpu + tune_cpu) / samples if samples else None,
     }
 
 

@@ -46,9 +46,12 @@ def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunC
     raise ConfigError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
 
 
-def run_name(strategy: str, config: RunConfig) -> str:
-    """``fedavg-lora``, or the split run's name from its backend (``split-plain``, ``split-secure-he`` ...)."""
-    return get_backend(config.security).run_name(config) if strategy == "split" else "fedavg-lora"
+def run_name(strategy: str, config: RunConfig, fedavg: Any = None) -> str:
+    """The FedAvg-family baseline's name (``fedavg-lora``, ``fedprox-lora``, ``local-lora``), or the
+    split run's from its backend (``split-plain``, ``split-secure-he`` ...)."""
+    if strategy == "split":
+        return get_backend(config.security).run_name(config)
+    return fedavg.run_name if fedavg is not None else "fedavg-lora"
 
 
 def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
@@ -76,8 +79,10 @@ def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
 class _Collector:
     """Meters the ServerApp's grid and collects its reports, printing a line per finished round."""
 
-    def __init__(self, name: str, strategy: str, settings: FlowerSettings, num_clients: int, progress: bool) -> None:
+    def __init__(self, name: str, strategy: str, settings: FlowerSettings, num_clients: int, progress: bool,
+                 global_model: bool = True) -> None:
         self.name, self.strategy, self.settings = name, strategy, settings
+        self.global_model = global_model  # local-only has none, so no global-test evaluation
         self.num_clients, self.progress = num_clients, progress
         self.collected = Collected()
         self.emit = _printer(name, settings.num_server_rounds, progress)
@@ -106,11 +111,18 @@ class _Collector:
     def global_due(self, server_round: int) -> bool:
         """Whether a global-test evaluation follows (FedAvg: every evaluated round; split: the last)."""
         last = server_round == self.settings.num_server_rounds
-        return self.settings.global_eval and self.evaluated(server_round) and (self.strategy == "fedavg" or last)
+        return (self.settings.global_eval and self.global_model and self.evaluated(server_round)
+                and (self.strategy == "fedavg" or last))
 
     def on_report(self, report: Any) -> None:
         """Collect a report; print the round's line once its last report is in."""
         kind, collected = type(report).__name__, self.collected
+        if kind == "PersonalizedEvalReport":
+            collected.personalized = (report, collected.grid.take())
+            if self.progress:
+                print(f"[{self.name}] personalised ({report.epochs} local epochs after the last round): "
+                      f"per-tenant accuracy {_fmt(report.accuracy)}", flush=True)
+            return
         server_round = report.server_round
         line = self.pending.setdefault(server_round, {"round": server_round})
         complete = True
@@ -150,13 +162,14 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     config, settings, fedavg = parse_run_config(strategy, values)  # fail fast, before Ray starts
     if settings.min_nodes > num_clients:
         raise ConfigError(f"min-nodes: {settings.min_nodes} tenants required but only {num_clients} simulated")
-    name = run_name(strategy, config)
+    name = run_name(strategy, config, fedavg)
     secure = strategy == "split" and get_backend(config.security).name == "secure"
     dealer_node = secure and not settings.insecure_colocated_dealer
     if dealer_node:  # the dealer is a simulated node of its own (docs/secure.md §9)
         values["simulated-dealer"] = True
     nodes = num_clients + int(dealer_node)
-    collector = _Collector(name, strategy, settings, nodes, progress)
+    global_model = fedavg is None or fedavg.baseline != "local-only"
+    collector = _Collector(name, strategy, settings, nodes, progress, global_model)
     collected = collector.collected
     server_app, client_app = _apps(strategy, values, collector.on_report, collector.wrap)
     cpus = cpus or os.cpu_count() or 1

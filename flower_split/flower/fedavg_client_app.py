@@ -16,7 +16,8 @@ Message types (Flower's ``FedAvg`` sends the default actions):
 ``evaluate``  server: ``arrays``. Client: accuracy and macro-F1 on its own test split ->
               ``metrics`` {num-examples, accuracy, macro-f1, partition-id}.
 
-Data: exactly the split apps' rows (:func:`flower_split.data.tenants.tenant_splits`: same
+Data: exactly the split apps' rows (:mod:`flower_split.flower.node_data`: the tenant's own
+files, node config ``data-path``, or :func:`flower_split.data.tenants.tenant_splits`: same
 subsets, partition spec and seed, and per-tenant test split with the tenant's label
 distribution). ``run_config``: the split app's keys (see
 :func:`flower_split.flower.records.settings_from_run_config`) plus :class:`FedAvgSettings`.
@@ -37,12 +38,12 @@ from flwr.clientapp import ClientApp
 
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset
-from flower_split.data.tenants import tenant_splits
 from flower_split.model import load_tokenizer
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
 from flower_split.train.centralized import LoraClassifier
 from flower_split.train.metrics import accuracy, macro_f1
 from flower_split.train.runtime import select_device
+from flower_split.flower.node_data import NodeSource, node_rows, node_source
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 
 ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -96,31 +97,22 @@ class FedAvgTenantData:
     num_classes: int
 
 
-@functools.lru_cache(maxsize=2)
-def _splits(config_items: tuple[tuple[str, Any], ...], partition: str, num_partitions: int) -> Any:
-    return tenant_splits(RunConfig(**dict(config_items)), partition, num_partitions)
-
-
 @functools.lru_cache(maxsize=32)  # a simulation actor may serve every tenant in turn
-def _tenant_data(config_items: tuple[tuple[str, Any], ...], partition: str, partition_id: int,
-                 num_partitions: int) -> FedAvgTenantData:
+def _tenant_data(config_items: tuple[tuple[str, Any], ...], source: NodeSource) -> FedAvgTenantData:
     config = RunConfig(**dict(config_items))
-    splits = _splits(config_items, partition, num_partitions)
+    rows = node_rows(config, source)
     tokenizer = load_tokenizer(config.model)
     return FedAvgTenantData(
-        partition_id=partition_id,
-        train=TokenizedDataset(splits.tenant_train(partition_id), tokenizer, config.max_length),
-        test=TokenizedDataset(splits.tenant_test(partition_id), tokenizer, config.max_length),
-        num_classes=splits.num_classes,
+        partition_id=rows.partition_id,
+        train=TokenizedDataset(rows.train, tokenizer, config.max_length),
+        test=TokenizedDataset(rows.test, tokenizer, config.max_length),
+        num_classes=rows.num_classes,
     )
 
 
 def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> FedAvgTenantData:
-    """This node's rows (the same as the split app's), tokenized."""
-    from flower_split.flower.tenant import node_partition
-
-    partition_id, num_partitions = node_partition(node_config)
-    return _tenant_data(tuple(sorted(config.to_dict().items())), settings.partition, partition_id, num_partitions)
+    """This node's rows (the same as the split app's: :mod:`flower_split.flower.node_data`), tokenized."""
+    return _tenant_data(tuple(sorted(config.to_dict().items())), node_source(config, settings, node_config))
 
 
 @functools.lru_cache(maxsize=1)

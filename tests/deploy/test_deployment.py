@@ -13,9 +13,9 @@ installation (``--disable-runtime-dependency-installation``), every tenant on it
   gone;
 - with ``FLOWER_SPLIT_DEPLOY_SECURE=1``: one secure round (client label protection) with the
   dealer on a SuperNode of its own (``role="dealer"``, ``dealer-key``; tenants pin
-  ``dealer-public-key``). Opt-in because every secure step is 11 round trips and each costs
-  a fresh ClientApp process per tenant (issue 16: ~10-30 s per round trip on a loaded 2-core
-  machine), minutes more than the plain round.
+  ``dealer-public-key``, the cloud ``expected-dealer-key``). Opt-in because every secure
+  step is 11 round trips and each costs a fresh ClientApp process per tenant (issue 16:
+  ~10-30 s per round trip on a loaded 2-core machine), minutes more than the plain round.
 
 Every process is started in its own process group and stopped by the fixture's finalizer,
 also when a test fails. Skipped, saying so, when the Flower binaries are not installed.
@@ -152,7 +152,8 @@ def test_a_secure_round_with_the_dealer_on_its_own_supernode(federation: LocalFe
     _wait_online(federation, 3)
     results = federation.dir / "results-secure"
     done = federation.run({**RUN, "security": "secure", "label-protection": "client", "local-steps": 1,
-                           "micro-batches": 1, "results-dir": str(results)}, timeout=RUN_TIMEOUT * 2)
+                           "micro-batches": 1, "expected-dealer-key": str(dealer_dir / "dealer.pub"),
+                           "results-dir": str(results)}, timeout=RUN_TIMEOUT * 2)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     run = json.loads((results / "results.json").read_text())["runs"][0]

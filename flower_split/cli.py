@@ -9,6 +9,9 @@ or data is loaded, so a bad value fails in milliseconds with the field's name.
               with a report and plots (:mod:`flower_split.runs.compare`).
 ``audit``     the leakage audit of a run recorded with ``train --audit`` (:mod:`flower_split.audit`).
 ``predict``   classify texts with a run's saved parties (:mod:`flower_split.runs.predict`).
+``dealer-keygen``, ``tls-certs``, ``node-keys``  key material of a deployment (docs/deployment.md:
+              the secure-mode dealer's key pair, the SuperLink's CA and TLS certificate, the
+              SuperNodes' authentication keys; :mod:`flower_split.runs.deploy_keys`).
 """
 
 from __future__ import annotations
@@ -80,7 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("dealer-keygen", help="make the secure-mode dealer's long-term key pair")
     keygen.add_argument("--out", required=True, help="directory for dealer.key (0600, the dealer node's) and "
                                                      "dealer.pub (what every tenant pins)")
+    add_deploy_parsers(commands)
     return parser
+
+
+def add_deploy_parsers(commands: argparse._SubParsersAction) -> None:
+    """``tls-certs`` and ``node-keys``: a deployment's TLS certificates and SuperNode keys."""
+    certs = commands.add_parser("tls-certs", help="make a CA and the SuperLink's TLS certificate")
+    certs.add_argument("--out", required=True, help="directory for ca.crt, ca.key, server.pem, server.key")
+    certs.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",
+                       help="a DNS name or IP address the SuperLink is reached at (repeat; default: "
+                            "localhost and 127.0.0.1)")
+    node_keys = commands.add_parser("node-keys", help="make SuperNode authentication key pairs (P-384)")
+    node_keys.add_argument("--out", required=True, help="directory for NAME (0600) and NAME.pub")
+    node_keys.add_argument("names", nargs="+", help="one key pair per name, e.g. tenant-0 tenant-1 dealer")
 
 
 def add_predict_parser(commands: argparse._SubParsersAction) -> None:
@@ -173,6 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_predict(args)
     if args.command == "dealer-keygen":
         return dealer_keygen(args.out)
+    if args.command in ("tls-certs", "node-keys"):
+        from flower_split.runs.deploy_keys import main_node_keys, main_tls_certs
+
+        try:
+            return main_tls_certs(args.out, args.host) if args.command == "tls-certs" \
+                else main_node_keys(args.out, args.names)
+        except (FileExistsError, ValueError) as exc:
+            print(f"flower-split: {exc}", file=sys.stderr)
+            return 2
     try:
         config = config_from_args(args)
     except (ConfigError, TypeError) as exc:

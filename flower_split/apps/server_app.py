@@ -6,11 +6,18 @@ of ``security`` for its strategy (:meth:`SecurityBackend.make_strategy`) and run
 and the evaluations. Afterwards it checks that the body did not move. Every round's and
 evaluation's report goes to the log, to the optional ``on_report`` callback, and (as
 MetricRecords ``round-N`` / ``eval-N``) into the ServerApp's ``context.state``.
+
+``context.state`` is what a simulation returns to its caller; a deployment (flwr 1.41)
+discards it. So with run-config ``results-dir`` the ServerApp meters its grid and writes
+``results-dir/results.json`` when the run ends (:func:`run_recorded`; the format of
+``flower-split simulate``, :func:`flower_split.flower.results.run_entry`, with
+``"runtime": "deployment"`` and no client CPU figures: a deployed ClientApp has no cost meter).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from logging import INFO
 from typing import Any, Callable, Mapping
 
@@ -19,10 +26,12 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from flower_split.backends import backend_for
+from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.strategy import Report
 from flower_split.flower.strategy_utils import SplitResult
 from flower_split.model import load_encoder, split_encoder
+from flower_split.state.results import write_results
 from flower_split.train.runtime import select_device, seed_everything
 
 
@@ -43,6 +52,29 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
                             settings.eval_initial, on_report)
     if body.fingerprint() != fingerprint:
         raise AssertionError("the body changed during training; it must stay frozen")
+    return result
+
+
+def run_recorded(grid: Grid, run_config: Mapping[str, Any],
+                 on_report: Callable[[Report], None] | None = None) -> SplitResult:
+    """:func:`run_cloud` on a metered grid; then ``results.json`` in run-config ``results-dir``."""
+    config, settings = settings_from_run_config(run_config)
+    name = backend_for(config, settings).run_name(config)
+    collector = Collector(name, "split", settings, settings.min_nodes, progress=False)
+
+    def collect(report: Report) -> None:
+        collector.on_report(report)
+        if on_report is not None:
+            on_report(report)
+
+    started = time.perf_counter()
+    result = run_cloud(collector.wrap(grid), run_config, collect)
+    tenants = {t for r in result.rounds for t in r.tenants} | {t for e in result.evaluations for t in e.per_tenant}
+    entry = run_entry(name, "split", config, settings, None, len(tenants), collector.collected,
+                      time.perf_counter() - started)
+    entry["runtime"] = "deployment"
+    path = write_results(settings.results_dir, [entry])
+    log(INFO, "flower-split cloud: results of %d rounds written to %s", len(result.rounds), path.resolve())
     return result
 
 
@@ -71,7 +103,9 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = run_cloud(grid, {**dict(context.run_config), **extra}, on_report)
+        values = {**dict(context.run_config), **extra}
+        recorded = bool(settings_from_run_config(values)[1].results_dir)
+        result = (run_recorded if recorded else run_cloud)(grid, values, on_report)
         _store(context, result)
 
     return server_app

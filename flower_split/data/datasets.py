@@ -1,8 +1,10 @@
 """Labeled text-classification data sets, read from local files only.
 
-Banking77 ships inside the package (CC BY 4.0, license file alongside); SST-2 and any other
-directory with the same file layout are read from a path. A missing or malformed file raises
-:class:`DatasetError` naming the file and what was expected.
+Banking77 ships with the package (CC BY 4.0, license file alongside), in the data-only
+package ``flower_split_assets``, read through :mod:`importlib.resources` and never through a
+Flower app directory (a FAB carries no data; ``flower_split_assets/__init__.py`` says why);
+SST-2 and any other directory with the same file layout are read from a path. A missing or
+malformed file raises :class:`DatasetError` naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
-PACKAGED_BANKING77 = Path(__file__).parent / "banking77"
+PACKAGED_BANKING77: Traversable = files("flower_split_assets") / "banking77"
+SST2_LABELS = ("negative", "positive")
 DEFAULT_SST2_DIRS = (Path("../shared/data/sst2"), Path("../../shared/data/sst2"))
 
 
@@ -51,13 +56,31 @@ def load_dataset(name: str, data_dir: str | None = None) -> tuple[TextDataset, T
         return load_banking77(path)
     if (path / "train.tsv").exists():
         return load_sst2(path)
-    raise DatasetError(
+    raise _unknown_dataset(name)
+
+
+def dataset_labels(name: str, data_dir: str | None = None) -> list[str]:
+    """The label names of ``name`` (what :func:`load_dataset` would label with), reading no rows.
+
+    The label set of a task whose rows stay with the tenants (node config ``data-path``).
+    """
+    if name == "sst2" or (name != "banking77" and (Path(name) / "train.tsv").exists()):
+        return list(SST2_LABELS)
+    if name == "banking77":
+        return _read_categories((Path(data_dir) if data_dir else PACKAGED_BANKING77) / "categories.json")
+    if (Path(name) / "categories.json").exists():
+        return _read_categories(Path(name) / "categories.json")
+    raise _unknown_dataset(name)
+
+
+def _unknown_dataset(name: str) -> DatasetError:
+    return DatasetError(
         f"dataset: {name!r} is not 'banking77', 'sst2', or a directory containing "
         "categories.json+train.csv+test.csv (Banking77 layout) or train.tsv+dev.tsv (SST-2 layout)"
     )
 
 
-def load_banking77(directory: Path) -> tuple[TextDataset, TextDataset]:
+def load_banking77(directory: Path | Traversable) -> tuple[TextDataset, TextDataset]:
     """Banking77 layout: ``categories.json`` (list of names), ``train.csv``/``test.csv`` (text,category)."""
     names = _read_categories(directory / "categories.json")
     index = {name: i for i, name in enumerate(names)}
@@ -67,7 +90,7 @@ def load_banking77(directory: Path) -> tuple[TextDataset, TextDataset]:
 
 def load_sst2(directory: Path) -> tuple[TextDataset, TextDataset]:
     """SST-2 layout: ``train.tsv`` and ``dev.tsv`` with header ``sentence<TAB>label``; dev is the test set."""
-    names = ["negative", "positive"]
+    names = list(SST2_LABELS)
     return _read_sst_tsv(directory / "train.tsv", names), _read_sst_tsv(directory / "dev.tsv", names)
 
 
@@ -81,12 +104,12 @@ def _find_sst2() -> Path:
     )
 
 
-def _require(path: Path) -> None:
+def _require(path: Path | Traversable) -> None:
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
 
 
-def _read_categories(path: Path) -> list[str]:
+def _read_categories(path: Path | Traversable) -> list[str]:
     _require(path)
     try:
         names = json.loads(path.read_text(encoding="utf-8"))
@@ -97,7 +120,7 @@ def _read_categories(path: Path) -> list[str]:
     return names
 
 
-def _read_banking_csv(path: Path, index: dict[str, int], names: list[str]) -> TextDataset:
+def _read_banking_csv(path: Path | Traversable, index: dict[str, int], names: list[str]) -> TextDataset:
     _require(path)
     texts: list[str] = []
     labels: list[int] = []

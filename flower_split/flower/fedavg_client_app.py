@@ -28,7 +28,8 @@ Message types (Flower's ``FedAvg`` / ``FedProx`` send the default actions):
                        and train-examples; the fine-tuned weights never leave it.
 
 Data: exactly the split apps' rows (:func:`flower_split.flower.tenant.tenant_rows`, the one
-loader of every federated app). ``run_config``: the split app's keys plus
+loader of every federated app: the tenant's own files, node config ``data-path``, or its
+partition of the run's data set; :mod:`flower_split.flower.node_data`). ``run_config``: the split app's keys plus
 :class:`flower_split.flower.fedavg_settings.FedAvgSettings`. A malformed message gets an error
 reply naming the problem, and leaves ``context.state`` as it was.
 """

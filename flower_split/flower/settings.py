@@ -54,6 +54,12 @@ class FlowerSettings:
     ``simulated-dealer`` (simulation, which has no per-node config: the node with the last
     ``partition-id`` is the dealer and the tenants split the data ``num-partitions - 1`` ways;
     ``flower-split simulate`` sets it for secure runs),
+    ``labels`` (the run's label set for tenants that train on their own files, node config
+    ``data-path``: comma-separated names; empty (default): the labels of ``dataset``; see
+    :mod:`flower_split.flower.node_data`),
+    ``results-dir`` (the ServerApp writes ``results.json`` there after the run, atomically,
+    in the format of ``flower-split simulate``; a path on the ServerApp's machine; empty
+    (default): none, a deployment's only record is then the log),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`).
     """
@@ -75,6 +81,8 @@ class FlowerSettings:
     insecure_colocated_dealer: bool = False
     expected_dealer_key: str = ""
     simulated_dealer: bool = False
+    labels: str = ""
+    results_dir: str = ""
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -96,10 +104,9 @@ class FlowerSettings:
                      "allow_insecure_reproducible_init", "insecure_colocated_dealer", "simulated_dealer", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.expected_dealer_key, str):
-            raise ConfigError(f"expected-dealer-key: expected a string, got {self.expected_dealer_key!r}")
-        if not isinstance(self.partition, str):
-            raise ConfigError(f"partition: expected a string, got {self.partition!r}")
+        for name in ("expected_dealer_key", "partition", "labels", "results_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name.replace('_', '-')}: expected a string, got {getattr(self, name)!r}")
         from flower_split.data import make_partitioner  # validates the spec's syntax
 
         make_partitioner(self.partition, 2, 0)

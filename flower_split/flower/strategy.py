@@ -30,6 +30,30 @@ from flower_split.flower.strategy_utils import EvalReport, Exchange, RoundReport
 
 Report = RoundReport | EvalReport
 
+# Flower's error codes (flwr.common.constant.ErrorCode) that say what happened to the node
+ERROR_CAUSES = {
+    3: "message expired before the node took it",  # MESSAGE_UNAVAILABLE
+    4: "reply expired",  # REPLY_MESSAGE_UNAVAILABLE
+    5: "node gone (the SuperLink stopped receiving its heartbeats)",  # NODE_UNAVAILABLE
+    8: "ClientApp crashed",  # CLIENT_APP_CRASHED
+}
+
+
+def drop_reason(message_type: str, error: Any, waited: float, timeout: float | None) -> str:
+    """Why a node leaves the round, for the log and the report: what happened, after how long.
+
+    ``error``: the node's error reply (None: no reply at all).
+    """
+    if error is None:
+        if timeout is None or waited >= timeout - 0.5:
+            return f"{message_type}: no reply: timed out after {waited:.1f} s (reply-timeout {timeout} s)"
+        return (f"{message_type}: no reply after {waited:.1f} s, before the {timeout} s reply timeout "
+                "(node gone)")
+    cause = ERROR_CAUSES.get(error.code)
+    if cause is None:
+        return f"{message_type}: error reply: {error.reason}"
+    return f"{message_type}: error reply: {cause}, after {waited:.1f} s ({error.reason})"
+
 
 class SplitStrategyBase(ABC):
     """What every split strategy shares.
@@ -179,13 +203,12 @@ class SplitStrategyBase(ABC):
             if node not in contents:
                 continue
             if reply.has_error():
-                self.drop(node, f"{message_type}: error reply: {reply.error.reason}", phase, active)
+                self.drop(node, drop_reason(message_type, reply.error, waited, self.reply_timeout), phase, active)
             else:
                 valid[node] = reply.content
         for node in contents:
             if node not in valid and node in active:
-                self.drop(node, f"{message_type}: no reply (node gone or timed out; waited {waited:.1f} s of "
-                                f"the {self.reply_timeout} s reply timeout)", phase, active)
+                self.drop(node, drop_reason(message_type, None, waited, self.reply_timeout), phase, active)
         return valid
 
     def drop(self, node: int, reason: str, phase: Exchange, active: set[int]) -> None:

@@ -6,10 +6,12 @@ its security level's handlers and, under :data:`DATA_STATE`, the data cursors of
 :class:`Cursor`. :func:`handle` runs one handler all-or-nothing: a malformed or out-of-order
 message gets an error reply and leaves ``context.state`` as it was.
 
-Data: node ``partition-id`` of ``num-partitions`` (``context.node_config``) loads its
-partition of the training set (spec and seed from ``run_config``) and its own test split with
-the label distribution of that partition (:func:`split_test_like_train`). :func:`tenant_rows`
-is the one loader of a tenant's rows for every federated app (split and the FedAvg family).
+Data (:mod:`flower_split.flower.node_data`): the tenant's own files (node config
+``data-path``; deployment), or node ``partition-id`` of ``num-partitions``'s partition of the
+run's data set (spec and seed from ``run_config``) with its own test split of the same label
+distribution (:func:`flower_split.data.tenants.split_test_like_train`; simulations).
+:func:`tenant_rows` is the one loader of a tenant's rows for every federated app (split and
+the FedAvg family).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
-from flower_split.data.tenants import TenantSplits, tenant_splits
 from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
+from flower_split.flower.node_data import NodeSource, node_rows, node_source
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
@@ -71,62 +73,26 @@ def _embedder(model: str, seed: int) -> tuple[Embedder, int]:
     return embedder, dim
 
 
-@functools.lru_cache(maxsize=2)
-def _splits(config_items: tuple[tuple[str, Any], ...], partition: str, num_partitions: int) -> TenantSplits:
-    return tenant_splits(RunConfig(**dict(config_items)), partition, num_partitions)
-
-
-@functools.lru_cache(maxsize=2)
-def _global_test(config_items: tuple[tuple[str, Any], ...], partition: str, num_partitions: int) -> TokenizedDataset:
-    """The whole sampled test set, tokenized once per process (shared by every tenant it serves)."""
-    config = RunConfig(**dict(config_items))
-    splits = _splits(config_items, partition, num_partitions)
-    return TokenizedDataset(splits.test, load_tokenizer(config.model), config.max_length)
-
-
 @functools.lru_cache(maxsize=32)  # a simulation actor may serve every tenant in turn
-def _tenant_rows(config_items: tuple[tuple[str, Any], ...], partition: str, partition_id: int,
-                 num_partitions: int) -> TenantRows:
+def _tenant_rows(config_items: tuple[tuple[str, Any], ...], source: NodeSource) -> TenantRows:
     config = RunConfig(**dict(config_items))
-    splits = _splits(config_items, partition, num_partitions)
+    rows = node_rows(config, source)
     tokenizer = load_tokenizer(config.model)
+    test = TokenizedDataset(rows.test, tokenizer, config.max_length)
     return TenantRows(
-        tenant=f"tenant-{partition_id}",
-        partition_id=partition_id,
-        train=TokenizedDataset(splits.tenant_train(partition_id), tokenizer, config.max_length),
-        test=TokenizedDataset(splits.tenant_test(partition_id), tokenizer, config.max_length),
-        global_test=_global_test(config_items, partition, num_partitions),
-        num_classes=splits.num_classes,
+        tenant=f"tenant-{rows.partition_id}",
+        partition_id=rows.partition_id,
+        train=TokenizedDataset(rows.train, tokenizer, config.max_length),
+        test=test,
+        global_test=test if rows.global_test is rows.test else TokenizedDataset(rows.global_test, tokenizer,
+                                                                                 config.max_length),
+        num_classes=rows.num_classes,
     )
 
 
-def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from a node's config, validated."""
-    try:
-        partition_id = int(node_config["partition-id"])
-        num_partitions = int(node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            "node_config: the ClientApp needs integer 'partition-id' and 'num-partitions' "
-            f"(e.g. flower-supernode --node-config 'partition-id=0 num-partitions=2'); got {dict(node_config)}"
-        ) from exc
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"node_config: partition-id {partition_id} not in [0, {num_partitions})")
-    return partition_id, num_partitions
-
-
 def tenant_rows(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantRows:
-    """This node's rows, from ``partition-id`` / ``num-partitions`` in its node config (cached).
-
-    With ``simulated-dealer`` the last partition id is the dealer node's, so the tenants
-    split the data one way fewer.
-    """
-    partition_id, num_partitions = node_partition(node_config)
-    if getattr(settings, "simulated_dealer", False) and "role" not in node_config:
-        num_partitions -= 1
-        if partition_id >= num_partitions:
-            raise ValueError(f"node_config: partition-id {partition_id} is the simulated dealer's, not a tenant's")
-    return _tenant_rows(tuple(sorted(config.to_dict().items())), settings.partition, partition_id, num_partitions)
+    """This node's rows (:mod:`flower_split.flower.node_data`: its own files, or its partition; cached)."""
+    return _tenant_rows(tuple(sorted(config.to_dict().items())), node_source(config, settings, node_config))
 
 
 def tenant_data(config: RunConfig, settings: FlowerSettings, node_config: Mapping[str, Any]) -> TenantData:

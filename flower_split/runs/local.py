@@ -1,4 +1,5 @@
-"""In-process runs: one training job described by a :class:`RunConfig`, and results.json.
+"""In-process runs: one training job described by a :class:`RunConfig`, and results.json
+(:func:`write_results`, from :mod:`flower_split.state.results`).
 
 Centralized LoRA runs on pooled data; split runs ask the security backend of
 ``config.security`` (:mod:`flower_split.backends`) to wire and train its parties.
@@ -6,9 +7,6 @@ Centralized LoRA runs on pooled data; split runs ask the security backend of
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from flower_split.backends import backend_for
@@ -18,9 +16,8 @@ from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
 from flower_split.data.tenants import sample_rows
 from flower_split.model import load_tokenizer
+from flower_split.state.results import RESULTS_FILE, write_results
 from flower_split.train import train_centralized
-
-RESULTS_FILE = "results.json"
 
 
 def train(config: RunConfig, progress: bool = True, recorder: CloudViewRecorder | None = None,
@@ -60,14 +57,4 @@ def train(config: RunConfig, progress: bool = True, recorder: CloudViewRecorder 
     }
 
 
-def write_results(out_dir: str | Path, runs: list[dict]) -> Path:
-    """Write ``{"runs": [...]}`` to ``out_dir/results.json`` atomically (temp file + rename)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / RESULTS_FILE
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".results-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"runs": runs}, handle, indent=2)
-    os.replace(tmp, target)
-    return target
-
+__all__ = ["RESULTS_FILE", "train", "write_results"]

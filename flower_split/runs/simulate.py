@@ -26,8 +26,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_split.backends import backend_for, get_backend
 from flower_split.config import ConfigError, RunConfig
-from flower_split.flower.metering import MeteredGrid, cost_mod
-from flower_split.runs.sim_results import Collected, run_entry
+from flower_split.flower.metering import cost_mod
+from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 
 STRATEGIES = ("split", "fedavg")
@@ -54,97 +54,6 @@ def run_name(strategy: str, config: RunConfig, fedavg: Any = None) -> str:
     return fedavg.run_name if fedavg is not None else "fedavg-lora"
 
 
-def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
-    def emit(line: dict) -> None:
-        if not enabled:
-            return
-        parts = [f"[{name}] round {line['round']}/{rounds}"]
-        if line.get("train_loss") is not None:
-            parts.append(f"train loss {line['train_loss']:.4f}")
-        if line.get("test_accuracy") is not None:
-            parts.append(f"per-tenant accuracy {line['test_accuracy']:.4f}")
-        if line.get("test_macro_f1") is not None:
-            parts.append(f"per-tenant macro-F1 {line['test_macro_f1']:.4f}")
-        if line.get("global_test_accuracy") is not None:
-            parts.append(f"global accuracy {line['global_test_accuracy']:.4f}")
-        if line.get("bytes_up") is not None:
-            parts.append(f"{line['bytes_up'] / 1e6:.2f} MB up / {line['bytes_down'] / 1e6:.2f} MB down per client")
-        if line.get("wall_seconds") is not None:
-            parts.append(f"{line['wall_seconds']:.1f} s")
-        print(", ".join(parts), flush=True)
-
-    return emit
-
-
-class _Collector:
-    """Meters the ServerApp's grid and collects its reports, printing a line per finished round."""
-
-    def __init__(self, name: str, strategy: str, settings: FlowerSettings, num_clients: int, progress: bool,
-                 global_model: bool = True) -> None:
-        self.name, self.strategy, self.settings = name, strategy, settings
-        self.global_model = global_model  # local-only has none, so no global-test evaluation
-        self.num_clients, self.progress = num_clients, progress
-        self.collected = Collected()
-        self.emit = _printer(name, settings.num_server_rounds, progress)
-        self.pending: dict[int, dict] = {}
-
-    def wrap(self, grid: Grid) -> Grid:
-        """The metered grid, once every client has warmed up (start-up kept out of round 1)."""
-        started = time.perf_counter()
-        collected = self.collected
-        collected.grid = MeteredGrid(grid)
-        warm_up(collected.grid, self.num_clients, self.settings.reply_timeout)
-        collected.warm_up = collected.grid.take()
-        collected.startup_seconds = time.perf_counter() - started
-        if self.progress:
-            print(f"[{self.name}] {self.num_clients} clients ready after {collected.startup_seconds:.1f} s "
-                  "(Ray actors started, model and data loaded)", flush=True)
-        collected.started = time.perf_counter()
-        return collected.grid
-
-    def evaluated(self, server_round: int) -> bool:
-        if server_round == 0:
-            return self.settings.eval_initial
-        return server_round == self.settings.num_server_rounds or bool(
-            self.settings.eval_every and server_round % self.settings.eval_every == 0)
-
-    def global_due(self, server_round: int) -> bool:
-        """Whether a global-test evaluation follows (FedAvg: every evaluated round; split: the last)."""
-        last = server_round == self.settings.num_server_rounds
-        return (self.settings.global_eval and self.global_model and self.evaluated(server_round)
-                and (self.strategy == "fedavg" or last))
-
-    def on_report(self, report: Any) -> None:
-        """Collect a report; print the round's line once its last report is in."""
-        kind, collected = type(report).__name__, self.collected
-        if kind == "PersonalizedEvalReport":
-            collected.personalized = (report, collected.grid.take())
-            if self.progress:
-                print(f"[{self.name}] personalised ({report.epochs} local epochs after the last round): "
-                      f"per-tenant accuracy {_fmt(report.accuracy)}", flush=True)
-            return
-        server_round = report.server_round
-        line = self.pending.setdefault(server_round, {"round": server_round})
-        complete = True
-        if kind in ("RoundReport", "FedAvgRoundReport"):
-            traffic = collected.grid.take()
-            collected.rounds.append((report, traffic))
-            line.update(train_loss=report.train_loss, bytes_up=traffic.per_client("bytes_up"),
-                        bytes_down=traffic.per_client("bytes_down"), wall_seconds=report.wall_seconds)
-            complete = not self.evaluated(server_round)
-        elif kind == "GlobalEvalReport" or getattr(report, "scope", "tenant") == "global":
-            collected.grid.take()  # split: the tenants' global-test traffic, not part of a round
-            collected.global_evaluations.append(report)
-            line.update(global_test_accuracy=report.accuracy)
-        elif kind in ("EvalReport", "FedAvgEvalReport"):
-            collected.evaluations.append((report, collected.grid.take()))
-            line.update(test_accuracy=report.accuracy, test_macro_f1=report.macro_f1)
-            complete = not self.global_due(server_round)
-        if complete:
-            self.emit(self.pending.pop(server_round, line))
-        collected.finished = time.perf_counter()
-
-
 def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, progress: bool = True,
              cpus: int | None = None) -> dict:
     """Run one Flower simulation and return its ``results.json`` run entry.
@@ -169,7 +78,7 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
         values["simulated-dealer"] = True
     nodes = num_clients + int(dealer_node)
     global_model = fedavg is None or fedavg.baseline != "local-only"
-    collector = _Collector(name, strategy, settings, nodes, progress, global_model)
+    collector = Collector(name, strategy, settings, nodes, progress, warm_up=warm_up, global_model=global_model)
     collected = collector.collected
     server_app, client_app = _apps(strategy, values, collector.on_report, collector.wrap)
     cpus = cpus or os.cpu_count() or 1

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 from flower_helpers import StubGrid
 from flower_split.flower.contract import MessageType, MetricKey, RecordKey, split_type
-from flower_split.flower.strategy import SplitStrategyBase
+from flower_split.flower.strategy import SplitStrategyBase, drop_reason
 from flower_split.flower.strategy_utils import EvalReport, EvalTally, Exchange, RoundReport, class_counts, weighted_mean
 from flower_split.protocol import ProtocolError
 
@@ -84,6 +84,18 @@ def test_exchange_keeps_valid_replies_and_drops_error_and_silent_nodes(task_iden
     assert "error reply: boom" in phase.dropped["tenant-b"] and "no reply" in phase.dropped["tenant-c"]
     assert sorted(strategy.cloud.dropped) == ["tenant-b", "tenant-c"]  # their in-flight steps are freed
     assert strategy.exchange(grid, MessageType.HEAD_FWD, {}, 1, phase, active) == {} and phase.round_trips == 1
+
+
+def test_drop_reasons_say_what_happened_and_after_how_long() -> None:
+    gone = Error(code=5, reason="Error: Node Unavailable")
+    assert drop_reason("train.tail", gone, 57.04, 600.0) == (
+        "train.tail: error reply: node gone (the SuperLink stopped receiving its heartbeats), after 57.0 s "
+        "(Error: Node Unavailable)")
+    assert drop_reason("train.tail", Error(code=2, reason="boom"), 1.0, 600.0) == "train.tail: error reply: boom"
+    assert drop_reason("train.tail", None, 600.2, 600.0) == (
+        "train.tail: no reply: timed out after 600.2 s (reply-timeout 600.0 s)")
+    assert drop_reason("train.tail", None, 3.0, 600.0) == (
+        "train.tail: no reply after 3.0 s, before the 600.0 s reply timeout (node gone)")
 
 
 def test_select_waits_for_min_nodes_then_gives_up() -> None:

@@ -18,8 +18,9 @@ from flower_split.runs.compare_spec import load_spec
 from flower_split.runs.probes import run_probes
 from flower_split.runs.report import COLUMNS, expand_runs, render_report
 from flower_split.runs.report_plots import plot
-from flower_split.runs.sim_results import run_entry
-from flower_split.runs.simulate import _add_warm_up, _Collector
+from flower_split.flower.results import run_entry
+from flower_split.flower.results import Collector
+from flower_split.runs.simulate import _add_warm_up, warm_up
 from flower_helpers import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,8 +77,8 @@ def test_bad_baseline_fields_are_named(tmp_path: Path, extra: dict, message: str
 def _metered_run(values: dict) -> dict:
     """A FedAvg-family run through the simulation's collector and cost meters, in process."""
     config, settings, fedavg = fedavg_settings_from_run_config(values)
-    collector = _Collector(fedavg.run_name, "fedavg", settings, 2, progress=False,
-                           global_model=fedavg.baseline != "local-only")
+    collector = Collector(fedavg.run_name, "fedavg", settings, 2, progress=False, warm_up=warm_up,
+                          global_model=fedavg.baseline != "local-only")
     client = _add_warm_up(make_fedavg_client_app(values, mods=[cost_mod(lambda c: prepare(c, values))]))
     run_fedavg_cloud(collector.wrap(LocalGrid(client, 2)), values, collector.on_report)
     return run_entry(fedavg.run_name, "fedavg", config, settings, fedavg, 2, collector.collected, 1.0)

@@ -1,10 +1,20 @@
-"""The results.json entry of a Flower simulation, from the ServerApp's reports and the cost meters."""
+"""The results.json entry of a Flower run, from the ServerApp's reports and the cost meters.
+
+:class:`Collector` meters the ServerApp's grid (:class:`MeteredGrid`) and collects every
+report of the strategy; :func:`run_entry` turns them into one ``results.json`` run. Used by
+``flower-split simulate`` (with a warm-up of every node first, and a line per round) and by
+the deployed ServerApp (``results-dir``; no warm-up, no client CPU figures: a deployed
+ClientApp carries no cost meter).
+"""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from flwr.serverapp import Grid
 
 from flower_split.config import RunConfig
 from flower_split.flower.metering import MeteredGrid, NodeCosts, Traffic
@@ -24,6 +34,101 @@ class Collected:
     startup_seconds: float = 0.0
     started: float = 0.0
     finished: float = 0.0
+
+
+def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
+    def emit(line: dict) -> None:
+        if not enabled:
+            return
+        parts = [f"[{name}] round {line['round']}/{rounds}"]
+        if line.get("train_loss") is not None:
+            parts.append(f"train loss {line['train_loss']:.4f}")
+        if line.get("test_accuracy") is not None:
+            parts.append(f"per-tenant accuracy {line['test_accuracy']:.4f}")
+        if line.get("test_macro_f1") is not None:
+            parts.append(f"per-tenant macro-F1 {line['test_macro_f1']:.4f}")
+        if line.get("global_test_accuracy") is not None:
+            parts.append(f"global accuracy {line['global_test_accuracy']:.4f}")
+        if line.get("bytes_up") is not None:
+            parts.append(f"{line['bytes_up'] / 1e6:.2f} MB up / {line['bytes_down'] / 1e6:.2f} MB down per client")
+        if line.get("wall_seconds") is not None:
+            parts.append(f"{line['wall_seconds']:.1f} s")
+        print(", ".join(parts), flush=True)
+
+    return emit
+
+
+class Collector:
+    """Meters the ServerApp's grid and collects its reports, printing a line per finished round."""
+
+    def __init__(self, name: str, strategy: str, settings: FlowerSettings, num_clients: int, progress: bool,
+                 warm_up: Callable[[Grid, int, float], None] | None = None, global_model: bool = True) -> None:
+        self.name, self.strategy, self.settings = name, strategy, settings
+        self.global_model = global_model  # local-only has none, so no global-test evaluation
+        self.num_clients, self.progress, self.warm_up = num_clients, progress, warm_up
+        self.collected = Collected()
+        self.emit = _printer(name, settings.num_server_rounds, progress)
+        self.pending: dict[int, dict] = {}
+
+    def wrap(self, grid: Grid) -> Grid:
+        """The metered grid, once every client has warmed up (``warm_up``: start-up kept out of round 1)."""
+        started = time.perf_counter()
+        collected = self.collected
+        collected.grid = MeteredGrid(grid)
+        if self.warm_up is None:
+            collected.started = started
+            return collected.grid
+        self.warm_up(collected.grid, self.num_clients, self.settings.reply_timeout)
+        collected.warm_up = collected.grid.take()
+        collected.startup_seconds = time.perf_counter() - started
+        if self.progress:
+            print(f"[{self.name}] {self.num_clients} clients ready after {collected.startup_seconds:.1f} s "
+                  "(Ray actors started, model and data loaded)", flush=True)
+        collected.started = time.perf_counter()
+        return collected.grid
+
+    def evaluated(self, server_round: int) -> bool:
+        if server_round == 0:
+            return self.settings.eval_initial
+        return server_round == self.settings.num_server_rounds or bool(
+            self.settings.eval_every and server_round % self.settings.eval_every == 0)
+
+    def global_due(self, server_round: int) -> bool:
+        """Whether a global-test evaluation follows (FedAvg: every evaluated round; split: the last)."""
+        last = server_round == self.settings.num_server_rounds
+        return (self.settings.global_eval and self.global_model and self.evaluated(server_round)
+                and (self.strategy == "fedavg" or last))
+
+    def on_report(self, report: Any) -> None:
+        """Collect a report; print the round's line once its last report is in."""
+        kind, collected = type(report).__name__, self.collected
+        if kind == "PersonalizedEvalReport":
+            collected.personalized = (report, collected.grid.take())
+            if self.progress:
+                accuracy = "n/a" if report.accuracy is None else f"{report.accuracy:.4f}"
+                print(f"[{self.name}] personalised ({report.epochs} local epochs after the last round): "
+                      f"per-tenant accuracy {accuracy}", flush=True)
+            return
+        server_round = report.server_round
+        line = self.pending.setdefault(server_round, {"round": server_round})
+        complete = True
+        if kind in ("RoundReport", "FedAvgRoundReport"):
+            traffic = collected.grid.take()
+            collected.rounds.append((report, traffic))
+            line.update(train_loss=report.train_loss, bytes_up=traffic.per_client("bytes_up"),
+                        bytes_down=traffic.per_client("bytes_down"), wall_seconds=report.wall_seconds)
+            complete = not self.evaluated(server_round)
+        elif kind == "GlobalEvalReport" or getattr(report, "scope", "tenant") == "global":
+            collected.grid.take()  # split: the tenants' global-test traffic, not part of a round
+            collected.global_evaluations.append(report)
+            line.update(global_test_accuracy=report.accuracy)
+        elif kind in ("EvalReport", "FedAvgEvalReport"):
+            collected.evaluations.append((report, collected.grid.take()))
+            line.update(test_accuracy=report.accuracy, test_macro_f1=report.macro_f1)
+            complete = not self.global_due(server_round)
+        if complete:
+            self.emit(self.pending.pop(server_round, line))
+        collected.finished = time.perf_counter()
 
 
 def _tenant(costs: NodeCosts, node: int) -> str:

@@ -3,6 +3,8 @@ term, the plateau stop, personalisation and local-only training, through Flower'
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -80,16 +82,23 @@ def test_plateau_stop_ends_the_rounds_early(task_identity: None, monkeypatch: py
     assert [r.server_round for r in history.evaluations] == [1, 2, 3]
 
 
-def test_personalisation_fine_tunes_locally_only(task_identity: None) -> None:
-    values = {**TINY, "num-server-rounds": 1, "personalize-epochs": 2}
+def _watched(client: Callable[[Message, Context], Message]) -> tuple[Callable[[Message, Context], Message],
+                                                                     list[Message], list[Message]]:
+    """``client``, recording every message it gets and every reply it gives."""
     sent: list[Message] = []
     replies: list[Message] = []
-    client = make_fedavg_client_app(values)
 
     def watched(message: Message, context: Context) -> Message:
         sent.append(message)
         replies.append(client(message, context))
         return replies[-1]
+
+    return watched, sent, replies
+
+
+def test_personalisation_fine_tunes_locally_only(task_identity: None) -> None:
+    values = {**TINY, "num-server-rounds": 1, "personalize-epochs": 2}
+    watched, sent, replies = _watched(make_fedavg_client_app(values))
 
     history, result = run_fedavg_cloud(LocalGrid(watched, 2), values)
     personal = [(m, r) for m, r in zip(sent, replies) if m.metadata.message_type == "train.personalize"]
@@ -114,14 +123,7 @@ def test_local_only_never_aggregates(task_identity: None, monkeypatch: pytest.Mo
 
     monkeypatch.setattr("flwr.serverapp.strategy.fedavg.aggregate_arrayrecords", no_averaging)
     values = {**TINY, "baseline": "local-only"}
-    sent: list[Message] = []
-    replies: list[Message] = []
-    client = make_fedavg_client_app(values)
-
-    def watched(message: Message, context: Context) -> Message:
-        sent.append(message)
-        replies.append(client(message, context))
-        return replies[-1]
+    watched, sent, replies = _watched(make_fedavg_client_app(values))
 
     grid = LocalGrid(watched, 2)
     history, result = run_fedavg_cloud(grid, values)

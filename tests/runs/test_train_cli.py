@@ -46,14 +46,14 @@ def test_cli_missing_dataset_is_a_clear_error(capsys, tmp_path) -> None:
 def test_cli_quick_writes_results(mode: str, tmp_path) -> None:
     assert main(["train", "--quick", "--mode", mode, "--out", str(tmp_path), "--no-progress"]) == 0
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    split_keys = {"label_dp_epsilon"} if mode == "split" else set()  # None unless label-DP is on
+    split_keys = {"label_dp_epsilon", "label_rr_epsilon"} if mode == "split" else set()  # None unless label-DP is on
     assert len(runs) == 1 and set(runs[0]) == RUN_KEYS | split_keys
     run = runs[0]
     assert run["mode"] == mode and 0.0 <= run["test_accuracy"] <= 1.0
     assert run["client_cpu_seconds"] > 0 and run["wall_seconds"] > 0
     if mode == "split":
         assert run["bytes_client_to_cloud"] > 0 and run["bytes_cloud_to_client"] > 0
-        assert run["label_dp_epsilon"] is None  # no guarantee claimed when the noise is off
+        assert run["label_dp_epsilon"] is None and run["label_rr_epsilon"] is None  # no guarantee claimed when off
     else:
         assert run["bytes_client_to_cloud"] == run["bytes_cloud_to_client"] == 0
 

@@ -72,27 +72,29 @@ class LocalGrid(StubGrid):
     config ``role = "dealer"`` with a fresh key file written there) and every tenant pins its
     public key, as in a deployment. ``unpinned``: the tenants accept an unsigned hello (their
     own ``allow-unpinned-dealer``; for a strategy with the dealer co-located, insecure).
+    ``node_config``: more node config for every node (e.g. ``state-dir``).
     """
 
     def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
                  intercept: Callable[[int, str], str | None] | None = None, dealer: str | Path | None = None,
-                 unpinned: bool = False) -> None:
+                 unpinned: bool = False, node_config: dict[str, object] | None = None) -> None:
         self.client_app = client_app
         self.intercept = intercept or (lambda node, kind: None)
         pinned: dict[str, object] = {"allow-unpinned-dealer": True} if unpinned else {}
+        extra = dict(node_config or {})
         if dealer is not None:
             private, public = save_identity(new_identity(), dealer)
             pinned = {"dealer-public-key": str(public)}
         self.contexts = {
             node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": num_nodes,
-                                                               **pinned},
+                                                               **pinned, **extra},
                           state=RecordDict(), run_config={})
             for node in range(1, num_nodes + 1)
         }
         if dealer is not None:
             self.dealer_node = num_nodes + 1
             self.contexts[self.dealer_node] = Context(run_id=1, node_id=self.dealer_node, state=RecordDict(),
-                                                      node_config={"role": "dealer", "dealer-key": str(private)},
+                                                      node_config={"role": "dealer", "dealer-key": str(private), **extra},
                                                       run_config={})
 
     def get_node_ids(self) -> Iterable[int]:

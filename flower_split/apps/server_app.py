@@ -26,6 +26,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from flower_split.backends import backend_for
+from flower_split.flower.cloud_state import cloud_checkpoint
 from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.strategy import Report
@@ -36,8 +37,11 @@ from flower_split.train.runtime import select_device, seed_everything
 
 
 def run_cloud(grid: Grid, run_config: Mapping[str, Any],
-              on_report: Callable[[Report], None] | None = None) -> SplitResult:
-    """Build the body and the strategy from ``run_config``, run every round, evaluate."""
+              on_report: Callable[[Report], None] | None = None, run_id: int = 0) -> SplitResult:
+    """Build the body and the strategy from ``run_config``, run every round, evaluate.
+
+    With run config ``state-dir`` the strategy is saved at every safe point and a saved one
+    of the same session is resumed (:mod:`flower_split.flower.cloud_state`)."""
     config, settings = settings_from_run_config(run_config)
     backend = backend_for(config, settings)
     seed_everything(config.seed)
@@ -46,17 +50,22 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
     _, body = split_encoder(encoder)
     fingerprint = body.fingerprint()
     strategy = backend.make_strategy(body, device, settings)
-    log(INFO, "flower-split cloud (%s): model %s on %s, %d rounds", backend.name, config.model, device,
-        settings.num_server_rounds)
+    checkpoint = cloud_checkpoint(settings, run_id, backend.name, fingerprint)
+    first_round = 1
+    if checkpoint is not None:
+        first_round = checkpoint.resume(strategy) + 1
+        strategy.checkpoint = lambda completed: checkpoint.save(strategy, completed)
+    log(INFO, "flower-split cloud (%s): model %s on %s, rounds %d..%d", backend.name, config.model, device,
+        first_round, settings.num_server_rounds)
     result = strategy.start(grid, settings.num_server_rounds, settings.eval_every,
-                            settings.eval_initial, on_report)
+                            settings.eval_initial, on_report, first_round)
     if body.fingerprint() != fingerprint:
         raise AssertionError("the body changed during training; it must stay frozen")
     return result
 
 
 def run_recorded(grid: Grid, run_config: Mapping[str, Any],
-                 on_report: Callable[[Report], None] | None = None) -> SplitResult:
+                 on_report: Callable[[Report], None] | None = None, run_id: int = 0) -> SplitResult:
     """:func:`run_cloud` on a metered grid; then ``results.json`` in run-config ``results-dir``."""
     config, settings = settings_from_run_config(run_config)
     name = backend_for(config, settings).run_name(config)
@@ -68,7 +77,7 @@ def run_recorded(grid: Grid, run_config: Mapping[str, Any],
             on_report(report)
 
     started = time.perf_counter()
-    result = run_cloud(collector.wrap(grid), run_config, collect)
+    result = run_cloud(collector.wrap(grid), run_config, collect, run_id)
     tenants = {t for r in result.rounds for t in r.tenants} | {t for e in result.evaluations for t in e.per_tenant}
     entry = run_entry(name, "split", config, settings, None, len(tenants), collector.collected,
                       time.perf_counter() - started)
@@ -105,7 +114,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
     def main(grid: Grid, context: Context) -> None:
         values = {**dict(context.run_config), **extra}
         recorded = bool(settings_from_run_config(values)[1].results_dir)
-        result = (run_recorded if recorded else run_cloud)(grid, values, on_report)
+        result = (run_recorded if recorded else run_cloud)(grid, values, on_report, context.run_id)
         _store(context, result)
 
     return server_app

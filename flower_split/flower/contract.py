@@ -72,6 +72,7 @@ class ConfigKey:
     SERVER_ROUND = "server-round"
     RESTART = "restart"
     SCOPE = "scope"
+    KNOWN = "known"  # plain: the tenant has trained before, so it must hold state (no silent fresh start)
     NEXT_STEP = "next-step"  # secure: the lowest step number the cloud accepts (a tenant refuses lower)
     HEAD_UPDATES = "head-updates"
     TAIL_UPDATES = "tail-updates"

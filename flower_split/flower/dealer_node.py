@@ -34,11 +34,13 @@ from flower_split.flower.contract import MessageType, RecordKey
 from flower_split.flower.dealer_records import (
     pack_bundles, pack_hellos, pack_outcome, unpack_hello_request, unpack_registrations, unpack_requests,
 )
+from flower_split.flower.node_state import node_state_dir, persist_node_state, restore_node_state, rollback
 from flower_split.flower.records import records_to_state, state_to_records
 from flower_split.flower.settings import FlowerSettings
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.dealer_identity import identity_public, load_identity, load_pinned
 from flower_split.protocol.secure_dealer import SecureDealerParty
+from flower_split.state import StateError
 
 ROLE_KEY = "role"
 TENANT_ROLE, DEALER_ROLE = "tenant", "dealer"
@@ -170,14 +172,20 @@ DEALER_HANDLERS: dict[str, DealerHandler] = {
 
 def handle_dealer(handler: DealerHandler, message: Message, context: Context, settings: FlowerSettings) -> Message:
     """Run a dealer handler on a dealer node; anything else gets a clear error reply."""
+    saved = dict(context.state.items())
     try:
         if node_role(context.node_config, settings) != DEALER_ROLE:
             raise ProtocolError(f"{message.metadata.message_type}: this node is not the dealer")
+        directory = node_state_dir(context, settings, None)
+        restore_node_state(context, directory)
         party = _load(context)
         content = handler(message, party)
-    except (ProtocolError, ValueError) as exc:
-        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"ProtocolError (dealer): {exc}"), reply_to=message)
-    _save(context, party)
+        _save(context, party)
+        persist_node_state(context, directory, {"role": DEALER_ROLE})
+    except (ProtocolError, ValueError, StateError, OSError) as exc:
+        rollback(context, saved)
+        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} (dealer): {exc}"),
+                       reply_to=message)
     return Message(content, reply_to=message)
 
 

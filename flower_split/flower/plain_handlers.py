@@ -1,12 +1,14 @@
 """Tenant-side handlers of split-plain: one function per message type (see :data:`HANDLERS`).
 
-``train.head_fwd``     server: ``config`` {num-batches}. Client: the next micro-batches of its
-                       partition through embeddings and head -> pack of ``HeadOutput``.
+``train.head_fwd``     server: ``config`` {num-batches, known}. Client: the next micro-batches of its
+                       partition through embeddings and head -> pack of ``HeadOutput``. ``known``:
+                       the tenant has trained in this run, so a node without its state refuses
+                       (never a silent fresh start).
 ``train.tail``         server: pack of ``BodyOutput``. Client: tail forward, loss, tail update ->
                        pack of ``BodyGrad`` (empty when the head is frozen) and ``metrics``
                        {train-loss, num-examples, label-dp-epsilon (with label-DP)}.
 ``train.head_bwd``     server: pack of ``HeadGrad``. Client: head update -> ``metrics`` {steps}.
-``evaluate.infer_fwd`` server: ``config`` {num-batches, restart, scope}. Client: next test batches
+``evaluate.infer_fwd`` server: ``config`` {num-batches, restart, scope, known}. Client: next test batches
                        (``scope`` "tenant": its own test split; "global": the whole sampled test
                        set) through the head -> pack of ``HeadOutput`` (train=False), ``metrics`` {remaining}.
 ``evaluate.infer_tail`` server: pack of ``BodyOutput``. Client: tail -> ``metrics`` {correct,
@@ -47,11 +49,17 @@ def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) ->
 
 
 def _load_party(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings,
-                drop_in_flight: bool) -> tuple[ClientParty, dict[str, Any] | None]:
-    """The party as saved in ``context.state`` (or new), and the decoded state it was built from."""
+                drop_in_flight: bool, known: bool = False) -> tuple[ClientParty, dict[str, Any] | None]:
+    """The party as saved in ``context.state`` (or new), and the decoded state it was built from.
+
+    ``known``: the cloud says this tenant has trained before; then a missing state is an error
+    (the node lost it: restarted without node config ``state-dir``), never a fresh start."""
     party = _new_party(data, config, settings)
     arrays, meta = context.state.get(PARTY_ARRAYS), context.state.get(PARTY_CONFIG)
     if arrays is None or meta is None:
+        if known:
+            raise ProtocolError(f"{data.tenant} has trained in this run but this node holds no state of it "
+                                "(restarted without node config state-dir?); refusing a silent fresh start")
         return party, None
     state = records_to_state(arrays, meta)
     if drop_in_flight:  # a stage-opening message: anything still in flight was abandoned
@@ -75,10 +83,15 @@ def _num_batches(record: ConfigRecord, settings: FlowerSettings) -> int:
     return count
 
 
+def _known(record: ConfigRecord) -> bool:
+    return config_value(record, ConfigKey.KNOWN, bool) if ConfigKey.KNOWN in record else False
+
+
 def _head_fwd(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
               data: TenantData) -> RecordDict:
-    count = _num_batches(read_config(message.content), settings)
-    party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
+    record = read_config(message.content)
+    count = _num_batches(record, settings)
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=_known(record))
     cursor = Cursor.load(context.state)
     batches = train_batches(data, config, cursor, count, randomized_labels(context, config, data))
     outputs = [party.begin(batch, train=True) for batch in batches]
@@ -129,7 +142,7 @@ def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: 
     test = eval_set(data, record)
     if count < 0:
         raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
-    party, _ = _load_party(context, data, config, settings, drop_in_flight=True)
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=_known(record))
     cursor = Cursor.load(context.state)
     if restart:
         cursor.eval_cursor = 0

@@ -75,10 +75,9 @@ class SplitStrategy(SplitStrategyBase):
         done, examples = 0, 0
         while done < self.local_steps and active:
             count = min(self.micro_batches, self.local_steps - done)
-            config = ConfigRecord({ConfigKey.NUM_BATCHES: count, ConfigKey.SERVER_ROUND: server_round})
-            replies = self.exchange(grid, MessageType.HEAD_FWD,
-                                    {n: RecordDict({RecordKey.CONFIG: config}) for n in active},
-                                    server_round, phase, active)
+            replies = self.exchange(grid, MessageType.HEAD_FWD, {n: RecordDict({RecordKey.CONFIG: ConfigRecord({
+                ConfigKey.NUM_BATCHES: count, ConfigKey.SERVER_ROUND: server_round,
+                ConfigKey.KNOWN: self.knows(n)})}) for n in active}, server_round, phase, active)
             outputs = self.cloud_stage(replies, HeadOutput, phase, active)
             forward = {node: pack_messages(BodyOutput, self.tenant_of[node], messages)
                        for node, messages in outputs.items()}
@@ -123,7 +122,8 @@ class SplitStrategy(SplitStrategyBase):
         while pending:
             instructions = {node: RecordDict({RecordKey.CONFIG: ConfigRecord({
                 ConfigKey.NUM_BATCHES: self.eval_micro_batches, ConfigKey.RESTART: restart[node],
-                ConfigKey.SCOPE: scope, ConfigKey.SERVER_ROUND: server_round})}) for node in pending}
+                ConfigKey.SCOPE: scope, ConfigKey.SERVER_ROUND: server_round,
+                ConfigKey.KNOWN: self.knows(node)})}) for node in pending}
             replies = self.exchange(grid, MessageType.INFER_FWD, instructions, server_round, phase, active)
             pending &= active
             forward = self._forward_test_batches(replies, restart, pending, phase, active)

@@ -49,6 +49,7 @@ class SecureAdmission:
     def _init_admission(self) -> None:
         self.dealer_nodes: set[int] = set()
         self.refused: dict[int, str] = {}  # node -> why it is never selected
+        self.restored: set[str] = set()  # tenants the cloud resumed from saved state, not yet bound
 
     def select(self, grid: Grid) -> set[int]:
         """The tenant nodes set up, once a dealer is there and at least ``min_nodes`` tenants are
@@ -69,6 +70,11 @@ class SecureAdmission:
         new = nodes - set(self.tenant_of) - self.dealer_nodes - set(self.refused)
         if new:
             claims = self._claims(grid, new)
+            for node, tenant in list(claims.items()):
+                if tenant in self.restored and self.dealer.ready:  # resumed: the node holds its own state
+                    self.restored.discard(tenant)
+                    self.tenant_of[node] = claims.pop(node)
+                    log(INFO, "node %d: tenant %s resumed from saved state", node, tenant)
             if claims and not self.dealer.ready:
                 log(WARNING, "%d tenant node(s) wait: no dealer node has joined yet (node config role = \"dealer\")",
                     len(claims))

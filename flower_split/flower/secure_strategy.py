@@ -69,7 +69,7 @@ from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.strategy_utils import EvalReport, EvalTally, Exchange, RoundReport
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
-from flower_split.protocol.secure_messages import MaterialRequest, SecureMessage
+from flower_split.protocol.secure_messages import RESUME_STEP_GAP, MaterialRequest, SecureMessage
 
 
 class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
@@ -104,6 +104,19 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
     def forget_step(self, tenant: str) -> None:
         self.cloud.abort_step(tenant)
 
+    def cloud_state(self) -> dict[str, Any]:
+        """The cloud's halves, keys and step counters of every tenant (saved between steps)."""
+        return self.cloud.state_dict()
+
+    def load_cloud_state(self, state: Any) -> None:
+        """Restore the cloud after a restart: every tenant's step numbers move
+        :data:`RESUME_STEP_GAP` on (the step in flight may have used some), and each restored
+        tenant is bound again to the first node that claims it (no new set-up: the node
+        resumes from its own saved state, :mod:`flower_split.flower.node_state`)."""
+        self.cloud.load_state_dict(state)
+        self.cloud.skip_steps(RESUME_STEP_GAP)
+        self.restored = set(self.cloud.tenants)
+
     # -- training and evaluation ---------------------------------------------------------------
 
     def train_round(self, grid: Grid, server_round: int) -> RoundReport:
@@ -126,6 +139,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 if MetricKey.LABEL_DP_EPSILON in metrics:
                     self.label_dp[self.tenant_of[node]] = float(metrics[MetricKey.LABEL_DP_EPSILON])
             steps += 1
+            self.safe_point(server_round - 1)  # no step in flight: halves consistent within one step
             if steps % every_log == 0 and steps < self.local_steps:
                 log(INFO, "secure round %d: step %d/%d, %d tenants, %.0f s", server_round, steps,
                     self.local_steps, len(active), time.perf_counter() - phase.started)

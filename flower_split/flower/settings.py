@@ -60,6 +60,11 @@ class FlowerSettings:
     ``results-dir`` (the ServerApp writes ``results.json`` there after the run, atomically,
     in the format of ``flower-split simulate``; a path on the ServerApp's machine; empty
     (default): none, a deployment's only record is then the log),
+    ``state-dir`` (the ServerApp saves the cloud's state there after every round, and resumes
+    from it: :mod:`flower_split.flower.cloud_state`; a path on the ServerApp's machine; empty
+    (default): nothing saved), ``session`` (the name of the run's saved state, under the
+    cloud's ``state-dir`` and every node's own node config ``state-dir``; start a run with the
+    session of a stopped one to resume it; empty (default): ``run-<run id>``, a fresh one),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`).
     """
@@ -83,6 +88,8 @@ class FlowerSettings:
     simulated_dealer: bool = False
     labels: str = ""
     results_dir: str = ""
+    state_dir: str = ""
+    session: str = ""
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -104,7 +111,7 @@ class FlowerSettings:
                      "allow_insecure_reproducible_init", "insecure_colocated_dealer", "simulated_dealer", "quick"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
-        for name in ("expected_dealer_key", "partition", "labels", "results_dir"):
+        for name in ("expected_dealer_key", "partition", "labels", "results_dir", "state_dir", "session"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name.replace('_', '-')}: expected a string, got {getattr(self, name)!r}")
         from flower_split.data import make_partitioner  # validates the spec's syntax

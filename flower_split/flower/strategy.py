@@ -96,6 +96,8 @@ class SplitStrategyBase(ABC):
         self.target_loss = target_loss
         self.stopped: dict[str, int] = {}  # tenant -> the round its loss reached target_loss
         self.label_dp: dict[str, float] = {}  # tenant -> the label-DP epsilon it last reported
+        self.trained: set[str] = set()  # tenants that finished a training round (they must hold state)
+        self.checkpoint: Callable[[int], None] | None = None  # saves the strategy (flower.cloud_state)
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -120,13 +122,45 @@ class SplitStrategyBase(ABC):
         """Free what the cloud holds of ``tenant``'s steps in flight."""
         self.cloud.drop_tenant(tenant)
 
+    # -- saved state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy must keep to resume: per-tenant bookkeeping and the cloud's state."""
+        return {"stopped": dict(self.stopped), "label_dp": dict(self.label_dp), "trained": sorted(self.trained),
+                "cloud": self.cloud_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (a restarted ServerApp; node ids are learnt again)."""
+        self.stopped = {str(k): int(v) for k, v in state["stopped"].items()}
+        self.label_dp = {str(k): float(v) for k, v in state["label_dp"].items()}
+        self.trained = {str(t) for t in state["trained"]}
+        self.load_cloud_state(state["cloud"])
+
+    def cloud_state(self) -> Any:
+        """The cloud party's state to save (plain: None, it keeps nothing of a tenant between steps)."""
+        return None
+
+    def load_cloud_state(self, state: Any) -> None:
+        """Restore :meth:`cloud_state` after a restart."""
+
+    def safe_point(self, completed_round: int) -> None:
+        """No step is in flight: save the strategy (with ``checkpoint``), ``completed_round`` done."""
+        if self.checkpoint is not None:
+            self.checkpoint(completed_round)
+
+    def knows(self, node: int) -> bool:
+        """Whether ``node``'s tenant has trained before, so that it must still hold its state."""
+        return self.tenant_of.get(node) in self.trained
+
     # -- running -------------------------------------------------------------------------------
 
     def start(self, grid: Grid, num_rounds: int, eval_every: int = 1, eval_initial: bool = False,
-              on_report: Callable[[Report], None] | None = None) -> SplitResult:
-        """Train ``num_rounds`` rounds; evaluate every ``eval_every`` rounds (0: at the end only).
+              on_report: Callable[[Report], None] | None = None, first_round: int = 1) -> SplitResult:
+        """Train rounds ``first_round`` .. ``num_rounds``; evaluate every ``eval_every`` rounds
+        (0: at the end only); save at every safe point (:meth:`safe_point`).
 
         ``eval_initial`` also evaluates before the first round (reported as round 0).
+        ``first_round`` > 1: a resumed run (:mod:`flower_split.flower.cloud_state`).
         """
         self.summary()
         result = SplitResult()
@@ -137,14 +171,17 @@ class SplitStrategyBase(ABC):
             if on_report:
                 on_report(report)
 
-        if eval_initial:
+        if eval_initial and first_round == 1:
             emit(self.evaluate(grid, 0))
-        for server_round in range(1, num_rounds + 1):
-            emit(self.train_round(grid, server_round))
+        for server_round in range(first_round, num_rounds + 1):
+            report = self.train_round(grid, server_round)
+            self.trained.update(report.tenants)
+            emit(report)
             last = server_round == num_rounds
             scopes = ["tenant"] if last or (eval_every and server_round % eval_every == 0) else []
             for scope in scopes + (["global"] if last and self.global_eval else []):
                 emit(self.evaluate(grid, server_round, scope))
+            self.safe_point(server_round)
         return result
 
     def training_nodes(self, nodes: set[int]) -> set[int]:

@@ -29,11 +29,13 @@ from flower_split.data import Batch, TokenizedDataset
 from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
 from flower_split.flower.node_data import NodeSource, node_rows, node_source
+from flower_split.flower.node_state import node_state_dir, persist_node_state, restore_node_state, rollback
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.label_rr import RandomizedLabels
+from flower_split.state import StateError
 
 DATA_STATE = "data"
 RR_STATE = "label-rr"  # ConfigRecord {key}: the tenant's randomized-response key (label_rr_epsilon)
@@ -194,7 +196,10 @@ def handle(handler: Handler, message: Message, context: Context, overrides: Mapp
            validate: Callable[[RunConfig, FlowerSettings], Any] | None = None) -> Message:
     """Run one stage handler; a ProtocolError becomes an error reply and the state is kept.
 
-    ``validate`` (the security backend's check of the run) runs before the handler.
+    ``validate`` (the security backend's check of the run) runs before the handler. With node
+    config ``state-dir`` the node's state is loaded from its mirror when ``context.state`` is
+    empty (a restarted SuperNode) and mirrored after the message was handled in full
+    (:mod:`flower_split.flower.node_state`); a failed mirror write fails the message.
     """
     config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
     if validate is not None:
@@ -205,13 +210,13 @@ def handle(handler: Handler, message: Message, context: Context, overrides: Mapp
     data = tenant_data(config, settings, context.node_config)
     saved = dict(context.state.items())  # handlers replace records, never mutate them in place
     try:
+        directory = node_state_dir(context, settings, data.tenant)
+        restore_node_state(context, directory)
         content = handler(message, context, config, settings, data)
-    except ProtocolError as exc:
-        for key in list(context.state.keys()):  # leave the state as it was
-            if key not in saved:
-                del context.state[key]
-        for key, record in saved.items():
-            context.state[key] = record
-        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"ProtocolError ({data.tenant}): {exc}"),
+        persist_node_state(context, directory, {"role": TENANT_ROLE, "tenant": data.tenant})
+    except (ProtocolError, StateError, OSError) as exc:
+        rollback(context, saved)
+        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} ({data.tenant}): {exc}"),
                        reply_to=message)
     return Message(content, reply_to=message)
+

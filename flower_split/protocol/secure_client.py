@@ -47,7 +47,7 @@ from flower_split.protocol.secure_keys import (
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    MAX_STEP, ClientSetup, DealerHello, KeyRotation, SecureMessage, check_step,
+    ClientSetup, DealerHello, KeyRotation, SecureMessage, client_step_number,
 )
 from flower_split.protocol.secure_party import (
     GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, export_step, import_step,
@@ -204,20 +204,17 @@ class SecureClientParty(SecureStepRunner):
         step is lower was restored from an older state: its next step number was used, and the
         first message's openings under that number's Beaver material would give the cloud the
         difference of two inputs. It is refused here, before anything is opened; nothing changes.
+        A cloud far ahead restarted and skipped numbers: the client skips with it
+        (:func:`~flower_split.protocol.secure_messages.client_step_number`).
         """
         if self.halves is None:
             raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
         if self._step is not None:
             raise ProtocolError(f"tenant {self.tenant!r}: step {self._step.spec.step} is still in flight "
                                 "(secure mode runs one step at a time per tenant)")
-        check_step(cloud_step, 0, MAX_STEP, f"tenant {self.tenant!r}: the cloud's next step")
-        if self._next_step < cloud_step:
-            raise ProtocolError(f"tenant {self.tenant!r}: the cloud expects step >= {cloud_step}, this client's "
-                                f"next step is {self._next_step}: its state is older than the cloud's (restored?); "
-                                "refusing to reuse a step number (set the tenant up again)")
-        check_step(self._next_step, 0, MAX_STEP, f"tenant {self.tenant!r}: next step")
+        step = client_step_number(self._next_step, cloud_step, f"tenant {self.tenant!r}")
         ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu().to(torch.int64)
-        spec = StepSpec(self.tenant, self._next_step, int(ids.shape[0]), int(ids.shape[1]), self.dim,
+        spec = StepSpec(self.tenant, step, int(ids.shape[0]), int(ids.shape[1]), self.dim,
                         self.head_rank, self.tail_rank, self.classes, bool(train), self.train_head,
                         self.label_protection, self.frac_bits, self.tail_input == "pooled")
         st = StepState(spec, ctx={"input_ids": ids.clone(), "mask": mask.clone(),
@@ -226,7 +223,7 @@ class SecureClientParty(SecureStepRunner):
         message = self._outgoing(st, self._advance(st, self.halves))
         assert message is not None
         self._step = st
-        self._next_step += 1
+        self._next_step = step + 1
         if spec.train:
             self._pre_step = pre_step
         return message

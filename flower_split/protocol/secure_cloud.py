@@ -11,13 +11,11 @@ the body), the logits ``z`` in ``he`` mode, and ``dL/dh`` when the head trains (
 2^grad_scale_bits). Never: tokens, labels, the embeddings ``e``, the loss, ``g``, the
 client's Beaver material or its weight halves.
 
-Step flow in process (see ``flower_split.transport.secure_inprocess``): the first message of
-a step goes to :meth:`SecureCloudParty.material_request` (validated, including that the
-labels envelope is under the tenant's current CKKS key; gives the dealer request), the
-dealer's bundle to :meth:`accept_material`, then every message to :meth:`handle`.
-
-Key rotation (``he``): :meth:`accept_key_rotation` replaces a tenant's public CKKS context
-between steps; :meth:`he_key_id` is what the client needs to see to switch to the new key.
+Step flow (``flower_split.transport.secure_inprocess``): a step's first message goes to
+:meth:`SecureCloudParty.material_request` (validated, labels under the tenant's current CKKS
+key; gives the dealer request), the dealer's bundle to :meth:`accept_material`, then every
+message to :meth:`handle`. Key rotation (``he``): :meth:`accept_key_rotation` replaces a
+tenant's public CKKS context between steps; the client switches on :meth:`he_key_id`.
 """
 
 from __future__ import annotations
@@ -67,10 +65,8 @@ class SecureCloudParty(SecureStepRunner):
         gradient (one body forward less per step) instead of keeping only ``f`` and running
         the forward again when ``dL/dh`` arrives. A MiniLM graph of a 32-row step holds about
         200 MB, and every tenant has a step in flight, so the default recomputes.
-
         ``allow_reproducible_init``: accept tenants whose set-up declares seed-derived initial
         weights (benchmarks only; such a head is no secret to the cloud). Off: refused.
-
         ``dealer_public``: the dealer's X25519 session key, or None when the dealer is a node
         the cloud meets later (:meth:`bind_dealer` before the first set-up)."""
         self.allow_reproducible_init = allow_reproducible_init
@@ -292,6 +288,12 @@ class SecureCloudParty(SecureStepRunner):
     def drop_tenant(self, tenant: str) -> None:
         """Forget a tenant for good (its halves are lost: the model cannot be recovered)."""
         self.tenants.pop(tenant, None)
+
+    def skip_steps(self, gap: int) -> None:
+        """After a restart from saved state: abort steps in flight, every next step ``gap`` on."""
+        for name, record in self.tenants.items():
+            self.abort_step(name)
+            record.skip(gap)
 
     def updates(self, tenant: str) -> dict[str, int]:
         """How many head and tail updates the cloud's halves of ``tenant`` have had (public)."""

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from flower_split.he import CloudKeys
-from flower_split.protocol.secure_messages import ClientSetup
+from flower_split.protocol.messages import ProtocolError
+from flower_split.protocol.secure_messages import MAX_STEP, ClientSetup
 from flower_split.protocol.secure_party import Halves, StepState, export_step, export_value, import_step, import_value
 from flower_split.protocol.secure_steps import StepSpec
 
@@ -34,6 +35,14 @@ class CloudTenant:
         self.pre_step: tuple | None = None  # halves before the last training step (for reconcile)
         self.material: Material | None = None
         self.prefetched: Material | None = None
+
+    def skip(self, gap: int) -> None:
+        """Move the next step ``gap`` numbers on and drop material dealt ahead (a restarted cloud:
+        the tenant and the dealer may have used numbers after its save; none is used twice)."""
+        if self.next_step + gap >= MAX_STEP:
+            raise ProtocolError(f"step numbers exhausted: {self.next_step} + {gap} >= 2^62")
+        self.next_step += gap
+        self.prefetched = None
 
     def export(self) -> dict[str, Any]:
         """Plain data (tensors, bytes, numbers) for ``state_dict``."""

@@ -41,6 +41,12 @@ MAX_STEP_TOKENS = 1 << 16
 """Largest batch x tokens of one step: the dealer's work is sized by a step's header alone."""
 MAX_STEP = 1 << 62
 """Step numbers are below 2^62: far from the 64 bits a Beaver seed's label packs them into."""
+RESUME_STEP_GAP = 1 << 20
+"""Step numbers a cloud restarted from saved state skips: more than any round uses, so beyond
+every number the tenant or the dealer used after the cloud's last save."""
+RESUME_JUMP_MIN = RESUME_STEP_GAP // 2
+"""A client accepts a cloud that far ahead of it as a restarted one (and skips to its number);
+a cloud ahead by less means the client's own state is stale, and it refuses."""
 STEP_WINDOW = 1024
 """The cloud takes a first message for a step in [expected, expected + STEP_WINDOW): a client
 is ahead of the cloud only by steps whose first message was lost, and no message can jump
@@ -251,3 +257,24 @@ class MaterialBundle:
     tenant: str
     step: int
     sealed: bytes
+
+
+def client_step_number(own_next: int, cloud_step: object, who: str) -> int:
+    """The number of a client's next step, given the lowest one the cloud accepts.
+
+    ``cloud_step`` below or at ``own_next``: ``own_next``. At least :data:`RESUME_JUMP_MIN`
+    above it: the cloud restarted from saved state and skipped ahead
+    (``SecureCloudParty.skip_steps``), and its number is beyond every number this client used
+    unless its own state is over 2^19 steps stale. A little above it: this client's state is
+    older than the cloud's (a backup restored), its next number was used, and reusing it would
+    open the difference of two inputs: ProtocolError, before anything is opened.
+    """
+    cloud_step = check_step(cloud_step, 0, MAX_STEP, f"{who}: the cloud's next step")
+    if own_next < cloud_step:
+        if cloud_step - own_next < RESUME_JUMP_MIN:
+            raise ProtocolError(f"{who}: the cloud expects step >= {cloud_step}, this client's next step is "
+                                f"{own_next}: its state is older than the cloud's (restored?); refusing to reuse "
+                                "a step number (set the tenant up again)")
+        own_next = cloud_step
+    check_step(own_next, 0, MAX_STEP, f"{who}: next step")
+    return own_next

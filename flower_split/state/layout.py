@@ -32,6 +32,13 @@ def tenant_dir(root: str | Path, tenant: str) -> Path:
     return Path(root) / "tenants" / tenant
 
 
+def session_dir(root: str | Path, session: str) -> Path:
+    """A Flower run's state under a node's or the cloud's ``state-dir``: ``root/<session>``."""
+    if not _TENANT_NAME.match(session):
+        raise StateError(f"session {session!r}: not usable as a directory name (letters, digits, . _ -)")
+    return Path(root) / session
+
+
 def cloud_dir(root: str | Path) -> Path:
     return Path(root) / CLOUD
 

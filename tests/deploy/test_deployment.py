@@ -7,10 +7,10 @@ installation (``--disable-runtime-dependency-installation``), every tenant on it
 (node config ``data-path``), results.json from the ServerApp (run-config ``results-dir``).
 
 - an unregistered SuperNode is refused by the SuperLink;
-- one split-plain round through ``flwr run`` with three tenants, one of them killed (SIGKILL
-  of its SuperNode's process group) once it has received its first training message: the
-  other two finish the round and are evaluated, the log and results.json say the third is
-  gone;
+- two split-plain rounds through ``flwr run`` with three tenants, one of them killed (SIGKILL
+  of its SuperNode's process group) in round 1 and restarted: the other two finish the round,
+  the log says the third is gone, and in round 2 it is back with the state its node mirrored
+  on its own disk (node config ``state-dir``), not a fresh one;
 - with ``FLOWER_SPLIT_DEPLOY_SECURE=1``: one secure round (client label protection) with the
   dealer on a SuperNode of its own (``role="dealer"``, ``dealer-key``; tenants pin
   ``dealer-public-key``, the cloud ``expected-dealer-key``). Opt-in because every secure
@@ -64,6 +64,25 @@ def tenant_csv(directory: Path, tenant: int, rows: int = 40) -> Path:
     return path
 
 
+def tenant_config(directory: Path, tenant: int) -> str:
+    """A tenant's node config: its partition id, its own CSV, its own state directory."""
+    return (f'partition-id={tenant} data-path="{tenant_csv(directory, tenant)}" '
+            f'state-dir="{directory / "node-state" / f"tenant-{tenant}"}"')
+
+
+def mirrored_party(directory: Path, tenant: int) -> dict:
+    """A tenant node's mirrored split-plain party state (flower_split.flower.node_state)."""
+    from flower_split.flower.node_state import NODE, records_from_tree
+    from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
+    from flower_split.flower.records import records_to_state
+    from flower_split.state import read_party
+
+    (session,) = (directory / "node-state" / f"tenant-{tenant}").iterdir()
+    saved = read_party(session / "tenants" / f"tenant-{tenant}", NODE)
+    records = records_from_tree(saved.state, saved.meta_file)
+    return records_to_state(records[PARTY_ARRAYS], records[PARTY_CONFIG])
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     """SuperLink (TLS, node auth) and three registered tenants, each on its own CSV."""
@@ -74,8 +93,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         for tenant in range(3):
             name = f"tenant-{tenant}"
             fed.register(keys[name][1])
-            fed.start_supernode(name, keys[name][0],
-                                f'partition-id={tenant} data-path="{tenant_csv(fed.dir, tenant)}"')
+            fed.start_supernode(name, keys[name][0], tenant_config(fed.dir, tenant))
         fed.keys = keys
         yield fed
     finally:
@@ -101,29 +119,38 @@ def _wait_online(federation: LocalFederation, count: int, timeout: float = 180.0
         time.sleep(2.0)
 
 
-def test_a_plain_round_over_tls_with_a_tenant_killed_mid_round(federation: LocalFederation) -> None:
+def test_plain_rounds_over_tls_with_a_tenant_killed_mid_round_and_restarted(federation: LocalFederation) -> None:
+    """SIGKILL of tenant-2's SuperNode once it has handled round 1's head_fwd (its node state
+    mirrored on its disk) and received the tail stage; restarted at once with the same key and
+    node config. Round 1 finishes with the other two; in round 2 tenant-2 is back with its own
+    state, not a fresh one: it begun 4 steps (2 per round), and only the step in flight was lost."""
     _wait_online(federation, 3)
     results = federation.dir / "results-plain"
     victim = next(p for p in federation.processes if p.name == "tenant-2")
     outcome: dict = {}  # flwr run --stream blocks until the run ends: run it aside, kill the victim meanwhile
     thread = threading.Thread(target=lambda: outcome.update(done=federation.run(
-        {**RUN, "results-dir": str(results)}, timeout=RUN_TIMEOUT)), daemon=True)
+        {**RUN, "num-server-rounds": 2, "results-dir": str(results)}, timeout=RUN_TIMEOUT)), daemon=True)
     thread.start()
-    federation.wait_for(victim, r"Receiving: train\.", timeout=RUN_TIMEOUT)
+    federation.wait_for(victim, r"(?s)Receiving: train\..*Receiving: train\.", timeout=RUN_TIMEOUT)
     federation.kill(victim)
+    federation.start_supernode("tenant-2-restarted", federation.keys["tenant-2"][0],
+                               tenant_config(federation.dir, 2))
     thread.join(RUN_TIMEOUT)
     assert "done" in outcome, "flwr run did not return"
     done = outcome["done"]
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     run = json.loads((results / "results.json").read_text())["runs"][0]
-    assert (run["name"], run["runtime"], run["num_server_rounds"]) == ("split-plain", "deployment", 1)
-    first = run["rounds"][0]
-    assert sorted(first["per_tenant_accuracy"]) == ["tenant-0", "tenant-1"], log[-4000:]
+    assert (run["name"], run["runtime"], run["num_server_rounds"]) == ("split-plain", "deployment", 2)
+    first, second = run["rounds"]
     assert first["train_loss"] is not None and first["round_trips"] >= 3 and first["wall_seconds"] > 0
-    assert run["per_tenant_test_examples"] == {"tenant-0": 8, "tenant-1": 8}  # 20 % of each tenant's 40 rows
-    # the plain strategy names a tenant after its first reply; the victim died before it sent one
-    assert re.search(r"dropping (tenant-2|node-\d+) from this round: train\.\w+: .*node gone", log), log[-4000:]
+    assert re.search(r"dropping tenant-2 from this round: train\.tail: .*", log), log[-4000:]
+    assert sorted(second["per_tenant_accuracy"]) == ["tenant-0", "tenant-1", "tenant-2"], log[-4000:]
+    assert run["per_tenant_test_examples"] == {f"tenant-{t}": 8 for t in range(3)}  # 20 % of 40 rows each
+    restarted = mirrored_party(federation.dir, 2)
+    assert restarted["next_step"] == 4  # round 1's two begun steps came back from its disk (fresh: 2)
+    assert restarted["tail_schedule"]["last_epoch"] == 2  # round 1's tail stage was the message lost
+    assert mirrored_party(federation.dir, 0)["tail_schedule"]["last_epoch"] == 4
 
 
 @pytest.mark.skipif(os.environ.get("FLOWER_SPLIT_DEPLOY_SECURE") != "1",

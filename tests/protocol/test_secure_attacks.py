@@ -37,7 +37,7 @@ from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_keys import prg
 from flower_split.protocol.secure_messages import (
-    MAX_STEP, STEP_WINDOW, DealerRegistration, MaterialRequest, SecureMessage,
+    MAX_STEP, RESUME_JUMP_MIN, RESUME_STEP_GAP, STEP_WINDOW, DealerRegistration, MaterialRequest, SecureMessage,
 )
 from flower_split.protocol.optim import lr_factor
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS
@@ -303,6 +303,22 @@ def test_restored_client_refuses_to_replay_a_step_before_opening_anything(secure
     for bad in (-1, MAX_STEP, 2**64, True, "2"):
         with pytest.raises(ProtocolError, match="the cloud's next step"):
             client.begin(secure_data.collate(list(range(8))), cloud_step=bad)  # type: ignore[arg-type]
+
+
+def test_a_client_skips_ahead_only_for_a_cloud_that_restarted(secure_data: TokenizedDataset) -> None:
+    """A cloud at least RESUME_JUMP_MIN ahead restarted from saved state and skipped numbers
+    (``skip_steps``): the client takes its number, beyond any it used. Less far ahead, the
+    client's own state is stale (the test above): refused, and nothing changes."""
+    client, cloud, transport = _pair(secure_data)
+    transport.run_step(client, secure_data.collate(list(range(8))))
+    before = client.state_dict()
+    with pytest.raises(ProtocolError, match="its state is older"):
+        client.begin(secure_data.collate(list(range(8))), cloud_step=1 + RESUME_JUMP_MIN - 1)
+    assert _same(before, client.state_dict())
+    cloud.skip_steps(RESUME_STEP_GAP)
+    assert cloud.next_step("t0") == 1 + RESUME_STEP_GAP
+    transport.run_step(client, secure_data.collate(list(range(8, 16))))  # the transport passes next-step
+    assert cloud.next_step("t0") == 2 + RESUME_STEP_GAP and client.state_dict()["next_step"] == 2 + RESUME_STEP_GAP
 
 
 def test_restored_client_over_flower_is_refused_at_begin(task_identity: None) -> None:

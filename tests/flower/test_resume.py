@@ -1,0 +1,182 @@
+"""Resume over Flower: a restarted node picks up from its own disk, a restarted ServerApp from
+its checkpoint, and nothing but the message in flight is lost (in-process grid, real ClientApps).
+
+A SuperNode that dies loses its ``context.state``; here the test empties it, which is exactly
+what Flower's node state looks like after a restart. A ServerApp that dies ends its run; here
+the grid raises mid-round, and a new ServerApp (and new node contexts, as in a new run of the
+same ``session``) resumes from what each party saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from flower_helpers import LocalGrid
+from flower_split.apps.client_app import make_client_app
+from flower_split.apps.server_app import run_cloud
+from flower_split.flower.contract import MessageType
+from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
+from flower_split.flower.records import records_to_state
+from flower_split.protocol.secure_messages import RESUME_STEP_GAP
+from flower_split.flower.strategy_utils import EvalReport, RoundReport
+from flower_split.state import StateError, read_party
+from flower_split.state.codec import digest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PLAIN = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 8, "tail-bottleneck": 16,
+         "lr-head": 0.02, "lr-tail": 0.3, "batch-size": 16, "max-train-samples": 128, "max-test-samples": 64,
+         "local-steps": 2, "micro-batches": 2, "num-server-rounds": 3, "eval-every": 0, "eval-initial": False,
+         "global-eval": False, "min-nodes": 2, "reply-timeout": 120.0}
+SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
+          "lr-tail": 0.5, "batch-size": 16, "max-length": 24, "max-train-samples": 96, "max-test-samples": 32,
+          "local-steps": 2, "num-server-rounds": 2, "eval-every": 0, "min-nodes": 2, "reply-timeout": 60.0,
+          "security": "secure", "label-protection": "client", "global-eval": False}
+
+
+class Killer:
+    """An ``intercept`` that kills a node (empties its state; the message in flight is lost)
+    at its ``at``-th message of type ``kind``."""
+
+    def __init__(self, node: int, kind: str, at: int) -> None:
+        self.node, self.kind, self.at, self.seen = node, kind, at, 0
+        self.grid: LocalGrid | None = None
+
+    def __call__(self, node: int, kind: str) -> str | None:
+        if node == self.node and kind == self.kind:
+            self.seen += 1
+            if self.seen == self.at:
+                assert self.grid is not None
+                state = self.grid.contexts[node].state
+                for key in list(state.keys()):
+                    del state[key]
+                return "silent"
+        return None
+
+
+def _plain_run(tmp_path: Path, node_config: dict) -> tuple[list[RoundReport], LocalGrid]:
+    reports: list[RoundReport | EvalReport] = []
+    killer = Killer(1, MessageType.TAIL, at=2)  # round 2's tail stage: tenant-0's node dies
+    grid = LocalGrid(make_client_app(PLAIN), 2, intercept=killer, node_config=node_config)
+    killer.grid = grid
+    run_cloud(grid, PLAIN, reports.append)
+    return [r for r in reports if isinstance(r, RoundReport)], grid
+
+
+def _party_steps(context: Context) -> int:
+    """Tail updates the tenant has made (its LR schedule's count)."""
+    return int(records_to_state(context.state[PARTY_ARRAYS], context.state[PARTY_CONFIG])["tail_schedule"]["last_epoch"])
+
+
+def test_a_restarted_node_resumes_from_its_own_disk(task_identity: None, tmp_path) -> None:
+    rounds, grid = _plain_run(tmp_path, {"state-dir": str(tmp_path / "nodes")})
+    assert "tenant-0" in rounds[1].dropped  # it died in round 2
+    assert rounds[2].tenants == ["tenant-0", "tenant-1"] and not rounds[2].dropped  # and came back
+    # round 1's two steps and round 2's forward were kept; only the step in flight was lost
+    assert _party_steps(grid.contexts[1]) == _party_steps(grid.contexts[2]) - 2 > 0
+    mirror = read_party(tmp_path / "nodes" / "run-1" / "tenants" / "tenant-0", "node")
+    assert digest(mirror.state) and (mirror.directory / "party.json").stat().st_mode & 0o077 == 0
+
+
+def test_without_a_state_dir_a_restarted_node_refuses_a_silent_fresh_start(task_identity: None,
+                                                                            tmp_path) -> None:
+    rounds, grid = _plain_run(tmp_path, {})
+    assert "tenant-0" in rounds[1].dropped
+    assert "refusing a silent fresh start" in rounds[2].dropped["tenant-0"]
+    assert PARTY_ARRAYS not in grid.contexts[1].state  # nothing fresh was created either
+
+
+def test_a_corrupt_mirror_is_an_error_never_a_fresh_start(task_identity: None, tmp_path) -> None:
+    rounds, grid = _plain_run(tmp_path, {"state-dir": str(tmp_path / "nodes")})
+    meta = tmp_path / "nodes" / "run-1" / "tenants" / "tenant-0" / "party.json"
+    meta.write_text("{not json")
+    for key in list(grid.contexts[1].state.keys()):
+        del grid.contexts[1].state[key]
+    reply = make_client_app(PLAIN)(*_head_fwd(grid))
+    assert reply.has_error() and "StateError" in reply.error.reason and "party.json" in reply.error.reason
+    with pytest.raises(StateError):
+        read_party(meta.parent, "node")
+
+
+def _head_fwd(grid: LocalGrid) -> tuple:
+    from flwr.app import ConfigRecord, Message
+
+    content = RecordDict({"config": ConfigRecord({"num-batches": 1, "server-round": 9, "known": True})})
+    return Message(content, 1, MessageType.HEAD_FWD), grid.contexts[1]
+
+
+class CloudCrash(Exception):
+    """The ServerApp process dies."""
+
+
+def test_secure_run_resumes_after_the_cloud_and_every_node_restart(task_identity: None, tmp_path) -> None:
+    config = {**SECURE, "state-dir": str(tmp_path / "cloud"), "session": "bank-a"}
+    nodes = {"state-dir": str(tmp_path / "nodes")}
+    begins = {"n": 0}
+
+    def crash_in_round_2(node: int, kind: str) -> str | None:
+        if node == 1 and kind == MessageType.SECURE_TRAIN_BEGIN:
+            begins["n"] += 1
+        if node == 1 and kind == MessageType.SECURE_TRAIN_NEXT and begins["n"] == 4:  # round 2, step 2
+            raise CloudCrash
+        return None
+
+    first = LocalGrid(make_client_app(config), 2, dealer=tmp_path / "keys", node_config=nodes,
+                      intercept=crash_in_round_2)
+    with pytest.raises(CloudCrash):
+        run_cloud(first, config)
+    saved = read_party(tmp_path / "cloud" / "bank-a" / "cloud", "cloud")
+    assert saved.meta["completed_round"] == 1  # saved mid-round 2 (after its step 1): round 1 complete
+    before = {t: r["halves"]["updates"] for t, r in saved.state["cloud"]["tenants"].items()}
+    assert before == {t: {"head": 3, "tail": 3} for t in ("tenant-0", "tenant-1")}  # 2 + 1 steps each
+
+    # every process restarts: new contexts (a new run of the same session), same disks and keys
+    second = LocalGrid(make_client_app(config), 2, node_config=nodes)
+    for node, context in first.contexts.items():
+        second.contexts[node] = Context(run_id=2, node_id=node, node_config=dict(context.node_config),
+                                        state=RecordDict(), run_config={})
+    reports: list[RoundReport | EvalReport] = []
+    run_cloud(second, config, reports.append)
+    rounds = [r for r in reports if isinstance(r, RoundReport)]
+    assert [r.server_round for r in rounds] == [2]  # round 1 is not trained again
+    assert rounds[0].steps == 2 and not rounds[0].dropped and rounds[0].tenants == ["tenant-0", "tenant-1"]
+    after = read_party(tmp_path / "cloud" / "bank-a" / "cloud", "cloud").state["cloud"]["tenants"]
+    for tenant, record in after.items():
+        # nothing lost: 3 updates kept, 2 more; the step numbers jumped past any used before the crash
+        assert record["halves"]["updates"] == {"head": 5, "tail": 5}
+        assert record["next_step"] >= RESUME_STEP_GAP
+    dealer = read_party(tmp_path / "nodes" / "bank-a" / "dealer", "node")
+    assert dealer.state  # the dealer node resumed from its own disk too (its material checks passed)
+
+
+@pytest.mark.parametrize("victim, kind, mirror", [(1, MessageType.SECURE_TRAIN_NEXT, True),
+                                                  (3, MessageType.DEALER_MATERIAL, True),
+                                                  (3, MessageType.DEALER_MATERIAL, False)])
+def test_secure_tenant_or_dealer_node_killed_mid_round_resumes(task_identity: None, tmp_path, victim: int,
+                                                                kind: str, mirror: bool) -> None:
+    """kill of a tenant node (mid-step) or of the dealer node (mid-request) in round 2 of 3: the
+    message in flight is lost, and round 3 runs whole, every tenant with halves consistent with
+    the cloud's (the reconcile at every begin refuses anything else). Without ``state-dir`` (the
+    control) the restarted dealer knows no tenant and round 3 fails for all of them."""
+    config = {**SECURE, "num-server-rounds": 3}
+    killer = Killer(victim, kind, at=2)
+    grid = LocalGrid(make_client_app(config), 2, dealer=tmp_path / "keys",
+                     node_config={"state-dir": str(tmp_path / "nodes")} if mirror else {},
+                     intercept=lambda node, message_type: killer(node, message_type) if reports else None)
+    killer.grid = grid
+    reports: list[RoundReport | EvalReport] = []  # counting starts once round 1 is reported
+    run_cloud(grid, config, reports.append)
+    rounds = [r for r in reports if isinstance(r, RoundReport)]
+    assert killer.seen >= killer.at  # the kill happened in round 2
+    if victim == 1:
+        assert "tenant-0" in rounds[1].dropped
+    if not mirror:
+        assert sorted(rounds[2].dropped) == ["tenant-0", "tenant-1"]
+        return
+    assert not rounds[2].dropped and rounds[2].tenants == ["tenant-0", "tenant-1"] and rounds[2].steps == 2
+    evaluation = [r for r in reports if isinstance(r, EvalReport)][-1]
+    assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-1"] and not evaluation.dropped
+

@@ -51,8 +51,6 @@ class SecureBackend(SecurityBackend):
 
     def validate_flower(self, config: RunConfig, settings: FlowerSettings) -> None:
         super().validate_flower(config, settings)
-        if settings.target_loss:
-            raise ConfigError("target-loss: the stop rule is implemented for security 'plain' only; set it to 0")
         protection = label_protection(config.label_protection)
         if settings.he_key_rotation_every and not protection.ckks_keys:
             raise ConfigError(f"he-key-rotation-every: label protection {protection.name!r} holds no CKKS keys "

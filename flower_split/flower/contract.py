@@ -90,6 +90,7 @@ class MetricKey:
     STEPS = "steps"
     REMAINING = "remaining"
     DONE = "done"
+    STOPPED = "stopped"  # secure: the round in which the tenant's own loss reached its target-loss
     CORRECT = "correct"
     TP = "tp"
     FP = "fp"

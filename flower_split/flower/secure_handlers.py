@@ -17,7 +17,9 @@ a time, all tenants in the same Flower round trip. Message types:
                            not complete), switch to a rotated key the cloud now holds, next
                            training batch -> first step message (refused, before anything is
                            opened, if its step number is below next-step), ``sync``
-                           {head-updates, tail-updates}.
+                           {head-updates, tail-updates}. A tenant whose own mean loss of an
+                           earlier round reached its ``target-loss`` sends no step but
+                           ``metrics`` {stopped: that round} (:mod:`~flower_split.flower.stop_rule`).
 ``evaluate.secure_begin``  the same for the next test batch (``config`` also {restart, scope}),
                            or no message when the test set is done; ``metrics`` {remaining}.
 ``train.secure_rekey``     (``he`` only) server: ``config`` {he-key-id}. Client: switch to a pending
@@ -54,6 +56,7 @@ from flower_split.flower.secure_records import (
 )
 from flower_split.flower.dealer_node import allow_unpinned, pinned_dealer
 from flower_split.flower.settings import FlowerSettings
+from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
 )
@@ -118,6 +121,10 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     party = _load(context, data, config, settings)
     party.reconcile(_cloud_updates(instruction))
     _confirm_key(party, instruction)
+    stopped = stop_rule(context, settings, config_value(instruction, ConfigKey.SERVER_ROUND, int))
+    if stopped:  # the tenant's own loss reached its target: no step, the round it stopped
+        _save(context, party)
+        return RecordDict({RecordKey.SYNC: _sync(party), RecordKey.METRICS: MetricRecord({MetricKey.STOPPED: stopped})})
     cursor = Cursor.load(context.state)
     batches = train_batches(data, config, cursor, 1, randomized_labels(context, config, data))
     if not batches:
@@ -181,6 +188,8 @@ def secure_next(message: Message, context: Context, config: RunConfig, settings:
     content = pack_secure(reply) if reply is not None else RecordDict()
     if incoming.step in party.finished:
         result = party.pop_result(incoming.step)
+        if incoming.train and result.loss is not None:
+            note_loss(context, float(result.loss))
         metrics: dict[str, int | float | list[int]] = {MetricKey.DONE: 1}
         if settings.secure_metrics:
             metrics.update(_step_metrics(context, data, party, incoming.train, result))

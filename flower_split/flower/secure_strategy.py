@@ -122,7 +122,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
     def train_round(self, grid: Grid, server_round: int) -> RoundReport:
         """One round: ``local_steps`` secure training steps for every selected tenant."""
         phase = Exchange()
-        active = self.select(grid)
+        active = self.training_nodes(self.select(grid))
         self.dealer.round_started(server_round)
         every = self.he_key_rotation_every
         if every and server_round > 1 and (server_round - 1) % every == 0:
@@ -148,7 +148,8 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             dropped=dict(phase.dropped), train_loss=None,
             num_examples=examples, steps=steps, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud, dealer_seconds=phase.dealer,
-            wall_seconds=time.perf_counter() - phase.started, label_dp_epsilon=dict(self.label_dp))
+            wall_seconds=time.perf_counter() - phase.started, label_dp_epsilon=dict(self.label_dp),
+            stopped=dict(self.stopped))
 
     def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
         """Secure inference on each tenant's own test split (or, ``scope="global"``, the whole test set)."""
@@ -187,7 +188,11 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         for node, content in replies.items():
             tick = time.perf_counter()
             try:
-                remaining[node] = read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.REMAINING, 0.0)
+                metrics = read_metrics(content, lists=CLASS_COUNT_KEYS)
+                if train and MetricKey.STOPPED in metrics:  # the tenant's own stop rule (flower.stop_rule)
+                    self._tenant_stopped(node, metrics[MetricKey.STOPPED], server_round, active)
+                    continue
+                remaining[node] = metrics.get(MetricKey.REMAINING, 0.0)
                 first = self._first_message(node, content, train, remaining[node])
                 if first is not None:
                     firsts[node] = first
@@ -198,6 +203,15 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 phase.cloud += time.perf_counter() - tick
         outgoing = self._answer_first(grid, firsts, phase, active)
         return remaining, self._step_loop(grid, train, outgoing, server_round, phase, active, ahead)
+
+    def _tenant_stopped(self, node: int, stopped_in: float, server_round: int, active: set[int]) -> None:
+        """A tenant says its loss reached its target in round ``stopped_in``: no more training."""
+        if not 0 < stopped_in < server_round or stopped_in != int(stopped_in):
+            raise ProtocolError(f"metrics.stopped: expected an earlier round, got {stopped_in!r}")
+        tenant = self.tenant_of[node]
+        self.stopped.setdefault(tenant, int(stopped_in))
+        active.discard(node)
+        log(INFO, "%s reached its target-loss in round %d: no more training", tenant, int(stopped_in))
 
     def _begin_instruction(self, node: int, extra: dict[str, Any], server_round: int) -> RecordDict:
         """The ``*.secure_begin`` config: the cloud's update counts, its next step and (``he``) its CKKS key id."""

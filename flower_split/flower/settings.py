@@ -39,9 +39,11 @@ class FlowerSettings:
     the gradient arrives; faster, but memory grows with tenants x micro-batches),
     ``allow-insecure-reproducible-init`` (secure mode, the cloud: accept tenants whose adapters
     start from the public seed, ``insecure-reproducible-init``; benchmarks only, default false),
-    ``target-loss`` (the stop rule, split-plain: a tenant whose own mean training loss of a
-    round is <= this value gets no more training rounds but is still evaluated; the round it
-    stopped is recorded; 0: never stop),
+    ``target-loss`` (the stop rule: a tenant whose own mean training loss of a round is <= this
+    value gets no more training rounds but is still evaluated; the round it stopped is
+    recorded; 0: never stop. Split-plain: the cloud applies it to the losses tenants report;
+    secure: each tenant applies it itself, and its node config ``target-loss`` overrides this,
+    :mod:`flower_split.flower.stop_rule`),
     ``insecure-colocated-dealer`` (secure mode: run the dealer inside the ServerApp, so the
     cloud holds every tenant's Beaver material and can open everything; tests and demos only,
     warned every round; only tenants whose own node config says ``allow-unpinned-dealer``

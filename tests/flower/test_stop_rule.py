@@ -1,5 +1,6 @@
 """The stop rule (``target-loss``): a tenant whose round loss reached the target trains no more,
-is still evaluated, and the round it stopped is reported (split-plain, in-process grid)."""
+is still evaluated, and the round it stopped is reported (split-plain: the cloud applies it to
+reported losses; secure: the tenant applies it to its own; in-process grid)."""
 
 from __future__ import annotations
 
@@ -63,5 +64,39 @@ def test_target_loss_setting_is_checked() -> None:
     with pytest.raises(ConfigError, match="^target-loss:"):
         settings_from_run_config({"target-loss": -1})
     config, settings = settings_from_run_config({"security": "secure", "target-loss": 0.5})
-    with pytest.raises(ConfigError, match="^target-loss:"):
-        backend_for(config, settings)
+    backend_for(config, settings)  # secure: the tenant applies it (flower_split.flower.stop_rule)
+
+
+SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
+          "lr-tail": 0.5, "batch-size": 16, "max-length": 24, "max-train-samples": 96, "max-test-samples": 32,
+          "local-steps": 1, "num-server-rounds": 3, "eval-every": 0, "min-nodes": 2, "reply-timeout": 60.0,
+          "security": "secure", "label-protection": "client", "global-eval": False}
+
+
+@pytest.mark.parametrize("where", ["node", "run"])
+def test_a_secure_tenant_stops_on_its_own_loss(task_identity: None, tmp_path, where: str) -> None:
+    """Secure tenants report no loss, so each applies the rule itself: tenant-0's target (its
+    own node config, or the run's for everyone) is met in round 1; from round 2 on it gets no
+    training, is still evaluated, and the cloud learns only the round it stopped in."""
+    config = {**SECURE, "target-loss": 100.0} if where == "run" else SECURE
+    grid = LocalGrid(make_client_app(config), 2, dealer=tmp_path)
+    if where == "node":
+        grid.contexts[1].node_config["target-loss"] = 100.0  # tenant-0's own choice
+    reports: list[RoundReport | EvalReport] = []
+    run_cloud(grid, config, reports.append)
+    rounds = [r for r in reports if isinstance(r, RoundReport)]
+    stopping = ["tenant-0", "tenant-1"] if where == "run" else ["tenant-0"]
+    assert rounds[0].tenants == ["tenant-0", "tenant-1"] and rounds[0].stopped == {}
+    for later in rounds[1:]:
+        assert later.tenants == sorted({"tenant-0", "tenant-1"} - set(stopping)) and not later.dropped
+        assert later.stopped == {tenant: 1 for tenant in stopping}
+    evaluation = [r for r in reports if isinstance(r, EvalReport)][-1]
+    assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-1"]
+
+
+def test_a_secure_tenant_without_a_target_trains_every_round(task_identity: None, tmp_path) -> None:
+    reports: list[RoundReport | EvalReport] = []
+    run_cloud(LocalGrid(make_client_app(SECURE), 2, dealer=tmp_path), {**SECURE, "num-server-rounds": 2},
+              reports.append)
+    rounds = [r for r in reports if isinstance(r, RoundReport)]
+    assert [r.tenants for r in rounds] == [["tenant-0", "tenant-1"]] * 2 and all(r.stopped == {} for r in rounds)

@@ -142,13 +142,13 @@ class NodeDealer(DealerLink):
         return {t: outcome.get(t, "the dealer did not answer for this tenant") for t in tenants}
 
     def material(self, grid: Grid, requests: list[MaterialRequest]) -> dict[str, MaterialBundle | str]:
-        if not requests:
-            return {}
-        steps = {r.tenant: r.step for r in requests}
-        try:
-            return unpack_bundles(self._call(grid, MessageType.DEALER_MATERIAL, pack_requests(requests)), steps)
-        except ProtocolError as exc:
-            return {t: str(exc) for t in steps}
+        """:meth:`material_message` sent on its own round trip, its reply read by :meth:`material_reply`."""
+        message = self.material_message(requests)
+        if message is None:
+            return {} if not requests else {r.tenant: "no dealer node has joined the federation (node config "
+                                            "role = \"dealer\")" for r in requests}
+        replies = list(grid.send_and_receive([message], timeout=self.timeout))
+        return self.material_reply(replies[0] if replies else None, requests)
 
     def material_message(self, requests: list[MaterialRequest]) -> Message | None:
         if self.node is None or not requests:

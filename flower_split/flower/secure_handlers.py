@@ -42,8 +42,6 @@ the plain app (``data``).
 
 from __future__ import annotations
 
-import dataclasses
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flower_split.config import RunConfig
@@ -58,7 +56,7 @@ from flower_split.flower.dealer_node import allow_unpinned, pinned_dealer
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
-    Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
+    Cursor, Handler, TenantData, eval_set, new_adapters, next_batch_shape, randomized_labels, train_batches,
 )
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
@@ -136,9 +134,9 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     cursor.save(context.state)
     context.state[SECURE_BATCH] = ConfigRecord({"size": len(batches[0].labels)})
     sync = _sync(party)
-    upcoming = train_batches(data, config, dataclasses.replace(cursor), 1)  # a peek: the cursor stays
+    upcoming = next_batch_shape(data, config, cursor)
     if upcoming:  # the next training step's shape, public then anyway: its material can be dealt ahead
-        sync[ConfigKey.NEXT_BATCH], sync[ConfigKey.NEXT_TOKENS] = (int(v) for v in upcoming[0].input_ids.shape)
+        sync[ConfigKey.NEXT_BATCH], sync[ConfigKey.NEXT_TOKENS] = upcoming
     return pack_secure(first, RecordDict({RecordKey.SYNC: sync}))
 
 

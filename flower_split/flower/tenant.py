@@ -159,10 +159,29 @@ def train_batches(data: TenantData, config: RunConfig, cursor: Cursor, count: in
     """The next ``count`` training micro-batches; a new shuffled pass starts when one ends.
 
     ``randomized``: the tenant's randomized response; the batches then carry its labels."""
+    batches = []
+    for rows in _next_rows(data, config, cursor, count):
+        batch = data.train.collate(rows)
+        if randomized is not None:
+            batch = dataclasses.replace(batch, labels=randomized.apply(batch.labels, batch.indices))
+        batches.append(batch)
+    return batches
+
+
+def next_batch_shape(data: TenantData, config: RunConfig, cursor: Cursor) -> tuple[int, int] | None:
+    """(rows, tokens) of the next training batch, from token counts alone (``cursor`` stays)."""
+    rows = _next_rows(data, config, dataclasses.replace(cursor), 1)
+    if not rows:
+        return None
+    return len(rows[0]), max(len(data.train.input_ids[i]) for i in rows[0])
+
+
+def _next_rows(data: TenantData, config: RunConfig, cursor: Cursor, count: int) -> list[list[int]]:
+    """The row indices of the next ``count`` micro-batches; advances ``cursor``."""
     size = len(data.train)
     if size == 0:
         return []
-    batches = []
+    chosen = []
     order = _order(size, config.seed, data.partition_id, cursor.epoch)
     for _ in range(count):
         if cursor.cursor >= size:
@@ -170,11 +189,8 @@ def train_batches(data: TenantData, config: RunConfig, cursor: Cursor, count: in
             order = _order(size, config.seed, data.partition_id, cursor.epoch)
         rows = order[cursor.cursor : cursor.cursor + config.batch_size]
         cursor.cursor += len(rows)
-        batch = data.train.collate(rows)
-        if randomized is not None:
-            batch = dataclasses.replace(batch, labels=randomized.apply(batch.labels, batch.indices))
-        batches.append(batch)
-    return batches
+        chosen.append(rows)
+    return chosen
 
 
 def _order(size: int, seed: int, partition_id: int, epoch: int) -> list[int]:

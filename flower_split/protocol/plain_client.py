@@ -19,7 +19,7 @@ from flower_split.model import Embedder, HeadAdapter, TailAdapter
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_header, check_tensor,
 )
-from flower_split.protocol.label_dp import LabelNoise
+from flower_split.protocol.label_dp import LabelNoise, restore_label_noise
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
 
 AWAIT_BODY_OUTPUT = "await_body_output"
@@ -206,9 +206,6 @@ class ClientParty:
             raise ValueError(f"state: saved with train_head={state.get('train_head')!r}, "
                              f"party has train_head={self.train_head}")
         state = _cpu_copy(state)  # the optimizers keep what they load: never the caller's tensors
-        if (self.label_noise is not None) != ("label_dp" in state):
-            raise ValueError(f"state: saved with label-DP {'on' if 'label_dp' in state else 'off'}, the party "
-                             f"has it {'off' if self.label_noise is None else 'on'} (label_dp_noise)")
         steps: dict[int, _Step] = {}
         for step, entry in state["steps"].items():
             stage = entry["stage"]
@@ -216,8 +213,7 @@ class ClientParty:
                 raise ValueError(f"state: step {step} has unknown stage {stage!r}")
             batch = Batch(entry["input_ids"], entry["attention_mask"], entry["labels"], entry["indices"])
             steps[int(step)] = _Step(batch.to(self.device), bool(entry["train"]), stage)
-        if self.label_noise is not None:  # first: it raises (other noise multiplier) before any change
-            self.label_noise.load_state_dict(state["label_dp"])
+        restore_label_noise(self.label_noise, state.get("label_dp"))  # first: it raises before any change
         self.head.load_state_dict(state["head"])
         self.tail.load_state_dict(state["tail"])
         self.tail_optimizer.load_state_dict(state["tail_optimizer"])

@@ -26,6 +26,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from flower_split.backends import backend_for
+from flower_split.config import ConfigError
 from flower_split.flower.cloud_state import cloud_checkpoint
 from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import settings_from_run_config
@@ -55,6 +56,12 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
     if checkpoint is not None:
         first_round = checkpoint.resume(strategy) + 1
         strategy.checkpoint = lambda completed: checkpoint.save(strategy, completed)
+    if settings.predict:
+        if first_round == 1:
+            raise ConfigError("predict: needs the state-dir and session of a trained run (no saved cloud state found "
+                              f"under state-dir {settings.state_dir!r}, session {settings.session!r})")
+        log(INFO, "flower-split cloud (%s): predictions with the state of round %d", backend.name, first_round - 1)
+        return strategy.predict(grid, first_round - 1, on_report)
     log(INFO, "flower-split cloud (%s): model %s on %s, rounds %d..%d", backend.name, config.model, device,
         first_round, settings.num_server_rounds)
     result = strategy.start(grid, settings.num_server_rounds, settings.eval_every,

@@ -98,4 +98,4 @@ class MetricKey:
 
 
 CLASS_COUNT_KEYS = (MetricKey.TP, MetricKey.FP, MetricKey.FN)
-EVAL_SCOPES = ("tenant", "global")
+EVAL_SCOPES = ("tenant", "global", "predict")  # predict: the node's own texts (flower.node_predict)

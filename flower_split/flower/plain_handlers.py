@@ -10,9 +10,11 @@
 ``train.head_bwd``     server: pack of ``HeadGrad``. Client: head update -> ``metrics`` {steps}.
 ``evaluate.infer_fwd`` server: ``config`` {num-batches, restart, scope, known}. Client: next test batches
                        (``scope`` "tenant": its own test split; "global": the whole sampled test
-                       set) through the head -> pack of ``HeadOutput`` (train=False), ``metrics`` {remaining}.
+                       set; "predict": its own texts, :mod:`~flower_split.flower.node_predict`)
+                       through the head -> pack of ``HeadOutput`` (train=False), ``metrics`` {remaining}.
 ``evaluate.infer_tail`` server: pack of ``BodyOutput``. Client: tail -> ``metrics`` {correct,
-                       num-examples, tp, fp, fn} (per-class counts, for macro-F1).
+                       num-examples, tp, fp, fn} (per-class counts, for macro-F1); "predict":
+                       the predictions appended to its own output file, ``metrics`` {num-examples}.
 
 ``context.state`` holds ``party.arrays`` / ``party.config`` (adapters, optimizer momentum,
 schedule, step counter, in-flight batches; see :meth:`ClientParty.state_dict`) and the data
@@ -31,8 +33,10 @@ from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, Reco
 from flower_split.flower.records import config_value, pack_messages, read_config, records_to_state, state_to_records, unpack_messages
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.tenant import (
-    Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
+    EVAL_STATE, Cursor, Handler, TenantData, eval_scope, eval_set, new_adapters, randomized_labels, train_batches,
 )
+from flower_split.flower.node_data import run_labels
+from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, predict_texts, start_output
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.train.metrics import class_counts
 from flower_split.train.runtime import select_device
@@ -58,7 +62,7 @@ def _load_party(context: Context, data: TenantData, config: RunConfig, settings:
     arrays, meta = context.state.get(PARTY_ARRAYS), context.state.get(PARTY_CONFIG)
     if arrays is None or meta is None:
         if known:
-            raise ProtocolError(f"{data.tenant} has trained in this run but this node holds no state of it "
+            raise ProtocolError(f"{data.tenant} has trained (the cloud knows it) but this node holds no state of it "
                                 "(restarted without node config state-dir?); refusing a silent fresh start")
         return party, None
     state = records_to_state(arrays, meta)
@@ -139,13 +143,17 @@ def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: 
     record = read_config(message.content)
     count = config_value(record, ConfigKey.NUM_BATCHES, int)  # the loop below ends with the test set
     restart = config_value(record, ConfigKey.RESTART, bool)
-    test = eval_set(data, record)
+    test, scope = eval_set(data, record, context, config, settings), eval_scope(record)
     if count < 0:
         raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
-    party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=_known(record))
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=True,
+                           known=_known(record) or scope == PREDICT_SCOPE)  # predictions need a trained party
     cursor = Cursor.load(context.state)
+    context.state[EVAL_STATE] = ConfigRecord({"scope": scope})
     if restart:
         cursor.eval_cursor = 0
+        if scope == PREDICT_SCOPE:
+            start_output(context)
     size = len(test)
     outputs = []
     for _ in range(count):
@@ -165,15 +173,23 @@ def _infer_tail(message: Message, context: Context, config: RunConfig, settings:
     incoming = unpack_messages(message.content, BodyOutput, data.tenant)
     party, state = _load_party(context, data, config, settings, drop_in_flight=False)
     steps = state["steps"] if state is not None else {}
-    predictions, labels = [], []
+    predictions, labels, logits, indices = [], [], [], []
     for body_output in incoming:
         entry = steps.get(body_output.step)
         if entry is not None and entry["train"]:
             raise ProtocolError(f"step {body_output.step} is a training step; evaluate.infer_tail expects inference")
         party.handle(body_output)  # validates tenant, step, stage, shape
         labels.append(entry["labels"])
-        predictions.append(party.pop_result(body_output.step).logits.argmax(-1))
+        indices.append(entry["indices"])
+        logits.append(party.pop_result(body_output.step).logits)
+        predictions.append(logits[-1].argmax(-1))
     _save_party(context, party)
+    record = context.state.get(EVAL_STATE)
+    if isinstance(record, ConfigRecord) and record.get("scope") == PREDICT_SCOPE:  # the node's own texts
+        texts = predict_texts(context.node_config, config.model, config.max_length, run_labels(config, settings))[0]
+        done = sum(append_predictions(context, texts, i, z, run_labels(config, settings))
+                   for i, z in zip(indices, logits))
+        return RecordDict({RecordKey.METRICS: MetricRecord({MetricKey.NUM_EXAMPLES: done})})
     # plain mode only: the client reports its own counts (correct, and per class for macro-F1)
     predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
     truth = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)

@@ -130,7 +130,7 @@ class SplitStrategy(SplitStrategyBase):
             replies = self.exchange(grid, MessageType.INFER_TAIL, forward, server_round, phase, active)
             for node, content in replies.items():
                 try:
-                    if not tally.add(node, content):
+                    if not tally.add(node, content) and scope != "predict":
                         raise ProtocolError(f"{MessageType.INFER_TAIL} reply: no evaluation counts")
                 except ProtocolError as exc:
                     self.drop(node, str(exc), phase, active)

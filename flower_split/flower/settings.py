@@ -67,6 +67,9 @@ class FlowerSettings:
     (default): nothing saved), ``session`` (the name of the run's saved state, under the
     cloud's ``state-dir`` and every node's own node config ``state-dir``; start a run with the
     session of a stopped one to resume it; empty (default): ``run-<run id>``, a fresh one),
+    ``predict`` (train nothing: resume the trained ``session`` from ``state-dir`` and classify
+    every tenant's own texts, node config ``predict-input``, into its own ``predict-output``;
+    :mod:`flower_split.flower.node_predict`),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`).
     """
@@ -92,6 +95,7 @@ class FlowerSettings:
     results_dir: str = ""
     state_dir: str = ""
     session: str = ""
+    predict: bool = False
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -110,7 +114,8 @@ class FlowerSettings:
                 or not self.target_loss >= 0:
             raise ConfigError(f"target-loss: expected a number >= 0 (0: never stop), got {self.target_loss!r}")
         for name in ("eval_initial", "global_eval", "secure_metrics", "cloud_keep_graphs",
-                     "allow_insecure_reproducible_init", "insecure_colocated_dealer", "simulated_dealer", "quick"):
+                     "allow_insecure_reproducible_init", "insecure_colocated_dealer", "simulated_dealer", "quick",
+                     "predict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
         for name in ("expected_dealer_key", "partition", "labels", "results_dir", "state_dir", "session"):

@@ -184,6 +184,18 @@ class SplitStrategyBase(ABC):
             self.safe_point(server_round)
         return result
 
+    def predict(self, grid: Grid, completed_round: int,
+                on_report: Callable[[Report], None] | None = None) -> SplitResult:
+        """No training: one evaluation of scope ``predict`` (every tenant's own texts,
+        :mod:`flower_split.flower.node_predict`), then a save (secure steps used numbers)."""
+        report = self.evaluate(grid, completed_round, "predict")
+        log(INFO, "predictions after round %d: %s texts (%s)", completed_round, sum(report.num_examples.values()),
+            ", ".join(f"{t} {n}" for t, n in sorted(report.num_examples.items())) or "no tenant")
+        if on_report:
+            on_report(report)
+        self.safe_point(completed_round)
+        return SplitResult(evaluations=[report])
+
     def training_nodes(self, nodes: set[int]) -> set[int]:
         """``nodes`` less those whose tenant has met the stop rule (they are still evaluated)."""
         return {node for node in nodes if self.tenant_of.get(node) not in self.stopped}

@@ -111,14 +111,19 @@ class EvalTally:
     correct: dict[int, int] = field(default_factory=dict)
     seen: dict[int, int] = field(default_factory=dict)
     counts: dict[int, np.ndarray] = field(default_factory=dict)
+    predicted: dict[int, int] = field(default_factory=dict)  # scope "predict": texts classified, no counts
 
     def add(self, node: int, content: RecordDict) -> bool:
-        """Count one reply's metrics; False when the tenant reported no counts (it may keep them).
+        """Count one reply's metrics; False when the tenant reported no counts (it may keep them;
+        a prediction reports only how many texts it classified, kept in ``predicted``).
 
         A malformed reply, or class counts whose number of classes changed, is a ProtocolError.
         """
         record = content.get(RecordKey.METRICS)
         if not isinstance(record, MetricRecord) or MetricKey.CORRECT not in record:
+            done = record.get(MetricKey.NUM_EXAMPLES) if isinstance(record, MetricRecord) else None
+            if isinstance(done, int) and not isinstance(done, bool) and done >= 0:
+                self.predicted[node] = self.predicted.get(node, 0) + done
             return False
         correct, examples = record[MetricKey.CORRECT], record.get(MetricKey.NUM_EXAMPLES)
         for key, value in ((MetricKey.CORRECT, correct), (MetricKey.NUM_EXAMPLES, examples)):
@@ -143,7 +148,7 @@ class EvalTally:
         return EvalReport(
             server_round=server_round, scope=scope, accuracy=weighted_mean(per_tenant, weights),
             macro_f1=weighted_mean(per_tenant_f1, weights), per_tenant=per_tenant, per_tenant_f1=per_tenant_f1,
-            num_examples={tenant_of[n]: self.seen.get(n, 0) for n in active if n in tenant_of},
+            num_examples={tenant_of[n]: self.seen.get(n, self.predicted.get(n, 0)) for n in active if n in tenant_of},
             dropped=dict(phase.dropped), round_trips=phase.round_trips, flower_wait_seconds=phase.wait,
             wall_seconds=time.perf_counter() - phase.started)
 

@@ -11,6 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
+from flower_split.flower.local_grid import LocalGrid as BaseLocalGrid
 from flower_split.protocol.dealer_identity import new_identity, save_identity
 
 
@@ -64,8 +65,9 @@ class StubGrid(Grid):
         raise NotImplementedError
 
 
-class LocalGrid(StubGrid):
-    """Delivers messages to ClientApps in process, one Context per node (like the simulation).
+class LocalGrid(BaseLocalGrid):
+    """:class:`flower_split.flower.local_grid.LocalGrid` for tests: tenants 1..num_nodes on
+    partitions of the run's data, an optional dealer node, and fault injection.
 
     ``intercept(node, message_type)`` may return ``"silent"`` (no reply) or ``"error"``.
     ``dealer``: a directory; then node ``num_nodes + 1`` is secure mode's dealer node (node
@@ -78,37 +80,24 @@ class LocalGrid(StubGrid):
     def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
                  intercept: Callable[[int, str], str | None] | None = None, dealer: str | Path | None = None,
                  unpinned: bool = False, node_config: dict[str, object] | None = None) -> None:
-        self.client_app = client_app
         self.intercept = intercept or (lambda node, kind: None)
-        pinned: dict[str, object] = {"allow-unpinned-dealer": True} if unpinned else {}
         extra = dict(node_config or {})
+        pinned: dict[str, object] = {"allow-unpinned-dealer": True} if unpinned else {}
+        configs: dict[int, dict[str, object]] = {}
         if dealer is not None:
             private, public = save_identity(new_identity(), dealer)
             pinned = {"dealer-public-key": str(public)}
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": num_nodes,
-                                                               **pinned, **extra},
-                          state=RecordDict(), run_config={})
-            for node in range(1, num_nodes + 1)
-        }
-        if dealer is not None:
+            configs[num_nodes + 1] = {"role": "dealer", "dealer-key": str(private), **extra}
             self.dealer_node = num_nodes + 1
-            self.contexts[self.dealer_node] = Context(run_id=1, node_id=self.dealer_node, state=RecordDict(),
-                                                      node_config={"role": "dealer", "dealer-key": str(private), **extra},
-                                                      run_config={})
+        for node in range(1, num_nodes + 1):
+            configs[node] = {"partition-id": node - 1, "num-partitions": num_nodes, **pinned, **extra}
+        super().__init__(client_app, dict(sorted(configs.items())))
 
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            action = self.intercept(node, message.metadata.message_type)
-            if action == "silent":
-                continue
-            if action == "error":
-                message = Message(RecordDict({"garbage": ConfigRecord({"x": 1})}), node,
-                                  message.metadata.message_type)
-            replies.append(self.client_app(message, self.contexts[node]))
-        return replies
+    def deliver(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        action = self.intercept(node, message.metadata.message_type)
+        if action == "silent":
+            return None
+        if action == "error":
+            message = Message(RecordDict({"garbage": ConfigRecord({"x": 1})}), node, message.metadata.message_type)
+        return self.client_app(message, self.contexts[node])

@@ -1,0 +1,51 @@
+"""A Flower Grid that hands every message to a ClientApp in this process, one Context per node.
+
+The strategies and ClientApps are the real ones; only the network is gone: each message is
+delivered by calling the ClientApp, as Flower's simulation does inside one worker. Tests use
+it to drive whole runs, kill nodes (empty a node's ``context.state``) and restart the cloud;
+benchmarks use it to time the protocol's compute apart from Flower's latency (say so when
+reporting). ``send_and_receive`` delivers in order and returns every reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+
+class LocalGrid(Grid):
+    """Nodes ``1..len(node_configs)`` (node id -> node config), all served by ``client_app``."""
+
+    def __init__(self, client_app: Callable[[Message, Context], Message],
+                 node_configs: Mapping[int, Mapping[str, Any]], run_id: int = 1) -> None:
+        self.client_app = client_app
+        self.contexts = {node: Context(run_id=run_id, node_id=node, node_config=dict(config), state=RecordDict(),
+                                       run_config={}) for node, config in node_configs.items()}
+
+    def deliver(self, message: Message) -> Message | None:
+        """The reply of the message's node (None: no reply); subclasses may intercept."""
+        return self.client_app(message, self.contexts[message.metadata.dst_node_id])
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return [reply for reply in map(self.deliver, messages) if reply is not None]
+
+    # the parts of Flower's Grid the split strategies do not use
+    def set_run(self, run: object) -> None: ...
+
+    @property
+    def run(self) -> None:
+        return None
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        raise NotImplementedError("LocalGrid: build Message objects directly")
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("LocalGrid delivers with send_and_receive only")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("LocalGrid delivers with send_and_receive only")

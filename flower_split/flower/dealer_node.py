@@ -34,7 +34,7 @@ from flower_split.flower.contract import MessageType, RecordKey
 from flower_split.flower.dealer_records import (
     pack_bundles, pack_hellos, pack_outcome, unpack_hello_request, unpack_registrations, unpack_requests,
 )
-from flower_split.flower.node_state import node_state_dir, persist_node_state, restore_node_state, rollback
+from flower_split.flower.node_state import mirrored, node_state_dir, rollback
 from flower_split.flower.records import records_to_state, state_to_records
 from flower_split.flower.settings import FlowerSettings
 from flower_split.protocol import ProtocolError
@@ -176,12 +176,10 @@ def handle_dealer(handler: DealerHandler, message: Message, context: Context, se
     try:
         if node_role(context.node_config, settings) != DEALER_ROLE:
             raise ProtocolError(f"{message.metadata.message_type}: this node is not the dealer")
-        directory = node_state_dir(context, settings, None)
-        restore_node_state(context, directory)
-        party = _load(context)
-        content = handler(message, party)
-        _save(context, party)
-        persist_node_state(context, directory, {"role": DEALER_ROLE})
+        with mirrored(context, node_state_dir(context, settings, None), {"role": DEALER_ROLE, "tenant": ""}):
+            party = _load(context)
+            content = handler(message, party)
+            _save(context, party)
     except (ProtocolError, ValueError, StateError, OSError) as exc:
         rollback(context, saved)
         return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} (dealer): {exc}"),

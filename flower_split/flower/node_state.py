@@ -4,11 +4,16 @@ A SuperNode keeps ``context.state`` (the tenant's adapters or adapter halves, ke
 counter and data cursors; the dealer's per-tenant keys and counters) in memory only: killed,
 it comes back empty. With node config ``state-dir`` (or environment variable
 ``FLOWER_SPLIT_STATE_DIR``; simulations, which have no per-node config) every message that
-was handled in full writes the node's whole state to ``state-dir/<session>/tenants/<tenant>/`` (the dealer: ``.../dealer/``) (a
-:mod:`flower_split.state` party directory of kind ``node``: temp file + fsync + rename, files
-0600, never half a state), and a message that finds ``context.state`` empty loads it first.
-Nothing is lost but the message in flight when the node died; its replacement picks up at
-the same step, which the protocols' step checks allow once and only once.
+was handled in full writes the node's whole state, with a generation number, to
+``state-dir/<session>/tenants/<tenant>/`` (the dealer: ``.../dealer/``), a
+:mod:`flower_split.state` party directory of kind ``node`` (temp file + fsync + rename, files
+and directories 0600/0700, never half a state), and a message that finds ``context.state``
+empty loads it first. Nothing is lost but the message in flight when the node died; its
+replacement picks up at the same step, which the protocols' step checks allow once and only
+once. Each message holds an exclusive lock on the mirror and refuses one written by anyone
+else since its context last wrote it (:func:`mirrored`): two live runs of one session (a
+cloud that starts a second run while the first is alive) would otherwise hold two copies of
+the party that use the same step numbers, and so the same Beaver material, on other inputs.
 
 ``<session>`` is run config ``session``; empty (default), it is ``run-<Flower run id>``, so a
 new run never picks up an old run's state by accident. To resume a run whose ServerApp was
@@ -18,9 +23,11 @@ stopped, start the new run with the same ``session`` (the cloud then resumes too
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -28,9 +35,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 
 from flower_split.flower.settings import FlowerSettings
 from flower_split.state import StateError, dealer_dir, read_party, tenant_dir, write_party
+from flower_split.state.store import make_private_dir
 from flower_split.state.layout import session_dir
 
 NODE = "node"
+MIRROR_STATE = "node-mirror"  # ConfigRecord {generation}: the mirror generation this context wrote last
+LOCK_FILE = ".lock"
 STATE_DIR_CONFIG, STATE_DIR_ENV = "state-dir", "FLOWER_SPLIT_STATE_DIR"
 _KINDS = {"array": ArrayRecord, "config": ConfigRecord, "metric": MetricRecord}
 
@@ -52,25 +62,54 @@ def node_state_dir(context: Context, settings: FlowerSettings, tenant: str | Non
     return dealer_dir(session) if tenant is None else tenant_dir(session, tenant)
 
 
-def restore_node_state(context: Context, directory: Path | None) -> bool:
-    """Load the mirrored state into an empty ``context.state``; True if something was loaded.
+@contextmanager
+def mirrored(context: Context, directory: Path | None, owner: Mapping[str, str]) -> Iterator[None]:
+    """One message's hold on the node's mirror (nothing when ``directory`` is None).
 
-    A ``context.state`` that holds anything is the live state and wins (it was mirrored after
-    its last message). A corrupt or foreign mirror is a :class:`StateError`, never a fresh start.
+    Under an exclusive lock of the mirror: an empty ``context.state`` is loaded from it (a
+    restarted node); a mirror written by anyone else since this context last wrote it (a
+    second run of the same session, another process) is refused with :class:`StateError`, so
+    two live copies of one party can never both act (both would use the same step numbers
+    and Beaver material, and their halves would diverge); after the body succeeds the state is
+    written back with the next generation. ``owner`` ({role, tenant}) must match the mirror's.
     """
-    if directory is None or len(context.state) or not (directory / "party.json").exists():
-        return False
+    if directory is None:
+        yield
+        return
+    make_private_dir(directory)
+    lock = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        generation = _restore(context, directory, dict(owner))
+        yield
+        context.state[MIRROR_STATE] = ConfigRecord({"generation": generation + 1})
+        write_party(directory, NODE, _tree(context.state), {**owner, "generation": generation + 1})
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _restore(context: Context, directory: Path, owner: dict[str, str]) -> int:
+    """The mirror's generation, after loading it into an empty context and checking that this
+    context is the one that wrote it last."""
+    if not (directory / "party.json").exists():
+        if MIRROR_STATE in context.state:
+            raise StateError(f"{directory}: the mirror this node wrote is gone; refusing to go on without it")
+        return 0
     saved = read_party(directory, NODE)
-    records = records_from_tree(saved.state, saved.meta_file)
-    for key, record in records.items():
-        context.state[key] = record
-    return True
-
-
-def persist_node_state(context: Context, directory: Path | None, meta: Mapping[str, Any]) -> None:
-    """Mirror ``context.state`` under ``directory`` (atomic; nothing when ``directory`` is None)."""
-    if directory is not None:
-        write_party(directory, NODE, _tree(context.state), dict(meta))
+    if {k: saved.meta.get(k) for k in owner} != owner:
+        raise StateError(f"{saved.meta_file}: the state of {saved.meta.get('role')} {saved.meta.get('tenant')!r}, "
+                         f"not of {owner.get('role')} {owner.get('tenant')!r}")
+    generation = saved.meta.get("generation")
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+        raise StateError(f"{saved.meta_file}: corrupt metadata (generation {generation!r})")
+    if not len(context.state):
+        for key, record in records_from_tree(saved.state, saved.meta_file).items():
+            context.state[key] = record
+    held = context.state.get(MIRROR_STATE)
+    if not isinstance(held, ConfigRecord) or held.get("generation") != generation:
+        raise StateError(f"{saved.meta_file}: written by another run or process since this one last wrote it; "
+                         "one live copy of a party only (stop the other run of this session)")
+    return generation
 
 
 def rollback(context: Context, saved: Mapping[str, Any]) -> None:

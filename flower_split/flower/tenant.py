@@ -30,7 +30,7 @@ from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
 from flower_split.flower.node_data import NodeSource, node_rows, node_source, run_labels
 from flower_split.flower.node_predict import PREDICT_SCOPE, predict_texts
-from flower_split.flower.node_state import node_state_dir, persist_node_state, restore_node_state, rollback
+from flower_split.flower.node_state import mirrored, node_state_dir, rollback
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
@@ -238,10 +238,9 @@ def handle(handler: Handler, message: Message, context: Context, overrides: Mapp
     data = tenant_data(config, settings, context.node_config)
     saved = dict(context.state.items())  # handlers replace records, never mutate them in place
     try:
-        directory = node_state_dir(context, settings, data.tenant)
-        restore_node_state(context, directory)
-        content = handler(message, context, config, settings, data)
-        persist_node_state(context, directory, {"role": TENANT_ROLE, "tenant": data.tenant})
+        with mirrored(context, node_state_dir(context, settings, data.tenant),
+                      {"role": TENANT_ROLE, "tenant": data.tenant}):
+            content = handler(message, context, config, settings, data)
     except (ProtocolError, StateError, OSError) as exc:
         rollback(context, saved)
         return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} ({data.tenant}): {exc}"),

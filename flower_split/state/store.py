@@ -56,9 +56,7 @@ class SavedParty:
 
 def write_party(directory: str | Path, kind: str, state: Any, meta: dict[str, Any]) -> Path:
     """Save ``state`` (a party's ``state_dict()``) with JSON ``meta`` into ``directory``; its path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    os.chmod(directory, DIR_MODE)
+    directory = make_private_dir(directory)
     tree, tensors = encode(state)
     blob = save_tensors(tensors) if tensors else b""
     digest = hashlib.sha256(blob).hexdigest()
@@ -70,6 +68,20 @@ def write_party(directory: str | Path, kind: str, state: Any, meta: dict[str, An
     for stale in directory.glob("tensors-*.safetensors"):
         if stale.name != tensor_file:
             stale.unlink(missing_ok=True)
+    return directory
+
+
+def make_private_dir(directory: str | Path) -> Path:
+    """``directory``, created with every missing parent 0700 (a party's directory is its alone)."""
+    directory = Path(directory)
+    missing = []
+    for parent in (directory, *directory.parents):
+        if parent.is_dir():
+            break
+        missing.append(parent)
+    for path in reversed(missing):
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
+    os.chmod(directory, DIR_MODE)
     return directory
 
 

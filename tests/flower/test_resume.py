@@ -95,17 +95,10 @@ def test_a_corrupt_mirror_is_an_error_never_a_fresh_start(task_identity: None, t
     meta.write_text("{not json")
     for key in list(grid.contexts[1].state.keys()):
         del grid.contexts[1].state[key]
-    reply = make_client_app(PLAIN)(*_head_fwd(grid))
+    reply = make_client_app(PLAIN)(*_head_fwd_to(grid.contexts[1]))
     assert reply.has_error() and "StateError" in reply.error.reason and "party.json" in reply.error.reason
     with pytest.raises(StateError):
         read_party(meta.parent, "node")
-
-
-def _head_fwd(grid: LocalGrid) -> tuple:
-    from flwr.app import ConfigRecord, Message
-
-    content = RecordDict({"config": ConfigRecord({"num-batches": 1, "server-round": 9, "known": True})})
-    return Message(content, 1, MessageType.HEAD_FWD), grid.contexts[1]
 
 
 class CloudCrash(Exception):
@@ -180,3 +173,26 @@ def test_secure_tenant_or_dealer_node_killed_mid_round_resumes(task_identity: No
     evaluation = [r for r in reports if isinstance(r, EvalReport)][-1]
     assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-1"] and not evaluation.dropped
 
+
+
+def test_two_live_runs_of_one_session_never_both_act(task_identity: None, tmp_path) -> None:
+    """A cloud that starts a second run of a live session gets a second copy of each tenant
+    (loaded from its mirror): both would use the same step numbers on other inputs (hostile
+    review C1). Whichever writes the mirror first wins; the other copy is refused from then on."""
+    config = {**PLAIN, "session": "s", "num-server-rounds": 1}
+    grid = LocalGrid(make_client_app(config), 2, node_config={"state-dir": str(tmp_path / "nodes")})
+    run_cloud(grid, config)
+    app = make_client_app(config)
+    live = grid.contexts[1]
+    second = Context(run_id=2, node_id=1, node_config=dict(live.node_config), state=RecordDict(), run_config={})
+    assert not app(*_head_fwd_to(second)).has_error()  # the second run loads the mirror and acts first
+    refused = app(*_head_fwd_to(live))
+    assert refused.has_error() and "written by another run or process" in refused.error.reason
+    assert not app(*_head_fwd_to(second)).has_error()  # the copy that wrote last goes on
+
+
+def _head_fwd_to(context: Context) -> tuple:
+    from flwr.app import ConfigRecord, Message
+
+    content = RecordDict({"config": ConfigRecord({"num-batches": 1, "server-round": 9, "known": True})})
+    return Message(content, 1, MessageType.HEAD_FWD), context

@@ -70,7 +70,8 @@ class PlainBackend(SecurityBackend):
         cloud = CloudParty(body, device, keep_graphs=settings.cloud_keep_graphs)
         return SplitStrategy(cloud, settings.local_steps, micro_batches=settings.micro_batches,
                              min_nodes=settings.min_nodes, reply_timeout=settings.reply_timeout,
-                             global_eval=settings.global_eval, target_loss=settings.target_loss or None)
+                             global_eval=settings.global_eval, target_loss=settings.target_loss or None,
+                             node_wait_timeout=settings.node_wait_timeout)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:

@@ -51,6 +51,9 @@ class SecureBackend(SecurityBackend):
 
     def validate_flower(self, config: RunConfig, settings: FlowerSettings) -> None:
         super().validate_flower(config, settings)
+        if settings.target_loss:
+            raise ConfigError("target-loss: in secure mode each tenant sets its own (node config target-loss); "
+                              "a run-wide target, the cloud's choice, would let it search the tenants' losses")
         protection = label_protection(config.label_protection)
         if settings.he_key_rotation_every and not protection.ckks_keys:
             raise ConfigError(f"he-key-rotation-every: label protection {protection.name!r} holds no CKKS keys "
@@ -108,7 +111,8 @@ class SecureBackend(SecurityBackend):
                                  allow_reproducible_init=settings.allow_insecure_reproducible_init)
         return SecureSplitStrategy(cloud, dealer, settings.local_steps, min_nodes=settings.min_nodes,
                                    reply_timeout=settings.reply_timeout, global_eval=settings.global_eval,
-                                   he_key_rotation_every=settings.he_key_rotation_every)
+                                   he_key_rotation_every=settings.he_key_rotation_every,
+                                   node_wait_timeout=settings.node_wait_timeout)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:

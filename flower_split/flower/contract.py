@@ -26,6 +26,7 @@ class MessageType:
     SECURE_TRAIN_BEGIN = "train.secure_begin"
     SECURE_TRAIN_NEXT = "train.secure_next"
     SECURE_REKEY = "train.secure_rekey"
+    SECURE_RESUME = "train.secure_resume"
     SECURE_EVAL_BEGIN = "evaluate.secure_begin"
     SECURE_EVAL_NEXT = "evaluate.secure_next"
     # secure mode's dealer node (docs/secure.md §9): its role, signed hellos, tenant
@@ -59,6 +60,7 @@ class RecordKey:
     HELLO = "hello"          # ConfigRecord: the dealer's hello
     SETUP = "setup"          # ConfigRecord: a tenant's secure set-up
     REKEY = "rekey"          # ConfigRecord: a tenant's CKKS key rotation
+    RESUME = "resume"        # ConfigRecord: a resumed cloud's challenge {ephemeral, nonce} / the proof {proof}
     ROLE = "role"            # ConfigRecord: a node's role (tenant / dealer) and tenant id
     DEALER = "dealer"        # ConfigRecord: a request to the dealer node (per-tenant lists)
     OUTCOME = "outcome"      # ConfigRecord: the dealer's per-tenant results (errors by tenant)

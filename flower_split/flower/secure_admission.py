@@ -11,7 +11,9 @@ all; docs/deployment.md says how to keep registration closed.)
 Set-up, once a dealer is there: one signed hello per tenant from the dealer, relayed to
 each tenant (``train.secure_setup``), whose :class:`ClientSetup` the cloud registers and
 forwards to the dealer (one ``query.dealer_register`` for all of them). A tenant that fails
-any stage is left out and tried again at the next round.
+any stage is left out and tried again at the next round. A cloud resumed from its checkpoint
+sets up no tenant it holds: each claimant of such a tenant must first prove it holds the
+tenant's key (``train.secure_resume``), and an impostor is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from flower_split.flower.dealer_node import DEALER_ROLE, ROLES, TENANT_ROLE
 from flower_split.flower.records import read_record, typed_value
 from flower_split.flower.secure_records import pack_hello, unpack_setup
 from flower_split.flower.strategy_utils import Exchange
-from flower_split.protocol import ProtocolError
+from flower_split.protocol import ProtocolError, resume_proof
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.dealer_identity import verify_hello
 from flower_split.protocol.secure_messages import DealerHello, DealerRegistration
@@ -70,11 +72,7 @@ class SecureAdmission:
         new = nodes - set(self.tenant_of) - self.dealer_nodes - set(self.refused)
         if new:
             claims = self._claims(grid, new)
-            for node, tenant in list(claims.items()):
-                if tenant in self.restored and self.dealer.ready:  # resumed: the node holds its own state
-                    self.restored.discard(tenant)
-                    self.tenant_of[node] = claims.pop(node)
-                    log(INFO, "node %d: tenant %s resumed from saved state", node, tenant)
+            self._resume(grid, {n: claims.pop(n) for n in list(claims) if claims[n] in self.restored})
             if claims and not self.dealer.ready:
                 log(WARNING, "%d tenant node(s) wait: no dealer node has joined yet (node config role = \"dealer\")",
                     len(claims))
@@ -95,13 +93,37 @@ class SecureAdmission:
                 continue
             if role == DEALER_ROLE:
                 self._take_dealer(node, identity)
-            elif tenant in bound or tenant in claims.values():
+            elif tenant in bound or (tenant in claims.values() and tenant not in self.restored):
                 other = bound.get(tenant, next((n for n, t in claims.items() if t == tenant), -1))
                 self.refused[node] = f"claims tenant {tenant!r}, bound to node {other}"
                 log(WARNING, "node %d refused: it claims tenant %r, which is bound to node %d", node, tenant, other)
             else:
                 claims[node] = tenant
         return claims
+
+    def _resume(self, grid: Grid, claims: dict[int, str]) -> None:
+        """Bind each tenant the cloud resumed from its checkpoint to the claimant that proves it
+        holds the tenant's key (:mod:`~flower_split.protocol.resume_proof`); no new set-up, the
+        node resumes from its own saved state. A wrong proof is an impostor: refused for good;
+        no answer (e.g. a node without its state) is tried again later."""
+        if not claims:
+            return
+        challenges = {node: resume_proof.challenge() for node in claims}
+        contents = {node: RecordDict({RecordKey.RESUME: ConfigRecord({"ephemeral": public, "nonce": nonce})})
+                    for node, (_, public, nonce) in challenges.items()}
+        replies = self.exchange(grid, MessageType.SECURE_RESUME, contents, 0, Exchange(), set(contents))
+        for node in sorted(replies):
+            tenant, (ephemeral, _, nonce) = claims[node], challenges[node]
+            record = replies[node].get(RecordKey.RESUME)
+            proof = record.get("proof") if isinstance(record, ConfigRecord) else None
+            client_public = self.cloud.tenants[tenant].setup.client_public
+            if tenant in self.restored and resume_proof.verify(ephemeral, client_public, nonce, tenant, proof):
+                self.restored.discard(tenant)
+                self.tenant_of[node] = tenant
+                log(INFO, "node %d: tenant %s resumed from saved state (key proven)", node, tenant)
+            else:
+                self.refused[node] = f"claims resumed tenant {tenant!r} without proving its key"
+                log(WARNING, "node %d refused: %s", node, self.refused[node])
 
     def _take_dealer(self, node: int, identity: bytes) -> None:
         pinned = self.dealer.pinned if isinstance(self.dealer, NodeDealer) else None

@@ -26,6 +26,9 @@ a time, all tenants in the same Flower round trip. Message types:
                            key the cloud holds, then a new CKKS key pair (or the still pending one
                            again), kept pending until a later message reports the cloud holding
                            it -> ``rekey`` (:class:`KeyRotation`: the new public context).
+``train.secure_resume``    server (a cloud resumed from its checkpoint): ``resume`` {ephemeral,
+                           nonce}. Client: ``resume`` {proof}, an HMAC only the holder of the
+                           tenant's X25519 key can make (:mod:`~flower_split.protocol.resume_proof`).
 ``*.secure_next``          server: the cloud's next step message. Client: its reply, or none
                            when the step ends here; once the step is over ``metrics``
                            {done: 1, and with ``secure-metrics``: num-examples (training) or
@@ -47,7 +50,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
 from flower_split.flower.records import (
-    array_to_tensor, config_value, read_config, records_to_state, state_to_records, tensor_to_array,
+    array_to_tensor, config_value, read_config, read_record, records_to_state, state_to_records, tensor_to_array,
 )
 from flower_split.flower.secure_records import (
     pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
@@ -65,6 +68,7 @@ from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
 from flower_split.train.metrics import class_counts
 
+NEW_SETUP_CONFIG = "allow-new-setup"  # node config: a set-up may replace a trained party
 SECURE_ARRAYS, SECURE_CONFIG, SECURE_BATCH, SECURE_LABELS = "secure.arrays", "secure.config", "secure.batch", "secure.labels"
 
 
@@ -109,7 +113,13 @@ def _sync(party: SecureClientParty) -> ConfigRecord:
 def secure_setup(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
                  data: TenantData) -> RecordDict:
     hello = unpack_hello(message.content)
-    party = _new_party(data, config, settings)  # a new set-up replaces any earlier one
+    if SECURE_ARRAYS in context.state and not context.node_config.get(NEW_SETUP_CONFIG, False):
+        old = _load(context, data, config, settings)
+        if any(old.updates.values()) or old.state_dict()["next_step"]:
+            raise ProtocolError(f"tenant {data.tenant!r} holds a trained secure party; a new set-up would discard it "
+                                f"(a cloud that lost its state?). Resume the session, or set node config "
+                                f"{NEW_SETUP_CONFIG} = true to start over")
+    party = _new_party(data, config, settings)  # a new set-up replaces an untrained earlier one
     pinned = pinned_dealer(context.node_config)
     setup = party.setup(hello, pinned, allow_unpinned=pinned is None and allow_unpinned(context.node_config))
     _save(context, party)
@@ -122,7 +132,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     party = _load(context, data, config, settings)
     party.reconcile(_cloud_updates(instruction))
     _confirm_key(party, instruction)
-    stopped = stop_rule(context, settings, config_value(instruction, ConfigKey.SERVER_ROUND, int))
+    stopped = stop_rule(context, config, config_value(instruction, ConfigKey.SERVER_ROUND, int))
     if stopped:  # the tenant's own loss reached its target: no step, the round it stopped
         _save(context, party)
         return RecordDict({RecordKey.SYNC: _sync(party), RecordKey.METRICS: MetricRecord({MetricKey.STOPPED: stopped})})
@@ -183,6 +193,15 @@ def secure_rekey(message: Message, context: Context, config: RunConfig, settings
     rotation = party.start_key_rotation()
     _save(context, party)
     return pack_key_rotation(rotation)
+
+
+def secure_resume(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
+                  data: TenantData) -> RecordDict:
+    """A resumed cloud's challenge: prove this node holds the tenant's key (no state changes)."""
+    challenge = read_record(message.content, RecordKey.RESUME, ConfigRecord)
+    party = _load(context, data, config, settings)
+    proof = party.prove_resume(challenge.get("ephemeral"), challenge.get("nonce"))
+    return RecordDict({RecordKey.RESUME: ConfigRecord({"proof": proof})})
 
 
 def secure_next(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
@@ -247,6 +266,7 @@ HANDLERS: dict[str, Handler] = {
     MessageType.SECURE_SETUP: secure_setup,
     MessageType.SECURE_TRAIN_BEGIN: secure_train_begin,
     MessageType.SECURE_REKEY: secure_rekey,
+    MessageType.SECURE_RESUME: secure_resume,
     MessageType.SECURE_TRAIN_NEXT: secure_next,
     MessageType.SECURE_EVAL_BEGIN: secure_eval_begin,
     MessageType.SECURE_EVAL_NEXT: secure_next,

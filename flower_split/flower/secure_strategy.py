@@ -128,6 +128,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         if every and server_round > 1 and (server_round - 1) % every == 0:
             self._rekey_due |= {t for t in self.cloud.tenants if self.cloud.he_key_id(t) is not None}
         self._rotate_keys(grid, server_round, phase, active)
+        self.safe_point(server_round - 1)  # a new CKKS key the tenants may switch to: saved before they do
         examples, steps = 0, 0
         every_log = max(1, self.local_steps // 8)  # a secure MiniLM round takes tens of minutes: say how far it is
         while steps < self.local_steps and active:

@@ -27,7 +27,8 @@ class FlowerSettings:
     tenant trains per round), ``micro-batches`` (micro-batches carried per Flower message),
     ``partition`` (``iid``, ``dirichlet:A``, ``shards:N``), ``min-nodes`` (tenants needed to
     start), ``reply-timeout`` (seconds to wait for a stage's replies; tenants later than that
-    are dropped from the round), ``eval-every`` (evaluate every N rounds; 0: only at the end),
+    are dropped from the round), ``node-wait-timeout`` (seconds a round waits for ``min-nodes``
+    tenants to be connected and set up before the run fails), ``eval-every`` (evaluate every N rounds; 0: only at the end),
     ``eval-initial`` (also evaluate before the first round), ``global-eval`` (after the last
     round, also evaluate every tenant on the whole test set; split only), ``secure-metrics``
     (secure mode: tenants report their evaluation counts, from logits opened to them only, to
@@ -41,9 +42,9 @@ class FlowerSettings:
     start from the public seed, ``insecure-reproducible-init``; benchmarks only, default false),
     ``target-loss`` (the stop rule: a tenant whose own mean training loss of a round is <= this
     value gets no more training rounds but is still evaluated; the round it stopped is
-    recorded; 0: never stop. Split-plain: the cloud applies it to the losses tenants report;
-    secure: each tenant applies it itself, and its node config ``target-loss`` overrides this,
-    :mod:`flower_split.flower.stop_rule`),
+    recorded; 0: never stop. Split-plain only: the cloud applies it to the losses tenants
+    report. Secure: refused; each tenant sets its own in node config ``target-loss`` and
+    applies it itself, :mod:`flower_split.flower.stop_rule`),
     ``insecure-colocated-dealer`` (secure mode: run the dealer inside the ServerApp, so the
     cloud holds every tenant's Beaver material and can open everything; tests and demos only,
     warned every round; only tenants whose own node config says ``allow-unpinned-dealer``
@@ -80,6 +81,7 @@ class FlowerSettings:
     partition: str = "dirichlet:0.5"
     min_nodes: int = 2
     reply_timeout: float = 600.0
+    node_wait_timeout: float = 600.0
     eval_every: int = 1
     eval_initial: bool = False
     global_eval: bool = True
@@ -107,9 +109,10 @@ class FlowerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
-        if isinstance(self.reply_timeout, bool) or not isinstance(self.reply_timeout, (int, float)) \
-                or self.reply_timeout <= 0:
-            raise ConfigError(f"reply-timeout: expected a positive number of seconds, got {self.reply_timeout!r}")
+        for name in ("reply_timeout", "node_wait_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name.replace('_', '-')}: expected a positive number of seconds, got {value!r}")
         if isinstance(self.target_loss, bool) or not isinstance(self.target_loss, (int, float)) \
                 or not self.target_loss >= 0:
             raise ConfigError(f"target-loss: expected a number >= 0 (0: never stop), got {self.target_loss!r}")

@@ -12,15 +12,12 @@ answers each cloud message (None when the step is over on this side). At most on
 is in flight per tenant: both halves change at the end of a training step, and a second
 step in flight would read weights of a different version on each side.
 
-Key rotation (``he``): :meth:`start_key_rotation` makes a new CKKS key pair and the
-:class:`KeyRotation` for the cloud. The client keeps encrypting under its old key until
-:meth:`confirm_key_rotation` sees the cloud's key id equal the new one (the acknowledgement),
-so a rotation lost on the way leaves both parties on the old key.
-
-Between messages the client keeps only plain tensors/bytes (:meth:`state_dict`), so under
-Flower every message can be handled by a fresh process. Never restore an older state and
-replay a step number with other data: the step's Beaver material is derived from the step
-number, and reusing it with different inputs would reveal their difference.
+Key rotation (``he``): :meth:`start_key_rotation` makes a new CKKS key pair; the client keeps
+its old key until :meth:`confirm_key_rotation` sees the cloud hold the new one. A resumed
+cloud checks the tenant's identity with :meth:`prove_resume`. Between messages the client
+keeps only plain tensors/bytes (:meth:`state_dict`), so under Flower every message can run in
+a fresh process. Never restore an older state and replay a step number with other data: the
+step's Beaver material is derived from the number, and reuse would reveal the difference.
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ from flower_split.model import Embedder, HeadAdapter, TailAdapter
 from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
 from flower_split.mpc import new_seed
 from flower_split.mpc.triples import TripleRequest
+from flower_split.protocol import resume_proof
 from flower_split.protocol.dealer_identity import accept_hello
 from flower_split.protocol.labels import label_protection
 from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share, restore_label_noise
@@ -108,6 +106,13 @@ class SecureClientParty(SecureStepRunner):
         self.finished: dict[int, SecureStepResult] = {}
 
     # ------------------------------------------------------------------------ set-up
+    def prove_resume(self, ephemeral_public: object, nonce: object) -> bytes:
+        """Answer a resumed cloud's challenge (:mod:`~flower_split.protocol.resume_proof`)."""
+        try:
+            return resume_proof.prove(self._x25519, ephemeral_public, nonce, self.tenant)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
+
     def setup(self, hello: DealerHello, pinned_dealer: bytes | None, allow_unpinned: bool = False) -> ClientSetup:
         """Verify the dealer's hello (``dealer_identity.accept_hello``: signed for this tenant by
         ``pinned_dealer``), agree the dealer key, split the initial weights; returns the set-up

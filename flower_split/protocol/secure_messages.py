@@ -262,15 +262,19 @@ class MaterialBundle:
 def client_step_number(own_next: int, cloud_step: object, who: str) -> int:
     """The number of a client's next step, given the lowest one the cloud accepts.
 
-    ``cloud_step`` below or at ``own_next``: ``own_next``. At least :data:`RESUME_JUMP_MIN`
-    above it: the cloud restarted from saved state and skipped ahead
+    ``cloud_step`` below or at ``own_next``: ``own_next``. :data:`RESUME_JUMP_MIN` to
+    :data:`RESUME_STEP_GAP` above it: the cloud restarted from saved state and skipped ahead
     (``SecureCloudParty.skip_steps``), and its number is beyond every number this client used
     unless its own state is over 2^19 steps stale. A little above it: this client's state is
     older than the cloud's (a backup restored), its next number was used, and reusing it would
-    open the difference of two inputs: ProtocolError, before anything is opened.
+    open the difference of two inputs: ProtocolError, before anything is opened. Further
+    above: no restart skips that far (a cloud exhausting the step space): ProtocolError.
     """
     cloud_step = check_step(cloud_step, 0, MAX_STEP, f"{who}: the cloud's next step")
     if own_next < cloud_step:
+        if cloud_step - own_next > RESUME_STEP_GAP:
+            raise ProtocolError(f"{who}: the cloud expects step >= {cloud_step}, {cloud_step - own_next} past this "
+                                f"client's next step {own_next}: more than a restarted cloud skips ({RESUME_STEP_GAP})")
         if cloud_step - own_next < RESUME_JUMP_MIN:
             raise ProtocolError(f"{who}: the cloud expects step >= {cloud_step}, this client's next step is "
                                 f"{own_next}: its state is older than the cloud's (restored?); refusing to reuse "

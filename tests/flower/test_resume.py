@@ -9,10 +9,11 @@ same ``session``) resumes from what each party saved.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from flower_helpers import LocalGrid
 from flower_split.apps.client_app import make_client_app
@@ -105,7 +106,7 @@ class CloudCrash(Exception):
     """The ServerApp process dies."""
 
 
-def test_secure_run_resumes_after_the_cloud_and_every_node_restart(task_identity: None, tmp_path) -> None:
+def test_secure_run_resumes_after_the_cloud_and_every_node_restart(task_identity: None, tmp_path, caplog) -> None:
     config = {**SECURE, "state-dir": str(tmp_path / "cloud"), "session": "bank-a"}
     nodes = {"state-dir": str(tmp_path / "nodes")}
     begins = {"n": 0}
@@ -126,13 +127,26 @@ def test_secure_run_resumes_after_the_cloud_and_every_node_restart(task_identity
     before = {t: r["halves"]["updates"] for t, r in saved.state["cloud"]["tenants"].items()}
     assert before == {t: {"head": 3, "tail": 3} for t in ("tenant-0", "tenant-1")}  # 2 + 1 steps each
 
-    # every process restarts: new contexts (a new run of the same session), same disks and keys
-    second = LocalGrid(make_client_app(config), 2, node_config=nodes)
+    # every process restarts: new contexts (a new run of the same session), same disks and keys;
+    # and node 0, registered too, claims tenant-0 first (hostile review H2): it must prove the key
+    app = make_client_app(config)
+
+    def with_impostor(message: Message, context: Context) -> Message:
+        if context.node_id == 0 and message.metadata.message_type == MessageType.SECURE_RESUME:
+            return Message(RecordDict({"resume": ConfigRecord({"proof": bytes(32)})}), reply_to=message)
+        return app(message, context)
+
+    second = LocalGrid(with_impostor, 2, node_config=nodes)
     for node, context in first.contexts.items():
         second.contexts[node] = Context(run_id=2, node_id=node, node_config=dict(context.node_config),
                                         state=RecordDict(), run_config={})
+    second.contexts = {0: Context(run_id=2, node_id=0, state=RecordDict(), run_config={},
+                                  node_config={**first.contexts[1].node_config, "state-dir": str(tmp_path / "rogue")}),
+                       **second.contexts}
     reports: list[RoundReport | EvalReport] = []
-    run_cloud(second, config, reports.append)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        run_cloud(second, config, reports.append)
+    assert "node 0 refused: claims resumed tenant 'tenant-0' without proving its key" in caplog.text
     rounds = [r for r in reports if isinstance(r, RoundReport)]
     assert [r.server_round for r in rounds] == [2]  # round 1 is not trained again
     assert rounds[0].steps == 2 and not rounds[0].dropped and rounds[0].tenants == ["tenant-0", "tenant-1"]
@@ -192,7 +206,24 @@ def test_two_live_runs_of_one_session_never_both_act(task_identity: None, tmp_pa
 
 
 def _head_fwd_to(context: Context) -> tuple:
-    from flwr.app import ConfigRecord, Message
-
     content = RecordDict({"config": ConfigRecord({"num-batches": 1, "server-round": 9, "known": True})})
     return Message(content, 1, MessageType.HEAD_FWD), context
+
+
+def test_a_trained_secure_tenant_refuses_a_new_setup(task_identity: None, tmp_path, caplog) -> None:
+    """A cloud that lost its checkpoint (or never had one) starts the same session afresh and
+    sets everyone up again: a tenant holding a trained party refuses rather than discard it
+    (hostile review M1); its mirror keeps the trained halves."""
+    config = {**SECURE, "session": "bank-a", "num-server-rounds": 1}
+    nodes = {"state-dir": str(tmp_path / "nodes")}
+    first = LocalGrid(make_client_app(config), 2, dealer=tmp_path / "keys", node_config=nodes)
+    run_cloud(first, config)
+    mirror = tmp_path / "nodes" / "bank-a" / "tenants" / "tenant-0"
+    before = digest(read_party(mirror, "node").state["secure.arrays"])
+    second = LocalGrid(make_client_app(config), 2, node_config=nodes)
+    second.contexts = {node: Context(run_id=2, node_id=node, node_config=dict(c.node_config), state=RecordDict(),
+                                     run_config={}) for node, c in first.contexts.items()}
+    with pytest.raises(TimeoutError), caplog.at_level(logging.WARNING, logger="flwr"):
+        run_cloud(second, {**config, "reply-timeout": 5.0, "node-wait-timeout": 1.0})  # nobody set up: min-nodes unmet
+    assert caplog.text.count("holds a trained secure party; a new set-up would discard it") >= 2
+    assert digest(read_party(mirror, "node").state["secure.arrays"]) == before

@@ -12,6 +12,7 @@ from flower_split.backends import backend_for
 from flower_split.config import ConfigError
 from flower_split.flower.plain_strategy import SplitStrategy
 from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.stop_rule import MIN_WINDOW
 from flower_split.flower.strategy_utils import EvalReport, RoundReport
 from flower_helpers import LocalGrid
 
@@ -64,39 +65,44 @@ def test_target_loss_setting_is_checked() -> None:
     with pytest.raises(ConfigError, match="^target-loss:"):
         settings_from_run_config({"target-loss": -1})
     config, settings = settings_from_run_config({"security": "secure", "target-loss": 0.5})
-    backend_for(config, settings)  # secure: the tenant applies it (flower_split.flower.stop_rule)
+    with pytest.raises(ConfigError, match="^target-loss: in secure mode each tenant sets its own"):
+        backend_for(config, settings)  # a run-wide target is the cloud's choice
 
 
 SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
-          "lr-tail": 0.5, "batch-size": 16, "max-length": 24, "max-train-samples": 96, "max-test-samples": 32,
-          "local-steps": 1, "num-server-rounds": 3, "eval-every": 0, "min-nodes": 2, "reply-timeout": 60.0,
-          "security": "secure", "label-protection": "client", "global-eval": False}
+          "lr-tail": 0.5, "batch-size": 8, "max-length": 16, "max-train-samples": 96, "max-test-samples": 16,
+          "local-steps": MIN_WINDOW, "num-server-rounds": 2, "eval-every": 0, "min-nodes": 2,
+          "reply-timeout": 60.0, "security": "secure", "label-protection": "client", "global-eval": False}
 
 
-@pytest.mark.parametrize("where", ["node", "run"])
-def test_a_secure_tenant_stops_on_its_own_loss(task_identity: None, tmp_path, where: str) -> None:
-    """Secure tenants report no loss, so each applies the rule itself: tenant-0's target (its
-    own node config, or the run's for everyone) is met in round 1; from round 2 on it gets no
-    training, is still evaluated, and the cloud learns only the round it stopped in."""
-    config = {**SECURE, "target-loss": 100.0} if where == "run" else SECURE
+def _secure_run(tmp_path, config: dict, targets: dict[int, float]) -> tuple[list[RoundReport], EvalReport]:
     grid = LocalGrid(make_client_app(config), 2, dealer=tmp_path)
-    if where == "node":
-        grid.contexts[1].node_config["target-loss"] = 100.0  # tenant-0's own choice
+    for node, target in targets.items():
+        grid.contexts[node].node_config["target-loss"] = target  # the tenant's own choice
     reports: list[RoundReport | EvalReport] = []
     run_cloud(grid, config, reports.append)
-    rounds = [r for r in reports if isinstance(r, RoundReport)]
-    stopping = ["tenant-0", "tenant-1"] if where == "run" else ["tenant-0"]
+    return [r for r in reports if isinstance(r, RoundReport)], [r for r in reports if isinstance(r, EvalReport)][-1]
+
+
+def test_a_secure_tenant_stops_on_its_own_loss(task_identity: None, tmp_path) -> None:
+    """Secure tenants report no loss, so each applies its own target: tenant-0's is met over
+    round 1's MIN_WINDOW steps; in round 2 it gets no training, is still evaluated, and the
+    cloud learns only the round it stopped in; tenant-1 (no target) trains on."""
+    rounds, evaluation = _secure_run(tmp_path, SECURE, {1: 100.0})
     assert rounds[0].tenants == ["tenant-0", "tenant-1"] and rounds[0].stopped == {}
-    for later in rounds[1:]:
-        assert later.tenants == sorted({"tenant-0", "tenant-1"} - set(stopping)) and not later.dropped
-        assert later.stopped == {tenant: 1 for tenant in stopping}
-    evaluation = [r for r in reports if isinstance(r, EvalReport)][-1]
+    assert rounds[1].tenants == ["tenant-1"] and rounds[1].stopped == {"tenant-0": 1} and not rounds[1].dropped
     assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-1"]
 
 
-def test_a_secure_tenant_without_a_target_trains_every_round(task_identity: None, tmp_path) -> None:
-    reports: list[RoundReport | EvalReport] = []
-    run_cloud(LocalGrid(make_client_app(SECURE), 2, dealer=tmp_path), {**SECURE, "num-server-rounds": 2},
-              reports.append)
-    rounds = [r for r in reports if isinstance(r, RoundReport)]
-    assert [r.tenants for r in rounds] == [["tenant-0", "tenant-1"]] * 2 and all(r.stopped == {} for r in rounds)
+def test_a_window_shorter_than_min_window_is_not_compared(task_identity: None, tmp_path) -> None:
+    """A cloud that makes rounds short cannot make each step a yes/no question: the tenant
+    compares only windows of at least MIN_WINDOW of its own steps."""
+    config = {**SECURE, "local-steps": 2, "num-server-rounds": 3}
+    rounds, _ = _secure_run(tmp_path, config, {1: 100.0, 2: 100.0})
+    assert [r.tenants for r in rounds] == [["tenant-0", "tenant-1"]] * 3 and all(r.stopped == {} for r in rounds)
+
+
+def test_the_stop_rule_is_refused_under_gaussian_label_dp(task_identity: None, tmp_path) -> None:
+    config = {**SECURE, "label-dp-noise": 1.0, "num-server-rounds": 1, "local-steps": 1}
+    rounds, _ = _secure_run(tmp_path, config, {1: 100.0})
+    assert "refused under label-DP" in rounds[0].dropped["tenant-0"] and "tenant-0" not in rounds[0].tenants

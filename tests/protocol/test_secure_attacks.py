@@ -319,6 +319,8 @@ def test_a_client_skips_ahead_only_for_a_cloud_that_restarted(secure_data: Token
     assert cloud.next_step("t0") == 1 + RESUME_STEP_GAP
     transport.run_step(client, secure_data.collate(list(range(8, 16))))  # the transport passes next-step
     assert cloud.next_step("t0") == 2 + RESUME_STEP_GAP and client.state_dict()["next_step"] == 2 + RESUME_STEP_GAP
+    with pytest.raises(ProtocolError, match="more than a restarted cloud skips"):  # no exhausting the step space
+        client.begin(secure_data.collate(list(range(8))), cloud_step=3 + 2 * RESUME_STEP_GAP)
 
 
 def test_restored_client_over_flower_is_refused_at_begin(task_identity: None) -> None:

@@ -62,6 +62,9 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
                               f"under state-dir {settings.state_dir!r}, session {settings.session!r})")
         log(INFO, "flower-split cloud (%s): predictions with the state of round %d", backend.name, first_round - 1)
         return strategy.predict(grid, first_round - 1, on_report)
+    if first_round > settings.num_server_rounds:
+        raise ConfigError(f"session {settings.session!r} has completed {first_round - 1} rounds already: raise "
+                          f"num-server-rounds (now {settings.num_server_rounds}) to train on, or set predict = true")
     log(INFO, "flower-split cloud (%s): model %s on %s, rounds %d..%d", backend.name, config.model, device,
         first_round, settings.num_server_rounds)
     result = strategy.start(grid, settings.num_server_rounds, settings.eval_every,

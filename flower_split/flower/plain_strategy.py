@@ -72,7 +72,7 @@ class SplitStrategy(SplitStrategyBase):
         phase = Exchange()
         active = self.training_nodes(self.select(grid))
         losses: dict[int, tuple[float, int]] = {}  # node -> (loss sum, examples) of this round
-        done, examples = 0, 0
+        done, examples = self.steps_done(server_round), 0  # a round interrupted by a restart runs only the rest
         while done < self.local_steps and active:
             count = min(self.micro_batches, self.local_steps - done)
             replies = self.exchange(grid, MessageType.HEAD_FWD, {n: RecordDict({RecordKey.CONFIG: ConfigRecord({
@@ -102,6 +102,7 @@ class SplitStrategy(SplitStrategyBase):
                     backward[node] = pack_messages(HeadGrad, self.tenant_of[node], messages)
             self.exchange(grid, MessageType.HEAD_BWD, backward, server_round, phase, active)
             done += count
+            self.safe_point(server_round - 1, done)  # no step in flight
         loss_sum, reported = sum(v[0] for v in losses.values()), sum(v[1] for v in losses.values())
         self.note_round_losses(server_round, {self.tenant_of[n]: losses[n][0] / losses[n][1]
                                               for n in active if losses.get(n, (0, 0))[1]})

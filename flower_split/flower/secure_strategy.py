@@ -122,14 +122,15 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
     def train_round(self, grid: Grid, server_round: int) -> RoundReport:
         """One round: ``local_steps`` secure training steps for every selected tenant."""
         phase = Exchange()
+        resumed = self.steps_done(server_round)  # a round interrupted by a restart runs only the rest
         active = self.training_nodes(self.select(grid))
         self.dealer.round_started(server_round)
         every = self.he_key_rotation_every
         if every and server_round > 1 and (server_round - 1) % every == 0:
             self._rekey_due |= {t for t in self.cloud.tenants if self.cloud.he_key_id(t) is not None}
         self._rotate_keys(grid, server_round, phase, active)
-        self.safe_point(server_round - 1)  # a new CKKS key the tenants may switch to: saved before they do
-        examples, steps = 0, 0
+        self.safe_point(server_round - 1, resumed)  # a new CKKS key the tenants may switch to: saved first
+        examples, steps = 0, resumed
         every_log = max(1, self.local_steps // 8)  # a secure MiniLM round takes tens of minutes: say how far it is
         while steps < self.local_steps and active:
             ahead = steps + 1 < self.local_steps  # another training step follows: ask its material now
@@ -140,7 +141,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 if MetricKey.LABEL_DP_EPSILON in metrics:
                     self.label_dp[self.tenant_of[node]] = float(metrics[MetricKey.LABEL_DP_EPSILON])
             steps += 1
-            self.safe_point(server_round - 1)  # no step in flight: halves consistent within one step
+            self.safe_point(server_round - 1, steps)  # no step in flight: halves consistent within one step
             if steps % every_log == 0 and steps < self.local_steps:
                 log(INFO, "secure round %d: step %d/%d, %d tenants, %.0f s", server_round, steps,
                     self.local_steps, len(active), time.perf_counter() - phase.started)

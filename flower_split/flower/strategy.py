@@ -98,6 +98,7 @@ class SplitStrategyBase(ABC):
         self.label_dp: dict[str, float] = {}  # tenant -> the label-DP epsilon it last reported
         self.trained: set[str] = set()  # tenants that finished a training round (they must hold state)
         self.checkpoint: Callable[[int], None] | None = None  # saves the strategy (flower.cloud_state)
+        self.progress: tuple[int, int] = (0, 0)  # (round in progress, its training steps done)
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -127,13 +128,14 @@ class SplitStrategyBase(ABC):
     def state_dict(self) -> dict[str, Any]:
         """What the strategy must keep to resume: per-tenant bookkeeping and the cloud's state."""
         return {"stopped": dict(self.stopped), "label_dp": dict(self.label_dp), "trained": sorted(self.trained),
-                "cloud": self.cloud_state()}
+                "progress": list(self.progress), "cloud": self.cloud_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (a restarted ServerApp; node ids are learnt again)."""
         self.stopped = {str(k): int(v) for k, v in state["stopped"].items()}
         self.label_dp = {str(k): float(v) for k, v in state["label_dp"].items()}
         self.trained = {str(t) for t in state["trained"]}
+        self.progress = (int(state["progress"][0]), int(state["progress"][1]))
         self.load_cloud_state(state["cloud"])
 
     def cloud_state(self) -> Any:
@@ -143,10 +145,16 @@ class SplitStrategyBase(ABC):
     def load_cloud_state(self, state: Any) -> None:
         """Restore :meth:`cloud_state` after a restart."""
 
-    def safe_point(self, completed_round: int) -> None:
-        """No step is in flight: save the strategy (with ``checkpoint``), ``completed_round`` done."""
+    def safe_point(self, completed_round: int, steps_done: int = 0) -> None:
+        """No step is in flight: save the strategy (with ``checkpoint``), ``completed_round`` done
+        and ``steps_done`` training steps of the next one (a resumed round runs only the rest)."""
+        self.progress = (completed_round + 1, steps_done)
         if self.checkpoint is not None:
             self.checkpoint(completed_round)
+
+    def steps_done(self, server_round: int) -> int:
+        """Training steps of ``server_round`` done before a restart (0 unless it is the one resumed)."""
+        return self.progress[1] if self.progress[0] == server_round else 0
 
     def knows(self, node: int) -> bool:
         """Whether ``node``'s tenant has trained before, so that it must still hold its state."""

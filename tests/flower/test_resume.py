@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flower_helpers import LocalGrid
 from flower_split.apps.client_app import make_client_app
 from flower_split.apps.server_app import run_cloud
+from flower_split.config import ConfigError
 from flower_split.flower.contract import MessageType
 from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
 from flower_split.flower.records import records_to_state
@@ -152,8 +153,9 @@ def test_secure_run_resumes_after_the_cloud_and_every_node_restart(task_identity
     assert rounds[0].steps == 2 and not rounds[0].dropped and rounds[0].tenants == ["tenant-0", "tenant-1"]
     after = read_party(tmp_path / "cloud" / "bank-a" / "cloud", "cloud").state["cloud"]["tenants"]
     for tenant, record in after.items():
-        # nothing lost: 3 updates kept, 2 more; the step numbers jumped past any used before the crash
-        assert record["halves"]["updates"] == {"head": 5, "tail": 5}
+        # nothing lost, nothing extra: round 2 ran only its missing step, 2 rounds x 2 steps in all;
+        # the step numbers jumped past any used before the crash
+        assert record["halves"]["updates"] == {"head": 4, "tail": 4}
         assert record["next_step"] >= RESUME_STEP_GAP
     dealer = read_party(tmp_path / "nodes" / "bank-a" / "dealer", "node")
     assert dealer.state  # the dealer node resumed from its own disk too (its material checks passed)
@@ -227,3 +229,11 @@ def test_a_trained_secure_tenant_refuses_a_new_setup(task_identity: None, tmp_pa
         run_cloud(second, {**config, "reply-timeout": 5.0, "node-wait-timeout": 1.0})  # nobody set up: min-nodes unmet
     assert caplog.text.count("holds a trained secure party; a new set-up would discard it") >= 2
     assert digest(read_party(mirror, "node").state["secure.arrays"]) == before
+
+
+def test_resuming_a_finished_session_is_refused(task_identity: None, tmp_path) -> None:
+    config = {**PLAIN, "session": "done", "num-server-rounds": 1, "state-dir": str(tmp_path / "cloud")}
+    nodes = {"state-dir": str(tmp_path / "nodes")}
+    run_cloud(LocalGrid(make_client_app(config), 2, node_config=nodes), config)
+    with pytest.raises(ConfigError, match="has completed 1 rounds already: raise num-server-rounds"):
+        run_cloud(LocalGrid(make_client_app(config), 2, node_config=nodes), config)

@@ -7,13 +7,16 @@ times are compute only; add your transport's latency times the rounds). Reported
 (median over repetitions, after one warm-up step):
 
 * wall ms, and how it splits between client, cloud and dealer (secure);
+* CPU ms: the process CPU time of the whole step (all parties) and, secure, of the client's
+  calls alone; with 1 thread these measure the work whatever else loads the machine;
 * bytes client -> cloud and cloud -> client, and dealer -> cloud (secure);
 * rounds: client -> cloud messages per step (each answered by the cloud, except the last);
   messages cloud -> client.
 
 With ``--matmuls`` it also times every exact ring matmul (the Beaver products on both
 parties and the dealer's triples) by operand shape, to show where the 2PC time goes.
-``--set KEY=VALUE`` overrides a RunConfig field for every protocol (e.g. ``tail_bottleneck=64``).
+``--set KEY=VALUE`` overrides a RunConfig field for every protocol (e.g. ``tail_bottleneck=64``,
+``tail_input=pooled``; the split is built with the config's ``tail_input``).
 
 Usage: ``python simulations/bench_secure_step.py [--models tiny minilm] [--batch 32] [--reps 5]
 [--matmuls] [--set tail_bottleneck=64]``
@@ -78,46 +81,60 @@ def _batch(model: str, batch_size: int, max_length: int):
 
 def bench_plain(model: str, batch, reps: int, overrides: dict) -> dict:
     config = RunConfig(model=model, device="cpu", **{**SHAPES[model], **overrides})
-    parts = build_split(model, 77, config.head_rank, config.tail_bottleneck)
+    parts = build_split(model, 77, config.head_rank, config.tail_bottleneck, tail_input=config.tail_input)
     client = ClientParty("t0", parts.embedder, parts.head, parts.tail, config, total_steps=10 * (reps + 1))
     transport = InProcessTransport(CloudParty(parts.body))
-    times, sizes = [], []
+    times, cpus, sizes = [], [], []
     for rep in range(reps + 1):
         before = (transport.traffic.bytes_client_to_cloud, transport.traffic.bytes_cloud_to_client,
                   transport.traffic.messages_client_to_cloud, transport.traffic.messages_cloud_to_client)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         message = client.begin(batch)
         while message is not None:
             message = client.handle(transport.send(message))
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_step = time.perf_counter() - start, time.process_time() - cpu_start
         after = (transport.traffic.bytes_client_to_cloud, transport.traffic.bytes_cloud_to_client,
                  transport.traffic.messages_client_to_cloud, transport.traffic.messages_cloud_to_client)
         if rep:
             times.append(elapsed)
+            cpus.append(cpu_step)
             sizes.append([a - b for a, b in zip(after, before)])
     up, down, rounds, replies = sizes[-1]
-    return dict(wall=statistics.median(times), client=None, cloud=None, dealer=None, up=up, down=down,
-                dealer_bytes=0, rounds=rounds, replies=replies)
+    return dict(wall=statistics.median(times), cpu=statistics.median(cpus), client=None, client_cpu=None,
+                cloud=None, dealer=None, up=up, down=down, dealer_bytes=0, rounds=rounds, replies=replies)
 
 
 def bench_secure(model: str, batch, reps: int, mode: str, overrides: dict) -> dict:
     config = RunConfig(model=model, device="cpu", security="secure", label_protection=mode,
                        **{**SHAPES[model], **overrides})
-    parts = build_split(model, 77, config.head_rank, config.tail_bottleneck)
+    parts = build_split(model, 77, config.head_rank, config.tail_bottleneck, tail_input=config.tail_input)
     dealer = SecureDealerParty()
     cloud = SecureCloudParty(parts.body, dealer.public)
     client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail), config,
                                total_steps=10 * (reps + 1))
     transport = SecureLocalTransport(cloud, dealer)
     transport.connect(client)
-    costs = []
+    costs, cpu, step_cpu = [], [], []
+    spent = [0.0]
+
+    @contextlib.contextmanager
+    def client_cpu() -> Iterator[None]:
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            spent[0] += time.process_time() - start
+
     for rep in range(reps + 1):
-        transport.run_step(client, batch)
+        spent[0], cpu_start = 0.0, time.process_time()
+        transport.run_step(client, batch, client_clock=client_cpu)
         if rep:
             costs.append(transport.last_step)
+            cpu.append(spent[0])
+            step_cpu.append(time.process_time() - cpu_start)
     last = costs[-1]
-    return dict(wall=statistics.median(c.seconds for c in costs),
-                client=statistics.median(c.seconds_client for c in costs),
+    return dict(wall=statistics.median(c.seconds for c in costs), cpu=statistics.median(step_cpu),
+                client=statistics.median(c.seconds_client for c in costs), client_cpu=statistics.median(cpu),
                 cloud=statistics.median(c.seconds_cloud for c in costs),
                 dealer=statistics.median(c.seconds_dealer for c in costs),
                 up=last.bytes_client_to_cloud, down=last.bytes_cloud_to_client,
@@ -157,12 +174,14 @@ def main() -> None:
     def kib(value):
         return f"{value / 1024:,.1f}"
 
-    header = ("| model | batch | protocol | wall ms/step | x plain | client ms | cloud ms | dealer ms | "
-              "client->cloud KiB | cloud->client KiB | dealer->cloud KiB | rounds (client msgs) | cloud msgs |")
+    header = ("| model | batch | protocol | wall ms/step | x plain | CPU ms/step | client ms | client CPU ms | "
+              "cloud ms | dealer ms | client->cloud KiB | cloud->client KiB | dealer->cloud KiB | "
+              "rounds (client msgs) | cloud msgs |")
     print(header)
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, shape, name, r, ratio in rows:
-        print(f"| {model} | {shape} | {name} | {ms(r['wall'])} | {ratio:.1f} | {ms(r['client'])} | {ms(r['cloud'])} | "
+        print(f"| {model} | {shape} | {name} | {ms(r['wall'])} | {ratio:.1f} | {ms(r['cpu'])} | {ms(r['client'])} | "
+              f"{ms(r['client_cpu'])} | {ms(r['cloud'])} | "
               f"{ms(r['dealer'])} | {kib(r['up'])} | {kib(r['down'])} | {kib(r['dealer_bytes'])} | {r['rounds']} | "
               f"{r['replies']} |")
     print(f"\ntorch {torch.__version__}, {args.threads} thread(s), median of {args.reps} steps after one warm-up; "

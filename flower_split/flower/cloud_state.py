@@ -68,5 +68,5 @@ def cloud_checkpoint(settings: FlowerSettings, run_id: int, security: str,
     """The session's checkpoint under run config ``state-dir``; None when it is not set."""
     if not settings.state_dir:
         return None
-    session = settings.session or f"run-{run_id}"
-    return CloudCheckpoint(cloud_dir(session_dir(settings.state_dir, session)), security, body_sha256)
+    return CloudCheckpoint(cloud_dir(session_dir(settings.state_dir, settings.session_name(run_id))), security,
+                           body_sha256)

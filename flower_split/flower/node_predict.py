@@ -23,12 +23,29 @@ from typing import Any, Mapping, Sequence
 import torch
 from flwr.app import Context
 
+from flwr.app import ConfigRecord
+
+from flower_split.config import RunConfig
 from flower_split.data import TextDataset, TokenizedDataset
+from flower_split.flower.node_data import run_labels
+from flower_split.flower.settings import FlowerSettings
 from flower_split.model import load_tokenizer
 from flower_split.protocol import ProtocolError
 
 PREDICT_SCOPE = "predict"
 INPUT_CONFIG, OUTPUT_CONFIG = "predict-input", "predict-output"
+EVAL_STATE = "eval"  # ConfigRecord {scope}: the scope of the evaluation in progress
+
+
+def note_scope(context: Context, scope: str) -> None:
+    """Remember the scope of the evaluation in progress (its later messages carry none)."""
+    context.state[EVAL_STATE] = ConfigRecord({"scope": scope})
+
+
+def predicting(context: Context) -> bool:
+    """Whether the evaluation in progress classifies the node's own texts."""
+    record = context.state.get(EVAL_STATE)
+    return isinstance(record, ConfigRecord) and record.get("scope") == PREDICT_SCOPE
 
 
 def predict_paths(node_config: Mapping[str, Any]) -> tuple[Path, Path]:
@@ -43,15 +60,14 @@ def predict_paths(node_config: Mapping[str, Any]) -> tuple[Path, Path]:
     return Path(source), Path(target)
 
 
-def predict_texts(node_config: Mapping[str, Any], model: str, max_length: int,
-                  label_names: Sequence[str]) -> tuple[list[str], TokenizedDataset]:
+def predict_texts(context: Context, config: RunConfig, settings: FlowerSettings) -> tuple[list[str], TokenizedDataset]:
     """The node's texts and their tokens (cached while the file is unchanged)."""
-    source, _ = predict_paths(node_config)
+    source, _ = predict_paths(context.node_config)
     try:
         stamp = source.stat().st_mtime_ns
     except OSError as exc:
         raise ProtocolError(f"{source}: {INPUT_CONFIG} not readable ({exc.strerror})") from None
-    return _tokenized(str(source), stamp, model, max_length, tuple(label_names))
+    return _tokenized(str(source), stamp, config.model, config.max_length, run_labels(config, settings))
 
 
 @functools.lru_cache(maxsize=4)
@@ -75,17 +91,20 @@ def start_output(context: Context) -> None:
     target.write_text("", encoding="utf-8")
 
 
-def append_predictions(context: Context, texts: Sequence[str], indices: torch.Tensor, logits: torch.Tensor,
-                       label_names: Sequence[str]) -> int:
-    """Append one JSON line per row of ``logits`` (rows ``indices`` of the texts); how many."""
+def append_predictions(context: Context, config: RunConfig, settings: FlowerSettings,
+                       batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Append one JSON line per row of every (row indices of the texts, logits) batch; how many."""
     _, target = predict_paths(context.node_config)
-    probabilities = torch.softmax(logits.double(), dim=-1)
+    texts, names = predict_texts(context, config, settings)[0], run_labels(config, settings)
+    done = 0
     with target.open("a", encoding="utf-8") as handle:
-        for index, row in zip(indices.tolist(), probabilities):
-            values, order = row.sort(descending=True)
-            line = {"text": texts[int(index)], "label": label_names[int(order[0])],
-                    "probabilities": {label_names[int(i)]: round(float(v), 6) for v, i in zip(values, order)}}
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        for indices, logits in batches:
+            for index, row in zip(indices.tolist(), torch.softmax(logits.double(), dim=-1)):
+                values, order = row.sort(descending=True)
+                line = {"text": texts[int(index)], "label": names[int(order[0])],
+                        "probabilities": {names[int(i)]: round(float(v), 6) for v, i in zip(values, order)}}
+                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+            done += int(indices.numel())
         handle.flush()
         os.fsync(handle.fileno())
-    return int(indices.numel())
+    return done

@@ -45,11 +45,6 @@ STATE_DIR_CONFIG, STATE_DIR_ENV = "state-dir", "FLOWER_SPLIT_STATE_DIR"
 _KINDS = {"array": ArrayRecord, "config": ConfigRecord, "metric": MetricRecord}
 
 
-def session_name(context: Context, settings: FlowerSettings) -> str:
-    """Run config ``session``, or ``run-<run id>`` (a fresh session per run)."""
-    return settings.session or f"run-{context.run_id}"
-
-
 def node_state_dir(context: Context, settings: FlowerSettings, tenant: str | None) -> Path | None:
     """Where this node mirrors its state: ``<session>/tenants/<tenant>``, or ``<session>/dealer``
     for the dealer (``tenant`` None); None without ``state-dir``."""
@@ -58,7 +53,7 @@ def node_state_dir(context: Context, settings: FlowerSettings, tenant: str | Non
         return None
     if not isinstance(root, str):
         raise StateError(f"node config {STATE_DIR_CONFIG}: expected a path, got {root!r}")
-    session = session_dir(root, session_name(context, settings))
+    session = session_dir(root, settings.session_name(context.run_id))
     return dealer_dir(session) if tenant is None else tenant_dir(session, tenant)
 
 

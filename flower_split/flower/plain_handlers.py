@@ -33,10 +33,9 @@ from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, Reco
 from flower_split.flower.records import config_value, pack_messages, read_config, records_to_state, state_to_records, unpack_messages
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.tenant import (
-    EVAL_STATE, Cursor, Handler, TenantData, eval_scope, eval_set, new_adapters, randomized_labels, train_batches,
+    Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
 )
-from flower_split.flower.node_data import run_labels
-from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, predict_texts, start_output
+from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, note_scope, predicting, start_output
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.train.metrics import class_counts
 from flower_split.train.runtime import select_device
@@ -143,13 +142,13 @@ def _infer_fwd(message: Message, context: Context, config: RunConfig, settings: 
     record = read_config(message.content)
     count = config_value(record, ConfigKey.NUM_BATCHES, int)  # the loop below ends with the test set
     restart = config_value(record, ConfigKey.RESTART, bool)
-    test, scope = eval_set(data, record, context, config, settings), eval_scope(record)
+    test, scope = eval_set(data, record, context, config, settings)
     if count < 0:
         raise ProtocolError(f"config.num-batches: must be >= 0, got {count}")
     party, _ = _load_party(context, data, config, settings, drop_in_flight=True,
                            known=_known(record) or scope == PREDICT_SCOPE)  # predictions need a trained party
     cursor = Cursor.load(context.state)
-    context.state[EVAL_STATE] = ConfigRecord({"scope": scope})
+    note_scope(context, scope)
     if restart:
         cursor.eval_cursor = 0
         if scope == PREDICT_SCOPE:
@@ -184,11 +183,8 @@ def _infer_tail(message: Message, context: Context, config: RunConfig, settings:
         logits.append(party.pop_result(body_output.step).logits)
         predictions.append(logits[-1].argmax(-1))
     _save_party(context, party)
-    record = context.state.get(EVAL_STATE)
-    if isinstance(record, ConfigRecord) and record.get("scope") == PREDICT_SCOPE:  # the node's own texts
-        texts = predict_texts(context.node_config, config.model, config.max_length, run_labels(config, settings))[0]
-        done = sum(append_predictions(context, texts, i, z, run_labels(config, settings))
-                   for i, z in zip(indices, logits))
+    if predicting(context):  # the node's own texts: predictions to its own file, a count to the cloud
+        done = append_predictions(context, config, settings, list(zip(indices, logits)))
         return RecordDict({RecordKey.METRICS: MetricRecord({MetricKey.NUM_EXAMPLES: done})})
     # plain mode only: the client reports its own counts (correct, and per class for macro-F1)
     predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)

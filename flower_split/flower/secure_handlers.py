@@ -59,11 +59,9 @@ from flower_split.flower.dealer_node import allow_unpinned, pinned_dealer
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
-    EVAL_STATE, Cursor, Handler, TenantData, eval_scope, eval_set, new_adapters, next_batch_shape,
-    randomized_labels, train_batches,
+    Cursor, Handler, TenantData, eval_set, new_adapters, next_batch_shape, randomized_labels, train_batches,
 )
-from flower_split.flower.node_data import run_labels
-from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, predict_texts, start_output
+from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, note_scope, predicting, start_output
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
 from flower_split.train.metrics import class_counts
@@ -157,7 +155,7 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
                       data: TenantData) -> RecordDict:
     instruction = read_config(message.content)
     restart = config_value(instruction, ConfigKey.RESTART, bool)
-    test, scope = eval_set(data, instruction, context, config, settings), eval_scope(instruction)
+    test, scope = eval_set(data, instruction, context, config, settings)
     if restart and scope == PREDICT_SCOPE:
         start_output(context)
     party = _load(context, data, config, settings)
@@ -176,7 +174,7 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
         context.state[SECURE_BATCH] = ConfigRecord({"size": len(batch.labels)})
         context.state[SECURE_LABELS] = ArrayRecord({"labels": tensor_to_array("labels", batch.labels.long()),
                                                     "indices": tensor_to_array("indices", batch.indices.long())})
-        context.state[EVAL_STATE] = ConfigRecord({"scope": scope})
+        note_scope(context, scope)
     remaining = -(-(len(test) - cursor.eval_cursor) // config.batch_size)
     _save(context, party)
     cursor.save(context.state)
@@ -229,14 +227,12 @@ def _predictions(context: Context, config: RunConfig, settings: FlowerSettings,
                  result: SecureStepResult) -> int | None:
     """An inference step of scope ``predict``: its predictions appended to the node's output
     file (:mod:`~flower_split.flower.node_predict`), how many; None for any other scope."""
-    scope, record = context.state.get(EVAL_STATE), context.state.get(SECURE_LABELS)
-    if not isinstance(scope, ConfigRecord) or scope.get("scope") != PREDICT_SCOPE:
+    if not predicting(context):
         return None
+    record = context.state.get(SECURE_LABELS)
     if not isinstance(record, ArrayRecord) or "indices" not in record:
         raise ProtocolError("prediction step finished but its rows are not in the state")
-    names = run_labels(config, settings)
-    texts = predict_texts(context.node_config, config.model, config.max_length, names)[0]
-    return append_predictions(context, texts, array_to_tensor("indices", record["indices"]), result.logits, names)
+    return append_predictions(context, config, settings, [(array_to_tensor("indices", record["indices"]), result.logits)])
 
 
 def _step_metrics(context: Context, data: TenantData, party: SecureClientParty, train: bool,

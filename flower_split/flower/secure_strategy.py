@@ -111,8 +111,8 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
     def load_cloud_state(self, state: Any) -> None:
         """Restore the cloud after a restart: every tenant's step numbers move
         :data:`RESUME_STEP_GAP` on (the step in flight may have used some), and each restored
-        tenant is bound again to the first node that claims it (no new set-up: the node
-        resumes from its own saved state, :mod:`flower_split.flower.node_state`)."""
+        tenant is bound again to a node that proves it holds the tenant's key (no new set-up:
+        the node resumes from its own saved state, :mod:`flower_split.flower.node_state`)."""
         self.cloud.load_state_dict(state)
         self.cloud.skip_steps(RESUME_STEP_GAP)
         self.restored = set(self.cloud.tenants)
@@ -129,7 +129,6 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         if every and server_round > 1 and (server_round - 1) % every == 0:
             self._rekey_due |= {t for t in self.cloud.tenants if self.cloud.he_key_id(t) is not None}
         self._rotate_keys(grid, server_round, phase, active)
-        self.safe_point(server_round - 1, resumed)  # a new CKKS key the tenants may switch to: saved first
         examples, steps = 0, resumed
         every_log = max(1, self.local_steps // 8)  # a secure MiniLM round takes tens of minutes: say how far it is
         while steps < self.local_steps and active:
@@ -354,17 +353,21 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                                                            ConfigKey.SERVER_ROUND: server_round})})
                     for n in nodes}
         replies = self.exchange(grid, MessageType.SECURE_REKEY, contents, server_round, phase, active)
+        rotated = False
         for node, content in replies.items():
             tenant = self.tenant_of[node]
             tick = time.perf_counter()
             try:
                 key_id = self.cloud.accept_key_rotation(unpack_key_rotation(content, tenant))
                 self._rekey_due.discard(tenant)
+                rotated = True
                 log(INFO, "tenant %s: CKKS key rotated to %s", tenant, key_id.hex())
             except ProtocolError as exc:
                 self.drop(node, f"{MessageType.SECURE_REKEY}: {exc}", phase, active)
             finally:
                 phase.cloud += time.perf_counter() - tick
+        if rotated:  # a new key the tenants switch to at their next begin: saved before they do
+            self.safe_point(server_round - 1, self.steps_done(server_round))
 
 
 def _sync(content: RecordDict) -> dict[str, int]:

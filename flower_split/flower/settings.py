@@ -129,6 +129,10 @@ class FlowerSettings:
         make_partitioner(self.partition, 2, 0)
         return self
 
+    def session_name(self, run_id: int) -> str:
+        """Run config ``session``, or ``run-<run id>`` (a fresh session per run)."""
+        return self.session or f"run-{run_id}"
+
     @property
     def total_steps(self) -> int:
         """Optimizer steps each tenant takes over the whole run (for the LR schedule)."""

@@ -28,7 +28,7 @@ from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
 from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
-from flower_split.flower.node_data import NodeSource, node_rows, node_source, run_labels
+from flower_split.flower.node_data import NodeSource, node_rows, node_source
 from flower_split.flower.node_predict import PREDICT_SCOPE, predict_texts
 from flower_split.flower.node_state import mirrored, node_state_dir, rollback
 from flower_split.flower.records import config_value
@@ -39,7 +39,6 @@ from flower_split.protocol.label_rr import RandomizedLabels
 from flower_split.state import StateError
 
 DATA_STATE = "data"
-EVAL_STATE = "eval"  # ConfigRecord {scope}: the scope of the evaluation in progress
 RR_STATE = "label-rr"  # ConfigRecord {key}: the tenant's randomized-response key (label_rr_epsilon)
 
 
@@ -199,22 +198,17 @@ def _order(size: int, seed: int, partition_id: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, partition_id, epoch]).permutation(size).tolist()
 
 
-def eval_scope(record: ConfigRecord) -> str:
-    """The instruction's ``scope``: "tenant" (default), "global" or "predict"."""
+def eval_set(data: TenantData, record: ConfigRecord, context: Context, config: RunConfig,
+             settings: FlowerSettings) -> tuple[TokenizedDataset, str]:
+    """The instruction's ``scope`` and its rows: "tenant" (default): this tenant's test split;
+    "global": the whole sampled test set; "predict": the node's own texts (node config
+    ``predict-input``, unlabelled)."""
     scope = config_value(record, ConfigKey.SCOPE, str) if ConfigKey.SCOPE in record else "tenant"
     if scope not in EVAL_SCOPES:
         raise ProtocolError(f"config.scope: expected one of {EVAL_SCOPES}, got {scope!r}")
-    return scope
-
-
-def eval_set(data: TenantData, record: ConfigRecord, context: Context, config: RunConfig,
-             settings: FlowerSettings) -> TokenizedDataset:
-    """``scope`` "tenant" (default): this tenant's test split; "global": the whole sampled test
-    set; "predict": the node's own texts (node config ``predict-input``, unlabelled)."""
-    scope = eval_scope(record)
     if scope == PREDICT_SCOPE:
-        return predict_texts(context.node_config, config.model, config.max_length, run_labels(config, settings))[1]
-    return data.test if scope == "tenant" else data.global_test
+        return predict_texts(context, config, settings)[1], scope
+    return (data.test if scope == "tenant" else data.global_test), scope
 
 
 Handler = Callable[[Message, Context, RunConfig, FlowerSettings, TenantData], RecordDict]

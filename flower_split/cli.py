@@ -9,6 +9,7 @@ or data is loaded, so a bad value fails in milliseconds with the field's name.
               with a report and plots (:mod:`flower_split.runs.compare`).
 ``audit``     the leakage audit of a run recorded with ``train --audit`` (:mod:`flower_split.audit`).
 ``predict``   classify texts with a run's saved parties (:mod:`flower_split.runs.predict`).
+``worker``    the long-lived tenant worker of a deployed SuperNode (:mod:`flower_split.apps.tenant_worker`).
 ``dealer-keygen``, ``tls-certs``, ``node-keys``  key material of a deployment (docs/deployment.md:
               the secure-mode dealer's key pair, the SuperLink's CA and TLS certificate, the
               SuperNodes' authentication keys; :mod:`flower_split.runs.deploy_keys`).
@@ -97,6 +98,10 @@ def add_deploy_parsers(commands: argparse._SubParsersAction) -> None:
     node_keys = commands.add_parser("node-keys", help="make SuperNode authentication key pairs (P-384)")
     node_keys.add_argument("--out", required=True, help="directory for NAME (0600) and NAME.pub")
     node_keys.add_argument("names", nargs="+", help="one key pair per name, e.g. tenant-0 tenant-1 dealer")
+    worker = commands.add_parser("worker", help="the long-lived tenant worker a SuperNode hands its messages to "
+                                                "(node config worker-socket)")
+    worker.add_argument("--socket", required=True, help="Unix socket path, in a directory only you can write")
+    worker.add_argument("--max-runs", type=int, default=8, help="runs whose node state is kept in memory")
 
 
 def add_predict_parser(commands: argparse._SubParsersAction) -> None:
@@ -189,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_predict(args)
     if args.command == "dealer-keygen":
         return dealer_keygen(args.out)
+    if args.command == "worker":
+        from flower_split.apps.tenant_worker import run_worker
+
+        return run_worker(args.socket, args.max_runs)
     if args.command in ("tls-certs", "node-keys"):
         from flower_split.runs.deploy_keys import main_node_keys, main_tls_certs
 

@@ -13,27 +13,35 @@ messages, and ``query.role`` tells the strategy which node is which.
 
 Node config: ``partition-id`` and ``num-partitions`` (which partition of the run's data set
 this tenant trains on); ``role`` (``tenant`` or ``dealer``); ``dealer-public-key`` (a tenant:
-the dealer key it pins) and ``dealer-key`` (the dealer: its key file).
+the dealer key it pins) and ``dealer-key`` (the dealer: its key file); ``worker-socket`` (hand
+every message to the long-lived tenant worker listening there, :mod:`flower_split.apps.tenant_worker`).
+
+``app`` (the ClientApp ``flwr run`` loads) is a router that imports only Flower: Flower starts a
+fresh process for every message in a deployment, and with ``worker-socket`` that process
+relays the message to the worker and never imports torch. Without it, the handlers run in the
+process, loaded on the first message (:func:`make_client_app`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flower_split.backends import BACKENDS, backend_for
 from flower_split.flower.contract import MessageType, split_type
-from flower_split.flower.dealer_node import (
-    DEALER_HANDLERS, DEALER_ROLE, DealerHandler, dealer_identity, handle_dealer, node_role, role_record,
-)
-from flower_split.flower.settings import settings_from_run_config
-from flower_split.flower.tenant import Handler, handle, tenant_data
-from flower_split.protocol.dealer_identity import identity_public
+from flower_split.flower.worker_link import WORKER_SOCKET, forward
+
+if TYPE_CHECKING:
+    from flower_split.flower.dealer_node import DealerHandler
+    from flower_split.flower.tenant import Handler
 
 
-def _bind(handler: Handler, overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
+def _bind(handler: "Handler", overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
+    from flower_split.backends import backend_for
+    from flower_split.flower.tenant import handle
+
     def run(message: Message, context: Context) -> Message:
         return handle(handler, message, context, overrides, validate=backend_for)
 
@@ -41,7 +49,10 @@ def _bind(handler: Handler, overrides: Mapping[str, Any]) -> Callable[[Message, 
     return run
 
 
-def _bind_dealer(handler: DealerHandler, overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
+def _bind_dealer(handler: "DealerHandler", overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
+    from flower_split.flower.dealer_node import handle_dealer
+    from flower_split.flower.settings import settings_from_run_config
+
     def run(message: Message, context: Context) -> Message:
         _, settings = settings_from_run_config({**dict(context.run_config), **overrides})
         return handle_dealer(handler, message, context, settings)
@@ -51,6 +62,11 @@ def _bind_dealer(handler: DealerHandler, overrides: Mapping[str, Any]) -> Callab
 
 
 def _bind_role(overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
+    from flower_split.flower.dealer_node import DEALER_ROLE, dealer_identity, node_role, role_record
+    from flower_split.flower.settings import settings_from_run_config
+    from flower_split.flower.tenant import tenant_data
+    from flower_split.protocol.dealer_identity import identity_public
+
     def role(message: Message, context: Context) -> Message:
         """``query.role``: this node's role and, for a tenant, its tenant id."""
         config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
@@ -67,7 +83,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     """The tenant's ClientApp; ``overrides`` take precedence over ``context.run_config`` (tests).
 
     ``mods``: Flower mods wrapped around every handler (e.g. the cost meter of simulations).
+    Imports the backends (torch, transformers): called in the process that runs the handlers.
     """
+    from flower_split.backends import BACKENDS
+    from flower_split.flower.dealer_node import DEALER_HANDLERS
+
     extra = dict(overrides or {})
     client_app = ClientApp(mods=mods)
     registered: dict[str, str] = {}
@@ -86,4 +106,31 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     return client_app
 
 
-app = make_client_app()
+def message_types() -> list[str]:
+    """Every message type of the contract (:class:`MessageType`) but the simulations' warm-up."""
+    return sorted(value for name, value in vars(MessageType).items()
+                  if not name.startswith("_") and isinstance(value, str) and value != MessageType.WARM_UP)
+
+
+@functools.cache
+def _in_process() -> ClientApp:
+    return make_client_app()
+
+
+def route(message: Message, context: Context) -> Message:
+    """To the tenant worker when the node config names one, else to the handlers in this process."""
+    if context.node_config.get(WORKER_SOCKET):
+        return forward(message, context)
+    return _in_process()(message, context)
+
+
+def make_router() -> ClientApp:
+    """The ClientApp ``flwr run`` loads: :func:`route` under every message type."""
+    router = ClientApp()
+    for message_type in message_types():
+        category, action = split_type(message_type)
+        getattr(router, category)(action)(route)
+    return router
+
+
+app = make_router()

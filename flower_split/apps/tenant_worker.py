@@ -1,0 +1,185 @@
+"""The tenant worker: a long-lived process that runs the ClientApp's handlers for one node.
+
+``flower-split worker --socket PATH`` on a tenant's (or the dealer's) machine, next to its
+SuperNode started with node config ``worker-socket = "PATH"``. The per-message ClientApp that
+Flower starts then only relays each message here (:mod:`flower_split.flower.worker_link`), so
+torch, the model, the tokenized rows and the node's party state are loaded once and stay in
+memory: the per-message floor of a deployment drops from tens of seconds to Flower's own
+(process start of ``flwr-clientapp`` and the SuperNode's polling). docs/deployment.md §10.
+
+What the worker holds is what ``context.state`` held before, per (run, node): a restarted
+worker starts empty, and with node config ``state-dir`` the handlers reload the node's
+mirror from disk exactly as a restarted SuperNode's do (:mod:`flower_split.flower.node_state`).
+
+Trust: the socket is the node's own (file mode 0600, in a directory only its owner can
+write; a connection from another user is closed unread), so only the SuperNode's processes of
+the same user reach it. Requests are Flower protobufs, bounded in size before allocation; one
+request is handled at a time, as the SuperNode sends them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.error import Error
+from flwr.common.serde import message_from_proto, message_to_proto, user_config_from_proto
+from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=no-name-in-module
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
+
+from flower_split.flower.worker_link import MAX_FRAME_BYTES, WORKER_ERROR_CODE, WorkerError, recv_frame, send_frame
+
+LOG = logging.getLogger("flower_split.worker")
+MAX_RUNS = 8  # states of this many (run, node) pairs are kept; the least recently used go first
+App = Callable[[Message, Context], Message]
+
+
+class WorkerSetupError(RuntimeError):
+    """The socket cannot be served safely (an unsafe directory, another live worker on it)."""
+
+
+class TenantWorker:
+    """Handles request frames with ``app``, holding each (run, node)'s state between them."""
+
+    def __init__(self, app: App, max_runs: int = MAX_RUNS, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.app = app
+        self.max_runs = max_runs
+        self.max_frame_bytes = max_frame_bytes
+        self.states: OrderedDict[tuple[int, int], RecordDict] = OrderedDict()
+        self.handled = 0
+
+    def handle_parts(self, parts: list[bytes]) -> bytes:
+        """One request frame's parts -> the reply proto's bytes (never raises for a bad request
+        whose message could be parsed: that is an error reply)."""
+        if len(parts) != 2:
+            raise WorkerError(f"request of {len(parts)} parts; expected 2 (message, context)")
+        message_proto, context_proto = ProtoMessage(), ProtoContext()
+        message_proto.ParseFromString(parts[0])
+        context_proto.ParseFromString(parts[1])
+        message = message_from_proto(message_proto)
+        key = (context_proto.run_id, context_proto.node_id)
+        state = self.states.pop(key, None) or RecordDict()
+        context = Context(run_id=key[0], node_id=key[1], node_config=user_config_from_proto(context_proto.node_config),
+                          state=state, run_config=user_config_from_proto(context_proto.run_config))
+        try:
+            reply = self.app(message, context)
+        except Exception as exc:  # pylint: disable=broad-exception-caught  # the ClientApp's own contract
+            LOG.exception("%s failed", message.metadata.message_type)
+            reply = Message(Error(code=WORKER_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+        self.states[key] = context.state
+        while len(self.states) > self.max_runs:
+            self.states.popitem(last=False)
+        self.handled += 1
+        return message_to_proto(reply).SerializeToString()
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        """One request and its reply on an accepted connection (from this user only)."""
+        if not _same_user(conn):
+            LOG.warning("refused a connection from another user")
+            return
+        started = time.perf_counter()
+        try:
+            reply = self.handle_parts(recv_frame(conn, max_parts=2, max_bytes=self.max_frame_bytes))
+        except Exception as exc:  # pylint: disable=broad-exception-caught  # a bad request, not a crash
+            LOG.warning("refused a malformed request: %s: %s", type(exc).__name__, exc)
+            return
+        send_frame(conn, [reply])
+        LOG.info("message %d handled in %.2f s", self.handled, time.perf_counter() - started)
+
+
+def _same_user(conn: socket.socket) -> bool:
+    creds = struct.Struct("3i")
+    _, uid, _ = creds.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+    return uid == os.getuid()
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path`` (mode 0600) in a directory only this user can write;
+    a stale socket file is replaced, a live worker's is refused."""
+    directory = path.parent.resolve()
+    if not directory.is_dir():
+        raise WorkerSetupError(f"{directory}: no such directory for the worker socket")
+    info = directory.stat()
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise WorkerSetupError(f"{directory}: the socket's directory must be owned by this user and not writable by "
+                               "others (e.g. mkdir -m 700)")
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise WorkerSetupError(f"{path} exists and is not a socket")
+        if _live(path):
+            raise WorkerSetupError(f"{path}: another worker is listening there")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(8)
+    return sock
+
+
+def _live(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def serve(path: Path, worker: TenantWorker, stop: threading.Event | None = None) -> None:
+    """Serve ``worker`` on ``path`` until ``stop`` is set (or SIGTERM/SIGINT in the main thread);
+    the socket file is removed on the way out."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    listener = bind_socket(path)
+    listener.settimeout(0.2)
+    LOG.info("tenant worker listening on %s", path)
+    try:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except (socket.timeout, InterruptedError):
+                continue
+            with conn:
+                conn.settimeout(None)
+                try:
+                    worker.serve_connection(conn)
+                except OSError as exc:  # the relaying ClientApp went away: its SuperNode retries
+                    LOG.warning("reply not delivered: %s", exc)
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
+
+
+def run_worker(path: str, max_runs: int = MAX_RUNS) -> int:
+    """``flower-split worker``: serve this machine's node (tenant or dealer) on socket ``path``.
+
+    Every reply carries the cost meter's record (:func:`flower_split.flower.metering.cost_mod`:
+    the worker's CPU seconds and peak memory per message), which the ServerApp's metered grid
+    takes off and reports as the tenant's client CPU in results.json.
+    """
+    from flower_split.apps.client_app import make_client_app
+    from flower_split.flower.metering import cost_mod
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker = TenantWorker(make_client_app(mods=[cost_mod()]), max_runs=max_runs)
+    try:
+        serve(Path(path), worker)
+    except WorkerSetupError as exc:
+        LOG.error("%s", exc)
+        return 2
+    return 0

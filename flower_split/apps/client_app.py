@@ -103,7 +103,19 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
         getattr(client_app, category)(action)(_bind_dealer(dealer_handler, extra))
     category, action = split_type(MessageType.ROLE)
     getattr(client_app, category)(action)(_bind_role(extra))
+    category, action = split_type(MessageType.CHANNEL_OPEN)
+    getattr(client_app, category)(action)(_no_channel)
     return client_app
+
+
+def _no_channel(message: Message, context: Context) -> Message:
+    """``query.channel_open`` to a node without a tenant worker: it stays on Flower."""
+    from flwr.app.error import Error
+
+    from flower_split.flower.worker_link import WORKER_ERROR_CODE
+
+    return Message(Error(code=WORKER_ERROR_CODE, reason="no tenant worker on this node (node config "
+                         "worker-socket): it stays on Flower, no direct channel"), reply_to=message)
 
 
 def message_types() -> list[str]:

@@ -11,7 +11,12 @@ MetricRecords ``round-N`` / ``eval-N``) into the ServerApp's ``context.state``.
 discards it. So with run-config ``results-dir`` the ServerApp meters its grid and writes
 ``results-dir/results.json`` when the run ends (:func:`run_recorded`; the format of
 ``flower-split simulate``, :func:`flower_split.flower.results.run_entry`, with
-``"runtime": "deployment"`` and no client CPU figures: a deployed ClientApp has no cost meter).
+``"runtime": "deployment"``; client CPU figures come from tenant workers' cost meters, none
+without workers).
+
+With run config ``channel-address`` the grid is a :class:`ChannelGrid`: messages to nodes
+whose tenant worker joins the ServerApp's direct channel bypass Flower's polling
+(:mod:`flower_split.flower.direct_channel`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from flower_split.backends import backend_for
 from flower_split.config import ConfigError
 from flower_split.flower.cloud_state import cloud_checkpoint
+from flower_split.flower.direct_channel import ChannelGrid
 from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.strategy import Report
@@ -123,9 +129,16 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         values = {**dict(context.run_config), **extra}
-        recorded = bool(settings_from_run_config(values)[1].results_dir)
-        result = (run_recorded if recorded else run_cloud)(grid, values, on_report, context.run_id)
-        _store(context, result)
+        settings = settings_from_run_config(values)[1]
+        run = run_recorded if settings.results_dir else run_cloud
+        if not settings.channel_address:
+            _store(context, run(grid, values, on_report, context.run_id))
+            return
+        channel = ChannelGrid(grid, settings.channel_address)
+        try:
+            _store(context, run(channel, values, on_report, context.run_id))
+        finally:
+            channel.close()
 
     return server_app
 

@@ -28,8 +28,9 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
@@ -37,6 +38,8 @@ from flwr.common.serde import message_from_proto, message_to_proto, user_config_
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=no-name-in-module
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 
+from flower_split.flower.channel_link import join, serve_channel
+from flower_split.flower.contract import MessageType
 from flower_split.flower.worker_link import MAX_FRAME_BYTES, WORKER_ERROR_CODE, WorkerError, recv_frame, send_frame
 
 LOG = logging.getLogger("flower_split.worker")
@@ -48,6 +51,15 @@ class WorkerSetupError(RuntimeError):
     """The socket cannot be served safely (an unsafe directory, another live worker on it)."""
 
 
+@dataclass(frozen=True)
+class _Node:
+    """Which node a message is for, and its configs (from the relaying ClientApp's context)."""
+
+    key: tuple[int, int]  # (run id, node id)
+    node_config: Mapping[str, Any]
+    run_config: Mapping[str, Any]
+
+
 class TenantWorker:
     """Handles request frames with ``app``, holding each (run, node)'s state between them."""
 
@@ -57,6 +69,7 @@ class TenantWorker:
         self.max_frame_bytes = max_frame_bytes
         self.states: OrderedDict[tuple[int, int], RecordDict] = OrderedDict()
         self.handled = 0
+        self.lock = threading.Lock()
 
     def handle_parts(self, parts: list[bytes]) -> bytes:
         """One request frame's parts -> the reply proto's bytes (never raises for a bad request
@@ -67,20 +80,43 @@ class TenantWorker:
         message_proto.ParseFromString(parts[0])
         context_proto.ParseFromString(parts[1])
         message = message_from_proto(message_proto)
-        key = (context_proto.run_id, context_proto.node_id)
-        state = self.states.pop(key, None) or RecordDict()
-        context = Context(run_id=key[0], node_id=key[1], node_config=user_config_from_proto(context_proto.node_config),
-                          state=state, run_config=user_config_from_proto(context_proto.run_config))
-        try:
-            reply = self.app(message, context)
-        except Exception as exc:  # pylint: disable=broad-exception-caught  # the ClientApp's own contract
-            LOG.exception("%s failed", message.metadata.message_type)
-            reply = Message(Error(code=WORKER_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-        self.states[key] = context.state
-        while len(self.states) > self.max_runs:
-            self.states.popitem(last=False)
-        self.handled += 1
+        node = _Node((context_proto.run_id, context_proto.node_id), user_config_from_proto(context_proto.node_config),
+                     user_config_from_proto(context_proto.run_config))
+        if message.metadata.message_type == MessageType.CHANNEL_OPEN:
+            reply = self.open_channel(message, node)
+        else:
+            reply = self.handle(message, node)
         return message_to_proto(reply).SerializeToString()
+
+    def handle(self, message: Message, node: _Node) -> Message:
+        """``message`` handled by the app with ``node``'s state (one message at a time)."""
+        with self.lock:
+            context = Context(run_id=node.key[0], node_id=node.key[1], node_config=node.node_config,
+                              state=self.states.pop(node.key, None) or RecordDict(), run_config=node.run_config)
+            try:
+                reply = self.app(message, context)
+            except Exception as exc:  # pylint: disable=broad-exception-caught  # the ClientApp's own contract
+                LOG.exception("%s failed", message.metadata.message_type)
+                reply = Message(Error(code=WORKER_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"),
+                                reply_to=message)
+            self.states[node.key] = context.state
+            while len(self.states) > self.max_runs:
+                self.states.popitem(last=False)
+            self.handled += 1
+        return reply
+
+    def open_channel(self, message: Message, node: _Node) -> Message:
+        """Join the cloud's direct channel (:mod:`flower_split.flower.channel_link`) and serve it
+        in a thread with ``node``'s context; the reply tells the cloud over Flower."""
+        try:
+            conn = join(message)
+        except (OSError, WorkerError) as exc:
+            return Message(Error(code=WORKER_ERROR_CODE, reason=f"direct channel not joined: {exc}"), reply_to=message)
+        threading.Thread(target=serve_channel, args=(conn, lambda m: self.handle(m, node)), daemon=True,
+                         name=f"channel-{node.key[1]}").start()
+        LOG.info("joined the direct channel of run %d as node %d", *node.key)
+        return Message(RecordDict(), reply_to=message)
+
 
     def serve_connection(self, conn: socket.socket) -> None:
         """One request and its reply on an accepted connection (from this user only)."""

@@ -35,6 +35,8 @@ class MessageType:
     DEALER_HELLO = "query.dealer_hello"
     DEALER_REGISTER = "query.dealer_register"
     DEALER_MATERIAL = "query.dealer_material"
+    # deployment: the cloud invites a node's tenant worker to its direct channel (docs/deployment.md §10)
+    CHANNEL_OPEN = "query.channel_open"
     # simulations: load model and data before the first timed round
     WARM_UP = "query.warmup"
 

@@ -71,6 +71,10 @@ class FlowerSettings:
     ``predict`` (train nothing: resume the trained ``session`` from ``state-dir`` and classify
     every tenant's own texts, node config ``predict-input``, into its own ``predict-output``;
     :mod:`flower_split.flower.node_predict`),
+    ``channel-address`` (deployment: ``HOST:PORT`` where the ServerApp listens for its direct
+    channel to the tenants' workers, reachable from every tenant machine; messages then bypass
+    Flower's polling, :mod:`flower_split.flower.direct_channel`; port 0: any free port; empty
+    (default): every message goes through Flower),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`).
     """
@@ -98,6 +102,7 @@ class FlowerSettings:
     state_dir: str = ""
     session: str = ""
     predict: bool = False
+    channel_address: str = ""
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -121,9 +126,13 @@ class FlowerSettings:
                      "predict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
-        for name in ("expected_dealer_key", "partition", "labels", "results_dir", "state_dir", "session"):
+        for name in ("expected_dealer_key", "partition", "labels", "results_dir", "state_dir", "session",
+                     "channel_address"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name.replace('_', '-')}: expected a string, got {getattr(self, name)!r}")
+        host, sep, port = self.channel_address.rpartition(":")
+        if self.channel_address and not (sep and host and port.isdigit() and int(port) < 65536):
+            raise ConfigError(f"channel-address: expected HOST:PORT, got {self.channel_address!r}")
         from flower_split.data import make_partitioner  # validates the spec's syntax
 
         make_partitioner(self.partition, 2, 0)

@@ -120,6 +120,17 @@ class LocalFederation:
             "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
             "--port", str(free_port()), *extra])
 
+    def start_worker(self, name: str, timeout: float = 120.0) -> tuple[Process, str]:
+        """``flower-split worker`` for node ``name`` (docs/deployment.md §10); its socket path,
+        for the node's ``worker-socket``, once it listens."""
+        sockets = self.dir / "sockets"
+        sockets.mkdir(mode=0o700, exist_ok=True)
+        path = sockets / f"{name}.sock"
+        command = ["flower-split"] if binary("flower-split") else [sys.executable, "-m", "flower_split.cli"]
+        worker = self.start(f"worker-{name}", [*command, "worker", "--socket", str(path)])
+        self.wait_for(worker, "tenant worker listening on", timeout)
+        return worker, str(path)
+
     def wait_for(self, process: Process, pattern: str, timeout: float) -> re.Match:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

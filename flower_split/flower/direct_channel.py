@@ -1,0 +1,209 @@
+"""The direct channel: the cloud talks to tenant workers over TLS, Flower stays the control plane.
+
+Flower 1.41 delivers a message in a deployment by polling (the ServerApp's grid every 3 s,
+the SuperNode every 3 s when idle) and a fresh ``flwr-clientapp`` process per message: about
+10 s per protocol round trip on localhost even when a tenant worker does the work in 0.1 s
+(docs/deployment.md §10). With run config ``channel-address = "HOST:PORT"`` the ServerApp
+listens there (:class:`ChannelServer`) and :class:`ChannelGrid` moves the protocol's
+messages to each node that joins, over one TLS connection per node:
+
+1. **Bootstrap over Flower.** Once per node, a ``query.channel_open`` message through
+   Flower's authenticated path (TLS, SuperNode authentication) carries the channel's
+   address, the SHA-256 of the ServerApp's throw-away certificate
+   (:mod:`flower_split.transport.pinned_tls`) and a fresh 32-byte token for that node only.
+2. The node's tenant worker connects, pins the certificate, sends the token
+   (:mod:`flower_split.flower.channel_link`); the token is single-use and names the node, so
+   the connection speaks for exactly the node Flower authenticated. Then it replies to (1).
+3. **Stage messages over the channel**: a Flower ``Message`` protobuf each way, one request
+   and one reply at a time per node, all nodes in parallel. A reply is rebuilt here as a
+   reply to the request (its sender is the channel's node, whatever the worker wrote).
+
+A node without a worker (the bootstrap fails) stays on Flower for the run; a channel that
+breaks or times out drops that node from the round trip, as a silent Flower node would be,
+and the node is offered a new channel once it answers over Flower again. Nothing new
+reaches the cloud: the channel carries the same messages Flower would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import socket
+import ssl
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.logger import log
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
+from flwr.serverapp import Grid
+from google.protobuf.message import DecodeError
+
+from flower_split.flower.contract import MessageType
+from flower_split.flower.worker_link import MAX_FRAME_BYTES, WorkerError, recv_frame, send_frame
+from flower_split.transport.pinned_tls import server_context
+
+HELLO, ACK = b"hello", b"ok"
+CHANNEL_RECORD = "channel"  # ConfigRecord of query.channel_open: host, port, fingerprint, token
+HANDSHAKE_TIMEOUT = 10.0
+OPEN, REFUSED, LOST = "open", "refused", "lost"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` -> (host, port); port 0 asks the system for a free one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"channel-address: expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class ChannelServer:
+    """The ServerApp's TLS listener: admits a connection only with a pending node's token."""
+
+    def __init__(self, address: str) -> None:
+        host, port = parse_address(address)
+        self.context, self.fingerprint = server_context()
+        self.listener = socket.create_server((host, port))
+        self.host, self.port = host, self.listener.getsockname()[1]
+        self.pending: dict[bytes, int] = {}  # SHA-256 of a token -> node id
+        self.conns: dict[int, ssl.SSLSocket] = {}
+        self.joined = threading.Condition()
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, name="channel-accept", daemon=True).start()
+
+    def invite(self, node: int) -> bytes:
+        """A fresh single-use token for ``node`` (its earlier ones are void)."""
+        token = secrets.token_bytes(32)
+        with self.joined:
+            self.pending = {k: v for k, v in self.pending.items() if v != node}
+            self.pending[hashlib.sha256(token).digest()] = node
+        return token
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._admit, args=(raw,), daemon=True).start()
+
+    def _admit(self, raw: socket.socket) -> None:
+        try:
+            raw.settimeout(HANDSHAKE_TIMEOUT)
+            conn = self.context.wrap_socket(raw, server_side=True)
+            kind, token = recv_frame(conn, max_parts=2, max_bytes=256)
+            with self.joined:
+                node = self.pending.pop(hashlib.sha256(token).digest(), None) if kind == HELLO else None
+                if node is None:
+                    raise WorkerError("unknown or used token")
+                send_frame(conn, [ACK])
+                old = self.conns.pop(node, None)
+                self.conns[node] = conn
+                self.joined.notify_all()
+            if old is not None:
+                old.close()
+        except (OSError, ValueError, WorkerError) as exc:  # ValueError: a frame of other than two parts
+            log(30, "direct channel: refused a connection: %s", exc)
+            raw.close()
+
+    def drop(self, node: int) -> None:
+        with self.joined:
+            conn = self.conns.pop(node, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        with self.joined:
+            for conn in self.conns.values():
+                conn.close()
+            self.conns.clear()
+
+
+class ChannelGrid(Grid):
+    """A Grid that sends each message over its node's direct channel when it has one (module doc)."""
+
+    def __init__(self, grid: Grid, address: str) -> None:
+        self._grid = grid
+        self.server = ChannelServer(address)
+        self.status: dict[int, str] = {}
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="channel")
+        log(20, "direct channel listening on %s:%d (certificate SHA-256 %s)", self.server.host, self.server.port,
+            self.server.fingerprint)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self._bootstrap({m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.status},
+                        timeout)
+        direct = [m for m in messages if self.status.get(m.metadata.dst_node_id) == OPEN]
+        flower = [m for m in messages if self.status.get(m.metadata.dst_node_id) != OPEN]
+        futures = [self.pool.submit(self._exchange, m, timeout) for m in direct]
+        replies = list(self._grid.send_and_receive(flower, timeout=timeout)) if flower else []
+        for reply in replies:  # a node that lost its channel answers over Flower: offer it a new one
+            if self.status.get(reply.metadata.src_node_id) == LOST and not reply.has_error():
+                del self.status[reply.metadata.src_node_id]
+        return replies + [reply for reply in (f.result() for f in futures) if reply is not None]
+
+    def _bootstrap(self, nodes: set[int], timeout: float | None) -> None:
+        if not nodes:
+            return
+        invitations = [Message(RecordDict({CHANNEL_RECORD: ConfigRecord({
+            "host": self.server.host, "port": self.server.port, "fingerprint": self.server.fingerprint,
+            "token": self.server.invite(node)})}), dst_node_id=node, message_type=MessageType.CHANNEL_OPEN)
+            for node in sorted(nodes)]
+        answered = {r.metadata.src_node_id: r for r in self._grid.send_and_receive(invitations, timeout=timeout)}
+        for node in nodes:
+            reply = answered.get(node)
+            joined = node in self.server.conns
+            self.status[node] = OPEN if joined and reply is not None and not reply.has_error() else REFUSED
+            if self.status[node] == REFUSED:
+                self.server.drop(node)
+                reason = reply.error.reason if reply is not None and reply.has_error() else "no reply"
+                log(20, "direct channel: node %d stays on Flower (%s)", node, reason)
+
+    def _exchange(self, message: Message, timeout: float | None) -> Message | None:
+        node = message.metadata.dst_node_id
+        conn = self.server.conns.get(node)
+        try:
+            if conn is None:
+                raise WorkerError("not connected")
+            conn.settimeout(timeout)
+            send_frame(conn, [message_to_proto(message).SerializeToString()])
+            (data,) = recv_frame(conn, max_parts=1, max_bytes=MAX_FRAME_BYTES)
+            proto = ProtoMessage()
+            proto.ParseFromString(data)
+            reply = message_from_proto(proto)
+        except (OSError, DecodeError, WorkerError) as exc:
+            log(30, "direct channel: node %d lost (%s: %s); it answers over Flower until it rejoins", node,
+                type(exc).__name__, exc)
+            self.status[node] = LOST
+            self.server.drop(node)
+            return None
+        return Message(reply.error if reply.has_error() else reply.content, reply_to=message)
+
+    def close(self) -> None:
+        self.server.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # the rest of the Grid, as Flower's
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run

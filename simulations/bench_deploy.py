@@ -1,0 +1,125 @@
+"""Seconds per protocol round trip in a real deployment, with and without tenant workers.
+
+A SuperLink (TLS, SuperNode authentication) and SuperNodes on localhost, as docs/deployment.md
+sets them up (the harness of tests/deploy), then ``flwr run`` of the same quick runs twice:
+every node relaying to a long-lived ``flower-split worker`` (node config ``worker-socket``)
+and every node running the handlers in Flower's per-message ClientApp process. Runs:
+split-plain (two tenants, one round of two steps in one message) and split-secure with client
+label protection (two tenants and the dealer node, one round of ``--secure-steps`` steps).
+Reads round trips and wall seconds from each run's results.json; prints a Markdown table.
+
+    python simulations/bench_deploy.py [--secure-steps 1] [--variants channel,workers,none]
+
+Numbers are the machine's: say which and how loaded when you quote them (docs/deployment.md §10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deploy"))
+
+from deploy_harness import LocalFederation, missing_binaries  # noqa: E402
+
+LABELS = ("card_arrival", "exchange_rate", "top_up_failed")
+RUN = {"model": "tiny", "head-rank": 8, "tail-bottleneck": 16, "lr-head": 0.02, "lr-tail": 0.3, "batch-size": 16,
+       "num-server-rounds": 1, "eval-every": 0, "global-eval": False, "min-nodes": 2, "labels": ",".join(LABELS)}
+PLAIN = {**RUN, "local-steps": 2, "micro-batches": 2}
+TIMEOUT = 3600.0
+
+
+def tenant_csv(directory: Path, tenant: int, rows: int = 40) -> Path:
+    words = {"card_arrival": "when will my new card arrive", "exchange_rate": "what exchange rate do you use",
+             "top_up_failed": "my top up did not work"}
+    path = directory / f"tenant-{tenant}.csv"
+    lines = ["text,category"] + [f"{words[LABELS[(i + tenant) % 3]]} {i},{LABELS[(i + tenant) % 3]}"
+                                 for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def start_nodes(fed: LocalFederation, workers: bool) -> Path:
+    """Two tenants and the dealer node, registered; the dealer's public key file."""
+    from flower_split.protocol.dealer_identity import new_identity, save_identity
+
+    private, public = save_identity(new_identity(), fed.dir / "dealer")
+    keys = fed.node_keys("tenant-0", "tenant-1", "dealer")
+    configs = {f"tenant-{t}": f'partition-id={t} data-path="{tenant_csv(fed.dir, t)}" dealer-public-key="{public}"'
+               for t in (0, 1)}
+    configs["dealer"] = f'role="dealer" dealer-key="{private}"'
+    for name, node_config in configs.items():
+        fed.register(keys[name][1])
+        if workers:
+            _, path = fed.start_worker(name)
+            node_config += f' worker-socket="{path}"'
+        fed.start_supernode(name, keys[name][0], node_config)
+    return public
+
+
+def measure(workers: bool, secure_steps: int, channel: bool = False) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fs-bench-") as tmp:
+        fed = LocalFederation(Path(tmp))
+        try:
+            fed.start_superlink()
+            dealer_pub = start_nodes(fed, workers)
+            runs = {"split-plain": PLAIN,
+                    "split-secure-client": {**RUN, "security": "secure", "label-protection": "client",
+                                            "local-steps": secure_steps, "micro-batches": 1,
+                                            "expected-dealer-key": str(dealer_pub)}}
+            for name, config in runs.items():
+                if channel:
+                    config = {**config, "channel-address": "127.0.0.1:0"}
+                out = fed.dir / f"results-{name}"
+                started = time.monotonic()
+                done = fed.run({**config, "results-dir": str(out)}, timeout=TIMEOUT)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{name}: flwr run failed:\n{(done.stdout + done.stderr)[-3000:]}")
+                run = json.loads((out / "results.json").read_text())["runs"][0]
+                (round_,) = run["rounds"]
+                rows.append({"run": name, "workers": workers, "channel": channel, "round_trips": round_["round_trips"],
+                             "round_seconds": round_["wall_seconds"], "flwr_run_seconds": time.monotonic() - started,
+                             "client_cpu_seconds": run.get("client_cpu_seconds_per_tenant"),
+                             "accuracy": run.get("per_tenant_accuracy")})
+        finally:
+            fed.stop()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--secure-steps", type=int, default=1)
+    parser.add_argument("--variants", default="channel,workers,none",
+                        help="comma-separated: channel (workers and the direct channel), workers (workers, "
+                             "messages through Flower), none (handlers in Flower's per-message process)")
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    if missing_binaries():
+        print(f"Flower binaries missing: {missing_binaries()}", file=sys.stderr)
+        return 2
+    rows = []
+    for variant in args.variants.split(","):
+        if variant not in ("channel", "workers", "none"):
+            parser.error(f"--variants: unknown variant {variant!r}")
+        rows += measure(variant != "none", args.secure_steps, channel=variant == "channel")
+    print(f"\nmachine: {platform.node()} {platform.machine()}, python {platform.python_version()}\n")
+    print("| run | tenant workers | direct channel | round trips | round | per round trip | flwr run end to end |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['run']} | {'yes' if row['workers'] else 'no'} | {'yes' if row['channel'] else 'no'} | "
+              f"{row['round_trips']} | "
+              f"{row['round_seconds']:.1f} s | {row['round_seconds'] / row['round_trips']:.2f} s | "
+              f"{row['flwr_run_seconds']:.0f} s |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The direct channel (issue 16): after one bootstrap over Flower, a node's messages travel over
+TLS between the cloud and its tenant worker; a node without a worker stays on Flower; a token
+is single-use and names one node; a certificate that is not the pinned one is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from flower_helpers import LocalGrid
+from flower_split.apps.client_app import make_client_app, route
+from flower_split.apps.tenant_worker import TenantWorker
+from flower_split.flower.contract import MessageType
+from flower_split.flower.direct_channel import ACK, CHANNEL_RECORD, HELLO, OPEN, REFUSED, ChannelGrid, ChannelServer
+from flower_split.flower.channel_link import join
+from flower_split.flower.strategy_utils import RoundReport
+from flower_split.flower.worker_link import WORKER_SOCKET, WorkerError, recv_frame, send_frame
+from flower_split.transport.pinned_tls import PinError, connect_pinned
+from test_secure_flower import SECURE, _strategy
+from test_tenant_worker import _serving, socket_dir  # noqa: F401  (fixture)
+
+
+class CountingApp:
+    """The ClientApp Flower would run, counting what it is handed (what did not take the channel)."""
+
+    def __init__(self) -> None:
+        self.types: list[str] = []
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        self.types.append(message.metadata.message_type)
+        return route(message, context)
+
+
+def test_a_secure_run_takes_the_channel_after_one_bootstrap_per_node(task_identity: None, tmp_path: Path,
+                                                                      socket_dir: Path) -> None:  # noqa: F811
+    path = socket_dir / "w.sock"
+    with _serving(path, TenantWorker(make_client_app({**SECURE, "label-protection": "client"}))) as worker:
+        flower = CountingApp()
+        local = LocalGrid(flower, 2, dealer=tmp_path, node_config={WORKER_SOCKET: str(path)})
+        grid = ChannelGrid(local, "127.0.0.1:0")
+        try:
+            reports: list = []
+            _strategy().start(grid, 1, eval_every=1, eval_initial=False, on_report=reports.append)
+        finally:
+            grid.close()
+        (round_,) = [r for r in reports if isinstance(r, RoundReport)]
+        assert (round_.tenants, round_.steps, round_.dropped) == (["tenant-0", "tenant-1"], 4, {})
+        assert flower.types.count(MessageType.CHANNEL_OPEN) == 3 and grid.status == {1: OPEN, 2: OPEN, 3: OPEN}
+        # the bootstrap went first, at the first round trip: every protocol message took the channel
+        assert sorted(set(flower.types)) == [MessageType.CHANNEL_OPEN]
+        assert worker.handled > 40
+
+
+def test_a_node_without_a_worker_stays_on_flower(task_identity: None, tmp_path: Path) -> None:
+    flower = CountingApp()
+    local = LocalGrid(_with_overrides(flower), 2, dealer=tmp_path)
+    grid = ChannelGrid(local, "127.0.0.1:0")
+    try:
+        reports: list = []
+        _strategy().start(grid, 1, eval_every=1, eval_initial=False, on_report=reports.append)
+    finally:
+        grid.close()
+    assert grid.status == {1: REFUSED, 2: REFUSED, 3: REFUSED}
+    (round_,) = [r for r in reports if isinstance(r, RoundReport)]
+    assert round_.tenants == ["tenant-0", "tenant-1"] and MessageType.SECURE_TRAIN_BEGIN in flower.types
+
+
+def _with_overrides(counting: CountingApp):
+    app = make_client_app({**SECURE, "label-protection": "client"})
+
+    def run(message: Message, context: Context) -> Message:
+        counting.types.append(message.metadata.message_type)
+        return app(message, context)
+
+    return run
+
+
+def _hello(server: ChannelServer, token: bytes, fingerprint: str | None = None) -> bytes:
+    conn = connect_pinned(server.host, server.port, fingerprint or server.fingerprint, 5.0)
+    with conn:
+        send_frame(conn, [HELLO, token])
+        try:
+            return b"".join(recv_frame(conn, max_parts=1, max_bytes=16))
+        except (WorkerError, OSError):
+            return b""
+
+
+def test_a_token_is_single_use_and_names_one_node() -> None:
+    server = ChannelServer("127.0.0.1:0")
+    try:
+        token = server.invite(7)
+        assert _hello(server, b"\x00" * 32) == b""  # a guessed token: closed
+        assert _hello(server, token) == ACK and 7 in server.conns
+        assert _hello(server, token) == b""  # replayed: closed, node 7 keeps its connection
+        newer = server.invite(8)
+        stale = server.invite(8)  # a newer invitation voids the older one
+        assert _hello(server, newer) == b"" and _hello(server, stale) == ACK
+        assert sorted(server.conns) == [7, 8]
+    finally:
+        server.close()
+
+
+def test_the_worker_refuses_a_certificate_that_is_not_the_pinned_one(task_identity: None) -> None:
+    server = ChannelServer("127.0.0.1:0")
+    try:
+        with pytest.raises(PinError):
+            connect_pinned(server.host, server.port, hashlib.sha256(b"another").hexdigest(), 5.0)
+        invitation = Message(RecordDict({CHANNEL_RECORD: ConfigRecord({
+            "host": server.host, "port": server.port, "fingerprint": "0" * 64, "token": server.invite(1)})}),
+            dst_node_id=1, message_type=MessageType.CHANNEL_OPEN)
+        with pytest.raises(PinError):
+            join(invitation)
+        assert not server.conns
+        bad = Message(RecordDict({CHANNEL_RECORD: ConfigRecord({"host": server.host, "port": server.port})}),
+                      dst_node_id=1, message_type=MessageType.CHANNEL_OPEN)
+        with pytest.raises(WorkerError, match="expected host, port"):
+            join(bad)
+    finally:
+        server.close()
+
+
+def test_plaintext_and_tls_1_2_clients_are_refused() -> None:
+    server = ChannelServer("127.0.0.1:0")
+    try:
+        with socket.create_connection((server.host, server.port), timeout=5) as raw:  # no TLS: a frame in clear
+            raw.sendall(b"FSW1\x00\x00\x00\x02" + bytes(16) + HELLO)
+            raw.shutdown(socket.SHUT_WR)
+            try:
+                while raw.recv(4096):  # a TLS alert at most, then closed
+                    pass
+            except ConnectionResetError:
+                pass
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        with socket.create_connection((server.host, server.port), timeout=5) as raw:
+            with pytest.raises(ssl.SSLError):
+                context.wrap_socket(raw)
+        assert not server.conns
+    finally:
+        server.close()

@@ -4,8 +4,9 @@ A SuperLink (TLS, SuperNode authentication) and SuperNodes on localhost, as docs
 sets them up (the harness of tests/deploy), then ``flwr run`` of the same quick runs twice:
 every node relaying to a long-lived ``flower-split worker`` (node config ``worker-socket``)
 and every node running the handlers in Flower's per-message ClientApp process. Runs:
-split-plain (two tenants, one round of two steps in one message) and split-secure with client
-label protection (two tenants and the dealer node, one round of ``--secure-steps`` steps).
+split-plain (two tenants, two rounds of two steps in one message each) and split-secure with
+client label protection (two tenants and the dealer node, two rounds of ``--secure-steps``
+steps); the first round of a run with the channel includes its bootstrap over Flower.
 Reads round trips and wall seconds from each run's results.json; prints a Markdown table.
 
     python simulations/bench_deploy.py [--secure-steps 1] [--variants channel,workers,none]
@@ -29,7 +30,7 @@ from deploy_harness import LocalFederation, missing_binaries  # noqa: E402
 
 LABELS = ("card_arrival", "exchange_rate", "top_up_failed")
 RUN = {"model": "tiny", "head-rank": 8, "tail-bottleneck": 16, "lr-head": 0.02, "lr-tail": 0.3, "batch-size": 16,
-       "num-server-rounds": 1, "eval-every": 0, "global-eval": False, "min-nodes": 2, "labels": ",".join(LABELS)}
+       "num-server-rounds": 2, "eval-every": 0, "global-eval": False, "min-nodes": 2, "labels": ",".join(LABELS)}
 PLAIN = {**RUN, "local-steps": 2, "micro-batches": 2}
 TIMEOUT = 3600.0
 
@@ -82,11 +83,12 @@ def measure(workers: bool, secure_steps: int, channel: bool = False) -> list[dic
                 if done.returncode != 0:
                     raise RuntimeError(f"{name}: flwr run failed:\n{(done.stdout + done.stderr)[-3000:]}")
                 run = json.loads((out / "results.json").read_text())["runs"][0]
-                (round_,) = run["rounds"]
-                rows.append({"run": name, "workers": workers, "channel": channel, "round_trips": round_["round_trips"],
-                             "round_seconds": round_["wall_seconds"], "flwr_run_seconds": time.monotonic() - started,
-                             "client_cpu_seconds": run.get("client_cpu_seconds_per_tenant"),
-                             "accuracy": run.get("per_tenant_accuracy")})
+                for number, round_ in enumerate(run["rounds"], 1):
+                    rows.append({"run": name, "round": number, "workers": workers, "channel": channel,
+                                 "round_trips": round_["round_trips"], "round_seconds": round_["wall_seconds"],
+                                 "flwr_run_seconds": time.monotonic() - started,
+                                 "client_cpu_seconds": run.get("client_cpu_seconds_per_tenant"),
+                                 "accuracy": run.get("per_tenant_accuracy")})
         finally:
             fed.stop()
     return rows
@@ -109,11 +111,11 @@ def main() -> int:
             parser.error(f"--variants: unknown variant {variant!r}")
         rows += measure(variant != "none", args.secure_steps, channel=variant == "channel")
     print(f"\nmachine: {platform.node()} {platform.machine()}, python {platform.python_version()}\n")
-    print("| run | tenant workers | direct channel | round trips | round | per round trip | flwr run end to end |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | tenant workers | direct channel | round | round trips | round | per round trip | flwr run end to end |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['run']} | {'yes' if row['workers'] else 'no'} | {'yes' if row['channel'] else 'no'} | "
-              f"{row['round_trips']} | "
+              f"{row['round']} | {row['round_trips']} | "
               f"{row['round_seconds']:.1f} s | {row['round_seconds'] / row['round_trips']:.2f} s | "
               f"{row['flwr_run_seconds']:.0f} s |")
     if args.out:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -99,3 +102,11 @@ def secure_data() -> TokenizedDataset:
     train, _ = load_dataset("banking77")
     rows = list(range(0, 8000, 250))[:24]
     return TokenizedDataset(train.subset(rows), load_tokenizer("tiny"), 24)
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short private directory (0700) for Unix sockets, whose paths are limited to ~107 bytes."""
+    directory = Path(tempfile.mkdtemp(prefix="fsw-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

@@ -7,15 +7,18 @@ installation (``--disable-runtime-dependency-installation``), every tenant on it
 (node config ``data-path``), results.json from the ServerApp (run-config ``results-dir``).
 
 - an unregistered SuperNode is refused by the SuperLink;
+- every node hands its messages to its own tenant worker (``flower-split worker``, node
+  config ``worker-socket``) and the runs use the ServerApp's direct channel (run config
+  ``channel-address``): docs/deployment.md §10;
 - two split-plain rounds through ``flwr run`` with three tenants, one of them killed (SIGKILL
-  of its SuperNode's process group) in round 1 and restarted: the other two finish the round,
-  the log says the third is gone, and in round 2 it is back with the state its node mirrored
-  on its own disk (node config ``state-dir``), not a fresh one;
-- with ``FLOWER_SPLIT_DEPLOY_SECURE=1``: one secure round (client label protection) with the
-  dealer on a SuperNode of its own (``role="dealer"``, ``dealer-key``; tenants pin
-  ``dealer-public-key``, the cloud ``expected-dealer-key``). Opt-in because every secure
-  step is 11 round trips and each costs a fresh ClientApp process per tenant (issue 16:
-  ~10-30 s per round trip on a loaded 2-core machine), minutes more than the plain round.
+  of its SuperNode's and its worker's process groups: its machine died) in round 1 and
+  restarted: the other two finish the round, the log says the third is gone, and in round 2
+  it is back (over Flower, then its channel again) with the state its node mirrored on its
+  own disk (node config ``state-dir``), not a fresh one; the workers' cost meters give the
+  tenants' client CPU in results.json;
+- one secure round (client label protection) with the dealer on a SuperNode of its own
+  (``role="dealer"``, ``dealer-key``; tenants pin ``dealer-public-key``, the cloud
+  ``expected-dealer-key``).
 
 Every process is started in its own process group and stopped by the fixture's finalizer,
 also when a test fails. Skipped, saying so, when the Flower binaries are not installed.
@@ -24,7 +27,6 @@ also when a test fails. Skipped, saying so, when the Flower binaries are not ins
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -64,10 +66,10 @@ def tenant_csv(directory: Path, tenant: int, rows: int = 40) -> Path:
     return path
 
 
-def tenant_config(directory: Path, tenant: int) -> str:
-    """A tenant's node config: its partition id, its own CSV, its own state directory."""
+def tenant_config(directory: Path, tenant: int, worker_socket: str) -> str:
+    """A tenant's node config: its partition id, its own CSV, its own state directory, its worker."""
     return (f'partition-id={tenant} data-path="{tenant_csv(directory, tenant)}" '
-            f'state-dir="{directory / "node-state" / f"tenant-{tenant}"}"')
+            f'state-dir="{directory / "node-state" / f"tenant-{tenant}"}" worker-socket="{worker_socket}"')
 
 
 def mirrored_party(directory: Path, tenant: int) -> dict:
@@ -93,7 +95,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         for tenant in range(3):
             name = f"tenant-{tenant}"
             fed.register(keys[name][1])
-            fed.start_supernode(name, keys[name][0], tenant_config(fed.dir, tenant))
+            _, worker_socket = fed.start_worker(name)
+            fed.start_supernode(name, keys[name][0], tenant_config(fed.dir, tenant, worker_socket))
         fed.keys = keys
         yield fed
     finally:
@@ -120,22 +123,26 @@ def _wait_online(federation: LocalFederation, count: int, timeout: float = 180.0
 
 
 def test_plain_rounds_over_tls_with_a_tenant_killed_mid_round_and_restarted(federation: LocalFederation) -> None:
-    """SIGKILL of tenant-2's SuperNode once it has handled round 1's head_fwd (its node state
-    mirrored on its disk) and received the tail stage; restarted with the same key and node
-    config once the SuperLink has seen it go (it refuses to activate a key that is still online). Round 1 finishes with the other two; in round 2 tenant-2 is back with its own
-    state, not a fresh one: only the stage in flight (round 1's tail updates) was lost."""
+    """SIGKILL of tenant-2's SuperNode and worker once the worker has handled round 1's first
+    message (head_fwd: its node state mirrored on its disk); both restarted with the same key,
+    socket and node config once the SuperLink has seen the node go (it refuses to activate a key
+    that is still online). Round 1 finishes with the other two; in round 2 tenant-2 is back with
+    its own state, not a fresh one: only the stages in flight were lost."""
     _wait_online(federation, 3)
     results = federation.dir / "results-plain"
-    victim = next(p for p in federation.processes if p.name == "tenant-2")
+    victims = [p for p in federation.processes if p.name in ("tenant-2", "worker-tenant-2")]
     outcome: dict = {}  # flwr run --stream blocks until the run ends: run it aside, kill the victim meanwhile
     thread = threading.Thread(target=lambda: outcome.update(done=federation.run(
-        {**RUN, "num-server-rounds": 2, "results-dir": str(results)}, timeout=RUN_TIMEOUT)), daemon=True)
+        {**RUN, "num-server-rounds": 2, "results-dir": str(results), "channel-address": "127.0.0.1:0"},
+        timeout=RUN_TIMEOUT)), daemon=True)
     thread.start()
-    federation.wait_for(victim, r"(?s)Receiving: train\..*Receiving: train\.", timeout=RUN_TIMEOUT)
-    federation.kill(victim)
+    federation.wait_for(victims[1], r"message 1 handled", timeout=RUN_TIMEOUT)
+    for victim in victims:
+        federation.kill(victim)
     _wait_online(federation, 2)  # the SuperLink refuses a key that is still online: wait for it to see the death
+    _, worker_socket = federation.start_worker("tenant-2-restarted")
     federation.start_supernode("tenant-2-restarted", federation.keys["tenant-2"][0],
-                               tenant_config(federation.dir, 2))
+                               tenant_config(federation.dir, 2, worker_socket))
     thread.join(RUN_TIMEOUT)
     assert "done" in outcome, "flwr run did not return"
     done = outcome["done"]
@@ -145,19 +152,19 @@ def test_plain_rounds_over_tls_with_a_tenant_killed_mid_round_and_restarted(fede
     assert (run["name"], run["runtime"], run["num_server_rounds"]) == ("split-plain", "deployment", 2)
     first, second = run["rounds"]
     assert first["train_loss"] is not None and first["round_trips"] >= 3 and first["wall_seconds"] > 0
-    assert re.search(r"dropping tenant-2 from this round: train\.tail: .*", log), log[-4000:]
+    assert re.search(r"dropping tenant-2 from this round: train\..*", log), log[-4000:]
+    assert "direct channel: node" in log and "lost" in log, log[-4000:]  # its channel broke with its machine
+    assert run["client_cpu_seconds_per_tenant"] > 0  # the workers' cost meters
     assert sorted(second["per_tenant_accuracy"]) == ["tenant-0", "tenant-1", "tenant-2"], log[-4000:]
     assert run["per_tenant_test_examples"] == {f"tenant-{t}": 8 for t in range(3)}  # 20 % of 40 rows each
     restarted, other = mirrored_party(federation.dir, 2), mirrored_party(federation.dir, 0)
     # round 1's two begun steps came back from its disk: its step count is the others' (2 + 2 + one
     # evaluation batch); a fresh start would be 2 behind
     assert restarted["next_step"] == other["next_step"] == 5
-    assert (restarted["tail_schedule"]["last_epoch"], other["tail_schedule"]["last_epoch"]) == (2, 4)  # lost: one tail
+    # lost: round 1's tail update (unless the kill came after it), never more
+    assert other["tail_schedule"]["last_epoch"] == 4 and restarted["tail_schedule"]["last_epoch"] in (2, 4)
 
 
-@pytest.mark.skipif(os.environ.get("FLOWER_SPLIT_DEPLOY_SECURE") != "1",
-                    reason="a secure round in deployment takes many minutes (11 round trips per step, a fresh "
-                           "ClientApp process per message); set FLOWER_SPLIT_DEPLOY_SECURE=1 to run it")
 def test_a_secure_round_with_the_dealer_on_its_own_supernode(federation: LocalFederation) -> None:
     dealer_dir = federation.dir / "dealer"
     keygen = binary("flower-split")
@@ -167,24 +174,27 @@ def test_a_secure_round_with_the_dealer_on_its_own_supernode(federation: LocalFe
     assert made.returncode == 0, made.stderr
     keys = federation.node_keys("dealer", "secure-0", "secure-1")
     federation.register(keys["dealer"][1])
+    _, worker_socket = federation.start_worker("dealer")
     federation.start_supernode("dealer", keys["dealer"][0],
-                               f'role="dealer" dealer-key="{dealer_dir / "dealer.key"}"')
+                               f'role="dealer" dealer-key="{dealer_dir / "dealer.key"}" worker-socket="{worker_socket}"')
     for tenant in (0, 1):
         name = f"secure-{tenant}"
         federation.register(keys[name][1])
+        _, worker_socket = federation.start_worker(name)
         federation.start_supernode(name, keys[name][0], f'partition-id={10 + tenant} '
                                    f'data-path="{tenant_csv(federation.dir, 10 + tenant)}" '
-                                   f'dealer-public-key="{dealer_dir / "dealer.pub"}"')
+                                   f'dealer-public-key="{dealer_dir / "dealer.pub"}" worker-socket="{worker_socket}"')
     for process in federation.processes:
-        if process.name in ("tenant-0", "tenant-1", "tenant-2"):
+        if process.name in ("tenant-0", "tenant-1", "tenant-2", "tenant-2-restarted"):
             federation.stop_one(process)
     _wait_online(federation, 3)
     results = federation.dir / "results-secure"
     done = federation.run({**RUN, "security": "secure", "label-protection": "client", "local-steps": 1,
                            "micro-batches": 1, "expected-dealer-key": str(dealer_dir / "dealer.pub"),
-                           "results-dir": str(results)}, timeout=RUN_TIMEOUT * 2)
+                           "results-dir": str(results), "channel-address": "127.0.0.1:0"}, timeout=RUN_TIMEOUT)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     run = json.loads((results / "results.json").read_text())["runs"][0]
     assert run["name"] == "split-secure-client"
     assert sorted(run["rounds"][0]["per_tenant_accuracy"]) == ["tenant-10", "tenant-11"], log[-4000:]
+    assert run["rounds"][0]["round_trips"] == 15 and "direct channel: node" not in log  # none lost, none refused

@@ -22,7 +22,7 @@ from flower_split.flower.strategy_utils import RoundReport
 from flower_split.flower.worker_link import WORKER_SOCKET, WorkerError, recv_frame, send_frame
 from flower_split.transport.pinned_tls import PinError, connect_pinned
 from test_secure_flower import SECURE, _strategy
-from test_tenant_worker import _serving, socket_dir  # noqa: F401  (fixture)
+from test_tenant_worker import _serving
 
 
 class CountingApp:
@@ -37,7 +37,7 @@ class CountingApp:
 
 
 def test_a_secure_run_takes_the_channel_after_one_bootstrap_per_node(task_identity: None, tmp_path: Path,
-                                                                      socket_dir: Path) -> None:  # noqa: F811
+                                                                      socket_dir: Path) -> None:
     path = socket_dir / "w.sock"
     with _serving(path, TenantWorker(make_client_app({**SECURE, "label-protection": "client"}))) as worker:
         flower = CountingApp()

@@ -3,7 +3,6 @@ process over a Unix socket, and a whole secure run through it behaves as one wit
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -25,17 +24,6 @@ from flower_split.flower.worker_link import (
     MAGIC, WORKER_SOCKET, WorkerError, recv_frame, request_parts, send_frame,
 )
 from test_secure_flower import SECURE, _model_weights, _strategy
-
-
-@pytest.fixture
-def socket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short private directory (Unix socket paths are limited to ~107 bytes)."""
-    directory = Path(f"/tmp/fsw-{os.getpid()}-{threading.get_ident() % 10_000}")
-    directory.mkdir(mode=0o700, exist_ok=True)
-    yield directory
-    for child in directory.iterdir():
-        child.unlink()
-    directory.rmdir()
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from flower_split.flower.dealer_node import (
     DEALER_HANDLERS, DEALER_ROLE, DealerHandler, dealer_identity, handle_dealer, node_role, role_record,
 )
 from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.sharing_client import register_sharing
 from flower_split.flower.tenant import Handler, handle, tenant_data
 from flower_split.protocol.dealer_identity import identity_public
 
@@ -83,6 +84,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
         getattr(client_app, category)(action)(_bind_dealer(dealer_handler, extra))
     category, action = split_type(MessageType.ROLE)
     getattr(client_app, category)(action)(_bind_role(extra))
+    register_sharing(client_app, lambda handler: _bind(handler, extra))
     return client_app
 
 

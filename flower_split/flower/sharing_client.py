@@ -32,7 +32,7 @@ from flower_split.flower.plain_handlers import _load_party, _save_party
 from flower_split.flower.records import config_value
 from flower_split.flower.secure_handlers import _load, _save
 from flower_split.flower.settings import FlowerSettings
-from flower_split.flower.sharing_params import average_half, encode_half, quantization, shared_names
+from flower_split.flower.sharing_params import average_half, encode_half, halves, quantization, shared_names
 from flower_split.flower.tenant import Handler, TenantData
 from flower_split.protocol import ProtocolError
 
@@ -58,9 +58,9 @@ def share_fit(message: Message, context: Context, config: RunConfig, settings: F
     if RecordKey.FIT_CONFIG not in message.content.config_records:
         raise ProtocolError(f"{MessageType.SECAGG}: no {RecordKey.FIT_CONFIG} record")
     names = shared_names(config.security, _scope(message.content.config_records[RecordKey.FIT_CONFIG], settings))
-    if config.security == "secure":
-        halves = _load(context, data, config, settings).halves
-        arrays = [encode_half(halves.weights[name]) for name in names]
+    if halves(config.security):
+        own = _load(context, data, config, settings).halves
+        arrays = [encode_half(own.weights[name]) for name in names]
     else:
         party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=True)
         params = _plain_modules(party)
@@ -87,7 +87,7 @@ def share_load(message: Message, context: Context, config: RunConfig, settings: 
     if count < 2 or sorted(arrays) != sorted(names):
         raise ProtocolError(f"{MessageType.SHARE_LOAD}: expected {names} over >= 2 tenants, got {sorted(arrays)} "
                             f"over {count}")
-    if config.security == "secure":
+    if halves(config.security):
         party = _load(context, data, config, settings)
         for name in names:
             new = _checked(arrays[name].numpy(), party.halves.weights[name], np.int64, name)

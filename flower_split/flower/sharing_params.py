@@ -46,6 +46,9 @@ SECURE_QUANTIZATION = {"clipping_range": (RING_MOD - 1) / 2, "quantization_range
                        "modulus_range": RING_MOD}
 """SecAgg+ parameters of split-secure: quantizer exactly 1, sums modulo 2^31 (see the module docstring)."""
 
+HALVES = {"plain": False, "secure": True}
+"""The sharing registry: does a security level share secret-shared ring halves (else floats)?"""
+
 PLAIN_NAMES = {"tail": ("tail.adapter.down.weight", "tail.adapter.up.weight"),
                "head-tail": ("head.down.weight", "head.up.weight", "tail.adapter.down.weight",
                              "tail.adapter.up.weight")}
@@ -54,7 +57,7 @@ SECURE_NAMES = {"tail": ("tail.A", "tail.B"), "head-tail": ("head.A", "head.B", 
 
 def shared_names(security: str, scope: str) -> tuple[str, ...]:
     """The parameter names ``scope`` shares in ``security`` mode, in the order they travel."""
-    table = SECURE_NAMES if security == "secure" else PLAIN_NAMES
+    table = SECURE_NAMES if halves(security) else PLAIN_NAMES
     if scope not in table:
         raise ValueError(f"share: no parameters to share for {scope!r} (expected one of {', '.join(table)})")
     return table[scope]
@@ -71,7 +74,14 @@ class Quantization:
 
 def quantization(security: str) -> Quantization:
     """The SecAgg+ quantization of ``security`` mode."""
-    return Quantization(**(SECURE_QUANTIZATION if security == "secure" else PLAIN_QUANTIZATION))
+    return Quantization(**(SECURE_QUANTIZATION if halves(security) else PLAIN_QUANTIZATION))
+
+
+def halves(security: str) -> bool:
+    """Whether ``security`` shares ring halves (:data:`HALVES`); a ValueError for an unknown level."""
+    if security not in HALVES:
+        raise ValueError(f"share: no sharing for security level {security!r}")
+    return HALVES[security]
 
 
 # -- secure: halves through SecAgg+ ----------------------------------------------------------------

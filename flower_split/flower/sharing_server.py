@@ -51,7 +51,7 @@ from flwr.serverapp import Grid
 from flower_split.flower.contract import ConfigKey, MessageType, RecordKey
 from flower_split.flower.metering import record_bytes
 from flower_split.flower.sharing_params import (
-    average_half, decode_sum, lift_tenant_sum, quantization, ring_sum, shared_names,
+    average_half, decode_sum, halves, lift_tenant_sum, quantization, ring_sum, shared_names,
 )
 
 
@@ -74,12 +74,16 @@ class _CountingGrid(Grid):
 
     def __init__(self, grid: Grid, report: ShareReport) -> None:
         self.grid, self.report = grid, report
+        self.dropped: set[int] = set()  # nodes that failed a round trip others answered
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self.report.round_trips += 1
         self.report.bytes_to_tenants += sum(record_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        if answered:  # a round trip that failed for everyone says nothing about who dropped out
+            self.dropped |= {m.metadata.dst_node_id for m in messages} - answered
         self.report.bytes_from_tenants += sum(record_bytes(r.content) for r in replies if not r.has_error())
         return replies
 
@@ -154,6 +158,13 @@ class SecAggSharing:
             return report
         counting = _CountingGrid(grid, report)
         collect = self._secure_aggregate(counting, nodes, server_round, report)
+        retry = {t: n for t, n in nodes.items() if n not in counting.dropped}
+        if collect.aggregate is None and 2 <= len(retry) < len(nodes):
+            # a drop-out before SecAgg+'s share-keys stage ended halts the workflow (no one holds
+            # its key shares): once more without the tenants that stopped answering
+            log(WARNING, "sharing, round %d: SecAgg+ halted; again without %s", server_round,
+                ", ".join(sorted(set(nodes) - set(retry))))
+            collect = self._secure_aggregate(counting, retry, server_round, report)
         if collect.aggregate is not None and len(collect.included) >= 2:
             content = self._load_contents(strategy, collect)
             self._load(strategy, counting, content, server_round, report)
@@ -191,13 +202,13 @@ class SecAggSharing:
         count = len(collect.included)
         config = ConfigRecord({ConfigKey.SHARE: self.scope, ConfigKey.SHARE_COUNT: count})
         arrays = [np.asarray(a) for a in collect.aggregate or []]
-        if self.security == "secure":
+        if halves(self.security):
             tenants = [strategy.tenant_of[n] for n in collect.included]
-            halves = [strategy.cloud.tenants[t].halves for t in tenants]
-            frac_bits = halves[0].frac_bits
+            cloud = [strategy.cloud.tenants[t].halves for t in tenants]
+            frac_bits = cloud[0].frac_bits
             tenant_sums, cloud_means = [], {}
             for name, aggregate in zip(self.names, arrays):
-                cloud_sum = ring_sum([h.weights[name] for h in halves])
+                cloud_sum = ring_sum([h.weights[name] for h in cloud])
                 tenant_sums.append(lift_tenant_sum(decode_sum(aggregate, count), cloud_sum))
                 cloud_means[name] = average_half(cloud_sum, count, 0, frac_bits)
             self._cloud_means = cloud_means
@@ -223,7 +234,7 @@ class SecAggSharing:
         for node in sorted(acked & set(contents)):
             tenant = strategy.tenant_of[node]
             report.tenants.append(tenant)
-            if self.security == "secure":
+            if halves(self.security):
                 record = strategy.cloud.tenants[tenant]
                 for name, mean in self._cloud_means.items():
                     record.halves.weights[name] = mean.clone()

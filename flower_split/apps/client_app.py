@@ -87,6 +87,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     """
     from flower_split.backends import BACKENDS
     from flower_split.flower.dealer_node import DEALER_HANDLERS
+    from flower_split.flower.sharing_client import register_sharing
 
     extra = dict(overrides or {})
     client_app = ClientApp(mods=mods)
@@ -105,6 +106,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     getattr(client_app, category)(action)(_bind_role(extra))
     category, action = split_type(MessageType.CHANNEL_OPEN)
     getattr(client_app, category)(action)(_no_channel)
+    register_sharing(client_app, lambda handler: _bind(handler, extra))
     return client_app
 
 
@@ -140,6 +142,9 @@ def make_router() -> ClientApp:
     """The ClientApp ``flwr run`` loads: :func:`route` under every message type."""
     router = ClientApp()
     for message_type in message_types():
+        if "." not in message_type:  # a category's default action (SecAgg+'s plain "train")
+            getattr(router, message_type)()(route)
+            continue
         category, action = split_type(message_type)
         getattr(router, category)(action)(route)
     return router

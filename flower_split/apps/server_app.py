@@ -36,6 +36,7 @@ from flower_split.flower.cloud_state import cloud_checkpoint
 from flower_split.flower.direct_channel import ChannelGrid
 from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.sharing_server import make_sharing
 from flower_split.flower.strategy import Report
 from flower_split.flower.strategy_utils import SplitResult
 from flower_split.model import load_encoder, split_encoder
@@ -57,6 +58,7 @@ def run_cloud(grid: Grid, run_config: Mapping[str, Any],
     _, body = split_encoder(encoder)
     fingerprint = body.fingerprint()
     strategy = backend.make_strategy(body, device, settings)
+    strategy.sharing = make_sharing(config.security, settings.share, settings.share_threshold, settings.reply_timeout)
     checkpoint = cloud_checkpoint(settings, run_id, backend.name, fingerprint)
     first_round = 1
     if checkpoint is not None:

@@ -39,6 +39,11 @@ class MessageType:
     CHANNEL_OPEN = "query.channel_open"
     # simulations: load model and data before the first timed round
     WARM_UP = "query.warmup"
+    # opt-in cross-tenant sharing (flower.sharing_*): Flower's SecAgg+ workflow sends its four
+    # stages as plain "train" messages (flwr's MessageType.TRAIN); the aggregate comes back in
+    # one more round trip
+    SECAGG = "train"
+    SHARE_LOAD = "train.share_load"
 
 
 def split_type(message_type: str) -> tuple[str, str]:
@@ -67,6 +72,8 @@ class RecordKey:
     DEALER = "dealer"        # ConfigRecord: a request to the dealer node (per-tenant lists)
     OUTCOME = "outcome"      # ConfigRecord: the dealer's per-tenant results (errors by tenant)
     MATERIAL = "material"    # ArrayRecord: sealed material by tenant (uint8)
+    SHARED = "shared"        # ArrayRecord: the aggregate of the shared parameters (flower.sharing_*)
+    FIT_CONFIG = "fitins.config"  # ConfigRecord: the config Flower's SecAgg+ workflow forwards (its FitIns)
 
 
 class ConfigKey:
@@ -83,6 +90,8 @@ class ConfigKey:
     HE_KEY_ID = "he-key-id"
     NEXT_BATCH = "next-batch"    # secure: the shape of a tenant's next training batch (in its sync),
     NEXT_TOKENS = "next-tokens"  # so that the cloud asks the dealer for that step's material ahead
+    SHARE = "share"              # sharing: which parameters (flower.sharing_params.SHARE_SCOPES)
+    SHARE_COUNT = "share-count"  # sharing: how many tenants' parameters the aggregate sums
 
 
 class MetricKey:

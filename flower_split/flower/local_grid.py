@@ -4,11 +4,14 @@ The strategies and ClientApps are the real ones; only the network is gone: each 
 delivered by calling the ClientApp, as Flower's simulation does inside one worker. Tests use
 it to drive whole runs, kill nodes (empty a node's ``context.state``) and restart the cloud;
 benchmarks use it to time the protocol's compute apart from Flower's latency (say so when
-reporting). ``send_and_receive`` delivers in order and returns every reply.
+reporting). ``send_and_receive`` delivers in order and returns every reply. Each node gets its
+own copy of a message's content, as over a network: Flower's SecAgg+ workflow sends one
+``RecordDict`` object to every node and its client mod edits what it receives.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Iterable, Mapping
 
 from flwr.app import Context, Message, RecordDict
@@ -32,7 +35,7 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [reply for reply in map(self.deliver, messages) if reply is not None]
+        return [reply for reply in map(self.deliver, map(copy.deepcopy, messages)) if reply is not None]
 
     # the parts of Flower's Grid the split strategies do not use
     def set_run(self, run: object) -> None: ...

@@ -13,10 +13,11 @@ from typing import Any, Mapping
 
 from flower_split.config import QUICK, ConfigError, RunConfig
 
+SHARE_SCOPES = ("none", "tail", "head-tail")
+"""Run config ``share``: no sharing, the tail adapter, or head and tail adapters (never the classifier)."""
+
 # ``quick = true`` (``flwr run . --run-config quick=true``, ``simulate --quick``): short rounds too
 QUICK_FLOWER = dict(local_steps=10, micro_batches=5)
-
-
 
 
 @dataclass
@@ -75,6 +76,14 @@ class FlowerSettings:
     channel to the tenants' workers, reachable from every tenant machine; messages then bypass
     Flower's polling, :mod:`flower_split.flower.direct_channel`; port 0: any free port; empty
     (default): every message goes through Flower),
+    ``share`` (opt-in cross-tenant sharing, :mod:`flower_split.flower.sharing_server`: after
+    every training round the chosen adapter parameters are averaged across the round's tenants
+    under Flower's SecAgg+, each tenant keeping the rest (its classifier) personal; ``none``
+    (default), ``tail`` (the tail adapter without the classifier) or ``head-tail`` (head and
+    tail adapters: everything but the classifier); docs/secure.md §10),
+    ``share-threshold`` (SecAgg+'s reconstruction threshold as a fraction of the tenants in the
+    aggregation, at least 2 of them: the aggregate survives up to ``n - max(2, round(f * n))``
+    drop-outs; default 0.5),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`).
     """
@@ -103,6 +112,8 @@ class FlowerSettings:
     session: str = ""
     predict: bool = False
     channel_address: str = ""
+    share: str = "none"
+    share_threshold: float = 0.5
     quick: bool = False
 
     def validate(self) -> "FlowerSettings":
@@ -133,6 +144,11 @@ class FlowerSettings:
         host, sep, port = self.channel_address.rpartition(":")
         if self.channel_address and not (sep and host and port.isdigit() and int(port) < 65536):
             raise ConfigError(f"channel-address: expected HOST:PORT, got {self.channel_address!r}")
+        if self.share not in SHARE_SCOPES:
+            raise ConfigError(f"share: expected one of {', '.join(SHARE_SCOPES)}, got {self.share!r}")
+        if isinstance(self.share_threshold, bool) or not isinstance(self.share_threshold, (int, float)) \
+                or not 0 < self.share_threshold <= 1:
+            raise ConfigError(f"share-threshold: expected a fraction in (0, 1], got {self.share_threshold!r}")
         from flower_split.data import make_partitioner  # validates the spec's syntax
 
         make_partitioner(self.partition, 2, 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
@@ -36,6 +37,7 @@ class RoundReport:
     dealer_seconds: float = 0.0  # secure only: the dealer's share of the ServerApp's time
     stopped: dict[str, int] = field(default_factory=dict)  # tenant -> round it reached target-loss
     label_dp_epsilon: dict[str, float] = field(default_factory=dict)  # tenant -> its label-DP epsilon so far
+    sharing: Any = None  # the round's sharing phase (flower.sharing_server.ShareReport), None: no sharing
 
     @property
     def round_trips_per_step(self) -> float:

@@ -43,7 +43,7 @@ def _serving(path: Path, worker: TenantWorker) -> Iterator[TenantWorker]:
 
 def test_the_router_handles_every_message_type_the_handlers_do_and_imports_no_torch() -> None:
     handled = set(make_client_app()._registered_funcs)  # pylint: disable=protected-access
-    assert set(make_router()._registered_funcs) == handled == set(message_types())
+    assert set(make_router()._registered_funcs) == handled == {t if "." in t else f"{t}.default" for t in message_types()}
     probe = ("import sys, flower_split.apps.client_app as a; a.make_router(); "
              "print(sorted(m for m in ('torch', 'transformers', 'tenseal') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)

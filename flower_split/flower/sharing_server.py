@@ -1,0 +1,247 @@
+"""Opt-in cross-tenant sharing, the cloud's side: Flower's SecAgg+ between training rounds.
+
+Run config ``share`` (``tail`` / ``head-tail``; default ``none``): after every training
+round, the shared adapter parameters (:mod:`~flower_split.flower.sharing_params`) of the
+round's tenants are averaged under Flower's own SecAgg+ (``flwr.server.workflow.
+SecAggPlusWorkflow`` here, ``flwr.client.mod.secaggplus_mod`` on the tenants; nothing of the
+masking is ours), then every tenant that was in the aggregate loads the mean and keeps its
+personal parts (its classifier) as FedPer / FedRep do::
+
+    train (stage setup)    -> tenants: SecAgg+ config; reply: two public keys
+    train (share keys)     -> tenants: neighbours' keys; reply: encrypted key shares
+    train (collect)        -> tenants: forwarded shares + our FitIns {share}; the tenant's
+                              handler returns its shared parameters, the mod masks them
+    train (unmask)         -> tenants: survivors / drop-outs; reply: key shares; the workflow
+                              removes the masks: only the aggregate is left
+    train.share_load       -> tenants in the aggregate: the mean (plain) or the tenants'
+                              halves' sum C and the count (secure); reply: ack
+
+so 5 round trips per round, whatever the number of tenants. Secure mode: the tenants send
+their halves; the cloud sums its own halves of the same parameters, lifts the tenants' sum
+(:func:`~flower_split.flower.sharing_params.lift_tenant_sum`) and both sides average their
+own halves: the sum of the averages is the average adapter. What the cloud learns: the
+aggregate, i.e. the mean of the shared parameters over the tenants (in secure mode too, since
+it holds the other halves); never one tenant's parameters (docs/secure.md §10). SecAgg+ needs
+at least 2 tenants; with fewer there is no sharing that round.
+
+The Message-API strategies of flwr 1.41 (``flwr.serverapp.strategy``) have no SecAgg+ path;
+the workflow needs a ``LegacyContext`` (a legacy ``Strategy`` and a client manager): built
+here for the sharing phase only (:class:`_Collect`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, Parameters, log, parameters_to_ndarrays
+from flwr.server import ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from flower_split.flower.contract import ConfigKey, MessageType, RecordKey
+from flower_split.flower.metering import record_bytes
+from flower_split.flower.sharing_params import (
+    average_half, decode_sum, halves, lift_tenant_sum, quantization, ring_sum, shared_names,
+)
+
+
+@dataclass
+class ShareReport:
+    """What one sharing phase did and cost (bytes: Flower record payloads, both directions)."""
+
+    server_round: int
+    tenants: list[str] = field(default_factory=list)  # whose parameters are in the aggregate and loaded it
+    dropped: dict[str, str] = field(default_factory=dict)
+    round_trips: int = 0
+    bytes_to_tenants: int = 0
+    bytes_from_tenants: int = 0
+    threshold: int = 0
+    seconds: float = 0.0
+
+
+class _CountingGrid(Grid):
+    """A grid that counts round trips and record bytes, for the sharing phase's report."""
+
+    def __init__(self, grid: Grid, report: ShareReport) -> None:
+        self.grid, self.report = grid, report
+        self.dropped: set[int] = set()  # nodes that failed a round trip others answered
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.report.round_trips += 1
+        self.report.bytes_to_tenants += sum(record_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        if answered:  # a round trip that failed for everyone says nothing about who dropped out
+            self.dropped |= {m.metadata.dst_node_id for m in messages} - answered
+        self.report.bytes_from_tenants += sum(record_bytes(r.content) for r in replies if not r.has_error())
+        return replies
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def set_run(self, run: Any) -> None: ...
+
+    @property
+    def run(self) -> Any:
+        return None
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+
+class _Collect(Strategy):
+    """The legacy strategy SecAgg+'s workflow calls: ``configure_fit`` selects the round's
+    tenants with our instruction, ``aggregate_fit`` keeps the unmasked aggregate."""
+
+    def __init__(self, proxies: list[GridClientProxy], config: dict[str, Any]) -> None:
+        self.proxies, self.config = proxies, config
+        self.aggregate: list[np.ndarray] | None = None
+        self.included: list[int] = []
+        self.failures: list[Any] = []
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        return [(proxy, FitIns(parameters, dict(self.config))) for proxy in self.proxies]
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Any, dict]:
+        self.included = [proxy.node_id for proxy, _ in results]
+        self.failures = list(failures)
+        if results:
+            self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}
+
+    def initialize_parameters(self, client_manager: Any) -> None:
+        return None
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+class SecAggSharing:
+    """The sharing phase of a split strategy (``share`` scope, SecAgg+ threshold fraction)."""
+
+    def __init__(self, security: str, scope: str, threshold: float, timeout: float | None) -> None:
+        self.security, self.scope = security, scope
+        self.names = shared_names(security, scope)
+        self.threshold, self.timeout = threshold, timeout
+        self.quantization = quantization(security)
+
+    def __call__(self, strategy: Any, grid: Grid, server_round: int, tenants: list[str]) -> ShareReport:
+        """Average the shared parameters of ``tenants`` (those that finished the round)."""
+        report = ShareReport(server_round)
+        started = time.perf_counter()
+        nodes = {t: n for n, t in strategy.tenant_of.items() if t in tenants}
+        if len(nodes) < 2:
+            log(INFO, "sharing, round %d: %d tenant(s), SecAgg+ needs 2: no sharing", server_round, len(nodes))
+            return report
+        counting = _CountingGrid(grid, report)
+        collect = self._secure_aggregate(counting, nodes, server_round, report)
+        retry = {t: n for t, n in nodes.items() if n not in counting.dropped}
+        if collect.aggregate is None and 2 <= len(retry) < len(nodes):
+            # a drop-out before SecAgg+'s share-keys stage ended halts the workflow (no one holds
+            # its key shares): once more without the tenants that stopped answering
+            log(WARNING, "sharing, round %d: SecAgg+ halted; again without %s", server_round,
+                ", ".join(sorted(set(nodes) - set(retry))))
+            collect = self._secure_aggregate(counting, retry, server_round, report)
+        if collect.aggregate is not None and len(collect.included) >= 2:
+            content = self._load_contents(strategy, collect)
+            self._load(strategy, counting, content, server_round, report)
+        for tenant, node in nodes.items():
+            if tenant not in report.tenants:
+                report.dropped.setdefault(tenant, "not in the SecAgg+ aggregate (dropped out or halted)")
+        report.seconds = time.perf_counter() - started
+        log(INFO, "sharing, round %d: %s averaged over %d tenants (threshold %d), %d round trips, %.1f KiB to "
+            "tenants, %.1f KiB back, %.1f s", server_round, self.scope, len(report.tenants), report.threshold,
+            report.round_trips, report.bytes_to_tenants / 1024, report.bytes_from_tenants / 1024, report.seconds)
+        return report
+
+    def _secure_aggregate(self, grid: Grid, nodes: dict[str, int], server_round: int,
+                          report: ShareReport) -> _Collect:
+        """Flower's SecAgg+ workflow over ``nodes``; the aggregate stays in the returned strategy."""
+        proxies = [GridClientProxy(node, grid, 0) for node in nodes.values()]
+        collect = _Collect(proxies, {ConfigKey.SHARE: self.scope, ConfigKey.SERVER_ROUND: server_round})
+        manager = SimpleClientManager()
+        for proxy in proxies:
+            manager.register(proxy)
+        state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+                            MAIN_PARAMS_RECORD: ArrayRecord()})
+        context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
+                                ServerConfig(num_rounds=1), collect, manager)
+        q = self.quantization
+        workflow = SecAggPlusWorkflow(1.0, self.threshold, max_weight=1.0, clipping_range=q.clipping_range,
+                                      quantization_range=q.quantization_range, modulus_range=q.modulus_range,
+                                      timeout=self.timeout)
+        report.threshold = max(2, round(self.threshold * len(nodes)))
+        workflow(grid, context)
+        return collect
+
+    def _load_contents(self, strategy: Any, collect: _Collect) -> dict[int, RecordDict]:
+        """Every included tenant's ``share_load`` content (secure: the cloud's halves are averaged here)."""
+        count = len(collect.included)
+        config = ConfigRecord({ConfigKey.SHARE: self.scope, ConfigKey.SHARE_COUNT: count})
+        arrays = [np.asarray(a) for a in collect.aggregate or []]
+        if halves(self.security):
+            tenants = [strategy.tenant_of[n] for n in collect.included]
+            cloud = [strategy.cloud.tenants[t].halves for t in tenants]
+            frac_bits = cloud[0].frac_bits
+            tenant_sums, cloud_means = [], {}
+            for name, aggregate in zip(self.names, arrays):
+                cloud_sum = ring_sum([h.weights[name] for h in cloud])
+                tenant_sums.append(lift_tenant_sum(decode_sum(aggregate, count), cloud_sum))
+                cloud_means[name] = average_half(cloud_sum, count, 0, frac_bits)
+            self._cloud_means = cloud_means
+            arrays = [t.numpy() for t in tenant_sums]
+        else:
+            arrays = [a.astype(np.float32) for a in arrays]
+        record = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in zip(self.names, arrays)})
+        return {node: RecordDict({RecordKey.CONFIG: config, RecordKey.SHARED: record}) for node in collect.included}
+
+    def _load(self, strategy: Any, grid: Grid, contents: dict[int, RecordDict], server_round: int,
+              report: ShareReport) -> None:
+        """``train.share_load`` to every included tenant; secure: the cloud swaps in its mean
+        halves only for tenants that acknowledged (their halves stay a consistent pair)."""
+        messages = [Message(content=c, dst_node_id=n, message_type=MessageType.SHARE_LOAD, group_id=str(server_round))
+                    for n, c in contents.items()]
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        acked = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        for reply in replies:
+            if reply.has_error():
+                tenant = strategy.tenant_of[reply.metadata.src_node_id]
+                report.dropped[tenant] = f"{MessageType.SHARE_LOAD}: {reply.error.reason}"
+                log(WARNING, "sharing: %s did not load the aggregate: %s", tenant, reply.error.reason)
+        for node in sorted(acked & set(contents)):
+            tenant = strategy.tenant_of[node]
+            report.tenants.append(tenant)
+            if halves(self.security):
+                record = strategy.cloud.tenants[tenant]
+                for name, mean in self._cloud_means.items():
+                    record.halves.weights[name] = mean.clone()
+                record.pre_step = None  # the last step is over on both sides; no rollback across the load
+        report.tenants.sort()
+
+
+def make_sharing(security: str, scope: str, threshold: float, timeout: float | None) -> SecAggSharing | None:
+    """The sharing phase for run config ``share`` (None: ``share = "none"``)."""
+    return None if scope == "none" else SecAggSharing(security, scope, threshold, timeout)

@@ -203,7 +203,7 @@ class SecureStepRunner:
                 if state.scope != module:
                     raise RuntimeError(f"{self.role}: {module} values are in scope {state.scope!r}")
                 first = sum(len(s.products) for s in program.stages[: op.stage])
-                sent = program.stages[op.stage].begin(state, _StepSource(self, st, op.program, first))
+                sent = program.stages[op.stage].begin(state, StepSource(self, st, op.program, first))
                 names = [item.name for item in opening_specs(st.spec, op.program, op.stage)]
                 out.update(zip(names, sent, strict=True))
             elif isinstance(op, Finish):
@@ -322,7 +322,7 @@ class SecureStepRunner:
         halves.update("head", {"head.A": head["gA"], "head.B": head["gB"]})
 
 
-class _StepSource(MaskSource):
+class StepSource(MaskSource):
     """One party's correlated material for one stage: masks and c pads from its dealer seeds."""
 
     def __init__(self, runner: SecureStepRunner, st: StepState, program: str, first: int) -> None:

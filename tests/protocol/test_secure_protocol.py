@@ -13,6 +13,7 @@ wrong gradient or a missed update cannot pass.
 from __future__ import annotations
 
 import copy
+import math
 import io
 
 import pytest
@@ -549,3 +550,22 @@ def test_reconcile_refuses_halves_that_diverged_by_more_than_a_step(secure_data:
         cloud.reconcile("t0", {"head": "x"})
     client.reconcile(cloud.updates("t0"))  # consistent: nothing happens
     assert client.updates == cloud.updates("t0") == {"head": 1, "tail": 1}
+
+
+# ------------------------------------------------------------------------- mask reuse
+@pytest.mark.parametrize("pooled", [False, True])
+def test_each_value_is_opened_once_per_step(pooled: bool) -> None:
+    """Transcript of a training step (issue 15): every shared value is opened once; against a fresh
+    mask per product, the step opens (head) 2nd + n r_h + r_h d, (tail) 2n'd + 2n' r_t + 2 r_t d,
+    (classifier) bd + dC + bC fewer ring elements per direction (n = b t, n' = b or b t)."""
+    b, t, d, rh, rt, c = 4, 6, 32, 4, 8, 77
+    spec = StepSpec("t0", 0, b, t, d, rh, rt, c, True, True, "client", 16, pooled)
+    opened = [(m.sender, item) for m in schedule(spec) for item in m.items if item.name.endswith("/eps")]
+    names = [(sender, programs(spec)[item.name.split("/")[0]][0], item.name.split("/")[-2]) for sender, item in opened]
+    assert len(names) == len(set(names))  # one opening per party, value and module
+    per_direction = {sender: sum(math.prod(item.shape) for m in schedule(spec) if m.sender == sender
+                                 for item in m.items if item.name.endswith("/eps")) for sender in ("client", "cloud")}
+    fresh = sum(request.opened_elements for _, program in programs(spec).values() for request in program.requests())
+    n, nt = b * t, (b if pooled else b * t)
+    saved = (2 * n * d + n * rh + rh * d) + (2 * nt * d + 2 * nt * rt + 2 * rt * d) + (b * d + d * c + b * c)
+    assert per_direction == {"client": fresh - saved, "cloud": fresh - saved}

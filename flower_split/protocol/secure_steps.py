@@ -133,8 +133,9 @@ def mask_label(scope: str, name: str) -> str:
 
 
 def scope_uses(spec: StepSpec) -> dict[str, dict[str, Use]]:
-    """module -> every value its programs mask (one mask per value per step), in first-use order."""
-    return _scope_uses(spec.shape_key())
+    """module -> every value its programs mask (one mask per value per step), in first-use order
+    (a fresh copy: the cached one stays as computed)."""
+    return {module: dict(uses) for module, uses in _scope_uses(spec.shape_key()).items()}
 
 
 @lru_cache(maxsize=256)

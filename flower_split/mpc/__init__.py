@@ -8,6 +8,8 @@ Modules, one job each:
 * ``share``      - ``AdditiveShare`` and its local operations; share / reconstruct.
 * ``triples``    - Beaver requests, triples and square pairs.
 * ``dealer``     - the trusted dealer, its seed-compressed delivery, material queues.
+* ``masks``      - Beaver masks bound to one tensor, opened once, reused through views.
+* ``correlated`` - one mask per tensor, one c per product: dealing and sources.
 * ``beaver``     - products of shares split into local begin / finish phases.
 * ``stages``     - staged programs: one exchange per stage, for the protocol layer.
 * ``adapter``    - secure forward/backward of the residual adapter and classifier.
@@ -25,6 +27,8 @@ from .layers import (
     mean_pool,
     mean_pool_backward,
 )
+from .correlated import MaskSource, OnlineMaskDealer, SeededProduct, deal_product, product_c
+from .masks import MaskRecord, MaskReuseError, Use, View
 from .beaver import Opening, PendingProduct, begin, begin_matmul, begin_mul, begin_square
 from .dealer import Dealer, MaterialQueue, SeededMaterial, TrustedDealer, deal_seeded
 from .limbs import DEFAULT_LIMB_BITS, max_inner_dim, ring_matmul
@@ -36,6 +40,15 @@ from .stages import PartyState, Product, Program, Stage
 from .triples import BeaverMaterial, Op, SquarePair, Triple, TripleRequest
 
 __all__ = [
+    "MaskRecord",
+    "MaskReuseError",
+    "MaskSource",
+    "OnlineMaskDealer",
+    "SeededProduct",
+    "Use",
+    "View",
+    "deal_product",
+    "product_c",
     "DEFAULT_FRAC_BITS",
     "DEFAULT_LIMB_BITS",
     "RING_BITS",

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from .share import AdditiveShare
-from .stages import Operand, Product, Program, Stage, Values
+from .masks import Use, View
+from .stages import Product, Program, Stage, Values
 from .triples import TripleRequest
 
 
@@ -69,23 +70,6 @@ class Quadratic:
         return u.mul_public(2.0 * self.c2) + self.c1
 
 
-def _value(name: str) -> Operand:
-    return lambda values: values[name]
-
-
-def _tokens_flat_transposed(name: str) -> Operand:
-    """values[name] [batch, tokens, k] as [k, batch * tokens] (for weight gradients)."""
-    return lambda values: values[name].flatten(0, 1).T
-
-
-def _tokens_flat(name: str) -> Operand:
-    return lambda values: values[name].flatten(0, 1)
-
-
-def _transposed(name: str) -> Operand:
-    return lambda values: values[name].T
-
-
 def _positive_dims(**dims: int) -> None:
     for name, size in dims.items():
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
@@ -108,12 +92,12 @@ def adapter_forward(batch: int, tokens: int, dim: int, rank: int, act: Quadratic
         stages=(
             Stage(
                 "adapter.down",
-                (Product("u", TripleRequest.matmul(x_shape, (dim, rank)), _value("x"), _value("A")),),
+                (Product("u", TripleRequest.matmul(x_shape, (dim, rank)), Use("x", x_shape), Use("A", (dim, rank))),),
             ),
-            Stage("adapter.act", (Product("u2", TripleRequest.square(u_shape), _value("u")),), activation),
+            Stage("adapter.act", (Product("u2", TripleRequest.square(u_shape), Use("u", u_shape)),), activation),
             Stage(
                 "adapter.up",
-                (Product("hB", TripleRequest.matmul(u_shape, (rank, dim)), _value("h"), _value("B")),),
+                (Product("hB", TripleRequest.matmul(u_shape, (rank, dim)), Use("h", u_shape), Use("B", (rank, dim))),),
                 residual,
             ),
         ),
@@ -140,10 +124,12 @@ def adapter_backward(
         return {"gx": values["gy"] + values["guA"]}
 
     grad_in: tuple[Product, ...] = (
-        Product("gA", TripleRequest.matmul((dim, n), (n, rank)), _tokens_flat_transposed("x"), _tokens_flat("gu")),
+        Product("gA", TripleRequest.matmul((dim, n), (n, rank)), Use("x", x_shape, View.FLAT_T),
+                Use("gu", u_shape, View.FLAT)),
     )
     if input_grad:
-        grad_in += (Product("guA", TripleRequest.matmul(u_shape, (rank, dim)), _value("gu"), _transposed("A")),)
+        grad_in += (Product("guA", TripleRequest.matmul(u_shape, (rank, dim)), Use("gu", u_shape),
+                             Use("A", (dim, rank), View.T)),)
 
     return Program(
         name="adapter.backward",
@@ -154,14 +140,15 @@ def adapter_backward(
                     Product(
                         "gB",
                         TripleRequest.matmul((rank, n), (n, dim)),
-                        _tokens_flat_transposed("h"),
-                        _tokens_flat("gy"),
+                        Use("h", u_shape, View.FLAT_T),
+                        Use("gy", x_shape, View.FLAT),
                     ),
-                    Product("gh", TripleRequest.matmul(x_shape, (dim, rank)), _value("gy"), _transposed("B")),
+                    Product("gh", TripleRequest.matmul(x_shape, (dim, rank)), Use("gy", x_shape),
+                            Use("B", (rank, dim), View.T)),
                 ),
                 derivative,
             ),
-            Stage("adapter.grad_act", (Product("gu", TripleRequest.mul(u_shape), _value("gh"), _value("du")),)),
+            Stage("adapter.grad_act", (Product("gu", TripleRequest.mul(u_shape), Use("gh", u_shape), Use("du", u_shape)),)),
             Stage("adapter.grad_down", grad_in, residual if input_grad else None),
         ),
         inputs=("gy", "x", "A", "B", "u", "h"),
@@ -181,7 +168,8 @@ def classifier_forward(batch: int, dim: int, classes: int) -> Program:
         stages=(
             Stage(
                 "classifier.logits",
-                (Product("pWc", TripleRequest.matmul((batch, dim), (dim, classes)), _value("p"), _value("Wc")),),
+                (Product("pWc", TripleRequest.matmul((batch, dim), (dim, classes)), Use("p", (batch, dim)),
+                         Use("Wc", (dim, classes))),),
                 bias,
             ),
         ),
@@ -194,11 +182,12 @@ def classifier_backward(batch: int, dim: int, classes: int, input_grad: bool = T
     """gWc = p^T gz, gbc = sum_batch gz (and gp = gz Wc^T if ``input_grad``) in 1 round."""
     _positive_dims(batch=batch, dim=dim, classes=classes)
     products: tuple[Product, ...] = (
-        Product("gWc", TripleRequest.matmul((dim, batch), (batch, classes)), _transposed("p"), _value("gz")),
+        Product("gWc", TripleRequest.matmul((dim, batch), (batch, classes)), Use("p", (batch, dim), View.T),
+                Use("gz", (batch, classes))),
     )
     if input_grad:
         gp_request = TripleRequest.matmul((batch, classes), (classes, dim))
-        products += (Product("gp", gp_request, _value("gz"), _transposed("Wc")),)
+        products += (Product("gp", gp_request, Use("gz", (batch, classes)), Use("Wc", (dim, classes), View.T)),)
 
     def bias_grad(values: Values) -> dict[str, AdditiveShare]:
         return {"gbc": values["gz"].sum(0)}

@@ -7,13 +7,19 @@ values (additions, public scalings, truncations).  A protocol layer drives a pro
 for one party like this, keeping ``PartyState`` between messages:
 
     for stage in program.stages:
-        mine = stage.begin(state, queue)        # list of openings, one per product
+        mine = stage.begin(state, source)       # list of opened tensors, one per new mask
         theirs = exchange(mine)                 # one message each way
         stage.finish(state, theirs)
 
 and may fold the openings of the same stage of many batches or tenants into one
-message.  ``Program.requests()`` lists the Beaver material the program consumes, in
-order, so the dealer can deal it ahead of time (offline phase).
+message.  ``Program.requests()`` lists the products' c material the program consumes,
+in order, so the dealer can deal it ahead of time (offline phase).
+
+Operands are named values (``masks.Use``): a value is masked and opened once per scope
+(``PartyState.scope``, e.g. one module of one step), the first time a stage uses it;
+later products of the same scope, in the same or a later program, reuse the opening
+(``correlated``).  So what a stage sends depends on the names its scope opened before:
+``Stage.opens``.
 
 Programs are built for fixed shapes; ``begin`` checks every operand against the
 shapes the program declared and ``finish`` checks the peer's openings, so a
@@ -22,26 +28,34 @@ malformed or out-of-order message raises a clear error and leaves the state as i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .beaver import Opening, PendingProduct, begin
-from .dealer import MaterialQueue
+from torch import Tensor
+
+from .beaver import PendingProduct, begin
+from .correlated import MaskSource
+from .masks import MaskRecord, Use, apply_view
 from .share import AdditiveShare
-from .triples import TripleRequest
+from .triples import Op, SquarePair, Triple, TripleRequest
 
 Values = Mapping[str, AdditiveShare]
-Operand = Callable[[Values], AdditiveShare]
-"""Picks (and locally reshapes/transposes) an operand from the named values of a party."""
 
 
 @dataclass
 class PartyState:
-    """One party's named shares, plus the products of the stage awaiting the peer's openings."""
+    """One party's named shares and mask records in one scope, plus the stage awaiting openings.
+
+    ``scope`` names what the masks are dealt for (the protocol: the module, within a step);
+    two states of one dealer must not share a scope.  ``masks`` maps a value name to the
+    record of its one opening (``masks.MaskRecord``).
+    """
 
     party: int
     values: dict[str, AdditiveShare] = field(default_factory=dict)
     pending: tuple[str, list[PendingProduct]] | None = None
+    scope: str = ""
+    masks: dict[str, MaskRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.party not in (0, 1) or isinstance(self.party, bool):
@@ -50,12 +64,23 @@ class PartyState:
 
 @dataclass(frozen=True)
 class Product:
-    """``values[out] = op(x(values), y(values))`` with Beaver material for ``request``."""
+    """``values[out] = op(x, y)``: operands are named values seen through views (``masks.Use``)."""
 
     out: str
     request: TripleRequest
-    x: Operand
-    y: Operand | None = None
+    x: Use
+    y: Use | None = None
+
+    def __post_init__(self) -> None:
+        if (self.y is None) != (self.request.op is Op.SQUARE):
+            raise ValueError(f"product {self.out!r}: a square takes one operand, other products two")
+        for name, use, shape in (("x", self.x, self.request.x_shape), ("y", self.y, self.request.y_shape)):
+            if use is not None and use.viewed != shape:
+                raise ValueError(f"product {self.out!r}: operand {name} is {use.viewed}, the request says {shape}")
+
+    @property
+    def uses(self) -> tuple[Use, ...]:
+        return (self.x,) if self.y is None else (self.x, self.y)
 
 
 @dataclass(frozen=True)
@@ -69,54 +94,89 @@ class Stage:
     products: tuple[Product, ...]
     local: Callable[[Values], dict[str, AdditiveShare]] | None = None
 
-    def begin(self, state: PartyState, queue: MaterialQueue) -> list[Opening]:
-        """Start every product of this stage; returns the openings to send (one per product)."""
+    def opens(self, opened: Collection[str]) -> tuple[Use, ...]:
+        """The values this stage masks and opens, given the names its scope opened before.
+
+        Each at its first use, in product order; a value used twice here is opened once.
+        """
+        seen, new = set(opened), []
+        for product in self.products:
+            for use in product.uses:
+                if use.name not in seen:
+                    seen.add(use.name)
+                    new.append(use)
+        return tuple(new)
+
+    def _operands(self, state: PartyState) -> dict[str, AdditiveShare]:
+        """The named values the products use, checked against the declared party and shapes."""
+        values: dict[str, AdditiveShare] = {}
+        for product in self.products:
+            for use in product.uses:
+                value = state.values.get(use.name)
+                if value is None:
+                    raise ValueError(f"stage {self.name!r}: no value named {use.name!r}")
+                if value.party != state.party:
+                    raise ValueError(f"stage {self.name!r}: party {state.party} holds a share of party {value.party}")
+                if tuple(value.shape) != use.shape:
+                    raise ValueError(f"stage {self.name!r}, product {product.out!r}: operand {use.name!r} has "
+                                     f"shape {tuple(value.shape)}, the program declared {use.shape}")
+                values[use.name] = value
+        return values
+
+    def begin(self, state: PartyState, source: MaskSource) -> list[Tensor]:
+        """Start every product; returns this party's openings of the values first masked here.
+
+        Values opened by an earlier stage of the scope are not sent again; each must still be
+        the tensor its mask opened (``MaskRecord.check_bound``).
+        """
         if state.pending is not None:
             raise ValueError(f"stage {self.name!r} begun while stage {state.pending[0]!r} awaits openings")
-        if queue.party != state.party:
-            raise ValueError(f"party {state.party} given party {queue.party}'s material queue")
-        operands = []
+        if source.party != state.party:
+            raise ValueError(f"party {state.party} given party {source.party}'s material source")
+        values = self._operands(state)
+        for name, record in state.masks.items():
+            if name in values:
+                record.check_bound(name, values[name])
+        new = self.opens(state.masks)
+        records = dict(state.masks)
+        for use in new:
+            records[use.name] = MaskRecord.open(values[use.name], source.mask(state.scope, use.name, use.shape))
+        pending = []
         for product in self.products:
-            try:
-                x = product.x(state.values)
-                y = product.y(state.values) if product.y is not None else None
-            except KeyError as missing:
-                raise ValueError(f"stage {self.name!r}: no value named {missing.args[0]!r}") from None
-            shapes = (product.request.x_shape, product.request.y_shape)
-            for name, operand, shape in zip("xy", (x, y), shapes):
-                if operand is None:
-                    continue
-                if operand.party != state.party:
-                    raise ValueError(f"stage {self.name!r}: party {state.party} holds a share of party {operand.party}")
-                if tuple(operand.shape) != shape:
-                    raise ValueError(
-                        f"stage {self.name!r}, product {product.out!r}: operand {name} has shape "
-                        f"{tuple(operand.shape)}, the program declared {shape}"
-                    )
-            operands.append((x, y))
-        pending, openings = [], []
-        for product, (x, y) in zip(self.products, operands):
-            started, opening = begin(product.request, x, y, queue.draw(product.request))
-            pending.append(started)
-            openings.append(opening)
+            c = source.product(state.scope, product.request, product.x, product.y)
+            a = apply_view(product.x.view, records[product.x.name].share)
+            if product.y is None:
+                material: Triple | SquarePair = SquarePair(a, c)
+                y = None
+            else:
+                b = apply_view(product.y.view, records[product.y.name].share)
+                material, y = Triple(a, b, c), product.y.of(values[product.y.name])
+            pending.append(begin(product.request, product.x.of(values[product.x.name]), y, material)[0])
+        state.masks = records
         state.pending = (self.name, pending)
-        return openings
+        return [records[use.name].sent for use in new]
 
-    def finish(self, state: PartyState, received: Sequence[Opening]) -> None:
-        """Complete the products with the peer's openings, then run the local step."""
+    def finish(self, state: PartyState, received: Sequence[Tensor]) -> None:
+        """Complete the products with the peer's openings (one per new mask), then run the local step."""
         if state.pending is None or state.pending[0] != self.name:
             awaiting = None if state.pending is None else state.pending[0]
             raise ValueError(f"stage {self.name!r} finished, but the pending stage is {awaiting!r}")
         pending = state.pending[1]
-        if len(received) != len(pending):
-            raise ValueError(f"stage {self.name!r} expects {len(pending)} openings, got {len(received)}")
+        opened = [name for name, record in state.masks.items() if record.received is None]
+        new = [use.name for use in self.opens(set(state.masks) - set(opened))]
+        if new != opened or len(received) != len(new):
+            raise ValueError(f"stage {self.name!r} expects {len(new)} openings, got {len(received)}")
+        records = dict(state.masks)
+        for name, opening in zip(new, received):
+            records[name] = records[name].completed(opening)
         results = {
-            product.out: started.finish(opening)
-            for product, started, opening in zip(self.products, pending, received)
+            product.out: started.finish(tuple(records[use.name].peer_part(use.view) for use in product.uses))
+            for product, started in zip(self.products, pending)
         }
         if self.local is not None:
             results |= self.local({**state.values, **results})
         state.values.update(results)
+        state.masks = records
         state.pending = None
 
 
@@ -129,15 +189,37 @@ class Program:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for stage in self.stages:
+            for product in stage.products:
+                for use in product.uses:
+                    if shapes.setdefault(use.name, use.shape) != use.shape:
+                        raise ValueError(f"program {self.name!r}: value {use.name!r} is used with shapes "
+                                         f"{shapes[use.name]} and {use.shape}")
+
+    def products(self) -> list[Product]:
+        """Every product, in the order the program draws their c material."""
+        return [product for stage in self.stages for product in stage.products]
+
     def requests(self) -> list[TripleRequest]:
-        """The Beaver material this program draws, in order."""
-        return [product.request for stage in self.stages for product in stage.products]
+        """The products' c material this program draws, in order."""
+        return [product.request for product in self.products()]
+
+    def uses(self) -> dict[str, Use]:
+        """Every value the program masks (first use of each name), by name."""
+        return {use.name: use for stage in self.stages for use in stage.opens(())}
 
     @property
     def rounds(self) -> int:
         """Exchanges (one message each way) per run."""
         return len(self.stages)
 
-    def opened_elements(self) -> int:
-        """Ring elements each party sends per run (8 bytes each)."""
-        return sum(request.opened_elements for request in self.requests())
+    def opened_elements(self, opened: Collection[str] = ()) -> int:
+        """Ring elements each party sends per run (8 bytes each), given names its scope opened before."""
+        seen, total = set(opened), 0
+        for stage in self.stages:
+            new = stage.opens(seen)
+            total += sum(use.elements for use in new)
+            seen |= {use.name for use in new}
+        return total

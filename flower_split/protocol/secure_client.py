@@ -32,24 +32,24 @@ from flower_split.config import RunConfig
 from flower_split.data import Batch
 from flower_split.he import ClientKeys, HEParams, decrypt_loss_and_grad, encrypt_labels, envelope_digest
 from flower_split.model import Embedder, HeadAdapter, TailAdapter
-from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
+from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, decode, encode
 from flower_split.mpc import new_seed
-from flower_split.mpc.triples import TripleRequest
 from flower_split.protocol import resume_proof
 from flower_split.protocol.dealer_identity import accept_hello
 from flower_split.protocol.labels import label_protection
 from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share, restore_label_noise
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
-    beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
+    check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
     ClientSetup, DealerHello, KeyRotation, SecureMessage, client_step_number,
 )
 from flower_split.protocol.secure_party import (
-    GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, export_step, import_step,
+    GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState,
 )
+from flower_split.protocol.secure_step_io import export_step, import_step
 from flower_split.protocol.secure_weights import check_activation, plaintext_weights
 from flower_split.protocol.secure_steps import CLIENT, WEIGHT_NAMES, StepSpec, weight_shapes
 
@@ -279,12 +279,12 @@ class SecureClientParty(SecureStepRunner):
     def steps_in_flight(self) -> list[int]:
         return [] if self._step is None else [self._step.spec.step]
 
-    def _materials(self, st: StepState, program: str, first: int,
-                   requests: list[TripleRequest]) -> list[SeededMaterial]:
+    def _material_key(self, st: StepState) -> bytes:
         assert self._dealer_key is not None
-        return [SeededMaterial(request, 1, beaver_seed(self._dealer_key, self.tenant, st.spec.step, program,
-                                                       first + i, st.spec.material_label()))
-                for i, request in enumerate(requests)]
+        return self._dealer_key
+
+    def _correction(self, st: StepState, key: str) -> None:
+        return None  # the dealer corrects the cloud's c shares; the client's are pads from its seeds
 
     # --------------------------------------------------------------------- script ops
     def _share(self, data: torch.Tensor) -> AdditiveShare:
@@ -295,7 +295,7 @@ class SecureClientParty(SecureStepRunner):
         seed = new_seed()
         x = encode(e, self.frac_bits) - prg(seed, tuple(e.shape))  # cloud's share is PRG(seed)
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
-                                                 "B": halves.share("head.B")})
+                                                 "B": halves.share("head.B")}, scope="head")
         out: dict[str, Any] = {"input.seed_e": seed, "input.mask": st.ctx["mask"]}
         if self.protection.ckks_keys and st.spec.train:
             assert self.he_keys is not None
@@ -310,7 +310,7 @@ class SecureClientParty(SecureStepRunner):
     def _op_receive_h(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         h = prg(got["reshare.seed_h"], (st.spec.batch, st.spec.tokens, self.dim))
         st.ctx["tail"] = PartyState(self.party, {"x": self._share(h), "A": halves.share("tail.A"),
-                                                 "B": halves.share("tail.B")})
+                                                 "B": halves.share("tail.B")}, scope="tail")
 
     def _op_receive_logits(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         z = st.ctx["cls"].values["z"].data + got["open.z"]

@@ -26,14 +26,13 @@ import torch
 
 from flower_split.he import batch_bounds, compute_loss_and_grad
 from flower_split.model import Body, hidden_size, masked_mean_backward
-from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, SeededMaterial, decode, encode
+from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, decode, encode
 from flower_split.mpc import new_seed
-from flower_split.mpc.triples import TripleRequest
 from flower_split.protocol.body_runner import BodyRunner
 from flower_split.protocol.material_seal import open_sealed, seal_key
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
-    beaver_seed, check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
+    check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
     private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
@@ -314,13 +313,11 @@ class SecureCloudParty(SecureStepRunner):
         self.abort_step(tenant)
         record.halves.reconcile(record.pre_step, client_updates, f"cloud (tenant {tenant!r})")
 
-    def _materials(self, st: StepState, program: str, first: int,
-                   requests: list[TripleRequest]) -> list[SeededMaterial]:
-        key = self.tenants[st.spec.tenant].key
-        return [SeededMaterial(request, 0, beaver_seed(key, st.spec.tenant, st.spec.step, program, first + i,
-                                                       st.spec.material_label()),
-                               st.ctx["material"][f"{program}:{first + i}"])
-                for i, request in enumerate(requests)]
+    def _material_key(self, st: StepState) -> bytes:
+        return self.tenants[st.spec.tenant].key
+
+    def _correction(self, st: StepState, key: str) -> torch.Tensor:
+        return st.ctx["material"][key]
 
     # --------------------------------------------------------------------- script ops
     def _share(self, data: torch.Tensor) -> AdditiveShare:
@@ -333,7 +330,7 @@ class SecureCloudParty(SecureStepRunner):
         if "input.labels" in got:
             st.ctx["labels_envelope"] = got["input.labels"]
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
-                                                 "B": halves.share("head.B")})
+                                                 "B": halves.share("head.B")}, scope="head")
 
     def _op_body_forward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         f = decode(st.ctx["head"].values["y"].data + got["open.f"], self.frac_bits)  # f opened to the cloud
@@ -347,7 +344,7 @@ class SecureCloudParty(SecureStepRunner):
         seed = new_seed()
         share = encode(h.detach().cpu().to(torch.float64), self.frac_bits) - prg(seed, tuple(h.shape))
         st.ctx["tail"] = PartyState(self.party, {"x": self._share(share), "A": halves.share("tail.A"),
-                                                 "B": halves.share("tail.B")})
+                                                 "B": halves.share("tail.B")}, scope="tail")
         return {"reshare.seed_h": seed}
 
     def _op_open_z(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:

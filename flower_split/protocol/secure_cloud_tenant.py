@@ -16,7 +16,8 @@ import torch
 from flower_split.he import CloudKeys
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import MAX_STEP, ClientSetup
-from flower_split.protocol.secure_party import Halves, StepState, export_step, export_value, import_step, import_value
+from flower_split.protocol.secure_party import Halves, StepState
+from flower_split.protocol.secure_step_io import export_step, export_value, import_step, import_value
 from flower_split.protocol.secure_steps import StepSpec
 
 Material = tuple[StepSpec, dict[str, torch.Tensor] | None]  # spec, and its corrections once dealt

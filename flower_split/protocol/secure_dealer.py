@@ -7,9 +7,11 @@ Key agreement: the dealer has one X25519 key pair (:meth:`hello`). For each tena
 cloud forwards a :class:`DealerRegistration` with the client's and the cloud's public
 keys; the dealer derives one 32-byte key with each (``secure_keys.dealer_key``). Per step
 the cloud sends a :class:`MaterialRequest` (tenant, step, batch shape, train); the dealer
-derives both parties' seeds for every product from the two keys, computes the triples,
-and returns to the cloud only the corrections ``masked_c = c - c_client + t_cloud``
-(``flower_split.mpc.deal_seeded`` with ``correction_party=0``), sealed to the cloud
+derives both parties' seeds for every mask and product from the two keys (one mask per
+value a module's programs multiply, reused by every product it enters: ``mpc.masks``),
+computes c = op(view(a_x), view(a_y)) per product, and returns to the cloud only the
+corrections ``masked_c = c - c_client + t_cloud``
+(``flower_split.mpc.deal_product`` with ``correction_party=0``), sealed to the cloud
 (``material_seal``). The client's share of every triple is the expansion of a seed only it
 and the dealer can derive, so:
 
@@ -32,17 +34,21 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from flower_split.mpc import deal_seeded
+import torch
+
+from flower_split.mpc import deal_product, product_c
 from flower_split.protocol.dealer_identity import identity_public, new_identity, signed_hello
 from flower_split.protocol.material_seal import seal, seal_key
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
-    beaver_seed, check_public_key, dealer_key, new_private_key, private_bytes, private_from_bytes, public_bytes,
+    beaver_seed, check_public_key, dealer_key, new_private_key, prg, private_bytes, private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
     MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, DealerHello, DealerRegistration, MaterialBundle, MaterialRequest,
 )
-from flower_split.protocol.secure_steps import StepSpec, check_material_size, material_keys, programs
+from flower_split.protocol.secure_steps import (
+    StepSpec, check_material_size, mask_label, material_keys, programs, scope_uses,
+)
 
 MAX_SHAPE = 4096
 
@@ -120,14 +126,7 @@ class SecureDealerParty:
                         request.train, record["train_head"], "client", self.frac_bits,
                         record["tail_pooled"])
         check_material_size(spec)  # what one step may cost the dealer, bounded before it works
-        corrections = []
-        for program, index in material_keys(spec):
-            req = programs(spec)[program][1].requests()[index]
-            seed0 = beaver_seed(record["cloud_key"], spec.tenant, spec.step, program, index, spec.material_label())
-            seed1 = beaver_seed(record["client_key"], spec.tenant, spec.step, program, index, spec.material_label())
-            cloud_material, _ = deal_seeded(req, seed0, seed1, correction_party=0)
-            assert cloud_material.masked_c is not None
-            corrections.append(cloud_material.masked_c)
+        corrections = _corrections(spec, record["cloud_key"], record["client_key"])
         record["next_step"] = request.step + 1
         sealed = seal(seal_key(record["cloud_key"]), request.tenant, request.step, spec.material_label(), corrections)
         return MaterialBundle(request.tenant, request.step, sealed)
@@ -152,3 +151,28 @@ class SecureDealerParty:
         self.public = public_bytes(self._x25519)
         self.frac_bits = int(state["frac_bits"])
         self._tenants = {k: dict(v) for k, v in state["tenants"].items()}
+
+
+def _corrections(spec: StepSpec, cloud_key: bytes, client_key: bytes) -> list[torch.Tensor]:
+    """The cloud's correction of every product of the step, in ``material_keys`` order.
+
+    Masks first: one per value per module (``scope_uses``), each party's share from its own
+    seed; then per product c = op(view(a_x), view(a_y)) and the cloud's masked c.
+    """
+    def seed(key: bytes, program: str, index: int) -> bytes:
+        return beaver_seed(key, spec.tenant, spec.step, program, index, spec.material_label())
+
+    masks = {(module, name): prg(seed(cloud_key, mask_label(module, name), 0), use.shape)
+             + prg(seed(client_key, mask_label(module, name), 0), use.shape)
+             for module, uses in scope_uses(spec).items() for name, use in uses.items()}
+    corrections = []
+    for program, index in material_keys(spec):
+        module, prog = programs(spec)[program]
+        product = prog.products()[index]
+        c = product_c(product.request, product.x, product.y,
+                      {use.name: masks[(module, use.name)] for use in product.uses})
+        cloud_material, _ = deal_product(product.request, c, seed(cloud_key, program, index),
+                                         seed(client_key, program, index), correction_party=0)
+        assert cloud_material.masked_c is not None
+        corrections.append(cloud_material.masked_c)
+    return corrections

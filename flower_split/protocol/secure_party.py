@@ -4,7 +4,7 @@ A :class:`StepState` is one party's progress in one step: the position in its sc
 the number of messages of the step seen so far, received items not yet consumed, and the
 step's values (``ctx``: the ``PartyState`` of the head, tail and classifier programs,
 the attention mask, ...). It holds only tensors, bytes and plain values, so it can be
-exported with :func:`export_value` and restored with :func:`import_value` between two
+exported with ``secure_step_io.export_value`` and restored with ``import_value`` between two
 messages (Flower's ``Context.state``), except for ``ctx`` keys starting with ``_``, which
 are caches (the cloud's autograd graph) rebuilt when missing.
 
@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
-from flower_split.mpc import AdditiveShare, MaterialQueue, PartyState, SeededMaterial
+from flower_split.mpc import AdditiveShare, MaskSource, PartyState, SeededProduct, Use
 from flower_split.mpc import mean_pool, mean_pool_backward
-from flower_split.mpc.beaver import PendingProduct
-from flower_split.mpc.triples import SquarePair, Triple, TripleRequest
+from flower_split.mpc.triples import TripleRequest
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import SecureMessage, check_items
 from flower_split.protocol.optim import lr_factor, sgd_share_update
+from flower_split.protocol.secure_keys import beaver_seed, prg
 from flower_split.protocol.secure_steps import (
-    CLIENT, CLOUD, Begin, Call, Finish, StepSpec, op_needs, opening_specs, programs, schedule, script,
+    CLIENT, CLOUD, Begin, Call, Finish, StepSpec, mask_label, op_needs, opening_specs, programs, schedule, script,
 )
 
 GRAD_SCALE_BITS = 8
@@ -59,7 +59,7 @@ class StepState:
 
 
 def _copy_party_state(state: PartyState) -> PartyState:
-    return PartyState(state.party, dict(state.values), state.pending)
+    return PartyState(state.party, dict(state.values), state.pending, state.scope, dict(state.masks))
 
 
 @dataclass
@@ -180,7 +180,7 @@ class SecureStepRunner:
     """The script interpreter both secure parties inherit.
 
     Subclasses set ``role`` and ``party`` and implement ``_op_<name>`` for their script's
-    ``Call`` operations and :meth:`_materials`.
+    ``Call`` operations, :meth:`_material_key` and :meth:`_correction`.
     """
 
     role: str
@@ -199,23 +199,17 @@ class SecureStepRunner:
             got = {name: st.inbox.pop(name) for name in needs}
             if isinstance(op, Begin):
                 module, program = programs(st.spec)[op.program]
-                stage = program.stages[op.stage]
-                queue = MaterialQueue(self.party)
+                state = st.ctx[module]
+                if state.scope != module:
+                    raise RuntimeError(f"{self.role}: {module} values are in scope {state.scope!r}")
                 first = sum(len(s.products) for s in program.stages[: op.stage])
-                queue.extend(self._materials(st, op.program, first, [p.request for p in stage.products]))
-                openings = stage.begin(st.ctx[module], queue)
-                flat = [tensor for opening in openings for tensor in opening]
+                sent = program.stages[op.stage].begin(state, StepSource(self, st, op.program, first))
                 names = [item.name for item in opening_specs(st.spec, op.program, op.stage)]
-                out.update(zip(names, flat))
+                out.update(zip(names, sent, strict=True))
             elif isinstance(op, Finish):
                 module, program = programs(st.spec)[op.program]
-                stage = program.stages[op.stage]
-                names = iter(item.name for item in opening_specs(st.spec, op.program, op.stage))
-                received = []
-                for product in stage.products:
-                    count = 1 if product.request.op.value == "square" else 2
-                    received.append(tuple(got[next(names)] for _ in range(count)))
-                stage.finish(st.ctx[module], received)
+                names = [item.name for item in opening_specs(st.spec, op.program, op.stage)]
+                program.stages[op.stage].finish(st.ctx[module], [got[name] for name in names])
             else:
                 assert isinstance(op, Call)
                 given = getattr(self, f"_op_{op.name}")(st, halves, got) or {}
@@ -282,8 +276,12 @@ class SecureStepRunner:
                                     f"{exc}") from exc
             raise
 
-    def _materials(self, st: StepState, program: str, first: int,
-                   requests: list[TripleRequest]) -> list[SeededMaterial]:
+    def _material_key(self, st: StepState) -> bytes:
+        """The key this party shares with the dealer for the step's tenant (seeds its material)."""
+        raise NotImplementedError
+
+    def _correction(self, st: StepState, key: str) -> torch.Tensor | None:
+        """The dealer's correction of product ``key`` (``program:index``) for this party, if any."""
         raise NotImplementedError
 
     # --------------------------------------------------------- ops common to both parties
@@ -300,7 +298,7 @@ class SecureStepRunner:
 
     def _to_classifier(self, st: StepState, halves: Halves, pooled: AdditiveShare) -> None:
         st.ctx["cls"] = PartyState(self.party, {"p": pooled, "Wc": halves.share("cls.Wc"),
-                                                "bc": halves.share("cls.bc")})
+                                                "bc": halves.share("cls.bc")}, scope="cls")
 
     def _op_pool_backward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         st.ctx["tail"].values["gy"] = mean_pool_backward(st.ctx["cls"].values["gp"], st.ctx["mask"])
@@ -324,6 +322,26 @@ class SecureStepRunner:
         halves.update("head", {"head.A": head["gA"], "head.B": head["gB"]})
 
 
+class StepSource(MaskSource):
+    """One party's correlated material for one stage: masks and c pads from its dealer seeds."""
+
+    def __init__(self, runner: SecureStepRunner, st: StepState, program: str, first: int) -> None:
+        self.party, self._runner, self._st, self._program, self._next = runner.party, runner, st, program, first
+
+    def _seed(self, program: str, index: int) -> bytes:
+        spec = self._st.spec
+        return beaver_seed(self._runner._material_key(self._st), spec.tenant, spec.step, program, index,
+                           spec.material_label())
+
+    def mask(self, scope: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return prg(self._seed(mask_label(scope, name), 0), tuple(shape))
+
+    def product(self, scope: str, request: TripleRequest, x: Use, y: Use | None) -> torch.Tensor:
+        index, self._next = self._next, self._next + 1
+        correction = self._runner._correction(self._st, f"{self._program}:{index}")
+        return SeededProduct(request, self.party, self._seed(self._program, index), correction).expand()
+
+
 def _check_header_types(message: SecureMessage, where: str) -> None:
     """The header fields have their exact types (``1.0 == 1`` and ``1 == True`` must not pass)."""
     for name, kind in (("tenant", str), ("sender", str), ("stage", str), ("train", bool), ("step", int),
@@ -331,67 +349,3 @@ def _check_header_types(message: SecureMessage, where: str) -> None:
         value = getattr(message, name)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ProtocolError(f"{where}: {name} must be a {kind.__name__}, got {type(value).__name__}")
-
-
-# ------------------------------------------------------------------------ state export
-def export_value(value: Any) -> Any:
-    """Plain (tensors, bytes, scalars, dicts, lists) copy of a step value."""
-    if isinstance(value, PartyState):
-        pending = None
-        if value.pending is not None:
-            pending = {"stage": value.pending[0], "products": [_export_pending(p) for p in value.pending[1]]}
-        return {"__party_state__": value.party,
-                "values": {k: {"data": v.data.contiguous().clone(), "frac_bits": v.frac_bits}
-                           for k, v in value.values.items()},
-                "pending": pending}
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, dict):
-        return {k: export_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [export_value(v) for v in value]
-    return value
-
-
-def import_value(value: Any) -> Any:
-    """Inverse of :func:`export_value`."""
-    if isinstance(value, dict) and "__party_state__" in value:
-        party = value["__party_state__"]
-        values = {k: AdditiveShare(v["data"], party, v["frac_bits"]) for k, v in value["values"].items()}
-        pending = None
-        if value["pending"] is not None:
-            pending = (value["pending"]["stage"], [_import_pending(p) for p in value["pending"]["products"]])
-        return PartyState(party, values, pending)
-    if isinstance(value, dict):
-        return {k: import_value(v) for k, v in value.items()}
-    return value
-
-
-def _export_pending(p: PendingProduct) -> dict[str, Any]:
-    material = p.material
-    tensors = {"a": material.a, "c": material.c}
-    if isinstance(material, Triple):
-        tensors["b"] = material.b
-    return {"op": p.request.op.value, "x_shape": list(p.request.x_shape),
-            "y_shape": None if p.request.y_shape is None else list(p.request.y_shape),
-            "party": p.party, "out_frac_bits": p.out_frac_bits, "truncate_bits": p.truncate_bits,
-            "x": p.x.contiguous().clone(), "sent": [t.clone() for t in p.sent],
-            "material": {k: v.clone() for k, v in tensors.items()}}
-
-
-def _import_pending(d: dict[str, Any]) -> PendingProduct:
-    request = TripleRequest(d["op"], tuple(d["x_shape"]), None if d["y_shape"] is None else tuple(d["y_shape"]))
-    m = d["material"]
-    material = Triple(m["a"], m["b"], m["c"]) if "b" in m else SquarePair(m["a"], m["c"])
-    return PendingProduct(request, d["party"], d["out_frac_bits"], d["truncate_bits"], d["x"],
-                          tuple(d["sent"]), material)
-
-
-def export_step(st: StepState) -> dict[str, Any]:
-    return {"spec": dict(vars(st.spec)), "pc": st.pc, "seq": st.seq, "inbox": export_value(st.inbox),
-            "ctx": {k: export_value(v) for k, v in st.ctx.items() if not k.startswith("_")}}
-
-
-def import_step(state: dict[str, Any]) -> StepState:
-    return StepState(StepSpec(**state["spec"]), int(state["pc"]), int(state["seq"]),
-                     import_value(state["inbox"]), {k: import_value(v) for k, v in state["ctx"].items()})

@@ -39,13 +39,14 @@ Step outline (DESIGN.md section 3)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
 from flower_split.mpc import Program, Quadratic, adapter_backward, adapter_forward
 from flower_split.mpc import classifier_backward, classifier_forward
-from flower_split.mpc.triples import Op as TripleOp
+from flower_split.mpc.masks import Use
 from flower_split.protocol.labels import label_protection
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import BLOB, MASK, RING, SEED, ItemSpec
@@ -126,6 +127,38 @@ def _programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
     return out
 
 
+def mask_label(scope: str, name: str) -> str:
+    """What a mask's seed is derived for (``secure_keys.beaver_seed``'s program): never a program key."""
+    return f"mask:{scope}:{name}"
+
+
+def scope_uses(spec: StepSpec) -> dict[str, dict[str, Use]]:
+    """module -> every value its programs mask (one mask per value per step), in first-use order
+    (a fresh copy: the cached one stays as computed)."""
+    return {module: dict(uses) for module, uses in _scope_uses(spec.shape_key()).items()}
+
+
+@lru_cache(maxsize=256)
+def _scope_uses(spec: StepSpec) -> dict[str, dict[str, Use]]:
+    out: dict[str, dict[str, Use]] = {}
+    for module, program in programs(spec).values():
+        uses = out.setdefault(module, {})
+        for name, use in program.uses().items():
+            uses.setdefault(name, use)
+    return out
+
+
+def opened_before(spec: StepSpec, program: str) -> frozenset[str]:
+    """Values of ``program``'s module that earlier programs of the step opened (reused, not resent)."""
+    module, opened = programs(spec)[program][0], set()
+    for key, (other, prog) in programs(spec).items():
+        if key == program:
+            return frozenset(opened)
+        if other == module:
+            opened |= set(prog.uses())
+    raise KeyError(program)
+
+
 def material_keys(spec: StepSpec) -> list[tuple[str, int]]:
     """(program, index) of every Beaver product of the step, in dealing order."""
     return [(key, i) for key, (_, program) in programs(spec).items() for i in range(len(program.requests()))]
@@ -155,21 +188,18 @@ ScriptOp = Begin | Finish | Call
 
 
 def opening_specs(spec: StepSpec, program: str, stage: int) -> tuple[ItemSpec, ...]:
-    """The items one party sends for a Beaver stage (eps, and delta unless a square)."""
+    """The items one party sends for a Beaver stage: x - a for each value first masked in it."""
     return _opening_specs(spec.shape_key(), program, stage)
 
 
 @lru_cache(maxsize=1024)
 def _opening_specs(spec: StepSpec, program: str, stage: int) -> tuple[ItemSpec, ...]:
-    stage_obj = programs(spec)[program][1].stages[stage]
-    items: list[ItemSpec] = []
-    for product in stage_obj.products:
-        prefix = f"{program}/{stage_obj.name}/{product.out}"
-        items.append(ItemSpec(f"{prefix}/eps", RING, product.request.x_shape))
-        if product.request.op is not TripleOp.SQUARE:
-            assert product.request.y_shape is not None
-            items.append(ItemSpec(f"{prefix}/delta", RING, product.request.y_shape))
-    return tuple(items)
+    stages = programs(spec)[program][1].stages
+    opened = set(opened_before(spec, program))
+    for earlier in stages[:stage]:
+        opened |= {use.name for use in earlier.opens(opened)}
+    return tuple(ItemSpec(f"{program}/{stages[stage].name}/{use.name}/eps", RING, use.shape)
+                 for use in stages[stage].opens(opened))
 
 
 def op_gives(spec: StepSpec, op: ScriptOp) -> tuple[ItemSpec, ...]:
@@ -346,7 +376,7 @@ def _schedule(spec: StepSpec) -> tuple[MessageSpec, ...]:
     return tuple(messages)
 
 
-MAX_MATERIAL_ELEMENTS = 2**26  # per step: 512 MiB of int64 corrections; MiniLM at B=32 needs about 2^22
+MAX_MATERIAL_ELEMENTS = 2**26  # per step: 512 MiB of int64 c and masks; MiniLM at B=32 needs about 2^22
 
 
 def check_material_size(spec: StepSpec) -> None:
@@ -356,13 +386,9 @@ def check_material_size(spec: StepSpec) -> None:
     set-up dims (each bounded on its own) times a large batch must not cost the dealer, or
     the cloud, gigabytes for one step.
     """
-    total = 0
-    for program, index in material_keys(spec):
-        shape = programs(spec)[program][1].requests()[index].out_shape
-        size = 1
-        for n in shape:
-            size *= int(n)
-        total += size
+    total = sum(math.prod(programs(spec)[program][1].requests()[index].out_shape)
+                for program, index in material_keys(spec))
+    total += sum(use.elements for uses in scope_uses(spec).values() for use in uses.values())
     if total > MAX_MATERIAL_ELEMENTS:
         raise ProtocolError(f"step {spec.step} of tenant {spec.tenant!r}: its Beaver material would hold {total} "
                             f"ring elements, over {MAX_MATERIAL_ELEMENTS}")

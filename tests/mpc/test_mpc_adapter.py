@@ -26,7 +26,7 @@ from flower_split.mpc.layers import (
     mean_pool,
     mean_pool_backward,
 )
-from flower_split.mpc.dealer import MaterialQueue, TrustedDealer
+from flower_split.mpc.correlated import OnlineMaskDealer
 from flower_split.mpc.local import LocalTwoParty
 from flower_split.mpc.ring import decode, encode
 from flower_split.mpc.share import reconstruct, share
@@ -41,8 +41,8 @@ def _grid(shape, scale, generator):
     return decode(encode((torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * scale))
 
 
-def _states(**values):
-    s0, s1 = PartyState(0), PartyState(1)
+def _states(scope="", **values):
+    s0, s1 = PartyState(0, scope=scope), PartyState(1, scope=scope)
     for name, value in values.items():
         s0.values[name], s1.values[name] = share(value)
     return s0, s1
@@ -170,9 +170,9 @@ def test_tail_adapter_pool_classifier_end_to_end():
     (z * g).sum().backward()
 
     parties = LocalTwoParty()
-    adapter = _states(x=x, A=a, B=b)
+    adapter = _states(scope="tail", x=x, A=a, B=b)
     parties.run(adapter_forward(batch, tokens, dim, rank, act), *adapter)
-    classifier = _states(Wc=wc, bc=bc)
+    classifier = _states(scope="cls", Wc=wc, bc=bc)
     for state, adapter_state in zip(classifier, adapter):
         state.values["p"] = mean_pool(adapter_state.values["y"], mask)
     parties.run(classifier_forward(batch, dim, classes), *classifier)
@@ -204,30 +204,33 @@ def test_program_metadata_and_costs():
     assert (forward.rounds, backward.rounds, head_backward.rounds) == (3, 3, 3)
     n = 32 * 24
     assert forward.opened_elements() == (n * 384 + 384 * 64) + n * 64 + (n * 64 + 64 * 384)
-    assert backward.opened_elements() - head_backward.opened_elements() == n * 64 + 64 * 384
+    # Alone, the backward opens gy, B, h, gh, du, x, gu (and A with the input gradient) once each;
+    # after the forward of the same scope, x, A, B and h are reused: gy, gh, du and gu remain.
+    assert backward.opened_elements() - head_backward.opened_elements() == 384 * 64
+    assert backward.opened_elements(forward.uses()) == head_backward.opened_elements(forward.uses())
+    assert backward.opened_elements(forward.uses()) == n * 384 + 3 * n * 64
     assert head_backward.outputs == ("gA", "gB") and "gx" in backward.outputs
     assert classifier_forward(32, 384, 77).rounds == classifier_backward(32, 384, 77).rounds == 1
 
 
-def test_offline_material_covers_a_run_exactly():
+def test_material_covers_a_run_exactly():
     program = adapter_forward(2, 3, 4, 2, ACT)
-    dealt0, dealt1 = TrustedDealer().deal(program.requests() * 2)
-    queues = MaterialQueue(0), MaterialQueue(1)
-    queues[0].extend(dealt0)
-    queues[1].extend(dealt1)
-    for _ in range(2):
-        s0, s1 = _states(x=torch.ones(2, 3, 4), A=torch.ones(4, 2), B=torch.ones(2, 4))
+    dealer = OnlineMaskDealer()
+    sources = dealer.sources()
+    for run in range(2):
+        s0, s1 = _states(scope=f"run{run}", x=torch.ones(2, 3, 4), A=torch.ones(4, 2), B=torch.ones(2, 4))
         for stage in program.stages:
-            sent0, sent1 = stage.begin(s0, queues[0]), stage.begin(s1, queues[1])
+            sent0, sent1 = stage.begin(s0, sources[0]), stage.begin(s1, sources[1])
             stage.finish(s0, sent1)
             stage.finish(s1, sent0)
-    assert len(queues[0]) == len(queues[1]) == 0
+        assert set(s0.masks) == set(program.uses()) == {"x", "A", "B", "u", "h"}
+    assert len(dealer._pending[0]) == len(dealer._pending[1]) == 0
 
 
 def _first_stage_begun():
     program = classifier_forward(2, 3, 4)
     s0, s1 = _states(p=torch.ones(2, 3), Wc=torch.ones(3, 4), bc=torch.ones(4))
-    q0, q1 = TrustedDealer().online_queues()
+    q0, q1 = OnlineMaskDealer().sources()
     stage = program.stages[0]
     return stage, (s0, s1), (q0, q1), (stage.begin(s0, q0), stage.begin(s1, q1))
 
@@ -235,12 +238,13 @@ def _first_stage_begun():
 def test_malformed_opening_leaves_state_unchanged_and_retry_succeeds():
     stage, (s0, s1), _, (sent0, sent1) = _first_stage_begun()
     before = dict(s0.values)
-    bad = [(sent1[0][0][:1], sent1[0][1])]
+    bad = [sent1[0][:1], sent1[1]]
     with pytest.raises(ValueError, match="shape"):
         stage.finish(s0, bad)
-    with pytest.raises(ValueError, match="expects 1 openings"):
+    with pytest.raises(ValueError, match="expects 2 openings"):
         stage.finish(s0, sent1 * 2)
     assert s0.values == before and s0.pending is not None
+    assert all(record.received is None for record in s0.masks.values())
     stage.finish(s0, sent1)
     stage.finish(s1, sent0)
     assert torch.allclose(_opened(s0, s1, "z"), torch.full((2, 4), 4.0, dtype=torch.float64))
@@ -265,23 +269,23 @@ def test_out_of_order_stage_calls_are_rejected():
     fresh = PartyState(0)
     with pytest.raises(ValueError, match="pending stage is None"):
         stage.finish(fresh, sent1)
-    with pytest.raises(ValueError, match="material queue"):
+    with pytest.raises(ValueError, match="material source"):
         stage.begin(PartyState(1), q0)
 
 
 def test_missing_or_misshapen_inputs_are_rejected_before_anything_is_consumed():
     program = adapter_forward(2, 3, 4, 2, ACT)
-    q0, _ = TrustedDealer().online_queues()
+    q0, _ = OnlineMaskDealer().sources()
     s0, _ = _states(x=torch.ones(2, 3, 4), A=torch.ones(4, 2))
     with pytest.raises(ValueError, match="no value named 'A'"):
         program.stages[0].begin(PartyState(0, {"x": s0.values["x"]}), q0)
     s0.values["A"] = share(torch.ones(4, 3))[0]
-    with pytest.raises(ValueError, match="operand y has shape"):
+    with pytest.raises(ValueError, match="operand 'A' has shape"):
         program.stages[0].begin(s0, q0)
     s0.values["A"] = share(torch.ones(4, 2))[1]
     with pytest.raises(ValueError, match="share of party 1"):
         program.stages[0].begin(s0, q0)
-    assert s0.pending is None and len(q0) == 0
+    assert s0.pending is None and not s0.masks
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ wrong gradient or a missed update cannot pass.
 from __future__ import annotations
 
 import copy
+import math
 import io
 
 import pytest
@@ -23,7 +24,7 @@ from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.he import ClientKeys, HEParams
 from flower_split.model import build_split
-from flower_split.mpc import Triple, decode, encode
+from flower_split.mpc import decode, encode, product_c
 from flower_split.protocol import ClientParty, CloudParty, ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_weights import load_plaintext_weights, plaintext_weights
@@ -33,8 +34,8 @@ from flower_split.transport.secure_inprocess import SecureLocalTransport
 from flower_split.protocol.material_seal import open_sealed, seal_key
 from flower_split.protocol.secure_messages import MaterialBundle, MaterialRequest, SecureMessage
 from flower_split.protocol.optim import lr_factor
-from flower_split.protocol.secure_party import GRAD_SCALE_BITS, StepState
-from flower_split.protocol.secure_steps import StepSpec, material_keys, programs, schedule
+from flower_split.protocol.secure_party import GRAD_SCALE_BITS, StepSource, StepState
+from flower_split.protocol.secure_steps import StepSpec, material_keys, programs, schedule, scope_uses
 from flower_split.protocol.optim import warmup_cosine
 from flower_split.transport import InProcessTransport
 
@@ -283,18 +284,19 @@ def test_cloud_never_holds_client_triples(secure_data: TokenizedDataset) -> None
     assert cloud.tenants["t0"].key != client._dealer_key
     cloud_view = [t for _, t in _received_tensors(transport.transcript, cloud)]
     first = next(m for m in transport.transcript if isinstance(m, SecureMessage) and m.seq == 0)
+    parties = ((client, StepState(spec)), (cloud, StepState(spec, ctx={"material": _opened(cloud, first, bundle)})))
+    masks = {(module, name): [StepSource(party, st, "", 0).mask(module, name, use.shape) for party, st in parties]
+             for module, uses in scope_uses(spec).items() for name, use in uses.items()}
+    for (client_mask, cloud_mask) in masks.values():
+        assert not torch.equal(client_mask, cloud_mask)
     for program, index in material_keys(spec):
-        request = programs(spec)[program][1].requests()[index]
-        (mine,) = client._materials(StepState(spec), program, index, [request])
-        (theirs,) = cloud._materials(StepState(spec, ctx={"material": _opened(cloud, first, bundle)}), program, index,
-                                     [request])
-        assert mine.seed != theirs.seed
-        client_half, cloud_half = mine.expand(), theirs.expand()
-        triple = isinstance(client_half, Triple)
-        b = client_half.b + cloud_half.b if triple else None
-        assert torch.equal(request.evaluate(client_half.a + cloud_half.a, b), client_half.c + cloud_half.c)
-        client_tensors = [client_half.a, client_half.c] + ([client_half.b] if triple else [])
-        cloud_tensors = cloud_view + [cloud_half.a, cloud_half.c] + ([cloud_half.b] if triple else [])
+        module, product = programs(spec)[program][0], programs(spec)[program][1].products()[index]
+        client_c, cloud_c = (StepSource(party, st, program, index).product(module, product.request, product.x,
+                                                                          product.y) for party, st in parties)
+        full = {use.name: sum(masks[(module, use.name)]) for use in product.uses}
+        assert torch.equal(product_c(product.request, product.x, product.y, full), client_c + cloud_c)
+        client_tensors = [client_c] + [masks[(module, use.name)][0] for use in product.uses]
+        cloud_tensors = cloud_view + [cloud_c] + [masks[(module, use.name)][1] for use in product.uses]
         for secret in client_tensors:
             assert not any(seen.shape == secret.shape and torch.equal(seen, secret) for seen in cloud_tensors)
     with pytest.raises(ProtocolError, match="already served"):
@@ -548,3 +550,22 @@ def test_reconcile_refuses_halves_that_diverged_by_more_than_a_step(secure_data:
         cloud.reconcile("t0", {"head": "x"})
     client.reconcile(cloud.updates("t0"))  # consistent: nothing happens
     assert client.updates == cloud.updates("t0") == {"head": 1, "tail": 1}
+
+
+# ------------------------------------------------------------------------- mask reuse
+@pytest.mark.parametrize("pooled", [False, True])
+def test_each_value_is_opened_once_per_step(pooled: bool) -> None:
+    """Transcript of a training step (issue 15): every shared value is opened once; against a fresh
+    mask per product, the step opens (head) 2nd + n r_h + r_h d, (tail) 2n'd + 2n' r_t + 2 r_t d,
+    (classifier) bd + dC + bC fewer ring elements per direction (n = b t, n' = b or b t)."""
+    b, t, d, rh, rt, c = 4, 6, 32, 4, 8, 77
+    spec = StepSpec("t0", 0, b, t, d, rh, rt, c, True, True, "client", 16, pooled)
+    opened = [(m.sender, item) for m in schedule(spec) for item in m.items if item.name.endswith("/eps")]
+    names = [(sender, programs(spec)[item.name.split("/")[0]][0], item.name.split("/")[-2]) for sender, item in opened]
+    assert len(names) == len(set(names))  # one opening per party, value and module
+    per_direction = {sender: sum(math.prod(item.shape) for m in schedule(spec) if m.sender == sender
+                                 for item in m.items if item.name.endswith("/eps")) for sender in ("client", "cloud")}
+    fresh = sum(request.opened_elements for _, program in programs(spec).values() for request in program.requests())
+    n, nt = b * t, (b if pooled else b * t)
+    saved = (2 * n * d + n * rh + rh * d) + (2 * nt * d + 2 * nt * rt + 2 * rt * d) + (b * d + d * c + b * c)
+    assert per_direction == {"client": fresh - saved, "cloud": fresh - saved}

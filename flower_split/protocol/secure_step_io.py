@@ -1,0 +1,96 @@
+"""One party's step state as plain data: export between two messages, import on the next.
+
+Flower keeps a party's state between messages in ``Context.state`` (tensors, bytes and plain
+values), so a :class:`~flower_split.protocol.secure_party.StepState` is exported with
+:func:`export_step` and rebuilt with :func:`import_step`; ``ctx`` keys starting with ``_``
+are caches and are not exported. A ``PartyState`` travels with its values, its scope, its
+mask records (``mpc.masks``: mask share, binding digest, both parts of the opening; a
+reused mask needs them in a later message) and its pending products.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flower_split.mpc import AdditiveShare, MaskRecord, PartyState
+from flower_split.mpc.beaver import PendingProduct
+from flower_split.mpc.triples import SquarePair, Triple, TripleRequest
+from flower_split.protocol.secure_party import StepState
+from flower_split.protocol.secure_steps import StepSpec
+
+
+def export_value(value: Any) -> Any:
+    """Plain (tensors, bytes, scalars, dicts, lists) copy of a step value."""
+    if isinstance(value, PartyState):
+        pending = None
+        if value.pending is not None:
+            pending = {"stage": value.pending[0], "products": [_export_pending(p) for p in value.pending[1]]}
+        return {"__party_state__": value.party, "scope": value.scope,
+                "values": {k: {"data": v.data.contiguous().clone(), "frac_bits": v.frac_bits}
+                           for k, v in value.values.items()},
+                "masks": {k: _export_mask(m) for k, m in value.masks.items()},
+                "pending": pending}
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: export_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [export_value(v) for v in value]
+    return value
+
+
+def import_value(value: Any) -> Any:
+    """Inverse of :func:`export_value`."""
+    if isinstance(value, dict) and "__party_state__" in value:
+        party = value["__party_state__"]
+        values = {k: AdditiveShare(v["data"], party, v["frac_bits"]) for k, v in value["values"].items()}
+        pending = None
+        if value["pending"] is not None:
+            pending = (value["pending"]["stage"], [_import_pending(p) for p in value["pending"]["products"]])
+        masks = {k: _import_mask(m) for k, m in value["masks"].items()}
+        return PartyState(party, values, pending, value["scope"], masks)
+    if isinstance(value, dict):
+        return {k: import_value(v) for k, v in value.items()}
+    return value
+
+
+def _export_mask(m: MaskRecord) -> dict[str, Any]:
+    return {"shape": list(m.shape), "share": m.share.contiguous().clone(), "digest": m.digest,
+            "sent": m.sent.contiguous().clone(),
+            "received": None if m.received is None else m.received.contiguous().clone()}
+
+
+def _import_mask(d: dict[str, Any]) -> MaskRecord:
+    return MaskRecord(tuple(d["shape"]), d["share"], d["digest"], d["sent"], d["received"])
+
+
+def _export_pending(p: PendingProduct) -> dict[str, Any]:
+    material = p.material
+    tensors = {"a": material.a, "c": material.c}
+    if isinstance(material, Triple):
+        tensors["b"] = material.b
+    return {"op": p.request.op.value, "x_shape": list(p.request.x_shape),
+            "y_shape": None if p.request.y_shape is None else list(p.request.y_shape),
+            "party": p.party, "out_frac_bits": p.out_frac_bits, "truncate_bits": p.truncate_bits,
+            "x": p.x.contiguous().clone(), "sent": [t.clone() for t in p.sent],
+            "material": {k: v.clone() for k, v in tensors.items()}}
+
+
+def _import_pending(d: dict[str, Any]) -> PendingProduct:
+    request = TripleRequest(d["op"], tuple(d["x_shape"]), None if d["y_shape"] is None else tuple(d["y_shape"]))
+    m = d["material"]
+    material = Triple(m["a"], m["b"], m["c"]) if "b" in m else SquarePair(m["a"], m["c"])
+    return PendingProduct(request, d["party"], d["out_frac_bits"], d["truncate_bits"], d["x"],
+                          tuple(d["sent"]), material)
+
+
+def export_step(st: StepState) -> dict[str, Any]:
+    return {"spec": dict(vars(st.spec)), "pc": st.pc, "seq": st.seq, "inbox": export_value(st.inbox),
+            "ctx": {k: export_value(v) for k, v in st.ctx.items() if not k.startswith("_")}}
+
+
+def import_step(state: dict[str, Any]) -> StepState:
+    return StepState(StepSpec(**state["spec"]), int(state["pc"]), int(state["seq"]),
+                     import_value(state["inbox"]), {k: import_value(v) for k, v in state["ctx"].items()})

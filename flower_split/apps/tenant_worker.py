@@ -43,7 +43,9 @@ from flower_split.flower.contract import MessageType
 from flower_split.flower.worker_link import MAX_FRAME_BYTES, WORKER_ERROR_CODE, WorkerError, recv_frame, send_frame
 
 LOG = logging.getLogger("flower_split.worker")
-MAX_RUNS = 8  # states of this many (run, node) pairs are kept; the least recently used go first
+MAX_RUNS = 8  # states of this many (run, node) pairs are kept; one idle for IDLE_EVICT_S may make room
+IDLE_EVICT_S = 3600.0
+REQUEST_TIMEOUT_S = 120.0  # a relaying ClientApp sends its whole request at once
 App = Callable[[Message, Context], Message]
 
 
@@ -64,10 +66,13 @@ class TenantWorker:
     """Handles request frames with ``app``, holding each (run, node)'s state between them."""
 
     def __init__(self, app: App, max_runs: int = MAX_RUNS, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        if max_runs < 1:
+            raise ValueError(f"max-runs: expected at least 1, got {max_runs}")
         self.app = app
         self.max_runs = max_runs
         self.max_frame_bytes = max_frame_bytes
         self.states: OrderedDict[tuple[int, int], RecordDict] = OrderedDict()
+        self.last_used: dict[tuple[int, int], float] = {}
         self.handled = 0
         self.lock = threading.Lock()
 
@@ -91,6 +96,10 @@ class TenantWorker:
     def handle(self, message: Message, node: _Node) -> Message:
         """``message`` handled by the app with ``node``'s state (one message at a time)."""
         with self.lock:
+            if node.key not in self.states and not self._make_room():
+                return Message(Error(code=WORKER_ERROR_CODE, reason=f"the tenant worker holds {len(self.states)} "
+                                     "runs in use (flower-split worker --max-runs); refusing another"),
+                               reply_to=message)
             context = Context(run_id=node.key[0], node_id=node.key[1], node_config=node.node_config,
                               state=self.states.pop(node.key, None) or RecordDict(), run_config=node.run_config)
             try:
@@ -100,10 +109,22 @@ class TenantWorker:
                 reply = Message(Error(code=WORKER_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"),
                                 reply_to=message)
             self.states[node.key] = context.state
-            while len(self.states) > self.max_runs:
-                self.states.popitem(last=False)
+            self.last_used[node.key] = time.monotonic()
             self.handled += 1
         return reply
+
+    def _make_room(self) -> bool:
+        """Room for one more run: evict the least recently used one if it has been idle for
+        IDLE_EVICT_S (logged; with ``state-dir`` it reloads from disk), else refuse."""
+        if len(self.states) < self.max_runs:
+            return True
+        oldest = next(iter(self.states))
+        if time.monotonic() - self.last_used.get(oldest, 0.0) < IDLE_EVICT_S:
+            return False
+        LOG.warning("evicting the state of run %d, node %d (idle for over %.0f s)", *oldest, IDLE_EVICT_S)
+        del self.states[oldest]
+        self.last_used.pop(oldest, None)
+        return True
 
     def open_channel(self, message: Message, node: _Node) -> Message:
         """Join the cloud's direct channel (:mod:`flower_split.flower.channel_link`) and serve it
@@ -125,10 +146,12 @@ class TenantWorker:
             return
         started = time.perf_counter()
         try:
-            reply = self.handle_parts(recv_frame(conn, max_parts=2, max_bytes=self.max_frame_bytes))
+            reply = self.handle_parts(recv_frame(conn, max_parts=2, max_bytes=self.max_frame_bytes,
+                                                 deadline=time.monotonic() + REQUEST_TIMEOUT_S))
         except Exception as exc:  # pylint: disable=broad-exception-caught  # a bad request, not a crash
             LOG.warning("refused a malformed request: %s: %s", type(exc).__name__, exc)
             return
+        conn.settimeout(None)
         send_frame(conn, [reply])
         LOG.info("message %d handled in %.2f s", self.handled, time.perf_counter() - started)
 

@@ -11,6 +11,7 @@ the worker exactly as one relayed by Flower (same lock, same state, same handler
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from typing import Callable
 
@@ -44,6 +45,7 @@ def join(message: Message) -> ssl.SSLSocket:
         conn.close()
         raise
     conn.settimeout(None)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a cloud that vanishes is noticed
     return conn
 
 

@@ -27,11 +27,13 @@ reaches the cloud: the channel carries the same messages Flower would.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import socket
 import ssl
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -39,7 +41,6 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.common.logger import log
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
-from google.protobuf.message import DecodeError
 
 from flower_split.flower.contract import MessageType
 from flower_split.flower.worker_link import MAX_FRAME_BYTES, WorkerError, recv_frame, send_frame
@@ -47,16 +48,26 @@ from flower_split.transport.pinned_tls import server_context
 
 HELLO, ACK = b"hello", b"ok"
 CHANNEL_RECORD = "channel"  # ConfigRecord of query.channel_open: host, port, fingerprint, token
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # one deadline for TLS handshake and token, per connection
+MAX_ADMITTING = 16        # connections in their handshake at once; more are closed at once
 OPEN, REFUSED, LOST = "open", "refused", "lost"
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` -> (host, port); port 0 asks the system for a free one."""
+    """``"HOST:PORT"`` (``[V6]:PORT`` for IPv6) -> (host, port); port 0 asks the system for a
+    free one. A wildcard host is refused: tenants are told this very address."""
     host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"channel-address: expected HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard:
+        raise ValueError(f"channel-address {address!r}: name the address the tenants reach (it is sent to them), "
+                         "not a wildcard")
+    return host, int(port)
 
 
 class ChannelServer:
@@ -65,8 +76,10 @@ class ChannelServer:
     def __init__(self, address: str) -> None:
         host, port = parse_address(address)
         self.context, self.fingerprint = server_context()
-        self.listener = socket.create_server((host, port))
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        self.listener = socket.create_server((host, port), family=family)
         self.host, self.port = host, self.listener.getsockname()[1]
+        self.admitting = threading.BoundedSemaphore(MAX_ADMITTING)
         self.pending: dict[bytes, int] = {}  # SHA-256 of a token -> node id
         self.conns: dict[int, ssl.SSLSocket] = {}
         self.joined = threading.Condition()
@@ -81,19 +94,30 @@ class ChannelServer:
             self.pending[hashlib.sha256(token).digest()] = node
         return token
 
+    def cancel(self, node: int) -> None:
+        """Void ``node``'s pending invitation (it stays on Flower)."""
+        with self.joined:
+            self.pending = {k: v for k, v in self.pending.items() if v != node}
+
     def _accept(self) -> None:
         while not self.closed.is_set():
             try:
                 raw, _ = self.listener.accept()
-            except OSError:
-                return
+            except OSError:  # out of file descriptors, an aborted connection: go on listening
+                if self.closed.wait(0.1):
+                    return
+                continue
+            if not self.admitting.acquire(blocking=False):
+                raw.close()  # too many handshakes in progress: an invited worker retries on its next invitation
+                continue
             threading.Thread(target=self._admit, args=(raw,), daemon=True).start()
 
     def _admit(self, raw: socket.socket) -> None:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         try:
             raw.settimeout(HANDSHAKE_TIMEOUT)
             conn = self.context.wrap_socket(raw, server_side=True)
-            kind, token = recv_frame(conn, max_parts=2, max_bytes=256)
+            kind, token = recv_frame(conn, max_parts=2, max_bytes=256, deadline=deadline)
             with self.joined:
                 node = self.pending.pop(hashlib.sha256(token).digest(), None) if kind == HELLO else None
                 if node is None:
@@ -102,11 +126,14 @@ class ChannelServer:
                 old = self.conns.pop(node, None)
                 self.conns[node] = conn
                 self.joined.notify_all()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if old is not None:
                 old.close()
         except (OSError, ValueError, WorkerError) as exc:  # ValueError: a frame of other than two parts
             log(30, "direct channel: refused a connection: %s", exc)
             raw.close()
+        finally:
+            self.admitting.release()
 
     def drop(self, node: int) -> None:
         with self.joined:
@@ -130,6 +157,7 @@ class ChannelGrid(Grid):
         self._grid = grid
         self.server = ChannelServer(address)
         self.status: dict[int, str] = {}
+        self.locks: dict[int, threading.Lock] = {}
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="channel")
         log(20, "direct channel listening on %s:%d (certificate SHA-256 %s)", self.server.host, self.server.port,
             self.server.fingerprint)
@@ -140,12 +168,16 @@ class ChannelGrid(Grid):
                         timeout)
         direct = [m for m in messages if self.status.get(m.metadata.dst_node_id) == OPEN]
         flower = [m for m in messages if self.status.get(m.metadata.dst_node_id) != OPEN]
-        futures = [self.pool.submit(self._exchange, m, timeout) for m in direct]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        futures = {self.pool.submit(self._exchange, m, deadline): m for m in direct}
         replies = list(self._grid.send_and_receive(flower, timeout=timeout)) if flower else []
         for reply in replies:  # a node that lost its channel answers over Flower: offer it a new one
             if self.status.get(reply.metadata.src_node_id) == LOST and not reply.has_error():
                 del self.status[reply.metadata.src_node_id]
-        return replies + [reply for reply in (f.result() for f in futures) if reply is not None]
+        done, late = wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for future in late:  # past the reply timeout: drop the node, as Flower's grid does
+            self._lose(futures[future].metadata.dst_node_id, "no reply within the reply timeout")
+        return replies + [reply for reply in (f.result() for f in done) if reply is not None]
 
     def _bootstrap(self, nodes: set[int], timeout: float | None) -> None:
         if not nodes:
@@ -160,29 +192,40 @@ class ChannelGrid(Grid):
             joined = node in self.server.conns
             self.status[node] = OPEN if joined and reply is not None and not reply.has_error() else REFUSED
             if self.status[node] == REFUSED:
+                self.server.cancel(node)
                 self.server.drop(node)
                 reason = reply.error.reason if reply is not None and reply.has_error() else "no reply"
                 log(20, "direct channel: node %d stays on Flower (%s)", node, reason)
 
-    def _exchange(self, message: Message, timeout: float | None) -> Message | None:
+    def _exchange(self, message: Message, deadline: float | None) -> Message | None:
+        """``message`` over its node's channel and the reply, or None (the node is then LOST).
+        One request at a time per node; the whole reply must arrive by ``deadline``."""
         node = message.metadata.dst_node_id
-        conn = self.server.conns.get(node)
-        try:
-            if conn is None:
-                raise WorkerError("not connected")
-            conn.settimeout(timeout)
-            send_frame(conn, [message_to_proto(message).SerializeToString()])
-            (data,) = recv_frame(conn, max_parts=1, max_bytes=MAX_FRAME_BYTES)
-            proto = ProtoMessage()
-            proto.ParseFromString(data)
-            reply = message_from_proto(proto)
-        except (OSError, DecodeError, WorkerError) as exc:
-            log(30, "direct channel: node %d lost (%s: %s); it answers over Flower until it rejoins", node,
-                type(exc).__name__, exc)
+        with self.locks.setdefault(node, threading.Lock()):
+            conn = self.server.conns.get(node)
+            try:
+                if conn is None or self.status.get(node) != OPEN:
+                    raise WorkerError("not connected")
+                if deadline is not None:
+                    conn.settimeout(max(0.001, deadline - time.monotonic()))
+                send_frame(conn, [message_to_proto(message).SerializeToString()])
+                (data,) = recv_frame(conn, max_parts=1, max_bytes=MAX_FRAME_BYTES, deadline=deadline)
+                proto = ProtoMessage()
+                proto.ParseFromString(data)
+                reply = message_from_proto(proto)
+                if reply.metadata.message_type != message.metadata.message_type:
+                    raise WorkerError(f"reply of type {reply.metadata.message_type!r} to a "
+                                      f"{message.metadata.message_type!r} message")
+                return Message(reply.error if reply.has_error() else reply.content, reply_to=message)
+            except Exception as exc:  # pylint: disable=broad-exception-caught  # any bad reply is that node's loss
+                self._lose(node, f"{type(exc).__name__}: {exc}")
+                return None
+
+    def _lose(self, node: int, reason: str) -> None:
+        if self.status.get(node) == OPEN:
+            log(30, "direct channel: node %d lost (%s); it answers over Flower until it rejoins", node, reason)
             self.status[node] = LOST
-            self.server.drop(node)
-            return None
-        return Message(reply.error if reply.has_error() else reply.content, reply_to=message)
+        self.server.drop(node)
 
     def close(self) -> None:
         self.server.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -34,7 +35,7 @@ WORKER_SOCKET = "worker-socket"    # node config: the worker's Unix socket path
 WORKER_TIMEOUT = "worker-timeout"  # node config: seconds to wait for one reply
 DEFAULT_TIMEOUT = 3600.0
 MAGIC = b"FSW1"
-MAX_FRAME_BYTES = 1 << 32          # one message of the protocols is far below 4 GiB
+MAX_FRAME_BYTES = 1 << 31          # Flower's own limit on a message (2 GiB)
 WORKER_ERROR_CODE = 2              # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 _COUNT = struct.Struct(">4sI")
 _LENGTH = struct.Struct(">Q")
@@ -52,29 +53,36 @@ def send_frame(sock: socket.socket, parts: list[bytes]) -> None:
         sock.sendall(part)
 
 
-def recv_frame(sock: socket.socket, max_parts: int, max_bytes: int = MAX_FRAME_BYTES) -> list[bytes]:
+def recv_frame(sock: socket.socket, max_parts: int, max_bytes: int = MAX_FRAME_BYTES,
+               deadline: float | None = None) -> list[bytes]:
     """Read one frame of at most ``max_parts`` parts and ``max_bytes`` bytes in all; checked
-    against both bounds before any part is read."""
-    magic, count = _COUNT.unpack(_read(sock, _COUNT.size))
+    against both bounds before any part is read. ``deadline`` (``time.monotonic()``) bounds
+    the whole frame, however slowly the peer trickles it."""
+    magic, count = _COUNT.unpack(_read(sock, _COUNT.size, deadline))
     if magic != MAGIC:
         raise WorkerError(f"not a tenant-worker frame (magic {magic!r})")
     if not 0 < count <= max_parts:
         raise WorkerError(f"frame of {count} parts; expected 1..{max_parts}")
-    lengths = [_LENGTH.unpack(_read(sock, _LENGTH.size))[0] for _ in range(count)]
+    lengths = [_LENGTH.unpack(_read(sock, _LENGTH.size, deadline))[0] for _ in range(count)]
     if sum(lengths) > max_bytes:
         raise WorkerError(f"frame of {sum(lengths)} bytes exceeds the limit of {max_bytes}")
-    return [_read(sock, length) for length in lengths]
+    return [_read(sock, length, deadline) for length in lengths]
 
 
-def _read(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 22))
-        if not chunk:
-            raise WorkerError(f"connection closed with {left} of {size} bytes unread")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+def _read(sock: socket.socket, size: int, deadline: float | None) -> bytes:
+    buffer, view, done = bytearray(size), None, 0
+    view = memoryview(buffer)
+    while done < size:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerError(f"frame not complete by its deadline ({done} of {size} bytes)")
+            sock.settimeout(left)
+        got = sock.recv_into(view[done:], min(size - done, 1 << 22))
+        if not got:
+            raise WorkerError(f"connection closed with {size - done} of {size} bytes unread")
+        done += got
+    return bytes(buffer)
 
 
 def request_parts(message: Message, context: Context) -> list[bytes]:

@@ -7,16 +7,23 @@ from __future__ import annotations
 import hashlib
 import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 
 from flower_helpers import LocalGrid
 from flower_split.apps.client_app import make_client_app, route
 from flower_split.apps.tenant_worker import TenantWorker
+from flower_split.flower import direct_channel
 from flower_split.flower.contract import MessageType
-from flower_split.flower.direct_channel import ACK, CHANNEL_RECORD, HELLO, OPEN, REFUSED, ChannelGrid, ChannelServer
+from flower_split.flower.direct_channel import (
+    ACK, CHANNEL_RECORD, HELLO, LOST, OPEN, REFUSED, ChannelGrid, ChannelServer,
+)
 from flower_split.flower.channel_link import join
 from flower_split.flower.strategy_utils import RoundReport
 from flower_split.flower.worker_link import WORKER_SOCKET, WorkerError, recv_frame, send_frame
@@ -142,5 +149,119 @@ def test_plaintext_and_tls_1_2_clients_are_refused() -> None:
             with pytest.raises(ssl.SSLError):
                 context.wrap_socket(raw)
         assert not server.conns
+    finally:
+        server.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# a hostile review's findings (issue 16): one tenant must not stop or stall the others
+
+
+class FakeWorker:
+    """A worker joined to ``server`` as ``node`` that answers each request with ``answer(data)``."""
+
+    def __init__(self, server: ChannelServer, node: int, answer) -> None:
+        self.conn = connect_pinned(server.host, server.port, server.fingerprint, 5.0)
+        token = server.invite(node)
+        send_frame(self.conn, [HELLO, token])
+        assert recv_frame(self.conn, max_parts=1, max_bytes=16) == [ACK]
+        self.conn.settimeout(None)
+        threading.Thread(target=self._serve, args=(answer,), daemon=True).start()
+
+    def _serve(self, answer) -> None:
+        try:
+            while True:
+                (data,) = recv_frame(self.conn, max_parts=1)
+                answer(self.conn, data)
+        except (OSError, WorkerError):
+            return
+
+
+def _echo(conn, data: bytes) -> None:
+    proto = ProtoMessage()
+    proto.ParseFromString(data)
+    request = message_from_proto(proto)
+    send_frame(conn, [message_to_proto(Message(RecordDict({"echo": ConfigRecord(
+        {"n": int(request.content["config"]["n"])})}), reply_to=request)).SerializeToString()])
+
+
+def _grid_with(workers: dict[int, object]) -> ChannelGrid:
+    grid = ChannelGrid(LocalGrid(lambda m, c: None, 0), "127.0.0.1:0")
+    for node, answer in workers.items():
+        FakeWorker(grid.server, node, answer)
+        grid.status[node] = OPEN
+    return grid
+
+
+def _request(node: int, n: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"n": n})}), dst_node_id=node, message_type=MessageType.TAIL)
+
+
+def test_a_malformed_or_mistyped_reply_loses_that_node_only(task_identity: None) -> None:
+    def garbage(conn, data: bytes) -> None:
+        send_frame(conn, [message_to_proto(Message(RecordDict(), dst_node_id=0, message_type="query.role"))
+                          .SerializeToString()])  # a valid protobuf, not a reply to the request
+
+    grid = _grid_with({1: _echo, 2: garbage, 3: lambda conn, data: send_frame(conn, [b"\x08\x01" * 7])})
+    try:
+        replies = list(grid.send_and_receive([_request(n, n) for n in (1, 2, 3)], timeout=10.0))
+        assert [(r.metadata.src_node_id, int(r.content["echo"]["n"])) for r in replies] == [(1, 1)]
+        assert grid.status == {1: OPEN, 2: LOST, 3: LOST} and sorted(grid.server.conns) == [1]
+    finally:
+        grid.close()
+
+
+def test_a_trickling_tenant_cannot_stretch_the_reply_timeout(task_identity: None) -> None:
+    def trickle(conn, data: bytes) -> None:
+        for _ in range(40):
+            conn.sendall(b"F")
+            time.sleep(0.2)
+
+    grid = _grid_with({1: _echo, 2: trickle})
+    try:
+        started = time.monotonic()
+        replies = list(grid.send_and_receive([_request(1, 1), _request(2, 2)], timeout=1.5))
+        assert time.monotonic() - started < 3.0
+        assert [r.metadata.src_node_id for r in replies] == [1] and grid.status[2] == LOST
+    finally:
+        grid.close()
+
+
+def test_two_messages_to_one_node_in_one_call_are_answered_in_order(task_identity: None) -> None:
+    grid = _grid_with({1: _echo})
+    try:
+        for _ in range(5):
+            replies = list(grid.send_and_receive([_request(1, 10), _request(1, 11)], timeout=10.0))
+            assert sorted(int(r.content["echo"]["n"]) for r in replies) == [10, 11]
+            assert all(int(r.content["echo"]["n"]) in (10, 11) for r in replies) and grid.status == {1: OPEN}
+    finally:
+        grid.close()
+
+
+def test_idle_connections_are_closed_by_the_handshake_deadline_and_the_listener_goes_on(monkeypatch) -> None:
+    monkeypatch.setattr(direct_channel, "HANDSHAKE_TIMEOUT", 0.5)
+    server = ChannelServer("127.0.0.1:0")
+    try:
+        idle = [socket.create_connection((server.host, server.port), timeout=5) for _ in range(40)]
+        time.sleep(1.5)  # every idle one past its deadline: the slots are free again
+        assert _hello(server, server.invite(4)) == ACK
+        for sock in idle:
+            sock.close()
+    finally:
+        server.close()
+
+
+def test_a_wildcard_channel_address_is_refused() -> None:
+    for address in ("0.0.0.0:9300", "[::]:9300", "9300", "host:port"):
+        with pytest.raises(ValueError, match="channel-address"):
+            ChannelServer(address)
+
+
+def test_a_refused_node_cannot_join_later_with_its_invitation(task_identity: None) -> None:
+    server = ChannelServer("127.0.0.1:0")
+    try:
+        token = server.invite(5)
+        server.cancel(5)
+        assert _hello(server, token) == b"" and not server.conns
     finally:
         server.close()

@@ -163,3 +163,25 @@ def test_a_request_frame_carries_no_state_of_flowers_context(task_identity: None
     context.state["secret"] = ConfigRecord({"k": b"\x01" * 32})
     parts = request_parts(_message(), context)
     assert b"\x01" * 32 not in b"".join(parts)
+
+
+def test_a_live_run_is_never_evicted_for_another_and_an_idle_one_is(monkeypatch, task_identity: None) -> None:
+    """More runs than --max-runs: a new one is refused while the others are in use (a silent
+    fresh start of a live tenant would be worse); one idle past IDLE_EVICT_S makes room."""
+    from flower_split.apps import tenant_worker
+
+    def counter(message: Message, context: Context) -> Message:
+        n = int(context.state["n"]["n"]) + 1 if "n" in context.state else 1
+        context.state["n"] = ConfigRecord({"n": n})
+        return Message(RecordDict({"ok": ConfigRecord({"n": n})}), reply_to=message)
+
+    worker = TenantWorker(counter, max_runs=2)
+    node = lambda run: tenant_worker._Node((run, 1), {}, {})  # noqa: E731
+    assert int(worker.handle(_message(), node(1)).content["ok"]["n"]) == 1
+    assert int(worker.handle(_message(), node(2)).content["ok"]["n"]) == 1
+    refused = worker.handle(_message(), node(3))
+    assert refused.has_error() and "refusing another" in refused.error.reason
+    assert int(worker.handle(_message(), node(1)).content["ok"]["n"]) == 2  # run 1 kept its state
+    monkeypatch.setattr(tenant_worker, "IDLE_EVICT_S", 0.0)
+    assert int(worker.handle(_message(), node(3)).content["ok"]["n"]) == 1  # run 2 (least recent) made room
+    assert sorted(worker.states) == [(1, 1), (3, 1)]

@@ -34,7 +34,7 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Iterable
+from typing import Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
@@ -43,6 +43,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no
 from flwr.serverapp import Grid
 
 from flower_split.flower.contract import MessageType
+from flower_split.flower.grid_delegate import DelegatingGrid
 from flower_split.flower.worker_link import MAX_FRAME_BYTES, WorkerError, recv_frame, send_frame
 from flower_split.transport.pinned_tls import server_context
 
@@ -150,11 +151,11 @@ class ChannelServer:
             self.conns.clear()
 
 
-class ChannelGrid(Grid):
+class ChannelGrid(DelegatingGrid):
     """A Grid that sends each message over its node's direct channel when it has one (module doc)."""
 
     def __init__(self, grid: Grid, address: str) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.server = ChannelServer(address)
         self.status: dict[int, str] = {}
         self.locks: dict[int, threading.Lock] = {}
@@ -230,23 +231,3 @@ class ChannelGrid(Grid):
     def close(self) -> None:
         self.server.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-    # the rest of the Grid, as Flower's
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run

@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from flower_split.flower.grid_delegate import DelegatingGrid
+
 COSTS_KEY = "client-costs"
 # training after the federated rounds (personalisation), metered apart from the rounds' training
 FINETUNE_TYPES = ("train.personalize",)
@@ -165,11 +167,11 @@ class Traffic:
         return sum(getattr(c, name) for n, c in self.nodes.items() if n in self.dealer_nodes)
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(DelegatingGrid):
     """A :class:`Grid` that meters every ``send_and_receive`` and delegates everything else."""
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._lock = threading.Lock()
         self._phase = Traffic()
         self.total = Traffic()
@@ -229,22 +231,3 @@ class MeteredGrid(Grid):
                 costs.partition_id = int(record.get("partition-id", -1))
             self._count(node, costs)
         return replies
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run

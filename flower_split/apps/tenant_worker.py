@@ -102,6 +102,7 @@ class TenantWorker:
                                reply_to=message)
             context = Context(run_id=node.key[0], node_id=node.key[1], node_config=node.node_config,
                               state=self.states.pop(node.key, None) or RecordDict(), run_config=node.run_config)
+            started = time.perf_counter()
             try:
                 reply = self.app(message, context)
             except Exception as exc:  # pylint: disable=broad-exception-caught  # the ClientApp's own contract
@@ -111,6 +112,8 @@ class TenantWorker:
             self.states[node.key] = context.state
             self.last_used[node.key] = time.monotonic()
             self.handled += 1
+            LOG.info("message %d (%s) handled in %.2f s", self.handled, message.metadata.message_type,
+                     time.perf_counter() - started)
         return reply
 
     def _make_room(self) -> bool:
@@ -144,7 +147,6 @@ class TenantWorker:
         if not _same_user(conn):
             LOG.warning("refused a connection from another user")
             return
-        started = time.perf_counter()
         try:
             reply = self.handle_parts(recv_frame(conn, max_parts=2, max_bytes=self.max_frame_bytes,
                                                  deadline=time.monotonic() + REQUEST_TIMEOUT_S))
@@ -153,7 +155,6 @@ class TenantWorker:
             return
         conn.settimeout(None)
         send_frame(conn, [reply])
-        LOG.info("message %d handled in %.2f s", self.handled, time.perf_counter() - started)
 
 
 def _same_user(conn: socket.socket) -> bool:

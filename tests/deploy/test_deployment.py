@@ -8,13 +8,15 @@ installation (``--disable-runtime-dependency-installation``), every tenant on it
 
 - an unregistered SuperNode is refused by the SuperLink;
 - every node hands its messages to its own tenant worker (``flower-split worker``, node
-  config ``worker-socket``) and the runs use the ServerApp's direct channel (run config
-  ``channel-address``): docs/deployment.md §10;
+  config ``worker-socket``): docs/deployment.md §11; the secure round also uses the
+  ServerApp's direct channel (run config ``channel-address``); the plain rounds go through
+  Flower (about 10 s per round trip), slow enough for the test to kill a tenant between two
+  of its messages (on the channel a whole round takes about a second; a lost channel is
+  tested in tests/flower/test_direct_channel.py);
 - two split-plain rounds through ``flwr run`` with three tenants, one of them killed (SIGKILL
   of its SuperNode's and its worker's process groups: its machine died) in round 1 and
   restarted: the other two finish the round, the log says the third is gone, and in round 2
-  it is back (over Flower, then its channel again) with the state its node mirrored on its
-  own disk (node config ``state-dir``), not a fresh one; the workers' cost meters give the
+  it is back with the state its node mirrored on its own disk (node config ``state-dir``), not a fresh one; the workers' cost meters give the
   tenants' client CPU in results.json;
 - one secure round (client label protection) with the dealer on a SuperNode of its own
   (``role="dealer"``, ``dealer-key``; tenants pin ``dealer-public-key``, the cloud
@@ -133,10 +135,12 @@ def test_plain_rounds_over_tls_with_a_tenant_killed_mid_round_and_restarted(fede
     victims = [p for p in federation.processes if p.name in ("tenant-2", "worker-tenant-2")]
     outcome: dict = {}  # flwr run --stream blocks until the run ends: run it aside, kill the victim meanwhile
     thread = threading.Thread(target=lambda: outcome.update(done=federation.run(
-        {**RUN, "num-server-rounds": 2, "results-dir": str(results), "channel-address": "127.0.0.1:0"},
-        timeout=RUN_TIMEOUT)), daemon=True)
+        # min-nodes 3: round 2 waits for the restarted tenant (on workers a round is faster than a restart)
+        {**RUN, "num-server-rounds": 2, "min-nodes": 3, "results-dir": str(results)}, timeout=RUN_TIMEOUT)),
+        daemon=True)
     thread.start()
-    federation.wait_for(victims[1], r"message 1 handled", timeout=RUN_TIMEOUT)
+    worker = next(p for p in victims if p.name == "worker-tenant-2")
+    federation.wait_for(worker, r"message \d+ \(train\.head_fwd\) handled", timeout=RUN_TIMEOUT)
     for victim in victims:
         federation.kill(victim)
     _wait_online(federation, 2)  # the SuperLink refuses a key that is still online: wait for it to see the death
@@ -153,7 +157,6 @@ def test_plain_rounds_over_tls_with_a_tenant_killed_mid_round_and_restarted(fede
     first, second = run["rounds"]
     assert first["train_loss"] is not None and first["round_trips"] >= 3 and first["wall_seconds"] > 0
     assert re.search(r"dropping tenant-2 from this round: train\..*", log), log[-4000:]
-    assert "direct channel: node" in log and "lost" in log, log[-4000:]  # its channel broke with its machine
     assert run["client_cpu_seconds_per_tenant"] > 0  # the workers' cost meters
     assert sorted(second["per_tenant_accuracy"]) == ["tenant-0", "tenant-1", "tenant-2"], log[-4000:]
     assert run["per_tenant_test_examples"] == {f"tenant-{t}": 8 for t in range(3)}  # 20 % of 40 rows each

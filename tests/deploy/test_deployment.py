@@ -156,7 +156,8 @@ def test_plain_rounds_over_tls_with_a_tenant_killed_mid_round_and_restarted(fede
     assert (run["name"], run["runtime"], run["num_server_rounds"]) == ("split-plain", "deployment", 2)
     first, second = run["rounds"]
     assert first["train_loss"] is not None and first["round_trips"] >= 3 and first["wall_seconds"] > 0
-    assert re.search(r"dropping tenant-2 from this round: train\..*", log), log[-4000:]
+    # named by its tenant id, or by its node id when its first reply (which names it) was the one lost
+    assert re.search(r"dropping (tenant-2|node-\d+) from this round: train\..*", log), log[-4000:]
     assert run["client_cpu_seconds_per_tenant"] > 0  # the workers' cost meters
     assert sorted(second["per_tenant_accuracy"]) == ["tenant-0", "tenant-1", "tenant-2"], log[-4000:]
     assert run["per_tenant_test_examples"] == {f"tenant-{t}": 8 for t in range(3)}  # 20 % of 40 rows each

@@ -26,23 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deploy"))
 
-from deploy_harness import LocalFederation, missing_binaries  # noqa: E402
+from deploy_harness import LABELS, LocalFederation, missing_binaries, tenant_csv  # noqa: E402
 
-LABELS = ("card_arrival", "exchange_rate", "top_up_failed")
 RUN = {"model": "tiny", "head-rank": 8, "tail-bottleneck": 16, "lr-head": 0.02, "lr-tail": 0.3, "batch-size": 16,
        "num-server-rounds": 2, "eval-every": 0, "global-eval": False, "min-nodes": 2, "labels": ",".join(LABELS)}
 PLAIN = {**RUN, "local-steps": 2, "micro-batches": 2}
 TIMEOUT = 3600.0
 
 
-def tenant_csv(directory: Path, tenant: int, rows: int = 40) -> Path:
-    words = {"card_arrival": "when will my new card arrive", "exchange_rate": "what exchange rate do you use",
-             "top_up_failed": "my top up did not work"}
-    path = directory / f"tenant-{tenant}.csv"
-    lines = ["text,category"] + [f"{words[LABELS[(i + tenant) % 3]]} {i},{LABELS[(i + tenant) % 3]}"
-                                 for i in range(rows)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def start_nodes(fed: LocalFederation, workers: bool) -> Path:

@@ -28,6 +28,18 @@ from flower_split.runs.deploy_keys import make_node_keys, make_tls_certs
 ROOT = Path(__file__).resolve().parents[2]
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 CONNECTION = "local-tls"
+LABELS = ("card_arrival", "exchange_rate", "top_up_failed")
+WORDS = {"card_arrival": "when will my new card arrive", "exchange_rate": "what exchange rate do you use",
+         "top_up_failed": "my top up did not work"}
+
+
+def tenant_csv(directory: Path, tenant: int, rows: int = 40) -> Path:
+    """A tenant's own labelled texts over :data:`LABELS` (never in the FAB, never on another machine)."""
+    path = directory / f"tenant-{tenant}.csv"
+    lines = ["text,category"] + [f"{WORDS[LABELS[(i + tenant) % 3]]} {i},{LABELS[(i + tenant) % 3]}"
+                                 for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def binary(name: str) -> str | None:

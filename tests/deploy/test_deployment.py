@@ -39,33 +39,19 @@ from typing import Iterator
 
 import pytest
 
-from deploy_harness import LocalFederation, binary, missing_binaries
+from deploy_harness import LABELS, LocalFederation, binary, missing_binaries, tenant_csv
 
 pytestmark = [
     pytest.mark.deployment,
     pytest.mark.skipif(bool(missing_binaries()), reason=f"Flower CLI binaries not installed: {missing_binaries()}"),
 ]
 
-LABELS = ("card_arrival", "exchange_rate", "top_up_failed")
-WORDS = {"card_arrival": "when will my new card arrive", "exchange_rate": "what exchange rate do you use",
-         "top_up_failed": "my top up did not work"}
 # the tiny model with the quick preset's adapters and rates; two micro-batches in one message
 # (quick=true itself forces 10 steps in two messages: twice the round trips)
 RUN = {"model": "tiny", "head-rank": 8, "tail-bottleneck": 16, "lr-head": 0.02, "lr-tail": 0.3,
        "batch-size": 16, "local-steps": 2, "micro-batches": 2, "num-server-rounds": 1, "eval-every": 0,
        "global-eval": False, "min-nodes": 2, "labels": ",".join(LABELS)}
 RUN_TIMEOUT = 900.0
-
-
-def tenant_csv(directory: Path, tenant: int, rows: int = 40) -> Path:
-    """A tenant's own labelled texts (never in the FAB, never on another machine)."""
-    path = directory / f"tenant-{tenant}.csv"
-    lines = ["text,category"]
-    for i in range(rows):
-        label = LABELS[(i + tenant) % len(LABELS)]
-        lines.append(f"{WORDS[label]} {i},{label}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def tenant_config(directory: Path, tenant: int, worker_socket: str) -> str:

@@ -31,6 +31,7 @@ from flower_split.mpc import new_seed
 from flower_split.protocol.body_runner import BodyRunner
 from flower_split.protocol.material_seal import open_sealed, seal_key
 from flower_split.protocol.messages import ProtocolError
+from flower_split.protocol.opened_range import check_opened
 from flower_split.protocol.secure_keys import (
     check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
     private_from_bytes, public_bytes,
@@ -334,8 +335,7 @@ class SecureCloudParty(SecureStepRunner):
 
     def _op_body_forward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         f = decode(st.ctx["head"].values["y"].data + got["open.f"], self.frac_bits)  # f opened to the cloud
-        if not bool(torch.isfinite(f).all()) or float(f.abs().max()) > 1e6:
-            raise ProtocolError("open.f: the opened head output is out of range")
+        check_opened("open.f", "head output", f)
         h, graph = self.runner.forward(f, st.ctx["mask"], graph=st.spec.trains_head and self.keep_graphs)
         if st.spec.trains_head:
             st.ctx["f"] = f.to(torch.float32)
@@ -362,8 +362,7 @@ class SecureCloudParty(SecureStepRunner):
 
     def _op_body_backward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         grad_h = decode(self._grad_h_share(st) + got["open.grad_h"], self.frac_bits)  # dL/dh, opened
-        if not bool(torch.isfinite(grad_h).all()) or float(grad_h.abs().max()) > 1e6:
-            raise ProtocolError("open.grad_h: the opened gradient is out of range")
+        check_opened("open.grad_h", "gradient", grad_h)
         if st.spec.tail_pooled:  # opened per sequence: the mean pool's backward over the tokens
             grad_h = masked_mean_backward(grad_h, st.ctx["mask"])
         graph = st.ctx.get("_graph")
@@ -395,3 +394,4 @@ class SecureCloudParty(SecureStepRunner):
         self._x25519 = private_from_bytes(state["x25519"])
         self.public = public_bytes(self._x25519)
         self.tenants = {name: CloudTenant.load(t, self.party) for name, t in state["tenants"].items()}
+

@@ -69,8 +69,11 @@ def test_target_loss_setting_is_checked() -> None:
         backend_for(config, settings)  # a run-wide target is the cloud's choice
 
 
+# lr 0.02 / 0.3 (config.QUICK): at the default lr-head 0.05 and lr-tail 0.5 about one run in eight
+# of these 20 steps diverged (|dL/dh| growing ~10x a step from step 6 until the cloud dropped the
+# tenant as out of range; 0 of 80 runs at 0.02 / 0.3).
 SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
-          "lr-tail": 0.5, "batch-size": 8, "max-length": 16, "max-train-samples": 96, "max-test-samples": 16,
+          "lr-head": 0.02, "lr-tail": 0.3, "batch-size": 8, "max-length": 16, "max-train-samples": 96, "max-test-samples": 16,
           "local-steps": MIN_WINDOW, "num-server-rounds": 2, "eval-every": 0, "min-nodes": 2,
           "reply-timeout": 60.0, "security": "secure", "label-protection": "client", "global-eval": False}
 
@@ -84,9 +87,6 @@ def _secure_run(tmp_path, config: dict, targets: dict[int, float]) -> tuple[list
     return [r for r in reports if isinstance(r, RoundReport)], [r for r in reports if isinstance(r, EvalReport)][-1]
 
 
-@pytest.mark.xfail(strict=False, reason="OPEN DEFECT (2026-12-02, fourth stop): failed once in a clean-clone CI run "
-                   "after the mask-reuse and sharing merges (round 2 trained no tenant), passed when re-run alone; "
-                   "to be found and fixed, then this mark removed")
 def test_a_secure_tenant_stops_on_its_own_loss(task_identity: None, tmp_path) -> None:
     """Secure tenants report no loss, so each applies its own target: tenant-0's is met over
     round 1's MIN_WINDOW steps; in round 2 it gets no training, is still evaluated, and the

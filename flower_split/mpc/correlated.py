@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .dealer import check_delivery
 from .masks import MaskReuseError, Use, apply_view
-from .randomness import SEED_BYTES, RingStream, random_ring
-from .ring import check_ring_tensor
+from .randomness import RingStream, random_ring
 from .triples import Op, Shape, TripleRequest
 
 
@@ -68,15 +68,7 @@ class SeededProduct:
     masked_c: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.party not in (0, 1) or isinstance(self.party, bool):
-            raise ValueError(f"party must be 0 or 1, got {self.party!r}")
-        if not isinstance(self.seed, bytes) or len(self.seed) != SEED_BYTES:
-            raise ValueError(f"seed must be {SEED_BYTES} bytes")
-        if self.masked_c is not None:
-            check_ring_tensor(self.masked_c, "masked_c")
-            if tuple(self.masked_c.shape) != self.request.out_shape:
-                raise ValueError(f"masked_c has shape {tuple(self.masked_c.shape)}, "
-                                 f"request needs {self.request.out_shape}")
+        check_delivery(self.request, self.party, self.seed, self.masked_c)
 
     def expand(self) -> Tensor:
         """This party's share c_i."""

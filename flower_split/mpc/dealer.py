@@ -49,6 +49,19 @@ def _expand(request: TripleRequest, seed: bytes) -> tuple[Tensor, Tensor | None,
     return a, b, stream.next(request.out_shape)
 
 
+def check_delivery(request: TripleRequest, party: int, seed: bytes, masked_c: Tensor | None) -> None:
+    """The checks on one party's seeded delivery (Beaver material or a c share): party 0 or 1,
+    a seed of :data:`SEED_BYTES`, a correction (if any) a ring tensor of the product's shape."""
+    if party not in (0, 1) or isinstance(party, bool):
+        raise ValueError(f"party must be 0 or 1, got {party!r}")
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise ValueError(f"seed must be {SEED_BYTES} bytes")
+    if masked_c is not None:
+        check_ring_tensor(masked_c, "masked_c")
+        if tuple(masked_c.shape) != request.out_shape:
+            raise ValueError(f"masked_c has shape {tuple(masked_c.shape)}, request needs {request.out_shape}")
+
+
 @dataclass(frozen=True)
 class SeededMaterial:
     """One party's Beaver material for one request, as delivered: a seed and maybe a correction.
@@ -68,16 +81,7 @@ class SeededMaterial:
     def __post_init__(self) -> None:
         if not isinstance(self.request, TripleRequest):
             raise TypeError(f"request must be a TripleRequest, got {type(self.request).__name__}")
-        if self.party not in (0, 1) or isinstance(self.party, bool):
-            raise ValueError(f"party must be 0 or 1, got {self.party!r}")
-        if not isinstance(self.seed, bytes) or len(self.seed) != SEED_BYTES:
-            raise ValueError(f"seed must be {SEED_BYTES} bytes")
-        if self.masked_c is not None:
-            check_ring_tensor(self.masked_c, "masked_c")
-            if tuple(self.masked_c.shape) != self.request.out_shape:
-                raise ValueError(
-                    f"masked_c has shape {tuple(self.masked_c.shape)}, request needs {self.request.out_shape}"
-                )
+        check_delivery(self.request, self.party, self.seed, self.masked_c)
 
     @property
     def nbytes(self) -> int:

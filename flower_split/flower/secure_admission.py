@@ -1,7 +1,10 @@
 """Admitting nodes to a secure run: roles, tenant-id binding, the dealer, the set-up.
 
 New nodes are asked their role (``query.role``, one round trip for all of them). The
-dealer's node becomes the strategy's :class:`NodeDealer` target; every tenant node declares
+dealer's node becomes the strategy's :class:`NodeDealer` target, and no round starts while
+it is not connected (a restarted dealer SuperNode: the round waits up to node-wait-timeout);
+one back under a new node id is found again if it proves the pinned ``expected-dealer-key``
+(unpinned, a second dealer-role node is refused as before). Every tenant node declares
 its tenant id there, and the id is **bound to that Flower node** (the node id the SuperLink
 gave the authenticated SuperNode): a second node that claims a bound id is refused, logged,
 and never selected again, so a late impostor cannot take over a tenant or its halves.
@@ -18,6 +21,7 @@ tenant's key (``train.secure_resume``), and an impostor is refused.
 
 from __future__ import annotations
 
+import secrets
 import time
 from logging import INFO, WARNING
 from typing import Callable
@@ -54,24 +58,42 @@ class SecureAdmission:
         self.restored: set[str] = set()  # tenants the cloud resumed from saved state, not yet bound
 
     def select(self, grid: Grid) -> set[int]:
-        """The tenant nodes set up, once a dealer is there and at least ``min_nodes`` tenants are
-        (a round never runs empty because the dealer node is late); TimeoutError after
-        ``node_wait_timeout`` seconds."""
-        deadline = time.monotonic() + self.node_wait_timeout
+        """The tenant nodes set up, once at least ``min_nodes`` tenants are and the dealer node is
+        connected: a round never runs empty because the dealer node is late or down (restarted;
+        every step would fail without it). TimeoutError after ``node_wait_timeout`` seconds."""
+        started = time.monotonic()
+        waiting = False  # for a dealer node that had joined and is gone
         while True:
-            admitted = self.admit_nodes(grid, set(grid.get_node_ids()))
-            if len(admitted) >= self.min_nodes:
+            nodes = set(grid.get_node_ids())
+            admitted = self.admit_nodes(grid, nodes)
+            dealer_up = self._dealer_connected(nodes)
+            if len(admitted) >= self.min_nodes and dealer_up:
+                if waiting:
+                    log(INFO, "the dealer node %s is connected: the round starts after %.1f s", self.dealer_node(),
+                        time.monotonic() - started)
                 return admitted
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(admitted)} of the {self.min_nodes} required tenants set up"
-                                   + ("" if self.dealer.ready else "; no dealer node joined"))
+            if not dealer_up and self.dealer.ready and not waiting:
+                waiting = True
+                log(WARNING, "the dealer node %s is not connected: the round waits for it (node-wait-timeout %.0f s)",
+                    self.dealer_node(), self.node_wait_timeout)
+            if time.monotonic() > started + self.node_wait_timeout:
+                missing = "" if dealer_up else "; no dealer node joined" if not self.dealer.ready else \
+                    f"; the dealer node {self.dealer_node()} is not connected"
+                raise TimeoutError(f"{len(admitted)} of the {self.min_nodes} required tenants set up{missing}")
             time.sleep(1.0)
+
+    def dealer_node(self) -> int | None:
+        """The dealer's node id (None: a co-located dealer, or no dealer node yet)."""
+        return self.dealer.node if isinstance(self.dealer, NodeDealer) else None
+
+    def _dealer_connected(self, nodes: set[int]) -> bool:
+        return not isinstance(self.dealer, NodeDealer) or self.dealer.node in nodes
 
     def admit_nodes(self, grid: Grid, nodes: set[int]) -> set[int]:
         """New nodes: roles, bindings, set-up (failures left out); the tenant nodes set up."""
         new = nodes - set(self.tenant_of) - self.dealer_nodes - set(self.refused)
         if new:
-            claims = self._claims(grid, new)
+            claims = self._claims(grid, new, nodes)
             self._resume(grid, {n: claims.pop(n) for n in list(claims) if claims[n] in self.restored})
             if claims and not self.dealer.ready:
                 log(WARNING, "%d tenant node(s) wait: no dealer node has joined yet (node config role = \"dealer\")",
@@ -80,8 +102,8 @@ class SecureAdmission:
                 self._setup(grid, claims)
         return {n for n in nodes if n in self.tenant_of}
 
-    def _claims(self, grid: Grid, nodes: set[int]) -> dict[int, str]:
-        """Ask ``nodes`` their role; take the dealer; the tenant ids the others may claim."""
+    def _claims(self, grid: Grid, nodes: set[int], connected: set[int]) -> dict[int, str]:
+        """Ask the new ``nodes`` their role; take the dealer; the tenant ids the others may claim."""
         replies = self.exchange(grid, MessageType.ROLE, {n: RecordDict() for n in nodes}, 0, Exchange(), set(nodes))
         claims: dict[int, str] = {}
         bound = {tenant: node for node, tenant in self.tenant_of.items()}
@@ -92,7 +114,7 @@ class SecureAdmission:
                 log(WARNING, "node %d: bad role reply: %s", node, exc)
                 continue
             if role == DEALER_ROLE:
-                self._take_dealer(node, identity)
+                self._take_dealer(grid, node, identity, connected)
             elif tenant in bound or (tenant in claims.values() and tenant not in self.restored):
                 other = bound.get(tenant, next((n for n, t in claims.items() if t == tenant), -1))
                 self.refused[node] = f"claims tenant {tenant!r}, bound to node {other}"
@@ -125,7 +147,7 @@ class SecureAdmission:
                 self.refused[node] = f"claims resumed tenant {tenant!r} without proving its key"
                 log(WARNING, "node %d refused: %s", node, self.refused[node])
 
-    def _take_dealer(self, node: int, identity: bytes) -> None:
+    def _take_dealer(self, grid: Grid, node: int, identity: bytes, connected: set[int]) -> None:
         pinned = self.dealer.pinned if isinstance(self.dealer, NodeDealer) else None
         if pinned is not None and identity != pinned:
             self.refused[node] = "a dealer node with another identity than the pinned one"
@@ -136,9 +158,37 @@ class SecureAdmission:
             self.dealer_nodes.add(node)
             log(INFO, "node %d is the dealer", node)
             return
+        if isinstance(self.dealer, NodeDealer) and pinned is not None and self.dealer.node not in connected:
+            self._refind_dealer(grid, node, pinned)
+            return
         why = "a second dealer node" if isinstance(self.dealer, NodeDealer) else "a dealer node, but this run's dealer is co-located"
         self.refused[node] = why
         log(WARNING, "node %d refused: %s", node, why)
+
+    def _refind_dealer(self, grid: Grid, node: int, pinned: bytes) -> None:
+        """The dealer node is gone and ``node`` claims the role under the pinned key (a dealer
+        SuperNode restarted under a new node id): it becomes the dealer once it signs a hello
+        for a fresh name under that key and for the session key the cloud holds (a claim alone
+        is public bytes; a replayed hello names another tenant). No answer: asked again later."""
+        assert isinstance(self.dealer, NodeDealer)
+        old, self.dealer.node = self.dealer.node, node
+        name = f"dealer-check-{secrets.token_hex(8)}"
+        hello = self.dealer.hellos(grid, [name])[name]
+        try:
+            if isinstance(hello, str):
+                self.dealer.node = old
+                log(WARNING, "node %d claims the dealer role; its hello failed, asked again later: %s", node, hello)
+                return
+            verify_hello(pinned, hello, name)
+            if self.cloud.dealer_public is not None and hello.dealer_public != self.cloud.dealer_public:
+                raise ProtocolError("its session key is not the one the tenants agreed keys with")
+        except ProtocolError as exc:
+            self.dealer.node = old
+            self.refused[node] = f"claims the dealer role under the pinned key but fails its check ({exc})"
+            log(WARNING, "node %d refused: %s", node, self.refused[node])
+            return
+        self.dealer_nodes.add(node)
+        log(INFO, "node %d is the dealer again (pinned key proven): node %s, the dealer before, is gone", node, old)
 
     def _setup(self, grid: Grid, claims: dict[int, str]) -> None:
         hellos = self.dealer.hellos(grid, sorted(claims.values()))

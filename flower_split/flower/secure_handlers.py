@@ -11,8 +11,11 @@ a time, all tenants in the same Flower round trip. Message types:
                            new party (its halves, dealer key, CKKS keys in ``he`` mode) -> its
                            :class:`ClientSetup`.
 ``train.secure_begin``     server: ``config`` {head-updates, tail-updates} (the cloud's update
-                           counts), {next-step} (the lowest step number the cloud accepts) and,
-                           in ``he`` mode, {he-key-id} (the cloud's CKKS key id).
+                           counts), {next-step} (the lowest step number the cloud accepts),
+                           {ahead-step, ahead-shape} (only while the cloud holds material dealt
+                           ahead: its number and [batch, tokens]; a step that cannot use it, an
+                           evaluation or another shape, moves past that number) and, in ``he``
+                           mode, {he-key-id} (the cloud's CKKS key id).
                            Client: reconcile (abort a step in flight, undo a step the cloud did
                            not complete), switch to a rotated key the cloud now holds, next
                            training batch -> first step message (refused, before anything is
@@ -103,6 +106,14 @@ def _confirm_key(party: SecureClientParty, instruction: ConfigRecord) -> None:
         party.confirm_key_rotation(config_value(instruction, ConfigKey.HE_KEY_ID, bytes))
 
 
+def _ahead(instruction: ConfigRecord) -> tuple[int, int, int] | None:
+    """The cloud's (step, batch, tokens) of material it holds ahead (None: none)."""
+    if ConfigKey.AHEAD_STEP not in instruction:
+        return None
+    shape = config_value(instruction, ConfigKey.AHEAD_SHAPE, list)
+    return (config_value(instruction, ConfigKey.AHEAD_STEP, int), *shape)
+
+
 def _sync(party: SecureClientParty) -> ConfigRecord:
     updates = party.updates
     return ConfigRecord({ConfigKey.HEAD_UPDATES: updates["head"], ConfigKey.TAIL_UPDATES: updates["tail"]})
@@ -138,7 +149,8 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     batches = train_batches(data, config, cursor, 1, randomized_labels(context, config, data))
     if not batches:
         raise ProtocolError(f"tenant {data.tenant!r}: no training data")
-    first = party.begin(batches[0], train=True, cloud_step=config_value(instruction, ConfigKey.NEXT_STEP, int))
+    first = party.begin(batches[0], train=True, cloud_step=config_value(instruction, ConfigKey.NEXT_STEP, int),
+                        ahead=_ahead(instruction))
     if party.label_noise is not None:  # counted at the begin: a step cut short still counts (conservative)
         party.label_noise.count(batches[0].indices)
     _save(context, party)
@@ -169,7 +181,8 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
         rows = list(range(cursor.eval_cursor, min(len(test), cursor.eval_cursor + config.batch_size)))
         cursor.eval_cursor += len(rows)
         batch = test.collate(rows)
-        first = party.begin(batch, train=False, cloud_step=config_value(instruction, ConfigKey.NEXT_STEP, int))
+        first = party.begin(batch, train=False, cloud_step=config_value(instruction, ConfigKey.NEXT_STEP, int),
+                            ahead=_ahead(instruction))
         pack_secure(first, content)
         context.state[SECURE_BATCH] = ConfigRecord({"size": len(batch.labels)})
         context.state[SECURE_LABELS] = ArrayRecord({"labels": tensor_to_array("labels", batch.labels.long()),

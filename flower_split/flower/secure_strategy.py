@@ -215,14 +215,17 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         log(INFO, "%s reached its target-loss in round %d: no more training", tenant, int(stopped_in))
 
     def _begin_instruction(self, node: int, extra: dict[str, Any], server_round: int) -> RecordDict:
-        """The ``*.secure_begin`` config: the cloud's update counts, its next step and (``he``) its CKKS key id."""
+        """The ``*.secure_begin`` config: the cloud's update counts, its next step, the step whose
+        material it holds ahead (if any) and (``he``) its CKKS key id."""
         tenant = self.tenant_of[node]
         updates = self.cloud.updates(tenant)
         key_id = self.cloud.he_key_id(tenant)  # acknowledges the tenant's last key rotation
+        ahead = self.cloud.tenants[tenant].ahead()  # a begin that cannot use it moves past its number
         return RecordDict({RecordKey.CONFIG: ConfigRecord({
             **extra, ConfigKey.HEAD_UPDATES: updates["head"], ConfigKey.TAIL_UPDATES: updates["tail"],
             ConfigKey.NEXT_STEP: self.cloud.next_step(tenant),  # the tenant refuses to start a lower (used) step
-            ConfigKey.SERVER_ROUND: server_round, **({ConfigKey.HE_KEY_ID: key_id} if key_id is not None else {})})})
+            ConfigKey.SERVER_ROUND: server_round, **({ConfigKey.HE_KEY_ID: key_id} if key_id is not None else {}),
+            **({ConfigKey.AHEAD_STEP: ahead[0], ConfigKey.AHEAD_SHAPE: list(ahead[1:])} if ahead else {})})})
 
     def _first_message(self, node: int, content: RecordDict, train: bool, remaining: float) -> SecureMessage | None:
         """A tenant's first step message after reconciling (None: an evaluation with no batch left)."""

@@ -29,7 +29,8 @@ class FlowerSettings:
     ``partition`` (``iid``, ``dirichlet:A``, ``shards:N``), ``min-nodes`` (tenants needed to
     start), ``reply-timeout`` (seconds to wait for a stage's replies; tenants later than that
     are dropped from the round), ``node-wait-timeout`` (seconds a round waits for ``min-nodes``
-    tenants to be connected and set up before the run fails), ``eval-every`` (evaluate every N rounds; 0: only at the end),
+    tenants to be connected and set up, and in secure mode for the dealer node, before the
+    run fails), ``eval-every`` (evaluate every N rounds; 0: only at the end),
     ``eval-initial`` (also evaluate before the first round), ``global-eval`` (after the last
     round, also evaluate every tenant on the whole test set; split only), ``secure-metrics``
     (secure mode: tenants report their evaluation counts, from logits opened to them only, to

@@ -32,23 +32,19 @@ from flower_split.config import RunConfig
 from flower_split.data import Batch
 from flower_split.he import ClientKeys, HEParams, decrypt_loss_and_grad, encrypt_labels, envelope_digest
 from flower_split.model import Embedder, HeadAdapter, TailAdapter
-from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, decode, encode
-from flower_split.mpc import new_seed
+from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, decode, encode, new_seed
 from flower_split.protocol import resume_proof
 from flower_split.protocol.dealer_identity import accept_hello
 from flower_split.protocol.labels import label_protection
 from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share, restore_label_noise
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
-    check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
-    private_from_bytes, public_bytes,
+    check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes, private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    ClientSetup, DealerHello, KeyRotation, SecureMessage, client_step_number,
+    ClientSetup, DealerHello, KeyRotation, SecureMessage, client_step_number, past_dealt_ahead,
 )
-from flower_split.protocol.secure_party import (
-    GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState,
-)
+from flower_split.protocol.secure_party import GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState
 from flower_split.protocol.secure_step_io import export_step, import_step
 from flower_split.protocol.secure_weights import check_activation, plaintext_weights
 from flower_split.protocol.secure_steps import CLIENT, WEIGHT_NAMES, StepSpec, weight_shapes
@@ -201,7 +197,8 @@ class SecureClientParty(SecureStepRunner):
         return True
 
     # ------------------------------------------------------------------------ steps
-    def begin(self, batch: Batch, train: bool = True, *, cloud_step: int) -> SecureMessage:
+    def begin(self, batch: Batch, train: bool = True, *, cloud_step: int,
+              ahead: tuple[int, int, int] | None = None) -> SecureMessage:
         """Start a step on ``batch``; returns the first message for the cloud.
 
         ``cloud_step`` is the lowest step number the cloud accepts next
@@ -210,15 +207,18 @@ class SecureClientParty(SecureStepRunner):
         first message's openings under that number's Beaver material would give the cloud the
         difference of two inputs. It is refused here, before anything is opened; nothing changes.
         A cloud far ahead restarted and skipped numbers: the client skips with it
-        (:func:`~flower_split.protocol.secure_messages.client_step_number`).
+        (:func:`~flower_split.protocol.secure_messages.client_step_number`). ``ahead``: the
+        cloud's material dealt ahead, (step, batch, tokens); a step that cannot use it moves
+        past its number (:func:`~flower_split.protocol.secure_messages.past_dealt_ahead`).
         """
         if self.halves is None:
             raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
         if self._step is not None:
             raise ProtocolError(f"tenant {self.tenant!r}: step {self._step.spec.step} is still in flight "
                                 "(secure mode runs one step at a time per tenant)")
-        step = client_step_number(self._next_step, cloud_step, f"tenant {self.tenant!r}")
-        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu().to(torch.int64)
+        ids, mask, who = batch.input_ids.cpu(), batch.attention_mask.cpu().to(torch.int64), f"tenant {self.tenant!r}"
+        step = past_dealt_ahead(client_step_number(self._next_step, cloud_step, who), ahead, bool(train),
+                                (int(ids.shape[0]), int(ids.shape[1])), who)
         spec = StepSpec(self.tenant, step, int(ids.shape[0]), int(ids.shape[1]), self.dim,
                         self.head_rank, self.tail_rank, self.classes, bool(train), self.train_head,
                         self.label_protection, self.frac_bits, self.tail_input == "pooled")

@@ -45,6 +45,15 @@ class CloudTenant:
         self.next_step += gap
         self.prefetched = None
 
+    def ahead(self) -> tuple[int, int, int] | None:
+        """(step, batch, tokens) of the training step whose dealt material the cloud holds ahead
+        of its first message (None: none). Every begin instruction carries it: a tenant whose
+        step of that number cannot use it moves past the number, which the dealer has spent."""
+        if self.prefetched is None or self.prefetched[1] is None:
+            return None
+        spec = self.prefetched[0]
+        return spec.step, spec.batch, spec.tokens
+
     def export(self) -> dict[str, Any]:
         """Plain data (tensors, bytes, numbers) for ``state_dict``."""
         return {

@@ -282,3 +282,23 @@ def client_step_number(own_next: int, cloud_step: object, who: str) -> int:
         own_next = cloud_step
     check_step(own_next, 0, MAX_STEP, f"{who}: next step")
     return own_next
+
+
+def past_dealt_ahead(step: int, ahead: object, train: bool, shape: tuple[int, int], who: str) -> int:
+    """``step``, or ``step + 1`` when the cloud holds material dealt ahead for number ``step``
+    that this step cannot use: an evaluation, or a training batch of another shape.
+
+    ``ahead``: the cloud's (step, batch, tokens) of the training step whose material it asked
+    ahead (``SecureCloudParty.prefetch_request``), or None. The dealer deals a number once, so
+    the cloud refuses any other use of it; a tenant dropped mid-step, or restarted, may begin
+    an evaluation or another batch next, and moves past the number before opening anything.
+    Moving past only skips a number (the cloud accepts any larger one): none is used twice.
+    """
+    if ahead is None:
+        return step
+    if not isinstance(ahead, tuple) or len(ahead) != 3 \
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in ahead):
+        raise ProtocolError(f"{who}: the cloud's material ahead must be (step, batch, tokens), got {ahead!r}")
+    if ahead[0] != step or (train and ahead[1:] == shape):
+        return step
+    return check_step(step + 1, 0, MAX_STEP, f"{who}: next step past the one dealt ahead")

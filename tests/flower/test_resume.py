@@ -237,3 +237,24 @@ def test_resuming_a_finished_session_is_refused(task_identity: None, tmp_path) -
     run_cloud(LocalGrid(make_client_app(config), 2, node_config=nodes), config)
     with pytest.raises(ConfigError, match="has completed 1 rounds already: raise num-server-rounds"):
         run_cloud(LocalGrid(make_client_app(config), 2, node_config=nodes), config)
+
+
+def test_a_tenant_dropped_mid_step_moves_past_the_number_dealt_ahead(task_identity: None, tmp_path) -> None:
+    """issue 17, gap 1: a tenant killed mid-step in round 2, after the cloud had asked the dealer
+    ahead for its next training step, begins an evaluation next. The number dealt ahead is spent
+    (the dealer deals a number once), so before the fix the cloud refused the evaluation's first
+    message ("does not match the shape it announced") and dropped the tenant once more; now the
+    begin tells the tenant the number and it moves past it, opening nothing under it."""
+    config = {**SECURE, "eval-every": 1}
+    killer = Killer(1, MessageType.SECURE_TRAIN_NEXT, at=2)  # round 2, step 1: its material ahead was dealt
+    grid = LocalGrid(make_client_app(config), 2, dealer=tmp_path / "keys",
+                     node_config={"state-dir": str(tmp_path / "nodes")},
+                     intercept=lambda node, message_type: killer(node, message_type) if reports else None)
+    killer.grid = grid
+    reports: list[RoundReport | EvalReport] = []
+    run_cloud(grid, config, reports.append)
+    rounds = [r for r in reports if isinstance(r, RoundReport)]
+    assert "tenant-0" in rounds[1].dropped and rounds[1].steps == 2
+    evaluation = [r for r in reports if isinstance(r, EvalReport)][-1]
+    assert evaluation.server_round == 2 and not evaluation.dropped
+    assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-1"]

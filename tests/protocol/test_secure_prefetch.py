@@ -73,3 +73,37 @@ def test_an_announced_shape_out_of_bounds_is_refused_before_the_dealer_works(sec
         with pytest.raises(ProtocolError):
             cloud.prefetch_request("t0", batch, tokens)
     assert cloud.tenants["t0"].prefetched is None
+
+
+@pytest.mark.parametrize("train, rows", [(False, 8), (True, 4)])
+def test_a_begin_that_cannot_use_the_material_ahead_moves_past_its_number(secure_data: TokenizedDataset,
+                                                                          train: bool, rows: int) -> None:
+    """A tenant told what the cloud holds ahead (step 0 for 8 rows of training) and beginning an
+    evaluation, or a batch of another shape, takes step 1: step 0 is never opened under, and the
+    cloud asks the dealer for step 1 (issue 17: a tenant dropped mid-step, then restarted)."""
+    client, cloud, dealer = _parties(secure_data)
+    announced = secure_data.collate(list(range(8)))
+    cloud.accept_material(dealer.handle(cloud.prefetch_request("t0", *announced.input_ids.shape)))
+    ahead = cloud.tenants["t0"].ahead()
+    assert ahead == (0, *announced.input_ids.shape)
+    first = client.begin(secure_data.collate(list(range(rows))), train=train, cloud_step=cloud.next_step("t0"),
+                         ahead=ahead)
+    assert first.step == 1
+    request = cloud.material_request(first)
+    assert request is not None and request.step == 1 and cloud.tenants["t0"].ahead() is None
+    cloud.accept_material(dealer.handle(request))
+    _finish(client, cloud, first)
+    result = client.pop_result(1)
+    assert cloud.next_step("t0") == 2 and (result.loss if train else result.logits) is not None
+
+
+def test_the_announced_batch_uses_the_material_ahead(secure_data: TokenizedDataset) -> None:
+    client, cloud, dealer = _parties(secure_data)
+    announced = secure_data.collate(list(range(8)))
+    cloud.accept_material(dealer.handle(cloud.prefetch_request("t0", *announced.input_ids.shape)))
+    with pytest.raises(ProtocolError, match="material ahead must be"):
+        client.begin(announced, cloud_step=0, ahead=(0, 8))  # type: ignore[arg-type]
+    first = client.begin(announced, cloud_step=0, ahead=cloud.tenants["t0"].ahead())
+    assert first.step == 0 and cloud.material_request(first) is None
+    _finish(client, cloud, first)
+    assert cloud.next_step("t0") == 1

@@ -6,6 +6,8 @@ the tiny model; the others drive the same ServerApp/ClientApp code through an in
 
 from __future__ import annotations
 
+import dataclasses
+
 import tomllib
 from pathlib import Path
 from typing import Callable
@@ -116,6 +118,9 @@ def test_config_mapping_and_pyproject_defaults() -> None:
     config, settings = settings_from_run_config({**pyproject["tool"]["flwr"]["app"]["config"], "quick": True})
     assert config.model == "tiny" and config.max_train_samples == 1000
     assert (settings.local_steps, settings.micro_batches) == (10, 5)  # short rounds too
+    # `flwr run --run-config` refuses a key pyproject.toml does not declare ("Invalid run configuration")
+    declared = {key.replace("-", "_") for key in pyproject["tool"]["flwr"]["app"]["config"]}
+    assert {f.name for f in dataclasses.fields(type(settings))} <= declared
     with pytest.raises(ConfigError, match="micro-batches"):
         settings_from_run_config({"micro-batches": 0})
     with pytest.raises(ConfigError, match="lr_hed: unknown"):

@@ -56,10 +56,11 @@ MAX_ADMITTING = 16        # connections in their handshake at once; more are clo
 OPEN, REFUSED, LOST = "open", "refused", "lost"
 
 
-def parse_address(address: str, key: str = "channel-address") -> tuple[str, int]:
+def parse_address(address: str, key: str = "channel-address", wildcard_ok: bool = False) -> tuple[str, int]:
     """``"HOST:PORT"`` (``[V6]:PORT`` for IPv6) -> (host, port) for run config ``key``; port 0
-    (``channel-address`` only) asks the system for a free one. A wildcard host is refused: the
-    address is what the tenants are told (``channel-advertise``, or the listening address)."""
+    (``channel-address`` only) asks the system for a free one. A wildcard host is refused
+    unless ``wildcard_ok`` (a listening address with ``channel-advertise``): the tenants are
+    told the address, and a wildcard reaches nobody."""
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
     lowest = 0 if key == "channel-address" else 1
@@ -69,7 +70,7 @@ def parse_address(address: str, key: str = "channel-address") -> tuple[str, int]
         wildcard = ipaddress.ip_address(host).is_unspecified
     except ValueError:
         wildcard = False
-    if wildcard:
+    if wildcard and not wildcard_ok:
         raise ValueError(f"{key} {address!r}: name the address the tenants reach (it is sent to them), "
                          "not a wildcard")
     return host, int(port)
@@ -77,10 +78,11 @@ def parse_address(address: str, key: str = "channel-address") -> tuple[str, int]
 
 class ChannelServer:
     """The ServerApp's TLS listener: admits a connection only with a pending node's token.
-    ``advertise`` (``HOST:PORT``) is the address invitations name; default: the listener's."""
+    ``advertise`` (``HOST:PORT``) is the address invitations name; default: the listener's
+    (then ``address`` may not be a wildcard; with ``advertise`` it may, e.g. in a container)."""
 
     def __init__(self, address: str, advertise: str = "") -> None:
-        host, port = parse_address(address)
+        host, port = parse_address(address, wildcard_ok=bool(advertise))
         public = parse_address(advertise, "channel-advertise") if advertise else None
         self.context, self.fingerprint = server_context()
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]

@@ -253,13 +253,16 @@ def test_idle_connections_are_closed_by_the_handshake_deadline_and_the_listener_
         server.close()
 
 
-def test_a_wildcard_channel_address_is_refused() -> None:
+def test_a_wildcard_channel_address_is_refused_unless_another_is_advertised() -> None:
     for address in ("0.0.0.0:9300", "[::]:9300", "9300", "host:port"):
         with pytest.raises(ValueError, match="channel-address"):
             ChannelServer(address)
     for advertise in ("0.0.0.0:9300", "[::]:9300", "9300", "host:port", "host:0"):
         with pytest.raises(ValueError, match="channel-advertise"):
             ChannelServer("127.0.0.1:0", advertise)
+    server = ChannelServer("0.0.0.0:0", "cloud.example:9300")  # a wildcard listener is fine when advertised
+    assert (server.host, server.public_host, server.public_port) == ("0.0.0.0", "cloud.example", 9300)
+    server.close()
     with pytest.raises(ConfigError, match="set channel-address too"):
         settings_from_run_config({"channel-advertise": "cloud.example:9300"})
 

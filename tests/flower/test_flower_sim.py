@@ -7,7 +7,6 @@ the tiny model; the others drive the same ServerApp/ClientApp code through an in
 from __future__ import annotations
 
 import dataclasses
-
 import tomllib
 from pathlib import Path
 from typing import Callable

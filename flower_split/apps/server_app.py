@@ -136,7 +136,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
         if not settings.channel_address:
             _store(context, run(grid, values, on_report, context.run_id))
             return
-        channel = ChannelGrid(grid, settings.channel_address)
+        channel = ChannelGrid(grid, settings.channel_address, settings.channel_advertise)
         try:
             _store(context, run(channel, values, on_report, context.run_id))
         finally:

@@ -40,7 +40,9 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no
 
 from flower_split.flower.channel_link import join, serve_channel
 from flower_split.flower.contract import MessageType
-from flower_split.flower.worker_link import MAX_FRAME_BYTES, WORKER_ERROR_CODE, WorkerError, recv_frame, send_frame
+from flower_split.flower.worker_link import (
+    MAX_FRAME_BYTES, WORKER_ERROR_CODE, WorkerError, recv_frame, send_frame, version_tag,
+)
 
 LOG = logging.getLogger("flower_split.worker")
 MAX_RUNS = 8  # states of this many (run, node) pairs are kept; one idle for IDLE_EVICT_S may make room
@@ -79,12 +81,20 @@ class TenantWorker:
     def handle_parts(self, parts: list[bytes]) -> bytes:
         """One request frame's parts -> the reply proto's bytes (never raises for a bad request
         whose message could be parsed: that is an error reply)."""
-        if len(parts) != 2:
-            raise WorkerError(f"request of {len(parts)} parts; expected 2 (message, context)")
+        if len(parts) not in (2, 3):
+            raise WorkerError(f"request of {len(parts)} parts; expected 3 (version, message, context)")
         message_proto, context_proto = ProtoMessage(), ProtoContext()
-        message_proto.ParseFromString(parts[0])
-        context_proto.ParseFromString(parts[1])
+        message_proto.ParseFromString(parts[-2])
+        context_proto.ParseFromString(parts[-1])
         message = message_from_proto(message_proto)
+        theirs = parts[0].decode(errors="replace") if len(parts) == 3 else "an older flower-split (frame 1: no version part)"
+        if theirs != version_tag().decode():
+            reason = (f"version mismatch: this run's code (the FAB's ClientApp) is {theirs}, the tenant worker "
+                      f"runs {version_tag().decode()}; install the run's flower-split version on this machine and "
+                      "restart `flower-split worker` (docs/deployment.md §6)")
+            LOG.error("refused a message: %s", reason)
+            return message_to_proto(Message(Error(code=WORKER_ERROR_CODE, reason=reason),
+                                            reply_to=message)).SerializeToString()
         node = _Node((context_proto.run_id, context_proto.node_id), user_config_from_proto(context_proto.node_config),
                      user_config_from_proto(context_proto.run_config))
         if message.metadata.message_type == MessageType.CHANNEL_OPEN:
@@ -148,7 +158,7 @@ class TenantWorker:
             LOG.warning("refused a connection from another user")
             return
         try:
-            reply = self.handle_parts(recv_frame(conn, max_parts=2, max_bytes=self.max_frame_bytes,
+            reply = self.handle_parts(recv_frame(conn, max_parts=3, max_bytes=self.max_frame_bytes,
                                                  deadline=time.monotonic() + REQUEST_TIMEOUT_S))
         except Exception as exc:  # pylint: disable=broad-exception-caught  # a bad request, not a crash
             LOG.warning("refused a malformed request: %s: %s", type(exc).__name__, exc)

@@ -114,3 +114,7 @@ class MetricKey:
 
 CLASS_COUNT_KEYS = (MetricKey.TP, MetricKey.FP, MetricKey.FN)
 EVAL_SCOPES = ("tenant", "global", "predict")  # predict: the node's own texts (flower.node_predict)
+# The error code of a tenant message's reply from secure mode's dealer node: it serves no
+# tenant. Outside Flower's own ErrorCode values (0-5), so that a plain run, which does not ask
+# roles, can leave the dealer node out instead of dropping it as a failed tenant every round.
+NOT_A_TENANT_CODE = 101

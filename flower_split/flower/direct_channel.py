@@ -4,7 +4,9 @@ Flower 1.41 delivers a message in a deployment by polling (the ServerApp's grid 
 the SuperNode every 3 s when idle) and a fresh ``flwr-clientapp`` process per message: about
 10 s per protocol round trip on localhost even when a tenant worker does the work in 0.1 s
 (docs/deployment.md §10). With run config ``channel-address = "HOST:PORT"`` the ServerApp
-listens there (:class:`ChannelServer`) and :class:`ChannelGrid` moves the protocol's
+listens there (:class:`ChannelServer`; run config ``channel-advertise = "HOST:PORT"`` is the
+address the tenants are told instead, when they reach the listener by another one: NAT, a
+container's published port; default: the listening address) and :class:`ChannelGrid` moves the protocol's
 messages to each node that joins, over one TLS connection per node:
 
 1. **Bootstrap over Flower.** Once per node, a ``query.channel_open`` message through
@@ -54,32 +56,39 @@ MAX_ADMITTING = 16        # connections in their handshake at once; more are clo
 OPEN, REFUSED, LOST = "open", "refused", "lost"
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` (``[V6]:PORT`` for IPv6) -> (host, port); port 0 asks the system for a
-    free one. A wildcard host is refused: tenants are told this very address."""
+def parse_address(address: str, key: str = "channel-address", wildcard_ok: bool = False) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``[V6]:PORT`` for IPv6) -> (host, port) for run config ``key``; port 0
+    (``channel-address`` only) asks the system for a free one. A wildcard host is refused
+    unless ``wildcard_ok`` (a listening address with ``channel-advertise``): the tenants are
+    told the address, and a wildcard reaches nobody."""
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"channel-address: expected HOST:PORT, got {address!r}")
+    lowest = 0 if key == "channel-address" else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
+        raise ValueError(f"{key}: expected HOST:PORT (port {lowest}..65535), got {address!r}")
     try:
         wildcard = ipaddress.ip_address(host).is_unspecified
     except ValueError:
         wildcard = False
-    if wildcard:
-        raise ValueError(f"channel-address {address!r}: name the address the tenants reach (it is sent to them), "
+    if wildcard and not wildcard_ok:
+        raise ValueError(f"{key} {address!r}: name the address the tenants reach (it is sent to them), "
                          "not a wildcard")
     return host, int(port)
 
 
 class ChannelServer:
-    """The ServerApp's TLS listener: admits a connection only with a pending node's token."""
+    """The ServerApp's TLS listener: admits a connection only with a pending node's token.
+    ``advertise`` (``HOST:PORT``) is the address invitations name; default: the listener's
+    (then ``address`` may not be a wildcard; with ``advertise`` it may, e.g. in a container)."""
 
-    def __init__(self, address: str) -> None:
-        host, port = parse_address(address)
+    def __init__(self, address: str, advertise: str = "") -> None:
+        host, port = parse_address(address, wildcard_ok=bool(advertise))
+        public = parse_address(advertise, "channel-advertise") if advertise else None
         self.context, self.fingerprint = server_context()
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         self.listener = socket.create_server((host, port), family=family)
         self.host, self.port = host, self.listener.getsockname()[1]
+        self.public_host, self.public_port = public or (self.host, self.port)
         self.admitting = threading.BoundedSemaphore(MAX_ADMITTING)
         self.pending: dict[bytes, int] = {}  # SHA-256 of a token -> node id
         self.conns: dict[int, ssl.SSLSocket] = {}
@@ -154,13 +163,14 @@ class ChannelServer:
 class ChannelGrid(DelegatingGrid):
     """A Grid that sends each message over its node's direct channel when it has one (module doc)."""
 
-    def __init__(self, grid: Grid, address: str) -> None:
+    def __init__(self, grid: Grid, address: str, advertise: str = "") -> None:
         super().__init__(grid)
-        self.server = ChannelServer(address)
+        self.server = ChannelServer(address, advertise)
         self.status: dict[int, str] = {}
         self.locks: dict[int, threading.Lock] = {}
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="channel")
-        log(20, "direct channel listening on %s:%d (certificate SHA-256 %s)", self.server.host, self.server.port,
+        log(20, "direct channel listening on %s:%d, advertised as %s:%d (certificate SHA-256 %s)",
+            self.server.host, self.server.port, self.server.public_host, self.server.public_port,
             self.server.fingerprint)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -184,7 +194,7 @@ class ChannelGrid(DelegatingGrid):
         if not nodes:
             return
         invitations = [Message(RecordDict({CHANNEL_RECORD: ConfigRecord({
-            "host": self.server.host, "port": self.server.port, "fingerprint": self.server.fingerprint,
+            "host": self.server.public_host, "port": self.server.public_port, "fingerprint": self.server.fingerprint,
             "token": self.server.invite(node)})}), dst_node_id=node, message_type=MessageType.CHANNEL_OPEN)
             for node in sorted(nodes)]
         answered = {r.metadata.src_node_id: r for r in self._grid.send_and_receive(invitations, timeout=timeout)}

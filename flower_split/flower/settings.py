@@ -76,7 +76,10 @@ class FlowerSettings:
     ``channel-address`` (deployment: ``HOST:PORT`` where the ServerApp listens for its direct
     channel to the tenants' workers, reachable from every tenant machine; messages then bypass
     Flower's polling, :mod:`flower_split.flower.direct_channel`; port 0: any free port; empty
-    (default): every message goes through Flower),
+    (default): every message goes through Flower), ``channel-advertise`` (``HOST:PORT`` the
+    tenants' workers are told to connect to, when they reach the listener by another address
+    than ``channel-address``: NAT, a container's published port; empty (default): the
+    listening address),
     ``share`` (opt-in cross-tenant sharing, :mod:`flower_split.flower.sharing_server`: after
     every training round the chosen adapter parameters are averaged across the round's tenants
     under Flower's SecAgg+, each tenant keeping the rest (its classifier) personal; ``none``
@@ -113,6 +116,7 @@ class FlowerSettings:
     session: str = ""
     predict: bool = False
     channel_address: str = ""
+    channel_advertise: str = ""
     share: str = "none"
     share_threshold: float = 0.5
     quick: bool = False
@@ -139,12 +143,15 @@ class FlowerSettings:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
         for name in ("expected_dealer_key", "partition", "labels", "results_dir", "state_dir", "session",
-                     "channel_address"):
+                     "channel_address", "channel_advertise"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name.replace('_', '-')}: expected a string, got {getattr(self, name)!r}")
-        host, sep, port = self.channel_address.rpartition(":")
-        if self.channel_address and not (sep and host and port.isdigit() and int(port) < 65536):
-            raise ConfigError(f"channel-address: expected HOST:PORT, got {self.channel_address!r}")
+        for key, value in (("channel-address", self.channel_address), ("channel-advertise", self.channel_advertise)):
+            host, sep, port = value.rpartition(":")
+            if value and not (sep and host and port.isdigit() and int(port) < 65536):
+                raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+        if self.channel_advertise and not self.channel_address:
+            raise ConfigError("channel-advertise: set channel-address too (where the ServerApp listens)")
         if self.share not in SHARE_SCOPES:
             raise ConfigError(f"share: expected one of {', '.join(SHARE_SCOPES)}, got {self.share!r}")
         if isinstance(self.share_threshold, bool) or not isinstance(self.share_threshold, (int, float)) \

@@ -26,6 +26,7 @@ from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from flower_split.flower.contract import NOT_A_TENANT_CODE
 from flower_split.flower.strategy_utils import EvalReport, Exchange, RoundReport, SplitResult, describe
 
 Report = RoundReport | EvalReport
@@ -93,6 +94,7 @@ class SplitStrategyBase(ABC):
         self.node_wait_timeout = node_wait_timeout
         self.global_eval = global_eval
         self.tenant_of: dict[int, str] = {}
+        self.not_tenants: set[int] = set()  # nodes that answered as secure mode's dealer node (left out)
         self.target_loss = target_loss
         self.stopped: dict[str, int] = {}  # tenant -> the round its loss reached target_loss
         self.label_dp: dict[str, float] = {}  # tenant -> the label-DP epsilon it last reported
@@ -226,7 +228,7 @@ class SplitStrategyBase(ABC):
         """The connected nodes that may take part, once at least ``min_nodes`` are connected."""
         deadline = time.monotonic() + self.node_wait_timeout
         while True:
-            nodes = set(grid.get_node_ids())
+            nodes = set(grid.get_node_ids()) - self.not_tenants
             if len(nodes) >= self.min_nodes:
                 return self.admit_nodes(grid, nodes)
             if time.monotonic() > deadline:
@@ -263,12 +265,17 @@ class SplitStrategyBase(ABC):
                 continue
             if node not in contents:
                 continue
+            if reply.has_error() and reply.error.code == NOT_A_TENANT_CODE:
+                log(INFO, "node %d is secure mode's dealer node, no tenant: left out of this run", node)
+                self.not_tenants.add(node)
+                active.discard(node)
+                continue
             if reply.has_error():
                 self.drop(node, drop_reason(message_type, reply.error, waited, self.reply_timeout), phase, active)
             else:
                 valid[node] = reply.content
         for node in contents:
-            if node not in valid and node in active:
+            if node not in valid and node in active and node not in self.not_tenants:
                 self.drop(node, drop_reason(message_type, None, waited, self.reply_timeout), phase, active)
         return valid
 

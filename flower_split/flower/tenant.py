@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
-from flower_split.flower.contract import EVAL_SCOPES, ConfigKey
+from flower_split.flower.contract import EVAL_SCOPES, NOT_A_TENANT_CODE, ConfigKey
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
 from flower_split.flower.node_data import NodeSource, node_rows, node_source
 from flower_split.flower.node_predict import PREDICT_SCOPE, predict_texts
@@ -227,7 +227,7 @@ def handle(handler: Handler, message: Message, context: Context, overrides: Mapp
     if validate is not None:
         validate(config, settings)
     if node_role(context.node_config, settings) != TENANT_ROLE:
-        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"ProtocolError: {message.metadata.message_type} "
+        return Message(Error(code=NOT_A_TENANT_CODE, reason=f"ProtocolError: {message.metadata.message_type} "
                              "sent to the dealer node, which serves no tenant"), reply_to=message)
     data = tenant_data(config, settings, context.node_config)
     saved = dict(context.state.items())  # handlers replace records, never mutate them in place

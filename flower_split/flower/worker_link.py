@@ -14,8 +14,11 @@ This module is imported by that per-message process, so it imports Flower and th
 library only. Frames are Flower's own protobuf messages (never pickle: a frame is data, not
 code), length-prefixed and bounded before anything is allocated:
 
-``request``  ``MAGIC``, then two parts: the ``Message`` proto, the ``Context`` proto (its
-             ``state`` empty: the worker holds the node's state, Flower's copy stays empty)
+``request``  ``MAGIC``, then three parts: :func:`version_tag` (the flower-split version and
+             frame version of the run's code, which the worker checks against its own: the
+             worker runs the installed package, the router the FAB's copy), the ``Message``
+             proto, the ``Context`` proto (its ``state`` empty: the worker holds the node's
+             state, Flower's copy stays empty); frame version 1 had no version part
 ``reply``    ``MAGIC``, then one part: the reply ``Message`` proto (content or error)
 """
 
@@ -31,10 +34,13 @@ from flwr.app.error import Error
 from flwr.common.serde import context_to_proto, message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 
+from flower_split import __version__
+
 WORKER_SOCKET = "worker-socket"    # node config: the worker's Unix socket path
 WORKER_TIMEOUT = "worker-timeout"  # node config: seconds to wait for one reply
 DEFAULT_TIMEOUT = 3600.0
 MAGIC = b"FSW1"
+FRAME_VERSION = 2                  # the request frame's layout (module doc)
 MAX_FRAME_BYTES = 1 << 31          # Flower's own limit on a message (2 GiB)
 WORKER_ERROR_CODE = 2              # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 _COUNT = struct.Struct(">4sI")
@@ -85,11 +91,17 @@ def _read(sock: socket.socket, size: int, deadline: float | None) -> bytes:
     return bytes(buffer)
 
 
+def version_tag() -> bytes:
+    """This code's flower-split version and frame version, as the first part of a request."""
+    return f"flower-split {__version__} (frame {FRAME_VERSION})".encode()
+
+
 def request_parts(message: Message, context: Context) -> list[bytes]:
-    """The request frame of ``message``: its proto and the context's proto without its state."""
+    """The request frame of ``message``: the version tag, its proto and the context's proto
+    without its state."""
     bare = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
                    state=RecordDict(), run_config=context.run_config)
-    return [message_to_proto(message).SerializeToString(), context_to_proto(bare).SerializeToString()]
+    return [version_tag(), message_to_proto(message).SerializeToString(), context_to_proto(bare).SerializeToString()]
 
 
 def forward(message: Message, context: Context) -> Message:
@@ -105,7 +117,9 @@ def forward(message: Message, context: Context) -> Message:
             (reply_bytes,) = recv_frame(sock, max_parts=1)
     except (OSError, WorkerError) as exc:
         reason = (f"WorkerError: tenant worker at {path} (node config {WORKER_SOCKET}) did not answer: "
-                  f"{type(exc).__name__}: {exc}; start it on this machine with `flower-split worker --socket {path}`")
+                  f"{type(exc).__name__}: {exc}; start it on this machine with `flower-split worker --socket {path}` "
+                  f"(a worker of an older frame version closes this run's requests unanswered; this run's code: "
+                  f"{version_tag().decode()})")
         return Message(Error(code=WORKER_ERROR_CODE, reason=reason), reply_to=message)
     return as_reply(reply_bytes, message)
 

@@ -20,7 +20,9 @@ from flower_helpers import LocalGrid
 from flower_split.apps.client_app import make_client_app, route
 from flower_split.apps.tenant_worker import TenantWorker
 from flower_split.flower import direct_channel
+from flower_split.config import ConfigError
 from flower_split.flower.contract import MessageType
+from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.direct_channel import (
     ACK, CHANNEL_RECORD, HELLO, LOST, OPEN, REFUSED, ChannelGrid, ChannelServer,
 )
@@ -251,10 +253,58 @@ def test_idle_connections_are_closed_by_the_handshake_deadline_and_the_listener_
         server.close()
 
 
-def test_a_wildcard_channel_address_is_refused() -> None:
+def test_a_wildcard_channel_address_is_refused_unless_another_is_advertised() -> None:
     for address in ("0.0.0.0:9300", "[::]:9300", "9300", "host:port"):
         with pytest.raises(ValueError, match="channel-address"):
             ChannelServer(address)
+    for advertise in ("0.0.0.0:9300", "[::]:9300", "9300", "host:port", "host:0"):
+        with pytest.raises(ValueError, match="channel-advertise"):
+            ChannelServer("127.0.0.1:0", advertise)
+    server = ChannelServer("0.0.0.0:0", "cloud.example:9300")  # a wildcard listener is fine when advertised
+    assert (server.host, server.public_host, server.public_port) == ("0.0.0.0", "cloud.example", 9300)
+    server.close()
+    with pytest.raises(ConfigError, match="set channel-address too"):
+        settings_from_run_config({"channel-advertise": "cloud.example:9300"})
+
+
+def _forward(listener: socket.socket, target: tuple[str, int]) -> None:
+    """A NAT stand-in: every connection to ``listener`` is piped to ``target``."""
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        with src, dst:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+
+    while True:
+        try:
+            outside, _ = listener.accept()
+        except OSError:
+            return
+        inside = socket.create_connection(target)
+        for a, b in ((outside, inside), (inside, outside)):
+            threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+
+def test_workers_join_at_the_advertised_address_not_the_bind_address(task_identity: None,
+                                                                      socket_dir: Path) -> None:
+    """Run config ``channel-advertise``: the ServerApp listens on one address, the invitation
+    names another (here a forwarder, as a NAT or a container's published port would be), and
+    the worker reaches the channel through it."""
+    nat = socket.create_server(("127.0.0.1", 0))
+    path = socket_dir / "w.sock"
+    echo = lambda m, c: Message(RecordDict({"echo": ConfigRecord({"n": 1})}), reply_to=m)  # noqa: E731
+    with nat, _serving(path, TenantWorker(echo)) as worker:
+        flower = CountingApp()
+        grid = ChannelGrid(LocalGrid(flower, 1, node_config={WORKER_SOCKET: str(path)}), "127.0.0.1:0",
+                           f"localhost:{nat.getsockname()[1]}")
+        try:
+            assert (grid.server.public_host, grid.server.public_port) == ("localhost", nat.getsockname()[1])
+            threading.Thread(target=_forward, args=(nat, (grid.server.host, grid.server.port)), daemon=True).start()
+            (reply,) = grid.send_and_receive([_request(1, 1)], timeout=30)
+        finally:
+            grid.close()
+        assert int(reply.content["echo"]["n"]) == 1 and grid.status == {1: OPEN}
+        assert flower.types == [MessageType.CHANNEL_OPEN]  # the request itself took the channel
+        assert worker.handled == 1
 
 
 def test_a_refused_node_cannot_join_later_with_its_invitation(task_identity: None) -> None:

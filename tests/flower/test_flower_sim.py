@@ -6,6 +6,7 @@ the tiny model; the others drive the same ServerApp/ClientApp code through an in
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Callable
@@ -116,6 +117,9 @@ def test_config_mapping_and_pyproject_defaults() -> None:
     config, settings = settings_from_run_config({**pyproject["tool"]["flwr"]["app"]["config"], "quick": True})
     assert config.model == "tiny" and config.max_train_samples == 1000
     assert (settings.local_steps, settings.micro_batches) == (10, 5)  # short rounds too
+    # `flwr run --run-config` refuses a key pyproject.toml does not declare ("Invalid run configuration")
+    declared = {key.replace("-", "_") for key in pyproject["tool"]["flwr"]["app"]["config"]}
+    assert {f.name for f in dataclasses.fields(type(settings))} <= declared
     with pytest.raises(ConfigError, match="micro-batches"):
         settings_from_run_config({"micro-batches": 0})
     with pytest.raises(ConfigError, match="lr_hed: unknown"):
@@ -230,6 +234,23 @@ def test_strategy_drops_tenants_that_fail_and_the_others_continue(task_identity:
     assert "ProtocolError (tenant-1)" in evaluation.dropped["tenant-1"]
     assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-2"]
     assert global_evaluation.scope == "global" and sorted(global_evaluation.per_tenant) == ["tenant-0", "tenant-2"]
+
+
+def test_a_plain_run_leaves_the_dealer_node_out_after_its_first_refusal(task_identity: None, tmp_path: Path) -> None:
+    """A deployment's dealer node stays online between secure runs; a plain run, which asks no
+    roles, learns from the dealer's first refusal (its own error code) and leaves it out:
+    not dropped as a failed tenant, never asked again, not counted as a tenant."""
+    to_dealer: list[str] = []
+    intercept = lambda node, kind: to_dealer.append(kind) if node == 3 else None  # noqa: E731
+    reports: list[RoundReport | EvalReport] = []
+    config = {**TINY, "eval-initial": False, "local-steps": 2, "micro-batches": 2, "eval-every": 1,
+              "num-server-rounds": 2, "global-eval": False}
+    run_cloud(LocalGrid(make_client_app(config), 2, intercept, dealer=tmp_path), config, reports.append)
+    assert [type(r).__name__ for r in reports] == ["RoundReport", "EvalReport"] * 2
+    assert all(r.tenants == ["tenant-0", "tenant-1"] and not r.dropped for r in reports if isinstance(r, RoundReport))
+    assert all(sorted(r.per_tenant) == ["tenant-0", "tenant-1"] and not r.dropped for r in reports
+               if isinstance(r, EvalReport))
+    assert to_dealer == ["train.head_fwd"]
 
 
 def test_client_messages_leave_no_cycles_holding_data(task_identity: None) -> None:

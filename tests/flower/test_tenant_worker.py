@@ -20,8 +20,9 @@ from flower_split.apps.client_app import make_client_app, make_router, message_t
 from flower_split.apps.tenant_worker import TenantWorker, WorkerSetupError, bind_socket, serve
 from flower_split.flower.contract import MessageType
 from flower_split.flower.strategy_utils import RoundReport
+from flower_split import __version__
 from flower_split.flower.worker_link import (
-    MAGIC, WORKER_SOCKET, WorkerError, recv_frame, request_parts, send_frame,
+    MAGIC, WORKER_SOCKET, WorkerError, as_reply, recv_frame, request_parts, send_frame,
 )
 from test_secure_flower import SECURE, _model_weights, _strategy
 
@@ -117,6 +118,33 @@ def test_malformed_frames_are_refused_without_stopping_the_worker(socket_dir: Pa
             sock.shutdown(socket.SHUT_WR)
             assert sock.recv(10) == b""
         assert not route(_message(), _context(path)).has_error() and worker.handled == 1
+
+
+def test_a_worker_refuses_a_run_of_another_version_naming_both(socket_dir: Path, task_identity: None) -> None:
+    """The worker runs the installed flower-split, the router the FAB's copy: a request from
+    code of another flower-split or frame version (frame 1 had no version part) is an error
+    reply naming both versions, handled by nothing; the worker goes on serving its own."""
+    path = socket_dir / "w.sock"
+    bare = request_parts(_message(), _context(path))[1:]
+    with _serving(path, TenantWorker(lambda m, c: Message(RecordDict(), reply_to=m))) as worker:
+        for parts, theirs in (([b"flower-split 9.9.9 (frame 2)", *bare], "flower-split 9.9.9 (frame 2)"),
+                              (bare, "frame 1")):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(path))
+                send_frame(sock, parts)
+                reply = as_reply(recv_frame(sock, max_parts=1)[0], _message())
+            assert reply.has_error() and "version mismatch" in reply.error.reason
+            assert theirs in reply.error.reason and f"flower-split {__version__} (frame 2)" in reply.error.reason
+        assert worker.handled == 0
+        assert not route(_message(), _context(path)).has_error() and worker.handled == 1
+
+
+def test_the_package_version_is_pyprojects() -> None:
+    """``flower_split.__version__`` (what the worker compares) is the version pip installs."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert __version__ == pyproject["project"]["version"]
 
 
 def test_an_unreachable_worker_is_an_error_reply_that_says_how_to_start_it(socket_dir: Path, task_identity: None) -> None:

@@ -185,6 +185,9 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
     for key, value in values.items():
         name = key.replace("-", "_")
         (flower if name in flower_fields else run)[name] = value
+    for name in ("max_train_samples", "max_test_samples"):  # TOML has no None: 0 means all rows
+        if run.get(name) == 0 and not isinstance(run.get(name), bool):
+            run[name] = None
     quick = flower.get("quick", False)
     if quick is True:  # applied last so that `--run-config quick=true` wins over pyproject defaults
         run.update({k: v for k, v in QUICK.items() if k != "epochs"})

@@ -85,12 +85,37 @@ def measure(workers: bool, secure_steps: int, channel: bool = False) -> list[dic
     return rows
 
 
+def measure_simulation(secure_steps: int) -> list[dict]:
+    """The same two runs in Flower's Ray simulation (``flower-split simulate``; the dealer a
+    simulated node of its own), each tenant on 32 training rows of Banking77 as the
+    deployment's tenants on their 40-row files (80 % train): the latency floor to compare with."""
+    from flower_split.runs.simulate import simulate
+
+    rows = []
+    sim = {k: v for k, v in RUN.items() if k != "labels"}  # the dataset's own label set
+    runs = {"split-plain": {**sim, **{k: PLAIN[k] for k in ("local-steps", "micro-batches")}},
+            "split-secure-client": {**sim, "security": "secure", "label-protection": "client",
+                                    "local-steps": secure_steps, "micro-batches": 1}}
+    for name, config in runs.items():
+        started = time.monotonic()
+        run = simulate("split", {**config, "partition": "iid", "max-train-samples": 64, "max-test-samples": 16},
+                       2, progress=False, cpus=2)
+        for number, round_ in enumerate(run["rounds"], 1):
+            rows.append({"run": name, "round": number, "workers": False, "channel": False, "runtime": "simulation",
+                         "round_trips": round_["round_trips"], "round_seconds": round_["wall_seconds"],
+                         "flwr_run_seconds": time.monotonic() - started,
+                         "client_cpu_seconds": run.get("client_cpu_seconds_per_tenant"),
+                         "accuracy": run.get("per_tenant_accuracy")})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--secure-steps", type=int, default=1)
     parser.add_argument("--variants", default="channel,workers,none",
                         help="comma-separated: channel (workers and the direct channel), workers (workers, "
-                             "messages through Flower), none (handlers in Flower's per-message process)")
+                             "messages through Flower), none (handlers in Flower's per-message process), "
+                             "simulation (the same runs in Flower's Ray simulation)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     if missing_binaries():
@@ -98,14 +123,19 @@ def main() -> int:
         return 2
     rows = []
     for variant in args.variants.split(","):
-        if variant not in ("channel", "workers", "none"):
+        if variant not in ("channel", "workers", "none", "simulation"):
             parser.error(f"--variants: unknown variant {variant!r}")
-        rows += measure(variant != "none", args.secure_steps, channel=variant == "channel")
+        if variant == "simulation":
+            rows += measure_simulation(args.secure_steps)
+        else:
+            rows += measure(variant != "none", args.secure_steps, channel=variant == "channel")
     print(f"\nmachine: {platform.node()} {platform.machine()}, python {platform.python_version()}\n")
-    print("| run | tenant workers | direct channel | round | round trips | round | per round trip | flwr run end to end |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | runtime | tenant workers | direct channel | round | round trips | round | per round trip "
+          "| run end to end |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['run']} | {'yes' if row['workers'] else 'no'} | {'yes' if row['channel'] else 'no'} | "
+        print(f"| {row['run']} | {row.get('runtime', 'deployment')} | {'yes' if row['workers'] else 'no'} | "
+              f"{'yes' if row['channel'] else 'no'} | "
               f"{row['round']} | {row['round_trips']} | "
               f"{row['round_seconds']:.1f} s | {row['round_seconds'] / row['round_trips']:.2f} s | "
               f"{row['flwr_run_seconds']:.0f} s |")

@@ -59,6 +59,7 @@ class RogueClaimant(LocalGrid):
         self.clock, self.pinned, self.back_after = clock, pinned, back_after
         self.killed_at: float | None = None
         self.hellos_to_rogue = 0
+        self.silent_role = False
 
     def kill(self) -> None:
         self.killed_at = self.clock.now
@@ -77,7 +78,7 @@ class RogueClaimant(LocalGrid):
     def deliver(self, message: Message) -> Message | None:
         node, kind = message.metadata.dst_node_id, message.metadata.message_type
         if node == ROGUE:
-            if kind == MessageType.ROLE:
+            if kind == MessageType.ROLE and not self.silent_role:
                 return Message(role_record("dealer", "", self.pinned), reply_to=message)
             self.hellos_to_rogue += kind == MessageType.DEALER_HELLO
             return None  # silent
@@ -94,15 +95,20 @@ class RogueClaimant(LocalGrid):
         return replies
 
 
+@pytest.mark.parametrize("silent_role", [False, True], ids=["claims-pinned-key", "silent-new-node"])
 def test_a_silent_claimant_of_the_pinned_dealer_key_makes_a_short_dealer_outage_fatal(
         task_identity: None, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, silent_role: bool) -> None:
+    """silent-new-node: the rogue need not even claim the role; any new node that does not
+    answer ``query.role`` (a tenant SuperNode restarting slowly will do) has the same effect,
+    because the deadline is judged on the node list read before the wait."""
     clock = FakeClock()
     monkeypatch.setattr(admission, "time", clock)
     keys = tmp_path / "keys"
     config = {**SECURE, "expected-dealer-key": str(keys / "dealer.pub")}
     grid = RogueClaimant(make_client_app(config), 2, dealer=keys, node_config={"state-dir": str(tmp_path / "nodes")},
                          clock=clock, pinned=b"", back_after=5.0)
+    grid.silent_role = silent_role
     grid.pinned = bytes.fromhex((keys / "dealer.pub").read_text().strip())  # public: anyone can claim it
     reports: list[RoundReport | EvalReport] = []
 
@@ -171,3 +177,41 @@ def test_a_claimant_of_the_pinned_dealer_key_at_start_is_taken_without_proof_and
             pytest.fail(f"the real dealer node 3 was connected from the start, yet: {exc!r}; "
                         f"log: {[r.getMessage() for r in caplog.records if 'dealer' in r.getMessage()][:4]}")
     assert [r.server_round for r in reports if isinstance(r, RoundReport)] == [1]
+
+
+class SilentNode(LocalGrid):
+    """Node 0 is connected and answers nothing (not even ``query.role``)."""
+
+    def __init__(self, *args: object, clock: FakeClock, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.clock, self.asked = clock, 0
+        self.contexts = {0: Context(run_id=1, node_id=0, state=RecordDict(), node_config={}, run_config={}),
+                         **self.contexts}
+
+    def deliver(self, message: Message) -> Message | None:
+        if message.metadata.dst_node_id == 0:
+            self.asked += 1
+            return None
+        return super().deliver(message)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        self.clock.sleep(0.05)
+        if len(replies) < len(messages):
+            self.clock.sleep(timeout or 0.0)
+        return replies
+
+
+def test_a_silent_node_delays_every_round_by_a_reply_timeout(task_identity: None, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pre-existing, and the same mechanism as above: a new node that never answers
+    ``query.role`` is never refused, so each ``select`` (every round) asks it again and waits
+    a whole reply-timeout (600 s by default) before any tenant trains."""
+    clock = FakeClock()
+    monkeypatch.setattr(admission, "time", clock)
+    config = {**SECURE, "num-server-rounds": 3}
+    grid = SilentNode(make_client_app(config), 2, dealer=tmp_path / "keys",
+                      node_config={"state-dir": str(tmp_path / "nodes")}, clock=clock)
+    run_cloud(grid, config)
+    assert grid.asked <= 1, f"the silent node was asked {grid.asked} times, {clock.now:.0f} s of waiting in 3 rounds"

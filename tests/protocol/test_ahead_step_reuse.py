@@ -65,19 +65,18 @@ def test_a_malicious_cloud_cannot_make_the_tenant_reuse_a_step_number(secure_dat
     assert len(used) == len(set(used)) and used == sorted(used)
 
 
-def test_material_ahead_whose_reply_was_lost_still_costs_the_tenant_its_next_step(
+def test_material_ahead_whose_reply_was_lost_does_not_cost_the_tenant_its_next_step(
         secure_data: TokenizedDataset) -> None:
     """The dealer dealt step 0 ahead (its counter moved on) but its reply never came (the
-    dealer node killed after handling it, gap 2's own scenario): the cloud forgets the
-    prefetch (``_take_ahead`` -> ``forget_prefetch``), so the next begin carries no ahead-step;
-    the tenant takes step 0 for the announced batch, and the dealer refuses to deal it again.
-    The tenant loses that step (dropped from the round) although nothing went wrong on its
-    side: the gap that ahead-step was meant to close, left open on this path.
-    Failing = the gap is there (availability only; nothing is opened twice)."""
+    dealer node killed after handling it, gap 2's own scenario). Review finding F4: the cloud
+    used to forget the prefetch, so the next begin carried no ahead-step, the tenant took step
+    0 and the dealer refused to deal it again (the tenant dropped from the round). Now the
+    cloud keeps the number as spent and advertises it with shape (0, 0), so the tenant moves
+    past it. Failing = the gap is there (availability only; nothing is opened twice)."""
     client, cloud, dealer = _parties(secure_data)
     announced = secure_data.collate(list(range(8)))
     dealer.handle(cloud.prefetch_request("t0", *announced.input_ids.shape))  # dealt; the reply is lost
-    cloud.forget_prefetch("t0")
+    assert cloud.tenants["t0"].ahead() == (0, 0, 0)  # kept and advertised as a shape no batch has
     first = client.begin(announced, cloud_step=cloud.next_step("t0"), ahead=cloud.tenants["t0"].ahead())
     request = cloud.material_request(first)
     assert request is not None

@@ -1,4 +1,8 @@
-"""Review of branch resumegaps (gap 2, the dealer re-found under the pinned key): a node that
+"""Nodes claiming the dealer role, or silent (review findings F1-F3 of branch resumegaps; fixed
+in secure_admission: claimants prove the pinned key in one batched round trip of at most
+QUERY_TIMEOUT, silent nodes are parked with a back-off, select re-reads the node list).
+
+The review, as found (gap 2, the dealer re-found under the pinned key): a node that
 claims the dealer role under the pinned key, which is public bytes, and then never answers
 the hello check blocks ``select`` for a whole reply-timeout; the deadline is then checked
 against the node list read *before* that wait, so a dealer back within node-wait-timeout is
@@ -96,7 +100,7 @@ class RogueClaimant(LocalGrid):
 
 
 @pytest.mark.parametrize("silent_role", [False, True], ids=["claims-pinned-key", "silent-new-node"])
-def test_a_silent_claimant_of_the_pinned_dealer_key_makes_a_short_dealer_outage_fatal(
+def test_a_silent_claimant_of_the_pinned_dealer_key_does_not_make_a_short_dealer_outage_fatal(
         task_identity: None, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch, silent_role: bool) -> None:
     """silent-new-node: the rogue need not even claim the role; any new node that does not
@@ -155,7 +159,7 @@ class EarlyRogue(LocalGrid):
         return replies
 
 
-def test_a_claimant_of_the_pinned_dealer_key_at_start_is_taken_without_proof_and_locks_the_dealer_out(
+def test_a_claimant_of_the_pinned_dealer_key_at_start_must_prove_it_and_cannot_lock_the_dealer_out(
         task_identity: None, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The same claim at the start: ``_take_dealer`` takes the first claimant of the pinned key
@@ -203,7 +207,7 @@ class SilentNode(LocalGrid):
         return replies
 
 
-def test_a_silent_node_delays_every_round_by_a_reply_timeout(task_identity: None, tmp_path: Path,
+def test_a_silent_node_is_not_asked_again_every_round(task_identity: None, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Pre-existing, and the same mechanism as above: a new node that never answers
     ``query.role`` is never refused, so each ``select`` (every round) asks it again and waits

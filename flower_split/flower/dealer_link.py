@@ -133,6 +133,25 @@ class NodeDealer(DealerLink):
             return {t: str(exc) for t in tenants}
         return {t: got.get(t, "the dealer sent no hello for this tenant") for t in tenants}
 
+    def claimant_hellos(self, grid: Grid, nodes: list[int], name: str,
+                        timeout: float | None) -> dict[int, DealerHello | str]:
+        """A hello for ``name`` from each node claiming the dealer role, all in one round trip
+        of at most ``timeout`` seconds (a silent claimant costs one wait, not one each)."""
+        messages = [Message(content=pack_hello_request([name]), dst_node_id=node,
+                            message_type=MessageType.DEALER_HELLO) for node in nodes]
+        got: dict[int, DealerHello | str] = {node: f"no reply within {timeout} s" for node in nodes}
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if node not in got:
+                continue
+            try:
+                if reply.has_error():
+                    raise ProtocolError(f"replied with an error: {reply.error.reason}")
+                got[node] = unpack_hellos(reply.content).get(name, "no hello for the name asked")
+            except ProtocolError as exc:
+                got[node] = str(exc)
+        return got
+
     def register(self, grid: Grid, registrations: list[DealerRegistration]) -> Outcome:
         tenants = [r.tenant for r in registrations]
         try:

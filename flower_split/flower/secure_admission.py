@@ -1,10 +1,13 @@
 """Admitting nodes to a secure run: roles, tenant-id binding, the dealer, the set-up.
 
-New nodes are asked their role (``query.role``, one round trip for all of them). The
-dealer's node becomes the strategy's :class:`NodeDealer` target, and no round starts while
-it is not connected (a restarted dealer SuperNode: the round waits up to node-wait-timeout);
-one back under a new node id is found again if it proves the pinned ``expected-dealer-key``
-(unpinned, a second dealer-role node is refused as before). Every tenant node declares
+New nodes are asked their role (``query.role``, one round trip for all of them, of at most
+``QUERY_TIMEOUT``); a node that does not answer is parked with a back-off, so a silent node
+costs neither every poll nor every round a wait. The dealer's node becomes the strategy's
+:class:`NodeDealer` target, and no round starts while it is not connected (a restarted
+dealer SuperNode: the round waits up to node-wait-timeout). With ``expected-dealer-key``
+pinned, a claimant becomes the dealer only once it proves that key, at the start as when
+the dealer is back under a new node id (unpinned, the first claimant is taken and a second
+dealer-role node is refused). Every tenant node declares
 its tenant id there, and the id is **bound to that Flower node** (the node id the SuperLink
 gave the authenticated SuperNode): a second node that claims a bound id is refused, logged,
 and never selected again, so a late impostor cannot take over a tenant or its halves.
@@ -50,12 +53,27 @@ class SecureAdmission:
     tenant_of: dict[int, str]
     min_nodes: int
     node_wait_timeout: float
-    exchange: Callable[[Grid, str, dict[int, RecordDict], int, Exchange, set[int]], dict[int, RecordDict]]
+    reply_timeout: float | None
+    exchange: Callable[..., dict[int, RecordDict]]
 
     def _init_admission(self) -> None:
         self.dealer_nodes: set[int] = set()
         self.refused: dict[int, str] = {}  # node -> why it is never selected
         self.restored: set[str] = set()  # tenants the cloud resumed from saved state, not yet bound
+        self.parked: dict[int, tuple[float, float]] = {}  # silent node -> (not asked before, its back-off)
+
+    @property
+    def query_timeout(self) -> float:
+        """The wait for a new node's role or a dealer claimant's hello: a node that has joined
+        answers at once, so a silent one costs at most this, not a whole reply-timeout."""
+        return QUERY_TIMEOUT if self.reply_timeout is None else min(self.reply_timeout, QUERY_TIMEOUT)
+
+    def _park(self, node: int) -> None:
+        """``node`` gave no valid answer: not asked again for a back-off that doubles each time it
+        is silent (a silent node must not cost every poll, or every round, a wait)."""
+        backoff = min(2 * self.parked.get(node, (0.0, PARK_FIRST / 2))[1], PARK_MAX)
+        self.parked[node] = (time.monotonic() + backoff, backoff)
+        log(WARNING, "node %d gave no answer: not asked again for %.0f s", node, backoff)
 
     def select(self, grid: Grid) -> set[int]:
         """The tenant nodes set up, once at least ``min_nodes`` tenants are and the dealer node is
@@ -64,8 +82,9 @@ class SecureAdmission:
         started = time.monotonic()
         waiting = False  # for a dealer node that had joined and is gone
         while True:
-            nodes = set(grid.get_node_ids())
-            admitted = self.admit_nodes(grid, nodes)
+            admitted = self.admit_nodes(grid, set(grid.get_node_ids()))
+            nodes = set(grid.get_node_ids())  # again: admission may have waited on a silent node
+            admitted &= nodes
             dealer_up = self._dealer_connected(nodes)
             if len(admitted) >= self.min_nodes and dealer_up:
                 if waiting:
@@ -91,7 +110,9 @@ class SecureAdmission:
 
     def admit_nodes(self, grid: Grid, nodes: set[int]) -> set[int]:
         """New nodes: roles, bindings, set-up (failures left out); the tenant nodes set up."""
-        new = nodes - set(self.tenant_of) - self.dealer_nodes - set(self.refused)
+        now = time.monotonic()
+        new = {n for n in nodes - set(self.tenant_of) - self.dealer_nodes - set(self.refused)
+               if self.parked.get(n, (now, 0.0))[0] <= now}
         if new:
             claims = self._claims(grid, new, nodes)
             self._resume(grid, {n: claims.pop(n) for n in list(claims) if claims[n] in self.restored})
@@ -104,8 +125,12 @@ class SecureAdmission:
 
     def _claims(self, grid: Grid, nodes: set[int], connected: set[int]) -> dict[int, str]:
         """Ask the new ``nodes`` their role; take the dealer; the tenant ids the others may claim."""
-        replies = self.exchange(grid, MessageType.ROLE, {n: RecordDict() for n in nodes}, 0, Exchange(), set(nodes))
+        replies = self.exchange(grid, MessageType.ROLE, {n: RecordDict() for n in nodes}, 0, Exchange(), set(nodes),
+                                timeout=self.query_timeout)
+        for node in nodes - set(replies):
+            self._park(node)
         claims: dict[int, str] = {}
+        dealers: dict[int, bytes] = {}
         bound = {tenant: node for node, tenant in self.tenant_of.items()}
         for node in sorted(replies):
             try:
@@ -114,13 +139,15 @@ class SecureAdmission:
                 log(WARNING, "node %d: bad role reply: %s", node, exc)
                 continue
             if role == DEALER_ROLE:
-                self._take_dealer(grid, node, identity, connected)
+                dealers[node] = identity
             elif tenant in bound or (tenant in claims.values() and tenant not in self.restored):
                 other = bound.get(tenant, next((n for n, t in claims.items() if t == tenant), -1))
                 self.refused[node] = f"claims tenant {tenant!r}, bound to node {other}"
                 log(WARNING, "node %d refused: it claims tenant %r, which is bound to node %d", node, tenant, other)
             else:
                 claims[node] = tenant
+        if dealers:
+            self._take_dealer(grid, dealers, connected)
         return claims
 
     def _resume(self, grid: Grid, claims: dict[int, str]) -> None:
@@ -147,48 +174,69 @@ class SecureAdmission:
                 self.refused[node] = f"claims resumed tenant {tenant!r} without proving its key"
                 log(WARNING, "node %d refused: %s", node, self.refused[node])
 
-    def _take_dealer(self, grid: Grid, node: int, identity: bytes, connected: set[int]) -> None:
-        pinned = self.dealer.pinned if isinstance(self.dealer, NodeDealer) else None
-        if pinned is not None and identity != pinned:
-            self.refused[node] = "a dealer node with another identity than the pinned one"
-            log(WARNING, "node %d refused: it claims the dealer role under another key than expected-dealer-key", node)
+    def _take_dealer(self, grid: Grid, claimants: dict[int, bytes], connected: set[int]) -> None:
+        """Nodes claiming the dealer role (node -> claimed identity). Unpinned: the first is the
+        dealer. Pinned (``expected-dealer-key``): a claim is public bytes, so while no dealer
+        node is connected the claimants must prove the key (:meth:`_prove_dealer`), at the
+        start as after a restart; another identity is refused, and so is any claimant while
+        a proven dealer node is connected."""
+        if not isinstance(self.dealer, NodeDealer):
+            for node in claimants:
+                self._refuse(node, "a dealer node, but this run's dealer is co-located")
             return
-        if isinstance(self.dealer, NodeDealer) and self.dealer.node is None:
-            self.dealer.node = node
+        pinned = self.dealer.pinned
+        candidates = []
+        for node in sorted(claimants):
+            if pinned is not None and claimants[node] != pinned:
+                self._refuse(node, "a dealer node with another identity than the pinned one (expected-dealer-key)")
+            elif self.dealer.node is None and pinned is None:
+                self.dealer.node = node
+                self.dealer_nodes.add(node)
+                log(INFO, "node %d is the dealer", node)
+            elif self.dealer.node is not None and (pinned is None or self.dealer.node in connected):
+                self._refuse(node, "a second dealer node")
+            else:
+                candidates.append(node)
+        if candidates and pinned is not None:
+            self._prove_dealer(grid, candidates, pinned)
+
+    def _prove_dealer(self, grid: Grid, candidates: list[int], pinned: bytes) -> None:
+        """The first of ``candidates`` that signs a hello for a fresh name under the pinned key,
+        for the session key the cloud holds (if any), becomes the dealer (a replayed hello names
+        another tenant). All are asked in one round trip; a wrong signature is refused; no
+        answer is parked and asked again later, so a silent claimant never locks the dealer out."""
+        assert isinstance(self.dealer, NodeDealer)
+        name = f"dealer-check-{secrets.token_hex(8)}"
+        hellos = self.dealer.claimant_hellos(grid, candidates, name, self.query_timeout)
+        taken = False
+        for node in candidates:
+            hello = hellos[node]
+            if isinstance(hello, str):
+                log(WARNING, "node %d claims the dealer role; its hello failed: %s", node, hello)
+                self._park(node)
+                continue
+            try:
+                verify_hello(pinned, hello, name)
+                if self.cloud.dealer_public is not None and hello.dealer_public != self.cloud.dealer_public:
+                    raise ProtocolError("its session key is not the one the tenants agreed keys with")
+            except ProtocolError as exc:
+                self._refuse(node, f"it claims the dealer role under the pinned key but fails its check ({exc})")
+                continue
+            if taken:
+                self._refuse(node, "a second dealer node")
+                continue
+            taken = True
+            old, self.dealer.node = self.dealer.node, node
             self.dealer_nodes.add(node)
-            log(INFO, "node %d is the dealer", node)
-            return
-        if isinstance(self.dealer, NodeDealer) and pinned is not None and self.dealer.node not in connected:
-            self._refind_dealer(grid, node, pinned)
-            return
-        why = "a second dealer node" if isinstance(self.dealer, NodeDealer) else "a dealer node, but this run's dealer is co-located"
+            if old is None:
+                log(INFO, "node %d is the dealer (pinned key proven)", node)
+            else:
+                log(INFO, "node %d is the dealer again (pinned key proven): node %s, the dealer before, is gone",
+                    node, old)
+
+    def _refuse(self, node: int, why: str) -> None:
         self.refused[node] = why
         log(WARNING, "node %d refused: %s", node, why)
-
-    def _refind_dealer(self, grid: Grid, node: int, pinned: bytes) -> None:
-        """The dealer node is gone and ``node`` claims the role under the pinned key (a dealer
-        SuperNode restarted under a new node id): it becomes the dealer once it signs a hello
-        for a fresh name under that key and for the session key the cloud holds (a claim alone
-        is public bytes; a replayed hello names another tenant). No answer: asked again later."""
-        assert isinstance(self.dealer, NodeDealer)
-        old, self.dealer.node = self.dealer.node, node
-        name = f"dealer-check-{secrets.token_hex(8)}"
-        hello = self.dealer.hellos(grid, [name])[name]
-        try:
-            if isinstance(hello, str):
-                self.dealer.node = old
-                log(WARNING, "node %d claims the dealer role; its hello failed, asked again later: %s", node, hello)
-                return
-            verify_hello(pinned, hello, name)
-            if self.cloud.dealer_public is not None and hello.dealer_public != self.cloud.dealer_public:
-                raise ProtocolError("its session key is not the one the tenants agreed keys with")
-        except ProtocolError as exc:
-            self.dealer.node = old
-            self.refused[node] = f"claims the dealer role under the pinned key but fails its check ({exc})"
-            log(WARNING, "node %d refused: %s", node, self.refused[node])
-            return
-        self.dealer_nodes.add(node)
-        log(INFO, "node %d is the dealer again (pinned key proven): node %s, the dealer before, is gone", node, old)
 
     def _setup(self, grid: Grid, claims: dict[int, str]) -> None:
         hellos = self.dealer.hellos(grid, sorted(claims.values()))
@@ -246,6 +294,8 @@ class SecureAdmission:
 
 
 MAX_TENANT_ID = 128
+QUERY_TIMEOUT = 30.0  # seconds: the most a role query or a dealer claimant's hello waits
+PARK_FIRST, PARK_MAX = 60.0, 900.0  # seconds: a silent node's first back-off, and its cap
 
 
 def _role(content: RecordDict) -> tuple[str, str, bytes]:

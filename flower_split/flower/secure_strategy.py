@@ -298,8 +298,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 if isinstance(bundle, str):
                     raise ProtocolError(bundle)
                 self.cloud.accept_material(bundle)
-            except ProtocolError as exc:
-                self.cloud.forget_prefetch(tenant)
+            except ProtocolError as exc:  # kept: the number may be spent (CloudTenant.ahead)
                 log(DEBUG, "tenant %s: material ahead refused: %s", tenant, exc)
         phase.dealer += time.perf_counter() - tick
 

@@ -237,7 +237,7 @@ class SplitStrategyBase(ABC):
 
     def exchange(self, grid: Grid, message_type: str, contents: dict[int, RecordDict],
                  server_round: int, phase: Exchange, active: set[int],
-                 riders: dict[int, Message] | None = None) -> dict[int, RecordDict]:
+                 riders: dict[int, Message] | None = None, timeout: float | None = None) -> dict[int, RecordDict]:
         """One round trip to every node in ``contents``; the valid replies by node.
 
         Nodes that reply with an error or not at all are dropped from ``active``. ``riders``:
@@ -251,7 +251,8 @@ class SplitStrategyBase(ABC):
                             group_id=str(server_round)) for node, content in contents.items()]
         messages += list(riders.values())
         started = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=self.reply_timeout))
+        timeout = self.reply_timeout if timeout is None else timeout  # shorter for admission queries
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
         waited = time.perf_counter() - started
         phase.wait += waited
         phase.round_trips += 1
@@ -271,12 +272,12 @@ class SplitStrategyBase(ABC):
                 active.discard(node)
                 continue
             if reply.has_error():
-                self.drop(node, drop_reason(message_type, reply.error, waited, self.reply_timeout), phase, active)
+                self.drop(node, drop_reason(message_type, reply.error, waited, timeout), phase, active)
             else:
                 valid[node] = reply.content
         for node in contents:
             if node not in valid and node in active and node not in self.not_tenants:
-                self.drop(node, drop_reason(message_type, None, waited, self.reply_timeout), phase, active)
+                self.drop(node, drop_reason(message_type, None, waited, timeout), phase, active)
         return valid
 
     def drop(self, node: int, reason: str, phase: Exchange, active: set[int]) -> None:

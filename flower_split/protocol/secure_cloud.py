@@ -241,12 +241,6 @@ class SecureCloudParty(SecureStepRunner):
                               shapes)
         setattr(record, slot, (spec, {f"{key}:{i}": t for (key, i), t in zip(keys, tensors)}))
 
-    def forget_prefetch(self, tenant: str) -> None:
-        """Drop material asked ahead that never came (its step number stays unused)."""
-        record = self.tenants.get(tenant)
-        if record is not None and record.prefetched is not None and record.prefetched[1] is None:
-            record.prefetched = None
-
     def handle(self, message: SecureMessage) -> SecureMessage | None:
         """Answer one client message (None when the step ends with it); on ProtocolError nothing changed."""
         if not isinstance(message, SecureMessage):

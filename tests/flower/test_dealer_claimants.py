@@ -133,22 +133,15 @@ def test_a_silent_claimant_of_the_pinned_dealer_key_does_not_make_a_short_dealer
     assert "node 9 is the dealer again (pinned key proven)" in caplog.text
 
 
-class EarlyRogue(LocalGrid):
-    """A rogue node 0 (a lower node id than the dealer's: Flower's ids are random) answers
-    ``query.role`` as the dealer under the pinned public key and never answers a hello."""
+class ExtraNodeGrid(LocalGrid):
+    """A LocalGrid with one more connected node, 0, on a fake clock: a round trip with a
+    missing reply costs the whole timeout on that clock."""
 
     def __init__(self, *args: object, clock: FakeClock, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.clock, self.pinned = clock, b""
+        self.clock, self.pinned, self.asked = clock, b"", 0
         self.contexts = {0: Context(run_id=1, node_id=0, state=RecordDict(), node_config={}, run_config={}),
                          **self.contexts}
-
-    def deliver(self, message: Message) -> Message | None:
-        if message.metadata.dst_node_id == 0:
-            if message.metadata.message_type == MessageType.ROLE:
-                return Message(role_record("dealer", "", self.pinned), reply_to=message)
-            return None
-        return super().deliver(message)
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         messages = list(messages)
@@ -157,6 +150,18 @@ class EarlyRogue(LocalGrid):
         if len(replies) < len(messages):
             self.clock.sleep(timeout or 0.0)
         return replies
+
+
+class EarlyRogue(ExtraNodeGrid):
+    """A rogue node 0 (a lower node id than the dealer's: Flower's ids are random) answers
+    ``query.role`` as the dealer under the pinned public key and never answers a hello."""
+
+    def deliver(self, message: Message) -> Message | None:
+        if message.metadata.dst_node_id == 0:
+            if message.metadata.message_type == MessageType.ROLE:
+                return Message(role_record("dealer", "", self.pinned), reply_to=message)
+            return None
+        return super().deliver(message)
 
 
 def test_a_claimant_of_the_pinned_dealer_key_at_start_must_prove_it_and_cannot_lock_the_dealer_out(
@@ -183,28 +188,14 @@ def test_a_claimant_of_the_pinned_dealer_key_at_start_must_prove_it_and_cannot_l
     assert [r.server_round for r in reports if isinstance(r, RoundReport)] == [1]
 
 
-class SilentNode(LocalGrid):
+class SilentNode(ExtraNodeGrid):
     """Node 0 is connected and answers nothing (not even ``query.role``)."""
-
-    def __init__(self, *args: object, clock: FakeClock, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.clock, self.asked = clock, 0
-        self.contexts = {0: Context(run_id=1, node_id=0, state=RecordDict(), node_config={}, run_config={}),
-                         **self.contexts}
 
     def deliver(self, message: Message) -> Message | None:
         if message.metadata.dst_node_id == 0:
             self.asked += 1
             return None
         return super().deliver(message)
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        messages = list(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.clock.sleep(0.05)
-        if len(replies) < len(messages):
-            self.clock.sleep(timeout or 0.0)
-        return replies
 
 
 def test_a_silent_node_is_not_asked_again_every_round(task_identity: None, tmp_path: Path,

@@ -171,8 +171,7 @@ class SecureAdmission:
                 self.tenant_of[node] = tenant
                 log(INFO, "node %d: tenant %s resumed from saved state (key proven)", node, tenant)
             else:
-                self.refused[node] = f"claims resumed tenant {tenant!r} without proving its key"
-                log(WARNING, "node %d refused: %s", node, self.refused[node])
+                self._refuse(node, f"claims resumed tenant {tenant!r} without proving its key")
 
     def _take_dealer(self, grid: Grid, claimants: dict[int, bytes], connected: set[int]) -> None:
         """Nodes claiming the dealer role (node -> claimed identity). Unpinned: the first is the

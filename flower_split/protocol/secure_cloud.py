@@ -388,4 +388,3 @@ class SecureCloudParty(SecureStepRunner):
         self._x25519 = private_from_bytes(state["x25519"])
         self.public = public_bytes(self._x25519)
         self.tenants = {name: CloudTenant.load(t, self.party) for name, t in state["tenants"].items()}
-

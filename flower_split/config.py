@@ -76,6 +76,8 @@ class RunConfig:
     label_dp_delta: float = 1e-5
     # label-DP by randomized response: each training label replaced once, epsilon-label-DP (0 = off)
     label_rr_epsilon: float = 0.0
+    # input privacy: Gaussian noise (sigma) on the tenant's embeddings, once per text (0 = off)
+    input_noise: float = 0.0
     # centralized LoRA baseline
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -122,10 +124,10 @@ class RunConfig:
                 raise ConfigError(f"{name}: expected a number in [{low}, {high}), got {value!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
-        self._validate_label_dp()
+        self._validate_privacy()
         return self
 
-    def _validate_label_dp(self) -> None:
+    def _validate_privacy(self) -> None:
         noise, delta = self.label_dp_noise, self.label_dp_delta
         if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < math.inf:
             raise ConfigError(f"label_dp_noise: expected a finite number >= 0 (0 = off), got {noise!r}")
@@ -139,6 +141,12 @@ class RunConfig:
             raise ConfigError(f"label_rr_epsilon: expected a finite number >= 0 (0 = off), got {rr!r}")
         if rr and self.mode != "split":
             raise ConfigError(f"label_rr_epsilon: randomized response protects the tenant's labels from the cloud; "
+                              f"mode {self.mode!r} has no cloud (set it to 0)")
+        sigma = self.input_noise
+        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 <= sigma < math.inf:
+            raise ConfigError(f"input_noise: expected a finite number >= 0 (0 = off), got {sigma!r}")
+        if sigma and self.mode != "split":
+            raise ConfigError(f"input_noise: input noise protects the tenant's text from the cloud; "
                               f"mode {self.mode!r} has no cloud (set it to 0)")
 
     @property

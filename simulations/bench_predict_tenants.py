@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from flower_split.apps.client_app import make_client_app

@@ -78,13 +78,15 @@ def _nearest_per_step(table: VocabularyTable, views: Sequence[StepView], rows: S
     return out
 
 
-def simulate_head_rows(embedder: Embedder, corpus: Sequence[Sequence[int]],
-                       batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def simulate_head_rows(embedder: Embedder, corpus: Sequence[Sequence[int]], batch_size: int = 256,
+                       input_noise: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The attacker's training set for an inverter: public token sequences pushed through its
-    best simulation of the head, the identity (the public start), i.e. the embedder.
+    best simulation of the head, the identity (the public start), i.e. the embedder, plus the
+    run's public ``input_noise`` (Gaussian, sigma), so the inverter learns to decode noisy rows.
 
     Returns rows [N, d] (every real token, [CLS] and [SEP] included) and their token ids [N].
     """
+    generator = torch.Generator().manual_seed(seed)  # the attacker's own noise: any draw will do
     rows, targets = [], []
     with torch.no_grad():
         for start in range(0, len(corpus), batch_size):
@@ -96,6 +98,8 @@ def simulate_head_rows(embedder: Embedder, corpus: Sequence[Sequence[int]],
                 ids[i, :len(sequence)] = torch.as_tensor(list(sequence))
                 mask[i, :len(sequence)] = True
             e = embedder(ids)
+            if input_noise:
+                e = e + input_noise * torch.randn(e.shape, generator=generator, dtype=e.dtype)
             rows.append(e[mask].float())
             targets.append(ids[mask])
     if not rows:

@@ -67,7 +67,8 @@ def run_audit(transcript: Transcript, embedder: Embedder, special: SpecialTokens
         ("nearest_token", NearestTokenAttack(table).guess(views, progress)),
     ]
     if options.inverters and public_corpus is not None:
-        rows, targets = simulate_head_rows(embedder, public_corpus)
+        rows, targets = simulate_head_rows(embedder, public_corpus,
+                                           input_noise=float(meta.get("input_noise", 0.0)))
         ridge = RidgeInverter().fit(rows, targets)
         token_attacks.append((ridge.name, ridge.guess(views, progress)))
         mlp = MlpInverter(epochs=options.mlp_epochs, seed=options.seed).fit(rows, targets, progress)

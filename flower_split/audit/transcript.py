@@ -89,7 +89,8 @@ class CloudViewRecorder:
         self.meta.update(model=config.model, seed=config.seed, max_length=config.max_length,
                          num_classes=num_classes, dataset=config.dataset, security=config.security,
                          label_protection=config.label_protection,  # as configured; only secure mode uses it
-                         train_head=config.train_head, tail_input=config.tail_input)
+                         train_head=config.train_head, tail_input=config.tail_input,
+                         input_noise=config.input_noise)  # the defense is public
 
     def _view(self, tenant: str, step: int) -> StepView:
         key = (tenant, int(step))

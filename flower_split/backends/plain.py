@@ -23,6 +23,7 @@ from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.tenant import Handler
 from flower_split.model import Body, adapter_random, build_split
 from flower_split.protocol import ClientParty, CloudParty
+from flower_split.protocol.input_noise import input_noise_summary
 from flower_split.train.driver import run_in_process
 from flower_split.train.runtime import select_device, seed_everything
 from flower_split.train.sessions import PlainSession
@@ -59,6 +60,7 @@ class PlainBackend(SecurityBackend):
         session = PlainSession(client, InProcessTransport(cloud))
         metrics = run_in_process(config, session, parts.body, train, test, num_classes, generator, progress,
                                  "split", hook)
+        metrics.update(input_noise_summary(config, parts.embedder))
         if save is not None:
             save_plain(save.root, config, parts, client, save.label_names, steps)
         return metrics

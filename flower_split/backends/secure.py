@@ -31,6 +31,7 @@ from flower_split.protocol.labels import label_protection
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
+from flower_split.protocol.input_noise import input_noise_summary
 from flower_split.train.driver import run_in_process
 from flower_split.train.runtime import select_device, seed_everything
 from flower_split.train.sessions import SecureSession
@@ -95,6 +96,7 @@ class SecureBackend(SecurityBackend):
         transport.connect(client)
         metrics = run_in_process(config, SecureSession(client, transport), parts.body, train, test, num_classes,
                                  generator, progress, "split-secure", hook)
+        metrics.update(input_noise_summary(config, parts.embedder))
         if save is not None:
             save_secure(save.root, config, parts, client, cloud, dealer, save.label_names, steps)
         return metrics

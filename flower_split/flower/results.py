@@ -252,7 +252,7 @@ def run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSetti
         "rounds": rounds,
         "personalized": personalized_entry(collected, clients, train_cpu, train_examples, num_clients),
         "tenants_stopped": rounds[-1].get("stopped", {}) if rounds else {},
-        **_label_dp(config, rounds),
+        **_privacy(config, rounds),
         "clients": clients,
         "config": config.to_dict(),
         "flower": {**settings.__dict__, **(dict(fedavg.__dict__) if fedavg else {})},
@@ -292,13 +292,14 @@ def personalized_entry(collected: Collected, clients: list[dict], train_cpu: flo
     }
 
 
-def _label_dp(config: RunConfig, rounds: list[dict]) -> dict[str, Any]:
-    """Label-DP of a federated run: every tenant's epsilon after its last round, and the worst
-    (None when label-DP is off: no guarantee)."""
+def _privacy(config: RunConfig, rounds: list[dict]) -> dict[str, Any]:
+    """The privacy settings of a federated run: label-DP (every tenant's epsilon after its last
+    round, and the worst; None when off: no guarantee), randomized response, input noise."""
     per_tenant: dict[str, float] = {}
     for row in rounds:
         per_tenant.update(row.get("label_dp_epsilon", {}))
-    rr = {"label_rr_epsilon": config.label_rr_epsilon or None}  # randomized response: pure, fixed epsilon
+    rr = {"label_rr_epsilon": config.label_rr_epsilon or None,  # randomized response: pure, fixed epsilon
+          "input_noise": config.input_noise or None}  # its per-token mu: D / sigma (docs/PRIVACY.md)
     if not config.label_dp_noise:
         return {"label_dp_epsilon": None, **rr}
     return {"label_dp_noise": config.label_dp_noise, "label_dp_delta": config.label_dp_delta,

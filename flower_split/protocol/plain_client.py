@@ -19,6 +19,7 @@ from flower_split.model import Embedder, HeadAdapter, TailAdapter
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_header, check_tensor,
 )
+from flower_split.protocol.input_noise import InputNoise, embed, restore_input_noise
 from flower_split.protocol.label_dp import LabelNoise, restore_label_noise
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
 
@@ -74,6 +75,7 @@ class ClientParty:
                                                  config.momentum, config.weight_decay)
             self.head_schedule = warmup_cosine(self.head_optimizer, total_steps, config.warmup_fraction)
         self.label_noise = LabelNoise.from_config(config)  # None: label-DP off
+        self.input_noise = InputNoise.from_config(config)  # None: the head sees e itself
         self._steps: dict[int, _Step] = {}
         self._next_step = 0
         self.finished: dict[int, StepResult] = {}
@@ -84,7 +86,7 @@ class ClientParty:
         self._next_step += 1
         batch = batch.to(self.device)
         with torch.no_grad():
-            f = self.head(self.embedder(batch.input_ids))
+            f = self.head(embed(self.embedder, self.input_noise, batch.input_ids))
         self._steps[step] = _Step(batch, train, AWAIT_BODY_OUTPUT)
         return HeadOutput(self.tenant, step, f.float().cpu(), batch.attention_mask.cpu(), train and self.train_head)
 
@@ -142,7 +144,7 @@ class ClientParty:
         check_tensor("grad_f", message.grad_f, shape, (torch.float32,))
         assert self.head_optimizer is not None
         self.head.train()
-        f = self.head(self.embedder(batch.input_ids))  # recomputed: no graph survives a message
+        f = self.head(embed(self.embedder, self.input_noise, batch.input_ids))  # recomputed: no graph survives a message
         self.head_optimizer.zero_grad(set_to_none=True)
         f.backward(message.grad_f.to(self.device))
         self.head_optimizer.step()
@@ -192,6 +194,8 @@ class ClientParty:
             state["head_schedule"] = self.head_schedule.state_dict()
         if self.label_noise is not None:
             state["label_dp"] = self.label_noise.state_dict()
+        if self.input_noise is not None:
+            state["input_noise"] = self.input_noise.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -213,7 +217,8 @@ class ClientParty:
                 raise ValueError(f"state: step {step} has unknown stage {stage!r}")
             batch = Batch(entry["input_ids"], entry["attention_mask"], entry["labels"], entry["indices"])
             steps[int(step)] = _Step(batch.to(self.device), bool(entry["train"]), stage)
-        restore_label_noise(self.label_noise, state.get("label_dp"))  # first: it raises before any change
+        restore_label_noise(self.label_noise, state.get("label_dp"))  # first: these raise before any change
+        input_noise = restore_input_noise(self.input_noise, state.get("input_noise"))
         self.head.load_state_dict(state["head"])
         self.tail.load_state_dict(state["tail"])
         self.tail_optimizer.load_state_dict(state["tail_optimizer"])
@@ -223,6 +228,7 @@ class ClientParty:
             self.head_schedule.load_state_dict(state["head_schedule"])
         self._next_step = int(state["next_step"])
         self._steps = steps
+        self.input_noise = input_noise
 
 
 def _cpu_copy(value: Any) -> Any:

@@ -12,12 +12,11 @@ answers each cloud message (None when the step is over on this side). At most on
 is in flight per tenant: both halves change at the end of a training step, and a second
 step in flight would read weights of a different version on each side.
 
-Key rotation (``he``): :meth:`start_key_rotation` makes a new CKKS key pair; the client keeps
-its old key until :meth:`confirm_key_rotation` sees the cloud hold the new one. A resumed
-cloud checks the tenant's identity with :meth:`prove_resume`. Between messages the client
-keeps only plain tensors/bytes (:meth:`state_dict`), so under Flower every message can run in
-a fresh process. Never restore an older state and replay a step number with other data: the
-step's Beaver material is derived from the number, and reuse would reveal the difference.
+Key rotation (``he``): :meth:`start_key_rotation`; the old key is kept until
+:meth:`confirm_key_rotation` sees the cloud hold the new one. A resumed cloud checks the
+tenant with :meth:`prove_resume`. Between messages the client keeps plain tensors/bytes only
+(:meth:`state_dict`): under Flower every message can run in a fresh process. Never replay a
+step number with other data: its Beaver material would reveal the difference.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, decod
 from flower_split.protocol import resume_proof
 from flower_split.protocol.dealer_identity import accept_hello
 from flower_split.protocol.labels import label_protection
+from flower_split.protocol.input_noise import InputNoise, embed, restore_input_noise
 from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share, restore_label_noise
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_keys import (
@@ -76,6 +76,7 @@ class SecureClientParty(SecureStepRunner):
         self.label_protection = config.label_protection
         self.protection = label_protection(self.label_protection)  # what it needs and reveals
         self.label_noise = LabelNoise.from_config(config)  # label-DP noise on g (None: off)
+        self.input_noise = InputNoise.from_config(config)  # noise on e before it is shared (None: off)
         self.train_head = config.train_head
         self.frac_bits = frac_bits
         self.grad_scale_bits = GRAD_SCALE_BITS
@@ -110,9 +111,8 @@ class SecureClientParty(SecureStepRunner):
             raise ProtocolError(str(exc)) from exc
 
     def setup(self, hello: DealerHello, pinned_dealer: bytes | None, allow_unpinned: bool = False) -> ClientSetup:
-        """Verify the dealer's hello (``dealer_identity.accept_hello``: signed for this tenant by
-        ``pinned_dealer``), agree the dealer key, split the initial weights; returns the set-up
-        message for the cloud."""
+        """Verify the dealer's hello (signed for this tenant by ``pinned_dealer``), agree the
+        dealer key, split the initial weights; the set-up message for the cloud."""
         if self.halves is not None:
             raise ProtocolError(f"tenant {self.tenant!r}: already set up")
         if not isinstance(hello, DealerHello):
@@ -120,7 +120,7 @@ class SecureClientParty(SecureStepRunner):
         accept_hello(hello, self.tenant, pinned_dealer, allow_unpinned)
         try:
             dealer_public = check_public_key(hello.dealer_public, "dealer_public")
-        except ValueError as exc:
+        except ValueError as exc:  # a bad key in the hello is the cloud's (or dealer's) fault
             raise ProtocolError(str(exc)) from exc
         if self.protection.ckks_keys:
             self.he_keys = ClientKeys.generate(self._he_params)
@@ -201,11 +201,10 @@ class SecureClientParty(SecureStepRunner):
               ahead: tuple[int, int, int] | None = None) -> SecureMessage:
         """Start a step on ``batch``; returns the first message for the cloud.
 
-        ``cloud_step`` is the lowest step number the cloud accepts next
-        (:meth:`SecureCloudParty.next_step`, in every begin instruction). A client whose next
-        step is lower was restored from an older state: its next step number was used, and the
-        first message's openings under that number's Beaver material would give the cloud the
-        difference of two inputs. It is refused here, before anything is opened; nothing changes.
+        ``cloud_step``: the lowest step number the cloud accepts next (in every begin
+        instruction). A client whose next step is lower was restored from an older state: its
+        openings under a used number's Beaver material would give the cloud the difference of
+        two inputs, so it is refused here, before anything is opened; nothing changes.
         A cloud far ahead restarted and skipped numbers: the client skips with it
         (:func:`~flower_split.protocol.secure_messages.client_step_number`). ``ahead``: the
         cloud's material dealt ahead, (step, batch, tokens); a step that cannot use it moves
@@ -291,7 +290,7 @@ class SecureClientParty(SecureStepRunner):
         return AdditiveShare(data, self.party, self.frac_bits)
 
     def _op_share_input(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
-        e = self.embedder(st.ctx["input_ids"]).to(torch.float64)
+        e = embed(self.embedder, self.input_noise, st.ctx["input_ids"]).to(torch.float64)
         seed = new_seed()
         x = encode(e, self.frac_bits) - prg(seed, tuple(e.shape))  # cloud's share is PRG(seed)
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
@@ -374,6 +373,7 @@ class SecureClientParty(SecureStepRunner):
             "pre_step": None if self._pre_step is None else
             {"weights": self._pre_step[0], "buffers": self._pre_step[1], "updates": self._pre_step[2]},
             "label_dp": self.label_noise.state_dict() if self.label_noise is not None else None,
+            "input_noise": self.input_noise.state_dict() if self.input_noise is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -384,6 +384,7 @@ class SecureClientParty(SecureStepRunner):
                            ("dims", [self.dim, self.head_rank, self.tail_rank, self.classes])):
             if state.get(name) != mine:
                 raise ValueError(f"state: {name} is {state.get(name)!r}, this party has {mine!r}")
+        self.input_noise = restore_input_noise(self.input_noise, state.get("input_noise"))
         self._x25519 = private_from_bytes(state["x25519"])
         self._dealer_key = state["dealer_key"]
         self.dealer_public = state["dealer_public"]
@@ -391,10 +392,9 @@ class SecureClientParty(SecureStepRunner):
         pending = state.get("he_pending_keys")
         self._pending_he_keys = ClientKeys.from_bytes(pending) if pending is not None else None
         self.halves = Halves.from_state(self.party, state["halves"]) if state["halves"] is not None else None
-        if self.halves is not None:
-            self._init_weights = None
+        self._init_weights = None if self.halves is not None else self._init_weights
         self._next_step = int(state["next_step"])
         self._step = import_step(state["step"]) if state["step"] is not None else None
-        pre = state.get("pre_step")
+        pre = state.get("pre_step")  # (weights, buffers, updates) before the last training step
         self._pre_step = None if pre is None else (dict(pre["weights"]), dict(pre["buffers"]), dict(pre["updates"]))
         restore_label_noise(self.label_noise, state.get("label_dp"))

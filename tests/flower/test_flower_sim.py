@@ -122,7 +122,7 @@ def test_config_mapping_and_pyproject_defaults() -> None:
     assert {f.name for f in dataclasses.fields(type(settings))} <= declared
     # the training settings a split deployment may set, label-DP included (unset: the code's defaults)
     split_keys = {"max_length", "max_train_samples", "max_test_samples", "train_head", "momentum", "weight_decay",
-                  "warmup_fraction", "label_dp_noise", "label_dp_delta", "label_rr_epsilon"}
+                  "warmup_fraction", "label_dp_noise", "label_dp_delta", "label_rr_epsilon", "input_noise"}
     assert split_keys <= declared
     declared_config = settings_from_run_config(pyproject["tool"]["flwr"]["app"]["config"])[0]
     assert all(getattr(declared_config, k) == getattr(RunConfig(), k) for k in split_keys)

@@ -91,3 +91,34 @@ def test_a_tenants_randomized_labels_stay_fixed_across_messages() -> None:
     truth = torch.cat([b.labels for b in true])
     assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], truth)
     assert list(context.state.keys()) == ["label-rr"]
+
+
+
+def test_a_tenants_input_noise_is_one_draw_per_text_across_messages(task_identity: None) -> None:
+    """Input noise over Flower: its key lives in the tenant's saved state, so a text that comes
+    round again in a later message (a freshly loaded party) is sent with the same noise, and
+    the cloud has nothing to average. sigma is small here so that the test can read the text
+    back (nearest token) to find the repeats."""
+    from flower_split.audit.inversion import NearestTokenAttack
+    from flower_split.audit.transcript import StepView
+    from flower_split.audit.vocabulary import VocabularyTable
+
+    config = {**CONFIG, "label-dp-noise": 0.0, "input-noise": 0.01, "train-head": False}
+    grid = LocalGrid(make_client_app(config), 1)
+    parts = build_split("tiny", 77, 8, 16)
+    cloud, reader = CloudParty(parts.body), NearestTokenAttack(VocabularyTable(parts.embedder))
+    sent: dict[bytes, list[torch.Tensor]] = {}
+    for _ in range(3):  # 3 stages of 2 batches of 16 over 64 examples: the stream wraps in the 3rd
+        forward = Message(RecordDict({"config": ConfigRecord({"num-batches": 2})}), 1, "train.head_fwd")
+        heads = unpack_messages(grid.send_and_receive([forward])[0].content, HeadOutput, "tenant-0")
+        ids = reader.guess([StepView("tenant-0", h.step, True, f=h.f, attention_mask=h.attention_mask)
+                            for h in heads]).ids
+        for head, texts in zip(heads, ids):
+            assert float((head.f - parts.embedder(texts)).abs().max()) > 1e-4  # noise was added
+            for text, f in zip(texts, head.f):
+                sent.setdefault(text.numpy().tobytes(), []).append(f)
+        outputs = [cloud.handle(head) for head in heads]
+        reply = grid.send_and_receive([Message(pack_messages(BodyOutput, "tenant-0", outputs), 1, "train.tail")])[0]
+        assert not reply.has_error(), reply.error
+    again = [fs for fs in sent.values() if len(fs) > 1]
+    assert again and all(torch.equal(fs[0], fs[1]) for fs in again)

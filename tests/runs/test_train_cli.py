@@ -46,7 +46,7 @@ def test_cli_missing_dataset_is_a_clear_error(capsys, tmp_path) -> None:
 def test_cli_quick_writes_results(mode: str, tmp_path) -> None:
     assert main(["train", "--quick", "--mode", mode, "--out", str(tmp_path), "--no-progress"]) == 0
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    split_keys = {"label_dp_epsilon", "label_rr_epsilon"} if mode == "split" else set()  # None unless label-DP is on
+    split_keys = {"label_dp_epsilon", "label_rr_epsilon", "input_noise"} if mode == "split" else set()  # None when off
     assert len(runs) == 1 and set(runs[0]) == RUN_KEYS | split_keys
     run = runs[0]
     assert run["mode"] == mode and 0.0 <= run["test_accuracy"] <= 1.0

@@ -29,7 +29,7 @@ from flower_split.api import train
 from flower_split.audit import CloudViewRecorder, audit_directory
 from flower_split.config import QUICK, RunConfig, parse_set
 
-TOKEN_ATTACKS = ("nearest_token", "ridge_inverter", "mlp_inverter", "alignment_anchors", "alignment_known2")
+TOKEN_ATTACKS = ("nearest_token", "linked_average", "ridge_inverter", "mlp_inverter", "alignment_anchors", "alignment_known2")
 LABEL_ATTACK = "nearest_centroid_k5"
 
 

@@ -63,6 +63,47 @@ class NearestTokenAttack:
         return TokenGuess(_nearest_per_step(self.table, views, rows, progress), [_all_scored(v) for v in views])
 
 
+class LinkedAverageAttack:
+    """Threat model: as :class:`NearestTokenAttack`, plus the cloud links every view of the same
+    text across steps and epochs (it can: batch orders follow public seeds, lengths and masks
+    are public) and averages them position by position before the lookup. Fresh noise per use
+    averages away; noise drawn once per text (``input_noise``) does not. The audit links the
+    views by the ground truth, so this is an upper bound on any linking the cloud manages."""
+
+    name = "linked_average"
+
+    def __init__(self, table: VocabularyTable) -> None:
+        self.table = table
+
+    def guess(self, views: Sequence[StepView], truth: Sequence[GroundTruth], progress: bool = False) -> TokenGuess:
+        sums: dict[bytes, list] = {}
+        for view, known in zip(views, truth):
+            for text, f, length in _texts(view, known):
+                entry = sums.setdefault(text, [torch.zeros_like(f[:length], dtype=torch.float64), 0])
+                entry[0] += f[:length].double()
+                entry[1] += 1
+        rows: list[torch.Tensor | None] = []
+        for view, known in zip(views, truth):
+            if view.f is None:
+                rows.append(None)
+                continue
+            averaged = view.f.float().clone()
+            for row, (text, _, length) in enumerate(_texts(view, known)):
+                total, count = sums[text]
+                averaged[row, :length] = (total / count).float()
+            rows.append(averaged.reshape(-1, averaged.shape[-1]))
+        return TokenGuess(_nearest_per_step(self.table, views, rows, progress), [_all_scored(v) for v in views])
+
+
+def _texts(view: StepView, truth: GroundTruth) -> list[tuple[bytes, torch.Tensor, int]]:
+    """(the text's real token ids as bytes, its ``f`` rows, its length) of every sequence of a step."""
+    if view.f is None:
+        return []
+    lengths = view.attention_mask.bool().sum(1).tolist()
+    return [(truth.input_ids[row, :length].numpy().tobytes(), view.f[row], length)
+            for row, length in enumerate(lengths)]
+
+
 def _nearest_per_step(table: VocabularyTable, views: Sequence[StepView], rows: Sequence[torch.Tensor | None],
                       progress: bool) -> list[torch.Tensor | None]:
     """:meth:`VocabularyTable.nearest` of every step's ``rows`` (its flattened ``f``, or a map

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from flower_split.audit.inversion import (
-    AlignmentAttack, MlpInverter, NearestTokenAttack, RidgeInverter, SpecialTokens, TokenGuess,
+    AlignmentAttack, LinkedAverageAttack, MlpInverter, NearestTokenAttack, RidgeInverter, SpecialTokens, TokenGuess,
     simulate_head_rows,
 )
 from flower_split.audit.labels import (
@@ -65,6 +65,7 @@ def run_audit(transcript: Transcript, embedder: Embedder, special: SpecialTokens
     table = VocabularyTable(embedder)
     token_attacks: list[tuple[str, TokenGuess]] = [
         ("nearest_token", NearestTokenAttack(table).guess(views, progress)),
+        (LinkedAverageAttack.name, LinkedAverageAttack(table).guess(views, truth, progress)),
     ]
     if options.inverters and public_corpus is not None:
         rows, targets = simulate_head_rows(embedder, public_corpus,

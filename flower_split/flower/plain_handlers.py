@@ -35,6 +35,7 @@ from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
 )
+from flower_split.flower.node_noise import node_input_noise
 from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, note_scope, predicting, start_output
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.train.metrics import class_counts
@@ -58,6 +59,7 @@ def _load_party(context: Context, data: TenantData, config: RunConfig, settings:
     ``known``: the cloud says this tenant has trained before; then a missing state is an error
     (the node lost it: restarted without node config ``state-dir``), never a fresh start."""
     party = _new_party(data, config, settings)
+    party.input_noise = node_input_noise(context.node_config, config)  # the tenant's floor and key
     arrays, meta = context.state.get(PARTY_ARRAYS), context.state.get(PARTY_CONFIG)
     if arrays is None or meta is None:
         if known:

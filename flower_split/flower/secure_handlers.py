@@ -64,6 +64,7 @@ from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, next_batch_shape, randomized_labels, train_batches,
 )
+from flower_split.flower.node_noise import node_input_noise
 from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, note_scope, predicting, start_output
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
@@ -73,16 +74,18 @@ NEW_SETUP_CONFIG = "allow-new-setup"  # node config: a set-up may replace a trai
 SECURE_ARRAYS, SECURE_CONFIG, SECURE_BATCH, SECURE_LABELS = "secure.arrays", "secure.config", "secure.batch", "secure.labels"
 
 
-def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> SecureClientParty:
+def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings, context: Context) -> SecureClientParty:
     head, tail = new_adapters(data, config)
-    return SecureClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps)
+    party = SecureClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps)
+    party.input_noise = node_input_noise(context.node_config, config)  # the tenant's floor and key
+    return party
 
 
 def _load(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings) -> SecureClientParty:
     arrays, meta = context.state.get(SECURE_ARRAYS), context.state.get(SECURE_CONFIG)
     if arrays is None or meta is None:
         raise ProtocolError(f"tenant {data.tenant!r}: not set up for secure mode (train.secure_setup first)")
-    party = _new_party(data, config, settings)
+    party = _new_party(data, config, settings, context)
     try:
         party.load_state_dict(records_to_state(arrays, meta))
     except ValueError as exc:
@@ -128,7 +131,7 @@ def secure_setup(message: Message, context: Context, config: RunConfig, settings
             raise ProtocolError(f"tenant {data.tenant!r} holds a trained secure party; a new set-up would discard it "
                                 f"(a cloud that lost its state?). Resume the session, or set node config "
                                 f"{NEW_SETUP_CONFIG} = true to start over")
-    party = _new_party(data, config, settings)  # a new set-up replaces an untrained earlier one
+    party = _new_party(data, config, settings, context)  # a new set-up replaces an untrained earlier one
     pinned = pinned_dealer(context.node_config)
     setup = party.setup(hello, pinned, allow_unpinned=pinned is None and allow_unpinned(context.node_config))
     _save(context, party)

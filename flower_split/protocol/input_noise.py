@@ -9,19 +9,26 @@ training on ``x`` shapes, ``dL/dh`` — is a function of ``x``, the labels and o
 processing of one Gaussian release per text.
 
 **Once per text.** The noise of a text is a fixed function of a tenant-secret key and the
-text's token ids: ``HMAC-SHA256(key, ids)`` keys a ChaCha20 stream, turned into normals by
-Box-Muller (float64). Every epoch, step and evaluation of the same text sees the same ``x``, so
-the cloud cannot average views (fresh noise per epoch would compose: ``m`` views of a text are
-worth one at ``sigma / sqrt(m)``). Distinct texts get independent noise. Not derived from
-``config.seed`` or anything the cloud sees; the key lives in the tenant's party state.
+text's real token ids (padding excluded): ``HMAC-SHA256(key, ids)`` keys a ChaCha20 stream,
+turned into normals by Box-Muller (float64, each pair's two normals side by side, so position
+``p`` gets the same values whatever the batch's padded width). Every epoch, batch, step and
+evaluation of the same text sees the same ``x``, so the cloud cannot average views (fresh noise
+per use would compose: ``m`` views of a text are worth one at ``sigma / sqrt(m)``). Distinct
+texts get independent noise; identical texts get identical noise, so the cloud learns which
+of a tenant's texts are exact duplicates (and their length, from the attention mask). Not
+derived from ``config.seed`` or anything the cloud sees; the key lives in the tenant's party
+state, or, over Flower, in a node key file that outlives sessions
+(:mod:`flower_split.flower.node_noise`).
 
 **The guarantee** (Gaussian differential privacy, Dong, Roth & Su 2022): for two texts that
 differ in one token, the releases are ``mu``-GDP with ``mu = D / sigma``, ``D`` the largest
 distance between two rows of the public embedding table at one position
-(:func:`embedding_diameter`); ``k`` differing tokens: ``sqrt(k) mu``. Epsilon at a delta comes
-from ``dp_accounting``'s privacy-loss distribution of the Gaussian mechanism. Like metric
-(d_x) privacy (Feyisetan et al. 2020), tokens whose embeddings lie close are protected more
-than ``D`` says for the worst pair.
+(:func:`embedding_diameter`); ``k`` differing tokens: ``sqrt(k) mu``, a whole text of
+``max_length`` tokens ``sqrt(max_length) mu``. Epsilon at a delta comes from
+``dp_accounting``'s privacy-loss distribution of the Gaussian mechanism. It is computational
+(the noise is a PRF's output) and ignores floating-point rounding. Like metric (d_x) privacy
+(Feyisetan et al. 2020), tokens whose embeddings lie close are protected more than ``D`` says
+for the worst pair.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ _NONCE = bytes(16)  # each text's stream has its own key, so one fixed nonce is 
 
 
 def text_normals(key: bytes, input_ids: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` standard normals (float64) fixed by ``key`` and one text's token ids [T]."""
+    """``count`` standard normals (float64) fixed by ``key`` and one text's real token ids [L];
+    the first ``n`` are the same for any ``count >= n``."""
     ids = input_ids.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8").tobytes()
     text_key = hmac.new(key, _DOMAIN + ids, hashlib.sha256).digest()
     pairs = (count + 1) // 2
@@ -51,7 +59,7 @@ def text_normals(key: bytes, input_ids: torch.Tensor, count: int) -> torch.Tenso
     uniform = ((words & ((1 << 53) - 1)).to(torch.float64) + 0.5) * 2.0 ** -53  # in (0, 1)
     radius = torch.sqrt(-2.0 * torch.log(uniform[:, 0]))
     angle = 2.0 * math.pi * uniform[:, 1]
-    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1).reshape(-1)[:count]
 
 
 @torch.no_grad()
@@ -91,13 +99,15 @@ def gdp_epsilon(sigma: float, sensitivity: float, delta: float = REPORT_DELTA) -
 
 
 class InputNoise:
-    """One tenant's input noise: ``sigma`` and its secret key (from ``secrets``, or restored)."""
+    """One tenant's input noise: ``sigma`` and its secret key (from ``secrets``, restored, or
+    ``pinned`` by the node: then a saved state under another key is refused)."""
 
-    def __init__(self, sigma: float, key: bytes | None = None) -> None:
-        if not (isinstance(sigma, (int, float)) and 0 < sigma < math.inf):
+    def __init__(self, sigma: float, key: bytes | None = None, pinned: bool = False) -> None:
+        if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and 0 < sigma < math.inf):
             raise ValueError(f"input_noise: expected a finite sigma > 0, got {sigma!r}")
         self.sigma = float(sigma)
         self.key = secrets.token_bytes(KEY_BYTES) if key is None else key
+        self.pinned = pinned
         if not isinstance(self.key, bytes) or len(self.key) != KEY_BYTES:
             raise ValueError(f"input_noise: the key must be {KEY_BYTES} bytes")
 
@@ -106,10 +116,13 @@ class InputNoise:
         """The noise ``config.input_noise`` asks for, with a fresh key; None when it is 0."""
         return cls(config.input_noise) if config.input_noise else None
 
-    def apply(self, e: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """``e`` [B, T, d] plus every text's own noise (same text, same noise)."""
+    def apply(self, e: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``e`` [B, T, d] plus every text's own noise: keyed by its real tokens (``attention_mask``
+        1), so the same text gets the same noise in any batch, padded to any width."""
         per_row = e.shape[1] * e.shape[2]
-        noise = torch.stack([text_normals(self.key, row, per_row) for row in input_ids])
+        real = attention_mask.detach().to("cpu").bool()
+        noise = torch.stack([text_normals(self.key, row[keep], per_row)
+                             for row, keep in zip(input_ids.detach().cpu(), real)])
         return e + (self.sigma * noise).reshape(e.shape).to(device=e.device, dtype=e.dtype)
 
     def state_dict(self) -> dict[str, Any]:
@@ -117,28 +130,36 @@ class InputNoise:
         return {"sigma": self.sigma, "key": self.key}
 
 
-def embed(embedder: torch.nn.Module, noise: InputNoise | None, input_ids: torch.Tensor) -> torch.Tensor:
+def embed(embedder: torch.nn.Module, noise: InputNoise | None, input_ids: torch.Tensor,
+          attention_mask: torch.Tensor) -> torch.Tensor:
     """The tenant's embedding of a batch: ``e``, or ``e`` plus its input noise."""
     e = embedder(input_ids)
-    return e if noise is None else noise.apply(e, input_ids)
+    return e if noise is None else noise.apply(e, input_ids, attention_mask)
 
 
 def restore_input_noise(noise: InputNoise | None, saved: dict[str, Any] | None) -> InputNoise | None:
-    """The party's noise after loading ``saved``: the saved key, checked against the configuration."""
+    """The party's noise after loading ``saved``: the saved key, checked against the configuration
+    (and against a node-pinned key: a state made under another key is refused)."""
     if noise is None and saved is None:
         return None
     if noise is None or saved is None or float(saved["sigma"]) != noise.sigma:
         raise ValueError(f"state: input_noise is {None if saved is None else saved['sigma']!r}, "
                          f"this party has {None if noise is None else noise.sigma!r}")
-    return InputNoise(noise.sigma, saved["key"])
+    if noise.pinned and saved["key"] != noise.key:
+        raise ValueError("state: made under another input-noise key than this node's (node config "
+                         "input-noise-key); its texts would be released again under new noise")
+    return InputNoise(noise.sigma, saved["key"], noise.pinned)
 
 
 def input_noise_summary(config: Any, embedder: torch.nn.Module) -> dict[str, Any]:
-    """The results' input-noise fields: sigma, the bound ``D``, the per-token ``mu`` and epsilon
-    at REPORT_DELTA (``{"input_noise": None}`` when off)."""
+    """The results' input-noise fields: sigma, the bound ``D``, ``mu`` and epsilon (at
+    REPORT_DELTA) per token and for a whole text of ``max_length`` tokens (``{"input_noise":
+    None}`` when off)."""
     sigma = config.input_noise
     if not sigma:
         return {"input_noise": None}
     sensitivity = embedding_diameter(embedder, config.max_length)
-    return {"input_noise": sigma, "input_noise_sensitivity": sensitivity, "input_noise_mu": sensitivity / sigma,
-            "input_noise_epsilon": gdp_epsilon(sigma, sensitivity), "input_noise_delta": REPORT_DELTA}
+    text = sensitivity * math.sqrt(config.max_length)
+    return {"input_noise": sigma, "input_noise_sensitivity": sensitivity, "input_noise_delta": REPORT_DELTA,
+            "input_noise_mu": sensitivity / sigma, "input_noise_epsilon": gdp_epsilon(sigma, sensitivity),
+            "input_noise_mu_text": text / sigma, "input_noise_epsilon_text": gdp_epsilon(sigma, text)}

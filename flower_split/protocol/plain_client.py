@@ -86,7 +86,7 @@ class ClientParty:
         self._next_step += 1
         batch = batch.to(self.device)
         with torch.no_grad():
-            f = self.head(embed(self.embedder, self.input_noise, batch.input_ids))
+            f = self.head(embed(self.embedder, self.input_noise, batch.input_ids, batch.attention_mask))
         self._steps[step] = _Step(batch, train, AWAIT_BODY_OUTPUT)
         return HeadOutput(self.tenant, step, f.float().cpu(), batch.attention_mask.cpu(), train and self.train_head)
 
@@ -144,7 +144,7 @@ class ClientParty:
         check_tensor("grad_f", message.grad_f, shape, (torch.float32,))
         assert self.head_optimizer is not None
         self.head.train()
-        f = self.head(embed(self.embedder, self.input_noise, batch.input_ids))  # recomputed: no graph survives a message
+        f = self.head(embed(self.embedder, self.input_noise, batch.input_ids, batch.attention_mask))  # recomputed
         self.head_optimizer.zero_grad(set_to_none=True)
         f.backward(message.grad_f.to(self.device))
         self.head_optimizer.step()

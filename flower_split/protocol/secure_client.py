@@ -290,7 +290,7 @@ class SecureClientParty(SecureStepRunner):
         return AdditiveShare(data, self.party, self.frac_bits)
 
     def _op_share_input(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
-        e = embed(self.embedder, self.input_noise, st.ctx["input_ids"]).to(torch.float64)
+        e = embed(self.embedder, self.input_noise, st.ctx["input_ids"], st.ctx["mask"]).to(torch.float64)
         seed = new_seed()
         x = encode(e, self.frac_bits) - prg(seed, tuple(e.shape))  # cloud's share is PRG(seed)
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),

@@ -94,31 +94,55 @@ def test_a_tenants_randomized_labels_stay_fixed_across_messages() -> None:
 
 
 
-def test_a_tenants_input_noise_is_one_draw_per_text_across_messages(task_identity: None) -> None:
-    """Input noise over Flower: its key lives in the tenant's saved state, so a text that comes
-    round again in a later message (a freshly loaded party) is sent with the same noise, and
-    the cloud has nothing to average. sigma is small here so that the test can read the text
-    back (nearest token) to find the repeats."""
+def _first_views(grid: LocalGrid, parts, stages: int = 1) -> dict[bytes, list[torch.Tensor]]:
+    """Every ``f`` row the tenant sends in ``stages`` training stages, by the text's real token
+    ids (read back by nearest token: sigma is small in these tests), at any padded width."""
     from flower_split.audit.inversion import NearestTokenAttack
     from flower_split.audit.transcript import StepView
     from flower_split.audit.vocabulary import VocabularyTable
 
-    config = {**CONFIG, "label-dp-noise": 0.0, "input-noise": 0.01, "train-head": False}
-    grid = LocalGrid(make_client_app(config), 1)
-    parts = build_split("tiny", 77, 8, 16)
     cloud, reader = CloudParty(parts.body), NearestTokenAttack(VocabularyTable(parts.embedder))
     sent: dict[bytes, list[torch.Tensor]] = {}
-    for _ in range(3):  # 3 stages of 2 batches of 16 over 64 examples: the stream wraps in the 3rd
+    for _ in range(stages):
         forward = Message(RecordDict({"config": ConfigRecord({"num-batches": 2})}), 1, "train.head_fwd")
         heads = unpack_messages(grid.send_and_receive([forward])[0].content, HeadOutput, "tenant-0")
         ids = reader.guess([StepView("tenant-0", h.step, True, f=h.f, attention_mask=h.attention_mask)
                             for h in heads]).ids
         for head, texts in zip(heads, ids):
             assert float((head.f - parts.embedder(texts)).abs().max()) > 1e-4  # noise was added
-            for text, f in zip(texts, head.f):
-                sent.setdefault(text.numpy().tobytes(), []).append(f)
+            for text, f, real in zip(texts, head.f, head.attention_mask.bool()):
+                sent.setdefault(text[real].numpy().tobytes(), []).append(f[real])
         outputs = [cloud.handle(head) for head in heads]
         reply = grid.send_and_receive([Message(pack_messages(BodyOutput, "tenant-0", outputs), 1, "train.tail")])[0]
         assert not reply.has_error(), reply.error
-    again = [fs for fs in sent.values() if len(fs) > 1]
-    assert again and all(torch.equal(fs[0], fs[1]) for fs in again)
+    return sent
+
+
+INPUT_NOISE = {**CONFIG, "label-dp-noise": 0.0, "input-noise": 0.01, "train-head": False}
+
+
+def test_a_tenants_input_noise_is_one_draw_per_text_across_messages(task_identity: None) -> None:
+    """Input noise over Flower: its key lives in the tenant's saved state, so a text that comes
+    round again in a later message (a freshly loaded party, another batch, another padded
+    width) is sent with the same noise, and the cloud has nothing to average."""
+    sent = _first_views(LocalGrid(make_client_app(INPUT_NOISE), 1), build_split("tiny", 77, 8, 16), stages=3)
+    again = [fs for fs in sent.values() if len(fs) > 1]  # 3 stages of 2 x 16 over 64 rows: the stream wraps
+    assert again and all(torch.equal(fs[0], f) for fs in again for f in fs[1:])
+
+
+def test_a_node_key_gives_a_new_session_the_same_noise_and_the_floor_holds(task_identity: None, tmp_path) -> None:
+    """Node config ``input-noise-key``: a second session (fresh state, as a cloud that restarts
+    the run would make) sends every text with the noise of the first; without the key file it
+    would be a fresh draw. Node config ``input-noise`` above the run's sigma: refused."""
+    parts = build_split("tiny", 77, 8, 16)
+    node = {"input-noise-key": str(tmp_path / "noise.json")}
+    first = _first_views(LocalGrid(make_client_app(INPUT_NOISE), 1, node_config=node), parts)
+    second = _first_views(LocalGrid(make_client_app(INPUT_NOISE), 1, node_config=node), parts)
+    unkeyed = _first_views(LocalGrid(make_client_app(INPUT_NOISE), 1), parts)
+    shared = set(first) & set(second) & set(unkeyed)
+    assert shared and all(torch.equal(first[t][0], second[t][0]) for t in shared)
+    assert not any(torch.equal(first[t][0], unkeyed[t][0]) for t in shared)
+    grid = LocalGrid(make_client_app(INPUT_NOISE), 1, node_config={"input-noise": 1.0})
+    forward = Message(RecordDict({"config": ConfigRecord({"num-batches": 2})}), 1, "train.head_fwd")
+    reply = grid.send_and_receive([forward])[0]
+    assert reply.has_error() and "below this tenant's node config input-noise" in reply.error.reason

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from flower_split.config import LABEL_PROTECTIONS, MODES, QUICK, SECURITY_LEVELS, ConfigError, RunConfig, parse_set
+from flower_split.config import LABEL_PROTECTIONS, MODES, PRIVATE, QUICK, SECURITY_LEVELS, ConfigError, RunConfig, parse_set
 from flower_split.data import DatasetError
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train in process (no Flower): centralized LoRA or split")
     train.add_argument("--mode", choices=MODES, default="split")
-    train.add_argument("--security", choices=SECURITY_LEVELS, default="plain")
+    train.add_argument("--security", choices=SECURITY_LEVELS, default=None, help="plain (default) or secure")
     train.add_argument("--label-protection", choices=LABEL_PROTECTIONS, default=None,
                        help="secure mode: he (CKKS-encrypted labels, default) or client (logits to the client only)")
     train.add_argument("--dataset", default="banking77", help="banking77, sst2 or a data directory")
@@ -43,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     train.add_argument("--out", required=True,
                        help="output directory for results.json and (split) every party's state in OUT/state")
-    train.add_argument("--quick", action="store_true",
-                       help="tiny model, a few hundred samples: a smoke run in seconds")
+    add_presets(train, "tiny model, a few hundred samples: a smoke run in seconds")
     train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="any other RunConfig field, e.g. --set lr_tail=0.2 (JSON values)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -59,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="server rounds (the maximum with --set plateau_patience=N)")
     simulate.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA or shards:N")
     simulate.add_argument("--out", required=True, help="output directory for results.json")
-    simulate.add_argument("--quick", action="store_true",
-                          help="tiny model, a few hundred samples, short rounds: a smoke run")
+    add_presets(simulate, "tiny model, a few hundred samples, short rounds: a smoke run")
     simulate.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                           help="a RunConfig field or Flower setting, e.g. --set local_steps=20, "
                                "--set local_epochs=2, --set baseline=fedprox --set proximal_mu=0.01, "
@@ -86,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "dealer.pub (what every tenant pins)")
     add_deploy_parsers(commands)
     return parser
+
+
+def add_presets(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """``--quick`` and ``--private``: named sets of values, applied before the explicit options."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--private", action="store_true",
+                        help="the recommended secure setting: secure, client labels, frozen head (no label-"
+                             "dependent value reaches the cloud; docs/PRIVACY.md)")
 
 
 def add_deploy_parsers(commands: argparse._SubParsersAction) -> None:
@@ -165,8 +171,8 @@ def dealer_keygen(directory: str) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then --quick, then explicit options, then --set; validated."""
-    values: dict[str, object] = dict(QUICK) if args.quick else {}
+    """Defaults, then --quick and --private, then explicit options, then --set; validated."""
+    values: dict[str, object] = {**(QUICK if args.quick else {}), **(PRIVATE if args.private else {})}
     for name in ("mode", "security", "label_protection", "dataset", "data_dir", "model", "epochs",
                  "batch_size", "seed", "device"):
         value = getattr(args, name)

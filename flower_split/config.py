@@ -30,6 +30,11 @@ BUILTIN_DATASETS = ("banking77", "sst2")
 QUICK = dict(model="tiny", epochs=3, max_train_samples=1000, max_test_samples=300,
              head_rank=8, tail_bottleneck=16, lr_head=0.02, lr_tail=0.3)
 
+# ``--private`` / ``private = true``: the recommended secure setting (docs/PRIVACY.md): nothing
+# label-dependent reaches the cloud (no logits, no dL/dh: the head stays at its start, the
+# identity). The cloud still sees f = e, every token; input_noise is the knob for the text.
+PRIVATE = dict(security="secure", label_protection="client", train_head=False)
+
 
 class ConfigError(ValueError):
     """A run configuration value is invalid; the message names the field."""

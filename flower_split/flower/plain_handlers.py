@@ -35,7 +35,7 @@ from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
 )
-from flower_split.flower.node_noise import node_input_noise
+from flower_split.flower.node_privacy import node_input_noise
 from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, note_scope, predicting, start_output
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.train.metrics import class_counts

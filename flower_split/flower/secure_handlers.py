@@ -64,7 +64,7 @@ from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, next_batch_shape, randomized_labels, train_batches,
 )
-from flower_split.flower.node_noise import node_input_noise
+from flower_split.flower.node_privacy import node_input_noise
 from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, note_scope, predicting, start_output
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult

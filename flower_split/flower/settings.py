@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from flower_split.config import QUICK, ConfigError, RunConfig
+from flower_split.config import PRIVATE, QUICK, ConfigError, RunConfig
 
 SHARE_SCOPES = ("none", "tail", "head-tail")
 """Run config ``share``: no sharing, the tail adapter, or head and tail adapters (never the classifier)."""
@@ -89,7 +89,8 @@ class FlowerSettings:
     aggregation, at least 2 of them: the aggregate survives up to ``n - max(2, round(f * n))``
     drop-outs; default 0.5),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
-    and :data:`QUICK_FLOWER`).
+    and :data:`QUICK_FLOWER`), ``private`` (the recommended secure setting,
+    ``flower_split.config.PRIVATE``; a tenant insists on it with its node config ``private``).
     """
 
     num_server_rounds: int = 3
@@ -120,6 +121,7 @@ class FlowerSettings:
     share: str = "none"
     share_threshold: float = 0.5
     quick: bool = False
+    private: bool = False
 
     def validate(self) -> "FlowerSettings":
         for name in ("num_server_rounds", "local_steps", "micro_batches", "min_nodes"):
@@ -139,7 +141,7 @@ class FlowerSettings:
             raise ConfigError(f"target-loss: expected a number >= 0 (0: never stop), got {self.target_loss!r}")
         for name in ("eval_initial", "global_eval", "secure_metrics", "cloud_keep_graphs",
                      "allow_insecure_reproducible_init", "insecure_colocated_dealer", "simulated_dealer", "quick",
-                     "predict"):
+                     "private", "predict"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', '-')}: expected true or false, got {getattr(self, name)!r}")
         for name in ("expected_dealer_key", "partition", "labels", "results_dir", "state_dir", "session",
@@ -192,6 +194,8 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
     if quick is True:  # applied last so that `--run-config quick=true` wins over pyproject defaults
         run.update({k: v for k, v in QUICK.items() if k != "epochs"})
         flower.update(QUICK_FLOWER)
+    if flower.get("private", False) is True:  # the recommended secure setting; a tenant enforces it by node config
+        run.update(PRIVATE)
     settings = FlowerSettings(**flower).validate()
     config = RunConfig.from_mapping(run)
     if config.mode != "split":

@@ -211,6 +211,9 @@ def main_simulate(args: Any) -> int:
 
     try:
         values: dict[str, Any] = quick_values() if args.quick else {}
+        if getattr(args, "private", False):
+            from flower_split.config import PRIVATE
+            values.update(PRIVATE)
         values.update(parse_set(args.set))
         values.update({"num_server_rounds": args.rounds, "partition": args.partition})
         values = {key.replace("_", "-"): value for key, value in values.items()}

@@ -58,6 +58,16 @@ def test_cli_quick_writes_results(mode: str, tmp_path) -> None:
         assert run["bytes_client_to_cloud"] == run["bytes_cloud_to_client"] == 0
 
 
+def test_cli_private_preset_trains_secure_with_client_labels_and_a_frozen_head(tmp_path) -> None:
+    args = ["train", "--quick", "--private", "--out", str(tmp_path), "--no-progress",
+            "--set", "max_train_samples=32", "--set", "max_test_samples=16", "--set", "epochs=1"]
+    assert main(args) == 0
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert (run["security"], run["config"]["label_protection"], run["config"]["train_head"]) == ("secure", "client", False)
+    assert main([*args[:-2], "--set", "train_head=true", "--set", "epochs=1"]) == 0  # explicit values win
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["config"]["train_head"] is True
+
+
 def test_quick_split_plain_learns() -> None:
     from flower_split.config import QUICK
 

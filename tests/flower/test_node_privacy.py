@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from flower_split.config import RunConfig
-from flower_split.flower.node_noise import FLOOR_CONFIG, KEY_CONFIG, node_input_noise
+from flower_split.flower.node_privacy import FLOOR_CONFIG, KEY_CONFIG, node_input_noise
 from flower_split.protocol import ProtocolError
 
 
@@ -39,3 +39,19 @@ def test_a_corrupt_key_file_is_a_clear_error(tmp_path) -> None:
     path.write_text("not json")
     with pytest.raises(ProtocolError, match="not an input-noise key file"):
         node_input_noise({KEY_CONFIG: str(path)}, RunConfig(input_noise=1.0))
+
+
+def test_a_private_node_refuses_any_run_outside_the_private_preset() -> None:
+    from flower_split.config import PRIVATE
+    from flower_split.flower.settings import settings_from_run_config
+
+    node = {"private": True}
+    assert node_input_noise(node, RunConfig(**PRIVATE)) is None
+    assert node_input_noise(node, RunConfig(**PRIVATE, input_noise=1.0)).sigma == 1.0
+    for change in ({"train_head": True}, {"label_protection": "he"}, {"security": "plain"}):
+        with pytest.raises(ProtocolError, match="private = true accepts only"):
+            node_input_noise(node, RunConfig(**{**PRIVATE, **change}))
+    with pytest.raises(ProtocolError, match="expected true or false"):
+        node_input_noise({"private": "yes"}, RunConfig(**PRIVATE))
+    config, _ = settings_from_run_config({"private": True, "model": "tiny"})  # the run config's preset
+    assert all(getattr(config, k) == v for k, v in PRIVATE.items())

@@ -1,7 +1,11 @@
-"""The tenant node's own say over its input noise: a floor on sigma and a key that outlives sessions.
+"""The tenant node's own say over its privacy settings, which the run config cannot override.
 
-Over Flower the run config comes from whoever starts the run, i.e. the cloud's side. Two
+Over Flower the run config comes from whoever starts the run, i.e. the cloud's side. These
 choices must not be the cloud's (a hostile review of ``input_noise``):
+
+* **the private preset.** Node config ``private = true``: the tenant refuses any run that is
+  not secure mode with ``client`` label protection and a frozen head (``flower_split.config.
+  PRIVATE``: nothing label-dependent reaches the cloud).
 
 * **sigma.** Node config ``input-noise`` is the tenant's floor: a run whose ``input-noise`` is
   lower is refused (a cloud could otherwise set it to 0).
@@ -23,10 +27,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from flower_split.config import RunConfig
+from flower_split.config import PRIVATE, RunConfig
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.input_noise import KEY_BYTES, InputNoise
 
+PRIVATE_CONFIG = "private"  # node config: true = only runs in the private preset
 FLOOR_CONFIG = "input-noise"  # node config: the least sigma this tenant accepts
 KEY_CONFIG = "input-noise-key"  # node config: path of this tenant's input-noise key file
 KEY_FORMAT = "flower-split-input-noise-key"
@@ -34,7 +39,9 @@ KEY_FORMAT = "flower-split-input-noise-key"
 
 def node_input_noise(node_config: Mapping[str, Any], config: RunConfig) -> InputNoise | None:
     """The tenant's input noise for this run: the run's sigma if it is at least the node's
-    floor (else :class:`ProtocolError`), under the node's key file when it names one."""
+    floor, under the node's key file when it names one; :class:`ProtocolError` if the run is
+    below the node's floor or outside the private preset the node asks for."""
+    check_private(node_config, config)
     floor = node_config.get(FLOOR_CONFIG, 0.0)
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
         raise ProtocolError(f"node config {FLOOR_CONFIG}: expected a finite number >= 0, got {floor!r}")
@@ -47,6 +54,17 @@ def node_input_noise(node_config: Mapping[str, Any], config: RunConfig) -> Input
     if not path:
         return InputNoise(config.input_noise)  # bound to this session's state
     return InputNoise(config.input_noise, node_key(Path(str(path)), config.max_length), pinned=True)
+
+
+def check_private(node_config: Mapping[str, Any], config: RunConfig) -> None:
+    """Refuse a run outside :data:`~flower_split.config.PRIVATE` on a node that asks for it."""
+    wanted = node_config.get(PRIVATE_CONFIG, False)
+    if not isinstance(wanted, bool):
+        raise ProtocolError(f"node config {PRIVATE_CONFIG}: expected true or false, got {wanted!r}")
+    differ = {k: getattr(config, k) for k, v in PRIVATE.items() if getattr(config, k) != v}
+    if wanted and differ:
+        raise ProtocolError(f"this tenant's node config {PRIVATE_CONFIG} = true accepts only runs with "
+                            f"{PRIVATE}; this run has {differ}: refused")
 
 
 def node_key(path: Path, max_length: int) -> bytes:

@@ -18,14 +18,14 @@ texts get independent noise; identical texts get identical noise, so the cloud l
 of a tenant's texts are exact duplicates (and their length, from the attention mask). Not
 derived from ``config.seed`` or anything the cloud sees; the key lives in the tenant's party
 state, or, over Flower, in a node key file that outlives sessions
-(:mod:`flower_split.flower.node_noise`).
+(:mod:`flower_split.flower.node_privacy`).
 
 **The guarantee** (Gaussian differential privacy, Dong, Roth & Su 2022): for two texts that
 differ in one token, the releases are ``mu``-GDP with ``mu = D / sigma``, ``D`` the largest
 distance between two rows of the public embedding table at one position
 (:func:`embedding_diameter`); ``k`` differing tokens: ``sqrt(k) mu``, a whole text of
 ``max_length`` tokens ``sqrt(max_length) mu``. Epsilon at a delta comes from
-``dp_accounting``'s privacy-loss distribution of the Gaussian mechanism. It is computational
+``dp_accounting``'s exact analytic Gaussian mechanism (Balle & Wang 2018). It is computational
 (the noise is a PRF's output) and ignores floating-point rounding. Like metric (d_x) privacy
 (Feyisetan et al. 2020), tokens whose embeddings lie close are protected more than ``D`` says
 for the worst pair.
@@ -90,12 +90,12 @@ def _vocab_size(embedder: torch.nn.Module) -> int:
 
 
 def gdp_epsilon(sigma: float, sensitivity: float, delta: float = REPORT_DELTA) -> float:
-    """Epsilon at ``delta`` of one Gaussian release with this sensitivity (``dp_accounting``'s PLD)."""
-    from dp_accounting.pld import privacy_loss_distribution
+    """Epsilon at ``delta`` of one Gaussian release with this sensitivity: ``dp_accounting``'s
+    exact analytic Gaussian mechanism (Balle & Wang 2018), in constant memory at any ``mu``
+    (its PLD at the default grid needs tens of GB for a whole text at small sigma)."""
+    from dp_accounting.gaussian_mechanism import get_epsilon_gaussian
 
-    distribution = privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=sigma, sensitivity=sensitivity)
-    return float(distribution.get_epsilon_for_delta(delta))
+    return float(get_epsilon_gaussian(sigma / sensitivity, delta))
 
 
 class InputNoise:

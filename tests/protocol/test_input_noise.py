@@ -133,6 +133,10 @@ def test_diameter_bounds_every_pair_and_epsilon_is_the_gaussian_mechanisms() -> 
         phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
         delta = phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
         assert delta == pytest.approx(1e-5, rel=0.05)
+    # a whole text at small sigma (mu in the hundreds): answered at once (a PLD at the default
+    # grid took 19 GB here), between mu^2 / 2 and the Gaussian tail bound mu^2 / 2 + mu sqrt(2 ln(1/delta))
+    mu = 400.0
+    assert mu**2 / 2 < gdp_epsilon(diameter / mu, diameter) < mu**2 / 2 + mu * math.sqrt(2 * math.log(1e5))
     assert input_noise_summary(RunConfig(), embedder) == {"input_noise": None}
 
 

@@ -38,12 +38,14 @@ if TYPE_CHECKING:
     from flower_split.flower.tenant import Handler
 
 
-def _bind(handler: "Handler", overrides: Mapping[str, Any]) -> Callable[[Message, Context], Message]:
+def _bind(handler: "Handler", overrides: Mapping[str, Any],
+          security: str | None = None) -> Callable[[Message, Context], Message]:
+    """``handler`` as a ClientApp function; ``security``: the level whose runs it serves (None: any)."""
     from flower_split.backends import backend_for
     from flower_split.flower.tenant import handle
 
     def run(message: Message, context: Context) -> Message:
-        return handle(handler, message, context, overrides, validate=backend_for)
+        return handle(handler, message, context, overrides, validate=backend_for, security=security)
 
     run.__name__ = run.__qualname__ = handler.__name__.lstrip("_")
     return run
@@ -98,7 +100,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
                 raise ValueError(f"{message_type}: handled by both {registered[message_type]} and {backend.name}")
             registered[message_type] = backend.name
             category, action = split_type(message_type)
-            getattr(client_app, category)(action)(_bind(handler, extra))
+            getattr(client_app, category)(action)(_bind(handler, extra, backend.name))
     for message_type, dealer_handler in DEALER_HANDLERS.items():
         category, action = split_type(message_type)
         getattr(client_app, category)(action)(_bind_dealer(dealer_handler, extra))

@@ -5,7 +5,10 @@ choices must not be the cloud's (a hostile review of ``input_noise``):
 
 * **the private preset.** Node config ``private = true``: the tenant refuses any run that is
   not secure mode with ``client`` label protection and a frozen head (``flower_split.config.
-  PRIVATE``: nothing label-dependent reaches the cloud).
+  PRIVATE``), that reports evaluation counts (``secure-metrics``), shares adapters (``share``)
+  or starts from public weights (``insecure-reproducible-init``): nothing label-dependent
+  reaches the cloud. (The tenant's handlers also answer only messages of the run's own
+  security level: :func:`flower_split.flower.tenant.handle`.)
 
 * **sigma.** Node config ``input-noise`` is the tenant's floor: a run whose ``input-noise`` is
   lower is refused (a cloud could otherwise set it to 0).
@@ -13,21 +16,30 @@ choices must not be the cloud's (a hostile review of ``input_noise``):
   session (or lets a node lose its state) gets every text released again under fresh noise,
   and ``m`` releases average down to ``sigma / sqrt(m)``. Node config ``input-noise-key``
   names a file holding the tenant's key (created 0600 on first use, never overwritten): every
-  session then draws the same noise for the same text. The file also pins ``max_length``: a
-  run that truncates texts elsewhere would release the truncated texts under new noise, and is
-  refused. A party state made under another key is refused too.
+  session then draws the same noise for the same text. The file also pins what makes the
+  release: ``max_length`` (a run that truncates elsewhere would release the shortened texts
+  under new noise), sigma (``x1 = e + s1 z`` and ``x2 = e + s2 z`` under one ``z`` give ``e``
+  exactly), the model and a digest of its embedding table (two tables under one ``z`` give
+  ``x1 - x2 = e1(ids) - e2(ids)``, a public function of the tokens): a run that differs in any
+  is refused; a tenant that accepts a new release makes a new key file. A party state made
+  under another key is refused too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from flower_split.config import PRIVATE, RunConfig
+from flower_split.flower.settings import PRIVATE_FLOWER, FlowerSettings
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.input_noise import KEY_BYTES, InputNoise
 
@@ -35,13 +47,16 @@ PRIVATE_CONFIG = "private"  # node config: true = only runs in the private prese
 FLOOR_CONFIG = "input-noise"  # node config: the least sigma this tenant accepts
 KEY_CONFIG = "input-noise-key"  # node config: path of this tenant's input-noise key file
 KEY_FORMAT = "flower-split-input-noise-key"
+_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
-def node_input_noise(node_config: Mapping[str, Any], config: RunConfig) -> InputNoise | None:
+def node_input_noise(node_config: Mapping[str, Any], config: RunConfig, settings: FlowerSettings,
+                     embedder: torch.nn.Module) -> InputNoise | None:
     """The tenant's input noise for this run: the run's sigma if it is at least the node's
     floor, under the node's key file when it names one; :class:`ProtocolError` if the run is
-    below the node's floor or outside the private preset the node asks for."""
-    check_private(node_config, config)
+    below the node's floor, outside what its key file pins, or outside the private preset the
+    node asks for."""
+    check_private(node_config, config, settings)
     floor = node_config.get(FLOOR_CONFIG, 0.0)
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
         raise ProtocolError(f"node config {FLOOR_CONFIG}: expected a finite number >= 0, got {floor!r}")
@@ -53,43 +68,59 @@ def node_input_noise(node_config: Mapping[str, Any], config: RunConfig) -> Input
     path = node_config.get(KEY_CONFIG)
     if not path:
         return InputNoise(config.input_noise)  # bound to this session's state
-    return InputNoise(config.input_noise, node_key(Path(str(path)), config.max_length), pinned=True)
+    return InputNoise(config.input_noise, node_key(Path(str(path)), release_of(config, embedder)), pinned=True)
 
 
-def check_private(node_config: Mapping[str, Any], config: RunConfig) -> None:
-    """Refuse a run outside :data:`~flower_split.config.PRIVATE` on a node that asks for it."""
+def check_private(node_config: Mapping[str, Any], config: RunConfig, settings: FlowerSettings) -> None:
+    """Refuse a run outside :data:`~flower_split.config.PRIVATE` (and
+    :data:`~flower_split.flower.settings.PRIVATE_FLOWER`, public start weights) on a node that asks for it."""
     wanted = node_config.get(PRIVATE_CONFIG, False)
     if not isinstance(wanted, bool):
         raise ProtocolError(f"node config {PRIVATE_CONFIG}: expected true or false, got {wanted!r}")
     differ = {k: getattr(config, k) for k, v in PRIVATE.items() if getattr(config, k) != v}
+    differ.update({k: getattr(settings, k) for k, v in PRIVATE_FLOWER.items() if getattr(settings, k) != v})
+    if config.insecure_reproducible_init:
+        differ["insecure_reproducible_init"] = True
     if wanted and differ:
         raise ProtocolError(f"this tenant's node config {PRIVATE_CONFIG} = true accepts only runs with "
-                            f"{PRIVATE}; this run has {differ}: refused")
+                            f"{PRIVATE}, {PRIVATE_FLOWER} and secret start weights; this run has {differ}: refused")
 
 
-def node_key(path: Path, max_length: int) -> bytes:
-    """The key in ``path`` (made for ``max_length``), created atomically if the file is absent."""
+def release_of(config: RunConfig, embedder: torch.nn.Module) -> dict[str, Any]:
+    """What a key file pins: everything besides the key that decides a text's noisy embeddings."""
+    if embedder not in _DIGESTS:  # the public embedder is frozen: hash it once (MiniLM: ~50 MB)
+        digest = hashlib.sha256()
+        for name, tensor in sorted(embedder.state_dict().items()):
+            digest.update(name.encode() + b"\0" + tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        _DIGESTS[embedder] = digest.hexdigest()
+    return {"max_length": config.max_length, "input_noise": float(config.input_noise), "model": config.model,
+            "embedder_sha256": _DIGESTS[embedder]}
+
+
+def node_key(path: Path, release: dict[str, Any]) -> bytes:
+    """The key in ``path`` (made for ``release``), created atomically if the file is absent."""
     if not path.exists():
-        _create(path, max_length)
+        _create(path, release)
     try:
         saved = json.loads(path.read_text())
         key = bytes.fromhex(saved["key"])
-        made_for = int(saved["max_length"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ProtocolError(f"node config {KEY_CONFIG}: {path} is not an input-noise key file ({exc})") from exc
     if saved.get("format") != KEY_FORMAT or len(key) != KEY_BYTES:
         raise ProtocolError(f"node config {KEY_CONFIG}: {path} is not an input-noise key file")
-    if made_for != max_length:
-        raise ProtocolError(f"node config {KEY_CONFIG}: the key in {path} was made for max-length {made_for}; a run "
-                            f"with max-length {max_length} would release truncated texts under new noise: refused")
+    differ = {k: (saved.get(k), v) for k, v in release.items() if saved.get(k) != v}
+    if differ:
+        shown = ", ".join(f"{k} {made!r} (this run: {now!r})" for k, (made, now) in differ.items())
+        raise ProtocolError(f"node config {KEY_CONFIG}: the key in {path} was made for {shown}; under the same key "
+                            "this run's release and the earlier ones together would undo the noise or release the "
+                            "texts again: refused (make a new key file to accept a new release)")
     return key
 
 
-def _create(path: Path, max_length: int) -> None:
+def _create(path: Path, release: dict[str, Any]) -> None:
     """Write a fresh key file (0600); if another process made one first, keep theirs."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"format": KEY_FORMAT, "version": 1, "key": secrets.token_bytes(KEY_BYTES).hex(),
-              "max_length": max_length}
+    record = {"format": KEY_FORMAT, "version": 2, "key": secrets.token_bytes(KEY_BYTES).hex(), **release}
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".input-noise-key.")
     try:
         with os.fdopen(fd, "w") as handle:

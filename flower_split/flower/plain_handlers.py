@@ -59,7 +59,7 @@ def _load_party(context: Context, data: TenantData, config: RunConfig, settings:
     ``known``: the cloud says this tenant has trained before; then a missing state is an error
     (the node lost it: restarted without node config ``state-dir``), never a fresh start."""
     party = _new_party(data, config, settings)
-    party.input_noise = node_input_noise(context.node_config, config)  # the tenant's floor and key
+    party.input_noise = node_input_noise(context.node_config, config, settings, data.embedder)
     arrays, meta = context.state.get(PARTY_ARRAYS), context.state.get(PARTY_CONFIG)
     if arrays is None or meta is None:
         if known:

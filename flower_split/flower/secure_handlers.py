@@ -77,7 +77,7 @@ SECURE_ARRAYS, SECURE_CONFIG, SECURE_BATCH, SECURE_LABELS = "secure.arrays", "se
 def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings, context: Context) -> SecureClientParty:
     head, tail = new_adapters(data, config)
     party = SecureClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps)
-    party.input_noise = node_input_noise(context.node_config, config)  # the tenant's floor and key
+    party.input_noise = node_input_noise(context.node_config, config, settings, data.embedder)
     return party
 
 

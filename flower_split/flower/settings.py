@@ -13,6 +13,10 @@ from typing import Any, Mapping
 
 from flower_split.config import PRIVATE, QUICK, ConfigError, RunConfig
 
+# with ``private``: no evaluation counts to the cloud (per-class counts of a batch of one name its
+# label), no cross-tenant sharing (the cloud learns the average of label-trained adapters)
+PRIVATE_FLOWER = {"secure_metrics": False, "share": "none"}
+
 SHARE_SCOPES = ("none", "tail", "head-tail")
 """Run config ``share``: no sharing, the tail adapter, or head and tail adapters (never the classifier)."""
 
@@ -196,6 +200,7 @@ def settings_from_run_config(values: Mapping[str, Any]) -> tuple[RunConfig, Flow
         flower.update(QUICK_FLOWER)
     if flower.get("private", False) is True:  # the recommended secure setting; a tenant enforces it by node config
         run.update(PRIVATE)
+        flower.update(PRIVATE_FLOWER)
     settings = FlowerSettings(**flower).validate()
     config = RunConfig.from_mapping(run)
     if config.mode != "split":

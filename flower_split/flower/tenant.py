@@ -215,10 +215,13 @@ Handler = Callable[[Message, Context, RunConfig, FlowerSettings, TenantData], Re
 
 
 def handle(handler: Handler, message: Message, context: Context, overrides: Mapping[str, Any],
-           validate: Callable[[RunConfig, FlowerSettings], Any] | None = None) -> Message:
+           validate: Callable[[RunConfig, FlowerSettings], Any] | None = None, security: str | None = None) -> Message:
     """Run one stage handler; a ProtocolError becomes an error reply and the state is kept.
 
-    ``validate`` (the security backend's check of the run) runs before the handler. With node
+    ``validate`` (the security backend's check of the run) runs before the handler. A handler of
+    one security backend (``security``) answers only in a run of that level: a hostile cloud
+    could otherwise send split-plain messages in a secure run and read a plain tenant's loss and
+    evaluation counts (a hostile review of the private preset). With node
     config ``state-dir`` the node's state is loaded from its mirror when ``context.state`` is
     empty (a restarted SuperNode) and mirrored after the message was handled in full
     (:mod:`flower_split.flower.node_state`); a failed mirror write fails the message.
@@ -226,6 +229,10 @@ def handle(handler: Handler, message: Message, context: Context, overrides: Mapp
     config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
     if validate is not None:
         validate(config, settings)
+    if security is not None and config.security != security:
+        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"ProtocolError: {message.metadata.message_type} "
+                             f"is a split-{security} message and this run is {config.security}: refused"),
+                       reply_to=message)
     if node_role(context.node_config, settings) != TENANT_ROLE:
         return Message(Error(code=NOT_A_TENANT_CODE, reason=f"ProtocolError: {message.metadata.message_type} "
                              "sent to the dealer node, which serves no tenant"), reply_to=message)

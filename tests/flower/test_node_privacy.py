@@ -13,6 +13,7 @@ from flower_split.flower.node_privacy import FLOOR_CONFIG, KEY_CONFIG, node_inpu
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import load_encoder, load_tokenizer, split_encoder
 from flower_split.protocol import ProtocolError
+from flower_split.protocol.input_noise import InputNoise
 
 SETTINGS = FlowerSettings()
 PRIVATE_SETTINGS = FlowerSettings(secure_metrics=False)
@@ -61,8 +62,6 @@ def test_two_sigmas_or_two_tables_under_one_key_would_undo_the_noise(tmp_path, e
     give ``x1 - x2 = e1(ids) - e2(ids)``. Without the pins, the second run was accepted."""
     ids = torch.tensor([load_tokenizer("tiny")("my card was stolen")["input_ids"]])
     key = bytes(range(32))
-    from flower_split.protocol.input_noise import InputNoise
-
     e = embedder(ids).double().detach()
     undone = 2 * _release(InputNoise(1.0, key), embedder, ids) - _release(InputNoise(2.0, key), embedder, ids)
     assert (undone - e).abs().max() < 1e-4  # the attack, on one key

@@ -35,7 +35,7 @@ from flower_split.config import ConfigError
 from flower_split.flower.cloud_state import cloud_checkpoint
 from flower_split.flower.direct_channel import ChannelGrid
 from flower_split.flower.results import Collector, run_entry
-from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.settings import settings_from_run_config, shared_run_name
 from flower_split.flower.sharing_server import make_sharing
 from flower_split.flower.strategy import Report
 from flower_split.flower.strategy_utils import SplitResult
@@ -86,7 +86,7 @@ def run_recorded(grid: Grid, run_config: Mapping[str, Any],
                  on_report: Callable[[Report], None] | None = None, run_id: int = 0) -> SplitResult:
     """:func:`run_cloud` on a metered grid; then ``results.json`` in run-config ``results-dir``."""
     config, settings = settings_from_run_config(run_config)
-    name = backend_for(config, settings).run_name(config)
+    name = shared_run_name(backend_for(config, settings).run_name(config), settings.share)
     collector = Collector(name, "split", settings, settings.min_nodes, progress=False)
 
     def collect(report: Report) -> None:

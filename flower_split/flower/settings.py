@@ -20,6 +20,13 @@ PRIVATE_FLOWER = {"secure_metrics": False, "share": "none"}
 SHARE_SCOPES = ("none", "tail", "head-tail")
 """Run config ``share``: no sharing, the tail adapter, or head and tail adapters (never the classifier)."""
 
+
+
+def shared_run_name(name: str, share: str) -> str:
+    """A split run's name with its sharing scope (``split-plain-share-tail``); unchanged without."""
+    return name if share == "none" else f"{name}-share-{share}"
+
+
 # ``quick = true`` (``flwr run . --run-config quick=true``, ``simulate --quick``): short rounds too
 QUICK_FLOWER = dict(local_steps=10, micro_batches=5)
 

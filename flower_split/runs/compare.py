@@ -16,10 +16,14 @@ A TOML file describes the comparison (see ``simulations/configs/*.toml``)::
     [fedprox]      mu: FedProx's proximal weight (default 0, which is FedAvg)
     [split]        local_steps: micro-batches per tenant and round, or "auto" (default: the mean
                    partition's batches x fedavg.local_epochs, so each round sees as many samples
-                   as a FedAvg round); micro_batches (per Flower message, default 8)
+                   as a FedAvg round); micro_batches (per Flower message, default 8);
+                   share / share_threshold: the ``-share`` runs' cross-tenant sharing scope
+                   ("tail" or "head-tail", default "head-tail") and SecAgg+ threshold
     [compare]      runs: any of "centralized", "fedavg", "fedprox", "local-only", "probes" (linear
                    probes on the frozen body: own rows / pooled rows, reference rows),
-                   "split-plain", "split-secure-he", "split-secure-client" (default: centralized,
+                   "split-plain", "split-secure-he", "split-secure-client", and each of these
+                   with "-share" (adapters averaged across tenants under SecAgg+ after every
+                   round, the classifier personal; docs/secure.md §10) (default: centralized,
                    fedavg and the split runs; the secure runs use the two label
                    protections and skip the whole-test-set evaluation, ``global-eval``, which
                    would cost ten times the per-tenant one);
@@ -50,7 +54,7 @@ from typing import Any
 
 from flower_split.backends import compare_variants
 from flower_split.config import ConfigError
-from flower_split.runs.compare_spec import FEDAVG_KINDS, CompareSpec, load_spec, resolve_local_steps, select_runs
+from flower_split.runs.compare_spec import FEDAVG_KINDS, SHARE_SUFFIX, CompareSpec, load_spec, resolve_local_steps, select_runs
 from flower_split.runs.report import expand_runs, render_report, table_row
 from flower_split.runs.report_plots import plot
 
@@ -67,8 +71,9 @@ def federated_values(spec: CompareSpec, kind: str) -> dict[str, Any]:
         if kind == "local-only":
             values.pop("personalize_epochs", None)  # a local model is its tenant's own already
     else:
+        variant = kind.removesuffix(SHARE_SUFFIX)
         values.update(local_steps=resolve_local_steps(spec), micro_batches=spec.micro_batches,
-                      **compare_variants()[kind])
+                      **compare_variants()[variant], **(spec.sharing if variant != kind else {}))
     return {key.replace("_", "-"): value for key, value in values.items()}
 
 

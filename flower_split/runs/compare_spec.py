@@ -19,9 +19,12 @@ from flower_split.flower.settings import FlowerSettings
 
 SECTIONS = ("run", "federation", "centralized", "fedavg", "fedprox", "split", "compare")
 # the FedAvg family (Flower's FedAvg / FedProx, local-only), the linear probes (reference rows), and
-# the split runs: every security backend's variants (split-plain, split-secure-he, split-secure-client)
+# the split runs: every security backend's variants (split-plain, split-secure-he, split-secure-client),
+# each also with cross-tenant sharing under SecAgg+ (split-plain-share, ...; scope in [split] share)
 FEDAVG_KINDS = {"fedavg": "fedavg", "fedprox": "fedprox", "local-only": "local-only"}
-RUN_KINDS = ("centralized", *FEDAVG_KINDS, "probes", *compare_variants())
+SHARE_SUFFIX = "-share"
+RUN_KINDS = ("centralized", *FEDAVG_KINDS, "probes", *compare_variants(),
+             *(f"{variant}{SHARE_SUFFIX}" for variant in compare_variants()))
 DEFAULT_RUNS = ("centralized", "fedavg", *compare_variants())
 FEDERATION_KEYS = {"num_clients", "rounds", "partition", "eval_every", "eval_initial", "reply_timeout", "global_eval"}
 FEDAVG_KEYS = {"local_epochs", "rounds", "plateau_patience", "plateau_delta", "personalize_epochs"}
@@ -49,6 +52,8 @@ class CompareSpec:
     fedavg_rounds: int = 0
     fedavg_options: dict[str, Any] = field(default_factory=dict)
     proximal_mu: float = 0.0
+    # the ``-share`` runs: Flower settings ``share`` (scope, never "none") and ``share-threshold``
+    sharing: dict[str, Any] = field(default_factory=lambda: {"share": "head-tail"})
 
     def base_config(self) -> RunConfig:
         return RunConfig.from_mapping(self.run)
@@ -101,11 +106,12 @@ def load_spec(path: str | Path) -> CompareSpec:
     epochs = _positive("centralized", "epochs", centralized.get("epochs", rounds * local_epochs), where)
 
     split = tables["split"]
-    _only("split", split, {"local_steps", "micro_batches"}, where)
+    _only("split", split, {"local_steps", "micro_batches", "share", "share_threshold"}, where)
     local_steps = split.get("local_steps", "auto")
     if local_steps != "auto":
         _positive("split", "local_steps", local_steps, where)
     micro_batches = _positive("split", "micro_batches", split.get("micro_batches", 8), where)
+    sharing = _sharing(split, where)
 
     compare = tables["compare"]
     _only("compare", compare, {"runs", "threads"}, where)
@@ -115,7 +121,22 @@ def load_spec(path: str | Path) -> CompareSpec:
         raise ConfigError(f"{where}: compare.runs: expected a non-empty list of {RUN_KINDS}, got {runs!r}")
     return CompareSpec(where, run, num_clients, rounds, partition, flower, epochs, local_epochs,
                        local_steps, micro_batches, list(dict.fromkeys(runs)), threads, raw,
-                       fedavg_rounds, fedavg_options, mu)
+                       fedavg_rounds, fedavg_options, mu, sharing)
+
+
+def _sharing(split: dict[str, Any], where: str) -> dict[str, Any]:
+    """``[split] share`` / ``share_threshold``: the Flower settings of the ``-share`` runs."""
+    sharing = {"share": split.get("share", "head-tail")}
+    if "share_threshold" in split:
+        sharing["share_threshold"] = split["share_threshold"]
+    if sharing["share"] == "none":
+        raise ConfigError(f"{where}: split.share: the -share runs need a scope other than 'none'")
+    try:
+        FlowerSettings(**sharing).validate()
+    except ConfigError as exc:
+        name, _, reason = str(exc).partition(":")
+        raise ConfigError(f"{where}: split.{name.replace('-', '_')}:{reason}") from None
+    return sharing
 
 
 def _run_section(run: dict[str, Any], where: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from flower_split.backends import backend_for, get_backend
 from flower_split.config import ConfigError, RunConfig
 from flower_split.flower.metering import cost_mod
 from flower_split.flower.results import Collector, run_entry
-from flower_split.flower.settings import FlowerSettings, settings_from_run_config
+from flower_split.flower.settings import FlowerSettings, settings_from_run_config, shared_run_name
 
 STRATEGIES = ("split", "fedavg")
 
@@ -46,11 +46,11 @@ def parse_run_config(strategy: str, run_config: Mapping[str, Any]) -> tuple[RunC
     raise ConfigError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
 
 
-def run_name(strategy: str, config: RunConfig, fedavg: Any = None) -> str:
+def run_name(strategy: str, config: RunConfig, fedavg: Any = None, share: str = "none") -> str:
     """The FedAvg-family baseline's name (``fedavg-lora``, ``fedprox-lora``, ``local-lora``), or the
-    split run's from its backend (``split-plain``, ``split-secure-he`` ...)."""
+    split run's from its backend (``split-plain``, ``split-secure-he`` ...) and sharing scope."""
     if strategy == "split":
-        return get_backend(config.security).run_name(config)
+        return shared_run_name(get_backend(config.security).run_name(config), share)
     return fedavg.run_name if fedavg is not None else "fedavg-lora"
 
 
@@ -71,7 +71,7 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     config, settings, fedavg = parse_run_config(strategy, values)  # fail fast, before Ray starts
     if settings.min_nodes > num_clients:
         raise ConfigError(f"min-nodes: {settings.min_nodes} tenants required but only {num_clients} simulated")
-    name = run_name(strategy, config, fedavg)
+    name = run_name(strategy, config, fedavg, settings.share if fedavg is None else "none")
     secure = strategy == "split" and get_backend(config.security).name == "secure"
     dealer_node = secure and not settings.insecure_colocated_dealer
     if dealer_node:  # the dealer is a simulated node of its own (docs/secure.md §9)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from flower_split.cli import main
+from flower_split.runs.compare import federated_values
 from flower_split.runs.compare_spec import load_spec, resolve_local_steps, select_runs
+from flower_split.runs.simulate import parse_run_config, run_name
 from flower_split.runs.report import COLUMNS
 from flower_split.config import ConfigError
 
@@ -65,6 +67,9 @@ def _edit(section: str, key: str, value: object) -> dict[str, dict]:
     (_edit("centralized", "epochs", 0), "centralized.epochs: expected a positive integer"),
     (_edit("compare", "runs", ["fedavg", "magic"]), "compare.runs"),
     (_edit("bogus", "x", 1), "[bogus]: unknown section"),
+    (_edit("split", "share", "classifier"), "split.share: expected one of"),
+    (_edit("split", "share", "none"), "split.share: the -share runs need a scope"),
+    (_edit("split", "share_threshold", 1.5), "split.share_threshold: expected a fraction"),
     ({"run": {"model": "tiny"}, "federation": {"rounds": 1}}, "federation.num_clients: required"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_config_field_is_named(tmp_path: Path, sections: dict, message: str) -> None:
@@ -98,6 +103,25 @@ def test_runs_option_selects_a_subset_and_names_a_bad_one(tmp_path: Path, capsys
     assert main(argv) == 2
     assert "--runs: ['magic'] not among this config's runs" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_share_runs_carry_the_sharing_scope_and_are_named_by_it(tmp_path: Path) -> None:
+    sections = _edit("split", "share", "tail")
+    sections["split"]["share_threshold"] = 0.6
+    sections["compare"] = {"runs": ["split-plain", "split-plain-share", "split-secure-client-share"]}
+    path = tmp_path / "share.toml"
+    path.write_text(_toml(sections))
+    spec = load_spec(path)
+    private, shared = federated_values(spec, "split-plain"), federated_values(spec, "split-plain-share")
+    assert "share" not in private and shared["share"] == "tail" and shared["share-threshold"] == 0.6
+    assert {k: v for k, v in shared.items() if not k.startswith("share")} == private
+    secure = federated_values(spec, "split-secure-client-share")
+    assert secure["security"] == "secure" and secure["label-protection"] == "client" and secure["share"] == "tail"
+    config, settings, _ = parse_run_config("split", {**secure, "min-nodes": 2})
+    assert run_name("split", config, None, settings.share) == "split-secure-client-share-tail"
+    config, settings, _ = parse_run_config("split", {**private, "min-nodes": 2})
+    assert run_name("split", config, None, settings.share) == "split-plain"
+    assert load_spec(CONFIGS / "banking77-10tenants.toml").sharing == {"share": "head-tail"}
 
 
 def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: Path,

@@ -29,11 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from flower_split.flower.records import state_array, state_tensor
 from flower_split.flower.settings import FlowerSettings
+from flower_split.protocol import ProtocolError
 from flower_split.state import StateError, dealer_dir, read_party, tenant_dir, write_party
 from flower_split.state.store import make_private_dir
 from flower_split.state.layout import session_dir
@@ -120,7 +120,7 @@ def _tree(state: RecordDict) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, record in state.items():
         if isinstance(record, ArrayRecord):
-            tree[key] = {"kind": "array", "items": {name: torch.from_numpy(np.array(array.numpy(), copy=True))
+            tree[key] = {"kind": "array", "items": {name: state_tensor(f"{key}.{name}", array)
                                                     for name, array in record.items()}}
         elif isinstance(record, (ConfigRecord, MetricRecord)):
             kind = "config" if isinstance(record, ConfigRecord) else "metric"
@@ -141,9 +141,9 @@ def records_from_tree(tree: object, meta_file: Path) -> dict[str, Any]:
         items = entry["items"]
         try:
             if entry["kind"] == "array":
-                records[key] = ArrayRecord({name: Array(np.ascontiguousarray(t.numpy())) for name, t in items.items()})
+                records[key] = ArrayRecord({name: state_array(f"{key}.{name}", t) for name, t in items.items()})
             else:
                 records[key] = _KINDS[entry["kind"]](items)
-        except (AttributeError, TypeError, ValueError) as exc:
+        except (AttributeError, TypeError, ValueError, ProtocolError) as exc:
             raise StateError(f"{meta_file}: corrupt node state (record {key!r}: {exc})") from exc
     return records

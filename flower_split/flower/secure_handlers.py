@@ -59,7 +59,6 @@ from flower_split.flower.secure_records import (
     pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
 )
 from flower_split.flower.dealer_node import allow_unpinned, pinned_dealer
-from flower_split.flower.live_parties import LiveParties
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
@@ -75,10 +74,6 @@ NEW_SETUP_CONFIG = "allow-new-setup"  # node config: a set-up may replace a trai
 SECURE_ARRAYS, SECURE_CONFIG, SECURE_BATCH, SECURE_LABELS = "secure.arrays", "secure.config", "secure.batch", "secure.labels"
 
 
-LIVE = LiveParties()
-"""This process's live secure parties (:mod:`flower_split.flower.live_parties`)."""
-
-
 def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings, context: Context) -> SecureClientParty:
     head, tail = new_adapters(data, config)
     party = SecureClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps)
@@ -87,13 +82,9 @@ def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings, co
 
 
 def _load(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings) -> SecureClientParty:
-    """The tenant's party: the live one this process saved these records from, else decoded from them."""
     arrays, meta = context.state.get(SECURE_ARRAYS), context.state.get(SECURE_CONFIG)
     if arrays is None or meta is None:
         raise ProtocolError(f"tenant {data.tenant!r}: not set up for secure mode (train.secure_setup first)")
-    live = LIVE.take(_live_key(context, data), meta)
-    if live is not None:
-        return live
     party = _new_party(data, config, settings, context)
     try:
         party.load_state_dict(records_to_state(arrays, meta))
@@ -103,15 +94,9 @@ def _load(context: Context, data: TenantData, config: RunConfig, settings: Flowe
 
 
 def _save(context: Context, party: SecureClientParty) -> None:
-    """The party's records into ``context.state``; the party itself kept live for the next message."""
-    arrays, meta = state_to_records(party.state_dict())
-    LIVE.keep(_live_key(context, party.tenant), meta, party)
+    arrays, meta = state_to_records(party.state_dict(copy=False))  # serialized here at once: no copies needed
     context.state[SECURE_ARRAYS] = arrays
     context.state[SECURE_CONFIG] = meta
-
-
-def _live_key(context: Context, tenant: TenantData | str) -> tuple[int, int, str]:
-    return context.run_id, context.node_id, tenant if isinstance(tenant, str) else tenant.tenant
 
 
 def _cloud_updates(record: ConfigRecord) -> dict[str, int]:

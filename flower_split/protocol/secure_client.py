@@ -353,11 +353,12 @@ class SecureClientParty(SecureStepRunner):
         assert self.halves is not None
         return {k: v.clone() for k, v in self.halves.weights.items()}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
         """Everything needed to resume this party in another process (tensors, bytes, scalars).
 
         Contains the client's secrets (its halves, the dealer key, the CKKS secret keys): store
-        it with the client's own state, never anywhere the cloud can read.
+        it with the client's own state, never anywhere the cloud can read. ``copy=False``: the
+        live tensors, not copies, for a caller that serializes them at once and keeps nothing.
         """
         return {
             "tenant": self.tenant, "label_protection": self.label_protection, "train_head": self.train_head,
@@ -367,9 +368,9 @@ class SecureClientParty(SecureStepRunner):
             "dealer_public": self.dealer_public,
             "he_keys": self.he_keys.to_bytes() if self.he_keys is not None else None,
             "he_pending_keys": self._pending_he_keys.to_bytes() if self._pending_he_keys is not None else None,
-            "halves": self.halves.state_dict() if self.halves is not None else None,
+            "halves": self.halves.state_dict(copy) if self.halves is not None else None,
             "next_step": self._next_step,
-            "step": export_step(self._step) if self._step is not None else None,
+            "step": export_step(self._step, copy) if self._step is not None else None,
             "pre_step": None if self._pre_step is None else
             {"weights": self._pre_step[0], "buffers": self._pre_step[1], "updates": self._pre_step[2]},
             "label_dp": self.label_noise.state_dict() if self.label_noise is not None else None,

@@ -161,9 +161,9 @@ class Halves:
                 self.buffers[name] = buf
         self.updates[group] += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": {k: v.clone() for k, v in self.weights.items()},
-                "buffers": {k: v.clone() for k, v in self.buffers.items()},
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        return {"weights": {k: v.clone() if copy else v for k, v in self.weights.items()},
+                "buffers": {k: v.clone() if copy else v for k, v in self.buffers.items()},
                 "updates": dict(self.updates), "optim": self.optim.as_dict(),
                 "frac_bits": self.frac_bits, "grad_scale_bits": self.grad_scale_bits}
 

@@ -21,24 +21,29 @@ from flower_split.protocol.secure_party import StepState
 from flower_split.protocol.secure_steps import StepSpec
 
 
-def export_value(value: Any) -> Any:
-    """Plain (tensors, bytes, scalars, dicts, lists) copy of a step value."""
+def export_value(value: Any, copy: bool = True) -> Any:
+    """Plain (tensors, bytes, scalars, dicts, lists) form of a step value; with ``copy=False`` its
+    tensors are the live ones (for a caller that serializes them at once and keeps nothing)."""
     if isinstance(value, PartyState):
         pending = None
         if value.pending is not None:
-            pending = {"stage": value.pending[0], "products": [_export_pending(p) for p in value.pending[1]]}
+            pending = {"stage": value.pending[0], "products": [_export_pending(p, copy) for p in value.pending[1]]}
         return {"__party_state__": value.party, "scope": value.scope,
-                "values": {k: {"data": v.data.contiguous().clone(), "frac_bits": v.frac_bits}
+                "values": {k: {"data": _copy(v.data, copy), "frac_bits": v.frac_bits}
                            for k, v in value.values.items()},
-                "masks": {k: _export_mask(m) for k, m in value.masks.items()},
+                "masks": {k: _export_mask(m, copy) for k, m in value.masks.items()},
                 "pending": pending}
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
+        return _copy(value.detach().cpu(), copy)
     if isinstance(value, dict):
-        return {k: export_value(v) for k, v in value.items()}
+        return {k: export_value(v, copy) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [export_value(v) for v in value]
+        return [export_value(v, copy) for v in value]
     return value
+
+
+def _copy(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+    return tensor.contiguous().clone() if copy else tensor
 
 
 def import_value(value: Any) -> Any:
@@ -56,17 +61,16 @@ def import_value(value: Any) -> Any:
     return value
 
 
-def _export_mask(m: MaskRecord) -> dict[str, Any]:
-    return {"shape": list(m.shape), "share": m.share.contiguous().clone(), "digest": m.digest,
-            "sent": m.sent.contiguous().clone(),
-            "received": None if m.received is None else m.received.contiguous().clone()}
+def _export_mask(m: MaskRecord, copy: bool) -> dict[str, Any]:
+    return {"shape": list(m.shape), "share": _copy(m.share, copy), "digest": m.digest,
+            "sent": _copy(m.sent, copy), "received": None if m.received is None else _copy(m.received, copy)}
 
 
 def _import_mask(d: dict[str, Any]) -> MaskRecord:
     return MaskRecord(tuple(d["shape"]), d["share"], d["digest"], d["sent"], d["received"])
 
 
-def _export_pending(p: PendingProduct) -> dict[str, Any]:
+def _export_pending(p: PendingProduct, copy: bool) -> dict[str, Any]:
     material = p.material
     tensors = {"a": material.a, "c": material.c}
     if isinstance(material, Triple):
@@ -74,8 +78,8 @@ def _export_pending(p: PendingProduct) -> dict[str, Any]:
     return {"op": p.request.op.value, "x_shape": list(p.request.x_shape),
             "y_shape": None if p.request.y_shape is None else list(p.request.y_shape),
             "party": p.party, "out_frac_bits": p.out_frac_bits, "truncate_bits": p.truncate_bits,
-            "x": p.x.contiguous().clone(), "sent": [t.clone() for t in p.sent],
-            "material": {k: v.clone() for k, v in tensors.items()}}
+            "x": _copy(p.x, copy), "sent": [_copy(t, copy) for t in p.sent],
+            "material": {k: _copy(v, copy) for k, v in tensors.items()}}
 
 
 def _import_pending(d: dict[str, Any]) -> PendingProduct:
@@ -86,9 +90,9 @@ def _import_pending(d: dict[str, Any]) -> PendingProduct:
                           tuple(d["sent"]), material)
 
 
-def export_step(st: StepState) -> dict[str, Any]:
-    return {"spec": dict(vars(st.spec)), "pc": st.pc, "seq": st.seq, "inbox": export_value(st.inbox),
-            "ctx": {k: export_value(v) for k, v in st.ctx.items() if not k.startswith("_")}}
+def export_step(st: StepState, copy: bool = True) -> dict[str, Any]:
+    return {"spec": dict(vars(st.spec)), "pc": st.pc, "seq": st.seq, "inbox": export_value(st.inbox, copy),
+            "ctx": {k: export_value(v, copy) for k, v in st.ctx.items() if not k.startswith("_")}}
 
 
 def import_step(state: dict[str, Any]) -> StepState:

@@ -1,0 +1,103 @@
+"""The party-state codec of ``Context.state`` (raw little-endian tensors, ``records.STATE_STYPE``).
+
+Exact round trips for every stored dtype, states in Flower's older ``.npy`` arrays still load,
+malformed arrays are named, and a secure tenant's saved records are a snapshot even though it
+serializes its live tensors without copying them first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+
+from flower_helpers import LocalGrid
+from flower_split.apps.client_app import make_client_app
+from flower_split.flower import secure_handlers
+from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.tenant import tenant_data
+from flower_split.flower.records import STATE_STYPE, records_to_state, state_array, state_tensor, state_to_records
+from flower_split.protocol import ProtocolError
+
+from test_secure_flower import SECURE, _strategy
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.randn(3, 4), torch.randn(2, dtype=torch.float64), torch.randint(-2**62, 2**62, (5, 2, 3)),
+    torch.randint(-9, 9, (4,), dtype=torch.int32), torch.rand(3, 3) > 0.5, torch.tensor(7), torch.zeros(0, 3),
+    torch.arange(12.0).reshape(3, 4).t(),  # not contiguous
+], ids=lambda t: f"{t.dtype}{list(t.shape)}")
+def test_state_tensors_round_trip_exactly(tensor: torch.Tensor) -> None:
+    array = state_array("x", tensor)
+    assert array.stype == STATE_STYPE and len(array.data) == tensor.numel() * tensor.element_size()
+    back = state_tensor("x", array)
+    assert back.dtype == tensor.dtype and torch.equal(back, tensor)
+    back.zero_() if back.numel() else None  # a copy: the Array's bytes are untouched
+    assert torch.equal(state_tensor("x", array), tensor)
+
+
+def test_state_saved_in_flower_npy_arrays_still_loads_and_bad_arrays_are_named() -> None:
+    old = Array(np.arange(6, dtype=np.int64).reshape(2, 3))  # the format before STATE_STYPE
+    assert torch.equal(state_tensor("old", old), torch.arange(6).reshape(2, 3))
+    good = state_array("x", torch.arange(6))
+    for bad, reason in ((Array(dtype="int64", shape=(7,), stype=STATE_STYPE, data=good.data), "do not hold"),
+                        (Array(dtype="int64", shape=(2, 2), stype=STATE_STYPE, data=good.data), "do not hold"),
+                        (Array(dtype="float16", shape=(6,), stype=STATE_STYPE, data=good.data), "unsupported dtype"),
+                        (Array(dtype="int64", shape=(-1,), stype=STATE_STYPE, data=good.data), "do not hold")):
+        with pytest.raises(ProtocolError, match=f"state\\[t0\\].*{reason}"):
+            records_to_state(ArrayRecord({"t0": bad}), state_to_records({"x": torch.arange(6)})[1])
+    with pytest.raises(ProtocolError, match="bfloat16"):
+        state_array("w", torch.zeros(2, dtype=torch.bfloat16))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
+def test_saved_records_never_alias_the_live_party_mid_step(task_identity: None, tmp_path) -> None:
+    """The tenant saves ``state_dict(copy=False)`` (no clones): the records must still be a snapshot."""
+    config = {**SECURE, "label-protection": "client", "local-steps": 1, "num-server-rounds": 1}
+    app = make_client_app(config)
+    mid_step: list[dict] = []
+
+    def watching_app(message: Message, context: Context) -> Message:
+        reply = app(message, context)
+        if context.node_id == 1 and message.metadata.message_type == "train.secure_next" and not mid_step:
+            mid_step.append(dict(context.state.items()))
+        return reply
+
+    _strategy().start(LocalGrid(watching_app, 2, dealer=tmp_path), 1, eval_every=0)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2,
+                                                        "allow-unpinned-dealer": True},
+                      state=RecordDict(mid_step[0]), run_config={})
+    settings_config, settings = settings_from_run_config(config)
+    data = tenant_data(settings_config, settings, context.node_config)
+    party = secure_handlers._load(context, data, settings_config, settings)
+    assert party.state_dict()["step"] is not None  # mid-step: masks, pending products, inbox
+    before = records_to_state(context.state["secure.arrays"], context.state["secure.config"])
+    secure_handlers._save(context, party)
+    saved = records_to_state(context.state["secure.arrays"], context.state["secure.config"])
+    assert _equal(saved, before) and _equal(saved, party.state_dict())
+    live = _tensors(party.state_dict(copy=False))
+    assert len(live) > 20
+    for tensor in live:  # the party moves on in place after the save ...
+        tensor.add_(1) if tensor.dtype != torch.bool else tensor.logical_not_()
+    again = records_to_state(context.state["secure.arrays"], context.state["secure.config"])
+    assert _equal(again, before)  # ... and the records do not
+    assert not _equal(party.state_dict(), before)

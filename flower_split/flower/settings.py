@@ -17,8 +17,9 @@ from flower_split.config import PRIVATE, QUICK, ConfigError, RunConfig
 # label), no cross-tenant sharing (the cloud learns the average of label-trained adapters)
 PRIVATE_FLOWER = {"secure_metrics": False, "share": "none"}
 
-SHARE_SCOPES = ("none", "tail", "head-tail")
-"""Run config ``share``: no sharing, the tail adapter, or head and tail adapters (never the classifier)."""
+SHARE_SCOPES = ("none", "tail", "head-tail", "all")
+"""Run config ``share``: no sharing, the tail adapter, head and tail adapters (the classifier stays
+personal), or everything with the classifier (each tenant keeps its last round's fine-tuned copy)."""
 
 
 
@@ -94,8 +95,9 @@ class FlowerSettings:
     ``share`` (opt-in cross-tenant sharing, :mod:`flower_split.flower.sharing_server`: after
     every training round the chosen adapter parameters are averaged across the round's tenants
     under Flower's SecAgg+, each tenant keeping the rest (its classifier) personal; ``none``
-    (default), ``tail`` (the tail adapter without the classifier) or ``head-tail`` (head and
-    tail adapters: everything but the classifier); docs/secure.md §10),
+    (default), ``tail`` (the tail adapter without the classifier), ``head-tail`` (head and
+    tail adapters: everything but the classifier) or ``all`` (the classifier too, after every
+    round but the last: each tenant keeps the copy it fine-tuned in the last round); docs/secure.md §10),
     ``share-threshold`` (SecAgg+'s reconstruction threshold as a fraction of the tenants in the
     aggregation, at least 2 of them: the aggregate survives up to ``n - max(2, round(f * n))``
     drop-outs; default 0.5),

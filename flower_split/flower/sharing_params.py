@@ -4,7 +4,9 @@ Both sides (the cloud's :mod:`~flower_split.flower.sharing_server` and the tenan
 :mod:`~flower_split.flower.sharing_client`) take the names and the encodings from here.
 
 **Names.** ``share = "tail"``: the tail adapter without the classifier; ``"head-tail"``: head
-and tail adapters. The classifier always stays personal (FedPer / FedRep).
+and tail adapters; the classifier stays personal (FedPer / FedRep). ``"all"``: the classifier
+too, but not after the last round: each tenant keeps the copy it fine-tuned from the average in
+the last round (:data:`FINE_TUNED_COPY`).
 
 **Plain.** Flower's SecAgg+ quantizes each float into ``[-clip, clip]`` with
 :data:`PLAIN_QUANTIZATION` (2^22 levels over ``[-8, 8]``: stochastic rounding, error
@@ -51,8 +53,15 @@ HALVES = {"plain": False, "secure": True}
 
 PLAIN_NAMES = {"tail": ("tail.adapter.down.weight", "tail.adapter.up.weight"),
                "head-tail": ("head.down.weight", "head.up.weight", "tail.adapter.down.weight",
-                             "tail.adapter.up.weight")}
-SECURE_NAMES = {"tail": ("tail.A", "tail.B"), "head-tail": ("head.A", "head.B", "tail.A", "tail.B")}
+                             "tail.adapter.up.weight"),
+               "all": ("head.down.weight", "head.up.weight", "tail.adapter.down.weight", "tail.adapter.up.weight",
+                       "tail.classifier.weight", "tail.classifier.bias")}
+SECURE_NAMES = {"tail": ("tail.A", "tail.B"), "head-tail": ("head.A", "head.B", "tail.A", "tail.B"),
+                "all": ("head.A", "head.B", "tail.A", "tail.B", "cls.Wc", "cls.bc")}
+
+FINE_TUNED_COPY = frozenset({"all"})
+"""Scopes that share nothing after the last round: each tenant's final model is its own fine-tuned
+copy of the average (the personal part, when the classifier is shared too)."""
 
 
 def shared_names(security: str, scope: str) -> tuple[str, ...]:

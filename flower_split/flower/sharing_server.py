@@ -51,7 +51,7 @@ from flwr.serverapp import Grid
 from flower_split.flower.contract import ConfigKey, MessageType, RecordKey
 from flower_split.flower.metering import record_bytes
 from flower_split.flower.sharing_params import (
-    average_half, decode_sum, halves, lift_tenant_sum, quantization, ring_sum, shared_names,
+    FINE_TUNED_COPY, average_half, decode_sum, halves, lift_tenant_sum, quantization, ring_sum, shared_names,
 )
 
 
@@ -148,9 +148,14 @@ class SecAggSharing:
         self.threshold, self.timeout = threshold, timeout
         self.quantization = quantization(security)
 
-    def __call__(self, strategy: Any, grid: Grid, server_round: int, tenants: list[str]) -> ShareReport:
-        """Average the shared parameters of ``tenants`` (those that finished the round)."""
+    def __call__(self, strategy: Any, grid: Grid, server_round: int, tenants: list[str],
+                 final: bool = False) -> ShareReport:
+        """Average the shared parameters of ``tenants`` (those that finished the round); after the
+        ``final`` round, nothing for a :data:`FINE_TUNED_COPY` scope."""
         report = ShareReport(server_round)
+        if final and self.scope in FINE_TUNED_COPY:
+            log(INFO, "sharing, round %d (the last): none; each tenant keeps its fine-tuned copy", server_round)
+            return report
         started = time.perf_counter()
         nodes = {t: n for n, t in strategy.tenant_of.items() if t in tenants}
         if len(nodes) < 2:

@@ -102,7 +102,7 @@ class SplitStrategyBase(ABC):
         self.checkpoint: Callable[[int], None] | None = None  # saves the strategy (flower.cloud_state)
         self.progress: tuple[int, int] = (0, 0)  # (round in progress, its training steps done)
         # opt-in cross-tenant sharing after each training round (flower.sharing_server; None: off)
-        self.sharing: Callable[[Any, Grid, int, list[str]], Any] | None = None
+        self.sharing: Callable[..., Any] | None = None  # (strategy, grid, round, tenants, final=...)
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -188,10 +188,10 @@ class SplitStrategyBase(ABC):
         for server_round in range(first_round, num_rounds + 1):
             report = self.train_round(grid, server_round)
             self.trained.update(report.tenants)
-            if self.sharing is not None:
-                report.sharing = self.sharing(self, grid, server_round, report.tenants)
-            emit(report)
             last = server_round == num_rounds
+            if self.sharing is not None:
+                report.sharing = self.sharing(self, grid, server_round, report.tenants, final=last)
+            emit(report)
             scopes = ["tenant"] if last or (eval_every and server_round % eval_every == 0) else []
             for scope in scopes + (["global"] if last and self.global_eval else []):
                 emit(self.evaluate(grid, server_round, scope))

@@ -44,13 +44,22 @@ class Recording(SecAggSharing):
 
     def __init__(self, grid: LocalGrid, *args: Any) -> None:
         super().__init__(*args)
-        self.grid, self.before, self.after, self.strategy = grid, {}, {}, None
+        self.grid, self.strategy = grid, None
+        self.rounds: dict[int, tuple[dict, dict]] = {}  # round -> (before, after)
 
-    def __call__(self, strategy: Any, grid: Any, server_round: int, tenants: list[str]) -> Any:
+    @property
+    def before(self) -> dict:
+        return self.rounds[1][0]
+
+    @property
+    def after(self) -> dict:
+        return self.rounds[1][1]
+
+    def __call__(self, strategy: Any, grid: Any, server_round: int, tenants: list[str], final: bool = False) -> Any:
         self.strategy = strategy
-        self.before = {n: self.snapshot(strategy, n) for n in self.grid.contexts if n in strategy.tenant_of}
-        report = super().__call__(strategy, grid, server_round, tenants)
-        self.after = {n: self.snapshot(strategy, n) for n in self.before}
+        before = {n: self.snapshot(strategy, n) for n in self.grid.contexts if n in strategy.tenant_of}
+        report = super().__call__(strategy, grid, server_round, tenants, final=final)
+        self.rounds[server_round] = (before, {n: self.snapshot(strategy, n) for n in before})
         return report
 
     def snapshot(self, strategy: Any, node: int) -> dict[str, torch.Tensor]:
@@ -149,6 +158,24 @@ def test_plain_sharing_averages_the_shared_parameters_only(scope: str, task_iden
                 assert not any(a.shape == q.shape and np.abs(a - q).max() < 2 for a in arrays)
 
 
+def test_plain_sharing_all_averages_the_classifier_too_and_keeps_the_last_rounds_copies(
+        task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = {**PLAIN, "share": "all", "num-server-rounds": 2}
+    grid = LocalGrid(make_client_app(config), 3)
+    sharing, rounds = _plain_run(monkeypatch, config, grid)
+    assert rounds[0].sharing.tenants == ["tenant-0", "tenant-1", "tenant-2"] and rounds[0].sharing.round_trips == 5
+    before, after = sharing.rounds[1]
+    for name in before[1]:  # every parameter, the classifier included, is the mean after round 1
+        mean = sum(before[n][name] for n in before) / 3
+        assert all((after[n][name] - mean).abs().max() < 4e-6 for n in after), name
+    assert not torch.equal(before[1]["tail.classifier.weight"], before[2]["tail.classifier.weight"])
+    # after the last round nothing is shared: each tenant keeps the copy it fine-tuned from the mean
+    assert rounds[1].sharing.tenants == [] and rounds[1].sharing.round_trips == 0
+    final_before, final_after = sharing.rounds[2]
+    assert all(torch.equal(final_after[n][k], final_before[n][k]) for n in final_after for k in final_after[n])
+    assert not torch.equal(final_after[1]["tail.classifier.weight"], final_after[2]["tail.classifier.weight"])
+
+
 def test_sharing_off_changes_nothing(task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:
     grid = Spying(make_client_app(PLAIN), 3)
     reports: list = []
@@ -180,24 +207,30 @@ def test_a_tenant_that_fails_in_sharing_does_not_sink_the_others(stage: int, tas
     assert torch.equal(sharing.after[3]["tail.adapter.up.weight"], sharing.before[3]["tail.adapter.up.weight"])
 
 
-def test_secure_sharing_halves_reconstruct_the_average_adapter(task_identity: None, tmp_path) -> None:
-    config = {**SECURE, "share": "tail"}
+@pytest.mark.parametrize("scope", ["tail", "all"])
+def test_secure_sharing_halves_reconstruct_the_average_adapter(scope: str, task_identity: None, tmp_path) -> None:
+    config = {**SECURE, "share": scope}
     grid = Spying(make_client_app(config), 3, dealer=tmp_path)
     _, body = split_encoder(load_encoder("tiny", seed=0))
     strategy = SecureSplitStrategy(SecureCloudParty(body, None), NodeDealer(120.0), local_steps=2,
                                    reply_timeout=120.0, global_eval=False)
-    sharing = Recording(grid, "secure", "tail", 0.5, 120.0)
+    sharing = Recording(grid, "secure", scope, 0.5, 120.0)
     strategy.sharing = sharing
     reports: list = []
-    strategy.start(grid, 1, eval_every=0, on_report=reports.append)
+    rounds = 2 if scope == "all" else 1  # "all" shares after every round but the last
+    strategy.start(grid, rounds, eval_every=0, on_report=reports.append)
     report = [r for r in reports if isinstance(r, RoundReport)][0].sharing
     assert report.tenants == ["tenant-0", "tenant-1", "tenant-2"] and report.round_trips == 5
+    if scope == "all":
+        last = [r for r in reports if isinstance(r, RoundReport)][-1].sharing
+        assert last.tenants == [] and last.round_trips == 0  # each tenant keeps its fine-tuned copy
+    shared = ("tail.",) if scope == "tail" else ("tail.", "head.", "cls.")
     nodes = sorted(sharing.before)
-    for name in ("tail.A", "tail.B", "head.A", "cls.Wc"):
+    for name in ("tail.A", "tail.B", "head.A", "cls.Wc", "cls.bc"):
         models = {n: decode(sharing.before[n][f"client/{name}"] + sharing.before[n][f"cloud/{name}"]) for n in nodes}
         after = {n: decode(sharing.after[n][f"client/{name}"] + sharing.after[n][f"cloud/{name}"]) for n in nodes}
         for node in nodes:
-            if name.startswith("tail."):  # client halves + cloud halves = the mean adapter (1 LSB)
+            if name.startswith(shared):  # client halves + cloud halves = the mean adapter (1 LSB)
                 assert (after[node] - sum(models.values()) / 3).abs().max() <= 2 * 2.0 ** -16
             else:
                 assert torch.equal(after[node], models[node])

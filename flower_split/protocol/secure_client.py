@@ -356,9 +356,8 @@ class SecureClientParty(SecureStepRunner):
     def state_dict(self, copy: bool = True) -> dict[str, Any]:
         """Everything needed to resume this party in another process (tensors, bytes, scalars).
 
-        Contains the client's secrets (its halves, the dealer key, the CKKS secret keys): store
-        it with the client's own state, never anywhere the cloud can read. ``copy=False``: the
-        live tensors, not copies, for a caller that serializes them at once and keeps nothing.
+        Contains the client's secrets (its halves, the dealer key, the CKKS secret keys): store it
+        with the client's own state, never where the cloud can read. ``copy=False``: live tensors.
         """
         return {
             "tenant": self.tenant, "label_protection": self.label_protection, "train_head": self.train_head,

@@ -18,7 +18,7 @@ A TOML file describes the comparison (see ``simulations/configs/*.toml``)::
                    partition's batches x fedavg.local_epochs, so each round sees as many samples
                    as a FedAvg round); micro_batches (per Flower message, default 8);
                    share / share_threshold: the ``-share`` runs' cross-tenant sharing scope
-                   ("tail" or "head-tail", default "head-tail") and SecAgg+ threshold
+                   ("tail", "head-tail" or "all", default "head-tail") and SecAgg+ threshold
     [compare]      runs: any of "centralized", "fedavg", "fedprox", "local-only", "probes" (linear
                    probes on the frozen body: own rows / pooled rows, reference rows),
                    "split-plain", "split-secure-he", "split-secure-client", and each of these

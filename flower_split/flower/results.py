@@ -9,9 +9,10 @@ ClientApp carries no cost meter).
 
 from __future__ import annotations
 
+
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable
 
 from flwr.serverapp import Grid
@@ -135,6 +136,10 @@ def _tenant(costs: NodeCosts, node: int) -> str:
     return f"tenant-{costs.partition_id}" if costs.partition_id >= 0 else f"node-{node}"
 
 
+def _sharing_row(report: Any) -> dict | None:
+    return asdict(report) if is_dataclass(report) else None
+
+
 def round_rows(collected: Collected, epochs: int) -> list[dict]:
     """results.json ``rounds``: accuracy, loss, bytes and time of every round (round 0: initial evaluation)."""
     evaluations = {report.server_round: report for report, _ in collected.evaluations}
@@ -169,6 +174,9 @@ def round_rows(collected: Collected, epochs: int) -> list[dict]:
             # split with target-loss: tenant -> the round its own loss reached the target
             "stopped": dict(getattr(report, "stopped", {}) or {}),
             "label_dp_epsilon": dict(getattr(report, "label_dp_epsilon", {}) or {}),
+            # split with share: the round's SecAgg+ phase (tenants, dropped, round trips, bytes to and
+            # from all tenants together, threshold, seconds); its traffic is in bytes_up/down too
+            "sharing": _sharing_row(getattr(report, "sharing", None)),
         })
     initial = evaluations.get(0)
     initial_global = global_evals.get(0)

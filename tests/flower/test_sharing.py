@@ -6,6 +6,7 @@ real ones; the network is the in-process grid of the other Flower tests.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 import flower_split.apps.server_app as server_app
 from flower_split.apps.client_app import make_client_app
-from flower_split.apps.server_app import run_cloud
+from flower_split.apps.server_app import run_cloud, run_recorded
 from flower_split.config import ConfigError
 from flower_split.flower.dealer_link import NodeDealer
 from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
@@ -174,6 +175,16 @@ def test_plain_sharing_all_averages_the_classifier_too_and_keeps_the_last_rounds
     final_before, final_after = sharing.rounds[2]
     assert all(torch.equal(final_after[n][k], final_before[n][k]) for n in final_after for k in final_after[n])
     assert not torch.equal(final_after[1]["tail.classifier.weight"], final_after[2]["tail.classifier.weight"])
+
+
+def test_results_json_records_each_rounds_sharing_phase(task_identity: None, tmp_path) -> None:
+    config = {**PLAIN, "share": "tail", "results-dir": str(tmp_path)}
+    run_recorded(LocalGrid(make_client_app(config), 3), config)
+    (row,) = json.loads((tmp_path / "results.json").read_text())["runs"][0]["rounds"][-1:]
+    sharing = row["sharing"]
+    assert sharing["tenants"] == ["tenant-0", "tenant-1", "tenant-2"] and sharing["dropped"] == {}
+    assert sharing["round_trips"] == 5 and sharing["threshold"] == 2
+    assert 0 < sharing["bytes_to_tenants"] < 3 * row["bytes_down"] and 0 < sharing["bytes_from_tenants"]
 
 
 def test_sharing_off_changes_nothing(task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,7 +66,7 @@ class RunConfig:
     # split model
     head_rank: int = 64
     tail_bottleneck: int = 256
-    tail_input: str = "tokens"   # the tail adapter on every token, or on the mean-pooled body output
+    tail_input: str = "pooled"   # the tail adapter on the mean-pooled body output, or on every token
     activation: str = "quad"
     train_head: bool = True
     optimizer: str = "sgd"

@@ -73,7 +73,8 @@ def load_common(root: str | Path, tenant: str) -> SavedRun:
     saved = read_party(tenant_dir(root, tenant), TENANT)
     meta = saved.meta
     try:
-        config = RunConfig.from_mapping(meta["config"])
+        # a run saved before tail_input existed ran its tail on every token (today's default pools)
+        config = RunConfig.from_mapping({"tail_input": "tokens", **meta["config"]})
         label_names = [str(name) for name in meta["label_names"]]
         total_steps = int(meta["total_steps"])
     except (KeyError, TypeError, ValueError, ConfigError) as exc:

@@ -54,12 +54,19 @@ def test_secure_run_records_what_the_cloud_decodes(tmp_path, protection: str) ->
     assert transcript.meta["label_protection"] == protection
 
 
-def test_recorded_secure_gradient_is_in_plain_units(tmp_path) -> None:
-    """Secure dL/dh is opened scaled by 2^grad_scale_bits; the recorder divides the public scale out."""
-    same_start = {"max_train_samples": 8, "insecure_reproducible_init": True}  # both runs from one adapter start
+@pytest.mark.parametrize("tail_input", ["tokens", "pooled"])
+def test_recorded_secure_gradient_is_in_plain_units(tail_input: str, tmp_path) -> None:
+    """Secure dL/dh is opened scaled by 2^grad_scale_bits; the recorder divides the public scale out.
+    With a pooled tail, secure opens it per sequence (the gradient of the pooled input, the sum of
+    plain's per-token gradients over the tokens), plain sends it per token."""
+    same_start = {"max_train_samples": 8, "insecure_reproducible_init": True,  # both runs from one adapter start
+                  "tail_input": tail_input}
     _, plain = recorded(tmp_path / "plain", **same_start)
     _, secure = recorded(tmp_path / "secure", security="secure", label_protection="client", **same_start)
     a, b = plain.views[0].grad_h, secure.views[0].grad_h
+    if tail_input == "pooled":
+        assert a.dim() == 3 and b.dim() == 2
+        a = a.sum(1)
     assert a.shape == b.shape
     torch.testing.assert_close(b, a, atol=2e-3 * float(a.abs().max()) + 1e-4, rtol=0.05)
 

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid
 
 from flower_split.flower.local_grid import LocalGrid as BaseLocalGrid
+from flower_split.flower.sharing_keys import KEY_FILES
 from flower_split.protocol.dealer_identity import new_identity, save_identity
 
 
@@ -74,12 +75,15 @@ class LocalGrid(BaseLocalGrid):
     config ``role = "dealer"`` with a fresh key file written there) and every tenant pins its
     public key, as in a deployment. ``unpinned``: the tenants accept an unsigned hello (their
     own ``allow-unpinned-dealer``; for a strategy with the dealer co-located, insecure).
-    ``node_config``: more node config for every node (e.g. ``state-dir``).
+    ``node_config``: more node config for every node (e.g. ``state-dir``). ``sharing_keys``: a
+    directory; then every tenant gets a sharing key of its own there and pins the others' (node
+    config ``share-key`` / ``share-peers``, as in a deployment).
     """
 
     def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
                  intercept: Callable[[int, str], str | None] | None = None, dealer: str | Path | None = None,
-                 unpinned: bool = False, node_config: dict[str, object] | None = None) -> None:
+                 unpinned: bool = False, node_config: dict[str, object] | None = None,
+                 sharing_keys: str | Path | None = None) -> None:
         self.intercept = intercept or (lambda node, kind: None)
         extra = dict(node_config or {})
         pinned: dict[str, object] = {"allow-unpinned-dealer": True} if unpinned else {}
@@ -91,6 +95,12 @@ class LocalGrid(BaseLocalGrid):
             self.dealer_node = num_nodes + 1
         for node in range(1, num_nodes + 1):
             configs[node] = {"partition-id": node - 1, "num-partitions": num_nodes, **pinned, **extra}
+        if sharing_keys is not None:
+            keys = {node: save_identity(new_identity(), Path(sharing_keys) / str(node), KEY_FILES)
+                    for node in range(1, num_nodes + 1)}
+            for node, (private, _) in keys.items():
+                peers = ",".join(public.read_text().strip() for other, (_, public) in keys.items() if other != node)
+                configs[node].update({"share-key": str(private), "share-peers": peers})
         super().__init__(client_app, dict(sorted(configs.items())))
 
     def deliver(self, message: Message) -> Message | None:

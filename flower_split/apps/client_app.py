@@ -108,7 +108,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     getattr(client_app, category)(action)(_bind_role(extra))
     category, action = split_type(MessageType.CHANNEL_OPEN)
     getattr(client_app, category)(action)(_no_channel)
-    register_sharing(client_app, lambda handler: _bind(handler, extra))
+    register_sharing(client_app, lambda handler: _bind(handler, extra), extra)
     return client_app
 
 

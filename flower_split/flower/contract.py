@@ -74,6 +74,8 @@ class RecordKey:
     MATERIAL = "material"    # ArrayRecord: sealed material by tenant (uint8)
     SHARED = "shared"        # ArrayRecord: the aggregate of the shared parameters (flower.sharing_*)
     FIT_CONFIG = "fitins.config"  # ConfigRecord: the config Flower's SecAgg+ workflow forwards (its FitIns)
+    SHARE_SIGNATURE = "share.signature"    # ConfigRecord {signed: [key, signature]}: a tenant's SecAgg+ keys, signed
+    SHARE_SIGNATURES = "share.signatures"  # ConfigRecord {node id: [key, signature]}: relayed with the key exchange
 
 
 class ConfigKey:

@@ -32,6 +32,7 @@ from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
 from flower_split.flower.records import config_value, pack_messages, read_config, records_to_state, state_to_records, unpack_messages
 from flower_split.flower.settings import FlowerSettings
+from flower_split.flower.sharing_policy import note_training_begin, note_training_step
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
 )
@@ -97,6 +98,8 @@ def _head_fwd(message: Message, context: Context, config: RunConfig, settings: F
     record = read_config(message.content)
     count = _num_batches(record, settings)
     party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=_known(record))
+    if ConfigKey.SERVER_ROUND in record:
+        note_training_begin(context, config_value(record, ConfigKey.SERVER_ROUND, int))
     cursor = Cursor.load(context.state)
     batches = train_batches(data, config, cursor, count, randomized_labels(context, config, data))
     outputs = [party.begin(batch, train=True) for batch in batches]
@@ -136,6 +139,7 @@ def _head_bwd(message: Message, context: Context, config: RunConfig, settings: F
         if party.handle(head_grad) is not None:
             raise ProtocolError(f"step {head_grad.step}: unexpected reply after HeadGrad")
     _save_party(context, party)
+    note_training_step(context, len(incoming))
     return RecordDict({RecordKey.METRICS: MetricRecord({MetricKey.STEPS: len(incoming)})})
 
 

@@ -60,6 +60,7 @@ from flower_split.flower.secure_records import (
 )
 from flower_split.flower.dealer_node import allow_unpinned, pinned_dealer
 from flower_split.flower.settings import FlowerSettings
+from flower_split.flower.sharing_policy import note_training_begin, note_training_step
 from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, next_batch_shape, randomized_labels, train_batches,
@@ -148,6 +149,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     if stopped:  # the tenant's own loss reached its target: no step, the round it stopped
         _save(context, party)
         return RecordDict({RecordKey.SYNC: _sync(party), RecordKey.METRICS: MetricRecord({MetricKey.STOPPED: stopped})})
+    note_training_begin(context, config_value(instruction, ConfigKey.SERVER_ROUND, int))
     cursor = Cursor.load(context.state)
     batches = train_batches(data, config, cursor, 1, randomized_labels(context, config, data))
     if not batches:
@@ -228,6 +230,8 @@ def secure_next(message: Message, context: Context, config: RunConfig, settings:
         result = party.pop_result(incoming.step)
         if incoming.train and result.loss is not None:
             note_loss(context, float(result.loss))
+        if incoming.train:
+            note_training_step(context)
         metrics: dict[str, int | float | list[int]] = {MetricKey.DONE: 1}
         predicted = None if incoming.train else _predictions(context, config, settings, result)
         if predicted is not None:  # the node's own texts: predictions to its own file, a count to the cloud

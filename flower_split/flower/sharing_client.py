@@ -16,7 +16,7 @@ count ``n``; the tenant's new half is ``-floor(-C / n)``, the cloud's is ``floor
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from flower_split.flower.plain_handlers import _load_party, _save_party
 from flower_split.flower.records import config_value
 from flower_split.flower.secure_handlers import _load, _save
 from flower_split.flower.settings import FlowerSettings
+from flower_split.flower.sharing_policy import sharing_policy_mod
 from flower_split.flower.sharing_params import average_half, encode_half, halves, quantization, shared_names
 from flower_split.flower.tenant import Handler, TenantData
 from flower_split.protocol import ProtocolError
@@ -126,10 +127,13 @@ def error_reply_mod(message: Message, context: Context, call_next: Callable[[Mes
                        reply_to=message)
 
 
-def register_sharing(client_app: Any, bind: Callable[[Handler], Callable[[Message, Context], Message]]) -> None:
+def register_sharing(client_app: Any, bind: Callable[[Handler], Callable[[Message, Context], Message]],
+                     overrides: Mapping[str, Any]) -> None:
     """Register the sharing handlers on ``client_app``: SecAgg+'s ``train`` messages through
-    Flower's ``secaggplus_mod`` (on this handler only) and ``train.share_load``; ``bind`` runs a
-    handler all-or-nothing (:func:`flower_split.flower.tenant.handle`)."""
-    client_app.train(mods=[error_reply_mod, secaggplus_mod])(bind(share_fit))
+    the tenant's own rules (:mod:`~flower_split.flower.sharing_policy`) and Flower's
+    ``secaggplus_mod`` (on this handler only), and ``train.share_load``; ``bind`` runs a handler
+    all-or-nothing (:func:`flower_split.flower.tenant.handle`); ``overrides``: run-config values
+    that take precedence (tests)."""
+    client_app.train(mods=[error_reply_mod, sharing_policy_mod(overrides), secaggplus_mod])(bind(share_fit))
     category, action = split_type(MessageType.SHARE_LOAD)
     getattr(client_app, category)(action)(bind(share_load))

@@ -39,6 +39,7 @@ from typing import Any, Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, Parameters, log, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import ServerConfig
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -69,23 +70,60 @@ class ShareReport:
     seconds: float = 0.0
 
 
+def _stage(messages: list[Message]) -> str | None:
+    """The SecAgg+ stage ``messages`` carry (None: not a SecAgg+ stage)."""
+    for message in messages:
+        configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None:
+            return configs.get(Key.STAGE)
+    return None
+
+
 class _CountingGrid(Grid):
     """A grid that counts round trips and record bytes, for the sharing phase's report."""
 
     def __init__(self, grid: Grid, report: ShareReport) -> None:
         self.grid, self.report = grid, report
         self.dropped: set[int] = set()  # nodes that failed a round trip others answered
+        self.signatures: dict[str, list[bytes]] = {}  # node id -> its signed SecAgg+ keys (this attempt's set-up)
+        self.key_dropouts: set[int] = set()  # nodes that did not answer this attempt's share-keys stage
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
+        messages = [self._with_signatures(m) for m in messages]
+        stage = _stage(messages)
+        if stage == Stage.COLLECT_MASKED_VECTORS and self.key_dropouts:
+            # a tenant that dropped out in share keys dooms this attempt at unmask (no one holds its
+            # key shares); the tenants share once per round, so stop before any vector is sent
+            log(WARNING, "sharing: %s dropped out in SecAgg+'s share-keys stage; this attempt stops before its "
+                "collect stage", ", ".join(str(n) for n in sorted(self.key_dropouts)))
+            self.dropped |= self.key_dropouts
+            return []
         self.report.round_trips += 1
         self.report.bytes_to_tenants += sum(record_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
         if answered:  # a round trip that failed for everyone says nothing about who dropped out
             self.dropped |= {m.metadata.dst_node_id for m in messages} - answered
+        if stage == Stage.SETUP:
+            self.key_dropouts = set()
+            self.signatures = {}
+        elif stage == Stage.SHARE_KEYS:
+            self.key_dropouts = {m.metadata.dst_node_id for m in messages} - answered
         self.report.bytes_from_tenants += sum(record_bytes(r.content) for r in replies if not r.has_error())
+        for reply in replies:  # a set-up reply's signed keys, relayed with the key exchange
+            if not reply.has_error() and RecordKey.SHARE_SIGNATURE in reply.content.config_records:
+                signed = reply.content.config_records[RecordKey.SHARE_SIGNATURE].get("signed")
+                self.signatures[str(reply.metadata.src_node_id)] = signed
         return replies
+
+    def _with_signatures(self, message: Message) -> Message:
+        """A share-keys message with the participants' signatures (the tenants check them against their pins)."""
+        configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is None or configs.get(Key.STAGE) != Stage.SHARE_KEYS:
+            return message
+        relayed = {nid: self.signatures[nid] for nid in configs if nid in self.signatures}
+        message.content.config_records[RecordKey.SHARE_SIGNATURES] = ConfigRecord(relayed)
+        return message
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
@@ -195,10 +233,10 @@ class SecAggSharing:
         context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                                 ServerConfig(num_rounds=1), collect, manager)
         q = self.quantization
-        workflow = SecAggPlusWorkflow(1.0, self.threshold, max_weight=1.0, clipping_range=q.clipping_range,
+        report.threshold = reconstruction_threshold(self.threshold, len(nodes))
+        workflow = SecAggPlusWorkflow(1.0, report.threshold, max_weight=1.0, clipping_range=q.clipping_range,
                                       quantization_range=q.quantization_range, modulus_range=q.modulus_range,
                                       timeout=self.timeout)
-        report.threshold = max(2, round(self.threshold * len(nodes)))
         workflow(grid, context)
         return collect
 
@@ -245,6 +283,12 @@ class SecAggSharing:
                     record.halves.weights[name] = mean.clone()
                 record.pre_step = None  # the last step is over on both sides; no rollback across the load
         report.tenants.sort()
+
+
+def reconstruction_threshold(fraction: float, tenants: int) -> int:
+    """SecAgg+'s threshold for ``tenants``: ``round(fraction * tenants)``, but more than half of
+    them (the tenants refuse less: :mod:`~flower_split.flower.sharing_policy`) and at least 2."""
+    return max(2, tenants // 2 + 1, round(fraction * tenants))
 
 
 def make_sharing(security: str, scope: str, threshold: float, timeout: float | None) -> SecAggSharing | None:

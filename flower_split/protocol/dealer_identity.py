@@ -80,45 +80,49 @@ def accept_hello(hello: DealerHello, tenant: str, pinned: bytes | None, allow_un
                             "(set the node config dealer-public-key; docs/secure.md §2)")
 
 
-def save_identity(key: Ed25519PrivateKey, directory: str | Path) -> tuple[Path, Path]:
-    """Write ``dealer.key`` (PEM, 0600) and ``dealer.pub`` (hex) under ``directory``, atomically."""
+def save_identity(key: Ed25519PrivateKey, directory: str | Path,
+                  names: tuple[str, str] = (PRIVATE_FILE, PUBLIC_FILE)) -> tuple[Path, Path]:
+    """Write the private key (PEM, 0600; default ``dealer.key``) and the public key (hex; default
+    ``dealer.pub``) under ``directory``, atomically. ``names``: the two file names."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    private, public = root / PRIVATE_FILE, root / PUBLIC_FILE
+    private, public = root / names[0], root / names[1]
     write_atomic(private, pem, 0o600)
     write_atomic(public, (identity_public(key).hex() + "\n").encode(), 0o644)
     return private, public
 
 
-def load_identity(path: str | Path) -> Ed25519PrivateKey:
-    """The dealer's private key from a PKCS#8 PEM file (``flower-split dealer-keygen``)."""
+def load_identity(path: str | Path, what: str = "dealer key", maker: str = "dealer-keygen") -> Ed25519PrivateKey:
+    """A long-term private key from a PKCS#8 PEM file (default: the dealer's, ``flower-split
+    dealer-keygen``); ``what`` and ``maker`` name the key and its command in errors."""
     file = Path(path)
     try:
         key = serialization.load_pem_private_key(file.read_bytes(), password=None)
     except FileNotFoundError:
-        raise ValueError(f"dealer key {file}: file not found (make one with `flower-split dealer-keygen`)") from None
+        raise ValueError(f"{what} {file}: file not found (make one with `flower-split {maker}`)") from None
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"dealer key {file}: not an unencrypted PEM private key ({exc})") from None
+        raise ValueError(f"{what} {file}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"dealer key {file}: expected an Ed25519 key, got {type(key).__name__}")
+        raise ValueError(f"{what} {file}: expected an Ed25519 key, got {type(key).__name__}")
     return key
 
 
-def load_pinned(spec: str) -> bytes:
-    """The pinned dealer key from ``spec``: 64 hex digits, or the path of a file holding them."""
+def load_pinned(spec: str, what: str = "dealer-public-key") -> bytes:
+    """A pinned public key from ``spec`` (default: the dealer's): 64 hex digits, or the path of a
+    file holding them; ``what`` names the setting in errors."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("dealer-public-key: expected 64 hex digits or the path of a dealer.pub file")
+        raise ValueError(f"{what}: expected 64 hex digits or the path of a .pub file")
     text = spec.strip()
     if len(text) != 2 * IDENTITY_BYTES or not all(c in "0123456789abcdefABCDEF" for c in text):
         try:
             text = Path(text).read_text().strip()
         except OSError as exc:
-            raise ValueError(f"dealer-public-key {spec!r}: neither 64 hex digits nor a readable file ({exc})") from None
+            raise ValueError(f"{what} {spec!r}: neither 64 hex digits nor a readable file ({exc})") from None
     try:
         raw = bytes.fromhex(text)
         Ed25519PublicKey.from_public_bytes(raw)
     except ValueError:
-        raise ValueError(f"dealer-public-key {spec!r}: expected 64 hex digits (an Ed25519 public key)") from None
+        raise ValueError(f"{what} {spec!r}: expected 64 hex digits (an Ed25519 public key)") from None
     return raw

@@ -37,6 +37,8 @@ PLAIN = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "
          "local-steps": 2, "micro-batches": 2, "num-server-rounds": 1, "min-nodes": 3, "reply-timeout": 120.0,
          "global-eval": False, "eval-every": 0}
 SECURE = {**PLAIN, "security": "secure", "label-protection": "client", "min-nodes": 2}
+THREE = {"share-min-tenants": 3}  # the tenants' floor (default 4): these tests share among 3
+UNPINNED = {**THREE, "allow-unpinned-sharing": True}  # no sharing keys: a semi-honest cloud is trusted
 
 
 class Recording(SecAggSharing):
@@ -127,10 +129,10 @@ def _plain_run(monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], grid: Lo
 
 
 @pytest.mark.parametrize("scope", ["tail", "head-tail"])
-def test_plain_sharing_averages_the_shared_parameters_only(scope: str, task_identity: None,
+def test_plain_sharing_averages_the_shared_parameters_only(scope: str, task_identity: None, tmp_path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     config = {**PLAIN, "share": scope}
-    grid = Spying(make_client_app(config), 3)
+    grid = Spying(make_client_app(config), 3, node_config=THREE, sharing_keys=tmp_path)  # pinned, as deployed
     sharing, rounds = _plain_run(monkeypatch, config, grid)
     report = rounds[0].sharing
     assert report.tenants == ["tenant-0", "tenant-1", "tenant-2"] and not report.dropped
@@ -162,7 +164,7 @@ def test_plain_sharing_averages_the_shared_parameters_only(scope: str, task_iden
 def test_plain_sharing_all_averages_the_classifier_too_and_keeps_the_last_rounds_copies(
         task_identity: None, monkeypatch: pytest.MonkeyPatch) -> None:
     config = {**PLAIN, "share": "all", "num-server-rounds": 2}
-    grid = LocalGrid(make_client_app(config), 3)
+    grid = LocalGrid(make_client_app(config), 3, node_config=UNPINNED)
     sharing, rounds = _plain_run(monkeypatch, config, grid)
     assert rounds[0].sharing.tenants == ["tenant-0", "tenant-1", "tenant-2"] and rounds[0].sharing.round_trips == 5
     before, after = sharing.rounds[1]
@@ -179,7 +181,7 @@ def test_plain_sharing_all_averages_the_classifier_too_and_keeps_the_last_rounds
 
 def test_results_json_records_each_rounds_sharing_phase(task_identity: None, tmp_path) -> None:
     config = {**PLAIN, "share": "tail", "results-dir": str(tmp_path)}
-    run_recorded(LocalGrid(make_client_app(config), 3), config)
+    run_recorded(LocalGrid(make_client_app(config), 3, node_config=UNPINNED), config)
     (row,) = json.loads((tmp_path / "results.json").read_text())["runs"][0]["rounds"][-1:]
     sharing = row["sharing"]
     assert sharing["tenants"] == ["tenant-0", "tenant-1", "tenant-2"] and sharing["dropped"] == {}
@@ -197,38 +199,40 @@ def test_sharing_off_changes_nothing(task_identity: None, monkeypatch: pytest.Mo
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_tenant_that_fails_in_sharing_does_not_sink_the_others(stage: int, task_identity: None,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    config = {**PLAIN, "share": "tail"}
+    config = {**PLAIN, "share": "tail", "min-nodes": 4}
     seen: list[int] = []
 
     def intercept(node: int, message_type: str) -> str | None:
-        if node == 3 and message_type == "train":
+        if node == 4 and message_type == "train":
             seen.append(node)  # SecAgg+'s stages: setup, share keys, collect (silent here), unmask
             return "silent" if len(seen) == stage else None
         return None
 
-    grid = LocalGrid(make_client_app(config), 3, intercept)
+    grid = LocalGrid(make_client_app(config), 4, intercept, node_config=UNPINNED)
     sharing, rounds = _plain_run(monkeypatch, config, grid)
     report = rounds[0].sharing
-    assert report.tenants == ["tenant-0", "tenant-1"] and "tenant-2" in report.dropped
-    # a drop-out in share keys halts SecAgg+ (nobody holds its key shares): one retry without it;
-    # one at the collect stage is what SecAgg+ recovers from (its masks rebuilt from the shares)
-    assert report.round_trips == (4 + 4 + 1 if stage == 2 else 4 + 1)
-    mean = sum(sharing.before[n]["tail.adapter.up.weight"] for n in (1, 2)) / 2
-    assert all((sharing.after[n]["tail.adapter.up.weight"] - mean).abs().max() < 4e-6 for n in (1, 2))
-    assert torch.equal(sharing.after[3]["tail.adapter.up.weight"], sharing.before[3]["tail.adapter.up.weight"])
+    assert report.tenants == ["tenant-0", "tenant-1", "tenant-2"] and "tenant-3" in report.dropped
+    # a drop-out in share keys dooms the attempt (nobody holds its key shares): it stops before the
+    # collect stage (the tenants share once per round) and runs once more without it; one at the
+    # collect stage is what SecAgg+ recovers from (its masks rebuilt from the shares)
+    assert report.round_trips == (2 + 4 + 1 if stage == 2 else 4 + 1)
+    assert report.threshold == (2 if stage == 2 else 3)  # more than half of the phase's tenants
+    mean = sum(sharing.before[n]["tail.adapter.up.weight"] for n in (1, 2, 3)) / 3
+    assert all((sharing.after[n]["tail.adapter.up.weight"] - mean).abs().max() < 4e-6 for n in (1, 2, 3))
+    assert torch.equal(sharing.after[4]["tail.adapter.up.weight"], sharing.before[4]["tail.adapter.up.weight"])
 
 
 @pytest.mark.parametrize("scope", ["tail", "all"])
 def test_secure_sharing_halves_reconstruct_the_average_adapter(scope: str, task_identity: None, tmp_path) -> None:
-    config = {**SECURE, "share": scope}
-    grid = Spying(make_client_app(config), 3, dealer=tmp_path)
+    rounds = 2 if scope == "all" else 1  # "all" shares after every round but the last
+    config = {**SECURE, "share": scope, "num-server-rounds": rounds}
+    grid = Spying(make_client_app(config), 3, dealer=tmp_path, node_config=THREE, sharing_keys=tmp_path / "share")
     _, body = split_encoder(load_encoder("tiny", seed=0))
     strategy = SecureSplitStrategy(SecureCloudParty(body, None), NodeDealer(120.0), local_steps=2,
                                    reply_timeout=120.0, global_eval=False)
     sharing = Recording(grid, "secure", scope, 0.5, 120.0)
     strategy.sharing = sharing
     reports: list = []
-    rounds = 2 if scope == "all" else 1  # "all" shares after every round but the last
     strategy.start(grid, rounds, eval_every=0, on_report=reports.append)
     report = [r for r in reports if isinstance(r, RoundReport)][0].sharing
     assert report.tenants == ["tenant-0", "tenant-1", "tenant-2"] and report.round_trips == 5

@@ -1,0 +1,191 @@
+"""The tenant's own rules for a sharing phase (Flower's SecAgg+ stages), which the cloud cannot relax.
+
+A hostile review opened one tenant's adapter and classifier bit-exactly with a phase the cloud
+forged: SecAgg+ with the victim alone (threshold 1, a key dictionary naming only the victim),
+at any time, as often as it liked. Flower's ``secaggplus_mod`` does what the server's stages
+ask; :func:`sharing_policy_mod` (a Flower mod around it) refuses a stage before it acts:
+
+* **set-up**: the run shares (``share`` != none; a node with ``private = true`` never does);
+  SecAgg+'s quantization is the mode's own (weight 1); at least ``share-min-tenants``
+  participants (node config, default 4, see below) and a threshold above half of them. The
+  cloud tells each tenant which others are alive: with a majority threshold it cannot collect
+  one tenant's mask-seed shares (claiming it alive) from some tenants and its key shares
+  (claiming it dropped) from others, two disjoint sets that would each need the threshold.
+* **share keys**: one key pair per participant; every other participant's keys signed by a
+  distinct pinned tenant (:mod:`~flower_split.flower.sharing_keys`), unless the node allows
+  unpinned sharing (then the guarantee is against a semi-honest cloud only).
+* **collect**: key shares from at least ``share-min-tenants - 1`` others (each one is a
+  pairwise mask on this tenant's vector); the phase's round is the tenant's current training
+  round, later than the last round it shared, and it finished a training step since that
+  phase (two aggregates over sets that differ by one tenant, with nothing trained between
+  them, would give that tenant's vector); none after the last round for a scope whose final
+  model is the tenant's fine-tuned copy (:data:`~flower_split.flower.sharing_params.FINE_TUNED_COPY`).
+* **unmask**: this tenant alive, no tenant both alive and dropped.
+
+After the unmask stage the mod's secrets (Flower's ``secaggplus_state``) leave ``context.state``.
+
+Why 4 participants by default: Flower's SecAgg+ seeds each mask's generator (NumPy's
+``RandomState``) with 32 bits (``pseudo_rand_gen`` folds the 32-byte seed down). After the
+unmask stage the server holds every surviving tenant's own mask seed, so a vector is hidden by
+its pairwise masks alone: one (2 participants) falls to 2^32 guesses, two (3) to a
+meet-in-the-middle over 2^32 seeds a side; three (4 participants) leave about 2^64 work. A
+node may lower its floor to 2 (tests, demos).
+
+Training progress lives in ``context.state`` under :data:`POLICY_STATE` (written by the
+training handlers through :func:`note_training_begin` / :func:`note_training_step`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+
+from flower_split.config import RunConfig
+from flower_split.flower.contract import ConfigKey, RecordKey
+from flower_split.flower.dealer_node import TENANT_ROLE, node_role
+from flower_split.flower.node_privacy import check_private
+from flower_split.flower.records import config_value
+from flower_split.flower.settings import FlowerSettings, settings_from_run_config
+from flower_split.flower.sharing_keys import SharingIdentity, sharing_identity, sign_keys, verify_peers
+from flower_split.flower.sharing_params import FINE_TUNED_COPY, quantization
+from flower_split.protocol import ProtocolError
+
+POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, participants}
+MIN_TENANTS_CONFIG = "share-min-tenants"
+DEFAULT_MIN_TENANTS = 4
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+
+
+def min_tenants(node_config: Mapping[str, Any]) -> int:
+    """The node's floor on a phase's participants (node config ``share-min-tenants``, >= 2)."""
+    value = node_config.get(MIN_TENANTS_CONFIG, DEFAULT_MIN_TENANTS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ProtocolError(f"node config {MIN_TENANTS_CONFIG}: expected an integer >= 2, got {value!r}")
+    return value
+
+
+def _progress(context: Context) -> dict[str, int]:
+    record = context.state.get(POLICY_STATE)
+    values = {"round": 0, "trained": 0, "shared": 0, "participants": 0}
+    if isinstance(record, ConfigRecord):
+        values.update({k: int(v) for k, v in record.items() if k in values})
+    return values
+
+
+def _store(context: Context, values: dict[str, int]) -> None:
+    context.state[POLICY_STATE] = ConfigRecord(dict(values))
+
+
+def note_training_begin(context: Context, server_round: int) -> None:
+    """A training step of ``server_round`` begins (the round a sharing phase may next be for)."""
+    values = _progress(context)
+    values["round"] = server_round
+    _store(context, values)
+
+
+def note_training_step(context: Context, steps: int = 1) -> None:
+    """``steps`` training steps finished (the adapters changed since the last phase)."""
+    values = _progress(context)
+    values["trained"] += steps
+    _store(context, values)
+
+
+def _check_setup(configs: ConfigRecord, config: RunConfig, settings: FlowerSettings, floor: int) -> None:
+    if settings.share == "none":
+        raise ProtocolError("sharing: this run does not share (share = none); refused")
+    q = quantization(config.security)
+    expected = {Key.CLIPPING_RANGE: q.clipping_range, Key.TARGET_RANGE: q.quantization_range,
+                Key.MOD_RANGE: q.modulus_range, Key.MAX_WEIGHT: 1.0}
+    differ = {k: configs.get(k) for k, v in expected.items() if configs.get(k) != v}
+    if differ:
+        raise ProtocolError(f"sharing: SecAgg+ set-up {differ}, expected {expected} (the {config.security} "
+                            "mode's quantization, weight 1); refused")
+    share_num, threshold = int(configs.get(Key.SHARE_NUMBER, 0)), int(configs.get(Key.THRESHOLD, 0))
+    if share_num < floor or int(configs.get(Key.SAMPLE_NUMBER, 0)) < share_num:
+        raise ProtocolError(f"sharing: {share_num} participants, this tenant shares with at least {floor} "
+                            f"(node config {MIN_TENANTS_CONFIG}); refused")
+    if not share_num / 2 < threshold <= share_num:
+        raise ProtocolError(f"sharing: threshold {threshold} of {share_num}; this tenant needs more than half "
+                            "(else the cloud could gather both of its seeds' shares); refused")
+
+
+def _check_collect(message: Message, context: Context, configs: ConfigRecord, settings: FlowerSettings,
+                   floor: int) -> None:
+    neighbours = configs.get(Key.CIPHERTEXT_LIST, [])
+    if not isinstance(neighbours, list) or len(neighbours) < floor - 1:
+        raise ProtocolError(f"sharing: key shares from {len(neighbours) if isinstance(neighbours, list) else 0} "
+                            f"others, this tenant masks with at least {floor - 1}; refused")
+    record = message.content.config_records.get(RecordKey.FIT_CONFIG)
+    if record is None:
+        raise ProtocolError(f"sharing: the collect stage carries no {RecordKey.FIT_CONFIG} record")
+    server_round = config_value(record, ConfigKey.SERVER_ROUND, int)
+    values = _progress(context)
+    if server_round != values["round"] or server_round <= values["shared"]:
+        raise ProtocolError(f"sharing: a phase for round {server_round}; this tenant trains in round "
+                            f"{values['round']} and last shared in round {values['shared']} (one phase per round, "
+                            "after training); refused")
+    if values["trained"] < 1:
+        raise ProtocolError("sharing: no training step finished since this tenant's last phase; refused")
+    if settings.share in FINE_TUNED_COPY and server_round >= settings.num_server_rounds:
+        raise ProtocolError(f"sharing: round {server_round} is the run's last; with share = {settings.share!r} "
+                            "each tenant keeps its fine-tuned copy; refused")
+    _store(context, {**values, "trained": 0, "shared": server_round})  # before anything leaves the node
+
+
+def _check_unmask(configs: ConfigRecord, node_id: int) -> None:
+    alive, dropped = configs.get(Key.ACTIVE_NODE_ID_LIST, []), configs.get(Key.DEAD_NODE_ID_LIST, [])
+    if not isinstance(alive, list) or not isinstance(dropped, list):
+        raise ProtocolError("sharing: the unmask stage's node lists are malformed; refused")
+    if node_id in dropped or node_id not in alive or set(alive) & set(dropped):
+        raise ProtocolError("sharing: the unmask stage names this tenant dropped, or a tenant both alive and "
+                            "dropped (it would open both of that tenant's seeds); refused")
+
+
+def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
+    """The mod that applies this module's rules around Flower's ``secaggplus_mod``
+    (``overrides``: run-config values that take precedence, as for the handlers)."""
+
+    def mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = configs.get(Key.STAGE) if configs is not None else None
+        config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
+        if node_role(context.node_config, settings) != TENANT_ROLE:
+            raise ProtocolError("sharing: SecAgg+ stage sent to the dealer node, which serves no tenant")
+        check_private(context.node_config, config, settings)
+        identity = sharing_identity(context.node_config)
+        floor = min_tenants(context.node_config)
+        node_id = message.metadata.dst_node_id
+        if stage == Stage.SETUP:
+            _check_setup(configs, config, settings, floor)
+        elif stage == Stage.SHARE_KEYS:
+            _check_keys(message, context, configs, identity, floor, node_id)
+        elif stage == Stage.COLLECT_MASKED_VECTORS:
+            _check_collect(message, context, configs, settings, floor)
+        elif stage == Stage.UNMASK:
+            _check_unmask(configs, node_id)
+        reply = call_next(message, context)
+        if stage == Stage.SETUP and not reply.has_error():
+            reply_configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            signed = sign_keys(identity, context.run_id, node_id, reply_configs[Key.PUBLIC_KEY_1],
+                               reply_configs[Key.PUBLIC_KEY_2])
+            if signed is not None:
+                reply.content.config_records[RecordKey.SHARE_SIGNATURE] = ConfigRecord({"signed": signed})
+        if stage == Stage.UNMASK:
+            context.state.config_records.pop(RECORD_KEY_STATE, None)  # the phase's secrets, no longer needed
+        return reply
+
+    return mod
+
+
+def _check_keys(message: Message, context: Context, configs: ConfigRecord, identity: SharingIdentity,
+                floor: int, node_id: int) -> None:
+    keys = {k: v for k, v in configs.items() if k != Key.STAGE}
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    share_num = int(state.get("share_num", 0)) if state is not None else 0
+    if len(keys) != share_num or len(keys) < floor:
+        raise ProtocolError(f"sharing: {len(keys)} participants' keys, set up for {share_num} (at least {floor}); "
+                            "refused")
+    signatures = message.content.config_records.get(RecordKey.SHARE_SIGNATURES)
+    verify_peers(identity, context.run_id, node_id, keys, signatures)

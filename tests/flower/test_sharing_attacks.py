@@ -1,0 +1,218 @@
+"""A malicious cloud against cross-tenant sharing: each attack succeeds on the undefended
+tenant and fails on the defended one (flower.sharing_policy, flower.sharing_keys).
+
+The cloud runs the SuperLink: it writes every SecAgg+ stage and relays every public key. Two
+attacks recover one tenant's secure adapter halves bit-exactly, i.e. its adapter and classifier
+(the cloud holds the other halves):
+
+* a forged phase with the victim alone (threshold 1): its own key share is its mask seed
+  (the hostile review of the eighth session);
+* sybils: a phase that obeys every rule the victim can check alone (4 participants, a
+  majority threshold, pairwise masks with 3 others, the round it trained in) whose other
+  participants are the cloud's own SecAgg+ clients contributing zero: Flower's own workflow
+  then unmasks the victim's vector. Only pinned keys stop it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+import flower_split.flower.sharing_client as sharing_client
+from flower_split.apps.client_app import make_client_app
+from flower_split.flower.dealer_link import NodeDealer
+from flower_split.flower.records import records_to_state
+from flower_split.flower.secure_strategy import SecureSplitStrategy
+from flower_split.flower.sharing_params import (
+    RING_MOD, SECURE_NAMES, SECURE_QUANTIZATION as Q, decode_sum, encode_half, lift_tenant_sum,
+)
+from flower_split.flower.sharing_policy import _check_unmask
+from flower_split.flower.sharing_server import SecAggSharing, ShareReport, _CountingGrid
+from flower_split.model import load_encoder, split_encoder
+from flower_split.protocol import ProtocolError
+from flower_split.protocol.secure_cloud import SecureCloudParty
+from flower_helpers import LocalGrid
+
+SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
+          "batch-size": 16, "max-length": 24, "max-train-samples": 128, "max-test-samples": 32,
+          "local-steps": 1, "micro-batches": 1, "num-server-rounds": 2, "min-nodes": 2, "reply-timeout": 120.0,
+          "global-eval": False, "eval-every": 0, "security": "secure", "label-protection": "client",
+          "share": "all"}
+VICTIM, SYBILS = 1, (101, 102, 103)
+NAMES = SECURE_NAMES["all"]
+
+
+class SybilGrid(LocalGrid):
+    """Two real tenants (nodes 1, 2) and the cloud's own SecAgg+ clients (``SYBILS``), each
+    contributing zero halves of the victim's shapes."""
+
+    def __init__(self, client_app: Any, tmp_path: Any, **kwargs: Any) -> None:
+        super().__init__(client_app, 2, dealer=tmp_path / "dealer", **kwargs)
+        self.shapes: list[tuple[int, ...]] = []
+        self.sybil_app = ClientApp()
+        self.sybil_app.train(mods=[secaggplus_mod])(self._zero_fit)
+        self.sybils = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+                       for n in SYBILS}
+
+    def _zero_fit(self, message: Message, context: Context) -> Message:
+        zeros = [encode_half(torch.zeros(shape, dtype=torch.int64)) for shape in self.shapes]
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(zeros), 1, {})
+        return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=message)
+
+    def deliver(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        return self.sybil_app(message, self.sybils[node]) if node in self.sybils else super().deliver(message)
+
+
+def _trained(grid: LocalGrid) -> SecureSplitStrategy:
+    """One honest training round of a 2-round run, no sharing phase yet: the victim trained in round 1."""
+    _, body = split_encoder(load_encoder("tiny", seed=0))
+    strategy = SecureSplitStrategy(SecureCloudParty(body, None), NodeDealer(120.0), local_steps=1,
+                                   reply_timeout=120.0, global_eval=False)
+    strategy.start(grid, 1, eval_every=0, on_report=lambda report: None)
+    return strategy
+
+
+def _true_adapter(grid: LocalGrid, strategy: SecureSplitStrategy, node: int) -> dict[str, torch.Tensor]:
+    state = grid.contexts[node].state
+    tenant = records_to_state(state["secure.arrays"], state["secure.config"])["halves"]["weights"]
+    cloud = strategy.cloud.export_halves(strategy.tenant_of[node])
+    return {name: tenant[name] + cloud[name] for name in NAMES}
+
+
+def _opened(residues: list[np.ndarray], strategy: SecureSplitStrategy, node: int) -> dict[str, torch.Tensor]:
+    """The victim's adapter from its halves mod 2^31 and the cloud's own halves."""
+    cloud = strategy.cloud.export_halves(strategy.tenant_of[node])
+    opened = {}
+    for name, residue in zip(NAMES, residues):
+        tenant = lift_tenant_sum(torch.from_numpy(residue.astype(np.int64)), cloud[name])
+        opened[name] = tenant + cloud[name]
+    return opened
+
+
+def _sybil_phase(grid: SybilGrid, strategy: SecureSplitStrategy, server_round: int = 1) -> Any:
+    """Flower's SecAgg+ workflow over the victim and the sybils, as the cloud would run it."""
+    grid.shapes = [tuple(strategy.cloud.export_halves(strategy.tenant_of[VICTIM])[n].shape) for n in NAMES]
+    sharing = SecAggSharing("secure", "all", 0.5, 120.0)
+    nodes = {"victim": VICTIM, **{f"sybil-{n}": n for n in SYBILS}}
+    counting = _CountingGrid(grid, ShareReport(server_round))
+    return sharing._secure_aggregate(counting, nodes, server_round, counting.report)
+
+
+def _undefended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tenant as before the policy: Flower's ``secaggplus_mod`` alone."""
+    monkeypatch.setattr(sharing_client, "sharing_policy_mod",
+                        lambda overrides: lambda message, context, call_next: call_next(message, context))
+
+
+def _forge_lone_phase(grid: LocalGrid, node: int) -> tuple[list[np.ndarray], str | None]:
+    """The review's forged phase: the victim alone, threshold 1; its residues, or the refusal."""
+    def send(config: dict[str, Any], extra: dict[str, Any] | None = None) -> Any:
+        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(config), **(extra or {})})
+        reply = grid.deliver(Message(content=content, dst_node_id=node, message_type="train", group_id="evil"))
+        return reply
+
+    reply = send({Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 1, Key.SHARE_NUMBER: 1, Key.THRESHOLD: 1,
+                  Key.CLIPPING_RANGE: Q["clipping_range"], Key.TARGET_RANGE: Q["quantization_range"],
+                  Key.MOD_RANGE: Q["modulus_range"], Key.MAX_WEIGHT: 1.0})
+    if reply.has_error():
+        return [], reply.error.reason
+    keys = reply.content.config_records[RECORD_KEY_CONFIGS]
+    send({Key.STAGE: Stage.SHARE_KEYS, str(node): [keys[Key.PUBLIC_KEY_1], keys[Key.PUBLIC_KEY_2]]})
+    fit = {"fitins.config": ConfigRecord({"share": "all", "server-round": 1})}
+    reply = send({Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.CIPHERTEXT_LIST: [], Key.SOURCE_LIST: []}, fit)
+    if reply.has_error():
+        return [], reply.error.reason
+    masked = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+    reply = send({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [node], Key.DEAD_NODE_ID_LIST: []})
+    seed = combine_shares(list(reply.content.config_records[RECORD_KEY_CONFIGS][Key.SHARE_LIST][:1]))
+    mask = pseudo_rand_gen(seed, Q["modulus_range"], [m.shape for m in masked])
+    residues = [np.mod(m - k, RING_MOD) for m, k in zip(masked, mask)]
+    return residues[1:], None  # residues[0] is SecAgg+'s weight factor
+
+
+@pytest.mark.parametrize("defended", [False, True])
+def test_a_forged_phase_with_the_victim_alone(defended: bool, task_identity: None, tmp_path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    if not defended:
+        _undefended(monkeypatch)
+    grid = LocalGrid(make_client_app(SECURE), 2, dealer=tmp_path, node_config={"allow-unpinned-sharing": True})
+    strategy = _trained(grid)
+    residues, refused = _forge_lone_phase(grid, VICTIM)
+    if defended:
+        assert refused is not None and "participants" in refused and residues == []
+        return
+    opened, truth = _opened(residues, strategy, VICTIM), _true_adapter(grid, strategy, VICTIM)
+    assert all(torch.equal(opened[name], truth[name]) for name in NAMES)  # adapter and classifier, bit-exact
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_sybil_participants_open_an_unpinned_tenant_and_not_a_pinned_one(pinned: bool, task_identity: None,
+                                                                          tmp_path) -> None:
+    keys = {"sharing_keys": tmp_path / "share"} if pinned else {"node_config": {"allow-unpinned-sharing": True}}
+    grid = SybilGrid(make_client_app(SECURE), tmp_path, **keys)
+    strategy = _trained(grid)
+    collect = _sybil_phase(grid, strategy)
+    if pinned:  # the victim refuses the unsigned sybil keys: no vector of it reaches the cloud
+        assert VICTIM not in collect.included
+        return
+    # every rule the victim checks alone holds (4 participants, threshold 3, masks with 3 others,
+    # the round it trained in): the semi-honest-only guarantee of unpinned sharing, shown
+    assert sorted(collect.included) == sorted([VICTIM, *SYBILS])
+    residues = [t.numpy() for t in (decode_sum(a, 4) for a in collect.aggregate)]
+    opened, truth = _opened(residues, strategy, VICTIM), _true_adapter(grid, strategy, VICTIM)
+    assert all(torch.equal(opened[name], truth[name]) for name in NAMES)
+
+
+def test_one_phase_per_trained_round(task_identity: None, tmp_path) -> None:
+    """Two aggregates over the same parameters (nothing trained between them) are refused: the
+    second phase of a round, a phase for a round the tenant did not train in."""
+    grid = SybilGrid(make_client_app(SECURE), tmp_path, node_config={"allow-unpinned-sharing": True})
+    strategy = _trained(grid)
+    assert VICTIM in _sybil_phase(grid, strategy, 1).included
+    assert VICTIM not in _sybil_phase(grid, strategy, 1).included  # the same round again
+    assert VICTIM not in _sybil_phase(grid, strategy, 2).included  # a round it has not trained in
+
+
+def test_no_phase_after_the_last_round_of_scope_all(task_identity: None, tmp_path) -> None:
+    grid = SybilGrid(make_client_app({**SECURE, "num-server-rounds": 1}), tmp_path,
+                     node_config={"allow-unpinned-sharing": True})
+    strategy = _trained(grid)
+    assert VICTIM not in _sybil_phase(grid, strategy, 1).included  # its final model is its own copy
+
+
+def test_a_setup_without_a_majority_threshold_or_the_modes_quantization_is_refused(task_identity: None,
+                                                                                  tmp_path) -> None:
+    grid = LocalGrid(make_client_app(SECURE), 2, dealer=tmp_path, node_config={"allow-unpinned-sharing": True})
+    _trained(grid)
+    base = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 6, Key.SHARE_NUMBER: 6, Key.THRESHOLD: 4,
+            Key.CLIPPING_RANGE: Q["clipping_range"], Key.TARGET_RANGE: Q["quantization_range"],
+            Key.MOD_RANGE: Q["modulus_range"], Key.MAX_WEIGHT: 1.0}
+
+    def setup(**changes: Any) -> Message:
+        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({**base, **changes})})
+        return grid.deliver(Message(content=content, dst_node_id=VICTIM, message_type="train", group_id="1"))
+
+    assert not setup().has_error()
+    assert "threshold 3 of 6" in setup(**{Key.THRESHOLD: 3}).error.reason
+    assert "quantization" in setup(**{Key.CLIPPING_RANGE: 1.0}).error.reason
+    assert "quantization" in setup(**{Key.MAX_WEIGHT: 1000.0}).error.reason
+    assert "participants" in setup(**{Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2}).error.reason
+
+
+def test_an_unmask_that_names_the_tenant_dropped_or_a_tenant_both_ways_is_refused() -> None:
+    _check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [4]}), 1)
+    for alive, dead in (([2, 3], [1]), ([1, 2, 3], [3]), ([2, 3], [])):
+        with pytest.raises(ProtocolError, match="unmask"):
+            _check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: alive, Key.DEAD_NODE_ID_LIST: dead}), 1)

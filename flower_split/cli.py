@@ -10,9 +10,10 @@ or data is loaded, so a bad value fails in milliseconds with the field's name.
 ``audit``     the leakage audit of a run recorded with ``train --audit`` (:mod:`flower_split.audit`).
 ``predict``   classify texts with a run's saved parties (:mod:`flower_split.runs.predict`).
 ``worker``    the long-lived tenant worker of a deployed SuperNode (:mod:`flower_split.apps.tenant_worker`).
-``dealer-keygen``, ``tls-certs``, ``node-keys``  key material of a deployment (docs/deployment.md:
-              the secure-mode dealer's key pair, the SuperLink's CA and TLS certificate, the
-              SuperNodes' authentication keys; :mod:`flower_split.runs.deploy_keys`).
+``dealer-keygen``, ``share-keygen``, ``tls-certs``, ``node-keys``  key material of a deployment
+              (docs/deployment.md: the secure-mode dealer's key pair, a tenant's sharing key
+              pair, the SuperLink's CA and TLS certificate, the SuperNodes' authentication keys;
+              :mod:`flower_split.runs.deploy_keys`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("dealer-keygen", help="make the secure-mode dealer's long-term key pair")
     keygen.add_argument("--out", required=True, help="directory for dealer.key (0600, the dealer node's) and "
                                                      "dealer.pub (what every tenant pins)")
+    share_keygen = commands.add_parser("share-keygen", help="make a tenant's key pair for cross-tenant sharing")
+    share_keygen.add_argument("--out", required=True, help="directory for share.key (0600, the tenant's node config "
+                                                           "share-key) and share.pub (what the other tenants pin: "
+                                                           "share-peers)")
     add_deploy_parsers(commands)
     return parser
 
@@ -156,17 +161,25 @@ def run_audit_command(directory: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def dealer_keygen(directory: str) -> int:
-    """Write a fresh dealer key pair; refuse to overwrite an existing one (tenants pinned it)."""
-    from flower_split.protocol.dealer_identity import PRIVATE_FILE, new_identity, save_identity
+def dealer_keygen(directory: str, sharing: bool = False) -> int:
+    """Write a fresh dealer key pair (``sharing``: a tenant's sharing key pair); refuse to
+    overwrite an existing one (others pinned it)."""
+    from flower_split.flower.sharing_keys import KEY_FILES
+    from flower_split.protocol.dealer_identity import PRIVATE_FILE, PUBLIC_FILE, new_identity, save_identity
 
-    if (Path(directory) / PRIVATE_FILE).exists():
-        print(f"flower-split: {Path(directory) / PRIVATE_FILE} exists; tenants may have pinned its key, "
+    names = KEY_FILES if sharing else (PRIVATE_FILE, PUBLIC_FILE)
+    if (Path(directory) / names[0]).exists():
+        print(f"flower-split: {Path(directory) / names[0]} exists; others may have pinned its key, "
               "so it is not replaced (remove it first to make a new one)", file=sys.stderr)
         return 2
-    private, public = save_identity(new_identity(), directory)
-    print(f"dealer key: {private} (keep it on the dealer's machine: node config dealer-key)\n"
-          f"public key: {public} = {public.read_text().strip()} (every tenant pins it: node config dealer-public-key)")
+    private, public = save_identity(new_identity(), directory, names)
+    if sharing:
+        print(f"sharing key: {private} (keep it on the tenant's machine: node config share-key)\n"
+              f"public key: {public} = {public.read_text().strip()} (the other tenants pin it: node config share-peers)")
+    else:
+        print(f"dealer key: {private} (keep it on the dealer's machine: node config dealer-key)\n"
+              f"public key: {public} = {public.read_text().strip()} (every tenant pins it: node config "
+              "dealer-public-key)")
     return 0
 
 
@@ -198,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flower_split.runs.predict import main_predict
 
         return main_predict(args)
-    if args.command == "dealer-keygen":
-        return dealer_keygen(args.out)
+    if args.command in ("dealer-keygen", "share-keygen"):
+        return dealer_keygen(args.out, sharing=args.command == "share-keygen")
     if args.command == "worker":
         from flower_split.apps.tenant_worker import run_worker
 

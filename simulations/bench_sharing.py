@@ -33,7 +33,8 @@ def run(security: str, share: str, tenants: int, rounds: int) -> dict[str, Any]:
     if security == "secure":
         config.update({"label-protection": "client", "insecure-colocated-dealer": True, "batch-size": 16,
                        "max-length": 32, "local-steps": 4})
-    nodes = {n: {"partition-id": n - 1, "num-partitions": tenants,
+    nodes = {n: {"partition-id": n - 1, "num-partitions": tenants, "allow-unpinned-sharing": True,
+                 "share-min-tenants": min(tenants, 4),  # a cost benchmark: 3 tenants share too
                  **({"allow-unpinned-dealer": True} if security == "secure" else {})} for n in range(1, tenants + 1)}
     reports: list = []
     started = time.perf_counter()

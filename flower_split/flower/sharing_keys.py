@@ -7,7 +7,8 @@ to them, and unmask the victim's vector alone (docs/secure.md §10). So each ten
 two SecAgg+ public keys it makes at set-up with a long-term Ed25519 key (node config
 ``share-key``, made by ``flower-split share-keygen``) and accepts a key exchange only if every
 other participant's keys are signed by a distinct key it pins (node config ``share-peers``:
-the other tenants' ``share.pub`` keys, 64 hex digits each, in a list or a file of lines). The
+the tenants' ``share.pub`` keys, 64 hex digits each, in a list or a file of lines; its own key
+there is ignored, so one file may serve every tenant). The
 cloud relays the signatures (:mod:`~flower_split.flower.sharing_server`); it cannot make one.
 
 Signed: ``CONTEXT | run id | node id | pk1 | pk2``. An entry replayed from another phase
@@ -73,8 +74,8 @@ def sharing_identity(node_config: Mapping[str, Any]) -> SharingIdentity:
     if peers is not None and key is None:
         raise ProtocolError(f"node config {SHARE_PEERS_CONFIG} needs {SHARE_KEY_CONFIG} (this tenant's own key, "
                             "which the tenants it pins check in turn; `flower-split share-keygen`)")
-    if peers is not None and key is not None and identity_public(key) in peers:
-        raise ProtocolError(f"node config {SHARE_PEERS_CONFIG}: lists this tenant's own key; pin the others' keys")
+    if peers is not None and key is not None:
+        peers = peers - {identity_public(key)}  # one list of every tenant's key may serve all of them
     return SharingIdentity(key, peers, allow)
 
 

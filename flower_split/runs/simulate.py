@@ -85,7 +85,8 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": _client_gpus(config, cpus)},
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
     started = time.perf_counter()
-    with simulated_dealer_keys(dealer_node, unpinned=secure and not dealer_node):
+    sharing = fedavg is None and settings.share != "none"
+    with simulated_node_keys(dealer_node, unpinned=secure and not dealer_node, unpinned_sharing=sharing):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)
     total_wall = time.perf_counter() - started
@@ -98,20 +99,24 @@ WARM_UP = "query.warmup"
 
 
 @contextlib.contextmanager
-def simulated_dealer_keys(enabled: bool, unpinned: bool = False) -> Iterator[None]:
-    """A fresh dealer key pair for one simulation, handed to its nodes by environment.
+def simulated_node_keys(enabled: bool, unpinned: bool = False, unpinned_sharing: bool = False) -> Iterator[None]:
+    """The trust settings of one simulation's nodes, handed to them by environment.
 
     Simulated nodes have no node config of their own, so the dealer node finds its key file
     and the tenants the key they pin in ``FLOWER_SPLIT_DEALER_KEY`` /
-    ``FLOWER_SPLIT_DEALER_PUBLIC_KEY`` (set before Ray starts its workers, restored after).
-    The ServerApp never reads them. In a deployment each machine has its own node config.
-    ``unpinned`` (a run that co-locates the dealer, insecure): the tenants instead get
-    ``FLOWER_SPLIT_ALLOW_UNPINNED_DEALER=1``, the opt-in a tenant must give itself.
+    ``FLOWER_SPLIT_DEALER_PUBLIC_KEY`` (a fresh key pair; set before Ray starts its workers,
+    restored after). The ServerApp never reads them. In a deployment each machine has its own
+    node config. ``unpinned`` (a run that co-locates the dealer, insecure): the tenants instead
+    get ``FLOWER_SPLIT_ALLOW_UNPINNED_DEALER=1``, the opt-in a tenant must give itself.
+    ``unpinned_sharing`` (a run that shares): ``FLOWER_SPLIT_ALLOW_UNPINNED_SHARING=1``, every
+    tenant takes part in SecAgg+ without pinned sharing keys (in a simulation every party runs
+    in one process tree; a deployment pins them: docs/secure.md §10).
     """
     from flower_split.flower.dealer_node import DEALER_KEY_ENV, DEALER_PUBLIC_ENV, UNPINNED_ENV
+    from flower_split.flower.sharing_keys import UNPINNED_SHARING_ENV
     from flower_split.protocol.dealer_identity import new_identity, save_identity
 
-    names = (DEALER_KEY_ENV, DEALER_PUBLIC_ENV, UNPINNED_ENV)
+    names = (DEALER_KEY_ENV, DEALER_PUBLIC_ENV, UNPINNED_ENV, UNPINNED_SHARING_ENV)
     saved = {name: os.environ.get(name) for name in names}
     with tempfile.TemporaryDirectory(prefix="flower-split-dealer-") as directory:
         if enabled:
@@ -119,6 +124,8 @@ def simulated_dealer_keys(enabled: bool, unpinned: bool = False) -> Iterator[Non
             os.environ[DEALER_KEY_ENV], os.environ[DEALER_PUBLIC_ENV] = str(private), str(public)
         if unpinned:
             os.environ[UNPINNED_ENV] = "1"
+        if unpinned_sharing:
+            os.environ[UNPINNED_SHARING_ENV] = "1"
         try:
             yield
         finally:

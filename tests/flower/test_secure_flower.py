@@ -24,7 +24,7 @@ from flower_split.flower.secure_records import (
 )
 from flower_split.flower.dealer_link import NodeDealer
 from flower_split.flower.secure_strategy import SecureSplitStrategy
-from flower_split.runs.simulate import simulated_dealer_keys
+from flower_split.runs.simulate import simulated_node_keys
 from flower_split.flower.strategy_utils import EvalReport, RoundReport
 
 SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
@@ -208,7 +208,7 @@ def test_secure_flower_simulation_learns() -> None:
               "insecure-reproducible-init": True, "allow-insecure-reproducible-init": True}
     config["simulated-dealer"] = True  # the third node is the dealer, with its own key file
     reports: list = []
-    with simulated_dealer_keys(True):
+    with simulated_node_keys(True):
         run_simulation(server_app=make_server_app(config, reports.append), client_app=make_client_app(config),
                        num_supernodes=3,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

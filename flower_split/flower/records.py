@@ -274,10 +274,18 @@ def state_tensor(name: str, array: object) -> torch.Tensor:
         raise ProtocolError(f"{name}: unsupported dtype {array.dtype!r} (allowed: {sorted(_NUMPY_DTYPES)})")
     dtype = np.dtype(array.dtype).newbyteorder("<")
     shape = tuple(array.shape)
-    if not all(isinstance(n, int) and n >= 0 for n in shape) or len(array.data) != dtype.itemsize * int(np.prod(shape)):
+    count = 1  # exact Python integers: np.prod would wrap on a hostile shape
+    for n in shape:
+        count *= n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else -1
+    if count < 0 or len(array.data) != dtype.itemsize * count:
         raise ProtocolError(f"{name}: {len(array.data)} bytes do not hold {array.dtype}{list(shape)}")
-    values = np.frombuffer(array.data, dtype=dtype).reshape(shape)
-    return torch.from_numpy(values.astype(dtype.newbyteorder("="), copy=True))
+    try:
+        values = np.frombuffer(array.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    except ValueError as exc:  # a shape NumPy cannot hold, even empty
+        raise ProtocolError(f"{name}: {array.dtype}{list(shape)}: {exc}") from None
+    if dtype.kind == "b" and values.view(np.uint8).max(initial=0) > 1:
+        raise ProtocolError(f"{name}: bool bytes other than 0 and 1")
+    return torch.from_numpy(values)
 
 
 def state_to_records(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecord]:

@@ -18,6 +18,9 @@ from flower_split.config import PRIVATE, QUICK, ConfigError, RunConfig
 PRIVATE_FLOWER = {"secure_metrics": False, "share": "none"}
 
 SHARE_SCOPES = ("none", "tail", "head-tail", "all")
+FINE_TUNED_COPY = frozenset({"all"})
+"""Scopes that share nothing after the last round: each tenant's final model is its own fine-tuned
+copy of the average (the personal part, when the classifier is shared too)."""
 """Run config ``share``: no sharing, the tail adapter, head and tail adapters (the classifier stays
 personal), or everything with the classifier (each tenant keeps its last round's fine-tuned copy)."""
 
@@ -172,6 +175,9 @@ class FlowerSettings:
         if isinstance(self.share_threshold, bool) or not isinstance(self.share_threshold, (int, float)) \
                 or not 0 < self.share_threshold <= 1:
             raise ConfigError(f"share-threshold: expected a fraction in (0, 1], got {self.share_threshold!r}")
+        if self.share in FINE_TUNED_COPY and self.num_server_rounds < 2:
+            raise ConfigError(f"share: {self.share!r} shares after every round but the last, so a run of "
+                              f"{self.num_server_rounds} round shares nothing; use num-server-rounds >= 2")
         from flower_split.data import make_partitioner  # validates the spec's syntax
 
         make_partitioner(self.partition, 2, 0)

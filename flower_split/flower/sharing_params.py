@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flower_split.flower.settings import FINE_TUNED_COPY  # noqa: F401  (re-exported: the sides take it from here)
 from flower_split.mpc import AdditiveShare
 
 PLAIN_QUANTIZATION = {"clipping_range": 8.0, "quantization_range": 1 << 22, "modulus_range": 1 << 32}
@@ -59,9 +60,6 @@ PLAIN_NAMES = {"tail": ("tail.adapter.down.weight", "tail.adapter.up.weight"),
 SECURE_NAMES = {"tail": ("tail.A", "tail.B"), "head-tail": ("head.A", "head.B", "tail.A", "tail.B"),
                 "all": ("head.A", "head.B", "tail.A", "tail.B", "cls.Wc", "cls.bc")}
 
-FINE_TUNED_COPY = frozenset({"all"})
-"""Scopes that share nothing after the last round: each tenant's final model is its own fine-tuned
-copy of the average (the personal part, when the classifier is shared too)."""
 
 
 def shared_names(security: str, scope: str) -> tuple[str, ...]:

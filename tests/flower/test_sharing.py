@@ -95,6 +95,8 @@ def test_share_setting_is_checked() -> None:
         settings_from_run_config({**PLAIN, "share": "classifier"})
     with pytest.raises(ConfigError, match="^share-threshold"):
         settings_from_run_config({**PLAIN, "share-threshold": 0})
+    with pytest.raises(ConfigError, match="shares after every round but the last"):
+        settings_from_run_config({**PLAIN, "share": "all", "num-server-rounds": 1})
 
 
 def test_halves_pass_secagg_encoding_exactly_and_the_averages_add_up() -> None:

@@ -75,12 +75,12 @@ class SybilGrid(LocalGrid):
         return self.sybil_app(message, self.sybils[node]) if node in self.sybils else super().deliver(message)
 
 
-def _trained(grid: LocalGrid) -> SecureSplitStrategy:
-    """One honest training round of a 2-round run, no sharing phase yet: the victim trained in round 1."""
+def _trained(grid: LocalGrid, rounds: int = 1) -> SecureSplitStrategy:
+    """``rounds`` honest training rounds of a 2-round run, no sharing phase: the victim trained in round ``rounds``."""
     _, body = split_encoder(load_encoder("tiny", seed=0))
     strategy = SecureSplitStrategy(SecureCloudParty(body, None), NodeDealer(120.0), local_steps=1,
                                    reply_timeout=120.0, global_eval=False)
-    strategy.start(grid, 1, eval_every=0, on_report=lambda report: None)
+    strategy.start(grid, rounds, eval_every=0, on_report=lambda report: None)
     return strategy
 
 
@@ -186,10 +186,9 @@ def test_one_phase_per_trained_round(task_identity: None, tmp_path) -> None:
 
 
 def test_no_phase_after_the_last_round_of_scope_all(task_identity: None, tmp_path) -> None:
-    grid = SybilGrid(make_client_app({**SECURE, "num-server-rounds": 1}), tmp_path,
-                     node_config={"allow-unpinned-sharing": True})
-    strategy = _trained(grid)
-    assert VICTIM not in _sybil_phase(grid, strategy, 1).included  # its final model is its own copy
+    grid = SybilGrid(make_client_app(SECURE), tmp_path, node_config={"allow-unpinned-sharing": True})
+    strategy = _trained(grid, 2)
+    assert VICTIM not in _sybil_phase(grid, strategy, 2).included  # its final model is its own copy
 
 
 def test_a_setup_without_a_majority_threshold_or_the_modes_quantization_is_refused(task_identity: None,

@@ -46,7 +46,12 @@ def test_state_saved_in_flower_npy_arrays_still_loads_and_bad_arrays_are_named()
     for bad, reason in ((Array(dtype="int64", shape=(7,), stype=STATE_STYPE, data=good.data), "do not hold"),
                         (Array(dtype="int64", shape=(2, 2), stype=STATE_STYPE, data=good.data), "do not hold"),
                         (Array(dtype="float16", shape=(6,), stype=STATE_STYPE, data=good.data), "unsupported dtype"),
-                        (Array(dtype="int64", shape=(-1,), stype=STATE_STYPE, data=good.data), "do not hold")):
+                        (Array(dtype="int64", shape=(-1,), stype=STATE_STYPE, data=good.data), "do not hold"),
+                        # 2^32 * 2^32 elements wrap to 0 in np.prod's int64: the count must be exact
+                        (Array(dtype="int64", shape=(2**32, 2**32), stype=STATE_STYPE, data=b""), "do not hold"),
+                        (Array(dtype="int64", shape=(0, 2**62, 2**62), stype=STATE_STYPE, data=b""), "too big"),
+                        (Array(dtype="bool", shape=(6,), stype=STATE_STYPE, data=bytes([0, 1, 2, 0, 1, 0])),
+                         "bool bytes")):
         with pytest.raises(ProtocolError, match=f"state\\[t0\\].*{reason}"):
             records_to_state(ArrayRecord({"t0": bad}), state_to_records({"x": torch.arange(6)})[1])
     with pytest.raises(ProtocolError, match="bfloat16"):

@@ -1,6 +1,6 @@
 """Opt-in cross-tenant sharing, the cloud's side: Flower's SecAgg+ between training rounds.
 
-Run config ``share`` (``tail`` / ``head-tail``; default ``none``): after every training
+Run config ``share`` (``tail`` / ``head-tail`` / ``all``; default ``none``): after every training
 round, the shared adapter parameters (:mod:`~flower_split.flower.sharing_params`) of the
 round's tenants are averaged under Flower's own SecAgg+ (``flwr.server.workflow.
 SecAggPlusWorkflow`` here, ``flwr.client.mod.secaggplus_mod`` on the tenants; nothing of the
@@ -21,8 +21,12 @@ their halves; the cloud sums its own halves of the same parameters, lifts the te
 (:func:`~flower_split.flower.sharing_params.lift_tenant_sum`) and both sides average their
 own halves: the sum of the averages is the average adapter. What the cloud learns: the
 aggregate, i.e. the mean of the shared parameters over the tenants (in secure mode too, since
-it holds the other halves); never one tenant's parameters (docs/secure.md §10). SecAgg+ needs
-at least 2 tenants; with fewer there is no sharing that round.
+it holds the other halves); never one tenant's parameters (docs/secure.md §10), since each
+tenant applies its own rules to every stage (:mod:`~flower_split.flower.sharing_policy`:
+its floor of participants, a majority threshold, pinned keys, one phase per trained round).
+This side relays the tenants' signed SecAgg+ keys with the key exchange, uses a majority
+threshold (:func:`reconstruction_threshold`) and stops an attempt doomed at unmask before its
+collect stage. SecAgg+ needs at least 2 tenants; with fewer there is no sharing that round.
 
 The Message-API strategies of flwr 1.41 (``flwr.serverapp.strategy``) have no SecAgg+ path;
 the workflow needs a ``LegacyContext`` (a legacy ``Strategy`` and a client manager): built

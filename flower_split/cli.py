@@ -83,10 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("dealer-keygen", help="make the secure-mode dealer's long-term key pair")
     keygen.add_argument("--out", required=True, help="directory for dealer.key (0600, the dealer node's) and "
                                                      "dealer.pub (what every tenant pins)")
-    share_keygen = commands.add_parser("share-keygen", help="make a tenant's key pair for cross-tenant sharing")
-    share_keygen.add_argument("--out", required=True, help="directory for share.key (0600, the tenant's node config "
-                                                           "share-key) and share.pub (what the other tenants pin: "
-                                                           "share-peers)")
     add_deploy_parsers(commands)
     return parser
 
@@ -100,7 +96,12 @@ def add_presets(parser: argparse.ArgumentParser, quick_help: str) -> None:
 
 
 def add_deploy_parsers(commands: argparse._SubParsersAction) -> None:
-    """``tls-certs`` and ``node-keys``: a deployment's TLS certificates and SuperNode keys."""
+    """``share-keygen``, ``tls-certs`` and ``node-keys``: a tenant's sharing keys, a deployment's
+    TLS certificates and SuperNode keys."""
+    share_keygen = commands.add_parser("share-keygen", help="make a tenant's key pair for cross-tenant sharing")
+    share_keygen.add_argument("--out", required=True, help="directory for share.key (0600, the tenant's node config "
+                                                           "share-key) and share.pub (what the other tenants pin: "
+                                                           "share-peers)")
     certs = commands.add_parser("tls-certs", help="make a CA and the SuperLink's TLS certificate")
     certs.add_argument("--out", required=True, help="directory for ca.crt, ca.key, server.pem, server.key")
     certs.add_argument("--host", action="append", default=None, metavar="NAME_OR_IP",

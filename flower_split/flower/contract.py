@@ -76,6 +76,9 @@ class RecordKey:
     FIT_CONFIG = "fitins.config"  # ConfigRecord: the config Flower's SecAgg+ workflow forwards (its FitIns)
     SHARE_SIGNATURE = "share.signature"    # ConfigRecord {signed: [key, signature]}: a tenant's SecAgg+ keys, signed
     SHARE_SIGNATURES = "share.signatures"  # ConfigRecord {node id: [key, signature]}: relayed with the key exchange
+    SHARE_PRG = "share.prg"                # ConfigRecord {prg}: the mask generator a set-up uses (flower.secagg_prg)
+    SHARE_VIEW = "share.view"              # ConfigRecord {signed: [key, signature]}: a tenant's signed view of a phase
+    SHARE_VIEWS = "share.views"            # ConfigRecord {node id: [key, signature]}: relayed with the unmask stage
 
 
 class ConfigKey:

@@ -32,10 +32,14 @@ from flower_split.flower.plain_handlers import _load_party, _save_party
 from flower_split.flower.records import config_value
 from flower_split.flower.secure_handlers import _load, _save
 from flower_split.flower.settings import FlowerSettings
-from flower_split.flower.sharing_policy import sharing_policy_mod
+from flower_split.flower.secagg_prg import install as install_full_entropy_masks
+from flower_split.flower.sharing_policy import note_load, sharing_policy_mod
 from flower_split.flower.sharing_params import average_half, encode_half, halves, quantization, shared_names
 from flower_split.flower.tenant import Handler, TenantData
 from flower_split.protocol import ProtocolError
+
+
+install_full_entropy_masks()  # Flower's SecAgg+ masks from 32 bits otherwise (flower.secagg_prg)
 
 
 def _scope(record: ConfigRecord, settings: FlowerSettings) -> str:
@@ -88,6 +92,7 @@ def share_load(message: Message, context: Context, config: RunConfig, settings: 
     if count < 2 or sorted(arrays) != sorted(names):
         raise ProtocolError(f"{MessageType.SHARE_LOAD}: expected {names} over >= 2 tenants, got {sorted(arrays)} "
                             f"over {count}")
+    note_load(context)
     if halves(config.security):
         party = _load(context, data, config, settings)
         for name in names:

@@ -22,6 +22,7 @@ process tree): then sharing holds against a semi-honest cloud only.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ SHARE_PEERS_CONFIG, SHARE_PEERS_ENV = "share-peers", "FLOWER_SPLIT_SHARE_PEERS"
 UNPINNED_SHARING_CONFIG, UNPINNED_SHARING_ENV = "allow-unpinned-sharing", "FLOWER_SPLIT_ALLOW_UNPINNED_SHARING"
 KEY_FILES = ("share.key", "share.pub")  # what `flower-split share-keygen` writes
 _CONTEXT = b"flower-split/secagg-keys/v1"
+_VIEW_CONTEXT = b"flower-split/secagg-view/v1"
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,9 @@ def sign_keys(identity: SharingIdentity, run_id: int, node_id: int, pk1: bytes, 
 
 
 def verify_peers(identity: SharingIdentity, run_id: int, own_node: int, keys: Mapping[str, Any],
-                 signatures: Mapping[str, Any] | None) -> int:
-    """Check the key exchange's other participants against the pins; return how many there are.
+                 signatures: Mapping[str, Any] | None) -> dict[int, bytes]:
+    """Check the key exchange's other participants against the pins; return each participant's
+    signing key by node id (this tenant's own included; empty when unpinned).
 
     Pinned: each other entry of ``keys`` (``{node id: [pk1, pk2]}``) must carry in ``signatures``
     a signature of its node id and keys by a pinned key, no pinned key twice. Unpinned: refused
@@ -124,8 +127,8 @@ def verify_peers(identity: SharingIdentity, run_id: int, own_node: int, keys: Ma
                                 "so the cloud could make up every other participant of SecAgg+ and unmask this "
                                 f"tenant's parameters; refused (set {SHARE_PEERS_CONFIG} and {SHARE_KEY_CONFIG}, or "
                                 f"{UNPINNED_SHARING_CONFIG} = true to trust the cloud to be semi-honest)")
-        return len(others)
-    signers: set[bytes] = set()
+        return {}
+    signers: dict[bytes, int] = {}
     for nid, pair in sorted(others.items()):
         entry = (signatures or {}).get(nid)
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(b, bytes) for b in entry)
@@ -136,11 +139,49 @@ def verify_peers(identity: SharingIdentity, run_id: int, own_node: int, keys: Ma
         if public not in identity.peers:
             raise ProtocolError(f"sharing: participant {nid} signs with a key this tenant does not pin; refused")
         if public in signers:
-            raise ProtocolError(f"sharing: two participants sign with the same pinned key; refused")
+            raise ProtocolError("sharing: two participants sign with the same pinned key; refused")
         try:
             Ed25519PublicKey.from_public_bytes(public).verify(signature, _signed_bytes(run_id, int(nid), *pair))
         except (InvalidSignature, ValueError, TypeError):
             raise ProtocolError(f"sharing: participant {nid}'s SecAgg+ keys do not verify under its pinned key "
                                 "(keys swapped on the way); refused") from None
-        signers.add(public)
-    return len(others)
+        signers[public] = int(nid)
+    own = {own_node: identity.public} if identity.public is not None else {}
+    return {**{nid: public for public, nid in signers.items()}, **own}
+
+
+def view_digest(run_id: int, keys: Mapping[int, Any], alive: list[int], dropped: list[int]) -> bytes:
+    """What a tenant signs in the consistency stage: the phase (run id, every participant's
+    SecAgg+ keys) and the view it was shown (who is alive, who dropped)."""
+    digest = hashlib.sha256(_VIEW_CONTEXT + struct.pack(">Q", run_id % (1 << 64)))
+    for nid in sorted(keys):
+        pk1, pk2 = keys[nid]
+        digest.update(struct.pack(">QI", nid % (1 << 64), len(pk1)) + pk1 + struct.pack(">I", len(pk2)) + pk2)
+    for name, nodes in ((b"alive", alive), (b"dropped", dropped)):
+        digest.update(name + struct.pack(f">I{len(nodes)}Q", len(nodes), *(n % (1 << 64) for n in sorted(nodes))))
+    return digest.digest()
+
+
+def sign_view(identity: SharingIdentity, digest: bytes) -> list[bytes] | None:
+    """``[public key, signature]`` over a view digest (None: the node has no key)."""
+    if identity.key is None:
+        return None
+    return [identity_public(identity.key), identity.key.sign(_VIEW_CONTEXT + digest)]
+
+
+def view_signers(signers: Mapping[int, bytes], digest: bytes, signatures: Mapping[str, Any] | None) -> int:
+    """How many participants (``signers``: node id -> the key that signed its SecAgg+ keys) signed
+    ``digest``; a signature by another key, or one that does not verify, does not count."""
+    count = 0
+    for nid, entry in (signatures or {}).items():
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(b, bytes) for b in entry)):
+            continue
+        public = signers.get(int(nid)) if str(nid).lstrip("-").isdigit() else None
+        if public is None or entry[0] != public:
+            continue
+        try:
+            Ed25519PublicKey.from_public_bytes(public).verify(entry[1], _VIEW_CONTEXT + digest)
+        except (InvalidSignature, ValueError):
+            continue
+        count += 1
+    return count

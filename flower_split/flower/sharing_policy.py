@@ -40,6 +40,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from flwr.app import ConfigRecord, Context, Message
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from flower_split.config import RunConfig
@@ -48,11 +49,13 @@ from flower_split.flower.dealer_node import TENANT_ROLE, node_role
 from flower_split.flower.node_privacy import check_private
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
+from flower_split.flower.secagg_prg import PRG_NAME
 from flower_split.flower.sharing_keys import SharingIdentity, sharing_identity, sign_keys, verify_peers
 from flower_split.flower.sharing_params import FINE_TUNED_COPY, quantization
+from flower_split.flower.sharing_views import CONSISTENCY_STAGE, check_unmask, consistency, end_phase, note_signers, start_phase
 from flower_split.protocol import ProtocolError
 
-POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, participants}
+POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, loaded}
 MIN_TENANTS_CONFIG = "share-min-tenants"
 DEFAULT_MIN_TENANTS = 4
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -68,7 +71,7 @@ def min_tenants(node_config: Mapping[str, Any]) -> int:
 
 def _progress(context: Context) -> dict[str, int]:
     record = context.state.get(POLICY_STATE)
-    values = {"round": 0, "trained": 0, "shared": 0, "participants": 0}
+    values = {"round": 0, "trained": 0, "shared": 0, "loaded": 0}
     if isinstance(record, ConfigRecord):
         values.update({k: int(v) for k, v in record.items() if k in values})
     return values
@@ -92,9 +95,23 @@ def note_training_step(context: Context, steps: int = 1) -> None:
     _store(context, values)
 
 
+def note_load(context: Context) -> None:
+    """The aggregate of this tenant's last phase is about to be loaded: one load per phase, only
+    right after the tenant's own phase (a load at any other time would be the cloud's choice of
+    its parameters); ProtocolError otherwise."""
+    values = _progress(context)
+    if values["shared"] <= values["loaded"] or values["trained"]:
+        raise ProtocolError("sharing: an aggregate to load, but this tenant has no phase waiting for one "
+                            f"(last shared in round {values['shared']}, loaded round {values['loaded']}); refused")
+    _store(context, {**values, "loaded": values["shared"]})
+
+
 def _check_setup(configs: ConfigRecord, config: RunConfig, settings: FlowerSettings, floor: int) -> None:
     if settings.share == "none":
         raise ProtocolError("sharing: this run does not share (share = none); refused")
+    if config.insecure_reproducible_init:
+        raise ProtocolError("sharing: the run starts from public weights (insecure-reproducible-init); another run "
+                            "from the same weights would differ from this one's aggregate by this tenant; refused")
     q = quantization(config.security)
     expected = {Key.CLIPPING_RANGE: q.clipping_range, Key.TARGET_RANGE: q.quantization_range,
                 Key.MOD_RANGE: q.modulus_range, Key.MAX_WEIGHT: 1.0}
@@ -112,11 +129,11 @@ def _check_setup(configs: ConfigRecord, config: RunConfig, settings: FlowerSetti
 
 
 def _check_collect(message: Message, context: Context, configs: ConfigRecord, settings: FlowerSettings,
-                   floor: int) -> None:
-    neighbours = configs.get(Key.CIPHERTEXT_LIST, [])
-    if not isinstance(neighbours, list) or len(neighbours) < floor - 1:
-        raise ProtocolError(f"sharing: key shares from {len(neighbours) if isinstance(neighbours, list) else 0} "
-                            f"others, this tenant masks with at least {floor - 1}; refused")
+                   node_id: int) -> None:
+    sources, participants = configs.get(Key.SOURCE_LIST, []), _participants(context)
+    if not isinstance(sources, list) or len(set(sources)) != len(sources) or set(sources) != participants - {node_id}:
+        raise ProtocolError(f"sharing: key shares from {sources!r}; this tenant masks with every other participant "
+                            f"of the key exchange ({sorted(participants - {node_id})}), each once; refused")
     record = message.content.config_records.get(RecordKey.FIT_CONFIG)
     if record is None:
         raise ProtocolError(f"sharing: the collect stage carries no {RecordKey.FIT_CONFIG} record")
@@ -128,19 +145,19 @@ def _check_collect(message: Message, context: Context, configs: ConfigRecord, se
                             "after training); refused")
     if values["trained"] < 1:
         raise ProtocolError("sharing: no training step finished since this tenant's last phase; refused")
+    if values["loaded"] < values["shared"]:
+        raise ProtocolError(f"sharing: the aggregate of this tenant's last phase (round {values['shared']}) never "
+                            "reached it; refused (with the others' parameters unchanged, the next aggregate would "
+                            "differ from that one by this tenant)")
     if settings.share in FINE_TUNED_COPY and server_round >= settings.num_server_rounds:
         raise ProtocolError(f"sharing: round {server_round} is the run's last; with share = {settings.share!r} "
                             "each tenant keeps its fine-tuned copy; refused")
     _store(context, {**values, "trained": 0, "shared": server_round})  # before anything leaves the node
 
 
-def _check_unmask(configs: ConfigRecord, node_id: int) -> None:
-    alive, dropped = configs.get(Key.ACTIVE_NODE_ID_LIST, []), configs.get(Key.DEAD_NODE_ID_LIST, [])
-    if not isinstance(alive, list) or not isinstance(dropped, list):
-        raise ProtocolError("sharing: the unmask stage's node lists are malformed; refused")
-    if node_id in dropped or node_id not in alive or set(alive) & set(dropped):
-        raise ProtocolError("sharing: the unmask stage names this tenant dropped, or a tenant both alive and "
-                            "dropped (it would open both of that tenant's seeds); refused")
+def _participants(context: Context) -> set[int]:
+    record = context.state.config_records.get(RECORD_KEY_STATE)
+    return set(SecAggPlusState(**dict(record)).public_keys_dict) if record is not None else set()
 
 
 def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
@@ -157,14 +174,21 @@ def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
         identity = sharing_identity(context.node_config)
         floor = min_tenants(context.node_config)
         node_id = message.metadata.dst_node_id
+        if stage == CONSISTENCY_STAGE:
+            return consistency(message, context, identity)
         if stage == Stage.SETUP:
             _check_setup(configs, config, settings, floor)
+            prg = message.content.config_records.get(RecordKey.SHARE_PRG, {}).get("prg")
+            if prg != PRG_NAME:
+                raise ProtocolError(f"sharing: the set-up names mask generator {prg!r}, this tenant masks with "
+                                    f"{PRG_NAME!r} (Flower's own keeps 32 bits of a seed); refused")
+            start_phase(context)
         elif stage == Stage.SHARE_KEYS:
-            _check_keys(message, context, configs, identity, floor, node_id)
+            note_signers(context, _check_keys(message, context, configs, identity, floor, node_id))
         elif stage == Stage.COLLECT_MASKED_VECTORS:
-            _check_collect(message, context, configs, settings, floor)
+            _check_collect(message, context, configs, settings, node_id)
         elif stage == Stage.UNMASK:
-            _check_unmask(configs, node_id)
+            check_unmask(message, context, identity)
         reply = call_next(message, context)
         if stage == Stage.SETUP and not reply.has_error():
             reply_configs = reply.content.config_records[RECORD_KEY_CONFIGS]
@@ -173,14 +197,14 @@ def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
             if signed is not None:
                 reply.content.config_records[RecordKey.SHARE_SIGNATURE] = ConfigRecord({"signed": signed})
         if stage == Stage.UNMASK:
-            context.state.config_records.pop(RECORD_KEY_STATE, None)  # the phase's secrets, no longer needed
+            end_phase(context)
         return reply
 
     return mod
 
 
 def _check_keys(message: Message, context: Context, configs: ConfigRecord, identity: SharingIdentity,
-                floor: int, node_id: int) -> None:
+                floor: int, node_id: int) -> dict[int, bytes]:
     keys = {k: v for k, v in configs.items() if k != Key.STAGE}
     state = context.state.config_records.get(RECORD_KEY_STATE)
     share_num = int(state.get("share_num", 0)) if state is not None else 0
@@ -188,4 +212,4 @@ def _check_keys(message: Message, context: Context, configs: ConfigRecord, ident
         raise ProtocolError(f"sharing: {len(keys)} participants' keys, set up for {share_num} (at least {floor}); "
                             "refused")
     signatures = message.content.config_records.get(RecordKey.SHARE_SIGNATURES)
-    verify_peers(identity, context.run_id, node_id, keys, signatures)
+    return verify_peers(identity, context.run_id, node_id, keys, signatures)

@@ -55,9 +55,14 @@ from flwr.serverapp import Grid
 
 from flower_split.flower.contract import ConfigKey, MessageType, RecordKey
 from flower_split.flower.metering import record_bytes
+from flower_split.flower.secagg_prg import PRG_NAME, install as install_full_entropy_masks
+from flower_split.flower.sharing_views import CONSISTENCY_STAGE
 from flower_split.flower.sharing_params import (
     FINE_TUNED_COPY, average_half, decode_sum, halves, lift_tenant_sum, quantization, ring_sum, shared_names,
 )
+
+
+install_full_entropy_masks()  # the tenants mask with the same generator (flower.secagg_prg)
 
 
 @dataclass
@@ -95,6 +100,8 @@ class _CountingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = [self._with_signatures(m) for m in messages]
         stage = _stage(messages)
+        if stage == Stage.UNMASK:
+            messages = self._with_views(messages, timeout)
         if stage == Stage.COLLECT_MASKED_VECTORS and self.key_dropouts:
             # a tenant that dropped out in share keys dooms this attempt at unmask (no one holds its
             # key shares); the tenants share once per round, so stop before any vector is sent
@@ -120,9 +127,33 @@ class _CountingGrid(Grid):
                 self.signatures[str(reply.metadata.src_node_id)] = signed
         return replies
 
+    def _with_views(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """The consistency stage (:mod:`~flower_split.flower.sharing_views`): every unmask message's
+        lists go to its tenant first; the unmask messages then carry the tenants' signed views."""
+        probes = []
+        for message in messages:
+            lists = message.content.config_records[RECORD_KEY_CONFIGS]
+            probes.append(Message(content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+                Key.STAGE: CONSISTENCY_STAGE, Key.ACTIVE_NODE_ID_LIST: list(lists[Key.ACTIVE_NODE_ID_LIST]),
+                Key.DEAD_NODE_ID_LIST: list(lists[Key.DEAD_NODE_ID_LIST])})}),
+                dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type,
+                group_id=message.metadata.group_id))
+        self.report.round_trips += 1
+        self.report.bytes_to_tenants += sum(record_bytes(m.content) for m in probes)
+        replies = [r for r in self.grid.send_and_receive(probes, timeout=timeout) if not r.has_error()]
+        self.report.bytes_from_tenants += sum(record_bytes(r.content) for r in replies)
+        views = {str(r.metadata.src_node_id): r.content.config_records[RecordKey.SHARE_VIEW]["signed"]
+                 for r in replies if "signed" in r.content.config_records.get(RecordKey.SHARE_VIEW, {})}
+        for message in messages:
+            message.content.config_records[RecordKey.SHARE_VIEWS] = ConfigRecord(views)
+        return messages
+
     def _with_signatures(self, message: Message) -> Message:
-        """A share-keys message with the participants' signatures (the tenants check them against their pins)."""
+        """A set-up message with the mask generator's name, a share-keys message with the
+        participants' signatures (the tenants check them against their pins)."""
         configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+            message.content.config_records[RecordKey.SHARE_PRG] = ConfigRecord({"prg": PRG_NAME})
         if configs is None or configs.get(Key.STAGE) != Stage.SHARE_KEYS:
             return message
         relayed = {nid: self.signatures[nid] for nid in configs if nid in self.signatures}

@@ -138,7 +138,7 @@ def test_plain_sharing_averages_the_shared_parameters_only(scope: str, task_iden
     sharing, rounds = _plain_run(monkeypatch, config, grid)
     report = rounds[0].sharing
     assert report.tenants == ["tenant-0", "tenant-1", "tenant-2"] and not report.dropped
-    assert report.round_trips == 5 and report.threshold == 2  # 4 SecAgg+ stages + the load
+    assert report.round_trips == 6 and report.threshold == 2  # 4 SecAgg+ stages, the consistency stage, the load
     shared = {"tail.adapter.down.weight", "tail.adapter.up.weight"} | (
         {"head.down.weight", "head.up.weight"} if scope == "head-tail" else set())
     for name in sharing.before[1]:
@@ -168,7 +168,7 @@ def test_plain_sharing_all_averages_the_classifier_too_and_keeps_the_last_rounds
     config = {**PLAIN, "share": "all", "num-server-rounds": 2}
     grid = LocalGrid(make_client_app(config), 3, node_config=UNPINNED)
     sharing, rounds = _plain_run(monkeypatch, config, grid)
-    assert rounds[0].sharing.tenants == ["tenant-0", "tenant-1", "tenant-2"] and rounds[0].sharing.round_trips == 5
+    assert rounds[0].sharing.tenants == ["tenant-0", "tenant-1", "tenant-2"] and rounds[0].sharing.round_trips == 6
     before, after = sharing.rounds[1]
     for name in before[1]:  # every parameter, the classifier included, is the mean after round 1
         mean = sum(before[n][name] for n in before) / 3
@@ -187,7 +187,7 @@ def test_results_json_records_each_rounds_sharing_phase(task_identity: None, tmp
     (row,) = json.loads((tmp_path / "results.json").read_text())["runs"][0]["rounds"][-1:]
     sharing = row["sharing"]
     assert sharing["tenants"] == ["tenant-0", "tenant-1", "tenant-2"] and sharing["dropped"] == {}
-    assert sharing["round_trips"] == 5 and sharing["threshold"] == 2
+    assert sharing["round_trips"] == 6 and sharing["threshold"] == 2
     assert 0 < sharing["bytes_to_tenants"] < 3 * row["bytes_down"] and 0 < sharing["bytes_from_tenants"]
 
 
@@ -217,7 +217,7 @@ def test_a_tenant_that_fails_in_sharing_does_not_sink_the_others(stage: int, tas
     # a drop-out in share keys dooms the attempt (nobody holds its key shares): it stops before the
     # collect stage (the tenants share once per round) and runs once more without it; one at the
     # collect stage is what SecAgg+ recovers from (its masks rebuilt from the shares)
-    assert report.round_trips == (2 + 4 + 1 if stage == 2 else 4 + 1)
+    assert report.round_trips == (2 + 5 + 1 if stage == 2 else 5 + 1)
     assert report.threshold == (2 if stage == 2 else 3)  # more than half of the phase's tenants
     mean = sum(sharing.before[n]["tail.adapter.up.weight"] for n in (1, 2, 3)) / 3
     assert all((sharing.after[n]["tail.adapter.up.weight"] - mean).abs().max() < 4e-6 for n in (1, 2, 3))
@@ -237,7 +237,7 @@ def test_secure_sharing_halves_reconstruct_the_average_adapter(scope: str, task_
     reports: list = []
     strategy.start(grid, rounds, eval_every=0, on_report=reports.append)
     report = [r for r in reports if isinstance(r, RoundReport)][0].sharing
-    assert report.tenants == ["tenant-0", "tenant-1", "tenant-2"] and report.round_trips == 5
+    assert report.tenants == ["tenant-0", "tenant-1", "tenant-2"] and report.round_trips == 6
     if scope == "all":
         last = [r for r in reports if isinstance(r, RoundReport)][-1].sharing
         assert last.tenants == [] and last.round_trips == 0  # each tenant keeps its fine-tuned copy

@@ -15,6 +15,7 @@ attacks recover one tenant's secure adapter halves bit-exactly, i.e. its adapter
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -26,10 +27,11 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 import flower_split.flower.sharing_client as sharing_client
+from flower_split.flower.secagg_prg import FLOWER_MODULES, PRG_NAME
+from flower_split.flower.sharing_client import error_reply_mod
 from flower_split.apps.client_app import make_client_app
 from flower_split.flower.dealer_link import NodeDealer
 from flower_split.flower.records import records_to_state
@@ -37,7 +39,8 @@ from flower_split.flower.secure_strategy import SecureSplitStrategy
 from flower_split.flower.sharing_params import (
     RING_MOD, SECURE_NAMES, SECURE_QUANTIZATION as Q, decode_sum, encode_half, lift_tenant_sum,
 )
-from flower_split.flower.sharing_policy import _check_unmask
+from flower_split.flower.sharing_views import check_view
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flower_split.flower.sharing_server import SecAggSharing, ShareReport, _CountingGrid
 from flower_split.model import load_encoder, split_encoder
 from flower_split.protocol import ProtocolError
@@ -61,7 +64,7 @@ class SybilGrid(LocalGrid):
         super().__init__(client_app, 2, dealer=tmp_path / "dealer", **kwargs)
         self.shapes: list[tuple[int, ...]] = []
         self.sybil_app = ClientApp()
-        self.sybil_app.train(mods=[secaggplus_mod])(self._zero_fit)
+        self.sybil_app.train(mods=[error_reply_mod, secaggplus_mod])(self._zero_fit)  # no consistency stage
         self.sybils = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
                        for n in SYBILS}
 
@@ -137,7 +140,7 @@ def _forge_lone_phase(grid: LocalGrid, node: int) -> tuple[list[np.ndarray], str
     masked = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
     reply = send({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [node], Key.DEAD_NODE_ID_LIST: []})
     seed = combine_shares(list(reply.content.config_records[RECORD_KEY_CONFIGS][Key.SHARE_LIST][:1]))
-    mask = pseudo_rand_gen(seed, Q["modulus_range"], [m.shape for m in masked])
+    mask = sys.modules[FLOWER_MODULES[0]].pseudo_rand_gen(seed, Q["modulus_range"], [m.shape for m in masked])  # the tenant's generator
     residues = [np.mod(m - k, RING_MOD) for m, k in zip(masked, mask)]
     return residues[1:], None  # residues[0] is SecAgg+'s weight factor
 
@@ -191,7 +194,7 @@ def test_no_phase_after_the_last_round_of_scope_all(task_identity: None, tmp_pat
     assert VICTIM not in _sybil_phase(grid, strategy, 2).included  # its final model is its own copy
 
 
-def test_a_setup_without_a_majority_threshold_or_the_modes_quantization_is_refused(task_identity: None,
+def test_a_setup_without_a_majority_threshold_the_modes_quantization_or_full_entropy_masks_is_refused(task_identity: None,
                                                                                   tmp_path) -> None:
     grid = LocalGrid(make_client_app(SECURE), 2, dealer=tmp_path, node_config={"allow-unpinned-sharing": True})
     _trained(grid)
@@ -199,19 +202,26 @@ def test_a_setup_without_a_majority_threshold_or_the_modes_quantization_is_refus
             Key.CLIPPING_RANGE: Q["clipping_range"], Key.TARGET_RANGE: Q["quantization_range"],
             Key.MOD_RANGE: Q["modulus_range"], Key.MAX_WEIGHT: 1.0}
 
-    def setup(**changes: Any) -> Message:
-        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({**base, **changes})})
+    def setup(prg: str | None = PRG_NAME, **changes: Any) -> Message:
+        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({**base, **changes}),
+                              **({"share.prg": ConfigRecord({"prg": prg})} if prg else {})})
         return grid.deliver(Message(content=content, dst_node_id=VICTIM, message_type="train", group_id="1"))
 
     assert not setup().has_error()
+    assert "mask generator None" in setup(prg=None).error.reason  # Flower's own generator: 32-bit seeds
     assert "threshold 3 of 6" in setup(**{Key.THRESHOLD: 3}).error.reason
     assert "quantization" in setup(**{Key.CLIPPING_RANGE: 1.0}).error.reason
     assert "quantization" in setup(**{Key.MAX_WEIGHT: 1000.0}).error.reason
     assert "participants" in setup(**{Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2}).error.reason
 
 
-def test_an_unmask_that_names_the_tenant_dropped_or_a_tenant_both_ways_is_refused() -> None:
-    _check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: [1, 2, 3], Key.DEAD_NODE_ID_LIST: [4]}), 1)
-    for alive, dead in (([2, 3], [1]), ([1, 2, 3], [3]), ([2, 3], [])):
-        with pytest.raises(ProtocolError, match="unmask"):
-            _check_unmask(ConfigRecord({Key.ACTIVE_NODE_ID_LIST: alive, Key.DEAD_NODE_ID_LIST: dead}), 1)
+def test_a_view_must_name_every_participant_once_and_the_tenant_alive() -> None:
+    """The checks a tenant makes of the lists alone (the review's inconsistent views used duplicate
+    ids to reach the threshold, and lists that left participants out)."""
+    state = SecAggPlusState(threshold=3, public_keys_dict={n: (b"a", b"b") for n in (1, 2, 3, 4)})
+    check_view([1, 2, 3], [4], 1, state)
+    for alive, dead, reason in (([1, 1, 1], [2, 3, 4], "twice"), ([1, 2, 3], [3, 4], "twice"),
+                                ([1, 2, 3], [], "participants"), ([1, 2, 3, 5], [4], "participants"),
+                                ([2, 3, 4], [1], "dropped after"), ([1, 2], [3, 4], "threshold")):
+        with pytest.raises(ProtocolError, match=reason):
+            check_view(alive, dead, 1, state)

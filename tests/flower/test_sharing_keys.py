@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import pytest
 
 from flower_split.cli import main
@@ -58,7 +60,8 @@ def test_verify_peers_accepts_pinned_signed_keys_only(tmp_path) -> None:
         return sign_keys(SharingIdentity(key, None), 7, int(node), *pairs[node])
 
     good = {"11": signed("11", keys[1]), "12": signed("12", keys[2])}
-    assert verify_peers(victim, 7, 10, pairs, good) == 2
+    assert verify_peers(victim, 7, 10, pairs, good) == {11: identity_public(keys[1]), 12: identity_public(keys[2]),
+                                                        10: identity_public(keys[0])}
     cases = {
         "unsigned": {"11": good["11"]},
         "does not pin": {**good, "12": signed("12", keys[3])},
@@ -75,7 +78,7 @@ def test_verify_peers_accepts_pinned_signed_keys_only(tmp_path) -> None:
         verify_peers(victim, 7, 10, swapped, good)
     with pytest.raises(ProtocolError, match="pins no other tenant"):
         verify_peers(SharingIdentity(keys[0], None), 7, 10, pairs, good)
-    assert verify_peers(SharingIdentity(None, None, allow_unpinned=True), 7, 10, pairs, None) == 2
+    assert verify_peers(SharingIdentity(None, None, allow_unpinned=True), 7, 10, pairs, None) == {}
 
 
 def test_share_keygen_writes_a_key_pair_and_never_replaces_it(tmp_path, capsys) -> None:
@@ -85,3 +88,18 @@ def test_share_keygen_writes_a_key_pair_and_never_replaces_it(tmp_path, capsys) 
     identity = sharing_identity({"share-key": str(private), "share-peers": public.read_text().strip()})
     assert identity.peers == frozenset()  # its own key only: pins no one else
     assert main(["share-keygen", "--out", str(tmp_path)]) == 2
+
+
+def test_full_entropy_masks_are_uniform_shaped_and_use_the_whole_seed() -> None:
+    from flower_split.flower.secagg_prg import full_entropy_masks
+
+    seed = bytes(range(32))
+    a, b, c = full_entropy_masks(seed, 1 << 31, [(3, 4), (), (5000,)])
+    assert a.shape == (3, 4) and b.shape == () and c.shape == (5000,) and c.dtype == np.int64
+    assert 0 <= c.min() and c.max() < 1 << 31 and abs(c.mean() / 2**31 - 0.5) < 0.02
+    # Flower's own generator keeps the XOR of the seed's 32-bit words: these two seeds collide there
+    twin = bytes(range(4, 8)) + bytes(range(0, 4)) + bytes(range(8, 32))
+    assert not np.array_equal(full_entropy_masks(twin, 1 << 31, [(5000,)])[0], c)
+    assert np.array_equal(full_entropy_masks(seed, 1 << 31, [(3, 4), (), (5000,)])[2], c)  # deterministic
+    odd = full_entropy_masks(seed, 1000, [(20000,)])[0]  # a range that is not a power of two: rejection
+    assert odd.max() < 1000 and abs(np.bincount(odd, minlength=1000).std() / 20 - 0.2) < 0.1

@@ -272,7 +272,12 @@ class SecAggSharing:
         workflow = SecAggPlusWorkflow(1.0, report.threshold, max_weight=1.0, clipping_range=q.clipping_range,
                                       quantization_range=q.quantization_range, modulus_range=q.modulus_range,
                                       timeout=self.timeout)
-        workflow(grid, context)
+        try:
+            workflow(grid, context)
+        except (ValueError, KeyError, TypeError) as exc:  # e.g. shares that do not combine: a tenant's garbage
+            log(WARNING, "sharing, round %d: SecAgg+ failed (%s: %s); no aggregate this attempt", server_round,
+                type(exc).__name__, exc)
+            collect.aggregate = None
         return collect
 
     def _load_contents(self, strategy: Any, collect: _Collect) -> dict[int, RecordDict]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
@@ -36,10 +36,12 @@ from flower_split.apps.client_app import make_client_app
 from flower_split.flower.dealer_link import NodeDealer
 from flower_split.flower.records import records_to_state
 from flower_split.flower.secure_strategy import SecureSplitStrategy
+from flower_split.flower.sharing_policy import note_training_begin, note_training_step
 from flower_split.flower.sharing_params import (
     RING_MOD, SECURE_NAMES, SECURE_QUANTIZATION as Q, decode_sum, encode_half, lift_tenant_sum,
 )
-from flower_split.flower.sharing_views import check_view
+import flower_split.flower.sharing_views as sharing_views
+from flower_split.flower.sharing_views import CONSISTENCY_STAGE, check_view
 from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flower_split.flower.sharing_server import SecAggSharing, ShareReport, _CountingGrid
 from flower_split.model import load_encoder, split_encoder
@@ -225,3 +227,64 @@ def test_a_view_must_name_every_participant_once_and_the_tenant_alive() -> None:
                                 ([2, 3, 4], [1], "dropped after"), ([1, 2], [3, 4], "threshold")):
         with pytest.raises(ProtocolError, match=reason):
             check_view(alive, dead, 1, state)
+
+
+class ForgingGrid(LocalGrid):
+    """Four pinned tenants; the cloud shows each one its own view in the consistency and unmask
+    stages (each view valid on its own: every participant once, the receiver alive, 3 alive)."""
+
+    VIEWS = {1: ([1, 2, 3, 4], []), 2: ([1, 2, 3], [4]), 3: ([1, 3, 4], [2]), 4: ([1, 2, 4], [3])}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unmask_replies: dict[int, Message] = {}
+
+    def deliver(self, message: Message) -> Message | None:
+        node, configs = message.metadata.dst_node_id, message.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = configs.get(Key.STAGE) if configs is not None else None
+        if stage in (CONSISTENCY_STAGE, Stage.UNMASK):
+            configs[Key.ACTIVE_NODE_ID_LIST], configs[Key.DEAD_NODE_ID_LIST] = self.VIEWS[node]
+        reply = super().deliver(message)
+        if stage == Stage.UNMASK:
+            self.unmask_replies[node] = reply
+        return reply
+
+
+@pytest.mark.parametrize("defended", [False, True])
+def test_inconsistent_views_get_no_share(defended: bool, task_identity: None, tmp_path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's break of Flower's SecAgg+ by a malicious server: each tenant told another story
+    of who dropped. With the consistency stage a tenant reveals nothing unless the threshold of the
+    phase's participants signed the very view it was shown."""
+    if not defended:
+        monkeypatch.setattr(sharing_views, "view_signers", lambda *args: 99)
+    grid = ForgingGrid(make_client_app(SECURE), 4, dealer=tmp_path / "dealer", sharing_keys=tmp_path / "share")
+    strategy = _trained(grid)
+    report = SecAggSharing("secure", "all", 0.5, 120.0)(strategy, grid, 1, sorted(strategy.tenant_of.values()))
+    assert sorted(grid.unmask_replies) == [1, 2, 3, 4] and report.threshold == 3
+    revealed = [n for n, reply in grid.unmask_replies.items() if not reply.has_error()]
+    assert report.tenants == []  # no aggregate either way (Flower's honest unmask cannot combine these)
+    if defended:
+        assert revealed == []
+        assert all("1 participants signed this view" in r.error.reason for r in grid.unmask_replies.values())
+    else:  # each tenant reveals key shares under its own view: what the review's attack needs
+        assert revealed == [1, 2, 3, 4]
+
+
+def test_no_phase_after_a_missed_load_and_no_load_without_a_phase(task_identity: None, tmp_path) -> None:
+    """The review's null-step differencing needs the tenants to skip a load (their parameters then
+    stay what the last aggregate summed); its final-model overwrite needs a load with no phase."""
+    grid = SybilGrid(make_client_app(SECURE), tmp_path, node_config={"allow-unpinned-sharing": True})
+    strategy = _trained(grid)
+    victim = grid.contexts[VICTIM]
+    load = Message(RecordDict({"config": ConfigRecord({"share": "all", "share-count": 2}),
+                               "shared": ArrayRecord({n: Array(np.zeros(tuple(s), dtype=np.int64)) for n, s in zip(
+                                   NAMES, [strategy.cloud.export_halves(strategy.tenant_of[VICTIM])[n].shape
+                                           for n in NAMES])})}),
+                   dst_node_id=VICTIM, message_type="train.share_load", group_id="1")
+    assert "no phase waiting" in grid.deliver(load).error.reason  # trained, never shared: nothing to load
+    assert VICTIM in _sybil_phase(grid, strategy, 1).included  # the cloud sends it no load afterwards
+    note_training_begin(victim, 2)  # round 2 trains (as the training handlers note it)
+    note_training_step(victim)
+    assert VICTIM not in _sybil_phase(grid, strategy, 2).included
+    assert "no phase waiting" in grid.deliver(load).error.reason  # a load after training resumed: refused

@@ -89,10 +89,9 @@ def share_load(message: Message, context: Context, config: RunConfig, settings: 
     names = shared_names(config.security, _scope(record, settings))
     count = config_value(record, ConfigKey.SHARE_COUNT, int)
     arrays = content.array_records[RecordKey.SHARED]
-    if count < 2 or sorted(arrays) != sorted(names):
-        raise ProtocolError(f"{MessageType.SHARE_LOAD}: expected {names} over >= 2 tenants, got {sorted(arrays)} "
-                            f"over {count}")
-    note_load(context)
+    if sorted(arrays) != sorted(names):
+        raise ProtocolError(f"{MessageType.SHARE_LOAD}: expected {names}, got {sorted(arrays)}")
+    note_load(context, count)
     if halves(config.security):
         party = _load(context, data, config, settings)
         for name in names:

@@ -55,7 +55,7 @@ from flower_split.flower.sharing_params import FINE_TUNED_COPY, quantization
 from flower_split.flower.sharing_views import CONSISTENCY_STAGE, check_unmask, consistency, end_phase, note_signers, start_phase
 from flower_split.protocol import ProtocolError
 
-POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, loaded}
+POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, loaded, unmasked, alive}
 MIN_TENANTS_CONFIG = "share-min-tenants"
 DEFAULT_MIN_TENANTS = 4
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -71,7 +71,7 @@ def min_tenants(node_config: Mapping[str, Any]) -> int:
 
 def _progress(context: Context) -> dict[str, int]:
     record = context.state.get(POLICY_STATE)
-    values = {"round": 0, "trained": 0, "shared": 0, "loaded": 0}
+    values = {"round": 0, "trained": 0, "shared": 0, "loaded": 0, "unmasked": 0, "alive": 0}
     if isinstance(record, ConfigRecord):
         values.update({k: int(v) for k, v in record.items() if k in values})
     return values
@@ -95,15 +95,23 @@ def note_training_step(context: Context, steps: int = 1) -> None:
     _store(context, values)
 
 
-def note_load(context: Context) -> None:
-    """The aggregate of this tenant's last phase is about to be loaded: one load per phase, only
-    right after the tenant's own phase (a load at any other time would be the cloud's choice of
-    its parameters); ProtocolError otherwise."""
+def note_load(context: Context, count: int) -> None:
+    """The aggregate of ``count`` tenants is about to be loaded: one load per phase, only right
+    after the tenant's own unmask stage of it and over the tenants alive there (a load at any
+    other time would be the cloud's choice of its parameters); ProtocolError otherwise."""
     values = _progress(context)
-    if values["shared"] <= values["loaded"] or values["trained"]:
+    if values["shared"] <= values["loaded"] or values["unmasked"] != values["shared"] or values["trained"]:
         raise ProtocolError("sharing: an aggregate to load, but this tenant has no phase waiting for one "
                             f"(last shared in round {values['shared']}, loaded round {values['loaded']}); refused")
+    if count != values["alive"]:
+        raise ProtocolError(f"sharing: an aggregate of {count} tenants, {values['alive']} were alive in the phase; "
+                            "refused")
     _store(context, {**values, "loaded": values["shared"]})
+
+
+def _note_unmask(context: Context, alive: int) -> None:
+    values = _progress(context)
+    _store(context, {**values, "unmasked": values["shared"], "alive": alive})
 
 
 def _check_setup(configs: ConfigRecord, config: RunConfig, settings: FlowerSettings, floor: int) -> None:
@@ -188,7 +196,7 @@ def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
         elif stage == Stage.COLLECT_MASKED_VECTORS:
             _check_collect(message, context, configs, settings, node_id)
         elif stage == Stage.UNMASK:
-            check_unmask(message, context, identity)
+            _note_unmask(context, check_unmask(message, context, identity))
         reply = call_next(message, context)
         if stage == Stage.SETUP and not reply.has_error():
             reply_configs = reply.content.config_records[RECORD_KEY_CONFIGS]

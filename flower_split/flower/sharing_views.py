@@ -99,9 +99,9 @@ def consistency(message: Message, context: Context, identity: SharingIdentity) -
     return Message(content, reply_to=message)
 
 
-def check_unmask(message: Message, context: Context, identity: SharingIdentity) -> None:
+def check_unmask(message: Message, context: Context, identity: SharingIdentity) -> int:
     """The unmask stage: the lists are the view this tenant signed, and (pinned) the threshold of
-    the phase's participants signed it too."""
+    the phase's participants signed it too; how many are alive in it."""
     state = _flower_state(context)
     alive, dropped = _lists(message.content.config_records[RECORD_KEY_CONFIGS])
     check_view(alive, dropped, message.metadata.dst_node_id, state)
@@ -111,9 +111,10 @@ def check_unmask(message: Message, context: Context, identity: SharingIdentity) 
         raise ProtocolError("sharing: the unmask lists are not the view this tenant signed in the consistency "
                             "stage; refused")
     if identity.peers is None:
-        return  # unpinned: a semi-honest cloud is trusted, no signatures to count
+        return len(alive)  # unpinned: a semi-honest cloud is trusted, no signatures to count
     signers: dict[int, Any] = dict(zip(phase.get("signer-ids", []), phase.get("signer-keys", [])))
     count = view_signers(signers, digest, message.content.config_records.get(RecordKey.SHARE_VIEWS))
     if count < state.threshold:
         raise ProtocolError(f"sharing: {count} participants signed this view, the threshold is {state.threshold} "
                             "(another view may be going round); refused")
+    return len(alive)

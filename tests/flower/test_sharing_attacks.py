@@ -284,6 +284,7 @@ def test_no_phase_after_a_missed_load_and_no_load_without_a_phase(task_identity:
                    dst_node_id=VICTIM, message_type="train.share_load", group_id="1")
     assert "no phase waiting" in grid.deliver(load).error.reason  # trained, never shared: nothing to load
     assert VICTIM in _sybil_phase(grid, strategy, 1).included  # the cloud sends it no load afterwards
+    assert "an aggregate of 2 tenants, 4 were alive" in grid.deliver(load).error.reason  # not this phase's count
     note_training_begin(victim, 2)  # round 2 trains (as the training handlers note it)
     note_training_step(victim)
     assert VICTIM not in _sybil_phase(grid, strategy, 2).included

@@ -70,3 +70,9 @@ def install() -> None:
             raise RuntimeError(f"{name} has no pseudo_rand_gen: this Flower version masks differently; "
                                "review flower_split.flower.secagg_prg before sharing")
         module.pseudo_rand_gen = full_entropy_masks
+
+
+def installed() -> bool:
+    """Whether both Flower modules mask with :func:`full_entropy_masks` now (a reload would undo :func:`install`)."""
+    return all(getattr(importlib.import_module(name), "pseudo_rand_gen", None) is full_entropy_masks
+               for name in FLOWER_MODULES)

@@ -49,10 +49,12 @@ from flower_split.flower.dealer_node import TENANT_ROLE, node_role
 from flower_split.flower.node_privacy import check_private
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
-from flower_split.flower.secagg_prg import PRG_NAME
+from flower_split.flower.secagg_prg import PRG_NAME, installed
 from flower_split.flower.sharing_keys import SharingIdentity, sharing_identity, sign_keys, verify_peers
 from flower_split.flower.sharing_params import FINE_TUNED_COPY, quantization
-from flower_split.flower.sharing_views import CONSISTENCY_STAGE, check_unmask, consistency, end_phase, note_signers, start_phase
+from flower_split.flower.sharing_views import (
+    CONSISTENCY_STAGE, check_order, check_unmask, consistency, end_phase, note_signers, start_phase,
+)
 from flower_split.protocol import ProtocolError
 
 POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, loaded, unmasked, alive}
@@ -181,24 +183,24 @@ def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
         check_private(context.node_config, config, settings)
         identity = sharing_identity(context.node_config)
         floor = min_tenants(context.node_config)
-        node_id = message.metadata.dst_node_id
+        node_id = check_order(message, context, stage)  # before anything here writes state
         if stage == CONSISTENCY_STAGE:
-            return consistency(message, context, identity)
+            return consistency(message, context, identity, floor)
         if stage == Stage.SETUP:
             _check_setup(configs, config, settings, floor)
             prg = message.content.config_records.get(RecordKey.SHARE_PRG, {}).get("prg")
-            if prg != PRG_NAME:
+            if prg != PRG_NAME or not installed():
                 raise ProtocolError(f"sharing: the set-up names mask generator {prg!r}, this tenant masks with "
                                     f"{PRG_NAME!r} (Flower's own keeps 32 bits of a seed); refused")
-            start_phase(context)
         elif stage == Stage.SHARE_KEYS:
             note_signers(context, _check_keys(message, context, configs, identity, floor, node_id))
         elif stage == Stage.COLLECT_MASKED_VECTORS:
             _check_collect(message, context, configs, settings, node_id)
         elif stage == Stage.UNMASK:
-            _note_unmask(context, check_unmask(message, context, identity))
+            _note_unmask(context, check_unmask(message, context, identity, floor))
         reply = call_next(message, context)
         if stage == Stage.SETUP and not reply.has_error():
+            start_phase(context)
             reply_configs = reply.content.config_records[RECORD_KEY_CONFIGS]
             signed = sign_keys(identity, context.run_id, node_id, reply_configs[Key.PUBLIC_KEY_1],
                                reply_configs[Key.PUBLIC_KEY_2])

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState, check_stage
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from flower_split.flower.contract import RecordKey
@@ -53,8 +53,27 @@ def end_phase(context: Context) -> None:
     context.state.config_records.pop(RECORD_KEY_STATE, None)
 
 
+def check_order(message: Message, context: Context, stage: Any) -> int:
+    """Flower's stage order (the consistency stage only right after collect), checked before this
+    project's mod writes any state; and the message is for the node that set the phase up. The
+    node's id (the phase's, once set up)."""
+    flower = _flower_state(context)
+    configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+    if stage == CONSISTENCY_STAGE:
+        if flower.current_stage != Stage.COLLECT_MASKED_VECTORS:
+            raise ProtocolError("sharing: a consistency stage before this tenant sent its vector; refused")
+    elif configs is not None:
+        check_stage(flower.current_stage, configs)  # a replayed stage would otherwise rewrite the phase's record
+    if stage != Stage.SETUP and message.metadata.dst_node_id != flower.nid:
+        raise ProtocolError(f"sharing: a message for node {message.metadata.dst_node_id}, the phase was set up by "
+                            f"node {flower.nid}; refused")
+    return flower.nid if stage != Stage.SETUP else message.metadata.dst_node_id
+
+
 def note_signers(context: Context, signers: dict[int, bytes]) -> None:
-    """The participants' signing keys, as verified in the share-keys stage."""
+    """The participants' signing keys, as verified in the share-keys stage (once per phase)."""
+    if PHASE_STATE in context.state:
+        raise ProtocolError("sharing: a second key exchange in one phase; refused")
     context.state[PHASE_STATE] = ConfigRecord({"signer-ids": list(signers), "signer-keys": list(signers.values())})
 
 
@@ -66,9 +85,10 @@ def _lists(configs: ConfigRecord) -> tuple[list[int], list[int]]:
     return alive, dropped
 
 
-def check_view(alive: list[int], dropped: list[int], node_id: int, state: SecAggPlusState) -> None:
+def check_view(alive: list[int], dropped: list[int], node_id: int, state: SecAggPlusState, floor: int) -> None:
     """A tenant's own checks of a view: distinct ids that make up exactly the phase's
-    participants, itself alive, at least the threshold alive."""
+    participants, itself alive, at least the threshold and the tenant's floor alive (the
+    aggregate sums the alive tenants)."""
     participants = set(state.public_keys_dict)
     if len(set(alive)) != len(alive) or len(set(dropped)) != len(dropped) or set(alive) & set(dropped):
         raise ProtocolError("sharing: a node named twice, or both alive and dropped; refused")
@@ -76,17 +96,16 @@ def check_view(alive: list[int], dropped: list[int], node_id: int, state: SecAgg
         raise ProtocolError("sharing: the lists do not make up the phase's participants; refused")
     if node_id not in alive:
         raise ProtocolError("sharing: this tenant is named dropped after it sent its vector; refused")
-    if len(alive) < state.threshold:
-        raise ProtocolError(f"sharing: {len(alive)} alive, below the threshold {state.threshold}; refused")
+    if len(alive) < max(state.threshold, floor):
+        raise ProtocolError(f"sharing: {len(alive)} alive, below the threshold {state.threshold} or this tenant's "
+                            f"floor {floor}; refused")
 
 
-def consistency(message: Message, context: Context, identity: SharingIdentity) -> Message:
+def consistency(message: Message, context: Context, identity: SharingIdentity, floor: int) -> Message:
     """The consistency stage: check the view, keep it (one per phase) and sign it."""
     state = _flower_state(context)
-    if state.current_stage != Stage.COLLECT_MASKED_VECTORS:
-        raise ProtocolError("sharing: a consistency stage before this tenant sent its vector; refused")
     alive, dropped = _lists(message.content.config_records[RECORD_KEY_CONFIGS])
-    check_view(alive, dropped, message.metadata.dst_node_id, state)
+    check_view(alive, dropped, state.nid, state, floor)
     phase = context.state.get(PHASE_STATE)
     if not isinstance(phase, ConfigRecord):
         raise ProtocolError("sharing: no key exchange of this phase on record; refused")
@@ -99,12 +118,12 @@ def consistency(message: Message, context: Context, identity: SharingIdentity) -
     return Message(content, reply_to=message)
 
 
-def check_unmask(message: Message, context: Context, identity: SharingIdentity) -> int:
+def check_unmask(message: Message, context: Context, identity: SharingIdentity, floor: int) -> int:
     """The unmask stage: the lists are the view this tenant signed, and (pinned) the threshold of
     the phase's participants signed it too; how many are alive in it."""
     state = _flower_state(context)
     alive, dropped = _lists(message.content.config_records[RECORD_KEY_CONFIGS])
-    check_view(alive, dropped, message.metadata.dst_node_id, state)
+    check_view(alive, dropped, state.nid, state, floor)
     phase = context.state.get(PHASE_STATE)
     digest = view_digest(context.run_id, state.public_keys_dict, alive, dropped)
     if not isinstance(phase, ConfigRecord) or phase.get("view") != digest:

@@ -15,6 +15,7 @@ attacks recover one tenant's secure adapter halves bit-exactly, i.e. its adapter
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -221,12 +222,14 @@ def test_a_view_must_name_every_participant_once_and_the_tenant_alive() -> None:
     """The checks a tenant makes of the lists alone (the review's inconsistent views used duplicate
     ids to reach the threshold, and lists that left participants out)."""
     state = SecAggPlusState(threshold=3, public_keys_dict={n: (b"a", b"b") for n in (1, 2, 3, 4)})
-    check_view([1, 2, 3], [4], 1, state)
+    check_view([1, 2, 3], [4], 1, state, 3)
     for alive, dead, reason in (([1, 1, 1], [2, 3, 4], "twice"), ([1, 2, 3], [3, 4], "twice"),
                                 ([1, 2, 3], [], "participants"), ([1, 2, 3, 5], [4], "participants"),
                                 ([2, 3, 4], [1], "dropped after"), ([1, 2], [3, 4], "threshold")):
         with pytest.raises(ProtocolError, match=reason):
-            check_view(alive, dead, 1, state)
+            check_view(alive, dead, 1, state, 3)
+    with pytest.raises(ProtocolError, match="floor 4"):  # an aggregate over fewer than the tenant's floor
+        check_view([1, 2, 3], [4], 1, state, 4)
 
 
 class ForgingGrid(LocalGrid):
@@ -258,7 +261,8 @@ def test_inconsistent_views_get_no_share(defended: bool, task_identity: None, tm
     phase's participants signed the very view it was shown."""
     if not defended:
         monkeypatch.setattr(sharing_views, "view_signers", lambda *args: 99)
-    grid = ForgingGrid(make_client_app(SECURE), 4, dealer=tmp_path / "dealer", sharing_keys=tmp_path / "share")
+    grid = ForgingGrid(make_client_app(SECURE), 4, dealer=tmp_path / "dealer", sharing_keys=tmp_path / "share",
+                       node_config={"share-min-tenants": 3})  # views of 3 alive pass the tenants' own checks
     strategy = _trained(grid)
     report = SecAggSharing("secure", "all", 0.5, 120.0)(strategy, grid, 1, sorted(strategy.tenant_of.values()))
     assert sorted(grid.unmask_replies) == [1, 2, 3, 4] and report.threshold == 3
@@ -289,3 +293,30 @@ def test_no_phase_after_a_missed_load_and_no_load_without_a_phase(task_identity:
     note_training_step(victim)
     assert VICTIM not in _sybil_phase(grid, strategy, 2).included
     assert "no phase waiting" in grid.deliver(load).error.reason  # a load after training resumed: refused
+
+
+class ReplayGrid(LocalGrid):
+    """An honest phase, except that the victim's share-keys message comes again after it signed
+    its view (the second review's way to wipe the signed view and have a second one signed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kept: Message | None = None
+        self.replayed: Message | None = None
+
+    def deliver(self, message: Message) -> Message | None:
+        configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = configs.get(Key.STAGE) if configs is not None else None
+        if message.metadata.dst_node_id == VICTIM and stage == Stage.SHARE_KEYS:
+            self.kept = copy.deepcopy(message)
+        if message.metadata.dst_node_id == VICTIM and stage == Stage.UNMASK:
+            self.replayed = super().deliver(copy.deepcopy(self.kept))
+        return super().deliver(message)
+
+
+def test_a_replayed_stage_changes_nothing(task_identity: None, tmp_path) -> None:
+    grid = ReplayGrid(make_client_app(SECURE), 4, dealer=tmp_path / "dealer", sharing_keys=tmp_path / "share")
+    strategy = _trained(grid)
+    report = SecAggSharing("secure", "all", 0.5, 120.0)(strategy, grid, 1, sorted(strategy.tenant_of.values()))
+    assert grid.replayed is not None and "expect unmask stage" in grid.replayed.error.reason
+    assert report.tenants == ["tenant-0", "tenant-1", "tenant-2", "tenant-3"]  # the victim's view stood

@@ -114,7 +114,9 @@ def test_secure_steps_match_plain_steps(mode: str, keep_graphs: bool, tail_input
             error = (secure_w[name] - plain_w[name]).abs().max().item()
             assert error <= TOL_PER_STEP * (index + 1), f"step {index} {name}: {error / LSB:.1f} LSB"
             update = (plain_w[name] - start[name]).abs().max().item()
-            assert update >= 10 * TOL_PER_STEP * (index + 1), f"{name} barely moved: the test would be blind"
+            # an update above the tolerance is what makes a missing update fail the check above; 3x
+            # leaves margin (10x failed 1 run in ~25: the adapters' random start is the CSPRNG's)
+            assert update >= 3 * TOL_PER_STEP * (index + 1), f"{name} barely moved: the test would be blind"
     assert transport.last_step.messages_client_to_cloud == (11 if mode == "he" else 10)
 
 

@@ -1,6 +1,7 @@
 """Opt-in cross-tenant sharing, the tenant's side (the cloud's: :mod:`~flower_split.flower.sharing_server`).
 
-``train`` (Flower's SecAgg+ stages, all four through ``flwr.client.mod.secaggplus_mod``): at
+``train`` (Flower's SecAgg+ stages, all four through the tenant's own rules,
+:mod:`~flower_split.flower.sharing_policy`, and ``flwr.client.mod.secaggplus_mod``): at
 the collect stage the mod calls :func:`share_fit`, which returns the tenant's shared
 parameters as a legacy ``FitRes`` (weight 1); the mod quantizes, masks and sends them. Split-plain:
 the float parameters (a value outside SecAgg+'s clipping range is refused, never clipped);
@@ -10,8 +11,9 @@ split-secure: the tenant's halves, encoded for a modulo-2^31 sum
 ``train.share_load``: the aggregate. Plain: the mean, loaded in place of the tenant's own
 shared parameters (optimizer momentum kept). Secure: the tenants' halves' sum ``C`` and the
 count ``n``; the tenant's new half is ``-floor(-C / n)``, the cloud's is ``floor(S / n)``
-(:func:`~flower_split.flower.sharing_params.average_half`). The classifier (and, with
-``share = "tail"``, the head) is never touched: it stays personal.
+(:func:`~flower_split.flower.sharing_params.average_half`). Parameters outside the run's
+scope are never touched (with ``tail`` / ``head-tail`` the classifier stays personal). One load
+per phase, right after the tenant's own unmask stage (:func:`~flower_split.flower.sharing_policy.note_load`).
 """
 
 from __future__ import annotations

@@ -1,38 +1,32 @@
 """The tenant's own rules for a sharing phase (Flower's SecAgg+ stages), which the cloud cannot relax.
 
-A hostile review opened one tenant's adapter and classifier bit-exactly with a phase the cloud
-forged: SecAgg+ with the victim alone (threshold 1, a key dictionary naming only the victim),
-at any time, as often as it liked. Flower's ``secaggplus_mod`` does what the server's stages
-ask; :func:`sharing_policy_mod` (a Flower mod around it) refuses a stage before it acts:
+Hostile reviews opened one tenant's adapter and classifier bit-exactly with phases the cloud
+forged (the victim alone; sybils; a different story of who dropped to each tenant; a partial
+list of neighbours; a replayed stage). Flower's ``secaggplus_mod`` does what the server's
+stages ask; :func:`sharing_policy_mod` (a Flower mod around it) checks each stage first, in
+Flower's stage order and for the node that set the phase up, before it writes any state:
 
-* **set-up**: the run shares (``share`` != none; a node with ``private = true`` never does);
+* **set-up**: the run shares, from secret start weights, on a node that is not ``private``;
   SecAgg+'s quantization is the mode's own (weight 1); at least ``share-min-tenants``
-  participants (node config, default 4, see below) and a threshold above half of them. The
-  cloud tells each tenant which others are alive: with a majority threshold it cannot collect
-  one tenant's mask-seed shares (claiming it alive) from some tenants and its key shares
-  (claiming it dropped) from others, two disjoint sets that would each need the threshold.
-* **share keys**: one key pair per participant; every other participant's keys signed by a
-  distinct pinned tenant (:mod:`~flower_split.flower.sharing_keys`), unless the node allows
-  unpinned sharing (then the guarantee is against a semi-honest cloud only).
-* **collect**: key shares from at least ``share-min-tenants - 1`` others (each one is a
-  pairwise mask on this tenant's vector); the phase's round is the tenant's current training
-  round, later than the last round it shared, and it finished a training step since that
-  phase (two aggregates over sets that differ by one tenant, with nothing trained between
-  them, would give that tenant's vector); none after the last round for a scope whose final
-  model is the tenant's fine-tuned copy (:data:`~flower_split.flower.sharing_params.FINE_TUNED_COPY`).
-* **unmask**: this tenant alive, no tenant both alive and dropped.
+  participants (node config, default 4) and a threshold above half of them; the set-up names
+  the full-entropy mask generator (:mod:`~flower_split.flower.secagg_prg`) and it is installed.
+* **share keys**: one key pair per participant set up; every other participant's keys signed
+  by a distinct pinned tenant (:mod:`~flower_split.flower.sharing_keys`), unless the node
+  allows unpinned sharing (then the guarantee is against a semi-honest cloud only).
+* **collect**: key shares from every other participant, each once (a pairwise mask with each);
+  the phase's round is the tenant's current training round, later than the last one it shared;
+  a training step finished since; the last phase's aggregate reached it (two aggregates over
+  sets that differ by one tenant, with the others' parameters unchanged in between, would give
+  that tenant's vector); with a :data:`~flower_split.flower.sharing_params.FINE_TUNED_COPY`
+  scope, not the run's last round.
+* **consistency** and **unmask**: one signed view per phase, the threshold's signatures over it
+  (:mod:`~flower_split.flower.sharing_views`).
+* **load** (:func:`note_load`): one per phase, right after the tenant's own unmask stage of it,
+  over the tenants alive there, before training resumes.
 
-After the unmask stage the mod's secrets (Flower's ``secaggplus_state``) leave ``context.state``.
-
-Why 4 participants by default: Flower's SecAgg+ seeds each mask's generator (NumPy's
-``RandomState``) with 32 bits (``pseudo_rand_gen`` folds the 32-byte seed down). After the
-unmask stage the server holds every surviving tenant's own mask seed, so a vector is hidden by
-its pairwise masks alone: one (2 participants) falls to 2^32 guesses, two (3) to a
-meet-in-the-middle over 2^32 seeds a side; three (4 participants) leave about 2^64 work. A
-node may lower its floor to 2 (tests, demos).
-
-Training progress lives in ``context.state`` under :data:`POLICY_STATE` (written by the
-training handlers through :func:`note_training_begin` / :func:`note_training_step`).
+The ledger lives in ``context.state`` under :data:`POLICY_STATE` (the training handlers write
+it through :func:`note_training_begin` / :func:`note_training_step`). docs/secure.md §10 has
+the reasons and the attacks, each a test.
 """
 
 from __future__ import annotations

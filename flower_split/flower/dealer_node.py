@@ -68,14 +68,21 @@ def node_role(node_config: Mapping[str, Any], settings: FlowerSettings) -> str:
     return TENANT_ROLE
 
 
-def _setting(node_config: Mapping[str, Any], key: str, env: str) -> str | None:
+def node_setting(node_config: Mapping[str, Any], key: str, env: str) -> str | None:
+    """Node config ``key``, else environment variable ``env`` (simulated nodes); None when unset or empty."""
     value = node_config.get(key, os.environ.get(env))
     return None if value in (None, "") else str(value)
 
 
+def node_flag(node_config: Mapping[str, Any], key: str, env: str) -> bool:
+    """A yes/no :func:`node_setting` (``true``, ``1`` or ``yes``; anything else is no)."""
+    value = node_setting(node_config, key, env)
+    return value is not None and value.strip().lower() in ("1", "true", "yes")
+
+
 def pinned_dealer(node_config: Mapping[str, Any]) -> bytes | None:
     """The dealer key this tenant pins, or None when none is configured."""
-    spec = _setting(node_config, DEALER_PUBLIC_CONFIG, DEALER_PUBLIC_ENV)
+    spec = node_setting(node_config, DEALER_PUBLIC_CONFIG, DEALER_PUBLIC_ENV)
     if spec is None:
         return None
     try:
@@ -92,8 +99,7 @@ def allow_unpinned(node_config: Mapping[str, Any]) -> bool:
     run is the cloud, and an unsigned hello lets the cloud be the dealer. Only for a dealer
     co-located with the cloud (``insecure-colocated-dealer``, tests and demos); warned.
     """
-    value = _setting(node_config, UNPINNED_CONFIG, UNPINNED_ENV)
-    allowed = value is not None and value.strip().lower() in ("1", "true", "yes")
+    allowed = node_flag(node_config, UNPINNED_CONFIG, UNPINNED_ENV)
     if allowed:
         log(WARNING, "this tenant accepts an unsigned dealer hello (%s): the cloud can act as the dealer and open "
                      "everything it sends", UNPINNED_CONFIG)
@@ -102,7 +108,7 @@ def allow_unpinned(node_config: Mapping[str, Any]) -> bool:
 
 def dealer_identity(node_config: Mapping[str, Any]) -> Ed25519PrivateKey:
     """The dealer node's long-term key (its file must be configured)."""
-    path = _setting(node_config, DEALER_KEY_CONFIG, DEALER_KEY_ENV)
+    path = node_setting(node_config, DEALER_KEY_CONFIG, DEALER_KEY_ENV)
     if path is None:
         raise ProtocolError(f"dealer node: no key file (node config {DEALER_KEY_CONFIG!r} or ${DEALER_KEY_ENV}; "
                             "make one with `flower-split dealer-keygen`)")

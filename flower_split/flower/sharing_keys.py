@@ -23,7 +23,6 @@ process tree): then sharing holds against a semi-honest cloud only.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from flower_split.flower.dealer_node import node_flag, node_setting
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.dealer_identity import IDENTITY_BYTES, SIGNATURE_BYTES, identity_public, load_identity, load_pinned
 
@@ -57,20 +57,14 @@ class SharingIdentity:
         return None if self.key is None else identity_public(self.key)
 
 
-def _setting(node_config: Mapping[str, Any], key: str, env: str) -> Any:
-    value = node_config.get(key, os.environ.get(env))
-    return None if value in (None, "") else value
-
-
 def sharing_identity(node_config: Mapping[str, Any]) -> SharingIdentity:
     """The node's sharing keys from its node config (or environment); ProtocolError on a bad setting."""
-    key_path, peers_spec = _setting(node_config, SHARE_KEY_CONFIG, SHARE_KEY_ENV), \
-        _setting(node_config, SHARE_PEERS_CONFIG, SHARE_PEERS_ENV)
-    unpinned = _setting(node_config, UNPINNED_SHARING_CONFIG, UNPINNED_SHARING_ENV)
-    allow = unpinned is True or str(unpinned).strip().lower() in ("1", "true", "yes")
+    key_path = node_setting(node_config, SHARE_KEY_CONFIG, SHARE_KEY_ENV)
+    peers_spec = node_setting(node_config, SHARE_PEERS_CONFIG, SHARE_PEERS_ENV)
+    allow = node_flag(node_config, UNPINNED_SHARING_CONFIG, UNPINNED_SHARING_ENV)
     try:
-        key = None if key_path is None else load_identity(str(key_path), "share-key", "share-keygen")
-        peers = None if peers_spec is None else load_peers(str(peers_spec))
+        key = None if key_path is None else load_identity(key_path, "share-key", "share-keygen")
+        peers = None if peers_spec is None else load_peers(peers_spec)
     except ValueError as exc:
         raise ProtocolError(str(exc)) from exc
     if peers is not None and key is None:

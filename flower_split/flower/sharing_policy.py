@@ -34,8 +34,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from flwr.app import ConfigRecord, Context, Message
-from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, RecordKey
@@ -47,7 +46,7 @@ from flower_split.flower.secagg_prg import PRG_NAME, installed
 from flower_split.flower.sharing_keys import SharingIdentity, sharing_identity, sign_keys, verify_peers
 from flower_split.flower.sharing_params import FINE_TUNED_COPY, quantization
 from flower_split.flower.sharing_views import (
-    CONSISTENCY_STAGE, check_order, check_unmask, consistency, end_phase, note_signers, start_phase,
+    CONSISTENCY_STAGE, check_order, check_unmask, consistency, end_phase, flower_state, note_signers, start_phase,
 )
 from flower_split.protocol import ProtocolError
 
@@ -134,7 +133,7 @@ def _check_setup(configs: ConfigRecord, config: RunConfig, settings: FlowerSetti
 
 def _check_collect(message: Message, context: Context, configs: ConfigRecord, settings: FlowerSettings,
                    node_id: int) -> None:
-    sources, participants = configs.get(Key.SOURCE_LIST, []), _participants(context)
+    sources, participants = configs.get(Key.SOURCE_LIST, []), set(flower_state(context).public_keys_dict)
     if not isinstance(sources, list) or len(set(sources)) != len(sources) or set(sources) != participants - {node_id}:
         raise ProtocolError(f"sharing: key shares from {sources!r}; this tenant masks with every other participant "
                             f"of the key exchange ({sorted(participants - {node_id})}), each once; refused")
@@ -157,11 +156,6 @@ def _check_collect(message: Message, context: Context, configs: ConfigRecord, se
         raise ProtocolError(f"sharing: round {server_round} is the run's last; with share = {settings.share!r} "
                             "each tenant keeps its fine-tuned copy; refused")
     _store(context, {**values, "trained": 0, "shared": server_round})  # before anything leaves the node
-
-
-def _participants(context: Context) -> set[int]:
-    record = context.state.config_records.get(RECORD_KEY_STATE)
-    return set(SecAggPlusState(**dict(record)).public_keys_dict) if record is not None else set()
 
 
 def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
@@ -210,8 +204,7 @@ def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
 def _check_keys(message: Message, context: Context, configs: ConfigRecord, identity: SharingIdentity,
                 floor: int, node_id: int) -> dict[int, bytes]:
     keys = {k: v for k, v in configs.items() if k != Key.STAGE}
-    state = context.state.config_records.get(RECORD_KEY_STATE)
-    share_num = int(state.get("share_num", 0)) if state is not None else 0
+    share_num = flower_state(context).share_num
     if len(keys) != share_num or len(keys) < floor:
         raise ProtocolError(f"sharing: {len(keys)} participants' keys, set up for {share_num} (at least {floor}); "
                             "refused")

@@ -98,8 +98,9 @@ class _CountingGrid(Grid):
         self.key_dropouts: set[int] = set()  # nodes that did not answer this attempt's share-keys stage
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = [self._with_signatures(m) for m in messages]
+        messages = list(messages)
         stage = _stage(messages)
+        messages = [self._with_signatures(m, stage) for m in messages]
         if stage == Stage.UNMASK:
             messages = self._with_views(messages, timeout)
         if stage == Stage.COLLECT_MASKED_VECTORS and self.key_dropouts:
@@ -148,14 +149,14 @@ class _CountingGrid(Grid):
             message.content.config_records[RecordKey.SHARE_VIEWS] = ConfigRecord(views)
         return messages
 
-    def _with_signatures(self, message: Message) -> Message:
+    def _with_signatures(self, message: Message, stage: str | None) -> Message:
         """A set-up message with the mask generator's name, a share-keys message with the
         participants' signatures (the tenants check them against their pins)."""
-        configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
-        if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+        if stage == Stage.SETUP:
             message.content.config_records[RecordKey.SHARE_PRG] = ConfigRecord({"prg": PRG_NAME})
-        if configs is None or configs.get(Key.STAGE) != Stage.SHARE_KEYS:
+        if stage != Stage.SHARE_KEYS:
             return message
+        configs = message.content.config_records[RECORD_KEY_CONFIGS]
         relayed = {nid: self.signatures[nid] for nid in configs if nid in self.signatures}
         message.content.config_records[RecordKey.SHARE_SIGNATURES] = ConfigRecord(relayed)
         return message

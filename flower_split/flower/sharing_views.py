@@ -37,7 +37,8 @@ CONSISTENCY_STAGE = "flower-split.consistency"
 PHASE_STATE = "sharing-phase"  # ConfigRecord {signer-ids, signer-keys, view}
 
 
-def _flower_state(context: Context) -> SecAggPlusState:
+def flower_state(context: Context) -> SecAggPlusState:
+    """Flower's SecAgg+ state of this node's current phase (an empty one before any set-up)."""
     record = context.state.config_records.get(RECORD_KEY_STATE)
     return SecAggPlusState(**dict(record)) if record is not None else SecAggPlusState()
 
@@ -57,7 +58,7 @@ def check_order(message: Message, context: Context, stage: Any) -> int:
     """Flower's stage order (the consistency stage only right after collect), checked before this
     project's mod writes any state; and the message is for the node that set the phase up. The
     node's id (the phase's, once set up)."""
-    flower = _flower_state(context)
+    flower = flower_state(context)
     configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
     if stage == CONSISTENCY_STAGE:
         if flower.current_stage != Stage.COLLECT_MASKED_VECTORS:
@@ -103,7 +104,7 @@ def check_view(alive: list[int], dropped: list[int], node_id: int, state: SecAgg
 
 def consistency(message: Message, context: Context, identity: SharingIdentity, floor: int) -> Message:
     """The consistency stage: check the view, keep it (one per phase) and sign it."""
-    state = _flower_state(context)
+    state = flower_state(context)
     alive, dropped = _lists(message.content.config_records[RECORD_KEY_CONFIGS])
     check_view(alive, dropped, state.nid, state, floor)
     phase = context.state.get(PHASE_STATE)
@@ -121,7 +122,7 @@ def consistency(message: Message, context: Context, identity: SharingIdentity, f
 def check_unmask(message: Message, context: Context, identity: SharingIdentity, floor: int) -> int:
     """The unmask stage: the lists are the view this tenant signed, and (pinned) the threshold of
     the phase's participants signed it too; how many are alive in it."""
-    state = _flower_state(context)
+    state = flower_state(context)
     alive, dropped = _lists(message.content.config_records[RECORD_KEY_CONFIGS])
     check_view(alive, dropped, state.nid, state, floor)
     phase = context.state.get(PHASE_STATE)

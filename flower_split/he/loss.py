@@ -25,10 +25,10 @@ import torch
 
 import tenseal.sealapi as seal
 
-from flower_split.he import _random, _rns, _sealio, envelope, packing
-from flower_split.he.fixed_point import wrap_ints
+from flower_split.he import _rns, _sealio, envelope, packing
 from flower_split.he.keys import CloudKeys
-from flower_split.he.params import BatchBounds, batch_bounds, ring_unit
+from flower_split.he.material import LossMaterial, MaterialPool, fresh_material
+from flower_split.he.params import batch_bounds
 
 
 @dataclass(frozen=True)
@@ -60,64 +60,63 @@ def _check_logits(logits: torch.Tensor, batch_size: int, num_classes: int) -> np
     return z
 
 
-def _loss(keys: CloudKeys, cts: list[seal.Ciphertext], neg_logp: np.ndarray, bounds: BatchBounds) -> bytes:
+def _loss(keys: CloudKeys, cts: list[seal.Ciphertext], neg_logp: np.ndarray, material: LossMaterial) -> bytes:
     """Serialized Enc(loss terms): constant coefficient = 2**(s+f_a) * total loss + flood."""
     params = keys.params
     top, final = keys.levels[0], keys.levels[-1]
     ev = keys.evaluator
     a_scale = 2.0**params.logprob_frac_bits
     a = np.rint(np.clip(neg_logp, 0.0, params.max_neg_log_prob) * a_scale).astype(np.int64)
-    scale = 2.0 ** (params.label_scale_bits + params.logprob_frac_bits)
-    acc = keys.encrypt_zero(top, scale)  # re-randomizes c1, which would otherwise reveal a
+    acc = material.loss_start  # Enc(0) + flood mask, used once
     for ct, run in zip(cts, packing.pack(a, params.poly_modulus_degree)):
         if run.any():  # SEAL refuses a product with the zero plaintext
             prod = seal.Ciphertext()
             ev.multiply_plain(ct, keys.plaintext(top, packing.reverse_negacyclic(run), a_scale), prod)
             ev.add_inplace(acc, prod)
-    width = 1 << bounds.flood_bits
-    flood = int(_random.uniform_below(2 * width + 1, 1)[0]) - width
-    mask = _rns.random_with_constant(top, flood)
-    ev.add_plain_inplace(acc, _sealio.plaintext_from_ntt(keys.context, list(top.parms_id), mask, scale))
     ev.rescale_to_next_inplace(acc)
     while tuple(acc.parms_id()) != final.parms_id:
         ev.mod_switch_to_next_inplace(acc)  # drops a prime; only the constant coefficient matters
     return _sealio.dump(acc)
 
 
-def _grad(
-    keys: CloudKeys, cts: list[seal.Ciphertext], prob: np.ndarray, bounds: BatchBounds
-) -> tuple[list[bytes], np.ndarray]:
-    """Serialized Enc(2**s * (softmax - y) - mu) per ciphertext, and the cloud's ring share."""
+def _grad(keys: CloudKeys, cts: list[seal.Ciphertext], prob: np.ndarray, material: LossMaterial) -> list[bytes]:
+    """Serialized Enc(2**s * (softmax - y) - mu) per ciphertext (mu from ``material``)."""
     params = keys.params
     top = keys.levels[0]
     ev = keys.evaluator
-    batch_size, num_classes = prob.shape
     degree = params.poly_modulus_degree
-    unit = ring_unit(params, batch_size)
-    half = bounds.grad_mask_range * unit
-    mu = _random.uniform_below(2 * half, batch_size * num_classes) - half  # uniform in [-half, half)
-    share = (2 * mu + unit) // (2 * unit)  # round(mu / unit): the cloud's share in ring units
-    # 2**s * p is exact in float64, so rint gives the true round(2**s * p).
+    # 2**s * p is exact in float64, so rint gives the true round(2**s * p); it is below 2**62.
     target = np.rint(np.ldexp(prob.reshape(-1), params.label_scale_bits)).astype(np.int64)
-    plain = target.astype(object) - mu
+    primes = np.array(top.primes, dtype=np.uint64).reshape(-1, 1)
     out = []
     for j, ct in enumerate(cts):
+        ntt = _rns.to_ntt(top, _rns.residues(top, target[j * degree : (j + 1) * degree]))
+        ntt = (ntt + material.grad_offsets[j]) % primes  # NTT(target - mu): both below q < 2**61
         grad = seal.Ciphertext()
         ev.negate(ct, grad)
-        pt = keys.plaintext(top, plain[j * degree : (j + 1) * degree], 2.0**params.label_scale_bits)
-        ev.add_plain_inplace(grad, pt)
+        ev.add_plain_inplace(grad, _sealio.plaintext_from_ntt(keys.context, list(top.parms_id), ntt,
+                                                              2.0**params.label_scale_bits))
         ev.rescale_to_next_inplace(grad)
         out.append(_sealio.dump(grad))
-    return out, wrap_ints(share).reshape(batch_size, num_classes)
+    return out
 
 
-def compute_loss_and_grad(keys: CloudKeys, labels_envelope: bytes, logits: torch.Tensor) -> CloudResult:
+def _check_material(material: LossMaterial, keys: CloudKeys, batch_size: int, num_classes: int) -> None:
+    if material.key_id != keys.key_id or material.shape != (batch_size, num_classes):
+        raise ValueError(f"loss material for key {material.key_id.hex()} and shape {material.shape} does not fit "
+                         f"key {keys.key_id.hex()} and batch shape {(batch_size, num_classes)}")
+
+
+def compute_loss_and_grad(keys: CloudKeys, labels_envelope: bytes, logits: torch.Tensor,
+                          material: LossMaterial | MaterialPool | None = None) -> CloudResult:
     """Encrypted mean cross-entropy and gradient share for one batch.
 
     Args:
         keys: the tenant's public context (see :class:`CloudKeys`).
         labels_envelope: bytes from :func:`flower_split.he.labels.encrypt_labels`.
         logits: [B, C] logits z, opened to the cloud in ``he`` mode.
+        material: the batch's randomness made ahead (:mod:`~flower_split.he.material`), a pool
+            to take it from, or None to make it now. Used once, whatever happens.
 
     Raises:
         ValueError: envelope under another key, garbled, or not matching the logits' shape.
@@ -127,13 +126,22 @@ def compute_loss_and_grad(keys: CloudKeys, labels_envelope: bytes, logits: torch
     params = keys.params
     msg = envelope.decode_labels(labels_envelope, key_id=keys.key_id, degree=params.poly_modulus_degree)
     z = _check_logits(logits, msg.batch_size, msg.num_classes)
-    bounds = batch_bounds(params, msg.batch_size, msg.num_classes)
+    batch_bounds(params, msg.batch_size, msg.num_classes)  # a shape the parameters cannot hold fails here
     top = keys.levels[0]
     cts = [keys.load_ciphertext(data, top, 2.0**params.label_scale_bits) for data in msg.ciphertexts]
+    if isinstance(material, MaterialPool):
+        if material.keys.key_id != keys.key_id:
+            raise ValueError(f"loss material pool of key {material.keys.key_id.hex()}, not {keys.key_id.hex()}")
+        material = material.take(msg.batch_size, msg.num_classes)
+    elif material is None:
+        material = fresh_material(keys, msg.batch_size, msg.num_classes)
+    _check_material(material, keys, msg.batch_size, msg.num_classes)
+    material.claim()
     shifted = z - z.max(axis=1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss_ct = _loss(keys, cts, -logp, bounds)
-    grad_cts, grad_mask = _grad(keys, cts, np.exp(logp), bounds)
+    loss_ct = _loss(keys, cts, -logp, material)
+    grad_cts = _grad(keys, cts, np.exp(logp), material)
+    grad_mask = material.grad_mask.reshape(msg.batch_size, msg.num_classes)
     result = envelope.ResultMessage(
         key_id=keys.key_id,
         batch_size=msg.batch_size,

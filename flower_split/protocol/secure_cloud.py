@@ -324,6 +324,9 @@ class SecureCloudParty(SecureStepRunner):
         st.ctx["mask"] = got["input.mask"]
         if "input.labels" in got:
             st.ctx["labels_envelope"] = got["input.labels"]
+            pool = self.tenants[spec.tenant].he_material
+            if pool is not None:  # the loss's randomness is made while the body runs (he/material.py)
+                pool.refill((spec.batch, spec.classes))
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
                                                  "B": halves.share("head.B")}, scope="head")
 
@@ -347,7 +350,7 @@ class SecureCloudParty(SecureStepRunner):
     def _op_he_loss(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         record = self.tenants[st.spec.tenant]
         z = decode(st.ctx["cls"].values["z"].data + got["open.z"], self.frac_bits)  # z opened to the cloud
-        result = compute_loss_and_grad(record.he_keys, st.ctx.pop("labels_envelope"), z)
+        result = compute_loss_and_grad(record.he_keys, st.ctx.pop("labels_envelope"), z, record.he_material)
         st.ctx["cls"].values["gz"] = self._share(result.grad_mask)
         return {"he.result": result.payload}
 

@@ -1,7 +1,8 @@
 """What the secure cloud keeps per tenant, and its plain-data export for saved state.
 
 One :class:`CloudTenant` per set-up tenant: its public set-up, the cloud's weight halves and
-momentum, its public CKKS context (``he``), the cloud's dealer key for it, the next step
+momentum, its public CKKS context (``he``) with a pool of loss randomness made ahead under it
+(:class:`~flower_split.he.material.MaterialPool`, never saved), the cloud's dealer key for it, the next step
 number it accepts, the step in flight (with the halves from before it, for reconcile), and
 Beaver material: for the step whose first message arrived (``material``) and for the
 tenant's next training step asked ahead of it (``prefetched``, docs/secure.md §9).
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from flower_split.he import CloudKeys
+from flower_split.he.material import MaterialPool
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import MAX_STEP, ClientSetup
 from flower_split.protocol.secure_party import Halves, StepState
@@ -29,13 +31,25 @@ class CloudTenant:
     def __init__(self, setup: ClientSetup, halves: Halves, he_keys: CloudKeys | None, key: bytes) -> None:
         self.setup = setup
         self.halves = halves
-        self.he_keys = he_keys
+        self.he_keys = he_keys  # also sets he_material
         self.key = key
         self.next_step = 0
         self.step: StepState | None = None
         self.pre_step: tuple | None = None  # halves before the last training step (for reconcile)
         self.material: Material | None = None
         self.prefetched: Material | None = None
+
+    @property
+    def he_keys(self) -> CloudKeys | None:
+        """The tenant's public CKKS context (``he``), or None."""
+        return self._he_keys
+
+    @he_keys.setter
+    def he_keys(self, keys: CloudKeys | None) -> None:
+        """Set the context and a fresh pool of loss material under it (never saved; a rotated
+        key gets a new pool, so no material encrypted under the old key is used)."""
+        self._he_keys = keys
+        self.he_material = MaterialPool(keys) if keys is not None else None
 
     def skip(self, gap: int) -> None:
         """Move the next step ``gap`` numbers on and drop material dealt ahead (a restarted cloud:

@@ -111,6 +111,7 @@ def test_rotation_then_training_continues_with_the_plaintext_loss(secure_data: T
     assert rotation.previous_key_id == first and client.he_key_id == first  # pending until acknowledged
     key_id = cloud.accept_key_rotation(rotation)
     assert key_id == rotation.key_id == cloud.he_key_id("t0") != first
+    assert cloud.tenants["t0"].he_material.keys.key_id == key_id  # no loss randomness under the old key
     assert client.confirm_key_rotation(key_id)
     assert client.he_key_id == key_id and client.pending_he_key_id is None
     _train_and_check_loss(parts, client, cloud, transport, _batch(secure_data, 1))

@@ -71,14 +71,33 @@ def mirrored(context: Context, directory: Path | None, owner: Mapping[str, str])
     if directory is None:
         yield
         return
-    make_private_dir(directory)
-    lock = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(directory):
         generation = _restore(context, directory, dict(owner))
         yield
         context.state[MIRROR_STATE] = ConfigRecord({"generation": generation + 1})
         write_party(directory, NODE, _tree(context.state), {**owner, "generation": generation + 1})
+
+
+def restored(context: Context, directory: Path | None, owner: Mapping[str, str]) -> None:
+    """Load the mirror into an empty ``context.state`` and check it as :func:`mirrored` does,
+    writing nothing. For what writes into ``context.state`` outside a handler (Flower's SecAgg+
+    mod): started on the empty state of a restarted node, it would leave records there, and the
+    node's next message would then find a non-empty state that did not come from its mirror and
+    refuse every later message of the run."""
+    if directory is None:
+        return
+    with _locked(directory):
+        _restore(context, directory, dict(owner))
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the mirror in ``directory`` (created 0700 if absent)."""
+    make_private_dir(directory)
+    lock = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(lock)  # releases the lock
 

@@ -37,7 +37,7 @@ from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.secagg_prg import install as install_full_entropy_masks
 from flower_split.flower.sharing_policy import note_load, sharing_policy_mod
 from flower_split.flower.sharing_params import average_half, encode_half, halves, quantization, shared_names
-from flower_split.flower.tenant import Handler, TenantData
+from flower_split.flower.tenant import Handler, TenantData, restore_mod
 from flower_split.protocol import ProtocolError
 
 
@@ -135,11 +135,13 @@ def error_reply_mod(message: Message, context: Context, call_next: Callable[[Mes
 
 def register_sharing(client_app: Any, bind: Callable[[Handler], Callable[[Message, Context], Message]],
                      overrides: Mapping[str, Any]) -> None:
-    """Register the sharing handlers on ``client_app``: SecAgg+'s ``train`` messages through
+    """Register the sharing handlers on ``client_app``: SecAgg+'s ``train`` messages, on a
+    restarted node after its mirror is loaded (:func:`~flower_split.flower.tenant.restore_mod`), through
     the tenant's own rules (:mod:`~flower_split.flower.sharing_policy`) and Flower's
     ``secaggplus_mod`` (on this handler only), and ``train.share_load``; ``bind`` runs a handler
     all-or-nothing (:func:`flower_split.flower.tenant.handle`); ``overrides``: run-config values
     that take precedence (tests)."""
-    client_app.train(mods=[error_reply_mod, sharing_policy_mod(overrides), secaggplus_mod])(bind(share_fit))
+    client_app.train(mods=[error_reply_mod, restore_mod(overrides), sharing_policy_mod(overrides),
+                           secaggplus_mod])(bind(share_fit))
     category, action = split_type(MessageType.SHARE_LOAD)
     getattr(client_app, category)(action)(bind(share_load))

@@ -30,7 +30,7 @@ from flower_split.flower.contract import EVAL_SCOPES, NOT_A_TENANT_CODE, ConfigK
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
 from flower_split.flower.node_data import NodeSource, node_rows, node_source
 from flower_split.flower.node_predict import PREDICT_SCOPE, predict_texts
-from flower_split.flower.node_state import mirrored, node_state_dir, rollback
+from flower_split.flower.node_state import mirrored, node_state_dir, restored, rollback
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
@@ -212,6 +212,28 @@ def eval_set(data: TenantData, record: ConfigRecord, context: Context, config: R
 
 
 Handler = Callable[[Message, Context, RunConfig, FlowerSettings, TenantData], RecordDict]
+
+
+def restore_mod(overrides: Mapping[str, Any]) -> Callable[[Message, Context, Callable[[Message, Context], Message]],
+                                                          Message]:
+    """A Flower mod for messages whose stages write ``context.state`` outside :func:`handle`
+    (SecAgg+'s): with node config ``state-dir``, a restarted node's state is loaded from its
+    mirror first (:func:`~flower_split.flower.node_state.restored`), so the stage sees the
+    tenant's own state and the node's later messages its own mirror. ``overrides`` as for
+    :func:`handle`; a node that is no tenant is left to the stage's own checks."""
+
+    def mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
+        if node_role(context.node_config, settings) == TENANT_ROLE:
+            tenant = tenant_data(config, settings, context.node_config).tenant
+            try:
+                restored(context, node_state_dir(context, settings, tenant), {"role": TENANT_ROLE, "tenant": tenant})
+            except (StateError, OSError) as exc:
+                return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} ({tenant}): {exc}"),
+                               reply_to=message)
+        return call_next(message, context)
+
+    return mod
 
 
 def handle(handler: Handler, message: Message, context: Context, overrides: Mapping[str, Any],

@@ -258,3 +258,30 @@ def test_a_tenant_dropped_mid_step_moves_past_the_number_dealt_ahead(task_identi
     evaluation = [r for r in reports if isinstance(r, EvalReport)][-1]
     assert evaluation.server_round == 2 and not evaluation.dropped
     assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-1"]
+
+
+def test_a_restarted_node_whose_first_message_is_a_sharing_setup_resumes(task_identity: None, tmp_path) -> None:
+    """A SecAgg+ set-up is the first message a restarted node gets (its state emptied just before
+    it): the stage runs on the tenant's mirrored state, and the node's later messages are not
+    refused as if another process had written its mirror (docs/secure.md §10)."""
+    config = {**PLAIN, "share": "tail", "num-server-rounds": 2, "min-nodes": 3}
+    restarted: list[int] = []
+
+    def intercept(node: int, kind: str) -> str | None:
+        if node == 1 and kind == "train" and not restarted:  # round 1's set-up: tenant-0's node restarted
+            state = grid.contexts[1].state
+            for key in list(state.keys()):
+                del state[key]
+            restarted.append(node)
+        return None
+
+    grid = LocalGrid(make_client_app(config), 3, intercept=intercept,
+                     node_config={"state-dir": str(tmp_path / "nodes"), "share-min-tenants": 3,
+                                  "allow-unpinned-sharing": True})
+    reports: list[RoundReport | EvalReport] = []
+    run_cloud(grid, config, reports.append)
+    rounds = [r for r in reports if isinstance(r, RoundReport)]
+    assert restarted == [1]
+    assert rounds[0].sharing.tenants == ["tenant-0", "tenant-1", "tenant-2"] and not rounds[0].sharing.dropped
+    assert rounds[1].tenants == ["tenant-0", "tenant-1", "tenant-2"] and not rounds[1].dropped
+    assert rounds[1].sharing.tenants == ["tenant-0", "tenant-1", "tenant-2"]

@@ -35,6 +35,7 @@ from flower_split.config import ConfigError
 from flower_split.flower.cloud_state import cloud_checkpoint
 from flower_split.flower.direct_channel import ChannelGrid
 from flower_split.flower.results import Collector, run_entry
+from flower_split.flower.metering import peak_rss_bytes
 from flower_split.flower.settings import settings_from_run_config, shared_run_name
 from flower_split.flower.sharing_server import make_sharing
 from flower_split.flower.strategy import Report
@@ -96,6 +97,7 @@ def run_recorded(grid: Grid, run_config: Mapping[str, Any],
 
     started = time.perf_counter()
     result = run_cloud(collector.wrap(grid), run_config, collect, run_id)
+    collector.collected.server_peak_rss_bytes = peak_rss_bytes()  # a deployment's ServerApp has its own process
     tenants = {t for r in result.rounds for t in r.tenants} | {t for e in result.evaluations for t in e.per_tenant}
     entry = run_entry(name, "split", config, settings, None, len(tenants), collector.collected,
                       time.perf_counter() - started)

@@ -69,6 +69,50 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def current_rss_bytes() -> int | None:
+    """This process's resident set size now (Linux ``/proc/self/statm``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakRss:
+    """The peak resident set size of this process over a ``with`` block, sampled every
+    ``interval`` seconds on a daemon thread (Linux). ``ru_maxrss`` only grows, so it cannot tell
+    one of several runs in one process (a comparison's simulations) from the others; where RSS
+    cannot be sampled, :attr:`peak` is ``ru_maxrss`` at the end of the block."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while True:
+            rss = current_rss_bytes()
+            if rss is not None:
+                self.peak = max(self.peak, rss)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakRss":
+        if current_rss_bytes() is not None:
+            self._thread = threading.Thread(target=self._sample, name="flower-split-peak-rss", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.peak = max(self.peak, current_rss_bytes() or 0)
+        else:
+            self.peak = peak_rss_bytes()
+
+
 def _torch_threads() -> int:
     torch = sys.modules.get("torch")
     return int(torch.get_num_threads()) if torch is not None else 0

@@ -35,6 +35,7 @@ class Collected:
     startup_seconds: float = 0.0
     started: float = 0.0
     finished: float = 0.0
+    server_peak_rss_bytes: int | None = None  # the ServerApp's process over the run (simulation: the engine's too)
 
 
 def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
@@ -245,6 +246,7 @@ def run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSetti
         "client_cpu_seconds_per_sample": train_cpu / train_examples if train_examples else None,
         "client_peak_rss_bytes": max((c["peak_rss_bytes"] for c in clients), default=0),
         "client_rss_above_baseline_bytes": max((c["rss_above_baseline_bytes"] for c in clients), default=0),
+        "server_peak_rss_bytes": collected.server_peak_rss_bytes,
         "bytes_client_to_cloud": sum(c["bytes_up"] for c in clients),
         "bytes_cloud_to_client": sum(c["bytes_down"] for c in clients),
         "bytes_per_client_per_round": _mean([r["bytes_up"] + r["bytes_down"] for r in train_rounds]),

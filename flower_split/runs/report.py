@@ -13,7 +13,7 @@ from flower_split.runs.compare_spec import CompareSpec, resolve_local_steps
 
 COLUMNS = ("run", "per-tenant accuracy", "per-tenant macro-F1", "global test accuracy", "global macro-F1",
            "rounds", "wall time (s)", "client CPU s / tenant", "client CPU s / sample", "client peak RSS (MB)",
-           "bytes / client / round", "round trips / step", "Flower wait")
+           "ServerApp peak RSS (MB)", "bytes / client / round", "round trips / step", "Flower wait")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.93)
 
 
@@ -95,6 +95,7 @@ def table_row(run: dict) -> list[str]:
         _num(run.get("client_cpu_seconds_per_tenant"), ".1f") + (" ²" if pooled else ""),
         _num(run.get("client_cpu_seconds_per_sample"), ".2e") + (" ²" if pooled else ""),
         "n/a" if rss is None else f"{rss / 2**20:.0f}" + ("" if growth is None else f" (+{growth / 2**20:.0f})"),
+        _num(None if run.get("server_peak_rss_bytes") is None else run["server_peak_rss_bytes"] / 2**20, ".0f"),
         _bytes(run.get("bytes_per_client_per_round")),
         _num(run.get("round_trips_per_step"), ".3f"),
         _pct(run.get("flower_wait_fraction")),
@@ -207,6 +208,10 @@ NOTES = [
     "Ray actor that may serve several tenants in turn, with Python, torch, Flower and Ray loaded — "
     "maximum over tenants; in parentheses its growth above the actor's peak RSS at its first message "
     "(the client's own model, data and activations).",
+    "- **ServerApp peak RSS**: the process that ran the ServerApp (cloud, and the dealer where co-located), "
+    "sampled every 0.25 s over the run from `/proc/self/statm`; in simulation that process also holds "
+    "Flower's simulation engine and Ray's driver (n/a: runs without a ServerApp, or results from before "
+    "it was recorded). A deployment's ServerApp records its own `ru_maxrss`.",
     "- **bytes / client / round**: serialized ArrayRecord sizes (plus ConfigRecord `bytes` values) "
     "sent up plus down per tenant in a training round, mean over rounds; evaluation traffic excluded "
     "(it is in results.json as `eval_bytes_up/down`).",

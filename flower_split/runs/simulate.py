@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_split.backends import backend_for, get_backend
 from flower_split.config import ConfigError, RunConfig
-from flower_split.flower.metering import cost_mod
+from flower_split.flower.metering import PeakRss, cost_mod
 from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config, shared_run_name
 
@@ -86,9 +86,11 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
     started = time.perf_counter()
     sharing = fedavg is None and settings.share != "none"
-    with simulated_node_keys(dealer_node, unpinned=secure and not dealer_node, unpinned_sharing=sharing):
+    with simulated_node_keys(dealer_node, unpinned=secure and not dealer_node, unpinned_sharing=sharing), \
+            PeakRss() as server_rss:  # the ServerApp runs in this process, next to the simulation engine
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)
+    collected.server_peak_rss_bytes = server_rss.peak
     total_wall = time.perf_counter() - started
     if collected.grid is None or not collected.rounds:
         raise RuntimeError(f"{name}: the simulation produced no training round (see the log above)")

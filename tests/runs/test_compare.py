@@ -159,6 +159,7 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     for run in (fedavg, split):
         assert run["bytes_per_client_per_round"] > 0 and run["client_cpu_seconds_per_sample"] > 0
         assert run["client_peak_rss_bytes"] > 0
+        assert run["server_peak_rss_bytes"] > 100 * 2**20  # the ServerApp's process: torch and a model at least
     # split: the mean over tenants of each tenant's adapters on the whole test set
     assert 0.0 <= split["global_test_accuracy"] <= 1.0 and 0.0 <= fedavg["global_test_accuracy"] <= 1.0
     for run in (fedavg, split):

@@ -58,7 +58,8 @@ def node_state_dir(context: Context, settings: FlowerSettings, tenant: str | Non
 
 
 @contextmanager
-def mirrored(context: Context, directory: Path | None, owner: Mapping[str, str]) -> Iterator[None]:
+def mirrored(context: Context, directory: Path | None, owner: Mapping[str, str],
+             transient: frozenset[str] = frozenset()) -> Iterator[None]:
     """One message's hold on the node's mirror (nothing when ``directory`` is None).
 
     Under an exclusive lock of the mirror: an empty ``context.state`` is loaded from it (a
@@ -67,6 +68,8 @@ def mirrored(context: Context, directory: Path | None, owner: Mapping[str, str])
     two live copies of one party can never both act (both would use the same step numbers
     and Beaver material, and their halves would diverge); after the body succeeds the state is
     written back with the next generation. ``owner`` ({role, tenant}) must match the mirror's.
+    Records named in ``transient`` are never written: secrets of an exchange in progress that a
+    restarted node, or a second copy of it, must not take up where the first left off.
     """
     if directory is None:
         yield
@@ -75,7 +78,7 @@ def mirrored(context: Context, directory: Path | None, owner: Mapping[str, str])
         generation = _restore(context, directory, dict(owner))
         yield
         context.state[MIRROR_STATE] = ConfigRecord({"generation": generation + 1})
-        write_party(directory, NODE, _tree(context.state), {**owner, "generation": generation + 1})
+        write_party(directory, NODE, _tree(context.state, transient), {**owner, "generation": generation + 1})
 
 
 def restored(context: Context, directory: Path | None, owner: Mapping[str, str]) -> None:
@@ -86,8 +89,13 @@ def restored(context: Context, directory: Path | None, owner: Mapping[str, str])
     refuse every later message of the run."""
     if directory is None:
         return
+    saved = dict(context.state.items())
     with _locked(directory):
-        _restore(context, directory, dict(owner))
+        try:
+            _restore(context, directory, dict(owner))
+        except StateError:
+            rollback(context, saved)  # a mirror refused after it was loaded leaves nothing behind
+            raise
 
 
 @contextmanager
@@ -135,9 +143,11 @@ def rollback(context: Context, saved: Mapping[str, Any]) -> None:
         context.state[key] = record
 
 
-def _tree(state: RecordDict) -> dict[str, Any]:
+def _tree(state: RecordDict, transient: frozenset[str] = frozenset()) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, record in state.items():
+        if key in transient:
+            continue
         if isinstance(record, ArrayRecord):
             tree[key] = {"kind": "array", "items": {name: state_tensor(f"{key}.{name}", array)
                                                     for name, array in record.items()}}

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
 from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
@@ -33,6 +34,7 @@ from flower_split.flower.node_predict import PREDICT_SCOPE, predict_texts
 from flower_split.flower.node_state import mirrored, node_state_dir, restored, rollback
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
+from flower_split.flower.sharing_views import PHASE_STATE
 from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.label_rr import RandomizedLabels
@@ -214,6 +216,14 @@ def eval_set(data: TenantData, record: ConfigRecord, context: Context, config: R
 Handler = Callable[[Message, Context, RunConfig, FlowerSettings, TenantData], RecordDict]
 
 
+TRANSIENT_RECORDS = frozenset({RECORD_KEY_STATE, PHASE_STATE})
+"""Records a tenant never mirrors: Flower's SecAgg+ secrets of the phase in progress (key pair,
+mask seed, the others' key shares) and the phase's signers and signed view. A restarted node, or
+a second copy of it started by a second run of the same session, then cannot go on with a phase
+the first copy began (it would sign a second view of it, docs/secure.md §10); the ledger, which
+is mirrored, keeps it from sharing that round again."""
+
+
 def restore_mod(overrides: Mapping[str, Any]) -> Callable[[Message, Context, Callable[[Message, Context], Message]],
                                                           Message]:
     """A Flower mod for messages whose stages write ``context.state`` outside :func:`handle`
@@ -262,7 +272,7 @@ def handle(handler: Handler, message: Message, context: Context, overrides: Mapp
     saved = dict(context.state.items())  # handlers replace records, never mutate them in place
     try:
         with mirrored(context, node_state_dir(context, settings, data.tenant),
-                      {"role": TENANT_ROLE, "tenant": data.tenant}):
+                      {"role": TENANT_ROLE, "tenant": data.tenant}, TRANSIENT_RECORDS):
             content = handler(message, context, config, settings, data)
     except (ProtocolError, StateError, OSError) as exc:
         rollback(context, saved)

@@ -15,7 +15,7 @@ the loss is the primitive, this module the provider of its randomness.
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -96,21 +96,26 @@ def _executor() -> Executor:
 
 
 class MaterialPool:
-    """Up to ``depth`` items of material per batch shape for one tenant key, made in the background.
+    """Up to ``depth`` items of material per batch shape, for the ``shapes`` batch shapes used
+    last, for one tenant key, made in the background.
 
     :meth:`take` hands out a ready item, or makes one on the spot when none is (the first batch
     of a shape, or a refill that has not finished), and asks the background thread to refill the
-    shape. Nothing in a pool is ever handed out twice. ``background=False`` refills on the
+    shape. Nothing in a pool is ever handed out twice. A tenant picks its batch shapes, so the pool
+    keeps only the most recent ``shapes`` (a training batch and the last, shorter one, by default):
+    a tenant cycling through shapes costs itself on-the-spot material, never the cloud unbounded
+    memory (each item is ~0.8 MiB at the default parameters). ``background=False`` refills on the
     caller's thread instead (tests; a caller without idle time gains nothing from a thread).
     """
 
-    def __init__(self, keys: CloudKeys, depth: int = 2, background: bool = True) -> None:
-        if depth < 1:
-            raise ValueError(f"depth={depth}: a pool keeps at least one item per shape")
+    def __init__(self, keys: CloudKeys, depth: int = 2, shapes: int = 2, background: bool = True) -> None:
+        if depth < 1 or shapes < 1:
+            raise ValueError(f"depth={depth}, shapes={shapes}: a pool keeps at least one item of one shape")
         self.keys = keys
         self.depth = depth
+        self.shapes = shapes
         self.background = background
-        self._ready: dict[Shape, deque[LossMaterial]] = {}
+        self._ready: OrderedDict[Shape, deque[LossMaterial]] = OrderedDict()  # least recently asked first
         self._filling: set[Shape] = set()
         self._lock = threading.Lock()
 
@@ -130,25 +135,38 @@ class MaterialPool:
 
     def refill(self, shape: Shape) -> None:
         """Bring ``shape`` up to ``depth`` items (in the background unless ``background`` is off;
-        a shape the parameters cannot hold then fails in :meth:`take`, not here)."""
+        a shape the parameters cannot hold then fails in :meth:`take`, not here), and make it the
+        most recent shape, dropping the least recent beyond ``shapes``."""
         with self._lock:
+            self._ready.setdefault(shape, deque())
+            self._ready.move_to_end(shape)
+            while len(self._ready) > self.shapes:
+                self._ready.popitem(last=False)  # unused material is dropped, never handed out later
             if shape in self._filling:
                 return
             self._filling.add(shape)
-        if self.background:
-            _executor().submit(self._fill, shape)
-        else:
+        if not self.background:
             self._fill(shape)
+            return
+        try:
+            _executor().submit(self._fill, shape)
+        except RuntimeError:  # the interpreter is shutting down: take() makes material on the spot
+            with self._lock:
+                self._filling.discard(shape)
 
     def _fill(self, shape: Shape) -> None:
         try:
             while True:
                 with self._lock:
-                    if len(self._ready.setdefault(shape, deque())) >= self.depth:
+                    queue = self._ready.get(shape)
+                    if queue is None or len(queue) >= self.depth:  # full, or evicted meanwhile
                         return
                 item = fresh_material(self.keys, *shape)
                 with self._lock:
-                    self._ready[shape].append(item)
+                    queue = self._ready.get(shape)
+                    if queue is None:
+                        return
+                    queue.append(item)
         finally:
             with self._lock:
                 self._filling.discard(shape)

@@ -27,7 +27,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 import flower_split.flower.sharing_client as sharing_client
@@ -320,3 +320,66 @@ def test_a_replayed_stage_changes_nothing(task_identity: None, tmp_path) -> None
     report = SecAggSharing("secure", "all", 0.5, 120.0)(strategy, grid, 1, sorted(strategy.tenant_of.values()))
     assert grid.replayed is not None and "expect unmask stage" in grid.replayed.error.reason
     assert report.tenants == ["tenant-0", "tenant-1", "tenant-2", "tenant-3"]  # the victim's view stood
+
+
+# -- two live copies of a tenant in one phase (the tenth session's review) ----------------------
+
+def _post_collect(context: Context, node: int, participants: list[int]) -> None:
+    """What a tenant holds after its collect stage of a phase (Flower's SecAgg+ secrets, the phase's
+    signers, the ledger's shared round)."""
+    state = SecAggPlusState(current_stage=Stage.COLLECT_MASKED_VECTORS, nid=node, sample_num=len(participants),
+                            share_num=len(participants), threshold=3, sk1=b"phase secret sk1", sk2=b"sk2",
+                            rd_seed=b"mask seed",
+                            public_keys_dict={n: [bytes([n]) * 32, bytes([n + 100]) * 32] for n in participants})
+    context.state[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
+    context.state[sharing_views.PHASE_STATE] = ConfigRecord({"signer-ids": participants[1:],
+                                                             "signer-keys": [b"k"] * (len(participants) - 1)})
+    context.state["sharing-policy"] = ConfigRecord({"round": 1, "trained": 0, "shared": 1, "loaded": 0,
+                                                    "unmasked": 0, "alive": 0})
+
+
+@pytest.mark.parametrize("defended", [False, True])
+@pytest.mark.parametrize("how", ["second-run-same-session", "restart"])
+def test_a_second_copy_of_a_tenant_cannot_sign_a_second_view(defended: bool, how: str, task_identity: None,
+                                                             tmp_path) -> None:
+    """A message handled between collect and consistency mirrors the node's state. If the mirror
+    held the phase's secrets, a second copy of the tenant (a second run of the same session, or the
+    node restarted after it signed) would load them and sign another view of the same phase: the
+    victim alive to one copy (its mask seed's shares revealed) and dropped to the other (its key's
+    shares revealed) opens its vector. The phase's records are never mirrored."""
+    from flower_split.flower import tenant as tenant_module
+    from flower_split.flower.node_state import mirrored, node_state_dir
+    from flower_split.flower.settings import settings_from_run_config
+    config = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 8, "tail-bottleneck": 16,
+              "batch-size": 16, "max-train-samples": 128, "max-test-samples": 64, "local-steps": 2,
+              "num-server-rounds": 3, "eval-every": 0, "global-eval": False, "min-nodes": 2, "reply-timeout": 120.0,
+              "share": "tail", "session": "s"}  # run config: the cloud names the session
+    node_config = {"state-dir": str(tmp_path / "nodes"), "share-min-tenants": 3, "allow-unpinned-sharing": True,
+                   "partition-id": 0, "num-partitions": 4}
+    participants = [1, 2, 3, 4]
+    app = make_client_app(config)
+    first = Context(run_id=1, node_id=1, node_config=dict(node_config), state=RecordDict(), run_config={})
+    _post_collect(first, 1, participants)
+    transient = tenant_module.TRANSIENT_RECORDS if defended else frozenset()
+    with mirrored(first, node_state_dir(first, settings_from_run_config(config)[1], "tenant-0"),
+                  {"role": "tenant", "tenant": "tenant-0"}, transient):
+        pass  # what tenant.handle does for any message handled between collect and consistency
+
+    def consistency(context: Context, alive: list[int], dropped: list[int]) -> Message:
+        configs = ConfigRecord({Key.STAGE: CONSISTENCY_STAGE, Key.ACTIVE_NODE_ID_LIST: alive,
+                                Key.DEAD_NODE_ID_LIST: dropped})
+        return app(Message(content=RecordDict({RECORD_KEY_CONFIGS: configs}), dst_node_id=1, message_type="train",
+                           group_id="phase-1"), context)
+
+    assert not consistency(first, participants, []).has_error()  # copy 1 signs: tenant 4 alive
+    if how == "restart":
+        second = first
+        for key in list(second.state.keys()):
+            del second.state[key]
+    else:
+        second = Context(run_id=2, node_id=1, node_config=dict(node_config), state=RecordDict(), run_config={})
+    reply = consistency(second, [1, 2, 3], [4])  # copy 2 asked to sign: tenant 4 dropped
+    if defended:
+        assert reply.has_error() and RECORD_KEY_STATE not in second.state
+    else:
+        assert not reply.has_error() and second.state[RECORD_KEY_STATE]["sk1"] == b"phase secret sk1"

@@ -90,3 +90,17 @@ def test_background_refill_fills_the_pool(cloud):
     while pool.ready(4, 77) < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert pool.ready(4, 77) == 1
+
+
+def test_pool_keeps_only_the_most_recent_shapes(cloud):
+    """A tenant picks its batch shapes: cycling through many must not grow the cloud's memory."""
+    pool = MaterialPool(cloud, depth=1, shapes=2, background=False)
+    for batch_size in range(1, 6):
+        pool.take(batch_size, 77)
+    assert [pool.ready(b, 77) for b in range(1, 6)] == [0, 0, 0, 1, 1]
+    assert len(pool._ready) == 2
+    pool.take(4, 77)  # the older of the two is asked again: it becomes the most recent
+    pool.refill((6, 77))
+    assert [pool.ready(b, 77) for b in (4, 5, 6)] == [1, 0, 1]
+    with pytest.raises(ValueError, match="at least one"):
+        MaterialPool(cloud, shapes=0)

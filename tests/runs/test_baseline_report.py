@@ -187,3 +187,11 @@ def test_shipped_baseline_configs_are_valid() -> None:
     capped = load_spec(configs / "banking77-10tenants-baselines-capped.toml")
     assert capped.num_clients == full.num_clients == 10 and capped.partition == full.partition
     assert capped.fedavg_options["plateau_patience"] > 0 and capped.fedavg_rounds >= 20
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "simulations" / "configs").glob("*.toml")),
+                         ids=lambda path: path.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    """Each config a BENCHMARKS command names must parse and validate (the commands are in docs)."""
+    spec = load_spec(path)
+    assert spec.runs and spec.num_clients >= 1

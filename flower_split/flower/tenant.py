@@ -224,6 +224,12 @@ the first copy began (it would sign a second view of it, docs/secure.md §10); t
 is mirrored, keeps it from sharing that round again."""
 
 
+def _error_reply(message: Message, tenant: str, exc: Exception) -> Message:
+    """The error reply to ``message`` for a refusal of ``tenant`` (its state is left as it was)."""
+    return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} ({tenant}): {exc}"),
+                   reply_to=message)
+
+
 def restore_mod(overrides: Mapping[str, Any]) -> Callable[[Message, Context, Callable[[Message, Context], Message]],
                                                           Message]:
     """A Flower mod for messages whose stages write ``context.state`` outside :func:`handle`
@@ -239,8 +245,7 @@ def restore_mod(overrides: Mapping[str, Any]) -> Callable[[Message, Context, Cal
             try:
                 restored(context, node_state_dir(context, settings, tenant), {"role": TENANT_ROLE, "tenant": tenant})
             except (StateError, OSError) as exc:
-                return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} ({tenant}): {exc}"),
-                               reply_to=message)
+                return _error_reply(message, tenant, exc)
         return call_next(message, context)
 
     return mod
@@ -276,7 +281,6 @@ def handle(handler: Handler, message: Message, context: Context, overrides: Mapp
             content = handler(message, context, config, settings, data)
     except (ProtocolError, StateError, OSError) as exc:
         rollback(context, saved)
-        return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} ({data.tenant}): {exc}"),
-                       reply_to=message)
+        return _error_reply(message, data.tenant, exc)
     return Message(content, reply_to=message)
 

@@ -124,7 +124,10 @@ class CloudKeys:
 
     def plaintext(self, level: _rns.Level, coeffs: np.ndarray, scale: float) -> seal.Plaintext:
         """Encode up to N integer coefficients (int64, or object array of big ints) at ``level``."""
-        ntt = _rns.to_ntt(level, _rns.residues(level, coeffs))
+        return self.ntt_plaintext(level, _rns.to_ntt(level, _rns.residues(level, coeffs)), scale)
+
+    def ntt_plaintext(self, level: _rns.Level, ntt: np.ndarray, scale: float) -> seal.Plaintext:
+        """The plaintext at ``level`` whose NTT form is ``ntt`` ([L, N] uint64, :func:`_rns.to_ntt`)."""
         return _sealio.plaintext_from_ntt(self.context, list(level.parms_id), ntt, scale)
 
     def load_ciphertext(self, data: bytes, level: _rns.Level, scale: float) -> seal.Ciphertext:

@@ -94,8 +94,7 @@ def _grad(keys: CloudKeys, cts: list[seal.Ciphertext], prob: np.ndarray, materia
         ntt = (ntt + material.grad_offsets[j]) % primes  # NTT(target - mu): both below q < 2**61
         grad = seal.Ciphertext()
         ev.negate(ct, grad)
-        ev.add_plain_inplace(grad, _sealio.plaintext_from_ntt(keys.context, list(top.parms_id), ntt,
-                                                              2.0**params.label_scale_bits))
+        ev.add_plain_inplace(grad, keys.ntt_plaintext(top, ntt, 2.0**params.label_scale_bits))
         ev.rescale_to_next_inplace(grad)
         out.append(_sealio.dump(grad))
     return out

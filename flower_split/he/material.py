@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal.sealapi as seal
 
-from flower_split.he import _random, _rns, _sealio
+from flower_split.he import _random, _rns
 from flower_split.he.fixed_point import wrap_ints
 from flower_split.he.keys import CloudKeys
 from flower_split.he.params import batch_bounds, ring_unit
@@ -69,8 +69,7 @@ def fresh_material(keys: CloudKeys, batch_size: int, num_classes: int) -> LossMa
     width = 1 << bounds.flood_bits
     flood = int(_random.uniform_below(2 * width + 1, 1)[0]) - width
     flood_mask = _rns.random_with_constant(top, flood)
-    keys.evaluator.add_plain_inplace(
-        start, _sealio.plaintext_from_ntt(keys.context, list(top.parms_id), flood_mask, scale))
+    keys.evaluator.add_plain_inplace(start, keys.ntt_plaintext(top, flood_mask, scale))
 
     unit = ring_unit(params, batch_size)
     half = bounds.grad_mask_range * unit

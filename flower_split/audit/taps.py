@@ -45,7 +45,7 @@ def _tap_plain(cloud: CloudParty, recorder: CloudViewRecorder) -> None:
 
 def _tap_secure(cloud: SecureCloudParty, recorder: CloudViewRecorder) -> None:
     def opened_f(st: Any, got: dict[str, Any]) -> None:
-        f = decode(st.ctx["head"].values["y"].data + got["open.f"], cloud.frac_bits)
+        f = cloud.opened_f(st, got)
         recorder.record_f(st.spec.tenant, st.spec.step, f, st.ctx["mask"], st.spec.train)
 
     def opened_z(st: Any, got: dict[str, Any]) -> None:

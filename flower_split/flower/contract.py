@@ -95,8 +95,9 @@ class ConfigKey:
     HE_KEY_ID = "he-key-id"
     NEXT_BATCH = "next-batch"    # secure: the shape of a tenant's next training batch (in its sync),
     NEXT_TOKENS = "next-tokens"  # so that the cloud asks the dealer for that step's material ahead
+    NEXT_ROWS = "next-rows"      # (and its real tokens: the rows of its head's 2PC)
     AHEAD_STEP = "ahead-step"    # secure: the step number whose material the cloud holds ahead, and the
-    AHEAD_SHAPE = "ahead-shape"  # [batch, tokens] it was dealt for (a begin that cannot use it skips it)
+    AHEAD_SHAPE = "ahead-shape"  # [batch, tokens, rows] it was dealt for (a begin that cannot use it skips it)
     SHARE = "share"              # sharing: which parameters (flower.sharing_params.SHARE_SCOPES)
     SHARE_COUNT = "share-count"  # sharing: how many tenants' parameters the aggregate sums
 

@@ -8,7 +8,7 @@ whatever the number of tenants:
                            identity, tenants, signatures}: one signed hello per tenant.
 ``query.dealer_register``  ``"dealer"`` {tenants, client-public, cloud-public, dims (4 per
                            tenant), train-head, tail-pooled} -> ``"outcome"`` {tenants, errors}.
-``query.dealer_material``  ``"dealer"`` {tenants, steps, batches, tokens, train} ->
+``query.dealer_material``  ``"dealer"`` {tenants, steps, batches, tokens, train, rows} ->
                            ArrayRecord ``"material"`` (sealed bytes as uint8, by tenant) and
                            ``"outcome"`` {tenants, errors}.
 
@@ -93,19 +93,19 @@ def unpack_registrations(content: object) -> list[DealerRegistration]:
                                v["train-head"][i], v["tail-pooled"][i]) for i, t in enumerate(v["tenants"])]
 
 
-_REQUEST = (("tenants", str), ("steps", int), ("batches", int), ("tokens", int), ("train", bool))
+_REQUEST = (("tenants", str), ("steps", int), ("batches", int), ("tokens", int), ("train", bool), ("rows", int))
 
 
 def pack_requests(requests: list[MaterialRequest]) -> RecordDict:
     return RecordDict({RecordKey.DEALER: ConfigRecord({
         "tenants": [r.tenant for r in requests], "steps": [r.step for r in requests],
         "batches": [r.batch for r in requests], "tokens": [r.tokens for r in requests],
-        "train": [bool(r.train) for r in requests]})})
+        "train": [bool(r.train) for r in requests], "rows": [r.rows for r in requests]})})
 
 
 def unpack_requests(content: object) -> list[MaterialRequest]:
     v = _lists(read_record(content, RecordKey.DEALER, ConfigRecord), _REQUEST)
-    return [MaterialRequest(t, v["steps"][i], v["batches"][i], v["tokens"][i], v["train"][i])
+    return [MaterialRequest(t, v["steps"][i], v["batches"][i], v["tokens"][i], v["train"][i], v["rows"][i])
             for i, t in enumerate(v["tenants"])]
 
 

@@ -13,7 +13,7 @@ a time, all tenants in the same Flower round trip. Message types:
 ``train.secure_begin``     server: ``config`` {head-updates, tail-updates} (the cloud's update
                            counts), {next-step} (the lowest step number the cloud accepts),
                            {ahead-step, ahead-shape} (only while the cloud holds material dealt
-                           ahead: its number and [batch, tokens]; a step that cannot use it, an
+                           ahead: its number and [batch, tokens, rows]; a step that cannot use it, an
                            evaluation or another shape, moves past that number) and, in ``he``
                            mode, {he-key-id} (the cloud's CKKS key id).
                            Client: reconcile (abort a step in flight, undo a step the cloud did
@@ -110,8 +110,8 @@ def _confirm_key(party: SecureClientParty, instruction: ConfigRecord) -> None:
         party.confirm_key_rotation(config_value(instruction, ConfigKey.HE_KEY_ID, bytes))
 
 
-def _ahead(instruction: ConfigRecord) -> tuple[int, int, int] | None:
-    """The cloud's (step, batch, tokens) of material it holds ahead (None: none)."""
+def _ahead(instruction: ConfigRecord) -> tuple[int, int, int, int] | None:
+    """The cloud's (step, batch, tokens, rows) of material it holds ahead (None: none)."""
     if ConfigKey.AHEAD_STEP not in instruction:
         return None
     shape = config_value(instruction, ConfigKey.AHEAD_SHAPE, list)
@@ -164,7 +164,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     sync = _sync(party)
     upcoming = next_batch_shape(data, config, cursor)
     if upcoming:  # the next training step's shape, public then anyway: its material can be dealt ahead
-        sync[ConfigKey.NEXT_BATCH], sync[ConfigKey.NEXT_TOKENS] = upcoming
+        sync[ConfigKey.NEXT_BATCH], sync[ConfigKey.NEXT_TOKENS], sync[ConfigKey.NEXT_ROWS] = upcoming
     return pack_secure(first, RecordDict({RecordKey.SYNC: sync}))
 
 

@@ -5,7 +5,7 @@ secure step in flight (both halves change at its end), so there is nothing to pa
 
 ``"secure"`` (:class:`ConfigRecord`)
     ``format``, ``kind`` ("SecureMessage"), ``tenant``, ``step``, ``seq``, ``sender``,
-    ``stage``, ``train``, ``batch``, ``tokens``, ``frac-bits``, and the item names:
+    ``stage``, ``train``, ``batch``, ``tokens``, ``frac-bits``, ``rows``, and the item names:
     ``tensors`` (list of str) and ``blobs`` (list of str).
 ``"payload"`` (:class:`ArrayRecord`)
     one int64 array per tensor item (ring shares, the attention mask), keyed by item name.
@@ -48,7 +48,7 @@ REKEY_KEY = RecordKey.REKEY
 _HEADER: tuple[tuple[str, str, type], ...] = (
     ("tenant", "tenant", str), ("step", "step", int), ("seq", "seq", int), ("sender", "sender", str),
     ("stage", "stage", str), ("train", "train", bool), ("batch", "batch", int), ("tokens", "tokens", int),
-    ("frac_bits", "frac-bits", int),
+    ("frac_bits", "frac-bits", int), ("rows", "rows", int),
 )
 
 

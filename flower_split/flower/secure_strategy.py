@@ -91,7 +91,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             raise ValueError(f"he_key_rotation_every must be an integer >= 0, got {he_key_rotation_every!r}")
         self.dealer = dealer
         self._init_admission()
-        self._announced: dict[int, tuple[object, object]] = {}  # node -> its next training batch's shape
+        self._announced: dict[int, tuple[object, ...]] = {}  # node -> its next training batch's shape
         self.he_key_rotation_every = he_key_rotation_every
         self._rekey_due: set[str] = set()  # tenants whose CKKS keys are to be rotated
 
@@ -239,8 +239,9 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         if first.train != train:
             raise ProtocolError(f"step {first.step} has train={first.train}, expected {train}")
         announced = content[RecordKey.SYNC]
-        if train and ConfigKey.NEXT_BATCH in announced and ConfigKey.NEXT_TOKENS in announced:
-            self._announced[node] = (announced[ConfigKey.NEXT_BATCH], announced[ConfigKey.NEXT_TOKENS])
+        shape = (ConfigKey.NEXT_BATCH, ConfigKey.NEXT_TOKENS, ConfigKey.NEXT_ROWS)
+        if train and all(key in announced for key in shape):
+            self._announced[node] = tuple(announced[key] for key in shape)
         return first
 
     def _answer_first(self, grid: Grid, firsts: dict[int, SecureMessage], phase: Exchange,
@@ -283,10 +284,10 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
     def _ask_ahead(self, active: set[int]) -> list[MaterialRequest]:
         """Material requests for the announced next training steps of the ``active`` tenants."""
         requests = []
-        for node, (batch, tokens) in self._announced.items():
+        for node, (batch, tokens, rows) in self._announced.items():
             if node in active:
                 try:
-                    requests.append(self.cloud.prefetch_request(self.tenant_of[node], batch, tokens))
+                    requests.append(self.cloud.prefetch_request(self.tenant_of[node], batch, tokens, rows))
                 except ProtocolError as exc:  # asked for at the step's first message instead
                     log(DEBUG, "tenant %s: no material ahead: %s", self.tenant_of[node], exc)
         return requests

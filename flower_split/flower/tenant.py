@@ -171,12 +171,14 @@ def train_batches(data: TenantData, config: RunConfig, cursor: Cursor, count: in
     return batches
 
 
-def next_batch_shape(data: TenantData, config: RunConfig, cursor: Cursor) -> tuple[int, int] | None:
-    """(rows, tokens) of the next training batch, from token counts alone (``cursor`` stays)."""
+def next_batch_shape(data: TenantData, config: RunConfig, cursor: Cursor) -> tuple[int, int, int] | None:
+    """(batch, tokens, real tokens) of the next training batch, from token counts alone
+    (``cursor`` stays): its size, its padded length and its attention mask's sum."""
     rows = _next_rows(data, config, dataclasses.replace(cursor), 1)
     if not rows:
         return None
-    return len(rows[0]), max(len(data.train.input_ids[i]) for i in rows[0])
+    lengths = [len(data.train.input_ids[i]) for i in rows[0]]
+    return len(lengths), max(lengths), sum(lengths)
 
 
 def _next_rows(data: TenantData, config: RunConfig, cursor: Cursor, count: int) -> list[list[int]]:

@@ -44,7 +44,9 @@ from flower_split.protocol.secure_keys import (
 from flower_split.protocol.secure_messages import (
     ClientSetup, DealerHello, KeyRotation, SecureMessage, client_step_number, past_dealt_ahead,
 )
-from flower_split.protocol.secure_party import GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState
+from flower_split.protocol.secure_party import (
+    GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, head_select, pack_rows, step_shape,
+)
 from flower_split.protocol.secure_step_io import export_step, import_step
 from flower_split.protocol.secure_weights import check_activation, plaintext_weights
 from flower_split.protocol.secure_steps import CLIENT, WEIGHT_NAMES, StepSpec, weight_shapes
@@ -198,7 +200,7 @@ class SecureClientParty(SecureStepRunner):
 
     # ------------------------------------------------------------------------ steps
     def begin(self, batch: Batch, train: bool = True, *, cloud_step: int,
-              ahead: tuple[int, int, int] | None = None) -> SecureMessage:
+              ahead: tuple[int, int, int, int] | None = None) -> SecureMessage:
         """Start a step on ``batch``; returns the first message for the cloud.
 
         ``cloud_step``: the lowest step number the cloud accepts next (in every begin
@@ -207,7 +209,7 @@ class SecureClientParty(SecureStepRunner):
         two inputs, so it is refused here, before anything is opened; nothing changes.
         A cloud far ahead restarted and skipped numbers: the client skips with it
         (:func:`~flower_split.protocol.secure_messages.client_step_number`). ``ahead``: the
-        cloud's material dealt ahead, (step, batch, tokens); a step that cannot use it moves
+        cloud's material dealt ahead, (step, batch, tokens, rows); a step that cannot use it moves
         past its number (:func:`~flower_split.protocol.secure_messages.past_dealt_ahead`).
         """
         if self.halves is None:
@@ -216,11 +218,11 @@ class SecureClientParty(SecureStepRunner):
             raise ProtocolError(f"tenant {self.tenant!r}: step {self._step.spec.step} is still in flight "
                                 "(secure mode runs one step at a time per tenant)")
         ids, mask, who = batch.input_ids.cpu(), batch.attention_mask.cpu().to(torch.int64), f"tenant {self.tenant!r}"
-        step = past_dealt_ahead(client_step_number(self._next_step, cloud_step, who), ahead, bool(train),
-                                (int(ids.shape[0]), int(ids.shape[1])), who)
-        spec = StepSpec(self.tenant, step, int(ids.shape[0]), int(ids.shape[1]), self.dim,
+        shape = step_shape(mask)
+        step = past_dealt_ahead(client_step_number(self._next_step, cloud_step, who), ahead, bool(train), shape, who)
+        spec = StepSpec(self.tenant, step, shape[0], shape[1], self.dim,
                         self.head_rank, self.tail_rank, self.classes, bool(train), self.train_head,
-                        self.label_protection, self.frac_bits, self.tail_input == "pooled")
+                        self.label_protection, self.frac_bits, self.tail_input == "pooled", shape[2])
         st = StepState(spec, ctx={"input_ids": ids.clone(), "mask": mask.clone(),
                                   "labels": batch.labels.cpu().to(torch.int64).clone()})
         pre_step = self.halves.snapshot()
@@ -291,6 +293,7 @@ class SecureClientParty(SecureStepRunner):
 
     def _op_share_input(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         e = embed(self.embedder, self.input_noise, st.ctx["input_ids"], st.ctx["mask"]).to(torch.float64)
+        e = pack_rows(e, head_select(st.spec, st.ctx["mask"]))  # the head runs on the real tokens only
         seed = new_seed()
         x = encode(e, self.frac_bits) - prg(seed, tuple(e.shape))  # cloud's share is PRG(seed)
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
@@ -344,7 +347,7 @@ class SecureClientParty(SecureStepRunner):
         return {"open.grad_h": self._grad_h_share(st)}
 
     def _op_receive_grad_f(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
-        share = prg(got["reshare.seed_gf"], (st.spec.batch, st.spec.tokens, self.dim))
+        share = prg(got["reshare.seed_gf"], (1, st.spec.head_rows, self.dim))
         st.ctx["head"].values["gy"] = self._share(share)
 
     # ------------------------------------------------------------------------ state

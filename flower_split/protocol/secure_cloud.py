@@ -43,9 +43,9 @@ from flower_split.protocol.secure_messages import (
 from flower_split.protocol.secure_cloud_tenant import CloudTenant
 from flower_split.protocol.secure_he_checks import check_key_rotation, check_labels_key
 from flower_split.protocol.secure_setup import check_setup
-from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState
+from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState, head_select, pack_rows, unpack_rows
 from flower_split.protocol.secure_steps import (
-    CLOUD, WEIGHT_NAMES, StepSpec, check_material_size, material_keys, programs, weight_shapes,
+    CLOUD, WEIGHT_NAMES, StepSpec, check_material_size, check_rows, material_keys, programs, weight_shapes,
 )
 
 MAX_TOKENS = 4096
@@ -165,7 +165,8 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError(f"tenant {message.tenant!r}: expected the first message of a step >= "
                                 f"{record.next_step} and < {high}, got message {message.seq} of step "
                                 f"{message.step!r}")
-        spec = self._spec(record, message.tenant, message.step, message.batch, message.tokens, message.train)
+        spec = self._spec(record, message.tenant, message.step, message.batch, message.tokens, message.train,
+                          message.rows)
         if record.he_keys is not None and spec.train:
             try:
                 check_labels_key(record.he_keys, spec, message.items)
@@ -174,7 +175,7 @@ class SecureCloudParty(SecureStepRunner):
         return spec
 
     def _spec(self, record: CloudTenant, tenant: str, step: int, batch: object, tokens: object,
-              train: object) -> StepSpec:
+              train: object, rows: object) -> StepSpec:
         """A step's spec from its (checked) public shape: every size bounded before any work."""
         for name, value, high in (("batch", batch, MAX_BATCH), ("tokens", tokens, MAX_TOKENS)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
@@ -184,10 +185,11 @@ class SecureCloudParty(SecureStepRunner):
             raise ProtocolError(f"tenant {tenant!r}: batch x tokens = {batch * tokens} is over {MAX_STEP_TOKENS}")
         if not isinstance(train, bool):
             raise ProtocolError("train must be a bool")
+        rows = check_rows(batch, tokens, rows, f"tenant {tenant!r}")
         setup = record.setup
         dim, head_rank, tail_rank, classes = setup.dims
         spec = StepSpec(tenant, step, batch, tokens, dim, head_rank, tail_rank, classes, train, setup.train_head,
-                        setup.label_protection, self.frac_bits, setup.tail_input == "pooled")
+                        setup.label_protection, self.frac_bits, setup.tail_input == "pooled", rows)
         if record.he_keys is not None and train:
             try:
                 batch_bounds(record.he_keys.params, batch, classes)
@@ -210,18 +212,18 @@ class SecureCloudParty(SecureStepRunner):
             # the dealer served that step number for another shape: it will not deal it again
             record.next_step = max(record.next_step, ahead[0].step + 1)
             raise ProtocolError(f"tenant {spec.tenant!r}: step {spec.step} does not match the shape it announced "
-                                f"({ahead[0].batch} x {ahead[0].tokens}); its number is spent")
+                                f"({ahead[0].batch} x {ahead[0].tokens}, {ahead[0].rows} rows); its number is spent")
         record.material = (spec, None)
-        return MaterialRequest(spec.tenant, spec.step, spec.batch, spec.tokens, spec.train)
+        return MaterialRequest(spec.tenant, spec.step, spec.batch, spec.tokens, spec.train, spec.rows)
 
-    def prefetch_request(self, tenant: str, batch: object, tokens: object) -> MaterialRequest:
+    def prefetch_request(self, tenant: str, batch: object, tokens: object, rows: object) -> MaterialRequest:
         """Ask the dealer now for ``tenant``'s next training step (number :meth:`next_step`),
         whose shape the tenant announced: its material is ready when the first message comes,
         and the dealer's round trip rides along with the current step's (docs/secure.md §9)."""
         record = self._tenant(tenant)
-        spec = self._spec(record, tenant, record.next_step, batch, tokens, True)
+        spec = self._spec(record, tenant, record.next_step, batch, tokens, True, rows)
         record.prefetched = (spec, None)
-        return MaterialRequest(tenant, spec.step, spec.batch, spec.tokens, True)
+        return MaterialRequest(tenant, spec.step, spec.batch, spec.tokens, True, spec.rows)
 
     def accept_material(self, bundle: MaterialBundle) -> None:
         """Open and store the dealer's sealed corrections for a step asked for (now or ahead)."""
@@ -320,7 +322,8 @@ class SecureCloudParty(SecureStepRunner):
 
     def _op_receive_input(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         spec = st.spec
-        x = prg(got["input.seed_e"], (spec.batch, spec.tokens, spec.dim))
+        head_select(spec, got["input.mask"])  # the header's rows are the mask's real tokens
+        x = prg(got["input.seed_e"], (1, spec.head_rows, spec.dim))
         st.ctx["mask"] = got["input.mask"]
         if "input.labels" in got:
             st.ctx["labels_envelope"] = got["input.labels"]
@@ -330,9 +333,15 @@ class SecureCloudParty(SecureStepRunner):
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
                                                  "B": halves.share("head.B")}, scope="head")
 
-    def _op_body_forward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
-        f = decode(st.ctx["head"].values["y"].data + got["open.f"], self.frac_bits)  # f opened to the cloud
+    def opened_f(self, st: StepState, got: dict[str, Any]) -> torch.Tensor:
+        """The head output ``f`` [batch, tokens, dim] the client's share in ``got`` opens (checked);
+        0 at the padding positions the head skipped (the body masks them)."""
+        f = decode(st.ctx["head"].values["y"].data + got["open.f"], self.frac_bits)
         check_opened("open.f", "head output", f)
+        return unpack_rows(f, head_select(st.spec, st.ctx["mask"]))
+
+    def _op_body_forward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
+        f = self.opened_f(st, got)
         h, graph = self.runner.forward(f, st.ctx["mask"], graph=st.spec.trains_head and self.keep_graphs)
         if st.spec.trains_head:
             st.ctx["f"] = f.to(torch.float32)
@@ -365,7 +374,7 @@ class SecureCloudParty(SecureStepRunner):
         graph = st.ctx.get("_graph")
         if graph is None:  # not kept (the default), or restored from state_dict: recompute
             _, graph = self.runner.forward(st.ctx["f"], st.ctx["mask"], graph=True)
-        grad_f = self.runner.backward(graph, grad_h)
+        grad_f = pack_rows(self.runner.backward(graph, grad_h), head_select(st.spec, st.ctx["mask"]))
         seed = new_seed()
         share = encode(grad_f.detach().cpu().to(torch.float64), self.frac_bits) - prg(seed, tuple(grad_f.shape))
         st.ctx["head"].values["gy"] = self._share(share)

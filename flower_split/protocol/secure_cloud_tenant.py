@@ -59,16 +59,17 @@ class CloudTenant:
         self.next_step += gap
         self.prefetched = None
 
-    def ahead(self) -> tuple[int, int, int] | None:
-        """(step, batch, tokens) of the training step whose material the cloud asked ahead of its
+    def ahead(self) -> tuple[int, int, int, int] | None:
+        """(step, batch, tokens, rows) of the training step whose material the cloud asked ahead of its
         first message (None: none). Every begin instruction carries it: a tenant whose step of
         that number cannot use it moves past the number, which the dealer has spent. Material
-        whose reply was lost or refused is (step, 0, 0), a shape no batch has: the dealer may
+        whose reply was lost or refused is (step, 0, 0, 0), a shape no batch has: the dealer may
         have dealt the number all the same, so every tenant step moves past it."""
         if self.prefetched is None:
             return None
         spec = self.prefetched[0]
-        return (spec.step, spec.batch, spec.tokens) if self.prefetched[1] is not None else (spec.step, 0, 0)
+        return (spec.step, spec.batch, spec.tokens, spec.rows) if self.prefetched[1] is not None \
+            else (spec.step, 0, 0, 0)
 
     def export(self) -> dict[str, Any]:
         """Plain data (tensors, bytes, numbers) for ``state_dict``."""

@@ -47,7 +47,7 @@ from flower_split.protocol.secure_messages import (
     MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, DealerHello, DealerRegistration, MaterialBundle, MaterialRequest,
 )
 from flower_split.protocol.secure_steps import (
-    StepSpec, check_material_size, mask_label, material_keys, programs, scope_uses,
+    StepSpec, check_material_size, check_rows, mask_label, material_keys, programs, scope_uses,
 )
 
 MAX_SHAPE = 4096
@@ -122,9 +122,10 @@ class SecureDealerParty:
             raise ProtocolError(f"dealer: batch x tokens over {MAX_STEP_TOKENS}")
         if not isinstance(request.train, bool):
             raise ProtocolError(f"dealer: train must be a bool, got {request.train!r}")
+        rows = check_rows(request.batch, request.tokens, request.rows, "dealer")
         spec = StepSpec(request.tenant, request.step, request.batch, request.tokens, *record["dims"],
                         request.train, record["train_head"], "client", self.frac_bits,
-                        record["tail_pooled"])
+                        record["tail_pooled"], rows)
         check_material_size(spec)  # what one step may cost the dealer, bounded before it works
         corrections = _corrections(spec, record["cloud_key"], record["client_key"])
         record["next_step"] = request.step + 1

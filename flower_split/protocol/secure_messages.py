@@ -120,6 +120,8 @@ class SecureMessage:
         batch, tokens: the batch shape (public; fixes every item shape).
         frac_bits: fractional bits of every ring item.
         items: item name -> tensor or bytes.
+        rows: the batch's real tokens, the rows of the head's 2PC (public: the attention mask's
+            sum; 0: every position, padding included).
     """
 
     tenant: str
@@ -132,6 +134,7 @@ class SecureMessage:
     tokens: int
     frac_bits: int
     items: dict[str, Any] = field(default_factory=dict)
+    rows: int = 0
 
 
 def check_items(items: object, specs: tuple[ItemSpec, ...], where: str) -> None:
@@ -242,6 +245,7 @@ class MaterialRequest:
     batch: int
     tokens: int
     train: bool
+    rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -284,11 +288,11 @@ def client_step_number(own_next: int, cloud_step: object, who: str) -> int:
     return own_next
 
 
-def past_dealt_ahead(step: int, ahead: object, train: bool, shape: tuple[int, int], who: str) -> int:
+def past_dealt_ahead(step: int, ahead: object, train: bool, shape: tuple[int, int, int], who: str) -> int:
     """``step``, or ``step + 1`` when the cloud holds material dealt ahead for number ``step``
     that this step cannot use: an evaluation, or a training batch of another shape.
 
-    ``ahead``: the cloud's (step, batch, tokens) of the training step whose material it asked
+    ``ahead``: the cloud's (step, batch, tokens, rows) of the training step whose material it asked
     ahead (``SecureCloudParty.prefetch_request``), or None. The dealer deals a number once, so
     the cloud refuses any other use of it; a tenant dropped mid-step, or restarted, may begin
     an evaluation or another batch next, and moves past the number before opening anything.
@@ -296,9 +300,9 @@ def past_dealt_ahead(step: int, ahead: object, train: bool, shape: tuple[int, in
     """
     if ahead is None:
         return step
-    if not isinstance(ahead, tuple) or len(ahead) != 3 \
+    if not isinstance(ahead, tuple) or len(ahead) != 4 \
             or any(isinstance(v, bool) or not isinstance(v, int) for v in ahead):
-        raise ProtocolError(f"{who}: the cloud's material ahead must be (step, batch, tokens), got {ahead!r}")
+        raise ProtocolError(f"{who}: the cloud's material ahead must be (step, batch, tokens, rows), got {ahead!r}")
     if ahead[0] != step or (train and ahead[1:] == shape):
         return step
     return check_step(step + 1, 0, MAX_STEP, f"{who}: next step past the one dealt ahead")

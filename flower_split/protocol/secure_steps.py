@@ -20,9 +20,10 @@ the byte and round counts of the benchmark are read off it.
 
 Step outline (DESIGN.md section 3)::
 
-    client: embed, encode e; send seed_e (cloud's share of e = PRG(seed_e)), mask, Enc(y) (he)
-    both:   head.fwd (3 stages)                -> shares of f
-    client: send its share of f                (f opened to the cloud only)
+    client: embed, keep the real tokens' rows of e (the mask's ones, packed: [1, rows, d]),
+            encode; send seed_e (cloud's share of e = PRG(seed_e)), mask, Enc(y) (he)
+    both:   head.fwd (3 stages, on the packed rows) -> shares of f
+    client: send its share of f                (f opened to the cloud only; padding rows = 0)
     cloud:  h = Body(f); send seed_h           (client's share of h = PRG(seed_h))
     both:   tail.fwd (3 stages), mean pool (local), cls.fwd (1 stage)  -> shares of z
             (tail_pooled: mean pool first, then tail.fwd on one row per sequence)
@@ -32,7 +33,7 @@ Step outline (DESIGN.md section 3)::
             (tail_pooled: tail.bwd, then mean pool backward)
     if train_head:
     client: send its share of dL/dh            (opened to the cloud)
-    cloud:  dL/df through the frozen body; send seed_gf (client's share = PRG(seed_gf))
+    cloud:  dL/df through the frozen body, its real tokens' rows; send seed_gf (client's share = PRG(seed_gf))
     both:   head.bwd (3 stages, no input gradient); each updates its head half
 """
 
@@ -76,10 +77,18 @@ class StepSpec:
     label_protection: str
     frac_bits: int
     tail_pooled: bool = False
+    rows: int = 0
 
     @property
     def trains_head(self) -> bool:
         return self.train and self.train_head
+
+    @property
+    def head_rows(self) -> int:
+        """Rows of the head's 2PC: the batch's real tokens (``rows``, the attention mask's sum),
+        or every position, padding included, when ``rows`` is 0 (steps of states saved before
+        the head skipped padding)."""
+        return self.rows or self.batch * self.tokens
 
     def material_label(self) -> bytes:
         """Everything besides tenant and step that shapes this step's Beaver material.
@@ -90,12 +99,21 @@ class StepSpec:
         nothing about the tenant's real material (the streams would otherwise overlap).
         """
         flags = int(self.train) | int(self.train_head) << 1 | int(self.tail_pooled) << 2
-        return struct.pack(">7IB", self.batch, self.tokens, self.dim, self.head_rank, self.tail_rank, self.classes,
-                           self.frac_bits, flags)
+        return struct.pack(">8IB", self.batch, self.tokens, self.rows, self.dim, self.head_rank, self.tail_rank,
+                           self.classes, self.frac_bits, flags)
 
     def shape_key(self) -> StepSpec:
         """The same spec without tenant and step: what programs and schedules depend on."""
         return dataclasses.replace(self, tenant="", step=0)
+
+
+def check_rows(batch: int, tokens: int, rows: object, who: str) -> int:
+    """``rows`` of a step's header, checked: 0 (the head on every position) or a count of real
+    tokens a batch of that shape can hold (every sequence has one, ``batch`` <= rows <= batch x tokens)."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or not (rows == 0 or batch <= rows <= batch * tokens):
+        raise ProtocolError(f"{who}: rows {rows!r} is neither 0 nor in {batch}..{batch * tokens} "
+                            f"(the real tokens of a {batch} x {tokens} batch)")
+    return rows
 
 
 def weight_shapes(dim: int, head_rank: int, tail_rank: int, classes: int) -> dict[str, tuple[int, ...]]:
@@ -111,10 +129,10 @@ def programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
 
 @lru_cache(maxsize=256)
 def _programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
-    b, t, d = spec.batch, spec.tokens, spec.dim
+    b, t, d, m = spec.batch, spec.tokens, spec.dim, spec.head_rows
     tail_t = 1 if spec.tail_pooled else t  # pooled: one row per sequence, shape [b, 1, d]
-    out: dict[str, tuple[str, Program]] = {
-        "head.fwd": ("head", adapter_forward(b, t, d, spec.head_rank, ACTIVATION)),
+    out: dict[str, tuple[str, Program]] = {  # the head on the real tokens only, packed: [1, m, d]
+        "head.fwd": ("head", adapter_forward(1, m, d, spec.head_rank, ACTIVATION)),
         "tail.fwd": ("tail", adapter_forward(b, tail_t, d, spec.tail_rank, ACTIVATION)),
         "cls.fwd": ("cls", classifier_forward(b, d, spec.classes)),
     }
@@ -123,7 +141,7 @@ def _programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
         out["tail.bwd"] = ("tail", adapter_backward(b, tail_t, d, spec.tail_rank, ACTIVATION,
                                                     input_grad=spec.train_head))
         if spec.train_head:
-            out["head.bwd"] = ("head", adapter_backward(b, t, d, spec.head_rank, ACTIVATION, input_grad=False))
+            out["head.bwd"] = ("head", adapter_backward(1, m, d, spec.head_rank, ACTIVATION, input_grad=False))
     return out
 
 
@@ -237,7 +255,7 @@ def _items(spec: StepSpec) -> dict[str, ItemSpec]:
         "input.seed_e": ItemSpec("input.seed_e", SEED),
         "input.mask": ItemSpec("input.mask", MASK, (b, t)),
         "input.labels": ItemSpec("input.labels", BLOB),
-        "open.f": ItemSpec("open.f", RING, (b, t, d)),
+        "open.f": ItemSpec("open.f", RING, (1, spec.head_rows, d)),
         "reshare.seed_h": ItemSpec("reshare.seed_h", SEED),
         "open.z": ItemSpec("open.z", RING, (b, c)),
         "he.result": ItemSpec("he.result", BLOB),

@@ -14,6 +14,7 @@ import pytest
 from flower_split.data import TokenizedDataset
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_messages import MAX_STEP, RESUME_JUMP_MIN, RESUME_STEP_GAP
+from flower_split.protocol.secure_party import step_shape
 
 from test_secure_prefetch import _parties
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_a_malicious_cloud_cannot_make_the_tenant_reuse_a_step_number(secure_data: TokenizedDataset) -> None:
     client, _cloud, _dealer = _parties(secure_data)
     batch = secure_data.collate(list(range(8)))
-    b, t = (int(v) for v in batch.input_ids.shape)
+    b, t, r = step_shape(batch.attention_mask)
     used: list[int] = []
 
     def own() -> int:
@@ -41,22 +42,24 @@ def test_a_malicious_cloud_cannot_make_the_tenant_reuse_a_step_number(secure_dat
 
     for train in (True, False):
         for rel in (-1, 0, 1):  # ahead below, at, above the tenant's counter
-            for shape in ((b, t), (b + 1, t), (b, t - 1), (0, 0), (-b, -t), (1 << 40, 1 << 40)):
+            for shape in ((b, t, r), (b + 1, t, r), (b, t - 1, r), (b, t, r - 1), (b, t, 0), (0, 0, 0), (-b, -t, -r),
+                          (1 << 40, 1 << 40, 1 << 40)):
                 n = own()
                 begin(train, n, (n + rel, *shape))
                 begin(train, 0, (n + rel, *shape))  # a replayed old begin (cloud step 0, old ahead)
     n = own()
-    for ahead in ((MAX_STEP - 1, b, t), (MAX_STEP, b, t), (-1, b, t), (1 << 70, b, t)):
+    for ahead in ((MAX_STEP - 1, b, t, r), (MAX_STEP, b, t, r), (-1, b, t, r), (1 << 70, b, t, r)):
         assert begin(False, n, ahead) == n  # huge / negative: no effect
         n = own()
     # the restart jump: a cloud RESUME_JUMP_MIN ahead, holding material ahead at its number
     jump = own() + RESUME_JUMP_MIN
-    assert begin(False, jump, (jump, b, t)) == jump + 1
-    assert begin(True, jump, (jump, b, t)) == jump + 2  # a replay of the jump: nothing reused
+    assert begin(False, jump, (jump, b, t, r)) == jump + 1
+    assert begin(True, jump, (jump, b, t, r)) == jump + 2  # a replay of the jump: nothing reused
     far = own() + RESUME_STEP_GAP  # the most a restarted cloud skips
-    assert begin(True, far, (far, b + 1, t)) == far + 1
+    assert begin(True, far, (far, b + 1, t, r)) == far + 1
     # malformed ahead: refused before anything is opened, counter unchanged
-    for bad in ((own(), b), (own(), True, t), (own(), float(b), t), (own(), b, t, 0), [own(), b, t], "x", (str(own()), b, t)):
+    for bad in ((own(), b, t), (own(), True, t, r), (own(), float(b), t, r), (own(), b, t, r, 0), [own(), b, t, r], "x",
+                (str(own()), b, t, r)):
         before = own()
         with pytest.raises(ProtocolError):
             client.begin(batch, train=False, cloud_step=before, ahead=bad)  # type: ignore[arg-type]
@@ -75,8 +78,8 @@ def test_material_ahead_whose_reply_was_lost_does_not_cost_the_tenant_its_next_s
     past it. Failing = the gap is there (availability only; nothing is opened twice)."""
     client, cloud, dealer = _parties(secure_data)
     announced = secure_data.collate(list(range(8)))
-    dealer.handle(cloud.prefetch_request("t0", *announced.input_ids.shape))  # dealt; the reply is lost
-    assert cloud.tenants["t0"].ahead() == (0, 0, 0)  # kept and advertised as a shape no batch has
+    dealer.handle(cloud.prefetch_request("t0", *step_shape(announced.attention_mask)))  # dealt; the reply is lost
+    assert cloud.tenants["t0"].ahead() == (0, 0, 0, 0)  # kept and advertised as a shape no batch has
     first = client.begin(announced, cloud_step=cloud.next_step("t0"), ahead=cloud.tenants["t0"].ahead())
     request = cloud.material_request(first)
     assert request is not None

@@ -42,14 +42,16 @@ def _streams(client: Any, spec: StepSpec) -> dict[str, torch.Tensor]:
     return out
 
 
-def _specs(client: Any, record: Any, batch: int, tokens: int, length: int) -> dict[str, StepSpec]:
+def _specs(client: Any, record: Any, batch: int, tokens: int, rows: int, length: int) -> dict[str, StepSpec]:
     pooled = record.setup.tail_input == "pooled"
 
-    def spec(b: int, t: int, train: bool) -> StepSpec:
-        return StepSpec("t0", 0, b, t, *record.setup.dims, train, record.setup.train_head, "client", 16, pooled)
+    def spec(b: int, t: int, train: bool, r: int) -> StepSpec:
+        return StepSpec("t0", 0, b, t, *record.setup.dims, train, record.setup.train_head, "client", 16, pooled, r)
 
-    return {"real": spec(batch, tokens, True), "small": spec(1, length, True), "eval": spec(batch, tokens, False),
-            "longer": spec(batch, tokens + 3, True), "wider": spec(2 * batch, tokens, True)}
+    return {"real": spec(batch, tokens, True, rows), "small": spec(1, length, True, length),
+            "eval": spec(batch, tokens, False, rows), "longer": spec(batch, tokens + 3, True, rows),
+            "wider": spec(2 * batch, tokens, True, rows), "fewer": spec(batch, tokens, True, rows - 1),
+            "unpacked": spec(batch, tokens, True, 0)}
 
 
 def _shared_elements(streams: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
@@ -68,8 +70,8 @@ def _setup(data: TokenizedDataset) -> tuple[Any, dict[str, StepSpec]]:
     client, cloud, transport = attacks._pair(data)
     first = client.begin(data.collate(list(range(8))), True, cloud_step=0)
     length = int(first.items["input.mask"][0].sum())
-    transport.dealer.handle(MaterialRequest("t0", 0, 1, length, True))  # the cloud's deviation
-    return client, _specs(client, cloud.tenants["t0"], 8, first.tokens, length)
+    transport.dealer.handle(MaterialRequest("t0", 0, 1, length, True, length))  # the cloud's deviation
+    return client, _specs(client, cloud.tenants["t0"], 8, first.tokens, first.rows, length)
 
 
 def _all_streams(client: Any, specs: dict[str, StepSpec]) -> dict[str, torch.Tensor]:

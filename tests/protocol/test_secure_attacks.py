@@ -40,7 +40,7 @@ from flower_split.protocol.secure_messages import (
     MAX_STEP, RESUME_JUMP_MIN, RESUME_STEP_GAP, STEP_WINDOW, DealerRegistration, MaterialRequest, SecureMessage,
 )
 from flower_split.protocol.optim import lr_factor
-from flower_split.protocol.secure_party import GRAD_SCALE_BITS
+from flower_split.protocol.secure_party import GRAD_SCALE_BITS, head_select, unpack_rows
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.transport.secure_inprocess import SecureLocalTransport
 from flower_split.flower.dealer_link import ColocatedDealer, NodeDealer
@@ -74,7 +74,8 @@ class _WatchingCloud(SecureCloudParty):
     def _op_body_backward(self, st, halves, got):  # type: ignore[no-untyped-def]
         out = super()._op_body_backward(st, halves, got)
         cloud_share = st.ctx["head"].values["gy"].data
-        self.seen[-1]["grad_f"] = decode(cloud_share + prg(out["reshare.seed_gf"], tuple(cloud_share.shape)))
+        rows = decode(cloud_share + prg(out["reshare.seed_gf"], tuple(cloud_share.shape)))  # the real tokens'
+        self.seen[-1]["grad_f"] = unpack_rows(rows, head_select(st.spec, st.ctx["mask"]))
         return out
 
 
@@ -506,12 +507,12 @@ def _overlaps(data: TokenizedDataset) -> int:
     first = client.begin(data.collate(list(range(8))), True, cloud_step=0)
     record = cloud.tenants["t0"]
     length = int(first.items["input.mask"][0].sum())  # the mask travels in the clear
-    transport.dealer.handle(MaterialRequest("t0", 0, 1, length, True))  # the cloud's one deviation
+    transport.dealer.handle(MaterialRequest("t0", 0, 1, length, True, length))  # the cloud's one deviation
     pooled = record.setup.tail_input == "pooled"
     real = _client_streams(client, StepSpec("t0", 0, 8, first.tokens, *record.setup.dims, True,
-                                            record.setup.train_head, "client", 16, pooled))
+                                            record.setup.train_head, "client", 16, pooled, first.rows))
     small = _client_streams(client, StepSpec("t0", 0, 1, length, *record.setup.dims, True,
-                                             record.setup.train_head, "client", 16, pooled))
+                                             record.setup.train_head, "client", 16, pooled, length))
     return sum(torch.equal(small[k][:min(len(small[k]), len(real[k]))], real[k][:len(small[k])]) for k in small)
 
 

@@ -13,6 +13,7 @@ from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
+from flower_split.protocol.secure_party import step_shape
 from flower_split.transport.secure_inprocess import SecureLocalTransport
 
 
@@ -39,7 +40,7 @@ def _finish(client: SecureClientParty, cloud: SecureCloudParty, first) -> None:
 def test_material_asked_ahead_serves_the_announced_step_without_a_request(secure_data: TokenizedDataset) -> None:
     client, cloud, dealer = _parties(secure_data)
     batch = secure_data.collate(list(range(8)))
-    request = cloud.prefetch_request("t0", *batch.input_ids.shape)
+    request = cloud.prefetch_request("t0", *step_shape(batch.attention_mask))
     assert request.step == cloud.next_step("t0") == 0
     cloud.accept_material(dealer.handle(request))
     first = client.begin(batch, cloud_step=cloud.next_step("t0"))
@@ -53,7 +54,7 @@ def test_material_asked_ahead_serves_the_announced_step_without_a_request(secure
 def test_a_first_message_off_its_announced_shape_spends_the_number(secure_data: TokenizedDataset) -> None:
     client, cloud, dealer = _parties(secure_data)
     announced = secure_data.collate(list(range(8)))
-    cloud.accept_material(dealer.handle(cloud.prefetch_request("t0", *announced.input_ids.shape)))
+    cloud.accept_material(dealer.handle(cloud.prefetch_request("t0", *step_shape(announced.attention_mask))))
     first = client.begin(secure_data.collate(list(range(4))), cloud_step=cloud.next_step("t0"))
     with pytest.raises(ProtocolError, match="does not match the shape it announced"):
         cloud.material_request(first)
@@ -69,9 +70,10 @@ def test_a_first_message_off_its_announced_shape_spends_the_number(secure_data: 
 
 def test_an_announced_shape_out_of_bounds_is_refused_before_the_dealer_works(secure_data: TokenizedDataset) -> None:
     _, cloud, _ = _parties(secure_data)
-    for batch, tokens in ((0, 8), (8, 2**20), (True, 8), ("8", 8), (4096, 4096)):
+    for batch, tokens, rows in ((0, 8, 8), (8, 2**20, 8), (True, 8, 8), ("8", 8, 8), (4096, 4096, 4096), (8, 8, 7),
+                                (8, 8, 65), (8, 8, True), (8, 8, "8"), (8, 8, -1)):
         with pytest.raises(ProtocolError):
-            cloud.prefetch_request("t0", batch, tokens)
+            cloud.prefetch_request("t0", batch, tokens, rows)
     assert cloud.tenants["t0"].prefetched is None
 
 
@@ -83,9 +85,9 @@ def test_a_begin_that_cannot_use_the_material_ahead_moves_past_its_number(secure
     cloud asks the dealer for step 1 (issue 17: a tenant dropped mid-step, then restarted)."""
     client, cloud, dealer = _parties(secure_data)
     announced = secure_data.collate(list(range(8)))
-    cloud.accept_material(dealer.handle(cloud.prefetch_request("t0", *announced.input_ids.shape)))
+    cloud.accept_material(dealer.handle(cloud.prefetch_request("t0", *step_shape(announced.attention_mask))))
     ahead = cloud.tenants["t0"].ahead()
-    assert ahead == (0, *announced.input_ids.shape)
+    assert ahead == (0, *step_shape(announced.attention_mask))
     first = client.begin(secure_data.collate(list(range(rows))), train=train, cloud_step=cloud.next_step("t0"),
                          ahead=ahead)
     assert first.step == 1
@@ -100,9 +102,9 @@ def test_a_begin_that_cannot_use_the_material_ahead_moves_past_its_number(secure
 def test_the_announced_batch_uses_the_material_ahead(secure_data: TokenizedDataset) -> None:
     client, cloud, dealer = _parties(secure_data)
     announced = secure_data.collate(list(range(8)))
-    cloud.accept_material(dealer.handle(cloud.prefetch_request("t0", *announced.input_ids.shape)))
+    cloud.accept_material(dealer.handle(cloud.prefetch_request("t0", *step_shape(announced.attention_mask))))
     with pytest.raises(ProtocolError, match="material ahead must be"):
-        client.begin(announced, cloud_step=0, ahead=(0, 8))  # type: ignore[arg-type]
+        client.begin(announced, cloud_step=0, ahead=(0, 8, 14))  # type: ignore[arg-type]
     first = client.begin(announced, cloud_step=0, ahead=cloud.tenants["t0"].ahead())
     assert first.step == 0 and cloud.material_request(first) is None
     _finish(client, cloud, first)

@@ -153,7 +153,7 @@ def _opened(cloud: SecureCloudParty, request: MaterialRequest | SecureMessage,
     record = cloud.tenants[bundle.tenant]
     setup = record.setup
     spec = StepSpec(bundle.tenant, bundle.step, request.batch, request.tokens, *setup.dims, request.train,
-                    setup.train_head, "client", cloud.frac_bits, setup.tail_input == "pooled")
+                    setup.train_head, "client", cloud.frac_bits, setup.tail_input == "pooled", request.rows)
     keys = material_keys(spec)
     shapes = [programs(spec)[key][1].requests()[i].out_shape for key, i in keys]
     tensors = open_sealed(seal_key(record.key), bundle.tenant, bundle.step, spec.material_label(), bundle.sealed, shapes)
@@ -273,7 +273,9 @@ def test_documented_leak_identity_head_opens_e(secure_data: TokenizedDataset) ->
     cloud.handle(message)
     f = cloud.tenants["t0"].step.ctx["f"].double()
     e = decode(encode(parts.embedder(batch.input_ids).double()))
-    assert (f - e).abs().max().item() <= LSB  # the cloud sees e exactly at step 0
+    real = batch.attention_mask.bool()  # the head runs on the real tokens; f is 0 at padding
+    assert (f - e)[real].abs().max().item() <= LSB  # the cloud sees e exactly at step 0
+    assert not f[~real].any()
 
 
 def test_cloud_never_holds_client_triples(secure_data: TokenizedDataset) -> None:
@@ -282,7 +284,8 @@ def test_cloud_never_holds_client_triples(secure_data: TokenizedDataset) -> None
     batch = secure_data.collate(list(range(4)))
     transport.run_step(client, batch)
     bundle = next(m for m in transport.transcript if isinstance(m, MaterialBundle))
-    spec = StepSpec("t0", 0, 4, int(batch.input_ids.shape[1]), 32, 4, 8, 77, True, True, "client", 16)
+    spec = StepSpec("t0", 0, 4, int(batch.input_ids.shape[1]), 32, 4, 8, 77, True, True, "client", 16,
+                    rows=int(batch.attention_mask.sum()))
     assert cloud.tenants["t0"].key != client._dealer_key
     cloud_view = [t for _, t in _received_tensors(transport.transcript, cloud)]
     first = next(m for m in transport.transcript if isinstance(m, SecureMessage) and m.seq == 0)

@@ -27,6 +27,17 @@ The product in the ring is exact; ``finish`` then truncates the extra fractional
 
 Cost per product and per party: one message of ``request.opened_elements`` int64
 elements (8 bytes each) in each direction, one round.
+
+Held operands.  When one operand is held in the clear by one party H (the other party N's
+share of it is 0, and so is N's share of its mask: ``masks.Use.holder``), only H opens it,
+and the product needs one matmul per party instead of two, with the dealer's c adjusted:
+
+    x held by H (left):   z_H = c_H + op(x, delta + b_H),   z_N = c_N + op(eps, b_N),   c = op(a, b_N)
+    y held by H (right):  z_H = c_H + op(eps + a_H, y),     z_N = c_N + op(a_N, delta), c = op(a_N, b)
+
+(sums: x (y - b_N) + (x - a) b_N + a b_N = x y, and (x - a_N) y + a_N (y - b) + a_N b = x y).
+What each party receives is what it received before (masked by the other party's or the
+dealer's uniform values); only the zero opening of a value the sender does not hold is left out.
 """
 
 from __future__ import annotations
@@ -44,6 +55,22 @@ from .triples import BeaverMaterial, Op, SquarePair, Triple, TripleRequest
 Opening = tuple[Tensor, ...]
 """What one party sends for one product: (eps_i, delta_i), or (eps_i,) for a square."""
 
+SHARED, LEFT, RIGHT = "shared", "left", "right"
+
+
+def held_form(op: Op, x_holder: int | None, y_holder: int | None) -> tuple[str, int | None]:
+    """How a product finishes, given its operands' holders: (SHARED, None), (LEFT, H) or (RIGHT, H).
+
+    A square of a held value and a product of shared values finish alike (Beaver's formula
+    holds for any split of the masks); a product of two values one party holds is that
+    party's own work, not a 2PC product.
+    """
+    if op is Op.SQUARE or (x_holder is None and y_holder is None):
+        return SHARED, None
+    if x_holder is not None and x_holder == y_holder:
+        raise ValueError(f"both operands are held by party {x_holder}: it computes the product alone")
+    return (LEFT, x_holder) if x_holder is not None else (RIGHT, y_holder)
+
 
 @dataclass(frozen=True)
 class PendingProduct:
@@ -59,6 +86,9 @@ class PendingProduct:
         x: this party's share of the left operand.
         sent: this party's opening (eps_i[, delta_i]).
         material: this party's triple or square pair.
+        y: this party's share of the right operand (held products finish with it).
+        form: SHARED, LEFT or RIGHT (``held_form``), and ``holder`` the party holding the
+            held operand.
     """
 
     request: TripleRequest
@@ -68,6 +98,9 @@ class PendingProduct:
     x: Tensor
     sent: Opening
     material: BeaverMaterial
+    y: Tensor | None = None
+    form: str = SHARED
+    holder: int | None = None
 
     def finish(self, received: Sequence[Tensor]) -> AdditiveShare:
         """This party's share of the product, given the peer's opening for it.
@@ -93,7 +126,13 @@ class PendingProduct:
             z = material.c + eps * (self.x + material.a)
         else:
             delta = self.sent[1] + received[1]
-            if self.request.op is Op.MUL:
+            op = torch.mul if self.request.op is Op.MUL else ring_matmul
+            if self.form == LEFT:
+                z = material.c + (op(self.x, delta + material.b) if self.party == self.holder else op(eps, material.b))
+            elif self.form == RIGHT:
+                assert self.y is not None
+                z = material.c + (op(eps + material.a, self.y) if self.party == self.holder else op(material.a, delta))
+            elif self.request.op is Op.MUL:
                 z = material.c + self.x * delta + eps * material.b
             else:
                 z = material.c + ring_matmul(torch.cat([self.x, eps], dim=-1), torch.cat([delta, material.b], dim=0))
@@ -102,12 +141,15 @@ class PendingProduct:
 
 
 def begin(
-    request: TripleRequest, x: AdditiveShare, y: AdditiveShare | None, material: BeaverMaterial
+    request: TripleRequest, x: AdditiveShare, y: AdditiveShare | None, material: BeaverMaterial,
+    x_holder: int | None = None, y_holder: int | None = None,
 ) -> tuple[PendingProduct, Opening]:
     """Start the product ``request`` of shares x (and y): returns (pending state, opening to send).
 
     The result will carry max(x.frac_bits, y.frac_bits) fractional bits (the exact
-    product carries their sum; the smaller is truncated away).
+    product carries their sum; the smaller is truncated away). ``x_holder`` / ``y_holder``:
+    the party holding that operand in the clear (module docstring, "Held operands"); the
+    material must then be dealt for the held form (``correlated.product_c``).
     """
     if not isinstance(request, TripleRequest):
         raise TypeError(f"request must be a TripleRequest, got {type(request).__name__}")
@@ -129,6 +171,7 @@ def begin(
         raise TypeError(f"material must be a Triple or SquarePair, got {type(material).__name__}")
     material.check(request)
 
+    form, holder = held_form(request.op, x_holder, y_holder)
     y_frac = x.frac_bits if y is None else y.frac_bits
     sent: Opening = (x.data - material.a,)
     if isinstance(material, Triple) and y is not None:
@@ -141,6 +184,9 @@ def begin(
         x=x.data,
         sent=sent,
         material=material,
+        y=None if y is None else y.data,
+        form=form,
+        holder=holder,
     )
     return pending, sent
 

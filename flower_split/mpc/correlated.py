@@ -27,21 +27,32 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
+from .beaver import LEFT, RIGHT, held_form
 from .dealer import check_delivery
 from .masks import MaskReuseError, Use, apply_view
 from .randomness import RingStream, random_ring
 from .triples import Op, Shape, TripleRequest
 
 
-def product_c(request: TripleRequest, x: Use, y: Use | None, masks: Mapping[str, Tensor]) -> Tensor:
-    """c = op(view_x(a_x), view_y(a_y)) from the full (reconstructed) masks, by value name."""
-    a = apply_view(x.view, masks[x.name])
+def product_c(request: TripleRequest, x: Use, y: Use | None, masks: Mapping[str, tuple[Tensor, Tensor]]) -> Tensor:
+    """c from both parties' mask shares (party 0's, party 1's), by value name.
+
+    c = op(view_x(a_x), view_y(a_y)) for shared operands; with a held operand (``Use.holder``,
+    ``beaver.held_form``) the other operand's mask enters through the non-holder's share
+    alone: c = op(a_x, b_N) when x is held, op(a_N, b_y) when y is.
+    """
+    form, holder = held_form(request.op, x.holder, None if y is None else y.holder)
+    shares = masks[x.name]
+    a = apply_view(x.view, shares[1 - holder] if form == RIGHT else shares[0] + shares[1])
     if request.op is Op.SQUARE:
         return request.evaluate(a)
     assert y is not None
-    return request.evaluate(a, apply_view(y.view, masks[y.name]))
+    shares = masks[y.name]
+    b = apply_view(y.view, shares[1 - holder] if form == LEFT else shares[0] + shares[1])
+    return request.evaluate(a, b)
 
 
 class MaskSource(ABC):
@@ -50,8 +61,9 @@ class MaskSource(ABC):
     party: int
 
     @abstractmethod
-    def mask(self, scope: str, name: str, shape: Shape) -> Tensor:
-        """This party's share of the mask of value ``name`` in ``scope`` (dealt once per party)."""
+    def mask(self, scope: str, name: str, shape: Shape, holder: int | None = None) -> Tensor:
+        """This party's share of the mask of value ``name`` in ``scope`` (dealt once per party);
+        of a value ``holder`` holds: the whole mask for the holder, 0 for the other party."""
 
     @abstractmethod
     def product(self, scope: str, request: TripleRequest, x: Use, y: Use | None) -> Tensor:
@@ -106,12 +118,15 @@ class OnlineMaskDealer:
         """(party 0's source, party 1's source)."""
         return _OnlineSource(self, 0), _OnlineSource(self, 1)
 
-    def mask(self, party: int, scope: str, name: str, shape: Shape) -> Tensor:
+    def mask(self, party: int, scope: str, name: str, shape: Shape, holder: int | None = None) -> Tensor:
         key = (scope, name)
         if (party, *key) in self._drawn:
             raise MaskReuseError(f"the mask of {name!r} in scope {scope!r} was already dealt to party {party}")
         if key not in self._masks:
-            self._masks[key] = (random_ring(shape), random_ring(shape))
+            shares = [random_ring(shape), random_ring(shape)]
+            if holder is not None:
+                shares[1 - holder] = torch.zeros(tuple(shape), dtype=torch.int64)
+            self._masks[key] = (shares[0], shares[1])
         elif tuple(self._masks[key][0].shape) != tuple(shape):
             raise ValueError(f"the mask of {name!r} in scope {scope!r} has shape "
                              f"{tuple(self._masks[key][0].shape)}, asked for {tuple(shape)}")
@@ -125,8 +140,7 @@ class OnlineMaskDealer:
             missing = [use.name for use in uses if (scope, use.name) not in self._masks]
             if missing:
                 raise LookupError(f"scope {scope!r}: no mask dealt for {missing}")
-            full = {use.name: sum(self._masks[(scope, use.name)]) for use in uses}
-            c = product_c(request, x, y, full)
+            c = product_c(request, x, y, {use.name: self._masks[(scope, use.name)] for use in uses})
             c0 = random_ring(c.shape)
             self._pending[0].append((key, c0))
             self._pending[1].append((key, c - c0))
@@ -140,8 +154,8 @@ class _OnlineSource(MaskSource):
     def __init__(self, dealer: OnlineMaskDealer, party: int) -> None:
         self._dealer, self.party = dealer, party
 
-    def mask(self, scope: str, name: str, shape: Shape) -> Tensor:
-        return self._dealer.mask(self.party, scope, name, shape)
+    def mask(self, scope: str, name: str, shape: Shape, holder: int | None = None) -> Tensor:
+        return self._dealer.mask(self.party, scope, name, shape, holder)
 
     def product(self, scope: str, request: TripleRequest, x: Use, y: Use | None) -> Tensor:
         return self._dealer.product(self.party, scope, request, x, y)

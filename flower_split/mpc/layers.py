@@ -76,8 +76,13 @@ def _positive_dims(**dims: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
 
 
-def adapter_forward(batch: int, tokens: int, dim: int, rank: int, act: Quadratic) -> Program:
-    """y = x + act(x A) B in 3 rounds; keeps u and h for the backward pass."""
+def adapter_forward(batch: int, tokens: int, dim: int, rank: int, act: Quadratic,
+                    x_holder: int | None = None) -> Program:
+    """y = x + act(x A) B in 3 rounds; keeps u and h for the backward pass.
+
+    ``x_holder``: the party holding the input in the clear (the head's embeddings: the client;
+    the tail's body output: the cloud), or None when it is shared (``masks.Use.holder``).
+    """
     _positive_dims(batch=batch, tokens=tokens, dim=dim, rank=rank)
     x_shape, u_shape = (batch, tokens, dim), (batch, tokens, rank)
 
@@ -92,7 +97,8 @@ def adapter_forward(batch: int, tokens: int, dim: int, rank: int, act: Quadratic
         stages=(
             Stage(
                 "adapter.down",
-                (Product("u", TripleRequest.matmul(x_shape, (dim, rank)), Use("x", x_shape), Use("A", (dim, rank))),),
+                (Product("u", TripleRequest.matmul(x_shape, (dim, rank)), Use("x", x_shape, holder=x_holder),
+                         Use("A", (dim, rank))),),
             ),
             Stage("adapter.act", (Product("u2", TripleRequest.square(u_shape), Use("u", u_shape)),), activation),
             Stage(
@@ -107,12 +113,15 @@ def adapter_forward(batch: int, tokens: int, dim: int, rank: int, act: Quadratic
 
 
 def adapter_backward(
-    batch: int, tokens: int, dim: int, rank: int, act: Quadratic, input_grad: bool = True
+    batch: int, tokens: int, dim: int, rank: int, act: Quadratic, input_grad: bool = True,
+    x_holder: int | None = None, gy_holder: int | None = None,
 ) -> Program:
     """gA, gB (and gx = dL/dx if ``input_grad``) from gy = dL/dy, in 3 rounds.
 
-    The head adapter needs no input gradient (its input is the public embedding), the
+    The head adapter needs no input gradient (its input is the tenant's embedding), the
     tail adapter does (dL/dh is what the cloud backpropagates through the body).
+    ``x_holder`` / ``gy_holder``: the party holding the input / the output gradient in the
+    clear (the head's dL/df: the cloud, which computes it), or None when shared.
     """
     _positive_dims(batch=batch, tokens=tokens, dim=dim, rank=rank)
     x_shape, u_shape, n = (batch, tokens, dim), (batch, tokens, rank), batch * tokens
@@ -124,7 +133,7 @@ def adapter_backward(
         return {"gx": values["gy"] + values["guA"]}
 
     grad_in: tuple[Product, ...] = (
-        Product("gA", TripleRequest.matmul((dim, n), (n, rank)), Use("x", x_shape, View.FLAT_T),
+        Product("gA", TripleRequest.matmul((dim, n), (n, rank)), Use("x", x_shape, View.FLAT_T, x_holder),
                 Use("gu", u_shape, View.FLAT)),
     )
     if input_grad:
@@ -141,9 +150,9 @@ def adapter_backward(
                         "gB",
                         TripleRequest.matmul((rank, n), (n, dim)),
                         Use("h", u_shape, View.FLAT_T),
-                        Use("gy", x_shape, View.FLAT),
+                        Use("gy", x_shape, View.FLAT, gy_holder),
                     ),
-                    Product("gh", TripleRequest.matmul(x_shape, (dim, rank)), Use("gy", x_shape),
+                    Product("gh", TripleRequest.matmul(x_shape, (dim, rank)), Use("gy", x_shape, holder=gy_holder),
                             Use("B", (rank, dim), View.T)),
                 ),
                 derivative,

@@ -77,18 +77,31 @@ def viewed_shape(view: View, shape: Shape) -> Shape:
 
 @dataclass(frozen=True)
 class Use:
-    """A product operand: the named value of ``shape`` (also its mask's shape), seen through ``view``."""
+    """A product operand: the named value of ``shape`` (also its mask's shape), seen through ``view``.
+
+    ``holder``: the party that holds the value in the clear (its share is the value, the
+    other party's share is 0), or None for a value shared between both. A held value's mask
+    is dealt to its holder alone, only the holder opens it, and a product with one held
+    operand costs each party one matmul instead of two (``beaver``, "Held operands").
+    """
 
     name: str
     shape: Shape
     view: View = View.SAME
+    holder: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"a use needs a non-empty value name, got {self.name!r}")
+        if self.holder is not None and (isinstance(self.holder, bool) or self.holder not in (0, 1)):
+            raise ValueError(f"a use's holder must be 0, 1 or None, got {self.holder!r}")
         object.__setattr__(self, "shape", tuple(self.shape))
         object.__setattr__(self, "view", View(self.view))
         viewed_shape(self.view, self.shape)
+
+    def sent_by(self, party: int) -> bool:
+        """Whether ``party`` opens this value (both do for a shared value, only the holder for a held one)."""
+        return self.holder is None or self.holder == party
 
     @property
     def viewed(self) -> Shape:

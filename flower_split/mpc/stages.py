@@ -31,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
-from .beaver import PendingProduct, begin
+from .beaver import PendingProduct, begin, held_form
 from .correlated import MaskSource
 from .masks import MaskRecord, Use, apply_view
 from .share import AdditiveShare
@@ -107,6 +108,10 @@ class Stage:
                     new.append(use)
         return tuple(new)
 
+    def sends(self, opened: Collection[str], party: int) -> tuple[Use, ...]:
+        """The values of ``opens`` whose opening ``party`` sends: all but those the peer holds."""
+        return tuple(use for use in self.opens(opened) if use.sent_by(party))
+
     def _operands(self, state: PartyState) -> dict[str, AdditiveShare]:
         """The named values the products use, checked against the declared party and shapes."""
         values: dict[str, AdditiveShare] = {}
@@ -120,6 +125,9 @@ class Stage:
                 if tuple(value.shape) != use.shape:
                     raise ValueError(f"stage {self.name!r}, product {product.out!r}: operand {use.name!r} has "
                                      f"shape {tuple(value.shape)}, the program declared {use.shape}")
+                if use.holder not in (None, state.party) and use.name not in values and bool(value.data.any()):
+                    raise ValueError(f"stage {self.name!r}: party {use.holder} holds {use.name!r}, so party "
+                                     f"{state.party}'s share of it must be 0")
                 values[use.name] = value
         return values
 
@@ -140,35 +148,43 @@ class Stage:
         new = self.opens(state.masks)
         records = dict(state.masks)
         for use in new:
-            records[use.name] = MaskRecord.open(values[use.name], source.mask(state.scope, use.name, use.shape))
+            mask = source.mask(state.scope, use.name, use.shape, use.holder)
+            records[use.name] = MaskRecord.open(values[use.name], mask)
         pending = []
         for product in self.products:
             c = source.product(state.scope, product.request, product.x, product.y)
             a = apply_view(product.x.view, records[product.x.name].share)
             if product.y is None:
                 material: Triple | SquarePair = SquarePair(a, c)
-                y = None
+                y, y_holder = None, None
             else:
                 b = apply_view(product.y.view, records[product.y.name].share)
                 material, y = Triple(a, b, c), product.y.of(values[product.y.name])
-            pending.append(begin(product.request, product.x.of(values[product.x.name]), y, material)[0])
+                y_holder = product.y.holder
+            pending.append(begin(product.request, product.x.of(values[product.x.name]), y, material,
+                                 product.x.holder, y_holder)[0])
         state.masks = records
         state.pending = (self.name, pending)
-        return [records[use.name].sent for use in new]
+        return [records[use.name].sent for use in new if use.sent_by(state.party)]
 
     def finish(self, state: PartyState, received: Sequence[Tensor]) -> None:
-        """Complete the products with the peer's openings (one per new mask), then run the local step."""
+        """Complete the products with the peer's openings (one per new mask it sends), then run the
+        local step. A value this party holds has no peer opening (the peer's part is 0)."""
         if state.pending is None or state.pending[0] != self.name:
             awaiting = None if state.pending is None else state.pending[0]
             raise ValueError(f"stage {self.name!r} finished, but the pending stage is {awaiting!r}")
         pending = state.pending[1]
         opened = [name for name, record in state.masks.items() if record.received is None]
-        new = [use.name for use in self.opens(set(state.masks) - set(opened))]
-        if new != opened or len(received) != len(new):
-            raise ValueError(f"stage {self.name!r} expects {len(new)} openings, got {len(received)}")
+        new = self.opens(set(state.masks) - set(opened))
+        peer = 1 - state.party
+        expected = [use for use in new if use.sent_by(peer)]
+        if [use.name for use in new] != opened or len(received) != len(expected):
+            raise ValueError(f"stage {self.name!r} expects {len(expected)} openings, got {len(received)}")
         records = dict(state.masks)
-        for name, opening in zip(new, received):
-            records[name] = records[name].completed(opening)
+        given = iter(received)
+        for use in new:
+            opening = next(given) if use.sent_by(peer) else torch.zeros(use.shape, dtype=torch.int64)
+            records[use.name] = records[use.name].completed(opening)
         results = {
             product.out: started.finish(tuple(records[use.name].peer_part(use.view) for use in product.uses))
             for product, started in zip(self.products, pending)
@@ -190,13 +206,14 @@ class Program:
     outputs: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        shapes: dict[str, tuple[int, ...]] = {}
+        shapes: dict[str, tuple[tuple[int, ...], int | None]] = {}
         for stage in self.stages:
             for product in stage.products:
                 for use in product.uses:
-                    if shapes.setdefault(use.name, use.shape) != use.shape:
-                        raise ValueError(f"program {self.name!r}: value {use.name!r} is used with shapes "
-                                         f"{shapes[use.name]} and {use.shape}")
+                    if shapes.setdefault(use.name, (use.shape, use.holder)) != (use.shape, use.holder):
+                        raise ValueError(f"program {self.name!r}: value {use.name!r} is used with (shape, holder) "
+                                         f"{shapes[use.name]} and {(use.shape, use.holder)}")
+                held_form(product.request.op, product.x.holder, None if product.y is None else product.y.holder)
 
     def products(self) -> list[Product]:
         """Every product, in the order the program draws their c material."""
@@ -215,11 +232,13 @@ class Program:
         """Exchanges (one message each way) per run."""
         return len(self.stages)
 
-    def opened_elements(self, opened: Collection[str] = ()) -> int:
-        """Ring elements each party sends per run (8 bytes each), given names its scope opened before."""
+    def opened_elements(self, opened: Collection[str] = (), party: int | None = None) -> int:
+        """Ring elements ``party`` sends per run (8 bytes each; None: a party holding no value),
+        given names its scope opened before."""
         seen, total = set(opened), 0
         for stage in self.stages:
             new = stage.opens(seen)
-            total += sum(use.elements for use in new)
+            total += sum(use.elements for use in new if party is None and use.holder is None
+                         or party is not None and use.sent_by(party))
             seen |= {use.name for use in new}
         return total

@@ -294,11 +294,10 @@ class SecureClientParty(SecureStepRunner):
     def _op_share_input(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         e = embed(self.embedder, self.input_noise, st.ctx["input_ids"], st.ctx["mask"]).to(torch.float64)
         e = pack_rows(e, head_select(st.spec, st.ctx["mask"]))  # the head runs on the real tokens only
-        seed = new_seed()
-        x = encode(e, self.frac_bits) - prg(seed, tuple(e.shape))  # cloud's share is PRG(seed)
+        x = encode(e, self.frac_bits)  # held: the client's share is e, the cloud's 0
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
                                                  "B": halves.share("head.B")}, scope="head")
-        out: dict[str, Any] = {"input.seed_e": seed, "input.mask": st.ctx["mask"]}
+        out: dict[str, Any] = {"input.mask": st.ctx["mask"]}
         if self.protection.ckks_keys and st.spec.train:
             assert self.he_keys is not None
             envelope = encrypt_labels(self.he_keys, st.ctx["labels"], self.classes)
@@ -310,7 +309,7 @@ class SecureClientParty(SecureStepRunner):
         return {"open.f": st.ctx["head"].values["y"].data}
 
     def _op_receive_h(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
-        h = prg(got["reshare.seed_h"], (st.spec.batch, st.spec.tokens, self.dim))
+        h = torch.zeros((st.spec.batch, st.spec.tokens, self.dim), dtype=torch.int64)  # the cloud holds h
         st.ctx["tail"] = PartyState(self.party, {"x": self._share(h), "A": halves.share("tail.A"),
                                                  "B": halves.share("tail.B")}, scope="tail")
 
@@ -347,7 +346,7 @@ class SecureClientParty(SecureStepRunner):
         return {"open.grad_h": self._grad_h_share(st)}
 
     def _op_receive_grad_f(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
-        share = prg(got["reshare.seed_gf"], (1, st.spec.head_rows, self.dim))
+        share = torch.zeros((1, st.spec.head_rows, self.dim), dtype=torch.int64)  # the cloud holds dL/df
         st.ctx["head"].values["gy"] = self._share(share)
 
     # ------------------------------------------------------------------------ state

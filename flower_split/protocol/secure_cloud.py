@@ -27,7 +27,6 @@ import torch
 from flower_split.he import batch_bounds, compute_loss_and_grad
 from flower_split.model import Body, hidden_size, masked_mean_backward
 from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, decode, encode
-from flower_split.mpc import new_seed
 from flower_split.protocol.body_runner import BodyRunner
 from flower_split.protocol.material_seal import open_sealed, seal_key
 from flower_split.protocol.messages import ProtocolError
@@ -323,7 +322,7 @@ class SecureCloudParty(SecureStepRunner):
     def _op_receive_input(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         spec = st.spec
         head_select(spec, got["input.mask"])  # the header's rows are the mask's real tokens
-        x = prg(got["input.seed_e"], (1, spec.head_rows, spec.dim))
+        x = torch.zeros((1, spec.head_rows, spec.dim), dtype=torch.int64)  # the client holds e
         st.ctx["mask"] = got["input.mask"]
         if "input.labels" in got:
             st.ctx["labels_envelope"] = got["input.labels"]
@@ -340,18 +339,16 @@ class SecureCloudParty(SecureStepRunner):
         check_opened("open.f", "head output", f)
         return unpack_rows(f, head_select(st.spec, st.ctx["mask"]))
 
-    def _op_body_forward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
+    def _op_body_forward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         f = self.opened_f(st, got)
         h, graph = self.runner.forward(f, st.ctx["mask"], graph=st.spec.trains_head and self.keep_graphs)
         if st.spec.trains_head:
             st.ctx["f"] = f.to(torch.float32)
         if graph is not None:
             st.ctx["_graph"] = graph
-        seed = new_seed()
-        share = encode(h.detach().cpu().to(torch.float64), self.frac_bits) - prg(seed, tuple(h.shape))
+        share = encode(h.detach().cpu().to(torch.float64), self.frac_bits)  # held: the client's share is 0
         st.ctx["tail"] = PartyState(self.party, {"x": self._share(share), "A": halves.share("tail.A"),
                                                  "B": halves.share("tail.B")}, scope="tail")
-        return {"reshare.seed_h": seed}
 
     def _op_open_z(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         return {"open.z": st.ctx["cls"].values["z"].data}
@@ -366,7 +363,7 @@ class SecureCloudParty(SecureStepRunner):
     def _op_receive_grad_share(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         st.ctx["cls"].values["gz"] = self._share(prg(got["loss.seed_g"], (st.spec.batch, st.spec.classes)))
 
-    def _op_body_backward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
+    def _op_body_backward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         grad_h = decode(self._grad_h_share(st) + got["open.grad_h"], self.frac_bits)  # dL/dh, opened
         check_opened("open.grad_h", "gradient", grad_h)
         if st.spec.tail_pooled:  # opened per sequence: the mean pool's backward over the tokens
@@ -375,12 +372,10 @@ class SecureCloudParty(SecureStepRunner):
         if graph is None:  # not kept (the default), or restored from state_dict: recompute
             _, graph = self.runner.forward(st.ctx["f"], st.ctx["mask"], graph=True)
         grad_f = pack_rows(self.runner.backward(graph, grad_h), head_select(st.spec, st.ctx["mask"]))
-        seed = new_seed()
-        share = encode(grad_f.detach().cpu().to(torch.float64), self.frac_bits) - prg(seed, tuple(grad_f.shape))
+        share = encode(grad_f.detach().cpu().to(torch.float64), self.frac_bits)  # held, like h
         st.ctx["head"].values["gy"] = self._share(share)
         st.ctx.pop("_graph", None)
         st.ctx.pop("f", None)
-        return {"reshare.seed_gf": seed}
 
     # ------------------------------------------------------------------------ state
     def export_halves(self, tenant: str) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import torch
 
-from flower_split.mpc import deal_product, product_c
+from flower_split.mpc import Use, deal_product, product_c
 from flower_split.protocol.dealer_identity import identity_public, new_identity, signed_hello
 from flower_split.protocol.material_seal import seal, seal_key
 from flower_split.protocol.messages import ProtocolError
@@ -47,7 +47,7 @@ from flower_split.protocol.secure_messages import (
     MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, DealerHello, DealerRegistration, MaterialBundle, MaterialRequest,
 )
 from flower_split.protocol.secure_steps import (
-    StepSpec, check_material_size, check_rows, mask_label, material_keys, programs, scope_uses,
+    CLIENT, CLOUD, PARTY, StepSpec, check_material_size, check_rows, mask_label, material_keys, programs, scope_uses,
 )
 
 MAX_SHAPE = 4096
@@ -158,13 +158,18 @@ def _corrections(spec: StepSpec, cloud_key: bytes, client_key: bytes) -> list[to
     """The cloud's correction of every product of the step, in ``material_keys`` order.
 
     Masks first: one per value per module (``scope_uses``), each party's share from its own
-    seed; then per product c = op(view(a_x), view(a_y)) and the cloud's masked c.
+    seed (a value one party holds: its mask is the holder's alone); then per product
+    c = op(view(a_x), view(a_y)) (held operands: ``mpc.product_c``) and the cloud's masked c.
     """
     def seed(key: bytes, program: str, index: int) -> bytes:
         return beaver_seed(key, spec.tenant, spec.step, program, index, spec.material_label())
 
-    masks = {(module, name): prg(seed(cloud_key, mask_label(module, name), 0), use.shape)
-             + prg(seed(client_key, mask_label(module, name), 0), use.shape)
+    def mask(key: bytes, party: int, module: str, use: Use) -> torch.Tensor:  # a party's share (held: 0 or all)
+        if not use.sent_by(party):
+            return torch.zeros(use.shape, dtype=torch.int64)
+        return prg(seed(key, mask_label(module, use.name), 0), use.shape)
+
+    masks = {(module, name): (mask(cloud_key, PARTY[CLOUD], module, use), mask(client_key, PARTY[CLIENT], module, use))
              for module, uses in scope_uses(spec).items() for name, use in uses.items()}
     corrections = []
     for program, index in material_keys(spec):

@@ -31,7 +31,8 @@ from flower_split.protocol.secure_messages import SecureMessage, check_items
 from flower_split.protocol.optim import lr_factor, sgd_share_update
 from flower_split.protocol.secure_keys import beaver_seed, prg
 from flower_split.protocol.secure_steps import (
-    CLIENT, CLOUD, Begin, Call, Finish, StepSpec, mask_label, op_needs, opening_specs, programs, schedule, script,
+    CLIENT, CLOUD, Begin, Call, Finish, StepSpec, mask_label, op_needs, opening_specs, peer_of, programs, schedule,
+    script,
 )
 
 GRAD_SCALE_BITS = 8
@@ -193,7 +194,7 @@ class SecureStepRunner:
         out: dict[str, Any] = {}
         while st.pc < len(ops):
             op = ops[st.pc]
-            needs = op_needs(st.spec, op)
+            needs = op_needs(st.spec, op, self.role)
             if any(name not in st.inbox for name in needs):
                 break
             got = {name: st.inbox.pop(name) for name in needs}
@@ -204,11 +205,11 @@ class SecureStepRunner:
                     raise RuntimeError(f"{self.role}: {module} values are in scope {state.scope!r}")
                 first = sum(len(s.products) for s in program.stages[: op.stage])
                 sent = program.stages[op.stage].begin(state, StepSource(self, st, op.program, first))
-                names = [item.name for item in opening_specs(st.spec, op.program, op.stage)]
+                names = [item.name for item in opening_specs(st.spec, op.program, op.stage, self.role)]
                 out.update(zip(names, sent, strict=True))
             elif isinstance(op, Finish):
                 module, program = programs(st.spec)[op.program]
-                names = [item.name for item in opening_specs(st.spec, op.program, op.stage)]
+                names = [item.name for item in opening_specs(st.spec, op.program, op.stage, peer_of(self.role))]
                 program.stages[op.stage].finish(st.ctx[module], [got[name] for name in names])
             else:
                 assert isinstance(op, Call)
@@ -367,7 +368,9 @@ class StepSource(MaskSource):
         return beaver_seed(self._runner._material_key(self._st), spec.tenant, spec.step, program, index,
                            spec.material_label())
 
-    def mask(self, scope: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def mask(self, scope: str, name: str, shape: tuple[int, ...], holder: int | None = None) -> torch.Tensor:
+        if holder is not None and holder != self.party:  # the peer holds the value: its mask is the peer's
+            return torch.zeros(tuple(shape), dtype=torch.int64)
         return prg(self._seed(mask_label(scope, name), 0), tuple(shape))
 
     def product(self, scope: str, request: TripleRequest, x: Use, y: Use | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from flower_split.mpc import AdditiveShare, MaskRecord, PartyState
-from flower_split.mpc.beaver import PendingProduct
+from flower_split.mpc.beaver import LEFT, RIGHT, SHARED, PendingProduct
 from flower_split.mpc.triples import SquarePair, Triple, TripleRequest
 from flower_split.protocol.secure_party import StepState
 from flower_split.protocol.secure_steps import StepSpec
@@ -79,15 +79,19 @@ def _export_pending(p: PendingProduct, copy: bool) -> dict[str, Any]:
             "y_shape": None if p.request.y_shape is None else list(p.request.y_shape),
             "party": p.party, "out_frac_bits": p.out_frac_bits, "truncate_bits": p.truncate_bits,
             "x": _copy(p.x, copy), "sent": [_copy(t, copy) for t in p.sent],
-            "material": {k: _copy(v, copy) for k, v in tensors.items()}}
+            "material": {k: _copy(v, copy) for k, v in tensors.items()},
+            "y": None if p.y is None else _copy(p.y, copy), "form": p.form, "holder": p.holder}
 
 
 def _import_pending(d: dict[str, Any]) -> PendingProduct:
     request = TripleRequest(d["op"], tuple(d["x_shape"]), None if d["y_shape"] is None else tuple(d["y_shape"]))
     m = d["material"]
     material = Triple(m["a"], m["b"], m["c"]) if "b" in m else SquarePair(m["a"], m["c"])
+    form, holder = d.get("form", SHARED), d.get("holder")  # states saved before held operands: shared
+    if form not in (SHARED, LEFT, RIGHT) or holder not in ((None,) if form == SHARED else (0, 1)):
+        raise ValueError(f"a pending product's form {form!r} / holder {holder!r} is not valid")
     return PendingProduct(request, d["party"], d["out_frac_bits"], d["truncate_bits"], d["x"],
-                          tuple(d["sent"]), material)
+                          tuple(d["sent"]), material, d.get("y"), form, holder)
 
 
 def export_step(st: StepState, copy: bool = True) -> dict[str, Any]:

@@ -20,11 +20,11 @@ the byte and round counts of the benchmark are read off it.
 
 Step outline (DESIGN.md section 3)::
 
-    client: embed, keep the real tokens' rows of e (the mask's ones, packed: [1, rows, d]),
-            encode; send seed_e (cloud's share of e = PRG(seed_e)), mask, Enc(y) (he)
+    client: embed, keep the real tokens' rows of e (the mask's ones, packed: [1, rows, d]);
+            send mask, Enc(y) (he)             (e is the client's: its share is e, the cloud's 0)
     both:   head.fwd (3 stages, on the packed rows) -> shares of f
     client: send its share of f                (f opened to the cloud only; padding rows = 0)
-    cloud:  h = Body(f); send seed_h           (client's share of h = PRG(seed_h))
+    cloud:  h = Body(f)                        (the cloud's: its share is h, the client's 0)
     both:   tail.fwd (3 stages), mean pool (local), cls.fwd (1 stage)  -> shares of z
             (tail_pooled: mean pool first, then tail.fwd on one row per sequence)
     he:     client sends its share of z; cloud: Enc(L), Enc(g - m) -> client; shares (m, g - m)
@@ -33,8 +33,12 @@ Step outline (DESIGN.md section 3)::
             (tail_pooled: tail.bwd, then mean pool backward)
     if train_head:
     client: send its share of dL/dh            (opened to the cloud)
-    cloud:  dL/df through the frozen body, its real tokens' rows; send seed_gf (client's share = PRG(seed_gf))
+    cloud:  dL/df through the frozen body, its real tokens' rows (the cloud's, like h)
     both:   head.bwd (3 stages, no input gradient); each updates its head half
+
+A value one party holds in the clear (e, h, dL/df) is masked by that party alone and opened
+by it alone; a product with it costs each party one ring matmul instead of two
+(``mpc.beaver``, "Held operands").
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import BLOB, MASK, RING, SEED, ItemSpec
 
 CLIENT, CLOUD = "client", "cloud"
+PARTY = {CLOUD: 0, CLIENT: 1}
+"""Each role's party index in the 2PC (the cloud is party 0, the client party 1)."""
 ACTIVATION = Quadratic(0.25, 0.5, 0.125)
 """The public activation; equals ``flower_split.model.adapters.QUAD_COEFFS``."""
 
@@ -131,17 +137,19 @@ def programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
 def _programs(spec: StepSpec) -> dict[str, tuple[str, Program]]:
     b, t, d, m = spec.batch, spec.tokens, spec.dim, spec.head_rows
     tail_t = 1 if spec.tail_pooled else t  # pooled: one row per sequence, shape [b, 1, d]
+    client, cloud = PARTY[CLIENT], PARTY[CLOUD]  # the client holds e, the cloud h and dL/df (in the clear)
     out: dict[str, tuple[str, Program]] = {  # the head on the real tokens only, packed: [1, m, d]
-        "head.fwd": ("head", adapter_forward(1, m, d, spec.head_rank, ACTIVATION)),
-        "tail.fwd": ("tail", adapter_forward(b, tail_t, d, spec.tail_rank, ACTIVATION)),
+        "head.fwd": ("head", adapter_forward(1, m, d, spec.head_rank, ACTIVATION, x_holder=client)),
+        "tail.fwd": ("tail", adapter_forward(b, tail_t, d, spec.tail_rank, ACTIVATION, x_holder=cloud)),
         "cls.fwd": ("cls", classifier_forward(b, d, spec.classes)),
     }
     if spec.train:
         out["cls.bwd"] = ("cls", classifier_backward(b, d, spec.classes, input_grad=True))
         out["tail.bwd"] = ("tail", adapter_backward(b, tail_t, d, spec.tail_rank, ACTIVATION,
-                                                    input_grad=spec.train_head))
+                                                    input_grad=spec.train_head, x_holder=cloud))
         if spec.train_head:
-            out["head.bwd"] = ("head", adapter_backward(1, m, d, spec.head_rank, ACTIVATION, input_grad=False))
+            out["head.bwd"] = ("head", adapter_backward(1, m, d, spec.head_rank, ACTIVATION, input_grad=False,
+                                                        x_holder=client, gy_holder=cloud))
     return out
 
 
@@ -162,7 +170,10 @@ def _scope_uses(spec: StepSpec) -> dict[str, dict[str, Use]]:
     for module, program in programs(spec).values():
         uses = out.setdefault(module, {})
         for name, use in program.uses().items():
-            uses.setdefault(name, use)
+            first = uses.setdefault(name, use)
+            if (first.shape, first.holder) != (use.shape, use.holder):
+                raise ValueError(f"{module}: {name!r} is {first.shape} held by {first.holder} in one program, "
+                                 f"{use.shape} held by {use.holder} in another")
     return out
 
 
@@ -205,32 +216,37 @@ class Call:
 ScriptOp = Begin | Finish | Call
 
 
-def opening_specs(spec: StepSpec, program: str, stage: int) -> tuple[ItemSpec, ...]:
-    """The items one party sends for a Beaver stage: x - a for each value first masked in it."""
-    return _opening_specs(spec.shape_key(), program, stage)
+def opening_specs(spec: StepSpec, program: str, stage: int, sender: str) -> tuple[ItemSpec, ...]:
+    """The items ``sender`` sends for a Beaver stage: x - a for each value first masked in it,
+    but the values the peer holds in the clear (``masks.Use.holder``)."""
+    return _opening_specs(spec.shape_key(), program, stage, sender)
 
 
 @lru_cache(maxsize=1024)
-def _opening_specs(spec: StepSpec, program: str, stage: int) -> tuple[ItemSpec, ...]:
+def _opening_specs(spec: StepSpec, program: str, stage: int, sender: str) -> tuple[ItemSpec, ...]:
     stages = programs(spec)[program][1].stages
     opened = set(opened_before(spec, program))
     for earlier in stages[:stage]:
         opened |= {use.name for use in earlier.opens(opened)}
     return tuple(ItemSpec(f"{program}/{stages[stage].name}/{use.name}/eps", RING, use.shape)
-                 for use in stages[stage].opens(opened))
+                 for use in stages[stage].sends(opened, PARTY[sender]))
 
 
-def op_gives(spec: StepSpec, op: ScriptOp) -> tuple[ItemSpec, ...]:
+def peer_of(role: str) -> str:
+    return CLOUD if role == CLIENT else CLIENT
+
+
+def op_gives(spec: StepSpec, op: ScriptOp, role: str) -> tuple[ItemSpec, ...]:
     if isinstance(op, Begin):
-        return opening_specs(spec, op.program, op.stage)
+        return opening_specs(spec, op.program, op.stage, role)
     if isinstance(op, Call):
         return op.gives
     return ()
 
 
-def op_needs(spec: StepSpec, op: ScriptOp) -> tuple[str, ...]:
+def op_needs(spec: StepSpec, op: ScriptOp, role: str) -> tuple[str, ...]:
     if isinstance(op, Finish):
-        return tuple(item.name for item in opening_specs(spec, op.program, op.stage))
+        return tuple(item.name for item in opening_specs(spec, op.program, op.stage, peer_of(role)))
     if isinstance(op, Call):
         return op.needs
     return ()
@@ -252,16 +268,13 @@ def _beaver(spec: StepSpec, program: str) -> list[ScriptOp]:
 def _items(spec: StepSpec) -> dict[str, ItemSpec]:
     b, t, d, c = spec.batch, spec.tokens, spec.dim, spec.classes
     return {
-        "input.seed_e": ItemSpec("input.seed_e", SEED),
         "input.mask": ItemSpec("input.mask", MASK, (b, t)),
         "input.labels": ItemSpec("input.labels", BLOB),
         "open.f": ItemSpec("open.f", RING, (1, spec.head_rows, d)),
-        "reshare.seed_h": ItemSpec("reshare.seed_h", SEED),
         "open.z": ItemSpec("open.z", RING, (b, c)),
         "he.result": ItemSpec("he.result", BLOB),
         "loss.seed_g": ItemSpec("loss.seed_g", SEED),
         "open.grad_h": ItemSpec("open.grad_h", RING, (b, d) if spec.tail_pooled else (b, t, d)),
-        "reshare.seed_gf": ItemSpec("reshare.seed_gf", SEED),
     }
 
 
@@ -283,11 +296,11 @@ def _script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
     he = label_protection(spec.label_protection).ckks_keys  # labels under CKKS, loss on the cloud
     ops: list[ScriptOp] = []
     if role == CLIENT:
-        inputs = [it["input.seed_e"], it["input.mask"]] + ([it["input.labels"]] if he and spec.train else [])
+        inputs = [it["input.mask"]] + ([it["input.labels"]] if he and spec.train else [])
         ops.append(Call("share_input", gives=tuple(inputs)))
         ops += _beaver(spec, "head.fwd")
         ops.append(Call("open_f", gives=(it["open.f"],)))
-        ops.append(Call("receive_h", needs=("reshare.seed_h",)))
+        ops.append(Call("receive_h"))
         ops += _tail_forward(spec)
         if not spec.train:
             ops.append(Call("receive_logits", needs=("open.z",)))
@@ -298,10 +311,10 @@ def _script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
         else:
             ops.append(Call("local_loss", needs=("open.z",), gives=(it["loss.seed_g"],)))
     elif role == CLOUD:
-        inputs_needed = ("input.seed_e", "input.mask") + (("input.labels",) if he and spec.train else ())
+        inputs_needed = ("input.mask",) + (("input.labels",) if he and spec.train else ())
         ops.append(Call("receive_input", needs=inputs_needed))
         ops += _beaver(spec, "head.fwd")
-        ops.append(Call("body_forward", needs=("open.f",), gives=(it["reshare.seed_h"],)))
+        ops.append(Call("body_forward", needs=("open.f",)))
         ops += _tail_forward(spec)
         if not spec.train:
             ops.append(Call("open_z", gives=(it["open.z"],)))
@@ -324,9 +337,9 @@ def _script(spec: StepSpec, role: str) -> tuple[ScriptOp, ...]:
     if spec.train_head:
         if role == CLIENT:
             ops.append(Call("open_grad_h", gives=(it["open.grad_h"],)))
-            ops.append(Call("receive_grad_f", needs=("reshare.seed_gf",)))
+            ops.append(Call("receive_grad_f"))
         else:
-            ops.append(Call("body_backward", needs=("open.grad_h",), gives=(it["reshare.seed_gf"],)))
+            ops.append(Call("body_backward", needs=("open.grad_h",)))
         ops += _beaver(spec, "head.bwd")
         ops.append(Call("update_head"))
     return tuple(ops)
@@ -368,11 +381,11 @@ def _schedule(spec: StepSpec) -> tuple[MessageSpec, ...]:
         ops = scripts[active]
         while pcs[active] < len(ops):
             op = ops[pcs[active]]
-            needs = op_needs(spec, op)
+            needs = op_needs(spec, op, active)
             if not set(needs) <= received[active]:
                 break
             received[active] -= set(needs)
-            given = op_gives(spec, op)
+            given = op_gives(spec, op, active)
             if given and op_label(op) not in labels:
                 labels.append(op_label(op))
             gives += given

@@ -29,7 +29,7 @@ from flower_split.mpc.layers import (
 from flower_split.mpc.correlated import OnlineMaskDealer
 from flower_split.mpc.local import LocalTwoParty
 from flower_split.mpc.ring import decode, encode
-from flower_split.mpc.share import reconstruct, share
+from flower_split.mpc.share import AdditiveShare, reconstruct, share
 from flower_split.mpc.stages import PartyState
 
 LSB = 2.0**-16
@@ -46,6 +46,16 @@ def _states(scope="", **values):
     for name, value in values.items():
         s0.values[name], s1.values[name] = share(value)
     return s0, s1
+
+
+def _held(value, holder):
+    """(party 0's, party 1's) shares of ``value`` held by ``holder`` (None: shared at random)."""
+    if holder is None:
+        return share(value)
+    data = encode(value)
+    shares = [AdditiveShare(torch.zeros_like(data), p, 16) for p in (0, 1)]
+    shares[holder] = AdditiveShare(data, holder, 16)
+    return shares[0], shares[1]
 
 
 def _opened(s0, s1, name):
@@ -108,18 +118,26 @@ coefficients = st.sampled_from([0.0, 0.125, -0.25, 0.5, 1.0])
     rank=st.integers(1, 6),
     c=st.tuples(coefficients, coefficients, coefficients),
     seed=st.integers(0, 2**31),
+    x_holder=st.sampled_from([None, 0, 1]),
+    gy_holder=st.sampled_from([None, 0, 1]),
 )
-def test_adapter_forward_backward_match_autograd(batch, tokens, dim, rank, c, seed):
+def test_adapter_forward_backward_match_autograd(batch, tokens, dim, rank, c, seed, x_holder, gy_holder):
+    """Shared or held inputs (the head's e is the client's, its dL/df the cloud's): same bounds."""
     gen = torch.Generator().manual_seed(seed)
     act = Quadratic(*c)
     x, a, b = _grid((batch, tokens, dim), 1.0, gen), _grid((dim, rank), 0.5, gen), _grid((rank, dim), 0.5, gen)
     gy = _grid((batch, tokens, dim), 1.0, gen)
-    s0, s1 = _states(x=x, A=a, B=b)
+    s0, s1 = _states(A=a, B=b)
+    s0.values["x"], s1.values["x"] = _held(x, x_holder)
     parties = LocalTwoParty()
-    parties.run(adapter_forward(batch, tokens, dim, rank, act), s0, s1)
-    s0.values["gy"], s1.values["gy"] = share(gy)
-    parties.run(adapter_backward(batch, tokens, dim, rank, act), s0, s1)
+    parties.run(adapter_forward(batch, tokens, dim, rank, act, x_holder=x_holder), s0, s1)
+    s0.values["gy"], s1.values["gy"] = _held(gy, gy_holder)
+    parties.run(adapter_backward(batch, tokens, dim, rank, act, x_holder=x_holder, gy_holder=gy_holder), s0, s1)
     assert parties.rounds == 6
+    n, shared = batch * tokens * dim, 2 * dim * rank + 5 * batch * tokens * rank  # A, B; u, h, gh, du, gu
+    for party in (0, 1):  # a party sends the openings of what it holds or shares, never of what the peer holds
+        sent = shared + n * ((x_holder in (None, party)) + (gy_holder in (None, party)))
+        assert parties.bytes_sent[party] == 8 * sent
 
     xr, ar, br = (t.clone().requires_grad_() for t in (x, a, b))
     y = xr + act(xr @ ar) @ br

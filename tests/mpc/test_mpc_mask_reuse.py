@@ -108,8 +108,20 @@ def test_a_mask_record_binds_one_share():
 
 
 def test_a_program_refuses_one_name_with_two_shapes():
-    with pytest.raises(ValueError, match="used with shapes"):
+    with pytest.raises(ValueError, match="used with"):
         Program("bad", (Stage("s", (
             Product("p", TripleRequest.mul((2,)), Use("g", (2,)), Use("g2", (2,))),
             Product("q", TripleRequest.matmul((2, 3), (3, 1)), Use("g", (2, 3)), Use("w", (3, 1))),
+        )),), inputs=(), outputs=())
+
+
+def test_a_program_refuses_one_name_with_two_holders_or_a_product_one_party_holds_whole():
+    with pytest.raises(ValueError, match="used with"):
+        Program("bad", (Stage("s", (
+            Product("p", TripleRequest.mul((2,)), Use("g", (2,), holder=1), Use("g2", (2,))),
+            Product("q", TripleRequest.mul((2,)), Use("g", (2,)), Use("w", (2,))),
+        )),), inputs=(), outputs=())
+    with pytest.raises(ValueError, match="both operands are held by party 0"):
+        Program("bad", (Stage("s", (
+            Product("p", TripleRequest.mul((2,)), Use("g", (2,), holder=0), Use("w", (2,), holder=0)),
         )),), inputs=(), outputs=())

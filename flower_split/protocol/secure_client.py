@@ -44,9 +44,8 @@ from flower_split.protocol.secure_keys import (
 from flower_split.protocol.secure_messages import (
     ClientSetup, DealerHello, KeyRotation, SecureMessage, client_step_number, past_dealt_ahead,
 )
-from flower_split.protocol.secure_party import (
-    GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, head_select, pack_rows, step_shape,
-)
+from flower_split.protocol.secure_party import GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState
+from flower_split.protocol.secure_shape import head_select, pack_rows, step_shape
 from flower_split.protocol.secure_step_io import export_step, import_step
 from flower_split.protocol.secure_weights import check_activation, plaintext_weights
 from flower_split.protocol.secure_steps import CLIENT, WEIGHT_NAMES, StepSpec, weight_shapes
@@ -293,8 +292,7 @@ class SecureClientParty(SecureStepRunner):
 
     def _op_share_input(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         e = embed(self.embedder, self.input_noise, st.ctx["input_ids"], st.ctx["mask"]).to(torch.float64)
-        e = pack_rows(e, head_select(st.spec, st.ctx["mask"]))  # the head runs on the real tokens only
-        x = encode(e, self.frac_bits)  # held: the client's share is e, the cloud's 0
+        x = encode(pack_rows(e, head_select(st.spec, st.ctx["mask"])), self.frac_bits)  # real tokens; held
         st.ctx["head"] = PartyState(self.party, {"x": self._share(x), "A": halves.share("head.A"),
                                                  "B": halves.share("head.B")}, scope="head")
         out: dict[str, Any] = {"input.mask": st.ctx["mask"]}

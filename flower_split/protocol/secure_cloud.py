@@ -42,9 +42,10 @@ from flower_split.protocol.secure_messages import (
 from flower_split.protocol.secure_cloud_tenant import CloudTenant
 from flower_split.protocol.secure_he_checks import check_key_rotation, check_labels_key
 from flower_split.protocol.secure_setup import check_setup
-from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState, head_select, pack_rows, unpack_rows
+from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState
+from flower_split.protocol.secure_shape import check_material_size, check_rows, head_select, pack_rows, unpack_rows
 from flower_split.protocol.secure_steps import (
-    CLOUD, WEIGHT_NAMES, StepSpec, check_material_size, check_rows, material_keys, programs, weight_shapes,
+    CLOUD, WEIGHT_NAMES, StepSpec, material_keys, programs, weight_shapes,
 )
 
 MAX_TOKENS = 4096

@@ -47,8 +47,9 @@ from flower_split.protocol.secure_messages import (
     MAX_DIM, MAX_STEP, MAX_STEP_TOKENS, DealerHello, DealerRegistration, MaterialBundle, MaterialRequest,
 )
 from flower_split.protocol.secure_steps import (
-    CLIENT, CLOUD, PARTY, StepSpec, check_material_size, check_rows, mask_label, material_keys, programs, scope_uses,
+    CLIENT, CLOUD, PARTY, StepSpec, mask_label, material_keys, programs, scope_uses,
 )
+from flower_split.protocol.secure_shape import check_material_size, check_rows
 
 MAX_SHAPE = 4096
 

@@ -323,40 +323,6 @@ class SecureStepRunner:
         halves.update("head", {"head.A": head["gA"], "head.B": head["gB"]})
 
 
-def step_shape(mask: torch.Tensor) -> tuple[int, int, int]:
-    """A batch's public step shape from its attention mask: (batch, tokens, real tokens)."""
-    return int(mask.shape[0]), int(mask.shape[1]), int(mask.sum())
-
-
-def head_select(spec: StepSpec, mask: torch.Tensor) -> torch.Tensor:
-    """The positions [batch, tokens] the head's 2PC runs on: the real tokens (the public attention
-    mask's ones) when the step packs them (``spec.rows``), else every position.
-
-    Padding positions cannot change the body's output at real tokens (attention masks them as
-    keys, the pool skips them), so their ``f`` is irrelevant and their ``dL/df`` is zero: the
-    head skips them, about two thirds of a Banking77 batch's positions.
-    """
-    if not spec.rows:
-        return torch.ones(mask.shape, dtype=torch.bool)
-    select = mask.to(torch.bool)
-    if int(select.sum()) != spec.rows:
-        raise ProtocolError(f"the attention mask holds {int(select.sum())} tokens, the step header says "
-                            f"{spec.rows}")
-    return select
-
-
-def pack_rows(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-    """``values`` [batch, tokens, d] at the selected positions, packed as [1, rows, d]."""
-    return values[select].unsqueeze(0)
-
-
-def unpack_rows(rows: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
-    """[1, rows, d] back to [batch, tokens, d], zero at the positions not selected."""
-    out = rows.new_zeros((*select.shape, rows.shape[-1]))
-    out[select] = rows.squeeze(0)
-    return out
-
-
 class StepSource(MaskSource):
     """One party's correlated material for one stage: masks and c pads from its dealer seeds."""
 

@@ -44,7 +44,6 @@ by it alone; a product with it costs each party one ring matmul instead of two
 from __future__ import annotations
 
 import dataclasses
-import math
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,7 +52,6 @@ from flower_split.mpc import Program, Quadratic, adapter_backward, adapter_forwa
 from flower_split.mpc import classifier_backward, classifier_forward
 from flower_split.mpc.masks import Use
 from flower_split.protocol.labels import label_protection
-from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import BLOB, MASK, RING, SEED, ItemSpec
 
 CLIENT, CLOUD = "client", "cloud"
@@ -111,15 +109,6 @@ class StepSpec:
     def shape_key(self) -> StepSpec:
         """The same spec without tenant and step: what programs and schedules depend on."""
         return dataclasses.replace(self, tenant="", step=0)
-
-
-def check_rows(batch: int, tokens: int, rows: object, who: str) -> int:
-    """``rows`` of a step's header, checked: 0 (the head on every position) or a count of real
-    tokens a batch of that shape can hold (every sequence has one, ``batch`` <= rows <= batch x tokens)."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or not (rows == 0 or batch <= rows <= batch * tokens):
-        raise ProtocolError(f"{who}: rows {rows!r} is neither 0 nor in {batch}..{batch * tokens} "
-                            f"(the real tokens of a {batch} x {tokens} batch)")
-    return rows
 
 
 def weight_shapes(dim: int, head_rank: int, tail_rank: int, classes: int) -> dict[str, tuple[int, ...]]:
@@ -405,21 +394,3 @@ def _schedule(spec: StepSpec) -> tuple[MessageSpec, ...]:
     if leftover:
         raise RuntimeError(f"secure step schedule leaves items unconsumed: {sorted(leftover)}")
     return tuple(messages)
-
-
-MAX_MATERIAL_ELEMENTS = 2**26  # per step: 512 MiB of int64 c and masks; MiniLM at B=32 needs about 2^22
-
-
-def check_material_size(spec: StepSpec) -> None:
-    """Refuse a step whose Beaver material would exceed :data:`MAX_MATERIAL_ELEMENTS`.
-
-    The cloud checks it before asking the dealer, the dealer before dealing: one tenant's
-    set-up dims (each bounded on its own) times a large batch must not cost the dealer, or
-    the cloud, gigabytes for one step.
-    """
-    total = sum(math.prod(programs(spec)[program][1].requests()[index].out_shape)
-                for program, index in material_keys(spec))
-    total += sum(use.elements for uses in scope_uses(spec).values() for use in uses.values())
-    if total > MAX_MATERIAL_ELEMENTS:
-        raise ProtocolError(f"step {spec.step} of tenant {spec.tenant!r}: its Beaver material would hold {total} "
-                            f"ring elements, over {MAX_MATERIAL_ELEMENTS}")

@@ -14,7 +14,7 @@ import pytest
 from flower_split.data import TokenizedDataset
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_messages import MAX_STEP, RESUME_JUMP_MIN, RESUME_STEP_GAP
-from flower_split.protocol.secure_party import step_shape
+from flower_split.protocol.secure_shape import step_shape
 
 from test_secure_prefetch import _parties
 

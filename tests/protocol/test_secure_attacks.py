@@ -40,7 +40,8 @@ from flower_split.protocol.secure_messages import (
     MAX_STEP, RESUME_JUMP_MIN, RESUME_STEP_GAP, STEP_WINDOW, DealerRegistration, MaterialRequest, SecureMessage,
 )
 from flower_split.protocol.optim import lr_factor
-from flower_split.protocol.secure_party import GRAD_SCALE_BITS, head_select, unpack_rows
+from flower_split.protocol.secure_party import GRAD_SCALE_BITS
+from flower_split.protocol.secure_shape import head_select, unpack_rows
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.transport.secure_inprocess import SecureLocalTransport
 from flower_split.flower.dealer_link import ColocatedDealer, NodeDealer

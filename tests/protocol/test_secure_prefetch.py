@@ -13,7 +13,7 @@ from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.protocol.secure_party import step_shape
+from flower_split.protocol.secure_shape import step_shape
 from flower_split.transport.secure_inprocess import SecureLocalTransport
 
 

@@ -35,7 +35,6 @@ from flower_split.protocol import secure_client
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.protocol.secure_keys import prg
 from flower_split.protocol.secure_messages import (
     MAX_STEP, RESUME_JUMP_MIN, RESUME_STEP_GAP, STEP_WINDOW, DealerRegistration, MaterialRequest, SecureMessage,
 )
@@ -68,16 +67,13 @@ class _WatchingCloud(SecureCloudParty):
         self.seen: list[dict[str, torch.Tensor]] = []
 
     def _op_body_forward(self, st, halves, got):  # type: ignore[no-untyped-def]
-        out = super()._op_body_forward(st, halves, got)
+        super()._op_body_forward(st, halves, got)
         self.seen.append({"f": st.ctx["f"].double().clone()})
-        return out
 
     def _op_body_backward(self, st, halves, got):  # type: ignore[no-untyped-def]
-        out = super()._op_body_backward(st, halves, got)
-        cloud_share = st.ctx["head"].values["gy"].data
-        rows = decode(cloud_share + prg(out["reshare.seed_gf"], tuple(cloud_share.shape)))  # the real tokens'
+        super()._op_body_backward(st, halves, got)
+        rows = decode(st.ctx["head"].values["gy"].data)  # held by the cloud, at the real tokens
         self.seen[-1]["grad_f"] = unpack_rows(rows, head_select(st.spec, st.ctx["mask"]))
-        return out
 
 
 def _replay_head(guess: torch.nn.Module, config: RunConfig, embeddings: list[torch.Tensor],

@@ -87,7 +87,7 @@ def _import_pending(d: dict[str, Any]) -> PendingProduct:
     request = TripleRequest(d["op"], tuple(d["x_shape"]), None if d["y_shape"] is None else tuple(d["y_shape"]))
     m = d["material"]
     material = Triple(m["a"], m["b"], m["c"]) if "b" in m else SquarePair(m["a"], m["c"])
-    form, holder = d.get("form", SHARED), d.get("holder")  # states saved before held operands: shared
+    form, holder = d.get("form", SHARED), d.get("holder")  # absent: a shared product
     if form not in (SHARED, LEFT, RIGHT) or holder not in ((None,) if form == SHARED else (0, 1)):
         raise ValueError(f"a pending product's form {form!r} / holder {holder!r} is not valid")
     return PendingProduct(request, d["party"], d["out_frac_bits"], d["truncate_bits"], d["x"],

@@ -90,8 +90,8 @@ class StepSpec:
     @property
     def head_rows(self) -> int:
         """Rows of the head's 2PC: the batch's real tokens (``rows``, the attention mask's sum),
-        or every position, padding included, when ``rows`` is 0 (steps of states saved before
-        the head skipped padding)."""
+        or every position, padding included, when ``rows`` is 0 (a shape the protocol accepts; a
+        step in flight across an upgrade is refused and reconciled, not resumed)."""
         return self.rows or self.batch * self.tokens
 
     def material_label(self) -> bytes:

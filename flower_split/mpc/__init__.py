@@ -28,7 +28,7 @@ from .layers import (
     mean_pool_backward,
 )
 from .correlated import MaskSource, OnlineMaskDealer, SeededProduct, deal_product, product_c
-from .masks import MaskRecord, MaskReuseError, Use, View
+from .masks import MaskRecord, MaskReuseError, Use, View, mask_share
 from .beaver import Opening, PendingProduct, begin, begin_matmul, begin_mul, begin_square
 from .dealer import Dealer, MaterialQueue, SeededMaterial, TrustedDealer, deal_seeded
 from .limbs import DEFAULT_LIMB_BITS, max_inner_dim, ring_matmul
@@ -48,6 +48,7 @@ __all__ = [
     "Use",
     "View",
     "deal_product",
+    "mask_share",
     "product_c",
     "DEFAULT_FRAC_BITS",
     "DEFAULT_LIMB_BITS",

@@ -172,6 +172,10 @@ def begin(
     material.check(request)
 
     form, holder = held_form(request.op, x_holder, y_holder)
+    held = x if form == LEFT else y
+    if holder is not None and x.party != holder and held is not None and bool(held.data.any()):
+        raise ValueError(f"party {holder} holds operand {'x' if form == LEFT else 'y'} in the clear, so party "
+                         f"{x.party}'s share of it must be 0")
     y_frac = x.frac_bits if y is None else y.frac_bits
     sent: Opening = (x.data - material.a,)
     if isinstance(material, Triple) and y is not None:

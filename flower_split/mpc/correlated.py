@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .beaver import LEFT, RIGHT, held_form
 from .dealer import check_delivery
-from .masks import MaskReuseError, Use, apply_view
+from .masks import MaskReuseError, Use, apply_view, mask_share
 from .randomness import RingStream, random_ring
 from .triples import Op, Shape, TripleRequest
 
@@ -123,10 +123,8 @@ class OnlineMaskDealer:
         if (party, *key) in self._drawn:
             raise MaskReuseError(f"the mask of {name!r} in scope {scope!r} was already dealt to party {party}")
         if key not in self._masks:
-            shares = [random_ring(shape), random_ring(shape)]
-            if holder is not None:
-                shares[1 - holder] = torch.zeros(tuple(shape), dtype=torch.int64)
-            self._masks[key] = (shares[0], shares[1])
+            self._masks[key] = (mask_share(holder, 0, shape, lambda: random_ring(shape)),
+                                mask_share(holder, 1, shape, lambda: random_ring(shape)))
         elif tuple(self._masks[key][0].shape) != tuple(shape):
             raise ValueError(f"the mask of {name!r} in scope {scope!r} has shape "
                              f"{tuple(self._masks[key][0].shape)}, asked for {tuple(shape)}")

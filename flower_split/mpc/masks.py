@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -73,6 +74,18 @@ def viewed_shape(view: View, shape: Shape) -> Shape:
     if len(shape) != 3:
         raise ValueError(f"view {view.value} needs a [batch, tokens, k] shape, got {shape}")
     return (shape[0] * shape[1], shape[2]) if view is View.FLAT else (shape[2], shape[0] * shape[1])
+
+
+def mask_share(holder: int | None, party: int, shape: Shape, draw: Callable[[], Tensor]) -> Tensor:
+    """``party``'s share of the mask of a value ``holder`` holds (None: a shared value).
+
+    The one rule every source of masks follows: a held value's mask is its holder's alone, so
+    the other party's share is 0 and ``draw`` (the holder's share, from whatever randomness the
+    source has) is called only for a party that opens the value (``Use.sent_by``).
+    """
+    if holder is not None and holder != party:
+        return torch.zeros(tuple(shape), dtype=torch.int64)
+    return draw()
 
 
 @dataclass(frozen=True)

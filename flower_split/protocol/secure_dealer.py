@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import torch
 
-from flower_split.mpc import Use, deal_product, product_c
+from flower_split.mpc import Use, deal_product, mask_share, product_c
 from flower_split.protocol.dealer_identity import identity_public, new_identity, signed_hello
 from flower_split.protocol.material_seal import seal, seal_key
 from flower_split.protocol.messages import ProtocolError
@@ -166,9 +166,7 @@ def _corrections(spec: StepSpec, cloud_key: bytes, client_key: bytes) -> list[to
         return beaver_seed(key, spec.tenant, spec.step, program, index, spec.material_label())
 
     def mask(key: bytes, party: int, module: str, use: Use) -> torch.Tensor:  # a party's share (held: 0 or all)
-        if not use.sent_by(party):
-            return torch.zeros(use.shape, dtype=torch.int64)
-        return prg(seed(key, mask_label(module, use.name), 0), use.shape)
+        return mask_share(use.holder, party, use.shape, lambda: prg(seed(key, mask_label(module, use.name), 0), use.shape))
 
     masks = {(module, name): (mask(cloud_key, PARTY[CLOUD], module, use), mask(client_key, PARTY[CLIENT], module, use))
              for module, uses in scope_uses(spec).items() for name, use in uses.items()}

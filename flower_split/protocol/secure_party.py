@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from flower_split.mpc import AdditiveShare, MaskSource, PartyState, SeededProduct, Use
+from flower_split.mpc import AdditiveShare, MaskSource, PartyState, SeededProduct, Use, mask_share
 from flower_split.mpc import mean_pool, mean_pool_backward
 from flower_split.mpc.triples import TripleRequest
 from flower_split.protocol.messages import ProtocolError
@@ -335,9 +335,7 @@ class StepSource(MaskSource):
                            spec.material_label())
 
     def mask(self, scope: str, name: str, shape: tuple[int, ...], holder: int | None = None) -> torch.Tensor:
-        if holder is not None and holder != self.party:  # the peer holds the value: its mask is the peer's
-            return torch.zeros(tuple(shape), dtype=torch.int64)
-        return prg(self._seed(mask_label(scope, name), 0), tuple(shape))
+        return mask_share(holder, self.party, shape, lambda: prg(self._seed(mask_label(scope, name), 0), tuple(shape)))
 
     def product(self, scope: str, request: TripleRequest, x: Use, y: Use | None) -> torch.Tensor:
         index, self._next = self._next, self._next + 1

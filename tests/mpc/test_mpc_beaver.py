@@ -143,3 +143,51 @@ def test_pending_state_is_plain_data():
     (pending, _), _ = _started("mul")
     assert isinstance(pending.x, torch.Tensor) and isinstance(pending.party, int)
     assert isinstance(AdditiveShare(pending.x, pending.party), AdditiveShare)
+
+
+@pytest.mark.parametrize("holder", [0, 1])
+@pytest.mark.parametrize("held", ["x", "y"])
+def test_a_product_with_a_held_operand_is_exact_and_refuses_a_nonzero_share_of_it(holder, held):
+    """beaver's held forms (module docstring): one party holds x (or y) in the clear, the other's
+    share of it and of its mask are 0, c = op(a, b_N) (or op(a_N, b)); the result is the product
+    within 1 LSB. A non-holder whose share of the held operand is not 0 is refused at ``begin``."""
+    from flower_split.mpc.correlated import product_c
+    from flower_split.mpc.masks import Use
+    from flower_split.mpc.randomness import random_ring
+
+    x, w = _ring_data((3, 5), 11), _ring_data((5, 4), 12)
+    request = TripleRequest.matmul((3, 5), (5, 4))
+    xu = Use("x", (3, 5), holder=holder if held == "x" else None)
+    wu = Use("w", (5, 4), holder=holder if held == "y" else None)
+    masks = {}
+    for use in (xu, wu):
+        shares = [random_ring(use.shape), random_ring(use.shape)]
+        if use.holder is not None:
+            shares[1 - use.holder] = torch.zeros(use.shape, dtype=torch.int64)
+        masks[use.name] = tuple(shares)
+    c = product_c(request, xu, wu, masks)
+    c0 = random_ring(c.shape)
+    c_shares = (c0, c - c0)
+
+    splits = {}
+    for name, value, use in (("x", x, xu), ("w", w, wu)):
+        if use.holder is None:
+            r = random_ring(value.shape)
+            splits[name] = (AdditiveShare(r, 0, 16), AdditiveShare(value - r, 1, 16))
+        else:
+            splits[name] = tuple(AdditiveShare(value if p == use.holder else torch.zeros_like(value), p, 16)
+                                 for p in (0, 1))
+    kwargs = {"x_holder": xu.holder, "y_holder": wu.holder}
+    pending, sent = zip(*(begin(request, splits["x"][p], splits["w"][p],
+                                Triple(masks["x"][p], masks["w"][p], c_shares[p]), **kwargs) for p in (0, 1)))
+    z0, z1 = pending[0].finish(sent[1]), pending[1].finish(sent[0])
+    _assert_truncated_product(reconstruct_ring(z0, z1), x @ w)
+
+    other = 1 - holder
+    bad = dict(splits)
+    name = "x" if held == "x" else "w"
+    bad[name] = tuple(AdditiveShare(torch.ones_like(s.data), s.party, 16) if s.party == other else s
+                      for s in splits[name])
+    with pytest.raises(ValueError, match="must be 0"):
+        begin(request, bad["x"][other], bad["w"][other],
+              Triple(masks["x"][other], masks["w"][other], c_shares[other]), **kwargs)

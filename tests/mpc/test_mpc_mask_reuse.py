@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flower_split.mpc import LocalTwoParty, MaskRecord, MaskReuseError, OnlineMaskDealer, PartyState, Quadratic
-from flower_split.mpc import Use, View, adapter_backward, adapter_forward, decode, encode, reconstruct, share
+from flower_split.mpc import AdditiveShare, Use, View, adapter_backward, adapter_forward, decode, encode, reconstruct, share
 from flower_split.mpc.stages import Product, Program, Stage
 from flower_split.mpc.triples import TripleRequest
 
@@ -125,3 +125,22 @@ def test_a_program_refuses_one_name_with_two_holders_or_a_product_one_party_hold
         Program("bad", (Stage("s", (
             Product("p", TripleRequest.mul((2,)), Use("g", (2,), holder=0), Use("w", (2,), holder=0)),
         )),), inputs=(), outputs=())
+
+
+def test_a_stage_refuses_a_nonzero_share_of_a_value_the_peer_holds_before_drawing_any_mask():
+    """Party 1's share of a value party 0 holds must be 0: a nonzero one is refused by ``Stage.begin``
+    before any mask is drawn, so the stage can still run once the value is corrected."""
+    stage = Stage("s", (Product("p", TripleRequest.mul((2,)), Use("g", (2,), holder=0), Use("w", (2,))),))
+    program = Program("one", (stage,), inputs=("g", "w"), outputs=("p",))
+    g, w = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.25])
+    s0, s1 = PartyState(0, scope="m"), PartyState(1, scope="m")
+    s0.values["w"], s1.values["w"] = share(w)
+    s0.values["g"] = AdditiveShare(encode(g), 0, 16)
+    s1.values["g"] = AdditiveShare(torch.ones(2, dtype=torch.int64), 1, 16)
+    parties = LocalTwoParty()
+    with pytest.raises(ValueError, match="must be 0"):
+        stage.begin(s1, parties.sources[1])
+    assert not s1.masks and s1.pending is None
+    s1.values["g"] = AdditiveShare(torch.zeros(2, dtype=torch.int64), 1, 16)
+    parties.run(program, s0, s1)
+    assert torch.allclose(_opened((s0, s1), "p").float(), g * w, atol=4 * LSB)

@@ -95,19 +95,33 @@ def _ring_mm_chunk(a: Tensor, b: Tensor, limb_bits: int) -> Tensor:
     _fill_limbs(b, limb_bits, [limbs_b[count - 1 - i] for i in range(count)])
     flat_a = limbs_a.view(m, count * k)
     flat_b = limbs_b.view(count * k, n)
+    used_a = _used_limbs([limbs_a[:, i] for i in range(count)])
+    used_b = _used_limbs([limbs_b[count - 1 - j] for j in range(count)])
 
-    result = torch.empty((m, n), dtype=torch.int64)
+    result = torch.zeros((m, n), dtype=torch.int64)
     shift_sum = torch.empty((m, n), dtype=torch.float64)
     shift_sum_int = torch.empty((m, n), dtype=torch.int64)
     for shift in reversed(range(count)):
-        # [A_0 .. A_s] @ [B_s; ..; B_0] = sum_{i+j=s} A_i @ B_j, exact in float64.
-        torch.mm(flat_a[:, : (shift + 1) * k], flat_b[(count - 1 - shift) * k :], out=shift_sum)
-        if shift == count - 1:
-            result.copy_(shift_sum)
-        else:
-            shift_sum_int.copy_(shift_sum)
-            result.mul_(1 << limb_bits).add_(shift_sum_int)
+        # [A_lo .. A_hi] @ [B_(s-lo); ..; B_(s-hi)] = sum_{i+j=s} A_i @ B_j, exact in float64;
+        # the limbs a small operand (a plaintext one party holds) leaves at 0 are skipped.
+        lo, hi = max(0, shift - used_b + 1), min(shift, used_a - 1)
+        result.mul_(1 << limb_bits)
+        if lo > hi:
+            continue
+        torch.mm(flat_a[:, lo * k: (hi + 1) * k], flat_b[(count - 1 - shift + lo) * k: (count - shift + hi) * k],
+                 out=shift_sum)
+        shift_sum_int.copy_(shift_sum)
+        result.add_(shift_sum_int)
     return result
+
+
+def _used_limbs(limbs: list[Tensor]) -> int:
+    """How many limbs, low first, are needed: those above the highest non-zero one are all 0
+    (a value of magnitude below 2^(w t - 1) has t limbs, e.g. a fixed-point plaintext)."""
+    used = len(limbs)
+    while used > 1 and not bool(limbs[used - 1].any()):
+        used -= 1
+    return used
 
 
 def ring_matmul(a: Tensor, b: Tensor, limb_bits: int = DEFAULT_LIMB_BITS) -> Tensor:

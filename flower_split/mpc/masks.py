@@ -12,9 +12,10 @@ Invariant (docs/mpc.md, "Mask reuse"): a mask masks exactly one secret tensor.  
 same opened eps may enter any number of products; a mask must never open a second,
 different tensor, since (x - a) - (x' - a) = x - x' would be public.  Enforced here:
 
-* a ``MaskRecord`` is created by the one opening of its mask and stores a digest of this
-  party's share of the tensor it opened; reusing it for a share with another digest
-  (another tensor under the same name) raises ``MaskReuseError``;
+* a ``MaskRecord`` is created by the one opening of its mask and is bound to this party's
+  share of the tensor it opened: that share is exactly sent + mask share (ring arithmetic),
+  so reusing the record for any other share (another tensor under the same name, or other
+  fractional bits) raises ``MaskReuseError``;
 * a scope (``PartyState.scope``: one module of one step) opens a name at most once
   (``Stage.begin`` only opens names it has no record of);
 * a dealer hands each (scope, name) mask to each party once (``correlated``).
@@ -25,7 +26,6 @@ memory, one scope's masked tensors times three, freed with the scope (the step).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,8 +36,6 @@ from torch import Tensor
 
 from .share import AdditiveShare
 from .triples import Shape
-
-_DIGEST_BYTES = 16
 
 
 class MaskReuseError(ValueError):
@@ -129,15 +127,6 @@ class Use:
         return AdditiveShare(apply_view(self.view, share.data), share.party, share.frac_bits)
 
 
-def share_digest(share: AdditiveShare) -> bytes:
-    """A fingerprint of one party's share (data, shape, fractional bits): what a mask is bound to."""
-    data = share.data.detach().contiguous().cpu()
-    digest = hashlib.blake2b(digest_size=_DIGEST_BYTES)
-    digest.update(repr((tuple(data.shape), share.frac_bits)).encode())
-    digest.update(memoryview(data.view(torch.uint8).numpy()))
-    return digest.digest()
-
-
 @dataclass(frozen=True)
 class MaskRecord:
     """One party's state of one mask: its share, the tensor it is bound to, the opening.
@@ -145,14 +134,15 @@ class MaskRecord:
     Attributes:
         shape: the mask's (and the masked tensor's) shape.
         share: this party's share a_i of the mask.
-        digest: ``share_digest`` of this party's share of the one tensor the mask opened.
-        sent: this party's part of the opening, x_i - a_i.
+        frac_bits: the fractional bits of the one tensor the mask opened.
+        sent: this party's part of the opening, x_i - a_i (so x_i = sent + share binds the
+            record to that tensor without keeping it, or a digest of it, around).
         received: the peer's part, once delivered (then eps = sent + received).
     """
 
     shape: Shape
     share: Tensor
-    digest: bytes
+    frac_bits: int
     sent: Tensor
     received: Tensor | None = None
 
@@ -162,11 +152,12 @@ class MaskRecord:
         if tuple(mask_share.shape) != tuple(value.shape) or mask_share.dtype != torch.int64:
             raise ValueError(f"mask share of shape {tuple(mask_share.shape)} cannot mask a value of shape "
                              f"{tuple(value.shape)}")
-        return cls(tuple(value.shape), mask_share, share_digest(value), value.data - mask_share)
+        return cls(tuple(value.shape), mask_share, value.frac_bits, value.data - mask_share)
 
     def check_bound(self, name: str, value: AdditiveShare) -> None:
-        """Raise ``MaskReuseError`` unless ``value`` is the share this mask opened."""
-        if tuple(value.shape) != self.shape or share_digest(value) != self.digest:
+        """Raise ``MaskReuseError`` unless ``value`` is the share this mask opened (x_i = sent + a_i)."""
+        if (tuple(value.shape) != self.shape or value.frac_bits != self.frac_bits
+                or not torch.equal(value.data, self.sent + self.share)):
             raise MaskReuseError(f"the mask of {name!r} already opened another tensor; a mask masks one "
                                  "tensor only (open the new value under a new name)")
 

@@ -209,7 +209,13 @@ class AdditiveShare:
             raise ValueError(f"truncate bits must be an int in [0, {self.frac_bits}], got {bits!r}")
         if bits == 0:
             return self
-        return self._like(self._divide_locally(1 << bits), self.frac_bits - bits)
+        # floor(x / 2^bits) is the arithmetic right shift: _divide_locally(1 << bits) bit for bit,
+        # without an integer division per element.
+        if self.party == 0:
+            data = torch.bitwise_right_shift(self.data, bits)
+        else:
+            data = torch.bitwise_right_shift(self.data.neg(), bits).neg_()
+        return self._like(data, self.frac_bits - bits)
 
     def div_public(self, divisor: int | Tensor) -> AdditiveShare:
         """Divide by a public positive integer (or integer tensor, broadcast) locally.

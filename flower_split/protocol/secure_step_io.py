@@ -4,7 +4,7 @@ Flower keeps a party's state between messages in ``Context.state`` (tensors, byt
 values), so a :class:`~flower_split.protocol.secure_party.StepState` is exported with
 :func:`export_step` and rebuilt with :func:`import_step`; ``ctx`` keys starting with ``_``
 are caches and are not exported. A ``PartyState`` travels with its values, its scope, its
-mask records (``mpc.masks``: mask share, binding digest, both parts of the opening; a
+mask records (``mpc.masks``: mask share, fractional bits, both parts of the opening; a
 reused mask needs them in a later message) and its pending products.
 """
 
@@ -62,12 +62,12 @@ def import_value(value: Any) -> Any:
 
 
 def _export_mask(m: MaskRecord, copy: bool) -> dict[str, Any]:
-    return {"shape": list(m.shape), "share": _copy(m.share, copy), "digest": m.digest,
+    return {"shape": list(m.shape), "share": _copy(m.share, copy), "frac_bits": m.frac_bits,
             "sent": _copy(m.sent, copy), "received": None if m.received is None else _copy(m.received, copy)}
 
 
 def _import_mask(d: dict[str, Any]) -> MaskRecord:
-    return MaskRecord(tuple(d["shape"]), d["share"], d["digest"], d["sent"], d["received"])
+    return MaskRecord(tuple(d["shape"]), d["share"], d["frac_bits"], d["sent"], d["received"])
 
 
 def _export_pending(p: PendingProduct, copy: bool) -> dict[str, Any]:

@@ -86,3 +86,27 @@ def test_rejects_bad_operands(a, b, error, match):
 def test_rejects_bad_limb_width(limb_bits, error):
     with pytest.raises(error, match="limb_bits"):
         ring_matmul(torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64), limb_bits)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    m=st.integers(1, 9), k=st.integers(1, 40), n=st.integers(1, 9), limb_bits=st.integers(8, 26),
+    bits_a=st.sampled_from([0, 1, 7, 8, 21, 22, 23, 43, 44, 45, 64]),
+    bits_b=st.sampled_from([0, 1, 7, 8, 21, 22, 23, 43, 44, 45, 64]),
+    seed=st.integers(0, 2**32),
+)
+def test_small_operands_skip_zero_limbs_and_stay_exact(m, k, n, limb_bits, bits_a, bits_b, seed):
+    """A small operand (a fixed-point plaintext one party holds) has zero high limbs, which
+    ``ring_matmul`` skips; the product stays exact at every magnitude around a limb boundary,
+    on either side, and when a whole operand is 0."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def values(shape, bits):
+        if bits == 64:
+            return torch.randint(INT64_MIN, INT64_MAX, shape, generator=generator, dtype=torch.int64)
+        bound = 1 << max(bits - 1, 0)
+        data = torch.randint(-bound, bound + 1, shape, generator=generator, dtype=torch.int64)
+        return data if bits else torch.zeros(shape, dtype=torch.int64)
+
+    a, b = values((m, k), bits_a), values((k, n), bits_b)
+    assert torch.equal(ring_matmul(a, b, limb_bits), a @ b)

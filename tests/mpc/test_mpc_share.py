@@ -193,3 +193,17 @@ def test_reconstruct_rejects_mismatched_pairs():
         reconstruct(x0, x1.data)
     with pytest.raises(TypeError, match="int64"):
         share_ring(torch.zeros(2))
+
+
+@pytest.mark.parametrize("party", [0, 1])
+@pytest.mark.parametrize("bits", [1, 16, 32, 62])
+def test_truncate_is_the_secureml_local_division_bit_for_bit(party, bits):
+    """``truncate`` shifts instead of dividing; on uniform shares and the ring's edge values
+    (-2^63, whose negation wraps to itself, 2^63 - 1, -1, 0, 1) it equals party 0's floor(x / 2^b)
+    and party 1's -floor(-x / 2^b)."""
+    data = torch.cat([torch.randint(-2**63, 2**63 - 1, (4096,), dtype=torch.int64),
+                      torch.tensor([-2**63, 2**63 - 1, -1, 0, 1], dtype=torch.int64)])
+    divisor = 1 << bits
+    expected = (torch.div(data, divisor, rounding_mode="floor") if party == 0
+                else -torch.div(-data, divisor, rounding_mode="floor"))
+    assert torch.equal(AdditiveShare(data, party, 62).truncate(bits).data, expected)

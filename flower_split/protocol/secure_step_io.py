@@ -67,6 +67,9 @@ def _export_mask(m: MaskRecord, copy: bool) -> dict[str, Any]:
 
 
 def _import_mask(d: dict[str, Any]) -> MaskRecord:
+    if "frac_bits" not in d:  # saved before records were bound by sent + share (a BLAKE2b digest)
+        raise ValueError("a mid-step mask record saved by an older flower-split (a digest, no frac_bits): "
+                         "resume that step with the version that saved it")
     return MaskRecord(tuple(d["shape"]), d["share"], d["frac_bits"], d["sent"], d["received"])
 
 

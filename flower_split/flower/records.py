@@ -7,7 +7,7 @@ A pack is a :class:`RecordDict` with two records:
 ``"protocol"`` (:class:`ConfigRecord`)
     ``format`` (int, :data:`PACK_FORMAT`), ``kind`` (message class name), ``tenant`` (str),
     ``count`` (int), ``steps`` (list of int, one per message) and, for :class:`HeadOutput`,
-    ``train`` (list of bool).
+    ``train`` and ``pool`` (lists of bool).
 ``"payload"`` (:class:`ArrayRecord`)
     ``"<i>.<field>"`` for every tensor field of message ``i`` (e.g. ``"0.f"``, ``"0.attention_mask"``).
 
@@ -42,7 +42,7 @@ METRICS_KEY = RecordKey.METRICS
 
 # message class -> (its tensor fields, its per-message boolean fields)
 _FIELDS: dict[type[Message], tuple[tuple[str, ...], tuple[str, ...]]] = {
-    HeadOutput: (("f", "attention_mask"), ("train",)),
+    HeadOutput: (("f", "attention_mask"), ("train", "pool")),
     BodyOutput: (("h",), ()),
     BodyGrad: (("grad_h",), ()),
     HeadGrad: (("grad_f",), ()),

@@ -149,8 +149,15 @@ class TailAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.tail_input == "pooled":
-            return self.classifier(self.adapter(masked_mean(h, attention_mask)))
+            return self.from_pooled(masked_mean(h, attention_mask))
         return self.classifier(masked_mean(self.adapter(h), attention_mask))
+
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from the body output already mean-pooled over the real tokens [B, d] (a
+        ``"pooled"`` tail only: the cloud may pool before sending, ``HeadOutput.pool``)."""
+        if self.tail_input != "pooled":
+            raise ValueError("from_pooled: this tail runs on every token (tail_input='tokens')")
+        return self.classifier(self.adapter(pooled))
 
 
 def masked_mean(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -30,23 +30,27 @@ class HeadOutput(Message):
     """client -> cloud: head output ``f`` [B, T, d] and the attention mask [B, T].
 
     ``train`` says whether a :class:`BodyGrad` will follow (then the cloud keeps the graph).
+    ``pool``: the client's tail pools first (``tail_input = "pooled"``), so the cloud returns the
+    masked mean of ``h`` over the real tokens, [B, d], and takes its gradient back, [B, d]: a
+    T-times smaller ``h`` and ``dL/dh`` on the wire, and what the cloud already knows (it holds ``h``).
     """
 
     f: torch.Tensor
     attention_mask: torch.Tensor
     train: bool
+    pool: bool = False
 
 
 @dataclass(frozen=True)
 class BodyOutput(Message):
-    """cloud -> client: body output ``h`` [B, T, d]."""
+    """cloud -> client: body output ``h`` [B, T, d], or its masked mean [B, d] (``HeadOutput.pool``)."""
 
     h: torch.Tensor
 
 
 @dataclass(frozen=True)
 class BodyGrad(Message):
-    """client -> cloud: ``dL/dh`` [B, T, d], the one label-dependent value the cloud sees."""
+    """client -> cloud: ``dL/dh`` [B, T, d] ([B, d] pooled), the one label-dependent value the cloud sees."""
 
     grad_h: torch.Tensor
 

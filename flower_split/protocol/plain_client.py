@@ -88,7 +88,8 @@ class ClientParty:
         with torch.no_grad():
             f = self.head(embed(self.embedder, self.input_noise, batch.input_ids, batch.attention_mask))
         self._steps[step] = _Step(batch, train, AWAIT_BODY_OUTPUT)
-        return HeadOutput(self.tenant, step, f.float().cpu(), batch.attention_mask.cpu(), train and self.train_head)
+        return HeadOutput(self.tenant, step, f.float().cpu(), batch.attention_mask.cpu(), train and self.train_head,
+                          pool=self.pooled)
 
     def handle(self, message: Message) -> Message | None:
         """Answer one cloud message; on :class:`ProtocolError` no state has changed."""
@@ -108,18 +109,19 @@ class ClientParty:
 
     def _on_body_output(self, message: BodyOutput, step: _Step) -> BodyGrad | None:
         batch = step.batch
-        shape = (*batch.input_ids.shape, self.tail.classifier.in_features)
+        rows, tokens = batch.input_ids.shape
+        shape = (rows, self.tail.classifier.in_features) if self.pooled else (rows, tokens, self.tail.classifier.in_features)
         check_tensor("h", message.h, shape, (torch.float32,))
         h = message.h.detach().to(self.device)  # the received tensor itself is never given a graph
         if not step.train:
             with torch.no_grad():
-                logits = self.tail(h, batch.attention_mask)
+                logits = self._tail(h, batch)
             self._finish(message.step, StepResult(None, logits.cpu()))
             return None
         send_grad = self.train_head
         h.requires_grad_(send_grad)
         self.tail.train()
-        logits = self.tail(h, batch.attention_mask)
+        logits = self._tail(h, batch)
         if self.label_noise is not None:  # g = dL/dz gets its noise before the tail backward uses it
             logits.register_hook(self.label_noise.logits_hook(logits, batch.indices))
         loss = F.cross_entropy(logits, batch.labels)
@@ -137,6 +139,14 @@ class ClientParty:
         self.finished[message.step] = result
         step.stage = AWAIT_HEAD_GRAD
         return BodyGrad(self.tenant, message.step, h.grad.detach().float().cpu())
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the tail pools first, so the cloud sends the pooled ``h`` (``HeadOutput.pool``)."""
+        return self.tail.tail_input == "pooled"
+
+    def _tail(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.tail.from_pooled(h) if self.pooled else self.tail(h, batch.attention_mask)
 
     def _on_head_grad(self, message: HeadGrad, step: _Step) -> None:
         batch = step.batch

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from flower_split.model import Body, hidden_size
+from flower_split.model.adapters import masked_mean, masked_mean_backward
 from flower_split.protocol.body_runner import BodyGraph, BodyRunner
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_dense, check_header, check_tensor,
@@ -49,18 +50,27 @@ FLOAT_DTYPES = (torch.float32,)
 @dataclass
 class _Pending:
     """A training step waiting for its gradient: its kept group, rows and own token length,
-    or (recomputed) its own head output to run again."""
+    or (recomputed) its own head output to run again; ``pooled``: the attention mask its ``h``
+    was mean-pooled over (``HeadOutput.pool``), None when ``h`` went out per token."""
 
     group: BodyGraph | None
     rows: slice
     tokens: int
     inputs: HeadOutput | None = None
+    pooled: torch.Tensor | None = None
 
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
         if self.inputs is not None:
-            return tuple(self.inputs.f.shape)  # type: ignore[return-value]
-        return (self.rows.stop - self.rows.start, self.tokens, int(self.group.h.shape[-1]))
+            batch, tokens, dim = self.inputs.f.shape
+        else:
+            assert self.group is not None
+            batch, tokens, dim = self.rows.stop - self.rows.start, self.tokens, int(self.group.h.shape[-1])
+        return (batch, dim) if self.pooled is not None else (batch, tokens, dim)
+
+    def grad_h(self, grad: torch.Tensor) -> torch.Tensor:
+        """The received gradient per token [B, T, d]: a pooled one spread back over the real tokens."""
+        return grad if self.pooled is None else masked_mean_backward(grad, self.pooled)
 
 
 class CloudParty:
@@ -163,8 +173,9 @@ class CloudParty:
             check_tensor("f", f, (batch, tokens, self.dim), FLOAT_DTYPES)
             check_tensor("attention_mask", message.attention_mask, (batch, tokens), (torch.long, torch.int32))
             _check_mask(message.attention_mask)
-            if not isinstance(message.train, bool):
-                raise ProtocolError(f"train: expected a bool, got {type(message.train).__name__}")
+            for flag in ("train", "pool"):
+                if not isinstance(getattr(message, flag), bool):
+                    raise ProtocolError(f"{flag}: expected a bool, got {type(getattr(message, flag)).__name__}")
             if message.train and (message.tenant, message.step) in self._pending:
                 raise ProtocolError("this step is already in flight")
         elif isinstance(message, BodyGrad):
@@ -210,10 +221,13 @@ class CloudParty:
             rows = slice(start, start + message.f.shape[0])
             start = rows.stop
             tokens = message.f.shape[1]
+            pooled = message.attention_mask if message.pool else None
             if train:
                 inputs = None if self.keep_graphs else message
-                self._pending[(message.tenant, message.step)] = _Pending(group, rows, tokens, inputs)
-            replies[index] = BodyOutput(message.tenant, message.step, _cut(h, rows, tokens))
+                self._pending[(message.tenant, message.step)] = _Pending(group, rows, tokens, inputs, pooled)
+            out = _cut(h, rows, tokens)
+            replies[index] = BodyOutput(message.tenant, message.step,
+                                        out if pooled is None else masked_mean(out, pooled))
         return replies
 
     def _backward(self, grads: list[tuple[int, BodyGrad]]) -> dict[int, HeadGrad]:
@@ -242,7 +256,8 @@ class CloudParty:
             for index, inputs in chunk:
                 rows = slice(start, start + inputs.f.shape[0])
                 start = rows.stop
-                items.append((index, by_index[index], _Pending(group, rows, inputs.f.shape[1])))
+                pooled = inputs.attention_mask if inputs.pool else None
+                items.append((index, by_index[index], _Pending(group, rows, inputs.f.shape[1], pooled=pooled)))
             replies.update(self._group_backward(group, items))
         return replies
 
@@ -250,7 +265,7 @@ class CloudParty:
         """``dL/df`` of the group's members in ``items``; absent members' rows get zero gradient."""
         grad_h = torch.zeros_like(group.h)
         for _, message, pending in items:
-            grad_h[pending.rows, :pending.tokens] = message.grad_h.to(self.device)
+            grad_h[pending.rows, :pending.tokens] = pending.grad_h(message.grad_h).to(self.device)
         others = any(p.group is group for p in self._pending.values())
         grad_f = self.runner.backward(group, grad_h, retain=others)
         return {index: HeadGrad(message.tenant, message.step, _cut(grad_f, pending.rows, pending.tokens))

@@ -31,13 +31,20 @@ def test_plain_run_records_f_grad_and_truth_and_round_trips(tmp_path) -> None:
     first, truth = transcript.views[0], transcript.truth[0]
     embedder, _ = split_encoder(load_encoder("tiny", seed=0))
     torch.testing.assert_close(first.f, embedder(truth.input_ids))  # the head starts as identity: f = e
-    assert first.grad_h.shape == first.f.shape and first.z is None  # split-plain opens no logits
+    # the default pooled tail: the cloud sends h pooled and gets dL/d(pooled h) [B, d]; no logits
+    assert first.grad_h.shape == (first.f.shape[0], first.f.shape[2]) and first.z is None
     assert transcript.views[-1].grad_h is None  # inference: no gradient
     assert truth.labels.shape == (8,) and transcript.meta["num_classes"] == 77
     for saved, kept in zip(transcript.views, live.views):
         for name in ("f", "attention_mask", "grad_h"):
             a, b = getattr(saved, name), getattr(kept, name)
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_plain_run_with_a_per_token_tail_records_the_gradient_per_token(tmp_path) -> None:
+    _, transcript = recorded(tmp_path, tail_input="tokens")
+    first = transcript.views[0]
+    assert first.grad_h.shape == first.f.shape
 
 
 @pytest.mark.parametrize("protection", ["he", "client"])

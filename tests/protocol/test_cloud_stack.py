@@ -76,6 +76,33 @@ def test_stacked_forward_and_backward_equal_per_message(body: Body, options: dic
         assert _close(output.h, h) and _close(reply.grad_f, grad_f)
 
 
+@pytest.mark.parametrize("options", [ONE_GROUP, dict(max_padding=float("inf")), dict(max_stack_rows=4)])
+def test_pooled_messages_get_the_masked_mean_and_its_gradient_mixed_with_per_token_ones(body, options) -> None:
+    """``HeadOutput.pool``: the cloud answers with the masked mean of h over the message's real
+    tokens [B, d] and takes dL/d(mean h) [B, d]; dL/df is what the per-token gradient
+    masked_mean_backward(g) gives, with kept graphs and recomputed ones, stacked beside
+    per-token messages of other tenants. A per-token-shaped gradient for a pooled step is refused."""
+    from dataclasses import replace
+
+    from flower_split.model.adapters import masked_mean, masked_mean_backward
+
+    cloud = CloudParty(body, **options)
+    heads = [replace(h, pool=i % 2 == 0) for i, h in enumerate(_heads())]
+    generator = torch.Generator().manual_seed(2)
+    grads = [BodyGrad(h.tenant, h.step, torch.randn((h.f.shape[0], DIM) if h.pool else h.f.shape, generator=generator))
+             for h in heads]
+    outputs = cloud.handle_many(heads)
+    with pytest.raises(ProtocolError, match="grad_h"):
+        cloud.handle(BodyGrad(heads[0].tenant, heads[0].step, torch.zeros(heads[0].f.shape)))
+    replies = cloud.handle_many(grads)
+    for head, grad, output, reply in zip(heads, grads, outputs, replies):
+        per_token = masked_mean_backward(grad.grad_h, head.attention_mask) if head.pool else grad.grad_h
+        h, grad_f = _reference(body, head, BodyGrad(head.tenant, head.step, per_token))
+        assert _close(output.h, masked_mean(h, head.attention_mask) if head.pool else h)
+        assert _close(reply.grad_f, grad_f)
+    assert cloud.pending_steps == [] and cloud.graphs_held == 0
+
+
 def test_stacked_inference_equals_per_message_and_keeps_nothing(body: Body) -> None:
     cloud = CloudParty(body)
     heads = _heads(train=False)

@@ -121,11 +121,13 @@ class CloudViewRecorder:
     def record_pack(self, messages: Iterable[object]) -> None:
         """Record the split-plain messages the cloud answered in one call (``HeadOutput``,
         ``BodyGrad``; others are ignored): what a Flower ServerApp would call per stage."""
+        from flower_split.model.adapters import unpack_tokens
         from flower_split.protocol.messages import BodyGrad, HeadOutput
 
         for message in messages:
-            if isinstance(message, HeadOutput):
-                self.record_f(message.tenant, message.step, message.f, message.attention_mask, message.train)
+            if isinstance(message, HeadOutput):  # f travels at the real tokens; the view keeps [B, T, d]
+                f = unpack_tokens(message.f, message.attention_mask)
+                self.record_f(message.tenant, message.step, f, message.attention_mask, message.train)
             elif isinstance(message, BodyGrad):
                 self.record_grad_h(message.tenant, message.step, message.grad_h)
 

@@ -160,6 +160,23 @@ class TailAdapter(nn.Module):
         return self.classifier(self.adapter(pooled))
 
 
+def pack_tokens(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``values`` [batch, tokens, d] at the real tokens (the mask's ones), row-major: [rows, d].
+
+    Padding positions cannot change the body's output at real tokens (attention masks them as
+    keys, the pool skips them), so a per-token tensor travels without them.
+    """
+    return values[attention_mask.to(torch.bool)]
+
+
+def unpack_tokens(rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[rows, d] back to [batch, tokens, d], zero at the padding (:func:`pack_tokens`'s inverse)."""
+    select = attention_mask.to(torch.bool)
+    out = rows.new_zeros((*select.shape, rows.shape[-1]))
+    out[select] = rows
+    return out
+
+
 def masked_mean(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real (unpadded) tokens of each sequence."""
     weights = attention_mask.to(x.dtype).unsqueeze(-1)

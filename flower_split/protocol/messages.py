@@ -27,7 +27,10 @@ class Message:
 
 @dataclass(frozen=True)
 class HeadOutput(Message):
-    """client -> cloud: head output ``f`` [B, T, d] and the attention mask [B, T].
+    """client -> cloud: head output ``f`` at the batch's real tokens [R, d] (``pack_tokens``:
+    row-major, R = the attention mask's ones) and the attention mask [B, T]. Padding cannot
+    change the body's output at real tokens, so it does not travel (about 60 % of a Banking77
+    batch's positions).
 
     ``train`` says whether a :class:`BodyGrad` will follow (then the cloud keeps the graph).
     ``pool``: the client's tail pools first (``tail_input = "pooled"``), so the cloud returns the
@@ -57,7 +60,7 @@ class BodyGrad(Message):
 
 @dataclass(frozen=True)
 class HeadGrad(Message):
-    """cloud -> client: ``dL/df`` [B, T, d] for the head backward."""
+    """cloud -> client: ``dL/df`` at the real tokens [R, d] (as ``HeadOutput.f``) for the head backward."""
 
     grad_f: torch.Tensor
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from flower_split.config import RunConfig
 from flower_split.data import Batch
 from flower_split.model import Embedder, HeadAdapter, TailAdapter
+from flower_split.model.adapters import pack_tokens
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_header, check_tensor,
 )
@@ -86,7 +87,7 @@ class ClientParty:
         self._next_step += 1
         batch = batch.to(self.device)
         with torch.no_grad():
-            f = self.head(embed(self.embedder, self.input_noise, batch.input_ids, batch.attention_mask))
+            f = self._head(batch)
         self._steps[step] = _Step(batch, train, AWAIT_BODY_OUTPUT)
         return HeadOutput(self.tenant, step, f.float().cpu(), batch.attention_mask.cpu(), train and self.train_head,
                           pool=self.pooled)
@@ -145,16 +146,21 @@ class ClientParty:
         """Whether the tail pools first, so the cloud sends the pooled ``h`` (``HeadOutput.pool``)."""
         return self.tail.tail_input == "pooled"
 
+    def _head(self, batch: Batch) -> torch.Tensor:
+        """``f`` at the batch's real tokens [R, d]: the head runs on those alone (``HeadOutput``)."""
+        e = embed(self.embedder, self.input_noise, batch.input_ids, batch.attention_mask)
+        return self.head(pack_tokens(e, batch.attention_mask))
+
     def _tail(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.tail.from_pooled(h) if self.pooled else self.tail(h, batch.attention_mask)
 
     def _on_head_grad(self, message: HeadGrad, step: _Step) -> None:
         batch = step.batch
-        shape = (*batch.input_ids.shape, self.head.up.out_features)
+        shape = (int(batch.attention_mask.sum()), self.head.up.out_features)
         check_tensor("grad_f", message.grad_f, shape, (torch.float32,))
         assert self.head_optimizer is not None
         self.head.train()
-        f = self.head(embed(self.embedder, self.input_noise, batch.input_ids, batch.attention_mask))  # recomputed
+        f = self._head(batch)  # recomputed
         self.head_optimizer.zero_grad(set_to_none=True)
         f.backward(message.grad_f.to(self.device))
         self.head_optimizer.step()

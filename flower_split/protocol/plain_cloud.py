@@ -31,14 +31,14 @@ does, answered or dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from flower_split.model import Body, hidden_size
-from flower_split.model.adapters import masked_mean, masked_mean_backward
+from flower_split.model.adapters import masked_mean, masked_mean_backward, pack_tokens, unpack_tokens
 from flower_split.protocol.body_runner import BodyGraph, BodyRunner
 from flower_split.protocol.messages import (
     BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError, check_dense, check_header, check_tensor,
@@ -50,14 +50,15 @@ FLOAT_DTYPES = (torch.float32,)
 @dataclass
 class _Pending:
     """A training step waiting for its gradient: its kept group, rows and own token length,
-    or (recomputed) its own head output to run again; ``pooled``: the attention mask its ``h``
-    was mean-pooled over (``HeadOutput.pool``), None when ``h`` went out per token."""
+    or (recomputed) its own head output to run again (``f`` per token); its attention mask
+    (``dL/df`` goes back at the real tokens) and whether its ``h`` went out pooled."""
 
     group: BodyGraph | None
     rows: slice
     tokens: int
+    mask: torch.Tensor
+    pool: bool = False
     inputs: HeadOutput | None = None
-    pooled: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -66,11 +67,11 @@ class _Pending:
         else:
             assert self.group is not None
             batch, tokens, dim = self.rows.stop - self.rows.start, self.tokens, int(self.group.h.shape[-1])
-        return (batch, dim) if self.pooled is not None else (batch, tokens, dim)
+        return (batch, dim) if self.pool else (batch, tokens, dim)
 
     def grad_h(self, grad: torch.Tensor) -> torch.Tensor:
         """The received gradient per token [B, T, d]: a pooled one spread back over the real tokens."""
-        return grad if self.pooled is None else masked_mean_backward(grad, self.pooled)
+        return masked_mean_backward(grad, self.mask) if self.pool else grad
 
 
 class CloudParty:
@@ -119,6 +120,7 @@ class CloudParty:
         sender's messages first and pass only the valid ones.
         """
         self.check(messages)
+        messages = [_per_token(m) for m in messages]
         replies: dict[int, Message] = {}
         grads = [(i, m) for i, m in enumerate(messages) if isinstance(m, BodyGrad)]
         replies.update(self._backward(grads))  # first: frees graphs before new ones are built
@@ -165,14 +167,13 @@ class CloudParty:
         """Types, shape, dtype and order of one message against the current state."""
         check_header(message, (HeadOutput, BodyGrad))
         if isinstance(message, HeadOutput):
-            f = check_dense("f", message.f)
-            if f.dim() != 3 or not f.shape[0] or not f.shape[1]:
-                raise ProtocolError(f"f: expected [batch, tokens, {self.dim}] with a row and a token, "
-                                    f"got {tuple(f.shape)}")
-            batch, tokens, _ = f.shape
-            check_tensor("f", f, (batch, tokens, self.dim), FLOAT_DTYPES)
-            check_tensor("attention_mask", message.attention_mask, (batch, tokens), (torch.long, torch.int32))
-            _check_mask(message.attention_mask)
+            mask = check_dense("attention_mask", message.attention_mask)
+            if mask.dim() != 2 or not mask.shape[0] or not mask.shape[1]:
+                raise ProtocolError(f"attention_mask: expected [batch, tokens] with a row and a token, "
+                                    f"got {tuple(mask.shape)}")
+            check_tensor("attention_mask", mask, tuple(mask.shape), (torch.long, torch.int32))
+            _check_mask(mask)
+            check_tensor("f", check_dense("f", message.f), (int(mask.sum()), self.dim), FLOAT_DTYPES)
             for flag in ("train", "pool"):
                 if not isinstance(getattr(message, flag), bool):
                     raise ProtocolError(f"{flag}: expected a bool, got {type(getattr(message, flag)).__name__}")
@@ -221,13 +222,12 @@ class CloudParty:
             rows = slice(start, start + message.f.shape[0])
             start = rows.stop
             tokens = message.f.shape[1]
-            pooled = message.attention_mask if message.pool else None
+            mask = message.attention_mask
             if train:
                 inputs = None if self.keep_graphs else message
-                self._pending[(message.tenant, message.step)] = _Pending(group, rows, tokens, inputs, pooled)
+                self._pending[(message.tenant, message.step)] = _Pending(group, rows, tokens, mask, message.pool, inputs)
             out = _cut(h, rows, tokens)
-            replies[index] = BodyOutput(message.tenant, message.step,
-                                        out if pooled is None else masked_mean(out, pooled))
+            replies[index] = BodyOutput(message.tenant, message.step, masked_mean(out, mask) if message.pool else out)
         return replies
 
     def _backward(self, grads: list[tuple[int, BodyGrad]]) -> dict[int, HeadGrad]:
@@ -256,8 +256,8 @@ class CloudParty:
             for index, inputs in chunk:
                 rows = slice(start, start + inputs.f.shape[0])
                 start = rows.stop
-                pooled = inputs.attention_mask if inputs.pool else None
-                items.append((index, by_index[index], _Pending(group, rows, inputs.f.shape[1], pooled=pooled)))
+                pending = _Pending(group, rows, inputs.f.shape[1], inputs.attention_mask, inputs.pool)
+                items.append((index, by_index[index], pending))
             replies.update(self._group_backward(group, items))
         return replies
 
@@ -268,7 +268,8 @@ class CloudParty:
             grad_h[pending.rows, :pending.tokens] = pending.grad_h(message.grad_h).to(self.device)
         others = any(p.group is group for p in self._pending.values())
         grad_f = self.runner.backward(group, grad_h, retain=others)
-        return {index: HeadGrad(message.tenant, message.step, _cut(grad_f, pending.rows, pending.tokens))
+        return {index: HeadGrad(message.tenant, message.step,
+                                pack_tokens(_cut(grad_f, pending.rows, pending.tokens), pending.mask))
                 for index, message, pending in items}
 
 
@@ -284,6 +285,14 @@ def _describe(message: object) -> str:
     """Names a received message in an error: kind, tenant and step."""
     return (f"{type(message).__name__} (tenant {getattr(message, 'tenant', None)!r}, "
             f"step {getattr(message, 'step', None)})")
+
+
+def _per_token(message: Message) -> Message:
+    """A checked head output with ``f`` back at every position [B, T, d] (zero at the padding),
+    as the stacked body runs it; other messages as they are."""
+    if isinstance(message, HeadOutput):
+        return replace(message, f=unpack_tokens(message.f, message.attention_mask))
+    return message
 
 
 def _claim(message: Message) -> tuple[str, str, int] | None:

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from flower_split.model.adapters import pack_tokens, unpack_tokens
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_steps import StepSpec, material_keys, programs, scope_uses
 
@@ -67,11 +68,9 @@ def head_select(spec: StepSpec, mask: torch.Tensor) -> torch.Tensor:
 
 def pack_rows(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     """``values`` [batch, tokens, d] at the selected positions, packed as [1, rows, d]."""
-    return values[select].unsqueeze(0)
+    return pack_tokens(values, select).unsqueeze(0)
 
 
 def unpack_rows(rows: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     """[1, rows, d] back to [batch, tokens, d], zero at the positions not selected."""
-    out = rows.new_zeros((*select.shape, rows.shape[-1]))
-    out[select] = rows.squeeze(0)
-    return out
+    return unpack_tokens(rows.squeeze(0), select)

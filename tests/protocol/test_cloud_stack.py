@@ -12,6 +12,7 @@ from flwr.app import Context, Message
 
 from flower_split.apps.client_app import make_client_app
 from flower_split.model import Body, build_split
+from flower_split.model.adapters import pack_tokens, unpack_tokens
 from flower_split.protocol import BodyGrad, BodyOutput, CloudParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.apps.server_app import run_cloud
 from flower_split.flower.records import pack_messages, read_metrics, unpack_messages
@@ -35,22 +36,29 @@ def _heads(train: bool = True) -> list[HeadOutput]:
     for step, (tenant, rows, tokens) in enumerate(SHAPES):
         mask = torch.ones(rows, tokens, dtype=torch.long)
         mask[0, tokens - 2:] = 0  # the message's own padding
-        heads.append(HeadOutput(tenant, step, torch.randn(rows, tokens, DIM, generator=generator), mask, train))
+        f = torch.randn(rows, tokens, DIM, generator=generator)
+        heads.append(HeadOutput(tenant, step, pack_tokens(f, mask), mask, train))  # f at the real tokens
     return heads
+
+
+def _full(head: HeadOutput) -> torch.Tensor:
+    """A head output's f at every position [B, T, d] (zero at the padding), as the body runs it."""
+    return unpack_tokens(head.f, head.attention_mask)
 
 
 def _grads(heads: list[HeadOutput]) -> list[BodyGrad]:
     """A random body-output gradient for each of ``heads``."""
     generator = torch.Generator().manual_seed(1)
-    return [BodyGrad(h.tenant, h.step, torch.randn(h.f.shape, generator=generator)) for h in heads]
+    return [BodyGrad(h.tenant, h.step, torch.randn((*h.attention_mask.shape, DIM), generator=generator))
+            for h in heads]
 
 
 def _reference(body: Body, head: HeadOutput, grad: BodyGrad) -> tuple[torch.Tensor, torch.Tensor]:
-    """The body output and input gradient of one message on its own."""
-    f = head.f.clone().requires_grad_(True)
+    """The body output and input gradient (at the real tokens) of one message on its own."""
+    f = _full(head).requires_grad_(True)
     h = body(f, head.attention_mask)
     (grad_f,) = torch.autograd.grad(h, f, grad.grad_h)
-    return h.detach(), grad_f
+    return h.detach(), pack_tokens(grad_f, head.attention_mask)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -89,11 +97,12 @@ def test_pooled_messages_get_the_masked_mean_and_its_gradient_mixed_with_per_tok
     cloud = CloudParty(body, **options)
     heads = [replace(h, pool=i % 2 == 0) for i, h in enumerate(_heads())]
     generator = torch.Generator().manual_seed(2)
-    grads = [BodyGrad(h.tenant, h.step, torch.randn((h.f.shape[0], DIM) if h.pool else h.f.shape, generator=generator))
+    grads = [BodyGrad(h.tenant, h.step, torch.randn((h.attention_mask.shape[0], DIM) if h.pool
+                                                    else (*h.attention_mask.shape, DIM), generator=generator))
              for h in heads]
     outputs = cloud.handle_many(heads)
     with pytest.raises(ProtocolError, match="grad_h"):
-        cloud.handle(BodyGrad(heads[0].tenant, heads[0].step, torch.zeros(heads[0].f.shape)))
+        cloud.handle(BodyGrad(heads[0].tenant, heads[0].step, torch.zeros((*heads[0].attention_mask.shape, DIM))))
     replies = cloud.handle_many(grads)
     for head, grad, output, reply in zip(heads, grads, outputs, replies):
         per_token = masked_mean_backward(grad.grad_h, head.attention_mask) if head.pool else grad.grad_h
@@ -108,7 +117,7 @@ def test_stacked_inference_equals_per_message_and_keeps_nothing(body: Body) -> N
     heads = _heads(train=False)
     for head, output in zip(heads, cloud.handle_many(heads)):
         with torch.no_grad():
-            assert _close(output.h, body(head.f, head.attention_mask))
+            assert _close(output.h, body(_full(head), head.attention_mask))
     assert cloud.pending_steps == [] and cloud.graphs_held == 0
 
 
@@ -191,7 +200,7 @@ def test_strategy_runs_the_body_once_per_stage_and_isolates_a_bad_pack(
         heads = [m for m in messages if isinstance(m, HeadOutput)]
         grads = [m for m in messages if isinstance(m, BodyGrad)]
         calls.append((sorted({f"{type(m).__name__}:{m.tenant}" for m in messages}), len(heads),
-                      sum(m.f.shape[0] for m in heads), len(grads), sum(m.grad_h.shape[0] for m in grads)))
+                      sum(m.attention_mask.shape[0] for m in heads), len(grads), sum(m.grad_h.shape[0] for m in grads)))
         return handle_many(self, messages)
 
     def spy_forward(self: Body, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -59,11 +59,11 @@ def test_a_text_gets_its_noise_in_any_batch_at_any_padded_width(batch) -> None:
 
 def _plain_f(config: RunConfig, batch) -> tuple[ClientParty, torch.Tensor, torch.Tensor]:
     """A plain tenant (head from the public seed: only the noise key differs between two), its
-    ``f`` of ``batch`` and the noise-free ``head(e)``."""
+    ``f`` of ``batch`` and the noise-free ``head(e)``, both at the real tokens (as f travels)."""
     parts = build_split("tiny", 77, 4, 8, seed=0)
     client = ClientParty("t0", parts.embedder, parts.head, parts.tail, config, total_steps=10)
     with torch.no_grad():
-        clean = parts.head(parts.embedder(batch.input_ids))
+        clean = parts.head(parts.embedder(batch.input_ids)[batch.attention_mask.bool()])
     return client, client.begin(batch, train=False).f, clean
 
 

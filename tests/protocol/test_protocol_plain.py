@@ -98,6 +98,8 @@ def test_cloud_rejects_bad_messages_without_state_change(setup) -> None:
     with pytest.raises(ProtocolError, match="dtype"):
         cloud.handle(HeadOutput("t0", 0, forward.f.double(), forward.attention_mask, True))
     with pytest.raises(ProtocolError, match="attention_mask"):
+        cloud.handle(HeadOutput("t0", 0, forward.f, forward.attention_mask * 2, True))
+    with pytest.raises(ProtocolError, match="f: expected shape"):  # f must hold one row per real token
         cloud.handle(HeadOutput("t0", 0, forward.f, forward.attention_mask[:, :1], True))
     assert cloud.pending_steps == []
     cloud.handle(forward)

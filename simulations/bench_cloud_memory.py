@@ -36,8 +36,8 @@ def main() -> None:
     cloud = CloudParty(body, keep_graphs=args.mode == "keep")
     generator = torch.Generator().manual_seed(0)
     shape = (args.rows, args.tokens, cloud.dim)
-    heads = [HeadOutput(f"tenant-{t}", s, torch.randn(shape, generator=generator),
-                        torch.ones(args.rows, args.tokens, dtype=torch.long), True)
+    heads = [HeadOutput(f"tenant-{t}", s, torch.randn((args.rows * args.tokens, cloud.dim), generator=generator),
+                        torch.ones(args.rows, args.tokens, dtype=torch.long), True)  # f at the (all real) tokens
              for t in range(args.tenants) for s in range(args.micro_batches)]
     grads = [BodyGrad(h.tenant, h.step, torch.randn(shape, generator=generator)) for h in heads]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from flower_split.model import build_split
+from flower_split.model.adapters import pack_tokens
 from flower_split.protocol import BodyGrad, CloudParty, HeadOutput, Message
 
 
@@ -50,7 +51,7 @@ def make_stage(args: argparse.Namespace, dim: int) -> tuple[list[HeadOutput], li
             lengths[0] = tokens
             mask = (torch.arange(tokens) < lengths[:, None]).long()
             f = torch.randn(args.rows, tokens, dim, generator=generator)
-            heads.append(HeadOutput(f"t{tenant}", step, f, mask, True))
+            heads.append(HeadOutput(f"t{tenant}", step, pack_tokens(f, mask), mask, True))  # f at the real tokens
             grads.append(BodyGrad(f"t{tenant}", step, torch.randn(f.shape, generator=generator) * 1e-3))
     return heads, grads
 

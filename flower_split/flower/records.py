@@ -35,7 +35,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flower_split.flower.contract import RecordKey
 from flower_split.protocol import BodyGrad, BodyOutput, HeadGrad, HeadOutput, Message, ProtocolError
 
-PACK_FORMAT = 1
+PACK_FORMAT = 2  # 2: f and dL/df at the real tokens, HeadOutput's pool flag
+STATE_FORMAT = 1
 PROTOCOL_KEY = RecordKey.PROTOCOL
 PAYLOAD_KEY = RecordKey.PAYLOAD
 METRICS_KEY = RecordKey.METRICS
@@ -109,7 +110,10 @@ def pack_messages(kind: type[Message], tenant: str, messages: Sequence[Message],
             raise ValueError(f"message {i}: tenant {message.tenant!r} in a pack for {tenant!r}")
         steps.append(int(message.step))
         for name in flag_fields:
-            flags[name].append(bool(getattr(message, name)))
+            flag = getattr(message, name)
+            if not isinstance(flag, bool):  # bool("no") is True: a flag is packed as given or not at all
+                raise ValueError(f"message {i}: {name} must be a bool, got {type(flag).__name__}")
+            flags[name].append(flag)
         for name in tensor_fields:
             payload[f"{i}.{name}"] = tensor_to_array(f"{kind.__name__}[{i}].{name}", getattr(message, name))
     header = ConfigRecord({"format": PACK_FORMAT, "kind": kind.__name__, "tenant": tenant,
@@ -299,7 +303,7 @@ def state_to_records(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecor
     arrays = ArrayRecord()
     blobs: dict[str, bytes] = {}
     skeleton = json.dumps(_encode(dict(state), "state", arrays, blobs))
-    return arrays, ConfigRecord({"skeleton": skeleton, "format": PACK_FORMAT, **blobs})
+    return arrays, ConfigRecord({"skeleton": skeleton, "format": STATE_FORMAT, **blobs})
 
 
 # Module-level recursion on purpose: a recursive closure is a reference cycle that keeps the

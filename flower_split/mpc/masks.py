@@ -136,7 +136,9 @@ class MaskRecord:
         share: this party's share a_i of the mask.
         frac_bits: the fractional bits of the one tensor the mask opened.
         sent: this party's part of the opening, x_i - a_i (so x_i = sent + share binds the
-            record to that tensor without keeping it, or a digest of it, around).
+            record to that tensor without keeping it, or a digest of it, around). The record
+            holds ``share`` and ``sent`` by reference: nothing may change them in place (no
+            code does; the binding would follow such a change).
         received: the peer's part, once delivered (then eps = sent + received).
     """
 

@@ -91,6 +91,8 @@ class CloudParty:
         self.runner = BodyRunner(body, device, keep_graphs)
         self.body, self.device = self.runner.body, self.runner.device
         self.dim = hidden_size(body.encoder)
+        # the body's position limit (BERT: 512); a longer batch is refused, not run into an IndexError
+        self.max_tokens: int | None = getattr(getattr(body.encoder, "config", None), "max_position_embeddings", None)
         self.max_pending = max_pending
         self.max_stack_rows = max_stack_rows
         self.max_padding = max_padding
@@ -173,6 +175,14 @@ class CloudParty:
                                     f"got {tuple(mask.shape)}")
             check_tensor("attention_mask", mask, tuple(mask.shape), (torch.long, torch.int32))
             _check_mask(mask)
+            # f travels at the real tokens, the body runs on every position: a batch padded wider
+            # than its longest sequence would cost the cloud d floats per position sent as one int
+            longest, tokens = int(mask.sum(1).max()), int(mask.shape[1])
+            if longest != tokens:
+                raise ProtocolError(f"attention_mask: {tokens} positions, but the longest sequence has {longest} "
+                                    "tokens; pad a batch to its longest sequence only")
+            if self.max_tokens is not None and tokens > self.max_tokens:
+                raise ProtocolError(f"attention_mask: {tokens} tokens, the body takes at most {self.max_tokens}")
             check_tensor("f", check_dense("f", message.f), (int(mask.sum()), self.dim), FLOAT_DTYPES)
             for flag in ("train", "pool"):
                 if not isinstance(getattr(message, flag), bool):

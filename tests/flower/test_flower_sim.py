@@ -46,6 +46,13 @@ def _head_outputs(tenant: str = "t0") -> list[HeadOutput]:
             HeadOutput(tenant, 4, torch.randn(1, 7, 8), torch.ones(1, 7, dtype=torch.long), False)]
 
 
+def test_a_flag_that_is_not_a_bool_is_refused_at_packing() -> None:
+    """``bool("no")`` is True: a flag travels as given or not at all."""
+    head = _head_outputs()[0]
+    with pytest.raises(ValueError, match="pool must be a bool"):
+        pack_messages(HeadOutput, "t0", [dataclasses.replace(head, pool="no")])
+
+
 def test_pack_round_trip_several_micro_batches_per_message() -> None:
     sent = _head_outputs()
     content = pack_messages(HeadOutput, "t0", sent)

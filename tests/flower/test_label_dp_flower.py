@@ -100,17 +100,19 @@ def _first_views(grid: LocalGrid, parts, stages: int = 1) -> dict[bytes, list[to
     from flower_split.audit.inversion import NearestTokenAttack
     from flower_split.audit.transcript import StepView
     from flower_split.audit.vocabulary import VocabularyTable
+    from flower_split.model.adapters import pack_tokens, unpack_tokens
 
     cloud, reader = CloudParty(parts.body), NearestTokenAttack(VocabularyTable(parts.embedder))
     sent: dict[bytes, list[torch.Tensor]] = {}
     for _ in range(stages):
         forward = Message(RecordDict({"config": ConfigRecord({"num-batches": 2})}), 1, "train.head_fwd")
         heads = unpack_messages(grid.send_and_receive([forward])[0].content, HeadOutput, "tenant-0")
-        ids = reader.guess([StepView("tenant-0", h.step, True, f=h.f, attention_mask=h.attention_mask)
-                            for h in heads]).ids
-        for head, texts in zip(heads, ids):
-            assert float((head.f - parts.embedder(texts)).abs().max()) > 1e-4  # noise was added
-            for text, f, real in zip(texts, head.f, head.attention_mask.bool()):
+        full = [unpack_tokens(h.f, h.attention_mask) for h in heads]  # f travels at the real tokens
+        ids = reader.guess([StepView("tenant-0", h.step, True, f=f, attention_mask=h.attention_mask)
+                            for h, f in zip(heads, full)]).ids
+        for head, per_token, texts in zip(heads, full, ids):
+            assert float((head.f - pack_tokens(parts.embedder(texts), head.attention_mask)).abs().max()) > 1e-4
+            for text, f, real in zip(texts, per_token, head.attention_mask.bool()):
                 sent.setdefault(text[real].numpy().tobytes(), []).append(f[real])
         outputs = [cloud.handle(head) for head in heads]
         reply = grid.send_and_receive([Message(pack_messages(BodyOutput, "tenant-0", outputs), 1, "train.tail")])[0]

@@ -35,7 +35,8 @@ def _heads(train: bool = True) -> list[HeadOutput]:
     heads = []
     for step, (tenant, rows, tokens) in enumerate(SHAPES):
         mask = torch.ones(rows, tokens, dtype=torch.long)
-        mask[0, tokens - 2:] = 0  # the message's own padding
+        if rows > 1:
+            mask[0, tokens - 2:] = 0  # the message's own padding (another row is the longest)
         f = torch.randn(rows, tokens, DIM, generator=generator)
         heads.append(HeadOutput(tenant, step, pack_tokens(f, mask), mask, train))  # f at the real tokens
     return heads
@@ -110,6 +111,22 @@ def test_pooled_messages_get_the_masked_mean_and_its_gradient_mixed_with_per_tok
         assert _close(output.h, masked_mean(h, head.attention_mask) if head.pool else h)
         assert _close(reply.grad_f, grad_f)
     assert cloud.pending_steps == [] and cloud.graphs_held == 0
+
+
+def test_a_batch_padded_past_its_longest_sequence_or_the_body_limit_is_refused(body: Body) -> None:
+    """f travels at the real tokens but the body runs on every position: padding is nearly free
+    to send, so the cloud refuses a mask wider than the batch's longest sequence (a 4096-wide
+    mask with one real token would make it run and hold 4096 positions of d floats) and one
+    longer than the body's position limit."""
+    cloud = CloudParty(body)
+    mask = torch.zeros(1, 4096, dtype=torch.long)
+    mask[0, 0] = 1
+    with pytest.raises(ProtocolError, match="longest sequence has 1 tokens"):
+        cloud.handle(HeadOutput("a", 0, torch.zeros(1, DIM), mask, True))
+    limit = body.encoder.config.max_position_embeddings
+    with pytest.raises(ProtocolError, match=f"at most {limit}"):
+        cloud.handle(HeadOutput("a", 0, torch.zeros(limit + 1, DIM), torch.ones(1, limit + 1, dtype=torch.long), True))
+    assert cloud.pending_steps == []
 
 
 def test_stacked_inference_equals_per_message_and_keeps_nothing(body: Body) -> None:

@@ -292,38 +292,62 @@ def state_tensor(name: str, array: object) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def state_to_records(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecord]:
+ArrayMemo = dict[int, tuple[torch.Tensor, int, Array]]
+"""The Arrays of a party's last save, by tensor id: ``(tensor, version, Array)``. A tensor that
+is the same object at the same ``torch`` version counter (bumped by every in-place write, through
+any view of it) holds the same bytes, so its Array is reused instead of copied again."""
+
+
+def state_to_records(state: Mapping[str, Any], memo: ArrayMemo | None = None) -> tuple[ArrayRecord, ConfigRecord]:
     """Flatten a nested state (dicts, lists, tuples, scalars, tensors) for ``Context.state``.
 
     Tensors go into the ArrayRecord under generated keys, byte strings (keys, seeds, CKKS
     contexts of secure mode) into the ConfigRecord as ``b<i>``; the structure, with references
     to those keys, goes into the ConfigRecord as JSON (``"skeleton"``). Dict keys keep their
-    type (optimizer states use integer keys).
+    type (optimizer states use integer keys). ``memo`` (:data:`ArrayMemo`): the previous save's
+    Arrays of a live party, reused for tensors unchanged since; replaced by this save's.
     """
     arrays = ArrayRecord()
     blobs: dict[str, bytes] = {}
-    skeleton = json.dumps(_encode(dict(state), "state", arrays, blobs))
+    previous: ArrayMemo = dict(memo) if memo is not None else {}
+    if memo is not None:
+        memo.clear()
+    skeleton = json.dumps(_encode(dict(state), "state", arrays, blobs, previous, memo))
     return arrays, ConfigRecord({"skeleton": skeleton, "format": STATE_FORMAT, **blobs})
+
+
+def _array(path: str, tensor: torch.Tensor, previous: ArrayMemo, current: ArrayMemo | None) -> Array:
+    """``tensor``'s Array: the previous save's when the tensor has not changed since."""
+    try:
+        version = tensor._version  # torch's in-place write counter, shared by every view of the storage
+    except RuntimeError:  # an inference-mode tensor keeps no counter: always copied
+        return state_array(path, tensor)
+    hit = previous.get(id(tensor))
+    array = hit[2] if hit is not None and hit[0] is tensor and hit[1] == version else state_array(path, tensor)
+    if current is not None:
+        current[id(tensor)] = (tensor, version, array)
+    return array
 
 
 # Module-level recursion on purpose: a recursive closure is a reference cycle that keeps the
 # whole state (every tensor or Array of it) alive until Python's cyclic collector runs, which
 # in a long-lived Flower client process serving many tenants means gigabytes.
-def _encode(value: Any, path: str, arrays: ArrayRecord, blobs: dict[str, bytes]) -> Any:
+def _encode(value: Any, path: str, arrays: ArrayRecord, blobs: dict[str, bytes], previous: ArrayMemo,
+            current: ArrayMemo | None) -> Any:
     if isinstance(value, torch.Tensor):
         key = f"t{len(arrays)}"
-        arrays[key] = state_array(path, value)
+        arrays[key] = _array(path, value, previous, current)
         return {"t": key}
     if isinstance(value, dict):
         items = []
         for k, v in value.items():
             if isinstance(k, bool) or not isinstance(k, (str, int)):
                 raise TypeError(f"state {path}: dict key {k!r} must be str or int")
-            items.append([k, _encode(v, f"{path}.{k}", arrays, blobs)])
+            items.append([k, _encode(v, f"{path}.{k}", arrays, blobs, previous, current)])
         return {"d": items}
     if isinstance(value, (list, tuple)):
         tag = "l" if isinstance(value, list) else "u"
-        return {tag: [_encode(v, f"{path}[{i}]", arrays, blobs) for i, v in enumerate(value)]}
+        return {tag: [_encode(v, f"{path}[{i}]", arrays, blobs, previous, current) for i, v in enumerate(value)]}
     if isinstance(value, bytes):
         key = f"b{len(blobs)}"
         blobs[key] = value

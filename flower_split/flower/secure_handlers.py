@@ -43,17 +43,20 @@ a time, all tenants in the same Flower round trip. Message types:
 ``context.state``: ``secure.arrays`` / ``secure.config`` (the party's state: its secrets —
 halves, dealer key, CKKS secret keys — never leave the node), ``secure.batch`` (size of the
 batch in flight), ``secure.labels`` (an evaluation batch's labels) and the data cursors of
-the plain app (``data``).
+the plain app (``data``). A long-lived process keeps each party live between its messages
+(:data:`PARTIES`); the state is still written in full by every message.
 """
 
 from __future__ import annotations
+
+import weakref
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
 from flower_split.flower.records import (
-    array_to_tensor, config_value, read_config, read_record, records_to_state, state_to_records, tensor_to_array,
+    ArrayMemo, array_to_tensor, config_value, read_config, read_record, records_to_state, state_to_records, tensor_to_array,
 )
 from flower_split.flower.secure_records import (
     pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
@@ -66,6 +69,7 @@ from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, next_batch_shape, randomized_labels, train_batches,
 )
 from flower_split.flower.node_privacy import node_input_noise
+from flower_split.flower.party_cache import PartyCache
 from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, note_scope, predicting, start_output
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
@@ -82,10 +86,28 @@ def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings, co
     return party
 
 
+PARTIES: PartyCache[SecureClientParty] = PartyCache()
+"""This process's live parties (:mod:`~flower_split.flower.party_cache`)."""
+_MEMOS: weakref.WeakKeyDictionary[SecureClientParty, ArrayMemo] = weakref.WeakKeyDictionary()
+"""Each party's Arrays of its last save (:data:`~flower_split.flower.records.ArrayMemo`), as long
+as the party lives: a save copies only the tensors that changed since."""
+LIVE_TOKEN = "live-token"  # in SECURE_CONFIG: the token of the live party this state was saved from
+
+
+def _party_key(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings) -> tuple:
+    """What a party was built from: a live party serves only a message of the same key."""
+    return data.tenant, config, settings, dict(context.node_config)
+
+
 def _load(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings) -> SecureClientParty:
+    """The tenant's party: the live one this state was saved from, or decoded from the state.
+    (The live one leaves the cache: it returns only with the next :func:`_save`.)"""
     arrays, meta = context.state.get(SECURE_ARRAYS), context.state.get(SECURE_CONFIG)
     if arrays is None or meta is None:
         raise ProtocolError(f"tenant {data.tenant!r}: not set up for secure mode (train.secure_setup first)")
+    live = PARTIES.take(meta.get(LIVE_TOKEN), _party_key(context, data, config, settings))
+    if live is not None:
+        return live
     party = _new_party(data, config, settings, context)
     try:
         party.load_state_dict(records_to_state(arrays, meta))
@@ -94,8 +116,13 @@ def _load(context: Context, data: TenantData, config: RunConfig, settings: Flowe
     return party
 
 
-def _save(context: Context, party: SecureClientParty) -> None:
-    arrays, meta = state_to_records(party.state_dict(copy=False))  # serialized here at once: no copies needed
+def _save(context: Context, party: SecureClientParty, data: TenantData, config: RunConfig,
+          settings: FlowerSettings) -> None:
+    """Write ``party`` into the state and keep it live for the next message (its handler's last
+    touch of the party)."""
+    memo = _MEMOS.setdefault(party, {})
+    arrays, meta = state_to_records(party.state_dict(copy=False), memo)  # serialized at once: no copies needed
+    meta[LIVE_TOKEN] = PARTIES.keep(_party_key(context, data, config, settings), party)
     context.state[SECURE_ARRAYS] = arrays
     context.state[SECURE_CONFIG] = meta
 
@@ -135,7 +162,7 @@ def secure_setup(message: Message, context: Context, config: RunConfig, settings
     party = _new_party(data, config, settings, context)  # a new set-up replaces an untrained earlier one
     pinned = pinned_dealer(context.node_config)
     setup = party.setup(hello, pinned, allow_unpinned=pinned is None and allow_unpinned(context.node_config))
-    _save(context, party)
+    _save(context, party, data, config, settings)
     return pack_setup(setup)
 
 
@@ -147,7 +174,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
     _confirm_key(party, instruction)
     stopped = stop_rule(context, config, config_value(instruction, ConfigKey.SERVER_ROUND, int))
     if stopped:  # the tenant's own loss reached its target: no step, the round it stopped
-        _save(context, party)
+        _save(context, party, data, config, settings)
         return RecordDict({RecordKey.SYNC: _sync(party), RecordKey.METRICS: MetricRecord({MetricKey.STOPPED: stopped})})
     note_training_begin(context, config_value(instruction, ConfigKey.SERVER_ROUND, int))
     cursor = Cursor.load(context.state)
@@ -158,7 +185,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
                         ahead=_ahead(instruction))
     if party.label_noise is not None:  # counted at the begin: a step cut short still counts (conservative)
         party.label_noise.count(batches[0].indices)
-    _save(context, party)
+    _save(context, party, data, config, settings)
     cursor.save(context.state)
     context.state[SECURE_BATCH] = ConfigRecord({"size": len(batches[0].labels)})
     sync = _sync(party)
@@ -194,7 +221,7 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
                                                     "indices": tensor_to_array("indices", batch.indices.long())})
         note_scope(context, scope)
     remaining = -(-(len(test) - cursor.eval_cursor) // config.batch_size)
-    _save(context, party)
+    _save(context, party, data, config, settings)
     cursor.save(context.state)
     content[RecordKey.METRICS] = MetricRecord({MetricKey.REMAINING: remaining})
     return content
@@ -207,7 +234,7 @@ def secure_rekey(message: Message, context: Context, config: RunConfig, settings
     party = _load(context, data, config, settings)
     party.confirm_key_rotation(config_value(instruction, ConfigKey.HE_KEY_ID, bytes))
     rotation = party.start_key_rotation()
-    _save(context, party)
+    _save(context, party, data, config, settings)
     return pack_key_rotation(rotation)
 
 
@@ -239,7 +266,7 @@ def secure_next(message: Message, context: Context, config: RunConfig, settings:
         elif settings.secure_metrics:
             metrics.update(_step_metrics(context, data, party, incoming.train, result))
         content[RecordKey.METRICS] = MetricRecord(metrics)
-    _save(context, party)
+    _save(context, party, data, config, settings)
     return content
 
 

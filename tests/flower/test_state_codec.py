@@ -96,7 +96,7 @@ def test_saved_records_never_alias_the_live_party_mid_step(task_identity: None, 
     party = secure_handlers._load(context, data, settings_config, settings)
     assert party.state_dict()["step"] is not None  # mid-step: masks, pending products, inbox
     before = records_to_state(context.state["secure.arrays"], context.state["secure.config"])
-    secure_handlers._save(context, party)
+    secure_handlers._save(context, party, data, settings_config, settings)
     saved = records_to_state(context.state["secure.arrays"], context.state["secure.config"])
     assert _equal(saved, before) and _equal(saved, party.state_dict())
     live = _tensors(party.state_dict(copy=False))
@@ -106,3 +106,26 @@ def test_saved_records_never_alias_the_live_party_mid_step(task_identity: None, 
     again = records_to_state(context.state["secure.arrays"], context.state["secure.config"])
     assert _equal(again, before)  # ... and the records do not
     assert not _equal(party.state_dict(), before)
+    secure_handlers._save(context, party, data, settings_config, settings)  # every in-place write is seen
+    assert _equal(records_to_state(context.state["secure.arrays"], context.state["secure.config"]),
+                  party.state_dict())
+
+
+def test_a_save_reuses_the_arrays_of_unchanged_tensors_only() -> None:
+    """:data:`ArrayMemo`: an unchanged tensor keeps its Array; a write through any view, a new
+    tensor in its place, or a new tensor makes a new one; the records always decode to the state."""
+    base, other = torch.arange(12, dtype=torch.int64).reshape(3, 4), torch.ones(5)
+    state = {"a": base, "b": [other], "c": base[1:]}  # c: a view of a
+    memo: dict = {}
+    first, _ = state_to_records(state, memo)
+    second, meta = state_to_records(state, memo)
+    assert all(second[key] is first[key] for key in first)  # nothing changed: nothing copied
+    assert _equal(records_to_state(second, meta), state)
+    state["c"][0, 0] = -7  # through the view: a's counter moves too
+    third, meta = state_to_records(state, memo)
+    assert third["t0"] is not second["t0"] and third["t2"] is not second["t2"] and third["t1"] is second["t1"]
+    assert _equal(records_to_state(third, meta), state)
+    state["b"] = [torch.ones(5)]  # equal values, another tensor: copied
+    fourth, meta = state_to_records(state, memo)
+    assert fourth["t1"] is not third["t1"] and _equal(records_to_state(fourth, meta), state)
+    assert state_to_records(state)[0]["t0"] is not fourth["t0"]  # no memo: always copied

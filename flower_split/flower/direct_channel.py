@@ -35,10 +35,11 @@ import socket
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Iterable
+from uuid import uuid4
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.common.logger import log
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
@@ -54,6 +55,7 @@ CHANNEL_RECORD = "channel"  # ConfigRecord of query.channel_open: host, port, fi
 HANDSHAKE_TIMEOUT = 10.0  # one deadline for TLS handshake and token, per connection
 MAX_ADMITTING = 16        # connections in their handshake at once; more are closed at once
 OPEN, REFUSED, LOST = "open", "refused", "lost"
+CHANNEL_LOST = 4  # the error code of a streamed message whose channel broke: Flower's "reply expired"
 
 
 def parse_address(address: str, key: str = "channel-address", wildcard_ok: bool = False) -> tuple[str, int]:
@@ -169,12 +171,15 @@ class ChannelGrid(DelegatingGrid):
         self.status: dict[int, str] = {}
         self.locks: dict[int, threading.Lock] = {}
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="channel")
+        self.timeout: float | None = None  # the last send_and_receive's: a pushed message's deadline
+        self._pushed: dict[str, tuple[Message, Future]] = {}  # pushed over a channel, by message id
         log(20, "direct channel listening on %s:%d, advertised as %s:%d (certificate SHA-256 %s)",
             self.server.host, self.server.port, self.server.public_host, self.server.public_port,
             self.server.fingerprint)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        self.timeout = timeout
         self._bootstrap({m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.status},
                         timeout)
         direct = [m for m in messages if self.status.get(m.metadata.dst_node_id) == OPEN]
@@ -189,6 +194,43 @@ class ChannelGrid(DelegatingGrid):
         for future in late:  # past the reply timeout: drop the node, as Flower's grid does
             self._lose(futures[future].metadata.dst_node_id, "no reply within the reply timeout")
         return replies + [reply for reply in (f.result() for f in done) if reply is not None]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Each message over its node's channel when it has one (its reply waits for
+        :meth:`pull_messages`; the whole reply is due within the last ``send_and_receive``
+        timeout), over Flower otherwise. A node is offered a channel at its next ``send_and_receive``."""
+        ids: list[str] = []
+        flower = []
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        for message in messages:
+            if self.status.get(message.metadata.dst_node_id) != OPEN:
+                flower.append(message)
+                continue
+            mid = uuid4().hex
+            message.metadata.__dict__["_message_id"] = mid
+            self._pushed[mid] = (message, self.pool.submit(self._exchange, message, deadline))
+            ids.append(mid)
+        return ids + [mid for mid in self._grid.push_messages(flower) if mid] if flower else ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies that arrived, over the channels and over Flower; a channel lost on the way
+        gives an error reply at once (the node is dropped, as by a silent Flower node)."""
+        replies: list[Message] = []
+        flower = []
+        for mid in message_ids:
+            if mid not in self._pushed:
+                flower.append(mid)
+            elif self._pushed[mid][1].done():
+                message, future = self._pushed.pop(mid)
+                reply = future.result()
+                replies.append(reply if reply is not None else
+                               Message(Error(code=CHANNEL_LOST, reason="direct channel lost"), reply_to=message))
+        if flower:
+            for reply in self._grid.pull_messages(flower):
+                if self.status.get(reply.metadata.src_node_id) == LOST and not reply.has_error():
+                    del self.status[reply.metadata.src_node_id]  # back over Flower: offer a new channel
+                replies.append(reply)
+        return replies
 
     def _bootstrap(self, nodes: set[int], timeout: float | None) -> None:
         if not nodes:

@@ -212,7 +212,8 @@ class Traffic:
 
 
 class MeteredGrid(DelegatingGrid):
-    """A :class:`Grid` that meters every ``send_and_receive`` and delegates everything else."""
+    """A :class:`Grid` that meters every message it sends and every reply (``send_and_receive``,
+    ``push_messages`` / ``pull_messages``) and delegates everything else."""
 
     def __init__(self, grid: Grid) -> None:
         super().__init__(grid)
@@ -241,6 +242,27 @@ class MeteredGrid(DelegatingGrid):
         messages = list(messages)
         if not messages:  # nothing sent: no round trip (a strategy's idle round)
             return []
+        self._sent(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        with self._lock:
+            self._phase.round_trips += 1
+            self.total.round_trips += 1
+        self._received(replies)
+        return replies
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Metered as :meth:`send_and_receive` (a streamed conversation's round trips are the
+        strategy's to count: its longest chain of messages)."""
+        messages = list(messages)
+        self._sent(messages)
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        self._received(replies)
+        return replies
+
+    def _sent(self, messages: list[Message]) -> None:
         for message in messages:
             if message.metadata.message_type.startswith("query.dealer_"):
                 with self._lock:
@@ -248,10 +270,9 @@ class MeteredGrid(DelegatingGrid):
                     self.total.dealer_nodes.add(message.metadata.dst_node_id)
             self._count(message.metadata.dst_node_id,
                         NodeCosts(bytes_down=record_bytes(message.content), messages=1))
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        with self._lock:
-            self._phase.round_trips += 1
-            self.total.round_trips += 1
+
+    def _received(self, replies: list[Message]) -> None:
+        """Count the replies' bytes and take the ClientApp's cost record out of each."""
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -274,4 +295,3 @@ class MeteredGrid(DelegatingGrid):
                 costs.torch_threads = int(record.get("torch-threads", 0))
                 costs.partition_id = int(record.get("partition-id", -1))
             self._count(node, costs)
-        return replies

@@ -162,7 +162,7 @@ def round_rows(collected: Collected, epochs: int) -> list[dict]:
             "bytes_down": traffic.per_client("bytes_down"),
             "eval_bytes_up": eval_traffic.per_client("bytes_up"),
             "eval_bytes_down": eval_traffic.per_client("bytes_down"),
-            "round_trips": traffic.round_trips,
+            "round_trips": getattr(report, "round_trips", traffic.round_trips),  # split: its own count
             "round_trips_per_step": report.round_trips_per_step,
             "train_examples": report.num_examples * epochs,
             "client_cpu_seconds": sum(c.train_cpu_seconds for c in traffic.nodes.values()),

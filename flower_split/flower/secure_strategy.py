@@ -307,38 +307,39 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                    phase: Exchange, active: set[int], ahead: bool = False) -> dict[int, RecordDict]:
         """Exchange the steps' messages until every tenant's step is over; the final replies.
 
-        ``ahead``: the dealer's material for every tenant's next training step rides along
-        with the first round trip (no round trip of its own at the next step's begin)."""
+        Each tenant goes at its own pace (:meth:`stream`): the cloud answers a tenant's message
+        as soon as it arrives, while the others compute. ``ahead``: the dealer's material for
+        every tenant's next training step rides along with the first messages (no round trip of
+        its own at the next step's begin)."""
         step = MessageType.SECURE_TRAIN_NEXT if train else MessageType.SECURE_EVAL_NEXT
         finished: dict[int, RecordDict] = {}
         requests = self._ask_ahead(active) if ahead else []
         self._announced.clear()
-        while outgoing:
-            rider = self.dealer.material_message(requests) if requests else None
-            riders = {rider.metadata.dst_node_id: rider} if rider is not None else {}
-            replies = self.exchange(grid, step, outgoing, server_round, phase, active, riders)
-            if requests:
-                self._take_ahead(next(iter(riders.values()), None), requests, phase)
-                requests = []
-            outgoing = {}
-            for node, content in replies.items():
-                tick = time.perf_counter()
-                try:
-                    done = bool(read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.DONE, 0))
-                    if has_secure(content):
-                        reply = self.cloud.handle(unpack_secure(content, self.tenant_of[node], "client"))
-                        if reply is not None:
-                            if done:
-                                raise ProtocolError(f"{step}: the tenant reports done but the step goes on")
-                            outgoing[node] = pack_secure(reply)
-                    elif not done:
-                        raise ProtocolError(f"{step}: the reply carries neither a step message nor done")
-                    if done:
-                        finished[node] = content
-                except ProtocolError as exc:
-                    self.drop(node, str(exc), phase, active)
-                finally:
-                    phase.cloud += time.perf_counter() - tick
+        rider = self.dealer.material_message(requests) if requests else None
+        riders = {rider.metadata.dst_node_id: rider} if rider is not None else {}
+
+        def answer(node: int, content: RecordDict) -> RecordDict | None:
+            tick = time.perf_counter()
+            try:
+                done = bool(read_metrics(content, lists=CLASS_COUNT_KEYS).get(MetricKey.DONE, 0))
+                if has_secure(content):
+                    reply = self.cloud.handle(unpack_secure(content, self.tenant_of[node], "client"))
+                    if reply is not None:
+                        if done:
+                            raise ProtocolError(f"{step}: the tenant reports done but the step goes on")
+                        return pack_secure(reply)
+                elif not done:
+                    raise ProtocolError(f"{step}: the reply carries neither a step message nor done")
+                finished[node] = content
+            except ProtocolError as exc:
+                self.drop(node, str(exc), phase, active)
+            finally:
+                phase.cloud += time.perf_counter() - tick
+            return None
+
+        replies = self.stream(grid, step, outgoing, server_round, phase, active, answer, riders)
+        if requests:
+            self._take_ahead(next(iter(replies.values()), None), requests, phase)
         return finished
 
     # -- CKKS key rotation ---------------------------------------------------------------------

@@ -11,7 +11,8 @@ the hooks
   cloud drops with a tenant) and :meth:`summary`,
 
 while :meth:`exchange` (one ``send_and_receive`` for all tenants, errors and time-outs turned
-into drop-outs) and :meth:`drop` stay shared. A tenant dropped from a round is selected again
+into drop-outs), :meth:`stream` (every tenant at its own pace, each reply answered when it
+arrives) and :meth:`drop` stay shared. A tenant dropped from a round is selected again
 at the next one.
 """
 
@@ -27,6 +28,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from flower_split.flower.contract import NOT_A_TENANT_CODE
+from flower_split.flower.stream import converse
 from flower_split.flower.strategy_utils import EvalReport, Exchange, RoundReport, SplitResult, describe
 
 Report = RoundReport | EvalReport
@@ -279,6 +281,48 @@ class SplitStrategyBase(ABC):
             if node not in valid and node in active and node not in self.not_tenants:
                 self.drop(node, drop_reason(message_type, None, waited, timeout), phase, active)
         return valid
+
+    def stream(self, grid: Grid, message_type: str, contents: dict[int, RecordDict], server_round: int,
+               phase: Exchange, active: set[int], answer: Callable[[int, RecordDict], RecordDict | None],
+               riders: dict[int, Message] | None = None) -> dict[int, Message]:
+        """Converse with every node in ``contents`` at its own pace (:func:`~flower_split.flower.stream.converse`):
+        each reply is answered as soon as it arrives by ``answer(node, content)``, the node's next
+        content (None: its part is over; a refusal is ``answer``'s to drop). Errors and replies
+        later than ``reply_timeout`` drop the node, as in :meth:`exchange`. ``riders``: messages to
+        other nodes (e.g. secure mode's dealer node) sent with the first ones; their replies are
+        returned by node. The phase counts the longest conversation as its round trips (what
+        lockstep would take) and, as waiting, the time not spent in ``answer``.
+        """
+        riders = {} if riders is None else riders
+        started, answering = time.perf_counter(), [0.0]
+        rider_replies: dict[int, Message] = {}
+
+        def message(node: int, content: RecordDict) -> Message:
+            return Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+
+        def on_reply(reply: Message) -> Message | None:
+            node = reply.metadata.src_node_id
+            if node in riders:
+                rider_replies[node] = reply
+                return None
+            if node not in active:  # dropped meanwhile
+                return None
+            tick = time.perf_counter()
+            try:
+                following = answer(node, reply.content)
+            finally:
+                answering[0] += time.perf_counter() - tick
+            return message(node, following) if following is not None and node in active else None
+
+        def on_fail(node: int, error: Any, waited: float) -> None:
+            if node not in riders and node in active:
+                self.drop(node, drop_reason(message_type, error, waited, self.reply_timeout), phase, active)
+
+        sent = converse(grid, [message(n, c) for n, c in contents.items()] + list(riders.values()), on_reply,
+                        on_fail, self.reply_timeout)
+        phase.round_trips += max((sent[node] for node in contents), default=0)
+        phase.wait += time.perf_counter() - started - answering[0]
+        return rider_replies
 
     def drop(self, node: int, reason: str, phase: Exchange, active: set[int]) -> None:
         """Drop ``node`` from this round and free its in-flight steps on the cloud."""

@@ -65,16 +65,13 @@ class RecordingGrid(LocalGrid):
         super().__init__(client_app, num_nodes, dealer=dealer)
         self.deliveries: list[Delivery] = []
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            before = _copy(self.contexts[node].state)
-            reply = self.client_app(message, self.contexts[node])
-            self.deliveries.append(Delivery(node, message.metadata.message_type, message.content, before, reply,
-                                            _copy(self.contexts[node].state)))
-            replies.append(reply)
-        return replies
+    def deliver(self, message: Message) -> Message | None:  # both lockstep and streamed messages
+        node = message.metadata.dst_node_id
+        before = _copy(self.contexts[node].state)
+        reply = self.client_app(message, self.contexts[node])
+        self.deliveries.append(Delivery(node, message.metadata.message_type, message.content, before, reply,
+                                        _copy(self.contexts[node].state)))
+        return reply
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))

@@ -225,17 +225,13 @@ class LossyGrid(LocalGrid):
         super().__init__(client_app, num_nodes, unpinned=True)
         self.losses = dict(losses)
 
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            meta = message.metadata
-            loss = self.losses.pop((int(meta.group_id), meta.dst_node_id, meta.message_type), None)
-            if loss == "request":
-                continue
-            reply = self.client_app(message, self.contexts[meta.dst_node_id])
-            if loss != "reply":
-                replies.append(reply)
-        return replies
+    def deliver(self, message: Message) -> Message | None:  # both lockstep and streamed messages
+        meta = message.metadata
+        loss = self.losses.pop((int(meta.group_id), meta.dst_node_id, meta.message_type), None)
+        if loss == "request":
+            return None
+        reply = self.client_app(message, self.contexts[meta.dst_node_id])
+        return None if loss == "reply" else reply
 
 
 def _strategy(every: int) -> SecureSplitStrategy:

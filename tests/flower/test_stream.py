@@ -1,0 +1,95 @@
+"""Conversations at each node's own pace (``flower.stream.converse``) over Flower's push/pull Grid API.
+
+A scripted Grid makes the order of events deterministic: a pushed message's reply is there at
+the next pull. Each reply must be answered and the node's next message pushed before the next
+reply is answered (so that node computes while the cloud answers the others); errors, missing
+replies past the timeout and messages that could not be pushed end that node's part only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+from uuid import uuid4
+
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+from flower_helpers import StubGrid
+from flower_split.flower.stream import converse
+
+
+class PacedGrid(StubGrid):
+    """Replies echo the content with the node's count of messages so far; ``silent`` nodes never
+    reply, ``failing`` ones reply with an error, ``unpushable`` ones cannot be pushed to."""
+
+    def __init__(self, silent: Iterable[int] = (), failing: Iterable[int] = (), unpushable: Iterable[int] = ()) -> None:
+        self.silent, self.failing, self.unpushable = set(silent), set(failing), set(unpushable)
+        self.ready: dict[str, Message] = {}
+        self.events: list[tuple[str, int, int]] = []  # ("push" | "answer", node, its message count)
+        self.count: dict[int, int] = {}
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.count[node] = self.count.get(node, 0) + 1
+            self.events.append(("push", node, self.count[node]))
+            if node in self.unpushable:
+                continue
+            mid = uuid4().hex
+            message.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            if node in self.failing:
+                self.ready[mid] = Message(Error(code=0, reason="refused"), reply_to=message)
+            elif node not in self.silent:
+                self.ready[mid] = Message(RecordDict({"n": ConfigRecord({"n": self.count[node]})}), reply_to=message)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.ready.pop(mid) for mid in list(message_ids) if mid in self.ready]
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.count)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        raise NotImplementedError("converse pushes and pulls")
+
+
+def _opening(nodes: Iterable[int]) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=node, message_type="train.x", group_id="1") for node in nodes]
+
+
+def test_each_reply_is_answered_at_once_and_the_node_goes_on_at_its_own_pace(task_identity: None) -> None:
+    grid = PacedGrid()
+    turns = {1: 3, 2: 1, 3: 2}  # how many messages each node gets
+
+    def answer(reply: Message) -> Message | None:
+        node, n = reply.metadata.src_node_id, reply.content["n"]["n"]
+        grid.events.append(("answer", node, n))
+        return _opening([node])[0] if n < turns[node] else None
+
+    failures: list = []
+    sent = converse(grid, _opening(turns), answer, lambda *a: failures.append(a), timeout=5.0)
+    assert dict(sent) == turns and not failures
+    # node 1's second message leaves before node 2's first reply is answered: no lockstep
+    assert grid.events.index(("push", 1, 2)) < grid.events.index(("answer", 2, 1))
+    for node, last in turns.items():  # and every node's replies are answered in its own order
+        assert [n for kind, m, n in grid.events if kind == "answer" and m == node] == list(range(1, last + 1))
+
+
+def test_errors_lost_replies_and_failed_pushes_end_only_that_nodes_part(task_identity: None) -> None:
+    grid = PacedGrid(silent={2}, failing={3}, unpushable={4})
+    failures: dict[int, tuple] = {}
+
+    def answer(reply: Message) -> Message | None:
+        node, n = reply.metadata.src_node_id, reply.content["n"]["n"]
+        return _opening([node])[0] if n < 2 else None
+
+    def fail(node: int, error: Error | None, waited: float) -> None:
+        failures[node] = (error.reason if error is not None else None, waited)
+
+    sent = converse(grid, _opening([1, 2, 3, 4]), answer, fail, timeout=0.05)
+    assert dict(sent) == {1: 2, 2: 1, 3: 1, 4: 1}  # node 1 went on; the others stopped at once
+    assert set(failures) == {2, 3, 4}
+    assert failures[2][0] is None and failures[2][1] > 0.05  # no reply: after the timeout
+    assert failures[3][0] == "refused"
+    assert failures[4] == (None, 0.0)  # never pushed

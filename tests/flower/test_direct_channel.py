@@ -213,6 +213,29 @@ def test_a_malformed_or_mistyped_reply_loses_that_node_only(task_identity: None)
         grid.close()
 
 
+def test_streamed_messages_travel_over_the_channels_and_a_broken_one_gives_an_error_reply(task_identity: None) -> None:
+    """``push_messages`` / ``pull_messages`` (the secure strategy's streamed steps): replies come
+    back over each node's channel as replies to the pushed messages; a node whose channel breaks
+    gets an error reply at once and is lost, the others are not."""
+    grid = _grid_with({1: _echo, 2: lambda conn, data: conn.close()})
+    try:
+        grid.timeout = 10.0
+        messages = [_request(1, 7), _request(2, 8)]
+        ids = list(grid.push_messages(messages))
+        assert ids == [m.metadata.message_id for m in messages]
+        replies: list[Message] = []
+        deadline = time.monotonic() + 10.0
+        while len(replies) < 2 and time.monotonic() < deadline:
+            replies += grid.pull_messages([i for i in ids if i not in {r.metadata.reply_to_message_id for r in replies}])
+            time.sleep(0.01)
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        assert by_node[1].metadata.reply_to_message_id == ids[0] and int(by_node[1].content["echo"]["n"]) == 7
+        assert by_node[2].has_error() and "channel lost" in by_node[2].error.reason
+        assert grid.status == {1: OPEN, 2: LOST} and list(grid.pull_messages(ids)) == []
+    finally:
+        grid.close()
+
+
 def test_a_trickling_tenant_cannot_stretch_the_reply_timeout(task_identity: None) -> None:
     def trickle(conn, data: bytes) -> None:
         for _ in range(40):

@@ -14,12 +14,14 @@ times are compute only; add your transport's latency times the rounds). Reported
   messages cloud -> client.
 
 With ``--matmuls`` it also times every exact ring matmul (the Beaver products on both
-parties and the dealer's triples) by operand shape, to show where the 2PC time goes.
+parties and the dealer's triples) by operand shape, to show where the 2PC time goes. With
+``--items`` it lists the bytes of every item a secure step moves between client and cloud
+(the last step, both directions), largest first, to show where the bytes go.
 ``--set KEY=VALUE`` overrides a RunConfig field for every protocol (e.g. ``tail_bottleneck=64``,
 ``tail_input=pooled``; the split is built with the config's ``tail_input``).
 
 Usage: ``python simulations/bench_secure_step.py [--models tiny minilm] [--batch 32] [--reps 5]
-[--matmuls] [--set tail_bottleneck=64]``
+[--matmuls] [--items] [--set tail_bottleneck=64]``
 """
 
 from __future__ import annotations
@@ -70,6 +72,37 @@ def ring_matmul_times() -> Iterator[dict[tuple, list[float]]]:
         yield times
     finally:
         beaver.ring_matmul = triples.ring_matmul = original
+
+
+@contextlib.contextmanager
+def step_items() -> Iterator[list[tuple[str, str, tuple, int]]]:
+    """(direction, item, shape, bytes) of every item of the client's messages, both ways, for the
+    latest step only (a step's first message starts a new list) while the block runs."""
+    items: list[tuple[str, str, tuple, int]] = []
+    handle, begin = SecureClientParty.handle, SecureClientParty.begin
+
+    def record(direction: str, message) -> None:
+        for name, value in ({} if message is None else message.items).items():
+            size = value.numel() * value.element_size() if isinstance(value, torch.Tensor) else len(value)
+            items.append((direction, name, tuple(getattr(value, "shape", ())), size))
+
+    def recorded_handle(self, message):
+        record("cloud->client", message)
+        reply = handle(self, message)
+        record("client->cloud", reply)
+        return reply
+
+    def recorded_begin(self, *args, **kwargs):
+        items.clear()
+        first = begin(self, *args, **kwargs)
+        record("client->cloud", first)
+        return first
+
+    SecureClientParty.handle, SecureClientParty.begin = recorded_handle, recorded_begin
+    try:
+        yield items
+    finally:
+        SecureClientParty.handle, SecureClientParty.begin = handle, begin
 
 
 def _batch(model: str, batch_size: int, max_length: int):
@@ -150,6 +183,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--matmuls", action="store_true", help="also time the ring matmuls by shape")
+    parser.add_argument("--items", action="store_true", help="also list a secure step's bytes by item")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="RunConfig field for every protocol (repeatable), e.g. --set tail_bottleneck=64")
     args = parser.parse_args()
@@ -157,15 +191,18 @@ def main() -> None:
     overrides = parse_set(args.set)
     rows = []
     matmuls: dict[str, dict[tuple, list[float]]] = {}
+    items: dict[str, list[tuple[str, str, tuple, int]]] = {}
     for model in args.models:
         batch = _batch(model, args.batch, args.max_length)
         shape = f"B={batch.input_ids.shape[0]} T={batch.input_ids.shape[1]}"
         plain = bench_plain(model, batch, args.reps, overrides)
         rows.append((model, shape, "plain", plain, 1.0))
         for mode in ("client", "he"):
-            with ring_matmul_times() if args.matmuls else contextlib.nullcontext({}) as times:
+            with ring_matmul_times() if args.matmuls else contextlib.nullcontext({}) as times, \
+                    step_items() if args.items else contextlib.nullcontext([]) as moved:
                 result = bench_secure(model, batch, args.reps, mode, overrides)
             matmuls[f"{model} secure/{mode}"] = times
+            items[f"{model} secure/{mode}"] = list(moved)
             rows.append((model, shape, f"secure/{mode}", result, result["wall"] / plain["wall"]))
 
     def ms(value):
@@ -189,6 +226,19 @@ def main() -> None:
           + (f" Overrides: {overrides}." if overrides else ""))
     if args.matmuls:
         _print_matmuls(matmuls, args.reps + 1)
+    if args.items:
+        _print_items(items)
+
+
+def _print_items(items: dict[str, list[tuple[str, str, tuple, int]]]) -> None:
+    """A secure step's bytes by item, largest first, with the share of the step's total."""
+    print("\n| protocol | direction | item | shape | KiB | share of the step |")
+    print("|---|---|---|---|---:|---:|")
+    for name, moved in items.items():
+        total = sum(size for *_, size in moved) or 1
+        for direction, item, shape, size in sorted(moved, key=lambda row: -row[3]):
+            print(f"| {name} | {direction} | {item} | {list(shape)} | {size / 1024:,.1f} | {size / total:.1%} |")
+        print(f"| {name} | both | all | | {total / 1024:,.1f} | 100% |")
 
 
 def _print_matmuls(matmuls: dict[str, dict[tuple, list[float]]], steps: int) -> None:

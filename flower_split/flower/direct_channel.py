@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 
 from flower_split.flower.contract import MessageType
 from flower_split.flower.grid_delegate import DelegatingGrid
+from flower_split.flower.stream import MIN_PAUSE, poll_pause
 from flower_split.flower.worker_link import MAX_FRAME_BYTES, WorkerError, recv_frame, send_frame
 from flower_split.transport.pinned_tls import server_context
 
@@ -56,6 +57,7 @@ HANDSHAKE_TIMEOUT = 10.0  # one deadline for TLS handshake and token, per connec
 MAX_ADMITTING = 16        # connections in their handshake at once; more are closed at once
 OPEN, REFUSED, LOST = "open", "refused", "lost"
 CHANNEL_LOST = 4  # the error code of a streamed message whose channel broke: Flower's "reply expired"
+ABANDONED_S = 60.0  # a pushed message's reply is dropped this long after its deadline if never pulled
 
 
 def parse_address(address: str, key: str = "channel-address", wildcard_ok: bool = False) -> tuple[str, int]:
@@ -165,6 +167,8 @@ class ChannelServer:
 class ChannelGrid(DelegatingGrid):
     """A Grid that sends each message over its node's direct channel when it has one (module doc)."""
 
+    poll_pause = MIN_PAUSE  # its own replies are in memory; Flower's are pulled at the wrapped grid's pace
+
     def __init__(self, grid: Grid, address: str, advertise: str = "") -> None:
         super().__init__(grid)
         self.server = ChannelServer(address, advertise)
@@ -172,7 +176,8 @@ class ChannelGrid(DelegatingGrid):
         self.locks: dict[int, threading.Lock] = {}
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="channel")
         self.timeout: float | None = None  # the last send_and_receive's: a pushed message's deadline
-        self._pushed: dict[str, tuple[Message, Future]] = {}  # pushed over a channel, by message id
+        self._pushed: dict[str, tuple[Message, Future, float]] = {}  # over a channel, by id: (message, reply, pushed at)
+        self._pulled_flower = 0.0  # when the wrapped grid was last pulled (no faster than its poll_pause)
         log(20, "direct channel listening on %s:%d, advertised as %s:%d (certificate SHA-256 %s)",
             self.server.host, self.server.port, self.server.public_host, self.server.public_port,
             self.server.fingerprint)
@@ -201,14 +206,18 @@ class ChannelGrid(DelegatingGrid):
         timeout), over Flower otherwise. A node is offered a channel at its next ``send_and_receive``."""
         ids: list[str] = []
         flower = []
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        now = time.monotonic()
+        deadline = None if self.timeout is None else now + self.timeout
+        for mid, (_, future, pushed) in list(self._pushed.items()):  # given up on by the caller long ago
+            if deadline is not None and future.done() and now - pushed > self.timeout + ABANDONED_S:
+                del self._pushed[mid]
         for message in messages:
             if self.status.get(message.metadata.dst_node_id) != OPEN:
                 flower.append(message)
                 continue
             mid = uuid4().hex
             message.metadata.__dict__["_message_id"] = mid
-            self._pushed[mid] = (message, self.pool.submit(self._exchange, message, deadline))
+            self._pushed[mid] = (message, self.pool.submit(self._exchange, message, deadline), now)
             ids.append(mid)
         return ids + [mid for mid in self._grid.push_messages(flower) if mid] if flower else ids
 
@@ -221,11 +230,12 @@ class ChannelGrid(DelegatingGrid):
             if mid not in self._pushed:
                 flower.append(mid)
             elif self._pushed[mid][1].done():
-                message, future = self._pushed.pop(mid)
+                message, future, _ = self._pushed.pop(mid)
                 reply = future.result()
                 replies.append(reply if reply is not None else
                                Message(Error(code=CHANNEL_LOST, reason="direct channel lost"), reply_to=message))
-        if flower:
+        if flower and time.monotonic() - self._pulled_flower >= poll_pause(self._grid):
+            self._pulled_flower = time.monotonic()
             for reply in self._grid.pull_messages(flower):
                 if self.status.get(reply.metadata.src_node_id) == LOST and not reply.has_error():
                     del self.status[reply.metadata.src_node_id]  # back over Flower: offer a new channel

@@ -55,8 +55,13 @@ class PartyCache(Generic[Party]):
         """File ``party`` (its state just saved) for ``key``; the token to store with that state.
         The least recently filed party leaves when the cache is full."""
         token = secrets.token_bytes(TOKEN_BYTES)
-        if self.capacity:
+        self.put_back(token, key, party)
+        return token
+
+    def put_back(self, token: object, key: object, party: Party) -> None:
+        """File again a party taken under ``token`` and left unchanged (a handler that only read
+        it and saved nothing: the state still carries ``token``)."""
+        if self.capacity and isinstance(token, bytes):
             self._entries[token] = (key, party)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
-        return token

@@ -292,10 +292,11 @@ def state_tensor(name: str, array: object) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-ArrayMemo = dict[int, tuple[torch.Tensor, int, Array]]
-"""The Arrays of a party's last save, by tensor id: ``(tensor, version, Array)``. A tensor that
-is the same object at the same ``torch`` version counter (bumped by every in-place write, through
-any view of it) holds the same bytes, so its Array is reused instead of copied again."""
+ArrayMemo = dict[int, tuple[torch.Tensor, tuple, Array]]
+"""The Arrays of a party's last save, by tensor id: ``(tensor, signature, Array)``. A tensor that
+is the same object with the same signature (``torch``'s version counter, bumped by every in-place
+write through any view of it, and its storage, offset, shape, strides and dtype) holds the same
+bytes, so its Array is reused instead of copied again."""
 
 
 def state_to_records(state: Mapping[str, Any], memo: ArrayMemo | None = None) -> tuple[ArrayRecord, ConfigRecord]:
@@ -322,10 +323,12 @@ def _array(path: str, tensor: torch.Tensor, previous: ArrayMemo, current: ArrayM
         version = tensor._version  # torch's in-place write counter, shared by every view of the storage
     except RuntimeError:  # an inference-mode tensor keeps no counter: always copied
         return state_array(path, tensor)
+    signature = (version, tensor.device, tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                 tensor.stride(), tensor.dtype)
     hit = previous.get(id(tensor))
-    array = hit[2] if hit is not None and hit[0] is tensor and hit[1] == version else state_array(path, tensor)
+    array = hit[2] if hit is not None and hit[0] is tensor and hit[1] == signature else state_array(path, tensor)
     if current is not None:
-        current[id(tensor)] = (tensor, version, array)
+        current[id(tensor)] = (tensor, signature, array)
     return array
 
 

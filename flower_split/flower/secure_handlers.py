@@ -116,6 +116,14 @@ def _load(context: Context, data: TenantData, config: RunConfig, settings: Flowe
     return party
 
 
+def _put_back(context: Context, party: SecureClientParty, data: TenantData, config: RunConfig,
+              settings: FlowerSettings) -> None:
+    """File again a party :func:`_load` gave to a handler that only read it (no :func:`_save`)."""
+    meta = context.state.get(SECURE_CONFIG)
+    if meta is not None:
+        PARTIES.put_back(meta.get(LIVE_TOKEN), _party_key(context, data, config, settings), party)
+
+
 def _save(context: Context, party: SecureClientParty, data: TenantData, config: RunConfig,
           settings: FlowerSettings) -> None:
     """Write ``party`` into the state and keep it live for the next message (its handler's last
@@ -244,6 +252,7 @@ def secure_resume(message: Message, context: Context, config: RunConfig, setting
     challenge = read_record(message.content, RecordKey.RESUME, ConfigRecord)
     party = _load(context, data, config, settings)
     proof = party.prove_resume(challenge.get("ephemeral"), challenge.get("nonce"))
+    _put_back(context, party, data, config, settings)
     return RecordDict({RecordKey.RESUME: ConfigRecord({"proof": proof})})
 
 

@@ -330,7 +330,8 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                         return pack_secure(reply)
                 elif not done:
                     raise ProtocolError(f"{step}: the reply carries neither a step message nor done")
-                finished[node] = content
+                if done:
+                    finished[node] = content
             except ProtocolError as exc:
                 self.drop(node, str(exc), phase, active)
             finally:

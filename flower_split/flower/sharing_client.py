@@ -32,7 +32,7 @@ from flower_split.flower.contract import ConfigKey, MessageType, RecordKey, spli
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE
 from flower_split.flower.plain_handlers import _load_party, _save_party
 from flower_split.flower.records import config_value
-from flower_split.flower.secure_handlers import _load, _save
+from flower_split.flower.secure_handlers import _load, _put_back, _save
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.secagg_prg import install as install_full_entropy_masks
 from flower_split.flower.sharing_policy import note_load, sharing_policy_mod
@@ -66,8 +66,9 @@ def share_fit(message: Message, context: Context, config: RunConfig, settings: F
         raise ProtocolError(f"{MessageType.SECAGG}: no {RecordKey.FIT_CONFIG} record")
     names = shared_names(config.security, _scope(message.content.config_records[RecordKey.FIT_CONFIG], settings))
     if halves(config.security):
-        own = _load(context, data, config, settings).halves
-        arrays = [encode_half(own.weights[name]) for name in names]
+        party = _load(context, data, config, settings)
+        arrays = [encode_half(party.halves.weights[name]) for name in names]
+        _put_back(context, party, data, config, settings)
     else:
         party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=True)
         params = _plain_modules(party)

@@ -300,8 +300,7 @@ class SplitStrategyBase(ABC):
         def message(node: int, content: RecordDict) -> Message:
             return Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
 
-        def on_reply(reply: Message) -> Message | None:
-            node = reply.metadata.src_node_id
+        def on_reply(node: int, reply: Message) -> Message | None:
             if node in riders:
                 rider_replies[node] = reply
                 return None

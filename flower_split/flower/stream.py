@@ -8,7 +8,10 @@ answering each reply as soon as it arrives lets the cloud work for one tenant wh
 compute: a round costs about the larger of the two instead of their sum.
 
 Only Flower's ``Grid.push_messages`` / ``pull_messages`` are used, polled with a short pause
-that grows while nothing arrives (``MIN_PAUSE`` to ``MAX_PAUSE``).
+that grows while nothing arrives, from the grid's :func:`poll_pause` to ``MAX_PAUSE``. Flower's
+``HttpGrid`` (a deployment's ServerApp) pulls a reply whose objects are still uploading with a
+back-off of seconds, blocking every other tenant meanwhile, so it is polled at most every
+``HTTP_PAUSE``; in-memory grids and the direct channel as fast as ``MIN_PAUSE``.
 """
 
 from __future__ import annotations
@@ -19,17 +22,32 @@ from typing import Callable, Iterable
 
 from flwr.app import Error, Message
 from flwr.serverapp import Grid
+from flwr.superlink.grid.http_grid import HttpGrid
 
-MIN_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between polls: short after a reply, longer while idle
+MIN_PAUSE, MAX_PAUSE = 0.002, 0.02  # seconds between polls: short after a reply, longer while idle
+HTTP_PAUSE = 0.5  # Flower's HttpGrid: no faster (its own send_and_receive polls every 3 s)
 
 
-def converse(grid: Grid, opening: Iterable[Message], answer: Callable[[Message], Message | None],
+def poll_pause(grid: Grid) -> float:
+    """The shortest pause between polls of ``grid``: its ``poll_pause`` attribute if it has one,
+    else that of the grid it wraps (``_grid``), else ``HTTP_PAUSE`` for Flower's ``HttpGrid`` and
+    ``MIN_PAUSE`` for any other."""
+    pause = getattr(grid, "poll_pause", None)
+    if isinstance(pause, (int, float)):
+        return float(pause)
+    inner = getattr(grid, "_grid", None)
+    if isinstance(inner, Grid):
+        return poll_pause(inner)
+    return HTTP_PAUSE if isinstance(grid, HttpGrid) else MIN_PAUSE
+
+
+def converse(grid: Grid, opening: Iterable[Message], answer: Callable[[int, Message], Message | None],
              fail: Callable[[int, Error | None, float], None], timeout: float | None) -> Counter[int]:
     """Push ``opening`` (one message per node) and answer every reply as it arrives until no
     message is in flight; how many messages each node was sent.
 
-    ``answer(reply)``: the node's next message (to the reply's sender), or None when its part is
-    over. ``fail(node, error, waited)``: a message that could not be pushed (``error`` None,
+    ``answer(node, reply)``: the node's next message, or None when its part is over (``node``:
+    where the message replied to went; a reply from any other node is that node's failure). ``fail(node, error, waited)``: a message that could not be pushed (``error`` None,
     ``waited`` 0), an error reply, or no reply within ``timeout`` seconds of its push (None:
     wait for ever); that node's conversation ends there. ``answer`` and ``fail`` may raise
     nothing: they are the caller's, and handle their own refusals.
@@ -51,28 +69,29 @@ def converse(grid: Grid, opening: Iterable[Message], answer: Callable[[Message],
                 fail(node, None, 0.0)
 
     push(list(opening))
-    pause = MIN_PAUSE
+    shortest = poll_pause(grid)
+    pause = shortest
     while flights:
         replies = list(grid.pull_messages(list(flights)))
         now = time.perf_counter()
-        if not replies:
-            for mid, (node, pushed_at) in list(flights.items()):
-                if timeout is not None and now - pushed_at > timeout:
-                    del flights[mid]
-                    fail(node, None, now - pushed_at)
-            time.sleep(pause)
-            pause = min(2 * pause, MAX_PAUSE)
-            continue
-        pause = MIN_PAUSE
         for reply in replies:
             entry = flights.pop(reply.metadata.reply_to_message_id, None)
             if entry is None:  # not ours, or already given up on
                 continue
             node, pushed_at = entry
-            if reply.has_error():
-                fail(node, reply.error, now - pushed_at)
+            if reply.has_error() or reply.metadata.src_node_id != node:
+                fail(node, reply.error if reply.has_error() else None, now - pushed_at)
                 continue
-            nxt = answer(reply)
-            if nxt is not None:  # pushed at once: the node computes while the cloud answers the others
-                push([nxt])
+            following = answer(node, reply)
+            if following is not None:  # pushed at once: the node computes while the cloud answers the others
+                push([following])
+        for mid, (node, pushed_at) in list(flights.items()):
+            if timeout is not None and now - pushed_at > timeout:
+                del flights[mid]
+                fail(node, None, now - pushed_at)
+        if replies:
+            pause = shortest
+        else:
+            time.sleep(pause)
+            pause = min(2 * pause, max(MAX_PAUSE, shortest))
     return sent

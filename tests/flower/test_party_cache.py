@@ -42,6 +42,8 @@ def test_a_party_is_taken_once_by_its_token_and_key_only() -> None:
     tokens = [cache.keep(("tenant-0", 1), f"p{i}") for i in range(3)]  # capacity 2: the oldest leaves
     assert len(cache) == 2 and cache.take(tokens[0], ("tenant-0", 1)) is None
     assert cache.take(tokens[2], ("tenant-0", 1)) == "p2"
+    cache.put_back(tokens[2], ("tenant-0", 1), "p2")  # a read-only handler files it again, same token
+    assert cache.take(tokens[2], ("tenant-0", 1)) == "p2"
     off: PartyCache[str] = PartyCache(capacity=0)
     assert off.take(off.keep("k", "party"), "k") is None
     with pytest.raises(ValueError, match="capacity"):

@@ -62,8 +62,8 @@ def test_each_reply_is_answered_at_once_and_the_node_goes_on_at_its_own_pace(tas
     grid = PacedGrid()
     turns = {1: 3, 2: 1, 3: 2}  # how many messages each node gets
 
-    def answer(reply: Message) -> Message | None:
-        node, n = reply.metadata.src_node_id, reply.content["n"]["n"]
+    def answer(node: int, reply: Message) -> Message | None:
+        n = reply.content["n"]["n"]
         grid.events.append(("answer", node, n))
         return _opening([node])[0] if n < turns[node] else None
 
@@ -80,8 +80,8 @@ def test_errors_lost_replies_and_failed_pushes_end_only_that_nodes_part(task_ide
     grid = PacedGrid(silent={2}, failing={3}, unpushable={4})
     failures: dict[int, tuple] = {}
 
-    def answer(reply: Message) -> Message | None:
-        node, n = reply.metadata.src_node_id, reply.content["n"]["n"]
+    def answer(node: int, reply: Message) -> Message | None:
+        n = reply.content["n"]["n"]
         return _opening([node])[0] if n < 2 else None
 
     def fail(node: int, error: Error | None, waited: float) -> None:

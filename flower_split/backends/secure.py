@@ -114,7 +114,7 @@ class SecureBackend(SecurityBackend):
         return SecureSplitStrategy(cloud, dealer, settings.local_steps, min_nodes=settings.min_nodes,
                                    reply_timeout=settings.reply_timeout, global_eval=settings.global_eval,
                                    he_key_rotation_every=settings.he_key_rotation_every,
-                                   node_wait_timeout=settings.node_wait_timeout)
+                                   node_wait_timeout=settings.node_wait_timeout, step_pace=settings.step_pace)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:

@@ -27,6 +27,8 @@ REPLY_EXPIRED = 4  # flwr.common.constant.ErrorCode.REPLY_MESSAGE_UNAVAILABLE
 class LocalGrid(Grid):
     """Nodes ``1..len(node_configs)`` (node id -> node config), all served by ``client_app``."""
 
+    shares_machine = True  # every party in this process (flower.stream.shares_machine)
+
     def __init__(self, client_app: Callable[[Message, Context], Message],
                  node_configs: Mapping[int, Mapping[str, Any]], run_id: int = 1) -> None:
         self.client_app = client_app

@@ -64,6 +64,8 @@ from flower_split.flower.contract import CLASS_COUNT_KEYS, ConfigKey, MessageTyp
 from flower_split.flower.records import config_value, read_metrics
 from flower_split.flower.dealer_link import DealerLink
 from flower_split.flower.secure_admission import SecureAdmission
+from flower_split.flower.settings import STEP_PACES
+from flower_split.flower.stream import shares_machine
 from flower_split.flower.secure_records import has_secure, pack_secure, unpack_key_rotation, unpack_secure
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.strategy_utils import EvalReport, EvalTally, Exchange, RoundReport
@@ -84,8 +86,11 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
 
     def __init__(self, cloud: SecureCloudParty, dealer: DealerLink, local_steps: int,
                  min_nodes: int = 2, reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0,
-                 global_eval: bool = True, he_key_rotation_every: int = 0) -> None:
+                 global_eval: bool = True, he_key_rotation_every: int = 0, step_pace: str = "auto") -> None:
         super().__init__(cloud, local_steps, min_nodes, reply_timeout, node_wait_timeout, global_eval)
+        if step_pace not in STEP_PACES:
+            raise ValueError(f"step_pace must be one of {STEP_PACES}, got {step_pace!r}")
+        self.step_pace = step_pace
         if not isinstance(he_key_rotation_every, int) or isinstance(he_key_rotation_every, bool) \
                 or he_key_rotation_every < 0:
             raise ValueError(f"he_key_rotation_every must be an integer >= 0, got {he_key_rotation_every!r}")
@@ -307,8 +312,9 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                    phase: Exchange, active: set[int], ahead: bool = False) -> dict[int, RecordDict]:
         """Exchange the steps' messages until every tenant's step is over; the final replies.
 
-        Each tenant goes at its own pace (:meth:`stream`): the cloud answers a tenant's message
-        as soon as it arrives, while the others compute. ``ahead``: the dealer's material for
+        ``step_pace`` (:class:`~flower_split.flower.settings.FlowerSettings`): each tenant at its
+        own pace (:meth:`stream`: the cloud answers a tenant's message as soon as it arrives while
+        the others compute) or all together (:meth:`lockstep`). ``ahead``: the dealer's material for
         every tenant's next training step rides along with the first messages (no round trip of
         its own at the next step's begin)."""
         step = MessageType.SECURE_TRAIN_NEXT if train else MessageType.SECURE_EVAL_NEXT
@@ -338,7 +344,9 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 phase.cloud += time.perf_counter() - tick
             return None
 
-        replies = self.stream(grid, step, outgoing, server_round, phase, active, answer, riders)
+        streamed = self.step_pace == "stream" or (self.step_pace == "auto" and not shares_machine(grid))
+        pace = self.stream if streamed else self.lockstep
+        replies = pace(grid, step, outgoing, server_round, phase, active, answer, riders)
         if requests:
             self._take_ahead(next(iter(replies.values()), None), requests, phase)
         return finished

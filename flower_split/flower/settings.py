@@ -26,6 +26,9 @@ personal), or everything with the classifier (each tenant keeps its last round's
 
 
 
+STEP_PACES = ("auto", "lockstep", "stream")
+
+
 def shared_run_name(name: str, share: str) -> str:
     """A split run's name with its sharing scope (``split-plain-share-tail``); unchanged without."""
     return name if share == "none" else f"{name}-share-{share}"
@@ -104,6 +107,11 @@ class FlowerSettings:
     ``share-threshold`` (SecAgg+'s reconstruction threshold as a fraction of the tenants in the
     aggregation, at least 2 of them: the aggregate survives up to ``n - max(2, round(f * n))``
     drop-outs; default 0.5),
+    ``step-pace`` (secure steps: ``lockstep``, every tenant's message of a stage sent and
+    answered together; ``stream``, each tenant at its own pace, its reply answered as soon as
+    it arrives, :mod:`flower_split.flower.stream`; ``auto`` (default): lockstep where every
+    party shares the ServerApp's machine (Flower's simulation, the in-process grid), stream
+    otherwise (a deployment: the tenants compute on their own machines)),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`), ``private`` (the recommended secure setting,
     ``flower_split.config.PRIVATE``; a tenant insists on it with its node config ``private``).
@@ -136,6 +144,7 @@ class FlowerSettings:
     channel_advertise: str = ""
     share: str = "none"
     share_threshold: float = 0.5
+    step_pace: str = "auto"
     quick: bool = False
     private: bool = False
 
@@ -170,6 +179,8 @@ class FlowerSettings:
                 raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
         if self.channel_advertise and not self.channel_address:
             raise ConfigError("channel-advertise: set channel-address too (where the ServerApp listens)")
+        if self.step_pace not in STEP_PACES:
+            raise ConfigError(f"step-pace: expected one of {', '.join(STEP_PACES)}, got {self.step_pace!r}")
         if self.share not in SHARE_SCOPES:
             raise ConfigError(f"share: expected one of {', '.join(SHARE_SCOPES)}, got {self.share!r}")
         if isinstance(self.share_threshold, bool) or not isinstance(self.share_threshold, (int, float)) \

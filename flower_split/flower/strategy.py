@@ -323,6 +323,24 @@ class SplitStrategyBase(ABC):
         phase.wait += time.perf_counter() - started - answering[0]
         return rider_replies
 
+    def lockstep(self, grid: Grid, message_type: str, contents: dict[int, RecordDict], server_round: int,
+                 phase: Exchange, active: set[int], answer: Callable[[int, RecordDict], RecordDict | None],
+                 riders: dict[int, Message] | None = None) -> dict[int, Message]:
+        """:meth:`stream`'s contract, in lockstep: one :meth:`exchange` for every node with a
+        message, all replies answered, then the next exchange. ``riders`` go with the first."""
+        riders = dict(riders or {})
+        rider_replies: dict[int, Message] = {}
+        while contents:
+            replies = self.exchange(grid, message_type, contents, server_round, phase, active, riders)
+            rider_replies.update(riders)
+            riders = {}
+            contents = {}
+            for node, content in replies.items():
+                following = answer(node, content)
+                if following is not None and node in active:
+                    contents[node] = following
+        return rider_replies
+
     def drop(self, node: int, reason: str, phase: Exchange, active: set[int]) -> None:
         """Drop ``node`` from this round and free its in-flight steps on the cloud."""
         tenant = self.tenant_of.get(node)

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 from flwr.app import Error, Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 MIN_PAUSE, MAX_PAUSE = 0.002, 0.02  # seconds between polls: short after a reply, longer while idle
 HTTP_PAUSE = 0.5  # Flower's HttpGrid: no faster (its own send_and_receive polls every 3 s)
@@ -39,6 +40,21 @@ def poll_pause(grid: Grid) -> float:
     if isinstance(inner, Grid):
         return poll_pause(inner)
     return HTTP_PAUSE if isinstance(grid, HttpGrid) else MIN_PAUSE
+
+
+def innermost(grid: Grid) -> Grid:
+    """The grid under every wrapper (each wrapper keeps the grid it wraps as ``_grid``)."""
+    inner = getattr(grid, "_grid", None)
+    return innermost(inner) if isinstance(inner, Grid) else grid
+
+
+def shares_machine(grid: Grid) -> bool:
+    """Whether every party runs on the ServerApp's machine: Flower's simulation (its in-memory
+    grid) or a grid that says so (``shares_machine = True``: the in-process grid). There the
+    tenants' work competes with the cloud's for the same cores, and overlapping them was
+    measured slower than lockstep on a 2-core VM (docs/BENCHMARKS.md)."""
+    inner = innermost(grid)
+    return isinstance(inner, InMemoryGrid) or bool(getattr(inner, "shares_machine", False))
 
 
 def converse(grid: Grid, opening: Iterable[Message], answer: Callable[[int, Message], Message | None],

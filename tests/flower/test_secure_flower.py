@@ -126,11 +126,11 @@ def _model_weights(grid: LocalGrid, strategy: SecureSplitStrategy, node: int) ->
     return {k: decode(client["halves"]["weights"][k] + cloud[k]) for k in cloud}
 
 
-@pytest.mark.parametrize("mode", ["he", "client"])
-def test_secure_strategy_trains_every_tenant(mode: str, task_identity: None, tmp_path) -> None:
+@pytest.mark.parametrize("mode,pace", [("he", "auto"), ("client", "auto"), ("client", "stream")])
+def test_secure_strategy_trains_every_tenant(mode: str, pace: str, task_identity: None, tmp_path) -> None:
     config = {**SECURE, "label-protection": mode}
     grid = LocalGrid(make_client_app(config), 2, dealer=tmp_path)
-    strategy = _strategy()
+    strategy = _strategy(step_pace=pace)  # auto: lockstep on the in-process grid
     reports: list = []
     strategy.start(grid, 2, eval_every=1, eval_initial=True, on_report=reports.append)
     rounds = [r for r in reports if isinstance(r, RoundReport)]

@@ -13,8 +13,13 @@ from uuid import uuid4
 
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from flower_helpers import StubGrid
-from flower_split.flower.stream import converse
+import pytest
+
+from flower_helpers import LocalGrid, StubGrid
+from flower_split.config import ConfigError
+from flower_split.flower.metering import MeteredGrid
+from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.stream import HTTP_PAUSE, MIN_PAUSE, converse, poll_pause, shares_machine
 
 
 class PacedGrid(StubGrid):
@@ -93,3 +98,14 @@ def test_errors_lost_replies_and_failed_pushes_end_only_that_nodes_part(task_ide
     assert failures[2][0] is None and failures[2][1] > 0.05  # no reply: after the timeout
     assert failures[3][0] == "refused"
     assert failures[4] == (None, 0.0)  # never pushed
+
+
+def test_the_pace_follows_where_the_parties_run() -> None:
+    """``step-pace = auto``: lockstep where every party shares the ServerApp's machine (the
+    in-process grid, Flower's simulation), streamed over any other grid; wrappers see through."""
+    local = LocalGrid(lambda message, context: None, 1)
+    assert shares_machine(local) and shares_machine(MeteredGrid(local))
+    assert not shares_machine(PacedGrid()) and poll_pause(MeteredGrid(PacedGrid())) == MIN_PAUSE
+    assert HTTP_PAUSE > MIN_PAUSE
+    with pytest.raises(ConfigError, match="step-pace"):
+        settings_from_run_config({"step-pace": "sometimes"})

@@ -101,9 +101,9 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         self._rekey_due: set[str] = set()  # tenants whose CKKS keys are to be rotated
 
     def summary(self) -> None:
-        log(INFO, "SecureSplitStrategy: %d steps per tenant and round, one step in flight per tenant, "
-                  "min %d tenants, reply timeout %s s, CKKS key rotation %s", self.local_steps, self.min_nodes,
-            self.reply_timeout,
+        log(INFO, "SecureSplitStrategy: %d steps per tenant and round, one step in flight per tenant (step pace %s), "
+                  "min %d tenants, reply timeout %s s, CKKS key rotation %s", self.local_steps, self.step_pace,
+            self.min_nodes, self.reply_timeout,
             f"every {self.he_key_rotation_every} rounds" if self.he_key_rotation_every else "off")
 
     def forget_step(self, tenant: str) -> None:

@@ -58,6 +58,12 @@ def drop_reason(message_type: str, error: Any, waited: float, timeout: float | N
     return f"{message_type}: error reply: {cause}, after {waited:.1f} s ({error.reason})"
 
 
+def stage_message(node: int, content: RecordDict, message_type: str, server_round: int) -> Message:
+    """A stage's message to ``node`` (grouped by its round), as :meth:`SplitStrategyBase.exchange`
+    and :meth:`SplitStrategyBase.stream` send it."""
+    return Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+
+
 class SplitStrategyBase(ABC):
     """What every split strategy shares.
 
@@ -249,8 +255,7 @@ class SplitStrategyBase(ABC):
         riders = {} if riders is None else riders
         if not contents and not riders:
             return {}
-        messages = [Message(content=content, dst_node_id=node, message_type=message_type,
-                            group_id=str(server_round)) for node, content in contents.items()]
+        messages = [stage_message(node, content, message_type, server_round) for node, content in contents.items()]
         messages += list(riders.values())
         started = time.perf_counter()
         timeout = self.reply_timeout if timeout is None else timeout  # shorter for admission queries
@@ -297,9 +302,6 @@ class SplitStrategyBase(ABC):
         started, answering = time.perf_counter(), [0.0]
         rider_replies: dict[int, Message] = {}
 
-        def message(node: int, content: RecordDict) -> Message:
-            return Message(content=content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
-
         def on_reply(node: int, reply: Message) -> Message | None:
             if node in riders:
                 rider_replies[node] = reply
@@ -311,14 +313,16 @@ class SplitStrategyBase(ABC):
                 following = answer(node, reply.content)
             finally:
                 answering[0] += time.perf_counter() - tick
-            return message(node, following) if following is not None and node in active else None
+            if following is None or node not in active:
+                return None
+            return stage_message(node, following, message_type, server_round)
 
         def on_fail(node: int, error: Any, waited: float) -> None:
             if node not in riders and node in active:
                 self.drop(node, drop_reason(message_type, error, waited, self.reply_timeout), phase, active)
 
-        sent = converse(grid, [message(n, c) for n, c in contents.items()] + list(riders.values()), on_reply,
-                        on_fail, self.reply_timeout)
+        opening = [stage_message(n, c, message_type, server_round) for n, c in contents.items()]
+        sent = converse(grid, opening + list(riders.values()), on_reply, on_fail, self.reply_timeout)
         phase.round_trips += max((sent[node] for node in contents), default=0)
         phase.wait += time.perf_counter() - started - answering[0]
         return rider_replies

@@ -53,7 +53,13 @@ class PartyCache(Generic[Party]):
 
     def keep(self, key: object, party: Party) -> bytes:
         """File ``party`` (its state just saved) for ``key``; the token to store with that state.
-        The least recently filed party leaves when the cache is full."""
+
+        Any other party filed for ``key`` leaves: only the newest state of a tenant can be taken
+        back, and an older one (its save lost, e.g. a message whose reply Flower discarded) would
+        otherwise hold its memory until ``capacity`` newer saves pushed it out. The least recently
+        filed party leaves when the cache is full."""
+        for stale in [t for t, (k, _) in self._entries.items() if k == key]:
+            del self._entries[stale]
         token = secrets.token_bytes(TOKEN_BYTES)
         self.put_back(token, key, party)
         return token

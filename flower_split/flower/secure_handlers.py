@@ -95,8 +95,9 @@ LIVE_TOKEN = "live-token"  # in SECURE_CONFIG: the token of the live party this 
 
 
 def _party_key(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings) -> tuple:
-    """What a party was built from: a live party serves only a message of the same key."""
-    return data.tenant, config, settings, dict(context.node_config)
+    """What a party was built from: a live party serves only a message of the same key (the
+    same run, too: a tenant's new save drops its older live party, and two runs must not)."""
+    return context.run_id, data.tenant, config, settings, dict(context.node_config)
 
 
 def _load(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings) -> SecureClientParty:

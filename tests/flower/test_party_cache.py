@@ -39,15 +39,28 @@ def test_a_party_is_taken_once_by_its_token_and_key_only() -> None:
     assert cache.take(b"\x00" * 16, ("tenant-0", 1)) is None and cache.take(None, ("tenant-0", 1)) is None
     assert cache.take(token, ("tenant-0", 1)) == "party"
     assert cache.take(token, ("tenant-0", 1)) is None  # taken: gone until filed again
-    tokens = [cache.keep(("tenant-0", 1), f"p{i}") for i in range(3)]  # capacity 2: the oldest leaves
+    tokens = [cache.keep((f"tenant-{i}", 1), f"p{i}") for i in range(3)]  # capacity 2: the oldest leaves
     assert len(cache) == 2 and cache.take(tokens[0], ("tenant-0", 1)) is None
-    assert cache.take(tokens[2], ("tenant-0", 1)) == "p2"
-    cache.put_back(tokens[2], ("tenant-0", 1), "p2")  # a read-only handler files it again, same token
-    assert cache.take(tokens[2], ("tenant-0", 1)) == "p2"
+    assert cache.take(tokens[2], ("tenant-2", 1)) == "p2"
+    cache.put_back(tokens[2], ("tenant-2", 1), "p2")  # a read-only handler files it again, same token
+    assert cache.take(tokens[2], ("tenant-2", 1)) == "p2"
     off: PartyCache[str] = PartyCache(capacity=0)
     assert off.take(off.keep("k", "party"), "k") is None
     with pytest.raises(ValueError, match="capacity"):
         PartyCache(capacity=-1)
+
+
+def test_a_new_save_of_a_tenant_drops_its_older_live_party() -> None:
+    """A save whose state was lost (its reply discarded) leaves a party no state can take back:
+    the tenant's next save drops it instead of letting it hold memory until capacity pushes it out."""
+    cache: PartyCache[str] = PartyCache(capacity=8)
+    lost = cache.keep(("tenant-0", 1), "old")
+    other = cache.keep(("tenant-1", 1), "other")
+    newest = cache.keep(("tenant-0", 1), "new")
+    assert len(cache) == 2
+    assert cache.take(lost, ("tenant-0", 1)) is None
+    assert cache.take(other, ("tenant-1", 1)) == "other"  # another tenant's party is untouched
+    assert cache.take(newest, ("tenant-0", 1)) == "new"
 
 
 def _same(a: Any, b: Any, path: str) -> list[str]:

@@ -21,6 +21,11 @@ Each final model is scored on the tenant's own test split four ways:
   everyone's label frequencies (``p_all`` would need the tenants' summed label counts, e.g. one
   more SecAgg+ sum).
 
+``--offset`` trains each tenant with that same log-frequency vector added to its logits (a fixed,
+personal, never averaged offset: logit adjustment as in FedLC), so local training does not have to
+pull the shared classifier towards the tenant's prior; its own predictions are then the ``prior``
+column (``plain`` drops the offset).
+
 Fidelity is checked against the measured split runs (docs/BENCHMARKS.md, issue 18): run it for
 the rounds those ran and compare the ``plain`` column.
 
@@ -38,29 +43,20 @@ import torch
 import torch.nn.functional as F
 
 from flower_split.config import RunConfig
-from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import TenantSplits, tenant_splits
-from flower_split.model import load_tokenizer
 from flower_split.protocol.optim import lr_factor
-from flower_split.train.probes import pooled_features
+from flower_split.train.probes import cached_features
 
 SCORES = ("plain", "classes", "prior", "prior/global")
 
 
-def features(config: RunConfig, splits: TenantSplits, cache: Path) -> dict[str, torch.Tensor]:
-    """The frozen body's mean-pooled train and test features (cached: tenant_ceiling.py's file)."""
-    if cache.exists():
-        return torch.load(cache)
-    tokenizer = load_tokenizer(config.model)
-    feats = {name: pooled_features(config.model, TokenizedDataset(data, tokenizer, config.max_length))
-             for name, data in (("train", splits.train), ("test", splits.test))}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(feats, cache)
-    return feats
+def log_frequencies(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The log of a tenant's Laplace-smoothed label frequencies [classes]."""
+    return torch.log((torch.bincount(labels, minlength=num_classes).float() + 1) / (len(labels) + num_classes))
 
 
 def train(splits: TenantSplits, feats: dict[str, torch.Tensor], rounds: int, share: bool, final: str,
-          lr: float, seed: int, batch_size: int = 32, momentum: float = 0.9,
+          lr: float, seed: int, offset: bool = False, batch_size: int = 32, momentum: float = 0.9,
           warmup: float = 0.06) -> list[torch.nn.Linear]:
     """Every tenant's final linear classifier after ``rounds`` rounds of one local epoch."""
     torch.manual_seed(seed)
@@ -73,6 +69,7 @@ def train(splits: TenantSplits, feats: dict[str, torch.Tensor], rounds: int, sha
     rows = [torch.tensor(r, dtype=torch.long) for r in splits.train_rows]
     totals = [rounds * math.ceil(len(r) / batch_size) for r in rows]
     done = [0] * len(rows)
+    offsets = [log_frequencies(y[r], splits.num_classes) if offset else torch.zeros(splits.num_classes) for r in rows]
     generator = torch.Generator().manual_seed(seed)
     for round_index in range(rounds):
         for k, (model, optimizer, own) in enumerate(zip(models, optimizers, rows)):
@@ -82,7 +79,7 @@ def train(splits: TenantSplits, feats: dict[str, torch.Tensor], rounds: int, sha
                 for group in optimizer.param_groups:
                     group["lr"] = lr * lr_factor(done[k], totals[k], warmup)
                 optimizer.zero_grad()
-                F.cross_entropy(model(x[batch]), y[batch]).backward()
+                F.cross_entropy(model(x[batch]) + offsets[k], y[batch]).backward()
                 optimizer.step()
                 done[k] += 1
         if share and (round_index < rounds - 1 or final == "average"):
@@ -104,7 +101,7 @@ def scores(splits: TenantSplits, feats: dict[str, torch.Tensor], models: list[to
     with torch.no_grad():
         for model, train_rows, test_rows in zip(models, splits.train_rows, splits.test_rows):
             counts = torch.bincount(y_train[train_rows], minlength=classes).float()
-            log_own = torch.log((counts + 1) / (counts.sum() + classes))
+            log_own = log_frequencies(y_train[train_rows], classes)
             mask = torch.where(counts > 0, 0.0, float("-inf"))
             logp = torch.log_softmax(model(feats["test"][test_rows]), 1)
             truth = y_test[test_rows]
@@ -125,6 +122,8 @@ def main() -> None:
     parser.add_argument("--final", nargs="+", default=["local"], choices=["local", "average"],
                         help="local: each tenant keeps its last round's copy (share = 'all'); average: "
                              "the last round is averaged too")
+    parser.add_argument("--offset", action="store_true",
+                        help="train with the tenant's log label frequencies added to its logits")
     parser.add_argument("--lr", type=float, default=0.5, help="the classifier's learning rate (lr_classifier)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--cache", type=Path, default=Path("runs/tenant_ceiling_features.pt"),
@@ -133,14 +132,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = RunConfig.from_mapping({"model": args.model, "dataset": "banking77", "seed": args.seed}).validate()
     splits = tenant_splits(config, args.partition, args.num_clients)
-    feats = features(config, splits, args.cache)
+    feats = cached_features(config, splits, args.cache)
     print("| share | final | rounds | " + " | ".join(SCORES) + " | s |")
     print("|---|---|---:|" + "---:|" * (len(SCORES) + 1))
     for share in args.share:
         for final in (args.final if share == "all" else ["local"]):
             for rounds in (int(r) for r in args.rounds.split(",")):
                 started = time.perf_counter()
-                result = scores(splits, feats, train(splits, feats, rounds, share == "all", final, args.lr, args.seed))
+                result = scores(splits, feats, train(splits, feats, rounds, share == "all", final, args.lr, args.seed,
+                                                      args.offset))
                 print(f"| {share} | {final if share == 'all' else '-'} | {rounds} | "
                       + " | ".join(f"{result[name]:.2%}" for name in SCORES)
                       + f" | {time.perf_counter() - started:.0f} |", flush=True)

@@ -32,10 +32,8 @@ from pathlib import Path
 import torch
 
 from flower_split.config import RunConfig
-from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import tenant_splits
-from flower_split.model import load_tokenizer
-from flower_split.train.probes import PROBES, pooled_features, sgd_probe_accuracy, tenant_probes
+from flower_split.train.probes import PROBES, cached_features, sgd_probe_accuracy, tenant_probes
 
 
 def main() -> None:
@@ -54,14 +52,7 @@ def main() -> None:
     config = RunConfig.from_mapping({"model": args.model, "dataset": "banking77", "seed": args.seed}).validate()
     splits = tenant_splits(config, args.partition, args.num_clients)
     started = time.perf_counter()
-    if args.cache.exists():
-        feats = torch.load(args.cache)
-    else:
-        tokenizer = load_tokenizer(config.model)
-        feats = {name: pooled_features(config.model, TokenizedDataset(data, tokenizer, config.max_length))
-                 for name, data in (("train", splits.train), ("test", splits.test))}
-        args.cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(feats, args.cache)
+    feats = cached_features(config, splits, args.cache)
     probes = tenant_probes(splits, feats, args.seed)
     print(f"pooled probe (weight decay {probes.weight_decays['pooled']:g}): whole test set "
           f"{probes.pooled_whole_test:.4f}")

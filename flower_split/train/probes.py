@@ -19,14 +19,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
 from flower_split.data.tenants import TenantSplits
-from flower_split.model import load_encoder, masked_mean, split_encoder
+from flower_split.model import load_encoder, load_tokenizer, masked_mean, split_encoder
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
 from flower_split.train.metrics import macro_f1
 
@@ -45,6 +47,19 @@ def pooled_features(model: str, dataset: TokenizedDataset, batch_size: int = 64,
         h = body(embedder(batch.input_ids), batch.attention_mask)
         out.append(masked_mean(h, batch.attention_mask))
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def cached_features(config: RunConfig, splits: TenantSplits, cache: Path) -> dict[str, torch.Tensor]:
+    """:func:`pooled_features` of ``splits``' train and test rows, loaded from ``cache`` when it
+    exists, else computed (minutes on a CPU for Banking77) and saved there."""
+    if cache.exists():
+        return torch.load(cache)
+    tokenizer = load_tokenizer(config.model)
+    feats = {name: pooled_features(config.model, TokenizedDataset(data, tokenizer, config.max_length))
+             for name, data in (("train", splits.train), ("test", splits.test))}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, cache)
+    return feats
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,

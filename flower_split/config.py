@@ -76,6 +76,9 @@ class RunConfig:
     lr_classifier: float | None = None  # the tail's classifier; None: lr_tail
     weight_decay: float = 0.0
     warmup_fraction: float = 0.06
+    # each tenant adds the log of its own label frequencies to its logits, in training and in
+    # prediction (flower_split.model.prior; personal, never averaged); split-plain and FedAvg runs
+    prior_offset: bool = False
     # label-DP (docs/PRIVACY.md): Gaussian noise multiplier on g = dL/dz (0 = off), and its delta
     label_dp_noise: float = 0.0
     label_dp_delta: float = 1e-5
@@ -129,7 +132,12 @@ class RunConfig:
                 raise ConfigError(f"{name}: expected a number in [{low}, {high}), got {value!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.prior_offset, bool):
+            raise ConfigError(f"prior_offset: expected true or false, got {self.prior_offset!r}")
         self._validate_privacy()
+        if self.prior_offset and (self.label_dp_noise or self.label_rr_epsilon):
+            raise ConfigError("prior_offset: the offset is computed from the tenant's true labels, outside "
+                              "the label-DP guarantee; turn it off or set label_dp_noise = label_rr_epsilon = 0")
         return self
 
     def _validate_privacy(self) -> None:

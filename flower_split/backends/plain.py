@@ -21,7 +21,7 @@ from flower_split.flower.plain_strategy import SplitStrategy
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.tenant import Handler
-from flower_split.model import Body, adapter_random, build_split
+from flower_split.model import Body, adapter_random, build_split, log_label_frequencies
 from flower_split.protocol import ClientParty, CloudParty
 from flower_split.protocol.input_noise import input_noise_summary
 from flower_split.train.driver import run_in_process
@@ -52,7 +52,8 @@ class PlainBackend(SecurityBackend):
         device = select_device(config.device)
         parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
                             config.activation, config.seed, config.tail_input,
-                            adapter_random(config.insecure_reproducible_init, config.seed))
+                            adapter_random(config.insecure_reproducible_init, config.seed),
+                            log_label_frequencies(train.labels, num_classes) if config.prior_offset else None)
         steps = -(-len(train) // config.batch_size) * config.epochs
         client = ClientParty("tenant-0", parts.embedder, parts.head, parts.tail, config, steps, device)
         cloud = CloudParty(parts.body, device)

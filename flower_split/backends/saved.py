@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from flower_split.config import ConfigError, RunConfig
 from flower_split.model import SplitParts, build_split
 from flower_split.state import (
@@ -85,8 +87,10 @@ def load_common(root: str | Path, tenant: str) -> SavedRun:
                          f"{meta.get('security')!r}")
     if tenant not in cloud.meta.get("tenants", []):
         raise StateError(f"{cloud.meta_file}: the cloud holds no state of tenant {tenant!r}")
+    # a prior offset is saved with the tail: a placeholder here, overwritten when the state loads
     parts = build_split(config.model, len(label_names), config.head_rank, config.tail_bottleneck,
-                        config.activation, config.seed, config.tail_input)
+                        config.activation, config.seed, config.tail_input,
+                        prior=torch.zeros(len(label_names)) if config.prior_offset else None)
     body_sha = parts.body.fingerprint()
     check_fingerprint(cloud.meta_file, "body", cloud.meta.get("body_sha256"), body_sha)
     check_fingerprint(saved.meta_file, "body", meta.get("body_sha256"), body_sha)

@@ -49,6 +49,9 @@ class SecureBackend(SecurityBackend):
                               "which only a linear rule (sgd with momentum) keeps exact; use 'sgd'")
         if config.activation != "quad":
             raise ConfigError("activation: secure mode evaluates the adapters in 2PC and needs 'quad'")
+        if config.prior_offset:
+            raise ConfigError("prior_offset: not available in secure mode yet (the offset would have to enter "
+                              "the shared logits under every label protection); set it to false")
 
     def validate_flower(self, config: RunConfig, settings: FlowerSettings) -> None:
         super().validate_flower(config, settings)

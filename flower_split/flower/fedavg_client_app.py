@@ -50,6 +50,7 @@ from flower_split.flower.fedavg_training import (
 )
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.tenant import TenantRows, tenant_rows
+from flower_split.model import log_label_frequencies
 
 ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 PERSONALIZE = "personalize"  # the message type train.personalize
@@ -100,8 +101,11 @@ def _local_only(record: ConfigRecord) -> bool:
 
 
 def _load_model(context: Context, config: RunConfig, data: TenantRows, arrays: ArrayRecord, local: bool) -> Any:
-    """The model with the message's parameters, or (local-only) this tenant's own, once it has them."""
+    """The model with the message's parameters, or (local-only) this tenant's own, once it has them,
+    and this tenant's prior offset (``prior_offset``; the process's model serves every tenant)."""
     model = model_for(config, data.num_classes)
+    model.prior = (log_label_frequencies(data.train.labels, data.num_classes).to(model.classifier.weight.device)
+                   if config.prior_offset else None)
     if local and LOCAL_MODEL in context.state:
         load_trainable(model, context.state[LOCAL_MODEL])
     elif local and not len(arrays):

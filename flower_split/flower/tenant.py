@@ -35,7 +35,10 @@ from flower_split.flower.node_state import mirrored, node_state_dir, restored, r
 from flower_split.flower.records import config_value
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.flower.sharing_views import PHASE_STATE
-from flower_split.model import Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, split_encoder
+from flower_split.model import (
+    Embedder, HeadAdapter, TailAdapter, adapter_random, hidden_size, load_encoder, load_tokenizer, log_label_frequencies,
+    split_encoder,
+)
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.label_rr import RandomizedLabels
 from flower_split.state import StateError
@@ -136,8 +139,9 @@ def new_adapters(data: TenantData, config: RunConfig) -> tuple[HeadAdapter, Tail
     """
     rng = adapter_random(config.insecure_reproducible_init, config.seed, data.partition_id)
     head = HeadAdapter(data.dim, config.head_rank, config.activation, rng)
+    prior = log_label_frequencies(data.train.labels, data.num_classes) if config.prior_offset else None
     tail = TailAdapter(data.dim, config.tail_bottleneck, data.num_classes, config.activation,
-                       config.tail_input, rng)
+                       config.tail_input, rng, prior)
     return head, tail
 
 

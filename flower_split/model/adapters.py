@@ -133,8 +133,11 @@ class TailAdapter(nn.Module):
     """
 
     def __init__(self, dim: int, bottleneck: int, num_classes: int, activation: str = "quad",
-                 tail_input: str = "tokens", rng: InitRandom | None = None) -> None:
+                 tail_input: str = "tokens", rng: InitRandom | None = None,
+                 prior: torch.Tensor | None = None) -> None:
         super().__init__()
+        if prior is not None and tuple(prior.shape) != (num_classes,):
+            raise ValueError(f"prior: expected shape ({num_classes},), got {tuple(prior.shape)}")
         if tail_input not in TAIL_INPUTS:
             raise ValueError(f"tail_input: expected one of {TAIL_INPUTS}, got {tail_input!r}")
         rng = InitRandom() if rng is None else rng
@@ -146,18 +149,24 @@ class TailAdapter(nn.Module):
         with torch.no_grad():
             self.classifier.weight.copy_(rng.uniform((num_classes, dim), -bound, bound))
             self.classifier.bias.copy_(rng.uniform((num_classes,), -bound, bound))
+        # the tenant's prior offset (flower_split.model.prior), added to the logits; None: off.
+        # A buffer: saved with the tail, never trained, never averaged.
+        self.register_buffer("prior", None if prior is None else prior.float().clone())
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.tail_input == "pooled":
             return self.from_pooled(masked_mean(h, attention_mask))
-        return self.classifier(masked_mean(self.adapter(h), attention_mask))
+        return self._offset(self.classifier(masked_mean(self.adapter(h), attention_mask)))
 
     def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """Logits from the body output already mean-pooled over the real tokens [B, d] (a
         ``"pooled"`` tail only: the cloud may pool before sending, ``HeadOutput.pool``)."""
         if self.tail_input != "pooled":
             raise ValueError("from_pooled: this tail runs on every token (tail_input='tokens')")
-        return self.classifier(self.adapter(pooled))
+        return self._offset(self.classifier(self.adapter(pooled)))
+
+    def _offset(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.prior is None else logits + self.prior
 
 
 def pack_tokens(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

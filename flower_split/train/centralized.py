@@ -28,10 +28,14 @@ class LoraClassifier(nn.Module):
                           lora_dropout=config.lora_dropout, target_modules="all-linear")
         self.encoder = get_peft_model(encoder, lora)
         self.classifier = nn.Linear(encoder.config.hidden_size, num_classes)
+        # a tenant's prior offset on the logits (flower_split.model.prior), set per tenant by the
+        # FedAvg client; None here and for the pooled (centralized) model. Never a parameter.
+        self.register_buffer("prior", None)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return self.classifier(masked_mean(hidden, batch.attention_mask))
+        logits = self.classifier(masked_mean(hidden, batch.attention_mask))
+        return logits if self.prior is None else logits + self.prior
 
 
 def train_centralized(config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,

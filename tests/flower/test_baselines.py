@@ -63,6 +63,24 @@ def test_fedprox_term_changes_the_update_and_mu_zero_is_fedavg(task_identity: No
     assert bad.has_error() and "config.proximal-mu" in bad.error.reason
 
 
+def test_prior_offset_is_each_tenants_own_and_never_travels(task_identity: None) -> None:
+    values = {**TINY, "prior-offset": True}
+    app = make_fedavg_client_app(values)
+    config, _, _ = fedavg_settings_from_run_config(values)
+    model = model_for(config, 77)
+    initial = {k: v.clone() for k, v in trainable_state(model).items()}
+    plain = _train(make_fedavg_client_app(TINY), initial, _context()).content["arrays"].to_torch_state_dict()
+    priors = []
+    for partition in (0, 1):
+        reply = _train(app, initial, _context(partition)).content["arrays"].to_torch_state_dict()
+        assert reply.keys() == initial.keys()  # the offset is a buffer: it never leaves the tenant
+        priors.append(model_for(config, 77).prior.clone())
+        if partition == 0:
+            assert not all(torch.equal(reply[k], plain[k]) for k in initial)  # it entered the training loss
+    assert not torch.equal(priors[0], priors[1])  # each tenant trains with its own labels' prior
+    assert model_for(fedavg_settings_from_run_config(TINY)[0], 77).prior is None  # off: no offset
+
+
 def test_plateau_rule() -> None:
     rule = PlateauStop(patience=2, min_delta=0.002)
     assert [rule.update(a) for a in (0.50, 0.60, 0.601, None, 0.6015)] == [False, False, False, False, True]

@@ -20,11 +20,12 @@ from flower_split.data.tenants import split_test_like_train
 from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
-from flower_split.model import build_split, load_tokenizer
+from flower_split.model import build_split, load_tokenizer, log_label_frequencies
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, CloudParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.apps.server_app import make_server_app, run_cloud
 from flower_split.flower.records import pack_messages, records_to_state, state_to_records, unpack_messages
 from flower_split.flower.settings import settings_from_run_config
+from flower_split.flower.tenant import tenant_data
 from flower_helpers import LocalGrid, checked_for_cycles
 from flower_split.flower.strategy_utils import EvalReport, RoundReport
 
@@ -129,7 +130,8 @@ def test_config_mapping_and_pyproject_defaults() -> None:
     assert {f.name for f in dataclasses.fields(type(settings))} <= declared
     # the training settings a split deployment may set, label-DP included (unset: the code's defaults)
     split_keys = {"max_length", "max_train_samples", "max_test_samples", "train_head", "momentum", "weight_decay",
-                  "warmup_fraction", "label_dp_noise", "label_dp_delta", "label_rr_epsilon", "input_noise"}
+                  "warmup_fraction", "label_dp_noise", "label_dp_delta", "label_rr_epsilon", "input_noise",
+                  "prior_offset"}
     assert split_keys <= declared
     declared_config = settings_from_run_config(pyproject["tool"]["flwr"]["app"]["config"])[0]
     assert all(getattr(declared_config, k) == getattr(RunConfig(), k) for k in split_keys)
@@ -264,6 +266,23 @@ def test_a_plain_run_leaves_the_dealer_node_out_after_its_first_refusal(task_ide
     assert all(sorted(r.per_tenant) == ["tenant-0", "tenant-1"] and not r.dropped for r in reports
                if isinstance(r, EvalReport))
     assert to_dealer == ["train.head_fwd"]
+
+
+def test_prior_offset_rides_in_each_tenants_saved_tail(task_identity: None) -> None:
+    """With prior-offset each tenant's tail carries the log frequencies of its own training labels,
+    saved with its state between messages (and so with every later message's model)."""
+    config = {**TINY, "eval-initial": False, "local-steps": 2, "micro-batches": 2, "num-server-rounds": 1,
+              "global-eval": False, "partition": "dirichlet:0.3", "prior-offset": True}
+    grid = LocalGrid(make_client_app(config), 2)
+    run_cloud(grid, config)
+    run_config, settings = settings_from_run_config(config)
+    priors = []
+    for node, context in grid.contexts.items():
+        data = tenant_data(run_config, settings, context.node_config)
+        tail = records_to_state(context.state[PARTY_ARRAYS], context.state[PARTY_CONFIG])["tail"]
+        assert torch.equal(tail["prior"], log_label_frequencies(data.train.labels, data.num_classes))
+        priors.append(tail["prior"])
+    assert not torch.equal(*priors)
 
 
 def test_client_messages_leave_no_cycles_holding_data(task_identity: None) -> None:

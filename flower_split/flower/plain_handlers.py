@@ -70,7 +70,11 @@ def _load_party(context: Context, data: TenantData, config: RunConfig, settings:
     state = records_to_state(arrays, meta)
     if drop_in_flight:  # a stage-opening message: anything still in flight was abandoned
         state["steps"] = {}
-    party.load_state_dict(state)
+    try:
+        party.load_state_dict(state)
+    except RuntimeError as exc:  # torch's strict load: the state's modules differ from this config's
+        raise ProtocolError(f"{data.tenant}: the saved state does not fit this run's model (a setting that shapes "
+                            f"it, e.g. prior_offset = {config.prior_offset}, changed since it was saved): {exc}") from exc
     return party, state
 
 

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from flower_split.apps.client_app import make_client_app
 from flower_split.data.tenants import split_test_like_train
+from flower_split.flower import plain_handlers
 from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
 from flower_split.config import ConfigError, RunConfig
 from flower_split.data import TokenizedDataset, load_dataset
@@ -283,6 +284,12 @@ def test_prior_offset_rides_in_each_tenants_saved_tail(task_identity: None) -> N
         assert torch.equal(tail["prior"], log_label_frequencies(data.train.labels, data.num_classes))
         priors.append(tail["prior"])
     assert not torch.equal(*priors)
+    # the same node state under a run without the offset: a clear refusal, not a torch error
+    off, off_settings = settings_from_run_config({**config, "prior-offset": False})
+    context = next(iter(grid.contexts.values()))
+    with pytest.raises(ProtocolError, match="prior_offset = False"):
+        plain_handlers._load_party(context, tenant_data(off, off_settings, context.node_config), off, off_settings,
+                                   drop_in_flight=False)
 
 
 def test_client_messages_leave_no_cycles_holding_data(task_identity: None) -> None:

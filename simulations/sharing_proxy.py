@@ -37,15 +37,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from flower_split.config import RunConfig
-from flower_split.data.tenants import TenantSplits, tenant_splits
+from flower_split.data.tenants import TenantSplits
 from flower_split.protocol.optim import lr_factor
-from flower_split.train.probes import cached_features
+from flower_split.train.probes import add_feature_arguments, features_from_arguments
 
 SCORES = ("plain", "classes", "prior", "prior/global")
 
@@ -113,10 +111,7 @@ def scores(splits: TenantSplits, feats: dict[str, torch.Tensor], models: list[to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--num-clients", type=int, default=10)
-    parser.add_argument("--partition", default="dirichlet:0.5")
-    parser.add_argument("--seed", type=int, default=0)
+    add_feature_arguments(parser)
     parser.add_argument("--rounds", default="3,6", help="comma-separated round counts")
     parser.add_argument("--share", nargs="+", default=["all", "none"], choices=["all", "none"])
     parser.add_argument("--final", nargs="+", default=["local"], choices=["local", "average"],
@@ -125,14 +120,8 @@ def main() -> None:
     parser.add_argument("--offset", action="store_true",
                         help="train with the tenant's log label frequencies added to its logits")
     parser.add_argument("--lr", type=float, default=0.5, help="the classifier's learning rate (lr_classifier)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--cache", type=Path, default=Path("runs/tenant_ceiling_features.pt"),
-                        help="features file (computed if missing; shared with tenant_ceiling.py)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = RunConfig.from_mapping({"model": args.model, "dataset": "banking77", "seed": args.seed}).validate()
-    splits = tenant_splits(config, args.partition, args.num_clients)
-    feats = cached_features(config, splits, args.cache)
+    splits, feats = features_from_arguments(args)
     print("| share | final | rounds | " + " | ".join(SCORES) + " | s |")
     print("|---|---|---:|" + "---:|" * (len(SCORES) + 1))
     for share in args.share:

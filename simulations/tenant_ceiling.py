@@ -27,32 +27,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from flower_split.config import RunConfig
-from flower_split.data.tenants import tenant_splits
-from flower_split.train.probes import PROBES, cached_features, sgd_probe_accuracy, tenant_probes
+from flower_split.train.probes import (
+    PROBES, add_feature_arguments, features_from_arguments, sgd_probe_accuracy, tenant_probes,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--num-clients", type=int, default=10)
-    parser.add_argument("--partition", default="dirichlet:0.5")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    add_feature_arguments(parser)
     parser.add_argument("--sgd-lrs", default="", help="comma-separated SGD learning rates for the own-data probe")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the SGD probes")
-    parser.add_argument("--cache", type=Path, default=Path("runs/tenant_ceiling_features.pt"),
-                        help="features file (computed if missing)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = RunConfig.from_mapping({"model": args.model, "dataset": "banking77", "seed": args.seed}).validate()
-    splits = tenant_splits(config, args.partition, args.num_clients)
     started = time.perf_counter()
-    feats = cached_features(config, splits, args.cache)
+    splits, feats = features_from_arguments(args)
     probes = tenant_probes(splits, feats, args.seed)
     print(f"pooled probe (weight decay {probes.weight_decays['pooled']:g}): whole test set "
           f"{probes.pooled_whole_test:.4f}")

@@ -16,6 +16,7 @@ fifth of its training rows, then refit on all of them.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
-from flower_split.data.tenants import TenantSplits
+from flower_split.data.tenants import TenantSplits, tenant_splits
 from flower_split.model import load_encoder, load_tokenizer, masked_mean, split_encoder
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
 from flower_split.train.metrics import macro_f1
@@ -60,6 +61,26 @@ def cached_features(config: RunConfig, splits: TenantSplits, cache: Path) -> dic
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(feats, cache)
     return feats
+
+
+def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that works on the frozen body's features of one tenant partitioning
+    (``simulations/tenant_ceiling.py``, ``simulations/sharing_proxy.py``)."""
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--num-clients", type=int, default=10)
+    parser.add_argument("--partition", default="dirichlet:0.5")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--cache", type=Path, default=Path("runs/tenant_ceiling_features.pt"),
+                        help="features file (computed if missing; shared by the scripts that use it)")
+
+
+def features_from_arguments(args: argparse.Namespace) -> tuple[TenantSplits, dict[str, torch.Tensor]]:
+    """Banking77's tenant splits and their features for :func:`add_feature_arguments`' options."""
+    torch.set_num_threads(args.threads)
+    config = RunConfig.from_mapping({"model": args.model, "dataset": "banking77", "seed": args.seed}).validate()
+    splits = tenant_splits(config, args.partition, args.num_clients)
+    return splits, cached_features(config, splits, args.cache)
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,

@@ -4,6 +4,7 @@ is single-use and names one node; a certificate that is not the pinned one is re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import ssl
@@ -137,13 +138,13 @@ def test_plaintext_and_tls_1_2_clients_are_refused() -> None:
     server = ChannelServer("127.0.0.1:0")
     try:
         with socket.create_connection((server.host, server.port), timeout=5) as raw:  # no TLS: a frame in clear
-            raw.sendall(b"FSW1\x00\x00\x00\x02" + bytes(16) + HELLO)
-            raw.shutdown(socket.SHUT_WR)
-            try:
+            # the server may refuse and close before the client is done sending (a loaded machine):
+            # ENOTCONN, EPIPE or a reset are that refusal too
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError, OSError):
+                raw.sendall(b"FSW1\x00\x00\x00\x02" + bytes(16) + HELLO)
+                raw.shutdown(socket.SHUT_WR)
                 while raw.recv(4096):  # a TLS alert at most, then closed
                     pass
-            except ConnectionResetError:
-                pass
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         context.maximum_version = ssl.TLSVersion.TLSv1_2

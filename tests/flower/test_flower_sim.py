@@ -307,8 +307,8 @@ def test_flower_simulation_two_tenants_learns() -> None:
     from flwr.simulation import run_simulation
 
     reports: list[RoundReport | EvalReport] = []
-    run_simulation(
-        server_app=make_server_app(TINY, reports.append),
+    run_simulation(  # a generous reply timeout: Ray actors on a loaded CI machine can be slow, not silent
+        server_app=make_server_app({**TINY, "reply-timeout": 600.0}, reports.append),
         client_app=make_client_app(TINY),
         num_supernodes=2,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -42,15 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from flower_split.data.tenants import TenantSplits
+from flower_split.model import log_label_frequencies
 from flower_split.protocol.optim import lr_factor
 from flower_split.train.probes import add_feature_arguments, features_from_arguments
 
 SCORES = ("plain", "classes", "prior", "prior/global")
-
-
-def log_frequencies(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The log of a tenant's Laplace-smoothed label frequencies [classes]."""
-    return torch.log((torch.bincount(labels, minlength=num_classes).float() + 1) / (len(labels) + num_classes))
 
 
 def train(splits: TenantSplits, feats: dict[str, torch.Tensor], rounds: int, share: bool, final: str,
@@ -67,7 +63,8 @@ def train(splits: TenantSplits, feats: dict[str, torch.Tensor], rounds: int, sha
     rows = [torch.tensor(r, dtype=torch.long) for r in splits.train_rows]
     totals = [rounds * math.ceil(len(r) / batch_size) for r in rows]
     done = [0] * len(rows)
-    offsets = [log_frequencies(y[r], splits.num_classes) if offset else torch.zeros(splits.num_classes) for r in rows]
+    offsets = [log_label_frequencies(y[r], splits.num_classes) if offset else torch.zeros(splits.num_classes)
+               for r in rows]
     generator = torch.Generator().manual_seed(seed)
     for round_index in range(rounds):
         for k, (model, optimizer, own) in enumerate(zip(models, optimizers, rows)):
@@ -99,7 +96,7 @@ def scores(splits: TenantSplits, feats: dict[str, torch.Tensor], models: list[to
     with torch.no_grad():
         for model, train_rows, test_rows in zip(models, splits.train_rows, splits.test_rows):
             counts = torch.bincount(y_train[train_rows], minlength=classes).float()
-            log_own = log_frequencies(y_train[train_rows], classes)
+            log_own = log_label_frequencies(y_train[train_rows], classes)
             mask = torch.where(counts > 0, 0.0, float("-inf"))
             logp = torch.log_softmax(model(feats["test"][test_rows]), 1)
             truth = y_test[test_rows]

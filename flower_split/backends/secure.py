@@ -25,7 +25,7 @@ from flower_split.flower.secure_strategy import SecureSplitStrategy
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.tenant import Handler
-from flower_split.model import Body, adapter_random, build_split
+from flower_split.model import Body, adapter_random, build_split, log_label_frequencies
 from flower_split.protocol.dealer_identity import load_pinned
 from flower_split.protocol.labels import label_protection
 from flower_split.protocol.secure_client import SecureClientParty
@@ -49,9 +49,10 @@ class SecureBackend(SecurityBackend):
                               "which only a linear rule (sgd with momentum) keeps exact; use 'sgd'")
         if config.activation != "quad":
             raise ConfigError("activation: secure mode evaluates the adapters in 2PC and needs 'quad'")
-        if config.prior_offset:
-            raise ConfigError("prior_offset: not available in secure mode yet (the offset would have to enter "
-                              "the shared logits under every label protection); set it to false")
+        if config.prior_offset and label_protection(config.label_protection).logits_to_cloud:
+            raise ConfigError(f"prior_offset: label protection {config.label_protection!r} computes the loss on the "
+                              "cloud, which would need the tenant's label frequencies in the clear; use "
+                              "label_protection = 'client' (the offset is added where only the tenant sees the logits)")
 
     def validate_flower(self, config: RunConfig, settings: FlowerSettings) -> None:
         super().validate_flower(config, settings)
@@ -87,7 +88,8 @@ class SecureBackend(SecurityBackend):
         device = select_device(config.device)
         parts = build_split(config.model, num_classes, config.head_rank, config.tail_bottleneck,
                             config.activation, config.seed, config.tail_input,
-                            adapter_random(config.insecure_reproducible_init, config.seed))
+                            adapter_random(config.insecure_reproducible_init, config.seed),
+                            log_label_frequencies(train.labels, num_classes) if config.prior_offset else None)
         dealer = SecureDealerParty()
         # in process the run config is the cloud's too: its opt-in is the cloud's permission
         cloud = SecureCloudParty(parts.body, dealer.public, device,

@@ -84,6 +84,12 @@ class SecureClientParty(SecureStepRunner):
         self.dim, self.head_rank = head.down.in_features, head.down.out_features
         self.tail_rank, self.classes = tail.adapter.down.out_features, tail.classifier.out_features
         self.tail_input = tail.tail_input
+        # the tenant's prior offset (flower_split.model.prior): added to the logits only where
+        # they are opened to the tenant alone; None: off
+        self.prior = None if tail.prior is None else tail.prior.detach().cpu().to(torch.float64).clone()
+        if self.prior is not None and self.protection.logits_to_cloud:
+            raise ValueError(f"prior_offset: label protection {self.label_protection!r} computes the loss on the "
+                             "cloud, which would need the tenant's label frequencies in the clear")
         self.reproducible_init = config.insecure_reproducible_init  # declared in ClientSetup
         self.optim = Optim(config.lr_head, config.lr_tail, config.classifier_lr, config.momentum,
                            config.weight_decay, config.warmup_fraction, total_steps)
@@ -311,9 +317,13 @@ class SecureClientParty(SecureStepRunner):
         st.ctx["tail"] = PartyState(self.party, {"x": self._share(h), "A": halves.share("tail.A"),
                                                  "B": halves.share("tail.B")}, scope="tail")
 
+    def _logits(self, st: StepState, cloud_share: torch.Tensor) -> torch.Tensor:
+        """The logits from this party's share and the cloud's, with the prior offset (float64)."""
+        z = decode(st.ctx["cls"].values["z"].data + cloud_share, self.frac_bits)
+        return z if self.prior is None else z + self.prior
+
     def _op_receive_logits(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
-        z = st.ctx["cls"].values["z"].data + got["open.z"]
-        st.ctx["logits"] = decode(z, self.frac_bits).float()
+        st.ctx["logits"] = self._logits(st, got["open.z"]).float()
 
     def _op_open_z(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         return {"open.z": st.ctx["cls"].values["z"].data}
@@ -329,7 +339,7 @@ class SecureClientParty(SecureStepRunner):
                                                              self.frac_bits + self.grad_scale_bits))
 
     def _op_local_loss(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
-        z = decode(st.ctx["cls"].values["z"].data + got["open.z"], self.frac_bits)
+        z = self._logits(st, got["open.z"])
         labels = st.ctx["labels"]
         st.ctx["loss"] = float(F.cross_entropy(z, labels))
         st.ctx["logits"] = z.float()
@@ -374,6 +384,7 @@ class SecureClientParty(SecureStepRunner):
             {"weights": self._pre_step[0], "buffers": self._pre_step[1], "updates": self._pre_step[2]},
             "label_dp": self.label_noise.state_dict() if self.label_noise is not None else None,
             "input_noise": self.input_noise.state_dict() if self.input_noise is not None else None,
+            "prior": self.prior,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -384,6 +395,13 @@ class SecureClientParty(SecureStepRunner):
                            ("dims", [self.dim, self.head_rank, self.tail_rank, self.classes])):
             if state.get(name) != mine:
                 raise ValueError(f"state: {name} is {state.get(name)!r}, this party has {mine!r}")
+        prior = state.get("prior")  # absent in a state saved before the offset existed: off
+        if (prior is None) != (self.prior is None):
+            raise ValueError(f"state: prior_offset is {prior is not None}, this party's is {self.prior is not None}")
+        if prior is not None:
+            if not isinstance(prior, torch.Tensor) or tuple(prior.shape) != (self.classes,):
+                raise ValueError(f"state: prior must be a tensor of shape ({self.classes},)")
+            self.prior = prior.to(torch.float64).clone()
         self.input_noise = restore_input_noise(self.input_noise, state.get("input_noise"))
         self._x25519 = private_from_bytes(state["x25519"])
         self._dealer_key = state["dealer_key"]

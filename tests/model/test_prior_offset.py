@@ -66,9 +66,12 @@ def test_training_with_the_offset_leaves_the_tenants_skew_out_of_the_classifier(
 
 def test_the_offset_is_refused_where_it_would_break_a_guarantee() -> None:
     backend_for(RunConfig(model="tiny", prior_offset=True).validate())  # split-plain: fine
-    secure = RunConfig(model="tiny", security="secure", prior_offset=True).validate()
-    with pytest.raises(ConfigError, match="prior_offset: not available in secure mode"):
-        backend_for(secure)
+    # secure: added where only the tenant sees the logits (``client`` labels); ``he`` computes the
+    # loss on the cloud, which would need the offset in the clear
+    backend_for(RunConfig(model="tiny", security="secure", label_protection="client", prior_offset=True).validate())
+    he = RunConfig(model="tiny", security="secure", label_protection="he", prior_offset=True).validate()
+    with pytest.raises(ConfigError, match="prior_offset: label protection 'he' computes the loss on the cloud"):
+        backend_for(he)
     for privacy in ({"label_rr_epsilon": 2.0}, {"label_dp_noise": 1.0}):
         with pytest.raises(ConfigError, match="outside the label-DP guarantee"):
             RunConfig(model="tiny", prior_offset=True, **privacy).validate()

@@ -578,3 +578,49 @@ def test_each_value_is_opened_once_per_step(pooled: bool) -> None:
     saved = (2 * n * d + n * rh + rh * d) + (2 * nt * d + 2 * nt * rt + 2 * rt * d) + (b * d + d * c + b * c)
     # held inputs: the client opens neither h (tail x) nor dL/df (head gy), the cloud not e (head x)
     assert per_direction == {"client": fresh - saved - n * d - nt * d, "cloud": fresh - saved - n * d}
+
+
+def test_prior_offset_enters_the_tenants_loss_and_logits_as_in_plain(secure_data: TokenizedDataset) -> None:
+    """With ``client`` labels the tenant adds its prior offset to the logits it alone sees: the
+    secure steps (training and evaluation) match plain's with the same offset, and differ from
+    a run without it (so a party that dropped the offset would fail here)."""
+    config = _config("client", prior_offset=True)
+    parts = _parts(random_up=True)
+    prior = torch.full((77,), -8.0)
+    prior[:4] = torch.tensor([-0.2, -1.5, -3.0, -6.0])  # strong skew: the loss moves by far more than the bound
+    parts.tail.prior = prior.clone()
+    client, cloud, _, transport = _secure(parts, config)
+    head, tail = copy.deepcopy(parts.head), copy.deepcopy(parts.tail)
+    plain = ClientParty("t0", parts.embedder, head, tail, config, TOTAL_STEPS)
+    plain_transport = InProcessTransport(CloudParty(parts.body))
+    unadjusted = copy.deepcopy(parts.tail)
+    unadjusted.prior = None
+    without = ClientParty("t0", parts.embedder, copy.deepcopy(parts.head), unadjusted, config, TOTAL_STEPS)
+    for index, train in enumerate((True, True, False)):
+        batch = secure_data.collate(list(range(8 * index, 8 * index + 8)))
+        result = client.pop_result(transport.run_step(client, batch, train=train))
+        expected, other = [], []
+        for party, out in ((plain, expected), (without, other)):
+            message = party.begin(batch, train=train)
+            while message is not None:
+                message = party.handle(plain_transport.send(message))
+            out.append(party.pop_result(index))
+        if train:
+            assert result.loss == pytest.approx(expected[0].loss, abs=1e-4)
+            assert abs(expected[0].loss - other[0].loss) > 0.1
+        else:
+            assert result.logits is not None
+            assert torch.allclose(result.logits, expected[0].logits, atol=1e-2)
+            assert (result.logits - other[0].logits).abs().max() > 1.0
+    secure_w = _weights(client, cloud)
+    plain_w = {k: v.double() for k, v in plaintext_weights(head, tail).items()}
+    for name in secure_w:
+        assert (secure_w[name] - plain_w[name]).abs().max().item() <= TOL_PER_STEP * 2, name
+    state = client.state_dict()
+    assert torch.equal(state["prior"], prior.double())
+    off = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), unadjusted, _config("client"), TOTAL_STEPS)
+    with pytest.raises(ValueError, match="prior_offset is True"):
+        off.load_state_dict(state)  # a state saved with the offset does not load into a party without it
+    with pytest.raises(ValueError, match="computes the loss on the cloud"):
+        SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail),
+                          _config("he", prior_offset=True), TOTAL_STEPS)

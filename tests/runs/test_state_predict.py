@@ -25,7 +25,9 @@ from flower_split.state import META_FILE, cloud_dir, dealer_dir, read_party, ten
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RUNS = {"plain": dict(security="plain"), "secure-client": dict(security="secure", label_protection="client"),
-        "plain-prior-offset": dict(security="plain", prior_offset=True)}  # the offset is saved with the tail
+        # the offset is saved with the tail (plain) or in the tenant's party state (secure)
+        "plain-prior-offset": dict(security="plain", prior_offset=True),
+        "secure-client-prior-offset": dict(security="secure", label_protection="client", prior_offset=True)}
 
 
 def _config(**overrides) -> RunConfig:

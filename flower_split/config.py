@@ -77,7 +77,8 @@ class RunConfig:
     weight_decay: float = 0.0
     warmup_fraction: float = 0.06
     # each tenant adds the log of its own label frequencies to its logits, in training and in
-    # prediction (flower_split.model.prior; personal, never averaged); split-plain and FedAvg runs
+    # prediction (flower_split.model.prior; personal, never averaged); split-plain, FedAvg runs and
+    # split-secure with label_protection = "client" (the logits it alone sees)
     prior_offset: bool = False
     # label-DP (docs/PRIVACY.md): Gaussian noise multiplier on g = dL/dz (0 = off), and its delta
     label_dp_noise: float = 0.0

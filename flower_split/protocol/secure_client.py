@@ -384,7 +384,7 @@ class SecureClientParty(SecureStepRunner):
             {"weights": self._pre_step[0], "buffers": self._pre_step[1], "updates": self._pre_step[2]},
             "label_dp": self.label_noise.state_dict() if self.label_noise is not None else None,
             "input_noise": self.input_noise.state_dict() if self.input_noise is not None else None,
-            "prior": self.prior,
+            "prior": self.prior.clone() if copy and self.prior is not None else self.prior,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -399,8 +399,9 @@ class SecureClientParty(SecureStepRunner):
         if (prior is None) != (self.prior is None):
             raise ValueError(f"state: prior_offset is {prior is not None}, this party's is {self.prior is not None}")
         if prior is not None:
-            if not isinstance(prior, torch.Tensor) or tuple(prior.shape) != (self.classes,):
-                raise ValueError(f"state: prior must be a tensor of shape ({self.classes},)")
+            if (not isinstance(prior, torch.Tensor) or tuple(prior.shape) != (self.classes,)
+                    or not prior.is_floating_point() or not bool(torch.isfinite(prior).all())):
+                raise ValueError(f"state: prior must be a finite float tensor of shape ({self.classes},)")
             self.prior = prior.to(torch.float64).clone()
         self.input_noise = restore_input_noise(self.input_noise, state.get("input_noise"))
         self._x25519 = private_from_bytes(state["x25519"])

@@ -91,9 +91,11 @@ def _same(a: Any, b: Any, path: str) -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-@pytest.mark.parametrize("mode", ["client", "he"])
-def test_the_live_party_equals_the_one_decoded_from_its_state(mode: str, task_identity: None, tmp_path) -> None:
-    config = {**SECURE, "label-protection": mode, "local-steps": 2, "num-server-rounds": 1}
+@pytest.mark.parametrize("mode,prior_offset", [("client", False), ("he", False), ("client", True)])
+def test_the_live_party_equals_the_one_decoded_from_its_state(mode: str, prior_offset: bool, task_identity: None,
+                                                              tmp_path) -> None:
+    config = {**SECURE, "label-protection": mode, "local-steps": 2, "num-server-rounds": 1,
+              "prior-offset": prior_offset}
     app = make_client_app(config)
     run_config, settings = settings_from_run_config(config)
     checked: list[str] = []
@@ -111,6 +113,7 @@ def test_the_live_party_equals_the_one_decoded_from_its_state(mode: str, task_id
         assert live is not None, f"{message.metadata.message_type}: no live party after a save"
         fresh = secure_handlers._load(context, data, run_config, settings)  # nothing live: decoded
         assert fresh is not live
+        assert (live.prior is not None) == prior_offset  # the offset travels in the decoded state too
         differences.extend(_same(vars(live), vars(fresh), f"{message.metadata.message_type}: party"))
         checked.append(message.metadata.message_type)
         secure_handlers._save(context, live, data, run_config, settings)  # the run goes on with the live one

@@ -12,8 +12,9 @@ answers each cloud message (None when the step is over on this side). At most on
 is in flight per tenant: both halves change at the end of a training step, and a second
 step in flight would read weights of a different version on each side.
 
-Key rotation (``he``): :meth:`start_key_rotation`; the old key is kept until
-:meth:`confirm_key_rotation` sees the cloud hold the new one. A resumed cloud checks the
+Key rotation (``he``, :mod:`~flower_split.protocol.secure_key_rotation`):
+:meth:`start_key_rotation`; the old key is kept until :meth:`confirm_key_rotation` sees the
+cloud hold the new one. A resumed cloud checks the
 tenant with :meth:`prove_resume`. Between messages the client keeps plain tensors/bytes only
 (:meth:`state_dict`): under Flower every message can run in a fresh process. Never replay a
 step number with other data: its Beaver material would reveal the difference.
@@ -38,11 +39,12 @@ from flower_split.protocol.labels import label_protection
 from flower_split.protocol.input_noise import InputNoise, embed, restore_input_noise
 from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share, restore_label_noise
 from flower_split.protocol.messages import ProtocolError
+from flower_split.protocol.secure_key_rotation import TenantKeyRotation
 from flower_split.protocol.secure_keys import (
     check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes, private_from_bytes, public_bytes,
 )
 from flower_split.protocol.secure_messages import (
-    ClientSetup, DealerHello, KeyRotation, SecureMessage, client_step_number, past_dealt_ahead,
+    ClientSetup, DealerHello, SecureMessage, client_step_number, past_dealt_ahead,
 )
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState
 from flower_split.protocol.secure_shape import head_select, pack_rows, step_shape
@@ -59,7 +61,7 @@ class SecureStepResult:
     logits: torch.Tensor | None
 
 
-class SecureClientParty(SecureStepRunner):
+class SecureClientParty(TenantKeyRotation, SecureStepRunner):
     """State machine of one tenant in secure mode (party 1)."""
 
     role = CLIENT
@@ -149,59 +151,6 @@ class SecureClientParty(SecureStepRunner):
             label_protection=self.label_protection, train_head=self.train_head, frac_bits=self.frac_bits,
             grad_scale_bits=self.grad_scale_bits, optim=self.optim.as_dict(), tail_input=self.tail_input,
             reproducible_init=self.reproducible_init)
-
-    # ------------------------------------------------------------------------ CKKS keys
-    @property
-    def he_key_id(self) -> bytes | None:
-        """Id of the CKKS key the labels are encrypted under (None in 'client' label protection)."""
-        return None if self.he_keys is None else self.he_keys.key_id
-
-    @property
-    def pending_he_key_id(self) -> bytes | None:
-        """Id of a rotated key the cloud has not yet been seen to hold (None when there is none)."""
-        return None if self._pending_he_keys is None else self._pending_he_keys.key_id
-
-    def start_key_rotation(self) -> KeyRotation:
-        """A new CKKS key pair (same parameters); returns its public context for the cloud.
-
-        The new key stays pending: labels are still encrypted under the current key until
-        :meth:`confirm_key_rotation`. While a key is pending (its rotation lost, or not yet
-        acknowledged), this returns the same rotation again rather than a newer one, so a
-        retry and a late copy of the first message are one rotation, and whichever the
-        cloud accepts, the client can follow.
-        """
-        if self.halves is None:
-            raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
-        if self.he_keys is None:
-            raise ProtocolError(f"tenant {self.tenant!r}: label protection {self.label_protection!r} "
-                                "has no CKKS keys to rotate")
-        if self._pending_he_keys is None:
-            self._pending_he_keys = self.he_keys.rotate()
-        pending = self._pending_he_keys
-        return KeyRotation(self.tenant, self.he_keys.key_id, pending.key_id, pending.public_bytes())
-
-    def confirm_key_rotation(self, cloud_key_id: object) -> bool:
-        """Switch to the pending key once the cloud reports holding it; True if it switched.
-
-        ``cloud_key_id`` is the key id the cloud holds for this tenant (over Flower it comes with
-        every ``secure_begin`` and ``secure_rekey``). The current key: nothing changes, a pending
-        rotation stays pending. The pending key: the client switches and drops the old one. Any
-        other id: the parties disagree (ProtocolError, nothing changes).
-        """
-        if self.he_keys is None:
-            raise ProtocolError(f"tenant {self.tenant!r}: label protection {self.label_protection!r} "
-                                "has no CKKS keys")
-        if cloud_key_id == self.he_keys.key_id:
-            return False
-        pending = self._pending_he_keys
-        if pending is None or cloud_key_id != pending.key_id:
-            shown = cloud_key_id.hex() if isinstance(cloud_key_id, bytes) else repr(cloud_key_id)
-            raise ProtocolError(
-                f"tenant {self.tenant!r}: the cloud holds CKKS key {shown}, the client encrypts under "
-                f"{self.he_keys.key_id.hex()} (pending rotation: "
-                f"{'none' if pending is None else pending.key_id.hex()})")
-        self.he_keys, self._pending_he_keys = pending, None
-        return True
 
     # ------------------------------------------------------------------------ steps
     def begin(self, batch: Batch, train: bool = True, *, cloud_step: int,

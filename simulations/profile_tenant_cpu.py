@@ -8,8 +8,10 @@ after a one-step warm-up round, and splits the ClientApp's process CPU time
 (``time.process_time``) into: the protocol (``SecureClientParty.begin`` / ``handle``), and
 within it the ring matmuls (``mpc.limbs.ring_matmul``); writing the party into
 ``Context.state`` (``secure_handlers._save``); and the rest of the handlers (records in and
-out, data rows, instruction checks). The timers wrap those functions in this process only; the
-code they time is unchanged. Process CPU time counts the whole process, so run it on an
+out, data rows, instruction checks). It also reports the size of the tensors each save writes
+into ``Context.state`` (the state a simulation ships through Ray with every message): the
+largest and the smallest (the first save after set-up holds only the halves). The timers wrap those functions in this process only;
+the code they time is unchanged. Process CPU time counts the whole process, so run it on an
 otherwise idle machine: another process on the same cores inflates every share a little.
 """
 
@@ -34,6 +36,7 @@ from flower_split.protocol.secure_client import SecureClientParty
 
 SPENT: dict[str, float] = {}
 _INSIDE: set[str] = set()
+STATE_BYTES: list[int] = []
 
 
 def _timed(name: str, fn: Callable[..., Any], only_inside: str | None = None) -> Callable[..., Any]:
@@ -52,11 +55,30 @@ def _timed(name: str, fn: Callable[..., Any], only_inside: str | None = None) ->
     return wrapper
 
 
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _measured_save(save: Callable[..., Any]) -> Callable[..., Any]:
+    """``save`` recording the bytes of the party's state tensors first (not timed)."""
+    @functools.wraps(save)
+    def wrapper(context: Any, party: SecureClientParty, *args: Any, **kwargs: Any) -> Any:
+        STATE_BYTES.append(_tensor_bytes(party.state_dict(copy=False)))
+        return save(context, party, *args, **kwargs)
+    return wrapper
+
+
 def instrument() -> None:
     tenant.handle = _timed("clientapp", tenant.handle)  # client_app imports it at call time
     SecureClientParty.begin = _timed("protocol", SecureClientParty.begin)
     SecureClientParty.handle = _timed("protocol", SecureClientParty.handle)
-    secure_handlers._save = _timed("save", secure_handlers._save)
+    secure_handlers._save = _measured_save(_timed("save", secure_handlers._save))
     beaver.ring_matmul = _timed("ring_matmul", limbs.ring_matmul, only_inside="protocol")
 
 
@@ -72,6 +94,7 @@ def main() -> None:
     instrument()
     run_round("minilm", "secure", 1, 1, 32, 64)  # warm-up: imports, model and data loading
     SPENT.clear()
+    STATE_BYTES.clear()
     row = run_round("minilm", "secure", 1, args.steps, 32, 64)
     total, samples = SPENT["clientapp"], row["samples"]
     parts = {"protocol: ring matmuls": SPENT.get("ring_matmul", 0.0),
@@ -84,6 +107,8 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, seconds in [*parts.items(), ("all handlers", total)]:
         print(f"| {name} | {seconds:.3f} | {100 * seconds / total:.0f} % | {1e3 * seconds / samples:.2f} |")
+    print(f"# the party's state tensors at a save: {max(STATE_BYTES) / 2**20:.1f} MiB at most, "
+          f"{min(STATE_BYTES) / 2**20:.1f} MiB at least, over {len(STATE_BYTES)} saves")
 
 
 if __name__ == "__main__":

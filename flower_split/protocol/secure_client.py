@@ -259,7 +259,9 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         return out
 
     def _op_open_f(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
-        return {"open.f": st.ctx["head"].values["y"].data}
+        share = st.ctx["head"].values["y"].data
+        self._release_head_output(st)
+        return {"open.f": share}
 
     def _op_receive_h(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         h = torch.zeros((st.spec.batch, st.spec.tokens, self.dim), dtype=torch.int64)  # the cloud holds h
@@ -300,7 +302,9 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         return {"loss.seed_g": seed}
 
     def _op_open_grad_h(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
-        return {"open.grad_h": self._grad_h_share(st)}
+        share = self._grad_h_share(st)
+        self._release(st, "tail", "cls")
+        return {"open.grad_h": share}
 
     def _op_receive_grad_f(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         share = torch.zeros((1, st.spec.head_rows, self.dim), dtype=torch.int64)  # the cloud holds dL/df

@@ -335,7 +335,8 @@ class SecureCloudParty(SecureStepRunner):
 
     def opened_f(self, st: StepState, got: dict[str, Any]) -> torch.Tensor:
         """The head output ``f`` [batch, tokens, dim] the client's share in ``got`` opens (checked);
-        0 at the padding positions the head skipped (the body masks them)."""
+        0 at the padding positions the head skipped (the body masks them). Before ``body_forward``
+        only: it drops the cloud's share of ``f`` (``_release_head_output``)."""
         f = decode(st.ctx["head"].values["y"].data + got["open.f"], self.frac_bits)
         check_opened("open.f", "head output", f)
         return unpack_rows(f, head_select(st.spec, st.ctx["mask"]))
@@ -350,6 +351,7 @@ class SecureCloudParty(SecureStepRunner):
         share = encode(h.detach().cpu().to(torch.float64), self.frac_bits)  # held: the client's share is 0
         st.ctx["tail"] = PartyState(self.party, {"x": self._share(share), "A": halves.share("tail.A"),
                                                  "B": halves.share("tail.B")}, scope="tail")
+        self._release_head_output(st)
 
     def _op_open_z(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         return {"open.z": st.ctx["cls"].values["z"].data}
@@ -375,8 +377,7 @@ class SecureCloudParty(SecureStepRunner):
         grad_f = pack_rows(self.runner.backward(graph, grad_h), head_select(st.spec, st.ctx["mask"]))
         share = encode(grad_f.detach().cpu().to(torch.float64), self.frac_bits)  # held, like h
         st.ctx["head"].values["gy"] = self._share(share)
-        st.ctx.pop("_graph", None)
-        st.ctx.pop("f", None)
+        self._release(st, "_graph", "f", "tail", "cls")
 
     # ------------------------------------------------------------------------ state
     def export_halves(self, tenant: str) -> dict[str, torch.Tensor]:

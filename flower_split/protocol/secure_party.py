@@ -308,6 +308,21 @@ class SecureStepRunner:
         st.ctx["tail"].values["gy"] = st.ctx["cls"].values["gp"].unsqueeze(1)
 
     @staticmethod
+    def _release(st: StepState, *keys: str) -> None:
+        """Drop step values no later operation reads, so the state saved between messages (and
+        shipped with every message in a simulation) stays small: the tail and classifier scopes
+        once ``dL/dh`` is opened, the cloud's body graph and ``f`` once ``dL/df`` is computed."""
+        for key in keys:
+            st.ctx.pop(key, None)
+
+    @staticmethod
+    def _release_head_output(st: StepState) -> None:
+        """Once ``f`` is opened, the head's output share ``y`` and its ``hB`` are read by no later
+        stage (the head's backward reads ``x``, ``u``, ``h``, ``A``, ``B`` and ``dL/df``)."""
+        for name in ("y", "hB"):
+            st.ctx["head"].values.pop(name, None)
+
+    @staticmethod
     def _grad_h_share(st: StepState) -> torch.Tensor:
         """This party's share of dL/dh as opened: per token, or per sequence with a pooled tail."""
         gx = st.ctx["tail"].values["gx"].data

@@ -31,6 +31,7 @@ import flower_split.flower.secure_handlers as secure_handlers
 import flower_split.flower.tenant as tenant
 import flower_split.mpc.beaver as beaver
 import flower_split.mpc.limbs as limbs
+from flower_split.flower.records import state_tensor_bytes
 from bench_scaling import run_round
 from flower_split.protocol.secure_client import SecureClientParty
 
@@ -55,21 +56,11 @@ def _timed(name: str, fn: Callable[..., Any], only_inside: str | None = None) ->
     return wrapper
 
 
-def _tensor_bytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
 def _measured_save(save: Callable[..., Any]) -> Callable[..., Any]:
     """``save`` recording the bytes of the party's state tensors first (not timed)."""
     @functools.wraps(save)
     def wrapper(context: Any, party: SecureClientParty, *args: Any, **kwargs: Any) -> Any:
-        STATE_BYTES.append(_tensor_bytes(party.state_dict(copy=False)))
+        STATE_BYTES.append(state_tensor_bytes(party.state_dict(copy=False)))
         return save(context, party, *args, **kwargs)
     return wrapper
 

@@ -360,6 +360,17 @@ def _encode(value: Any, path: str, arrays: ArrayRecord, blobs: dict[str, bytes],
     raise TypeError(f"state {path}: cannot store a {type(value).__name__}")
 
 
+def state_tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in a nested state (what :func:`state_to_records` copies at most)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(state_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(state_tensor_bytes(v) for v in value)
+    return 0
+
+
 def records_to_state(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, Any]:
     """Inverse of :func:`state_to_records`."""
     skeleton = json.loads(typed_value(config, "skeleton", str, "state"))

@@ -14,6 +14,7 @@ import torch
 
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
+from flower_split.flower.records import state_tensor_bytes
 from flower_split.model import build_split
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty
@@ -24,14 +25,15 @@ from flower_split.transport.secure_inprocess import SecureLocalTransport
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tensor_bytes(value: object) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
+def _parties(config: RunConfig, keep_graphs: bool = False) -> tuple[SecureClientParty, SecureCloudParty,
+                                                                     SecureLocalTransport]:
+    parts = build_split("tiny", 77, 4, 8, tail_input=config.tail_input)
+    dealer = SecureDealerParty()
+    cloud = SecureCloudParty(parts.body, dealer.public, keep_graphs=keep_graphs)
+    client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail), config, 4)
+    transport = SecureLocalTransport(cloud, dealer)
+    transport.connect(client)
+    return client, cloud, transport
 
 
 def _views(step) -> tuple[set[str], set[str]]:
@@ -47,12 +49,7 @@ def test_dead_step_values_are_dropped_after_their_last_use(mode: str, tail_input
                                                            secure_data: TokenizedDataset) -> None:
     config = RunConfig(model="tiny", head_rank=4, tail_bottleneck=8, device="cpu", label_protection=mode,
                        tail_input=tail_input)
-    parts = build_split("tiny", 77, 4, 8, tail_input=tail_input)
-    dealer = SecureDealerParty()
-    cloud = SecureCloudParty(parts.body, dealer.public, keep_graphs=keep_graphs)
-    client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail), config, 4)
-    transport = SecureLocalTransport(cloud, dealer)
-    transport.connect(client)
+    client, cloud, transport = _parties(config, keep_graphs)
 
     seen: list[tuple[str, set[str], set[str], set[str]]] = []  # (party, items it handled, ctx keys, head values)
     client_handle, cloud_handle = client.handle, cloud.handle
@@ -96,12 +93,7 @@ def test_dead_step_values_are_dropped_after_their_last_use(mode: str, tail_input
 def test_released_values_keep_the_saved_step_small(secure_data: TokenizedDataset) -> None:
     """The client's saved step after ``dL/dh`` is opened holds no tail or classifier tensors."""
     config = RunConfig(model="tiny", head_rank=4, tail_bottleneck=8, device="cpu", label_protection="client")
-    parts = build_split("tiny", 77, 4, 8)
-    dealer = SecureDealerParty()
-    cloud = SecureCloudParty(parts.body, dealer.public)
-    client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail), config, 4)
-    transport = SecureLocalTransport(cloud, dealer)
-    transport.connect(client)
+    client, _, transport = _parties(config)
     sizes: list[tuple[bool, int, int]] = []  # (dL/dh opened by now, step bytes, tail + cls bytes)
     client_handle = client.handle
 
@@ -110,8 +102,8 @@ def test_released_values_keep_the_saved_step_small(secure_data: TokenizedDataset
         step = client.state_dict(copy=False)["step"]
         if step is not None:
             opened = bool(sizes and sizes[-1][0]) or (reply is not None and "open.grad_h" in reply.items)
-            sizes.append((opened, _tensor_bytes(step), _tensor_bytes(step["ctx"].get("tail"))
-                          + _tensor_bytes(step["ctx"].get("cls"))))
+            sizes.append((opened, state_tensor_bytes(step), state_tensor_bytes(step["ctx"].get("tail"))
+                          + state_tensor_bytes(step["ctx"].get("cls"))))
         return reply
 
     client.handle = on_client  # type: ignore[method-assign]
@@ -125,12 +117,7 @@ def test_released_values_keep_the_saved_step_small(secure_data: TokenizedDataset
 def test_a_message_that_fails_after_a_release_rolls_it_back(secure_data: TokenizedDataset) -> None:
     """A later operation of the same message fails: the state is as before it, and the retry finishes."""
     config = RunConfig(model="tiny", head_rank=4, tail_bottleneck=8, device="cpu", label_protection="client")
-    parts = build_split("tiny", 77, 4, 8)
-    dealer = SecureDealerParty()
-    cloud = SecureCloudParty(parts.body, dealer.public)
-    client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail), config, 4)
-    transport = SecureLocalTransport(cloud, dealer)
-    transport.connect(client)
+    client, _, transport = _parties(config)
     receive_grad_f, client_handle, failed = client._op_receive_grad_f, client.handle, []
 
     def fail_once(st, halves, got):  # runs in the message that released the tail (after open_grad_h)
@@ -146,7 +133,7 @@ def test_a_message_that_fails_after_a_release_rolls_it_back(secure_data: Tokeniz
         except ProtocolError:
             after = client.state_dict(copy=True)
             assert set(after["step"]["ctx"]) == set(before["step"]["ctx"]) >= {"tail", "cls"}
-            assert _tensor_bytes(after) == _tensor_bytes(before)
+            assert state_tensor_bytes(after) == state_tensor_bytes(before)
             return client_handle(message)
 
     client._op_receive_grad_f = fail_once  # type: ignore[method-assign]

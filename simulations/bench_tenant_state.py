@@ -32,7 +32,9 @@ from flower_helpers import LocalGrid  # noqa: E402  (the test grid: tenant parti
 from flower_split.apps.client_app import make_client_app  # noqa: E402
 from flower_split.apps.server_app import run_cloud  # noqa: E402
 from flower_split.flower import secure_handlers  # noqa: E402
-from flower_split.flower.records import array_to_tensor, records_to_state, state_to_records  # noqa: E402
+from flower_split.flower.records import (  # noqa: E402
+    array_to_tensor, records_to_state, state_tensor_bytes, state_to_records,
+)
 
 
 def run_once(config: dict) -> dict:
@@ -42,7 +44,7 @@ def run_once(config: dict) -> dict:
     write = secure_handlers.state_to_records
 
     def watched(state: dict) -> tuple:
-        size = sum(t.numel() * t.element_size() for t in _tensors(state))
+        size = state_tensor_bytes(state)
         if size > spent["largest"][1]:
             spent["largest"] = (state, size)
         return write(state)

@@ -92,7 +92,8 @@ def add_presets(parser: argparse.ArgumentParser, quick_help: str) -> None:
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--private", action="store_true",
                         help="the recommended secure setting: secure, client labels, frozen head (no label-"
-                             "dependent value reaches the cloud; docs/PRIVACY.md)")
+                             "dependent value reaches the cloud; docs/PRIVACY.md); with --security plain the "
+                             "same view for the cloud at plain's cost")
 
 
 def add_deploy_parsers(commands: argparse._SubParsersAction) -> None:

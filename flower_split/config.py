@@ -33,6 +33,9 @@ QUICK = dict(model="tiny", epochs=3, max_train_samples=1000, max_test_samples=30
 # ``--private`` / ``private = true``: the recommended secure setting (docs/PRIVACY.md): nothing
 # label-dependent reaches the cloud (no logits, no dL/dh: the head stays at its start, the
 # identity). The cloud still sees f = e, every token; input_noise is the knob for the text.
+# A tenant's node config ``private`` also accepts split-plain with the same frozen head and no
+# reports (flower_split.flower.node_privacy): the same view for the cloud, at plain's cost,
+# without secure mode's protection of h and the adapters from the tenant.
 PRIVATE = dict(security="secure", label_protection="client", train_head=False)
 
 

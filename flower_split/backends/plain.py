@@ -44,6 +44,9 @@ class PlainBackend(SecurityBackend):
         if settings.target_loss and config.label_dp_noise:
             raise ConfigError("target-loss: under label-DP a tenant keeps its (label-dependent) loss to itself, "
                               "so the strategy has none to stop it on; set target-loss = 0 or label-dp-noise = 0")
+        if settings.target_loss and not settings.secure_metrics:
+            raise ConfigError("target-loss: with secure-metrics = false a split-plain tenant keeps its loss to "
+                              "itself, so the strategy has none to stop it on; set target-loss = 0")
 
     def train_in_process(self, config: RunConfig, train: TokenizedDataset, test: TokenizedDataset,
                          num_classes: int, progress: bool = True, recorder: CloudViewRecorder | None = None,
@@ -74,7 +77,7 @@ class PlainBackend(SecurityBackend):
         return SplitStrategy(cloud, settings.local_steps, micro_batches=settings.micro_batches,
                              min_nodes=settings.min_nodes, reply_timeout=settings.reply_timeout,
                              global_eval=settings.global_eval, target_loss=settings.target_loss or None,
-                             node_wait_timeout=settings.node_wait_timeout)
+                             node_wait_timeout=settings.node_wait_timeout, tenant_metrics=settings.secure_metrics)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:

@@ -3,12 +3,16 @@
 Over Flower the run config comes from whoever starts the run, i.e. the cloud's side. These
 choices must not be the cloud's (a hostile review of ``input_noise``):
 
-* **the private preset.** Node config ``private = true``: the tenant refuses any run that is
-  not secure mode with ``client`` label protection and a frozen head (``flower_split.config.
-  PRIVATE``), that reports evaluation counts (``secure-metrics``), shares adapters (``share``)
-  or starts from public weights (``insecure-reproducible-init``): nothing label-dependent
-  reaches the cloud. (The tenant's handlers also answer only messages of the run's own
-  security level: :func:`flower_split.flower.tenant.handle`.)
+* **the private preset.** Node config ``private = true``: the tenant refuses any run that does
+  not freeze the head (``train-head``; a trained head sends the cloud ``dL/dh``), that reports
+  evaluation counts or training losses (``secure-metrics``), shares adapters (``share``), starts
+  from public weights (``insecure-reproducible-init``) or, in secure mode, opens logits to the
+  cloud (``label-protection`` other than ``client``): nothing label-dependent reaches the
+  cloud. Both security levels qualify (``flower_split.config.PRIVATE`` is the secure one):
+  against the cloud, split-plain under these settings shows the same values as secure mode
+  (docs/PRIVACY.md, "Secure mode against split-plain"); secure mode adds the cloud's own
+  protection from the tenant. (The tenant's handlers also answer only messages of the run's
+  own security level: :func:`flower_split.flower.tenant.handle`.)
 
 * **sigma.** Node config ``input-noise`` is the tenant's floor: a run whose ``input-noise`` is
   lower is refused (a cloud could otherwise set it to 0).
@@ -48,15 +52,18 @@ FLOOR_CONFIG = "input-noise"  # node config: the least sigma this tenant accepts
 KEY_CONFIG = "input-noise-key"  # node config: path of this tenant's input-noise key file
 KEY_FORMAT = "flower-split-input-noise-key"
 _DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+PRIVATE_RUN = {k: v for k, v in PRIVATE.items() if k != "security"}
+"""What a private node requires of a secure run (and of any run whose handlers say nothing
+else): :data:`~flower_split.config.PRIVATE` less its security level."""
 
 
 def node_input_noise(node_config: Mapping[str, Any], config: RunConfig, settings: FlowerSettings,
-                     embedder: torch.nn.Module) -> InputNoise | None:
+                     embedder: torch.nn.Module, private: Mapping[str, Any] = PRIVATE_RUN) -> InputNoise | None:
     """The tenant's input noise for this run: the run's sigma if it is at least the node's
     floor, under the node's key file when it names one; :class:`ProtocolError` if the run is
     below the node's floor, outside what its key file pins, or outside the private preset the
-    node asks for."""
-    check_private(node_config, config, settings)
+    node asks for (``private``: the values the caller's security level requires, :func:`check_private`)."""
+    check_private(node_config, config, settings, private)
     floor = node_config.get(FLOOR_CONFIG, 0.0)
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < float("inf"):
         raise ProtocolError(f"node config {FLOOR_CONFIG}: expected a finite number >= 0, got {floor!r}")
@@ -71,19 +78,21 @@ def node_input_noise(node_config: Mapping[str, Any], config: RunConfig, settings
     return InputNoise(config.input_noise, node_key(Path(str(path)), release_of(config, embedder)), pinned=True)
 
 
-def check_private(node_config: Mapping[str, Any], config: RunConfig, settings: FlowerSettings) -> None:
-    """Refuse a run outside :data:`~flower_split.config.PRIVATE` (and
-    :data:`~flower_split.flower.settings.PRIVATE_FLOWER`, public start weights) on a node that asks for it."""
+def check_private(node_config: Mapping[str, Any], config: RunConfig, settings: FlowerSettings,
+                  required: Mapping[str, Any] = PRIVATE_RUN) -> None:
+    """Refuse, on a node that asks for it, a run outside ``required`` (the run config values the
+    handlers of the run's security level need; by default :data:`PRIVATE_RUN`) and
+    :data:`~flower_split.flower.settings.PRIVATE_FLOWER`, or one from public start weights."""
     wanted = node_config.get(PRIVATE_CONFIG, False)
     if not isinstance(wanted, bool):
         raise ProtocolError(f"node config {PRIVATE_CONFIG}: expected true or false, got {wanted!r}")
-    differ = {k: getattr(config, k) for k, v in PRIVATE.items() if getattr(config, k) != v}
+    differ = {k: getattr(config, k) for k, v in required.items() if getattr(config, k) != v}
     differ.update({k: getattr(settings, k) for k, v in PRIVATE_FLOWER.items() if getattr(settings, k) != v})
     if config.insecure_reproducible_init:
         differ["insecure_reproducible_init"] = True
     if wanted and differ:
-        raise ProtocolError(f"this tenant's node config {PRIVATE_CONFIG} = true accepts only runs with "
-                            f"{PRIVATE}, {PRIVATE_FLOWER} and secret start weights; this run has {differ}: refused")
+        raise ProtocolError(f"this tenant's node config {PRIVATE_CONFIG} = true accepts only {config.security} runs "
+                            f"with {dict(required)}, {PRIVATE_FLOWER} and secret start weights; this run has {differ}: refused")
 
 
 def release_of(config: RunConfig, embedder: torch.nn.Module) -> dict[str, Any]:

@@ -6,15 +6,17 @@
                        (never a silent fresh start).
 ``train.tail``         server: pack of ``BodyOutput``. Client: tail forward, loss, tail update ->
                        pack of ``BodyGrad`` (empty when the head is frozen) and ``metrics``
-                       {train-loss, num-examples, label-dp-epsilon (with label-DP)}.
+                       {num-examples, train-loss (not under label-DP or with ``secure-metrics``
+                       false), label-dp-epsilon (with label-DP)}.
 ``train.head_bwd``     server: pack of ``HeadGrad``. Client: head update -> ``metrics`` {steps}.
 ``evaluate.infer_fwd`` server: ``config`` {num-batches, restart, scope, known}. Client: next test batches
                        (``scope`` "tenant": its own test split; "global": the whole sampled test
                        set; "predict": its own texts, :mod:`~flower_split.flower.node_predict`)
                        through the head -> pack of ``HeadOutput`` (train=False), ``metrics`` {remaining}.
 ``evaluate.infer_tail`` server: pack of ``BodyOutput``. Client: tail -> ``metrics`` {correct,
-                       num-examples, tp, fp, fn} (per-class counts, for macro-F1); "predict":
-                       the predictions appended to its own output file, ``metrics`` {num-examples}.
+                       num-examples, tp, fp, fn} (per-class counts, for macro-F1), nothing with
+                       ``secure-metrics`` false; "predict": the predictions appended to its own
+                       output file, ``metrics`` {num-examples}.
 
 ``context.state`` holds ``party.arrays`` / ``party.config`` (adapters, optimizer momentum,
 schedule, step counter, in-flight batches; see :meth:`ClientParty.state_dict`) and the data
@@ -44,6 +46,9 @@ from flower_split.train.runtime import select_device
 
 PARTY_ARRAYS = "party.arrays"
 PARTY_CONFIG = "party.config"
+PRIVATE_PLAIN = {"train_head": False}
+"""What a private node requires of a split-plain run besides no reports and no sharing: a frozen
+head (no ``dL/dh``). Its label protection setting is moot: plain sends no logits."""
 
 
 def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> ClientParty:
@@ -60,7 +65,7 @@ def _load_party(context: Context, data: TenantData, config: RunConfig, settings:
     ``known``: the cloud says this tenant has trained before; then a missing state is an error
     (the node lost it: restarted without node config ``state-dir``), never a fresh start."""
     party = _new_party(data, config, settings)
-    party.input_noise = node_input_noise(context.node_config, config, settings, data.embedder)
+    party.input_noise = node_input_noise(context.node_config, config, settings, data.embedder, PRIVATE_PLAIN)
     arrays, meta = context.state.get(PARTY_ARRAYS), context.state.get(PARTY_CONFIG)
     if arrays is None or meta is None:
         if known:
@@ -128,10 +133,10 @@ def _tail(message: Message, context: Context, config: RunConfig, settings: Flowe
         examples += result.logits.shape[0]
     _save_party(context, party)
     metrics: dict[str, float] = {MetricKey.NUM_EXAMPLES: examples}
-    if party.label_noise is None:  # the client reports its own mean loss (plain mode only)
+    if party.label_noise is not None:  # under label-DP the loss is not noised, so it stays on the tenant
+        metrics[MetricKey.LABEL_DP_EPSILON] = party.label_noise.epsilon()  # from its own label uses
+    elif settings.secure_metrics:  # the client reports its own mean loss (plain mode only)
         metrics[MetricKey.TRAIN_LOSS] = loss_sum / examples if examples else 0.0
-    else:  # under label-DP the loss is not noised, so it stays on the tenant; epsilon from its own uses
-        metrics[MetricKey.LABEL_DP_EPSILON] = party.label_noise.epsilon()
     return pack_messages(BodyGrad, data.tenant, grads, metrics)
 
 
@@ -196,6 +201,8 @@ def _infer_tail(message: Message, context: Context, config: RunConfig, settings:
     if predicting(context):  # the node's own texts: predictions to its own file, a count to the cloud
         done = append_predictions(context, config, settings, list(zip(indices, logits)))
         return RecordDict({RecordKey.METRICS: MetricRecord({MetricKey.NUM_EXAMPLES: done})})
+    if not settings.secure_metrics:  # it keeps its counts (the private preset: per-class counts of
+        return RecordDict()          # a batch of one name its label)
     # plain mode only: the client reports its own counts (correct, and per class for macro-F1)
     predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
     truth = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)

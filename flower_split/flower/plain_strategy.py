@@ -22,7 +22,8 @@ A tenant that does not reply in time, replies with an error or sends a malformed
 dropped for the rest of the round (its in-flight steps are forgotten by the cloud,
 :meth:`CloudParty.drop_tenant`); the others continue, and it is selected again next round.
 The strategy holds no tenant data: it sees head outputs and body-output gradients only (and,
-in plain mode, each tenant's self-reported loss and accuracy counts).
+in plain mode, each tenant's self-reported loss and accuracy counts, unless the run keeps
+them on the tenants: ``secure-metrics`` false, as a tenant's node config ``private`` demands).
 """
 
 from __future__ import annotations
@@ -47,15 +48,20 @@ class SplitStrategy(SplitStrategyBase):
     Parameters as for :class:`~flower_split.flower.strategy.SplitStrategyBase`, plus
     ``micro_batches`` (default 8): micro-batches carried per Flower message (amortizes the
     round-trip latency; the head gradients of a pack are applied ``micro_batches - 1`` steps
-    late at most), and ``eval_micro_batches`` (default: ``micro_batches``): test batches per
-    Flower message during evaluation.
+    late at most), ``eval_micro_batches`` (default: ``micro_batches``): test batches per
+    Flower message during evaluation, and ``tenant_metrics`` (default True): tenants report
+    their evaluation counts, and a reply without them is dropped; False (run config
+    ``secure-metrics`` false): they keep them and their losses, and evaluation reports no accuracy.
     """
 
     def __init__(self, cloud: CloudParty, local_steps: int, micro_batches: int = 8,
                  eval_micro_batches: int | None = None, min_nodes: int = 2,
                  reply_timeout: float | None = 600.0, node_wait_timeout: float = 600.0,
-                 global_eval: bool = True, target_loss: float | None = None) -> None:
+                 global_eval: bool = True, target_loss: float | None = None, tenant_metrics: bool = True) -> None:
         super().__init__(cloud, local_steps, min_nodes, reply_timeout, node_wait_timeout, global_eval, target_loss)
+        if target_loss is not None and not tenant_metrics:
+            raise ValueError("target_loss needs the tenants' reported losses, and tenant_metrics=False keeps them")
+        self.tenant_metrics = tenant_metrics
         if not isinstance(micro_batches, int) or micro_batches <= 0:
             raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
         self.micro_batches = micro_batches
@@ -131,7 +137,7 @@ class SplitStrategy(SplitStrategyBase):
             replies = self.exchange(grid, MessageType.INFER_TAIL, forward, server_round, phase, active)
             for node, content in replies.items():
                 try:
-                    if not tally.add(node, content) and scope != "predict":
+                    if not tally.add(node, content) and scope != "predict" and self.tenant_metrics:
                         raise ProtocolError(f"{MessageType.INFER_TAIL} reply: no evaluation counts")
                 except ProtocolError as exc:
                     self.drop(node, str(exc), phase, active)

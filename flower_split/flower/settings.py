@@ -51,8 +51,9 @@ class FlowerSettings:
     run fails), ``eval-every`` (evaluate every N rounds; 0: only at the end),
     ``eval-initial`` (also evaluate before the first round), ``global-eval`` (after the last
     round, also evaluate every tenant on the whole test set; split only), ``secure-metrics``
-    (secure mode: tenants report their evaluation counts, from logits opened to them only, to
-    the strategy; false: they report none. Never a training loss, see docs/secure.md §9),
+    (tenants report their evaluation counts to the strategy, in secure mode from logits opened
+    to them only; false: they report none, and split-plain tenants keep their training losses
+    too. A secure tenant never reports a training loss, see docs/secure.md §9),
     ``he-key-rotation-every`` (secure mode with ``he`` label protection: every tenant gets a
     new CKKS key pair after every N training rounds; 0: never; any other mode refuses N > 0),
     ``cloud-keep-graphs`` (both modes: the cloud keeps each in-flight step's autograd graph,
@@ -114,7 +115,8 @@ class FlowerSettings:
     otherwise (a deployment: the tenants compute on their own machines)),
     ``quick`` (tiny model on a few hundred samples and short rounds: ``flower_split.config.QUICK``
     and :data:`QUICK_FLOWER`), ``private`` (the recommended secure setting,
-    ``flower_split.config.PRIVATE``; a tenant insists on it with its node config ``private``).
+    ``flower_split.config.PRIVATE``; a tenant insists on it, or on split-plain with a frozen head
+    and ``secure-metrics`` false, with its node config ``private``).
     """
 
     num_server_rounds: int = 3

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flower_split.config import PRIVATE, RunConfig
-from flower_split.flower.node_privacy import FLOOR_CONFIG, KEY_CONFIG, node_input_noise
+from flower_split.flower.node_privacy import FLOOR_CONFIG, KEY_CONFIG, PRIVATE_RUN, node_input_noise
+from flower_split.flower.plain_handlers import PRIVATE_PLAIN
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import load_encoder, load_tokenizer, split_encoder
 from flower_split.protocol import ProtocolError
@@ -85,13 +86,21 @@ def test_a_private_node_refuses_any_run_outside_the_private_preset(embedder) -> 
     node = {"private": True}
     assert node_input_noise(node, RunConfig(**PRIVATE), PRIVATE_SETTINGS, embedder) is None
     assert node_input_noise(node, RunConfig(**PRIVATE, input_noise=1.0), PRIVATE_SETTINGS, embedder).sigma == 1.0
-    for change in ({"train_head": True}, {"label_protection": "he"}, {"security": "plain"},
-                   {"insecure_reproducible_init": True}):
+    for change in ({"train_head": True}, {"label_protection": "he"}, {"insecure_reproducible_init": True}):
         with pytest.raises(ProtocolError, match="private = true accepts only"):
             node_input_noise(node, RunConfig(**{**PRIVATE, **change}), PRIVATE_SETTINGS, embedder)
+    # split-plain's handlers ask for a frozen head only (no dL/dh): plain sends no logits, so its label
+    # protection setting is moot; the same settings show the cloud what secure mode shows it (docs/PRIVACY.md)
+    plain = {**PRIVATE, "security": "plain"}
+    for change in ({}, {"label_protection": "he"}):
+        assert node_input_noise(node, RunConfig(**{**plain, **change}), PRIVATE_SETTINGS, embedder, PRIVATE_PLAIN) is None
+    for change in ({"train_head": True}, {"insecure_reproducible_init": True}):
+        with pytest.raises(ProtocolError, match="private = true accepts only plain runs"):
+            node_input_noise(node, RunConfig(**{**plain, **change}), PRIVATE_SETTINGS, embedder, PRIVATE_PLAIN)
     for flower in (FlowerSettings(), FlowerSettings(secure_metrics=False, share="tail")):  # counts; sharing
-        with pytest.raises(ProtocolError, match="private = true accepts only"):
-            node_input_noise(node, RunConfig(**PRIVATE), flower, embedder)
+        for config, required in ((RunConfig(**PRIVATE), PRIVATE_RUN), (RunConfig(**plain), PRIVATE_PLAIN)):
+            with pytest.raises(ProtocolError, match="private = true accepts only"):
+                node_input_noise(node, config, flower, embedder, required)
     with pytest.raises(ProtocolError, match="expected true or false"):
         node_input_noise({"private": "yes"}, RunConfig(**PRIVATE), PRIVATE_SETTINGS, embedder)
     config, settings = settings_from_run_config({"private": True, "model": "tiny"})  # the run config's preset

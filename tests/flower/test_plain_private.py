@@ -1,0 +1,110 @@
+"""The private preset's label protection under split-plain (node config ``private``).
+
+Against the cloud, split-plain with a frozen head and no reports shows what secure mode's
+private preset shows (docs/PRIVACY.md, "Secure mode against split-plain"). The attack: with
+one example per evaluation message, the per-class counts a plain tenant reports name that
+example's label, and the per-pack training loss measures the tail's fit. Each test runs the
+real ClientApp and strategy and reads every reply the cloud receives.
+"""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import Message, MetricRecord
+
+from flower_split.apps.client_app import make_client_app
+from flower_split.apps.server_app import run_cloud
+from flower_split.flower.contract import MessageType, MetricKey, RecordKey
+from flower_split.flower.records import unpack_messages
+from flower_split.protocol import BodyGrad
+from flower_helpers import LocalGrid
+
+RUN = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
+       "batch-size": 1, "max-length": 16, "max-train-samples": 16, "max-test-samples": 24, "local-steps": 3,
+       "micro-batches": 1, "num-server-rounds": 1, "min-nodes": 1, "global-eval": False}
+PRIVATE_PLAIN = {**RUN, "train-head": False, "secure-metrics": False}
+LABEL_DEPENDENT = (MetricKey.TRAIN_LOSS, MetricKey.CORRECT, MetricKey.TP, MetricKey.FP, MetricKey.FN)
+
+
+class RecordingGrid(LocalGrid):
+    """A one-tenant grid that keeps every reply the cloud receives, by message type."""
+
+    def __init__(self, run: dict, node_config: dict | None = None) -> None:
+        super().__init__(make_client_app(run), 1, node_config=node_config)
+        self.replies: list[tuple[str, Message]] = []
+
+    def deliver(self, message: Message) -> Message | None:
+        reply = super().deliver(message)
+        if reply is not None:
+            self.replies.append((message.metadata.message_type, reply))
+        return reply
+
+
+def _labels_read_from_counts(grid: RecordingGrid) -> list[int]:
+    """The attack: one example per evaluation reply, so ``tp + fn`` is one-hot at its label."""
+    labels = []
+    for kind, reply in grid.replies:
+        metrics = reply.content.get(RecordKey.METRICS) if not reply.has_error() else None
+        if kind == MessageType.INFER_TAIL and isinstance(metrics, MetricRecord) and MetricKey.TP in metrics:
+            support = [tp + fn for tp, fn in zip(metrics[MetricKey.TP], metrics[MetricKey.FN])]
+            assert sum(support) == 1  # a batch of one: exactly one class has an example
+            labels.append(support.index(1))
+    return labels
+
+
+def _label_dependent_values(grid: RecordingGrid) -> list[str]:
+    """Every label-dependent value among the replies: reported metrics and ``dL/dh``."""
+    found = []
+    for kind, reply in grid.replies:
+        assert not reply.has_error(), reply.error
+        metrics = reply.content.get(RecordKey.METRICS)
+        if isinstance(metrics, MetricRecord):
+            found += [f"{kind}: {key}" for key in LABEL_DEPENDENT if key in metrics]
+        if kind == MessageType.TAIL:
+            found += [f"{kind}: dL/dh of step {g.step}" for g in unpack_messages(reply.content, BodyGrad, "tenant-0")]
+    return found
+
+
+def test_the_attack_reads_labels_and_losses_from_a_default_plain_run(task_identity: None) -> None:
+    grid = RecordingGrid(RUN)
+    reports: list = []
+    run_cloud(grid, RUN, reports.append)
+    evaluated = sum(reports[-1].num_examples.values())
+    assert evaluated >= 2 and len(_labels_read_from_counts(grid)) == evaluated  # every test example's label
+    found = _label_dependent_values(grid)
+    assert any(MetricKey.TRAIN_LOSS in f for f in found) and any("dL/dh" in f for f in found)
+    assert reports[-1].accuracy is not None
+
+
+@pytest.mark.parametrize("node_private", [False, True])
+def test_plain_with_a_frozen_head_and_no_reports_shows_the_cloud_nothing_label_dependent(
+        task_identity: None, node_private: bool) -> None:
+    grid = RecordingGrid(PRIVATE_PLAIN, {"private": True} if node_private else None)
+    reports: list = []
+    run_cloud(grid, PRIVATE_PLAIN, reports.append)
+    assert _labels_read_from_counts(grid) == [] and _label_dependent_values(grid) == []
+    kinds = [kind for kind, _ in grid.replies]
+    assert kinds.count(MessageType.TAIL) == 3 and MessageType.HEAD_BWD not in kinds  # it trained, no head step
+    train, evaluation = reports[0], reports[-1]
+    assert train.train_loss is None and train.num_examples == 3 and not train.dropped
+    assert evaluation.accuracy is None and not evaluation.dropped  # the tenant kept its counts
+
+
+def test_a_private_node_refuses_a_plain_run_that_reports_or_trains_the_head(task_identity: None) -> None:
+    for run in ({**PRIVATE_PLAIN, "secure-metrics": True}, {**PRIVATE_PLAIN, "train-head": True}):
+        grid = RecordingGrid(run, {"private": True})
+        reports: list = []
+        run_cloud(grid, run, reports.append)
+        assert reports[0].dropped and reports[0].num_examples == 0 and reports[-1].accuracy is None
+        errors = [reply.error.reason for _, reply in grid.replies if reply.has_error()]
+        assert errors and all("private = true accepts only plain runs" in e for e in errors)
+        assert not any(not reply.has_error() for _, reply in grid.replies)  # nothing answered
+
+
+def test_target_loss_is_refused_when_plain_tenants_keep_their_losses() -> None:
+    from flower_split.backends import backend_for
+    from flower_split.config import ConfigError
+    from flower_split.flower.settings import settings_from_run_config
+
+    with pytest.raises(ConfigError, match="^target-loss: with secure-metrics = false"):
+        backend_for(*settings_from_run_config({**PRIVATE_PLAIN, "target-loss": 1.0}))

@@ -111,7 +111,7 @@ class MetricKey:
     STEPS = "steps"
     REMAINING = "remaining"
     DONE = "done"
-    STOPPED = "stopped"  # secure: the round in which the tenant's own loss reached its target-loss
+    STOPPED = "stopped"  # the round in which the tenant's own loss reached its own target-loss (flower.stop_rule)
     CORRECT = "correct"
     TP = "tp"
     FP = "fp"

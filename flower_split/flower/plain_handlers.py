@@ -1,9 +1,11 @@
 """Tenant-side handlers of split-plain: one function per message type (see :data:`HANDLERS`).
 
-``train.head_fwd``     server: ``config`` {num-batches, known}. Client: the next micro-batches of its
-                       partition through embeddings and head -> pack of ``HeadOutput``. ``known``:
-                       the tenant has trained in this run, so a node without its state refuses
-                       (never a silent fresh start).
+``train.head_fwd``     server: ``config`` {num-batches, known, server-round}. Client: the next
+                       micro-batches of its partition through embeddings and head -> pack of
+                       ``HeadOutput``. ``known``: the tenant has trained in this run, so a node
+                       without its state refuses (never a silent fresh start). A tenant whose own
+                       stop rule fired (node config ``target-loss``, :mod:`~flower_split.flower.
+                       stop_rule`) sends no step but ``metrics`` {stopped: that round}.
 ``train.tail``         server: pack of ``BodyOutput``. Client: tail forward, loss, tail update ->
                        pack of ``BodyGrad`` (empty when the head is frozen) and ``metrics``
                        {num-examples, train-loss (not under label-DP or with ``secure-metrics``
@@ -35,6 +37,7 @@ from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, Reco
 from flower_split.flower.records import config_value, pack_messages, read_config, records_to_state, state_to_records, unpack_messages
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.sharing_policy import note_training_begin, note_training_step
+from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, randomized_labels, train_batches,
 )
@@ -108,7 +111,12 @@ def _head_fwd(message: Message, context: Context, config: RunConfig, settings: F
     count = _num_batches(record, settings)
     party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=_known(record))
     if ConfigKey.SERVER_ROUND in record:
-        note_training_begin(context, config_value(record, ConfigKey.SERVER_ROUND, int))
+        server_round = config_value(record, ConfigKey.SERVER_ROUND, int)
+        note_training_begin(context, server_round)
+        stopped = stop_rule(context, config, server_round)
+        if stopped:  # the tenant's own loss reached its own target: no step, the round it stopped
+            _save_party(context, party)
+            return pack_messages(HeadOutput, data.tenant, [], {MetricKey.STOPPED: stopped})
     cursor = Cursor.load(context.state)
     batches = train_batches(data, config, cursor, count, randomized_labels(context, config, data))
     outputs = [party.begin(batch, train=True) for batch in batches]
@@ -129,6 +137,7 @@ def _tail(message: Message, context: Context, config: RunConfig, settings: Flowe
         result = party.pop_result(body_output.step)
         if result.loss is None:
             raise ProtocolError(f"step {body_output.step} is an inference step; train.tail expects training steps")
+        note_loss(context, float(result.loss))  # for the tenant's own stop rule
         loss_sum += result.loss * result.logits.shape[0]
         examples += result.logits.shape[0]
     _save_party(context, party)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from logging import INFO
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -84,6 +84,7 @@ class SplitStrategy(SplitStrategyBase):
             replies = self.exchange(grid, MessageType.HEAD_FWD, {n: RecordDict({RecordKey.CONFIG: ConfigRecord({
                 ConfigKey.NUM_BATCHES: count, ConfigKey.SERVER_ROUND: server_round,
                 ConfigKey.KNOWN: self.knows(n)})}) for n in active}, server_round, phase, active)
+            replies = self._unless_stopped(replies, server_round, phase, active)
             outputs = self.cloud_stage(replies, HeadOutput, phase, active)
             forward = {node: pack_messages(BodyOutput, self.tenant_of[node], messages)
                        for node, messages in outputs.items()}
@@ -119,6 +120,22 @@ class SplitStrategy(SplitStrategyBase):
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud,
             wall_seconds=time.perf_counter() - phase.started, stopped=dict(self.stopped),
             label_dp_epsilon=dict(self.label_dp))
+
+    def _unless_stopped(self, replies: dict[int, RecordDict], server_round: int, phase: Exchange,
+                        active: set[int]) -> dict[int, RecordDict]:
+        """The ``train.head_fwd`` replies less those of tenants whose own stop rule fired
+        (``metrics`` {stopped}, :mod:`~flower_split.flower.stop_rule`): they train no more."""
+        going: dict[int, RecordDict] = {}
+        for node, content in replies.items():
+            record = content.get(RecordKey.METRICS)
+            if isinstance(record, MetricRecord) and MetricKey.STOPPED in record:
+                try:
+                    self.tenant_stopped(node, read_metrics(content)[MetricKey.STOPPED], server_round, active)
+                except ProtocolError as exc:
+                    self.drop(node, f"{MessageType.HEAD_FWD}: {exc}", phase, active)
+            else:
+                going[node] = content
+        return going
 
     def evaluate(self, grid: Grid, server_round: int, scope: str = "tenant") -> EvalReport:
         """Inference (head -> cloud body -> tail) on each tenant's own test split or, with

@@ -196,7 +196,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             try:
                 metrics = read_metrics(content, lists=CLASS_COUNT_KEYS)
                 if train and MetricKey.STOPPED in metrics:  # the tenant's own stop rule (flower.stop_rule)
-                    self._tenant_stopped(node, metrics[MetricKey.STOPPED], server_round, active)
+                    self.tenant_stopped(node, metrics[MetricKey.STOPPED], server_round, active)
                     continue
                 remaining[node] = metrics.get(MetricKey.REMAINING, 0.0)
                 first = self._first_message(node, content, train, remaining[node])
@@ -209,15 +209,6 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 phase.cloud += time.perf_counter() - tick
         outgoing = self._answer_first(grid, firsts, phase, active)
         return remaining, self._step_loop(grid, train, outgoing, server_round, phase, active, ahead)
-
-    def _tenant_stopped(self, node: int, stopped_in: float, server_round: int, active: set[int]) -> None:
-        """A tenant says its loss reached its target in round ``stopped_in``: no more training."""
-        if not 0 < stopped_in < server_round or stopped_in != int(stopped_in):
-            raise ProtocolError(f"metrics.stopped: expected an earlier round, got {stopped_in!r}")
-        tenant = self.tenant_of[node]
-        self.stopped.setdefault(tenant, int(stopped_in))
-        active.discard(node)
-        log(INFO, "%s reached its target-loss in round %d: no more training", tenant, int(stopped_in))
 
     def _begin_instruction(self, node: int, extra: dict[str, Any], server_round: int) -> RecordDict:
         """The ``*.secure_begin`` config: the cloud's update counts, its next step, the step whose

@@ -1,10 +1,12 @@
 """The stop rule on the tenant: it stops training once its own loss reaches its target.
 
 In secure mode the cloud sees no loss (a decrypted CKKS value in ``he`` mode, a
-label-dependent number in ``client`` mode; docs/secure.md §9), so the tenant applies the
-rule itself, with a target only it chooses: node config ``target-loss`` (0 or absent: never
-stop; a run config ``target-loss`` is refused in secure mode, since a target the cloud picks
-would let it binary-search the tenant's loss). It adds up the loss of every training step it
+label-dependent number in ``client`` mode; docs/secure.md §9), nor in split-plain with
+``secure-metrics`` false, so the tenant applies the rule itself, with a target only it
+chooses: node config ``target-loss`` (0 or absent: never stop; a run config ``target-loss``
+is refused in secure mode and in plain without the loss reports, since a target the cloud
+picks would let it binary-search the tenant's loss). Secure tenants check it at a round's
+training begin, plain tenants at a round's ``train.head_fwd``. It adds up the loss of every training step it
 finishes (:func:`note_loss`) and, at a training begin of a new round once at least
 :data:`MIN_WINDOW` of its own steps have been added up (:func:`stop_rule`), compares their
 mean with the target; a window too short goes on into the next round, so the cloud cannot

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flower_split.flower.contract import NOT_A_TENANT_CODE
 from flower_split.flower.stream import converse
 from flower_split.flower.strategy_utils import EvalReport, Exchange, RoundReport, SplitResult, describe
+from flower_split.protocol import ProtocolError
 
 Report = RoundReport | EvalReport
 
@@ -231,6 +232,16 @@ class SplitStrategyBase(ABC):
                 self.stopped[tenant] = server_round
                 log(INFO, "%s reached target-loss %.4g (round loss %.4g): no more training", tenant,
                     self.target_loss, loss)
+
+    def tenant_stopped(self, node: int, stopped_in: float, server_round: int, active: set[int]) -> None:
+        """A tenant says its own loss reached its own target in round ``stopped_in``
+        (:mod:`~flower_split.flower.stop_rule`): no more training, still evaluated."""
+        if not 0 < stopped_in < server_round or stopped_in != int(stopped_in):
+            raise ProtocolError(f"metrics.stopped: expected an earlier round, got {stopped_in!r}")
+        tenant = self.tenant_of[node]
+        self.stopped.setdefault(tenant, int(stopped_in))
+        active.discard(node)
+        log(INFO, "%s reached its target-loss in round %d: no more training", tenant, int(stopped_in))
 
     def select(self, grid: Grid) -> set[int]:
         """The connected nodes that may take part, once at least ``min_nodes`` are connected."""

@@ -108,3 +108,20 @@ def test_target_loss_is_refused_when_plain_tenants_keep_their_losses() -> None:
 
     with pytest.raises(ConfigError, match="^target-loss: with secure-metrics = false"):
         backend_for(*settings_from_run_config({**PRIVATE_PLAIN, "target-loss": 1.0}))
+
+
+def test_a_plain_tenant_applies_its_own_stop_rule_and_reports_only_the_round(task_identity: None) -> None:
+    """Without loss reports the cloud cannot stop a tenant; the tenant's node config target-loss
+    does, after a window of at least MIN_WINDOW of its own steps, and the cloud learns one bit."""
+    from flower_split.flower.stop_rule import MIN_WINDOW
+
+    run = {**PRIVATE_PLAIN, "local-steps": MIN_WINDOW, "micro-batches": 5, "num-server-rounds": 3, "eval-every": 0}
+    for target, stopped in ((1e6, {"tenant-0": 1}), (1e-9, {})):  # any loss reaches the first, none the second
+        grid = RecordingGrid(run, {"private": True, "target-loss": target})
+        reports: list = []
+        run_cloud(grid, run, reports.append)
+        train = [r for r in reports if type(r).__name__ == "RoundReport"]
+        assert [r.num_examples for r in train] == ([MIN_WINDOW, 0, 0] if stopped else [MIN_WINDOW] * 3)
+        assert train[-1].stopped == stopped and all(r.train_loss is None for r in train)
+        assert _label_dependent_values(grid) == []
+

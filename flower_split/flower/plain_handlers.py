@@ -27,6 +27,7 @@ cursors (:class:`~flower_split.flower.tenant.Cursor`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -57,8 +58,10 @@ head (no ``dL/dh``). Its label protection setting is moot: plain sends no logits
 def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) -> ClientParty:
     """A plain party with freshly initialised adapters."""
     head, tail = new_adapters(data, config)
-    return ClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps,
-                       select_device(config.device))
+    party = ClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps,
+                        select_device(config.device))
+    party.skip_diverged = not settings.secure_metrics  # no reply may say whether a loss was finite
+    return party
 
 
 def _load_party(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings,
@@ -137,7 +140,8 @@ def _tail(message: Message, context: Context, config: RunConfig, settings: Flowe
         result = party.pop_result(body_output.step)
         if result.loss is None:
             raise ProtocolError(f"step {body_output.step} is an inference step; train.tail expects training steps")
-        note_loss(context, float(result.loss))  # for the tenant's own stop rule
+        if math.isfinite(result.loss):  # a step that ended without an update (skip_diverged) counts for nothing
+            note_loss(context, float(result.loss))  # for the tenant's own stop rule
         loss_sum += result.loss * result.logits.shape[0]
         examples += result.logits.shape[0]
     _save_party(context, party)

@@ -7,6 +7,8 @@ Flower's deployment engine every message is handled by a fresh process.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ from flower_split.protocol.input_noise import InputNoise, embed, restore_input_n
 from flower_split.protocol.label_dp import LabelNoise, restore_label_noise
 from flower_split.protocol.optim import make_optimizer, warmup_cosine
 
+_log = logging.getLogger(__name__)
 AWAIT_BODY_OUTPUT = "await_body_output"
 AWAIT_HEAD_GRAD = "await_head_grad"
 
@@ -80,6 +83,12 @@ class ClientParty:
         self._steps: dict[int, _Step] = {}
         self._next_step = 0
         self.finished: dict[int, StepResult] = {}
+        # True (a run that keeps losses on the tenant, head frozen): a training step whose loss is
+        # not finite ends without an update (loss NaN in its result, a warning in the tenant's own
+        # log) instead of being refused. Whether the loss is finite depends on the label for a
+        # crafted h (CE([1e38, -inf], y) is 0 or inf), and a refusal's reply, which the cloud may
+        # provoke again and again on the same step, would answer it (a hostile review, issue 15).
+        self.skip_diverged = False
 
     def begin(self, batch: Batch, train: bool = True) -> HeadOutput:
         """Start a step: embed, run the head, and send ``f`` to the cloud."""
@@ -127,6 +136,12 @@ class ClientParty:
             logits.register_hook(self.label_noise.logits_hook(logits, batch.indices))
         loss = F.cross_entropy(logits, batch.labels)
         if not torch.isfinite(loss):
+            if self.skip_diverged and not send_grad:
+                _log.warning("tenant %r, step %d: loss not finite; the step ends without an update (lower "
+                             "lr_tail if this repeats; a cloud sending garbage h would cause it too)",
+                             self.tenant, message.step)
+                self._finish(message.step, StepResult(math.nan, logits.detach().cpu()))
+                return None
             raise TrainingDiverged(f"tenant {self.tenant!r}, step {message.step}: training diverged (loss "
                                    f"{float(loss.detach())}); nothing was updated: lower lr_head / lr_tail")
         self.tail_optimizer.zero_grad(set_to_none=True)

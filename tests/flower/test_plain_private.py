@@ -10,6 +10,7 @@ real ClientApp and strategy and reads every reply the cloud receives.
 from __future__ import annotations
 
 import pytest
+import torch
 from flwr.app import Message, MetricRecord
 
 from flower_split.apps.client_app import make_client_app
@@ -23,7 +24,8 @@ RUN = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "ta
        "batch-size": 1, "max-length": 16, "max-train-samples": 16, "max-test-samples": 24, "local-steps": 3,
        "micro-batches": 1, "num-server-rounds": 1, "min-nodes": 1, "global-eval": False}
 PRIVATE_PLAIN = {**RUN, "train-head": False, "secure-metrics": False}
-LABEL_DEPENDENT = (MetricKey.TRAIN_LOSS, MetricKey.CORRECT, MetricKey.TP, MetricKey.FP, MetricKey.FN)
+# what a private tenant may report: counts the cloud knows anyway, and its own stop bit
+ALLOWED = {MetricKey.NUM_EXAMPLES, MetricKey.REMAINING, MetricKey.STEPS, MetricKey.STOPPED}
 
 
 class RecordingGrid(LocalGrid):
@@ -53,13 +55,13 @@ def _labels_read_from_counts(grid: RecordingGrid) -> list[int]:
 
 
 def _label_dependent_values(grid: RecordingGrid) -> list[str]:
-    """Every label-dependent value among the replies: reported metrics and ``dL/dh``."""
+    """Every value among the replies beyond :data:`ALLOWED` counts: other metrics and ``dL/dh``."""
     found = []
     for kind, reply in grid.replies:
         assert not reply.has_error(), reply.error
         metrics = reply.content.get(RecordKey.METRICS)
         if isinstance(metrics, MetricRecord):
-            found += [f"{kind}: {key}" for key in LABEL_DEPENDENT if key in metrics]
+            found += [f"{kind}: {key}" for key in metrics if key not in ALLOWED]
         if kind == MessageType.TAIL:
             found += [f"{kind}: dL/dh of step {g.step}" for g in unpack_messages(reply.content, BodyGrad, "tenant-0")]
     return found
@@ -125,3 +127,50 @@ def test_a_plain_tenant_applies_its_own_stop_rule_and_reports_only_the_round(tas
         assert train[-1].stopped == stopped and all(r.train_loss is None for r in train)
         assert _label_dependent_values(grid) == []
 
+
+
+def _probe_replies(run: dict, node_config: dict | None, scale: float, examples: int = 4) -> list[Message]:
+    """A malicious cloud's probe: for each of ``examples`` training steps, instead of the body's
+    output it sends ``h = scale * s`` for a fixed sign vector ``s`` (finite, so it passes the
+    tenant's checks), and keeps the tenant's reply."""
+    from dataclasses import replace
+
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from flower_split.flower.records import pack_messages
+    from flower_split.model import build_split
+    from flower_split.protocol import BodyOutput, CloudParty, HeadOutput
+
+    app = make_client_app(run)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1, **(node_config or {})},
+                      state=RecordDict(), run_config={})
+    cloud = CloudParty(build_split("tiny", 77, 4, 8).body)
+    signs = None
+    replies = []
+    for index in range(examples):
+        config = {"num-batches": 1, "server-round": 1, "known": index > 0}
+        head = app(Message(RecordDict({RecordKey.CONFIG: ConfigRecord(config)}), 1, MessageType.HEAD_FWD), context)
+        assert not head.has_error(), head.error
+        (output,) = [cloud.handle(h) for h in unpack_messages(head.content, HeadOutput, "tenant-0")]
+        if signs is None:
+            signs = torch.where(torch.arange(output.h.numel()) % 3 == 0, -1.0, 1.0).reshape(output.h.shape)
+        crafted = replace(output, h=scale * signs)
+        replies.append(app(Message(pack_messages(BodyOutput, "tenant-0", [crafted]), 1, MessageType.TAIL), context))
+    return replies
+
+
+def test_a_crafted_h_gets_the_same_reply_whatever_the_loss(task_identity: None) -> None:
+    """A hostile review: a finite h can make the loss finite for some labels and not for others
+    (CE([1e38, -inf], y) is 0 or inf). The tenant used to refuse a step whose loss was not finite,
+    with the loss in the reason, and roll back, so the cloud could ask again and again; with the
+    reports off it now ends such a step without an update and replies as for any other step."""
+    undefended = _probe_replies({**PRIVATE_PLAIN, "secure-metrics": True}, None, 3e38)
+    assert any(r.has_error() and "training diverged" in r.error.reason for r in undefended)  # the oracle
+    for node in (None, {"private": True}):
+        for scale in (3e38, 1.0):  # non-finite losses, and an ordinary step
+            replies = _probe_replies(PRIVATE_PLAIN, node, scale)
+            assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
+            for reply in replies:
+                assert set(reply.content[RecordKey.METRICS].keys()) == {MetricKey.NUM_EXAMPLES}
+                assert reply.content[RecordKey.METRICS][MetricKey.NUM_EXAMPLES] == 1
+                assert unpack_messages(reply.content, BodyGrad, "tenant-0") == []

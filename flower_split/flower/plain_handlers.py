@@ -60,7 +60,8 @@ def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings) ->
     head, tail = new_adapters(data, config)
     party = ClientParty(data.tenant, data.embedder, head, tail, config, settings.total_steps,
                         select_device(config.device))
-    party.skip_diverged = not settings.secure_metrics  # no reply may say whether a loss was finite
+    # the loss stays on the tenant (no reports, or label-DP): no reply may say whether it was finite
+    party.skip_diverged = not settings.secure_metrics or party.label_noise is not None
     return party
 
 

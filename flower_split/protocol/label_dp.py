@@ -103,11 +103,10 @@ class LabelNoise:
         q = torch.softmax(log_p + (p - batch * noisy) / (2 * self.noise_multiplier ** 2), dim=-1)
         return ((p - q) / batch).to(g.dtype)
 
-    def logits_hook(self, logits: torch.Tensor, indices: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Autograd hook for the logits ``z`` of the examples ``indices``: replaces ``g`` by its noisy,
-        denoised version (:meth:`denoised`) and counts the use (split-plain)."""
+    def logits_hook(self, logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Autograd hook for the logits ``z``: replaces ``g`` by its noisy, denoised version
+        (:meth:`denoised`; split-plain, which counts the use when the step begins)."""
         def add_noise(grad: torch.Tensor) -> torch.Tensor:
-            self.count(indices)
             return self.denoised(grad, logits)
         return add_noise
 

@@ -83,11 +83,13 @@ class ClientParty:
         self._steps: dict[int, _Step] = {}
         self._next_step = 0
         self.finished: dict[int, StepResult] = {}
-        # True (a run that keeps losses on the tenant, head frozen): a training step whose loss is
-        # not finite ends without an update (loss NaN in its result, a warning in the tenant's own
-        # log) instead of being refused. Whether the loss is finite depends on the label for a
-        # crafted h (CE([1e38, -inf], y) is 0 or inf), and a refusal's reply, which the cloud may
-        # provoke again and again on the same step, would answer it (a hostile review, issue 15).
+        # True (a run that keeps the loss on the tenant: no loss reports, or label-DP): no reply may
+        # depend on whether the loss is finite. For a crafted h that depends on the label
+        # (CE([1e38, -inf], y) is 0 or inf), and a refusal, which the cloud may provoke again and
+        # again on the same step, would answer it (two hostile reviews, issue 15). So the step goes on
+        # whenever the logits are finite (g is then finite for every label), and with a frozen head
+        # a step with non-finite logits ends without an update (NaN loss in its result, a warning in
+        # the tenant's own log) instead of a refusal that would tell the cloud about the tail.
         self.skip_diverged = False
 
     def begin(self, batch: Batch, train: bool = True) -> HeadOutput:
@@ -97,6 +99,8 @@ class ClientParty:
         batch = batch.to(self.device)
         with torch.no_grad():
             f = self._head(batch)
+        if train and self.label_noise is not None:  # a use of these labels, whatever becomes of the step:
+            self.label_noise.count(batch.indices)   # a count at the tail would say whether it ran
         self._steps[step] = _Step(batch, train, AWAIT_BODY_OUTPUT)
         return HeadOutput(self.tenant, step, f.float().cpu(), batch.attention_mask.cpu(), train and self.train_head,
                           pool=self.pooled)
@@ -132,18 +136,19 @@ class ClientParty:
         h.requires_grad_(send_grad)
         self.tail.train()
         logits = self._tail(h, batch)
+        if self.skip_diverged and not send_grad and not bool(torch.isfinite(logits).all()):
+            _log.warning("tenant %r, step %d: logits not finite; the step ends without an update (lower lr_tail "
+                         "if this repeats; a cloud sending garbage h would cause it too)", self.tenant, message.step)
+            self._finish(message.step, StepResult(math.nan, logits.detach().cpu()))
+            return None
         if self.label_noise is not None:  # g = dL/dz gets its noise before the tail backward uses it
-            logits.register_hook(self.label_noise.logits_hook(logits, batch.indices))
+            logits.register_hook(self.label_noise.logits_hook(logits))
         loss = F.cross_entropy(logits, batch.labels)
-        if not torch.isfinite(loss):
-            if self.skip_diverged and not send_grad:
-                _log.warning("tenant %r, step %d: loss not finite; the step ends without an update (lower "
-                             "lr_tail if this repeats; a cloud sending garbage h would cause it too)",
-                             self.tenant, message.step)
-                self._finish(message.step, StepResult(math.nan, logits.detach().cpu()))
-                return None
-            raise TrainingDiverged(f"tenant {self.tenant!r}, step {message.step}: training diverged (loss "
-                                   f"{float(loss.detach())}); nothing was updated: lower lr_head / lr_tail")
+        # Refuse only what does not depend on the labels where the loss stays on the tenant: with finite
+        # logits g = softmax(z) - onehot(y) is finite for every label, though CE(z, y) may not be
+        if not (torch.isfinite(logits).all() if self.skip_diverged else torch.isfinite(loss)):
+            raise TrainingDiverged(f"tenant {self.tenant!r}, step {message.step}: training diverged (logits or "
+                                   "loss not finite); nothing was updated: lower lr_head / lr_tail")
         self.tail_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.tail_optimizer.step()

@@ -160,17 +160,26 @@ def _probe_replies(run: dict, node_config: dict | None, scale: float, examples: 
 
 
 def test_a_crafted_h_gets_the_same_reply_whatever_the_loss(task_identity: None) -> None:
-    """A hostile review: a finite h can make the loss finite for some labels and not for others
-    (CE([1e38, -inf], y) is 0 or inf). The tenant used to refuse a step whose loss was not finite,
-    with the loss in the reason, and roll back, so the cloud could ask again and again; with the
-    reports off it now ends such a step without an update and replies as for any other step."""
+    """Two hostile reviews: a finite h can make the loss finite for some labels and not for others
+    (CE([1e38, -inf], y) is 0 or inf). The tenant refused a step whose loss was not finite and
+    rolled back, so the cloud could ask again and again; and under label-DP it counted a label's
+    use only when the tail's backward ran, so the epsilon it reports said the same. Where the loss
+    stays on the tenant (no reports, or label-DP) every reply is now the same for any h."""
     undefended = _probe_replies({**PRIVATE_PLAIN, "secure-metrics": True}, None, 3e38)
     assert any(r.has_error() and "training diverged" in r.error.reason for r in undefended)  # the oracle
-    for node in (None, {"private": True}):
-        for scale in (3e38, 1.0):  # non-finite losses, and an ordinary step
-            replies = _probe_replies(PRIVATE_PLAIN, node, scale)
+    label_dp = {"label-dp-noise": 1.0, "label-dp-delta": 1e-6}
+    for run, node, keys in ((PRIVATE_PLAIN, None, {MetricKey.NUM_EXAMPLES}),
+                            (PRIVATE_PLAIN, {"private": True}, {MetricKey.NUM_EXAMPLES}),
+                            ({**PRIVATE_PLAIN, **label_dp}, {"private": True}, {MetricKey.NUM_EXAMPLES, MetricKey.LABEL_DP_EPSILON}),
+                            ({**PRIVATE_PLAIN, **label_dp, "secure-metrics": True}, None,
+                             {MetricKey.NUM_EXAMPLES, MetricKey.LABEL_DP_EPSILON})):
+        seen = []
+        for scale in (3e38, 1.0):  # non-finite logits or losses, and ordinary steps
+            replies = _probe_replies(run, node, scale)
             assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
             for reply in replies:
-                assert set(reply.content[RecordKey.METRICS].keys()) == {MetricKey.NUM_EXAMPLES}
+                assert set(reply.content[RecordKey.METRICS].keys()) == keys
                 assert reply.content[RecordKey.METRICS][MetricKey.NUM_EXAMPLES] == 1
                 assert unpack_messages(reply.content, BodyGrad, "tenant-0") == []
+            seen.append([dict(r.content[RecordKey.METRICS].items()) for r in replies])
+        assert seen[0] == seen[1]  # the epsilon too: a use counts when the step begins

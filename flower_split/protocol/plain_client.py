@@ -136,7 +136,8 @@ class ClientParty:
         h.requires_grad_(send_grad)
         self.tail.train()
         logits = self._tail(h, batch)
-        if self.skip_diverged and not send_grad and not bool(torch.isfinite(logits).all()):
+        finite_logits = bool(torch.isfinite(logits).all())
+        if self.skip_diverged and not send_grad and not finite_logits:
             _log.warning("tenant %r, step %d: logits not finite; the step ends without an update (lower lr_tail "
                          "if this repeats; a cloud sending garbage h would cause it too)", self.tenant, message.step)
             self._finish(message.step, StepResult(math.nan, logits.detach().cpu()))
@@ -146,7 +147,7 @@ class ClientParty:
         loss = F.cross_entropy(logits, batch.labels)
         # Refuse only what does not depend on the labels where the loss stays on the tenant: with finite
         # logits g = softmax(z) - onehot(y) is finite for every label, though CE(z, y) may not be
-        if not (torch.isfinite(logits).all() if self.skip_diverged else torch.isfinite(loss)):
+        if not (finite_logits if self.skip_diverged else torch.isfinite(loss)):
             raise TrainingDiverged(f"tenant {self.tenant!r}, step {message.step}: training diverged (logits or "
                                    "loss not finite); nothing was updated: lower lr_head / lr_tail")
         self.tail_optimizer.zero_grad(set_to_none=True)

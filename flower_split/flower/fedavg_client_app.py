@@ -17,7 +17,10 @@ Message types (Flower's ``FedAvg`` / ``FedProx`` send the default actions):
                        FedAvg weight), train-loss, steps, partition-id}. With ``local-only``: the
                        tenant trains its own model (kept in ``context.state``; the first round
                        starts it from ``arrays``, later rounds may send none) and replies with
-                       ``metrics`` only: its weights never leave it.
+                       ``metrics`` only: its weights never leave it. It keeps the model it started
+                       the round from too: a resumed cloud that sends the same round again gets
+                       that round trained again from the same start (same seed, same result);
+                       a round older than the tenant's last is refused.
 ``evaluate``           server: ``arrays``, ``config``. Client: accuracy and macro-F1 on its own
                        test split (with ``local-only``: of its own model) -> ``metrics``
                        {num-examples, accuracy, macro-f1, partition-id}.
@@ -31,7 +34,10 @@ Data: exactly the split apps' rows (:func:`flower_split.flower.tenant.tenant_row
 loader of every federated app: the tenant's own files, node config ``data-path``, or its
 partition of the run's data set; :mod:`flower_split.flower.node_data`). ``run_config``: the split app's keys plus
 :class:`flower_split.flower.fedavg_settings.FedAvgSettings`. A malformed message gets an error
-reply naming the problem, and leaves ``context.state`` as it was.
+reply naming the problem, and leaves ``context.state`` as it was. With node config ``state-dir``
+(simulation: ``FLOWER_SPLIT_STATE_DIR``) the node mirrors ``context.state`` to disk after every
+message and a restarted node takes it up (:mod:`flower_split.flower.node_state`): a local-only
+tenant's model survives a stopped run (:mod:`flower_split.flower.fedavg_checkpoint`).
 """
 
 from __future__ import annotations
@@ -48,13 +54,18 @@ from flower_split.flower.fedavg_settings import (
 from flower_split.flower.fedavg_training import (
     FedAvgMessageError, evaluate, load_trainable, local_train, model_for, round_seed, trainable_state,
 )
+from flower_split.flower.node_state import mirrored, node_state_dir, rollback
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.tenant import TenantRows, tenant_rows
 from flower_split.model import log_label_frequencies
+from flower_split.state import StateError
 
 ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 PERSONALIZE = "personalize"  # the message type train.personalize
 LOCAL_MODEL = "local-model"  # context.state: a local-only tenant's own trainable parameters
+LOCAL_START = "local-start"  # ... and those it started its last training round from
+LOCAL_ROUND = "local-round"  # ConfigRecord {round}: that round
+BASELINE_ROLE = "baseline-tenant"  # the owner of a FedAvg-family tenant's mirrored state
 
 tenant_data = tenant_rows  # the FedAvg app's data is the split apps' rows
 
@@ -100,15 +111,28 @@ def _local_only(record: ConfigRecord) -> bool:
     return value
 
 
-def _load_model(context: Context, config: RunConfig, data: TenantRows, arrays: ArrayRecord, local: bool) -> Any:
-    """The model with the message's parameters, or (local-only) this tenant's own, once it has them,
-    and this tenant's prior offset (``prior_offset``; the process's model serves every tenant)."""
+def _local_start(context: Context, server_round: int) -> str:
+    """The state record a local-only training round starts from: the tenant's model, or, for the
+    round it trained last (a resumed cloud runs it again), the model it started that round from."""
+    last = context.state.get(LOCAL_ROUND)
+    done = int(last["round"]) if isinstance(last, ConfigRecord) else 0
+    if server_round < done:
+        raise FedAvgMessageError(f"local-only: round {server_round} is older than this tenant's last "
+                                 f"training round ({done}): a replayed or out-of-order message")
+    return LOCAL_START if server_round == done else LOCAL_MODEL
+
+
+def _load_model(context: Context, config: RunConfig, data: TenantRows, arrays: ArrayRecord,
+                own: str | None = None) -> Any:
+    """The model with the message's parameters, or (local-only) this tenant's own record ``own``,
+    once it has one, and this tenant's prior offset (``prior_offset``; the process's model serves
+    every tenant)."""
     model = model_for(config, data.num_classes)
     model.prior = (log_label_frequencies(data.train.labels, data.num_classes).to(model.classifier.weight.device)
                    if config.prior_offset else None)
-    if local and LOCAL_MODEL in context.state:
-        load_trainable(model, context.state[LOCAL_MODEL])
-    elif local and not len(arrays):
+    if own is not None and own in context.state:
+        load_trainable(model, context.state[own])
+    elif own is not None and not len(arrays):
         raise FedAvgMessageError("local-only: this tenant has no model yet and the message carries none")
     else:
         load_trainable(model, arrays)
@@ -125,7 +149,9 @@ def _train(message: Message, context: Context, config: RunConfig, settings: Flow
     epochs = _int(record, "local-epochs", 1)
     server_round = _int(record, "server-round", 1)
     mu, local = _mu(record), _local_only(record)
-    model = _load_model(context, config, data, arrays, local)
+    own = _local_start(context, server_round) if local else None
+    model = _load_model(context, config, data, arrays, own)
+    start = ArrayRecord(torch_state_dict=trainable_state(model)) if local else None
     steps_per_round = -(-len(data.train) // config.batch_size) * epochs
     offset = steps_per_round * (min(server_round, settings.num_server_rounds) - 1)
     losses = local_train(model, data.train, config, epochs, round_seed(config, data.partition_id, server_round),
@@ -134,7 +160,9 @@ def _train(message: Message, context: Context, config: RunConfig, settings: Flow
                             "train-loss": sum(losses) / len(losses) if losses else 0.0,
                             "steps": len(losses), "partition-id": data.partition_id})
     if local:
+        context.state[LOCAL_START] = start
         context.state[LOCAL_MODEL] = ArrayRecord(torch_state_dict=trainable_state(model))
+        context.state[LOCAL_ROUND] = ConfigRecord({"round": server_round})
         return RecordDict({"metrics": metrics})
     return RecordDict({"arrays": ArrayRecord(torch_state_dict=trainable_state(model)), "metrics": metrics})
 
@@ -145,7 +173,7 @@ def _evaluate(message: Message, context: Context, config: RunConfig, settings: F
     local = _local_only(record)
     if local and LOCAL_MODEL not in context.state:
         raise FedAvgMessageError("local-only: nothing to evaluate before this tenant's first training round")
-    model = _load_model(context, config, data, arrays, local)
+    model = _load_model(context, config, data, arrays, LOCAL_MODEL if local else None)
     scores = evaluate(model, data.test, config, data.num_classes)
     return RecordDict({"metrics": MetricRecord({"num-examples": len(data.test), **scores,
                                                 "partition-id": data.partition_id})})
@@ -156,7 +184,7 @@ def _personalize(message: Message, context: Context, config: RunConfig, settings
     arrays, record = _content(message)
     epochs = _int(record, "personalize-epochs", 1)
     server_round = _int(record, "server-round", 1)
-    model = _load_model(context, config, data, arrays, False)
+    model = _load_model(context, config, data, arrays)
     losses = local_train(model, data.train, config, epochs, round_seed(config, data.partition_id, server_round))
     scores = evaluate(model, data.test, config, data.num_classes)
     return RecordDict({"metrics": MetricRecord({
@@ -168,10 +196,14 @@ def _personalize(message: Message, context: Context, config: RunConfig, settings
 def _handle(handler: Any, message: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     config, settings, _ = fedavg_settings_from_run_config({**dict(context.run_config), **overrides})
     data = tenant_rows(config, settings, context.node_config)
+    saved = dict(context.state.items())  # handlers replace records, never mutate them in place
     try:
-        content = handler(message, context, config, settings, data)
-    except FedAvgMessageError as exc:
-        return Message(Error(code=ERROR_CODE, reason=f"FedAvgMessageError ({data.tenant}): {exc}"),
+        with mirrored(context, node_state_dir(context, settings, data.tenant),
+                      {"role": BASELINE_ROLE, "tenant": data.tenant}):
+            content = handler(message, context, config, settings, data)
+    except (FedAvgMessageError, StateError, OSError) as exc:
+        rollback(context, saved)
+        return Message(Error(code=ERROR_CODE, reason=f"{type(exc).__name__} ({data.tenant}): {exc}"),
                        reply_to=message)
     return Message(content, reply_to=message)
 

@@ -13,12 +13,17 @@ by ``num-examples``). The subclasses here only
 * personalise (:meth:`personalize`): after the rounds, every tenant fine-tunes the final global
   model on its own rows and reports the fine-tuned model's scores (``train.personalize``);
 * :class:`LocalOnlyLora`: Flower's ``FedAvg`` message flow with the averaging taken out, each
-  tenant training its own model (a reference row: what a tenant reaches alone).
+  tenant training its own model (a reference row: what a tenant reaches alone);
+* resume (:meth:`state_dict` / :meth:`load_state_dict`, ``round_offset``): a ServerApp that
+  resumes after round ``k`` (:mod:`flower_split.flower.fedavg_checkpoint`) runs Flower's loop for
+  the remaining rounds, and the strategy numbers them ``k + 1, ...``, so the tenants' learning
+  rate schedule, batch order and the reports go on where they stopped.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from logging import INFO
 from typing import Any, Callable, Iterable, Iterator
 
@@ -71,6 +76,28 @@ class _LoraReports:
         self.history = FedAvgHistory()
         self._tenant_of: dict[int, str] = {}
         self._started = 0.0
+        self.round_offset = 0  # rounds completed before Flower's loop started (a resumed run)
+
+    # -- saved state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history and plateau state (plain values; the global model is the caller's to save)."""
+        history = self.history
+        return {"rounds": [asdict(r) for r in history.rounds],
+                "evaluations": [asdict(r) for r in history.evaluations],
+                "global_evaluations": [asdict(r) for r in history.global_evaluations],
+                "stopped_after": history.stopped_after,
+                "plateau": {"best": self.plateau.best, "since_best": self.plateau.since_best}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take up :meth:`state_dict`'s history and plateau state (KeyError / TypeError if malformed)."""
+        self.history = FedAvgHistory(
+            rounds=[FedAvgRoundReport(**r) for r in state["rounds"]],
+            evaluations=[FedAvgEvalReport(**r) for r in state["evaluations"]],
+            global_evaluations=[GlobalEvalReport(**r) for r in state["global_evaluations"]],
+            stopped_after=state["stopped_after"])
+        self.plateau.best = state["plateau"]["best"]
+        self.plateau.since_best = int(state["plateau"]["since_best"])
 
     # -- schedule --------------------------------------------------------------------------------
 
@@ -142,18 +169,30 @@ class _LoraReports:
 
     # -- Flower's strategy interface ---------------------------------------------------------------
 
+    # Flower's loop counts its own rounds from 1; the run's round is ``round_offset`` more.
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
+        server_round += self.round_offset
         if not self.active(server_round):
             return []
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        return self._configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         self._started = time.perf_counter()
+        server_round += self.round_offset
         if not self.evaluates(server_round):
             return []
+        return self._configure_evaluate(server_round, arrays, config, grid)
+
+    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                         grid: Grid) -> Iterable[Message]:
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def _configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                            grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def _aggregate_arrays(self, server_round: int,
@@ -163,6 +202,7 @@ class _LoraReports:
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        server_round += self.round_offset
         if not self.active(server_round):
             return None, None
         losses, steps, failures = {}, {}, {}
@@ -187,6 +227,7 @@ class _LoraReports:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        server_round += self.round_offset
         if not self.evaluates(server_round):
             return None
         report = self._tally_evaluation(server_round, replies)
@@ -253,15 +294,15 @@ class LocalOnlyLora(_LoraReports, FedAvg):
 
     run_name = "local-lora"
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                         grid: Grid) -> Iterable[Message]:
         config["local-only"] = True
-        return super().configure_train(server_round, arrays if server_round == 1 else ArrayRecord(), config, grid)
+        return super()._configure_train(server_round, arrays if server_round == 1 else ArrayRecord(), config, grid)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def _configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                            grid: Grid) -> Iterable[Message]:
         config["local-only"] = True
-        return super().configure_evaluate(server_round, ArrayRecord(), config, grid)
+        return super()._configure_evaluate(server_round, ArrayRecord(), config, grid)
 
     def _aggregate_arrays(self, server_round: int,
                           replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -17,6 +17,8 @@ from flwr.app import ArrayRecord
 
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
+from flower_split.flower.records import state_tensor
+from flower_split.protocol import ProtocolError
 from flower_split.protocol.optim import lr_factor, make_optimizer
 from flower_split.train.centralized import LoraClassifier
 from flower_split.train.metrics import accuracy, macro_f1
@@ -53,7 +55,10 @@ def load_trainable(model: torch.nn.Module, arrays: object) -> None:
         raise FedAvgMessageError(f"arrays: missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
         for name, param in params.items():
-            value = torch.from_numpy(arrays[name].numpy().copy())
+            try:  # Flower's .npy arrays from the wire, or raw ones from a mirrored node state
+                value = state_tensor(f"arrays.{name}", arrays[name])
+            except ProtocolError as exc:
+                raise FedAvgMessageError(str(exc)) from exc
             if value.shape != param.shape or value.dtype != param.dtype:
                 raise FedAvgMessageError(f"arrays.{name}: expected {param.dtype}{list(param.shape)}, "
                                          f"got {value.dtype}{list(value.shape)}")

@@ -84,9 +84,10 @@ def _load_party(context: Context, data: TenantData, config: RunConfig, settings:
         state["steps"] = {}
     try:
         party.load_state_dict(state)
-    except RuntimeError as exc:  # torch's strict load: the state's modules differ from this config's
+    except (RuntimeError, ValueError, KeyError) as exc:  # torch's strict loads: modules or optimizer groups differ
         raise ProtocolError(f"{data.tenant}: the saved state does not fit this run's model (a setting that shapes "
-                            f"it, e.g. prior_offset = {config.prior_offset}, changed since it was saved): {exc}") from exc
+                            f"it, e.g. prior_offset = {config.prior_offset} or train_head = {config.train_head}, "
+                            f"changed since it was saved): {exc!r}") from exc
     return party, state
 
 

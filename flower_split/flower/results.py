@@ -4,7 +4,9 @@
 report of the strategy; :func:`run_entry` turns them into one ``results.json`` run. Used by
 ``flower-split simulate`` (with a warm-up of every node first, and a line per round) and by
 the deployed ServerApp (``results-dir``; no warm-up, no client CPU figures: a deployed
-ClientApp carries no cost meter).
+ClientApp carries no cost meter). A FedAvg-family run that saves its state after every round
+saves the collector's with it (:meth:`Collector.state_dict`), so a resumed run's entry covers
+every round and all its costs (:mod:`flower_split.flower.fedavg_checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable
 from flwr.serverapp import Grid
 
 from flower_split.config import RunConfig
+from flower_split.flower.fedavg_reports import FedAvgEvalReport, FedAvgRoundReport, GlobalEvalReport
 from flower_split.flower.metering import MeteredGrid, NodeCosts, Traffic
 from flower_split.flower.settings import FlowerSettings
 
@@ -36,6 +39,29 @@ class Collected:
     started: float = 0.0
     finished: float = 0.0
     server_peak_rss_bytes: int | None = None  # the ServerApp's process over the run (simulation: the engine's too)
+
+
+# the reports a saved collector may hold (it is saved by FedAvg-family runs only)
+SAVED_REPORTS = {cls.__name__: cls for cls in (FedAvgRoundReport, FedAvgEvalReport, GlobalEvalReport)}
+
+
+def traffic_state(traffic: Traffic) -> dict[str, Any]:
+    """``traffic`` as plain values (node ids as strings)."""
+    return {"nodes": {str(node): asdict(costs) for node, costs in traffic.nodes.items()},
+            "round_trips": traffic.round_trips, "dealer_nodes": sorted(traffic.dealer_nodes)}
+
+
+def traffic_from_state(state: dict[str, Any]) -> Traffic:
+    return Traffic(nodes={int(node): NodeCosts(**costs) for node, costs in state["nodes"].items()},
+                   round_trips=int(state["round_trips"]), dealer_nodes={int(n) for n in state["dealer_nodes"]})
+
+
+def _report_state(report: Any) -> dict[str, Any]:
+    return {"type": type(report).__name__, "fields": asdict(report)}
+
+
+def _report_from_state(state: dict[str, Any]) -> Any:
+    return SAVED_REPORTS[state["type"]](**state["fields"])
 
 
 def _printer(name: str, rounds: int, enabled: bool) -> Callable[[dict], None]:
@@ -88,6 +114,32 @@ class Collector:
                   "(Ray actors started, model and data loaded)", flush=True)
         collected.started = time.perf_counter()
         return collected.grid
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was collected so far, as plain values: every report with its traffic, the run's
+        total traffic and the wall time since the warm-up."""
+        collected = self.collected
+        return {"rounds": [[_report_state(r), traffic_state(t)] for r, t in collected.rounds],
+                "evaluations": [[_report_state(r), traffic_state(t)] for r, t in collected.evaluations],
+                "global_evaluations": [_report_state(r) for r in collected.global_evaluations],
+                "total": traffic_state(collected.grid.total if collected.grid else Traffic()),
+                "seconds": time.perf_counter() - collected.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take up a saved collector's reports and costs (a resumed run; its own start-up stays
+        apart). Node ids change between runs: the saved costs stay under the old ids, and
+        :func:`client_rows` sums a tenant's over all of them."""
+        collected = self.collected
+        collected.rounds = [(_report_from_state(r), traffic_from_state(t)) for r, t in state["rounds"]]
+        collected.evaluations = [(_report_from_state(r), traffic_from_state(t)) for r, t in state["evaluations"]]
+        collected.global_evaluations = [_report_from_state(r) for r in state["global_evaluations"]]
+        if collected.grid is not None:
+            total = traffic_from_state(state["total"])
+            for node, costs in total.nodes.items():
+                collected.grid.total.node(node).add(costs)
+            collected.grid.total.round_trips += total.round_trips
+            collected.grid.total.dealer_nodes |= total.dealer_nodes
+        collected.started -= float(state["seconds"])
 
     def evaluated(self, server_round: int) -> bool:
         if server_round == 0:
@@ -192,10 +244,16 @@ def round_rows(collected: Collected, epochs: int) -> list[dict]:
 
 
 def client_rows(collected: Collected) -> list[dict]:
-    """results.json ``clients``: each tenant's CPU, memory and bytes over the whole run."""
+    """results.json ``clients``: each tenant's CPU, memory and bytes over the whole run (a resumed
+    run's tenants had other node ids before: their costs are summed by tenant)."""
     total = collected.grid.total if collected.grid else Traffic()
+    by_tenant: dict[str, tuple[int, NodeCosts]] = {}
+    for node, costs in total.nodes.items():
+        tenant = _tenant(costs, node)
+        merged = by_tenant.setdefault(tenant, (node, NodeCosts()))[1]
+        merged.add(costs)
     return sorted(({
-        "tenant": _tenant(costs, node),
+        "tenant": tenant,
         "node_id": node,
         "train_cpu_seconds": costs.train_cpu_seconds,
         "eval_cpu_seconds": costs.eval_cpu_seconds,
@@ -207,7 +265,7 @@ def client_rows(collected: Collected) -> list[dict]:
         "bytes_up": costs.bytes_up,
         "bytes_down": costs.bytes_down,
         "messages": costs.messages,
-    } for node, costs in total.nodes.items()), key=lambda c: c["tenant"])
+    } for tenant, (node, costs) in by_tenant.items()), key=lambda c: c["tenant"])
 
 
 def run_entry(name: str, strategy: str, config: RunConfig, settings: FlowerSettings, fedavg: Any,

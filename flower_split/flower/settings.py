@@ -85,7 +85,8 @@ class FlowerSettings:
     in the format of ``flower-split simulate``; a path on the ServerApp's machine; empty
     (default): none, a deployment's only record is then the log),
     ``state-dir`` (the ServerApp saves the cloud's state there after every round, and resumes
-    from it: :mod:`flower_split.flower.cloud_state`; a path on the ServerApp's machine; empty
+    from it: :mod:`flower_split.flower.cloud_state`; the FedAvg family's ServerApp its global
+    model and history: :mod:`flower_split.flower.fedavg_checkpoint`; a path on the ServerApp's machine; empty
     (default): nothing saved), ``session`` (the name of the run's saved state, under the
     cloud's ``state-dir`` and every node's own node config ``state-dir``; start a run with the
     session of a stopped one to resume it; empty (default): ``run-<run id>``, a fresh one),

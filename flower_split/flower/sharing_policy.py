@@ -168,7 +168,9 @@ def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:
         config, settings = settings_from_run_config({**dict(context.run_config), **overrides})
         if node_role(context.node_config, settings) != TENANT_ROLE:
             raise ProtocolError("sharing: SecAgg+ stage sent to the dealer node, which serves no tenant")
-        check_private(context.node_config, config, settings)
+        # a private node shares nothing (share = "none" is part of PRIVATE_FLOWER at every level);
+        # the level's own requirements are its handlers' to check, and would only blur the reason
+        check_private(context.node_config, config, settings, required={})
         identity = sharing_identity(context.node_config)
         floor = min_tenants(context.node_config)
         node_id = check_order(message, context, stage)  # before anything here writes state

@@ -39,13 +39,17 @@ federated fields of :func:`flower_split.runs.simulate.simulate`), ``report.md`` 
 :mod:`flower_split.runs.report`) and the plots of :mod:`flower_split.runs.report_plots`.
 ``--resume`` reuses the runs of an earlier ``results.json`` in ``--out`` whose inputs are
 identical (the MiniLM comparison takes hours on a CPU; an interrupted one, or one with a run
-added or retuned, repeats no finished work).
+added or retuned, repeats no finished work). The FedAvg-family runs also save their state after
+every round under ``--out/state/<run>-<inputs digest>/`` (:mod:`flower_split.flower.fedavg_checkpoint`):
+with ``--resume`` an interrupted one goes on after its last saved round; without, it starts over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -140,7 +144,8 @@ def _earlier_runs(out: Path) -> dict[str, dict]:
         raise ConfigError(f"--resume: cannot read {target}: {exc}") from exc
 
 
-def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | None, progress: bool) -> list[dict]:
+def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | None, progress: bool,
+             out: Path, resume: bool) -> list[dict]:
     from flower_split.runs.simulate import simulate
 
     if kind == "centralized":
@@ -149,8 +154,20 @@ def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | N
         from flower_split.runs.probes import run_probes
 
         return run_probes(spec.base_config(), spec.partition, spec.num_clients, spec.threads, progress)
-    strategy = "fedavg" if kind in FEDAVG_KINDS else "split"
-    return [simulate(strategy, inputs["run_config"], spec.num_clients, progress=progress, cpus=cpus)]
+    if kind in FEDAVG_KINDS:
+        state_dir, session = checkpoint_location(out, kind, inputs)
+        values = {**inputs["run_config"], "state-dir": str(state_dir), "session": session}
+        if not resume:
+            shutil.rmtree(state_dir / session, ignore_errors=True)  # start over
+        return [simulate("fedavg", values, spec.num_clients, progress=progress, cpus=cpus)]
+    return [simulate("split", inputs["run_config"], spec.num_clients, progress=progress, cpus=cpus)]
+
+
+def checkpoint_location(out: Path, kind: str, inputs: dict[str, Any]) -> tuple[Path, str]:
+    """(state-dir, session) where FedAvg-family run ``kind`` saves its rounds: a session per
+    run and inputs, so a retuned run never resumes another's state."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    return out.resolve() / "state", f"{kind}-{digest[:12]}"
 
 
 def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, progress: bool = True,
@@ -177,7 +194,7 @@ def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, pro
             continue
         try:
             runs.extend({**run, "compare_run": kind, "inputs": inputs}
-                        for run in _execute(spec, kind, inputs, cpus, progress))
+                        for run in _execute(spec, kind, inputs, cpus, progress, out, resume))
         except ConfigError as exc:
             skipped.append({"name": kind, "reason": f"configuration not supported: {exc}"})
         except Exception as exc:  # one failed run must not lose the others

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from flower_split.backends import backend_for, get_backend
 from flower_split.config import ConfigError, RunConfig
 from flower_split.flower.metering import PeakRss, cost_mod
+from flower_split.flower.node_state import STATE_DIR_ENV
 from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config, shared_run_name
 
@@ -80,14 +81,17 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     global_model = fedavg is None or fedavg.baseline != "local-only"
     collector = Collector(name, strategy, settings, nodes, progress, warm_up=warm_up, global_model=global_model)
     collected = collector.collected
-    server_app, client_app = _apps(strategy, values, collector.on_report, collector.wrap)
+    server_app, client_app = _apps(strategy, values, collector.on_report, collector.wrap, collector)
     cpus = cpus or os.cpu_count() or 1
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": _client_gpus(config, cpus)},
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
     started = time.perf_counter()
     sharing = fedavg is None and settings.share != "none"
+    # a FedAvg-family run that saves its state (run config state-dir): the simulated nodes mirror
+    # theirs there too (a local-only tenant's model), as a deployed node does with its node config
+    node_state = os.path.abspath(settings.state_dir) if fedavg is not None and settings.state_dir else ""
     with simulated_node_keys(dealer_node, unpinned=secure and not dealer_node, unpinned_sharing=sharing), \
-            PeakRss() as server_rss:  # the ServerApp runs in this process, next to the simulation engine
+            _environment(STATE_DIR_ENV, node_state), PeakRss() as server_rss:  # the ServerApp runs in this process, next to the simulation engine
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)
     collected.server_peak_rss_bytes = server_rss.peak
@@ -98,6 +102,24 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
 
 
 WARM_UP = "query.warmup"
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment (inherited by Ray's workers) while the block
+    runs, when ``value`` is not empty; the previous value afterwards."""
+    if not value:
+        yield
+        return
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 @contextlib.contextmanager
@@ -175,14 +197,14 @@ def _client_gpus(config: RunConfig, cpus: int) -> float:
 
 
 def _apps(strategy: str, values: Mapping[str, Any], on_report: Callable[[Any], None],
-          wrap: Callable[[Grid], Grid]) -> tuple[ServerApp, Any]:
+          wrap: Callable[[Grid], Grid], journal: Any = None) -> tuple[ServerApp, Any]:
     overrides = dict(values)
     if strategy == "fedavg":
         from flower_split.flower.fedavg_client_app import make_fedavg_client_app, prepare
         from flower_split.flower.fedavg_server_app import make_fedavg_server_app
 
         mod = cost_mod(lambda context: prepare(context, overrides))
-        return (make_fedavg_server_app(overrides, on_report, wrap),
+        return (make_fedavg_server_app(overrides, on_report, wrap, journal),
                 _add_warm_up(make_fedavg_client_app(overrides, mods=[mod])))
 
     from flower_split.apps.client_app import make_client_app

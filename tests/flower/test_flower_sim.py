@@ -292,6 +292,24 @@ def test_prior_offset_rides_in_each_tenants_saved_tail(task_identity: None) -> N
                                    drop_in_flight=False)
 
 
+def test_a_saved_state_with_another_train_head_is_refused_and_kept(task_identity: None) -> None:
+    """A node state saved with a trained head, under a run that freezes it (the optimizer's groups
+    differ): the message gets a ProtocolError reply naming the setting and the state is kept
+    (a hostile review: the ValueError escaped the handler's rollback)."""
+    config = {**TINY, "eval-initial": False, "local-steps": 2, "micro-batches": 2, "num-server-rounds": 1,
+              "global-eval": False}
+    grid = LocalGrid(make_client_app(config), 2)
+    run_cloud(grid, config)
+    frozen = {**config, "train-head": False}
+    run_config, settings = settings_from_run_config(frozen)
+    context = next(iter(grid.contexts.values()))
+    before = {key: record for key, record in context.state.items()}
+    with pytest.raises(ProtocolError, match="train_head = False"):
+        plain_handlers._load_party(context, tenant_data(run_config, settings, context.node_config), run_config,
+                                   settings, drop_in_flight=False)
+    assert dict(context.state.items()) == before
+
+
 def test_client_messages_leave_no_cycles_holding_data(task_identity: None) -> None:
     found: list[str] = []
     config = {**TINY, "eval-initial": False, "local-steps": 2, "micro-batches": 2, "num-server-rounds": 1}

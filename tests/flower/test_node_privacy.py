@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flower_split.config import PRIVATE, RunConfig
-from flower_split.flower.node_privacy import FLOOR_CONFIG, KEY_CONFIG, PRIVATE_RUN, node_input_noise
+from flower_split.flower.node_privacy import FLOOR_CONFIG, KEY_CONFIG, PRIVATE_RUN, check_private, node_input_noise
 from flower_split.flower.plain_handlers import PRIVATE_PLAIN
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config
 from flower_split.model import load_encoder, load_tokenizer, split_encoder
@@ -101,6 +101,11 @@ def test_a_private_node_refuses_any_run_outside_the_private_preset(embedder) -> 
         for config, required in ((RunConfig(**PRIVATE), PRIVATE_RUN), (RunConfig(**plain), PRIVATE_PLAIN)):
             with pytest.raises(ProtocolError, match="private = true accepts only"):
                 node_input_noise(node, config, flower, embedder, required)
+    # the sharing stages ask for no level's own settings (sharing_policy_mod): a private node shares
+    # nothing at any level, and the refusal names what differs, not a plain run's moot label protection
+    with pytest.raises(ProtocolError, match="'share': 'tail'") as refused:
+        check_private(node, RunConfig(**plain), FlowerSettings(secure_metrics=False, share="tail"), required={})
+    assert "label_protection" not in str(refused.value)
     with pytest.raises(ProtocolError, match="expected true or false"):
         node_input_noise({"private": "yes"}, RunConfig(**PRIVATE), PRIVATE_SETTINGS, embedder)
     config, settings = settings_from_run_config({"private": True, "model": "tiny"})  # the run config's preset

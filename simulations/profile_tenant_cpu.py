@@ -10,7 +10,8 @@ within it the ring matmuls (``mpc.limbs.ring_matmul``); writing the party into
 ``Context.state`` (``secure_handlers._save``); and the rest of the handlers (records in and
 out, data rows, instruction checks). It also reports the size of the tensors each save writes
 into ``Context.state`` (the state a simulation ships through Ray with every message): the
-largest and the smallest (the first save after set-up holds only the halves). The timers wrap those functions in this process only;
+largest and the smallest (the first save after set-up holds only the halves), and what the
+Arrays stored in ``Context.state`` weigh (all-zero shares are stored without bytes). The timers wrap those functions in this process only;
 the code they time is unchanged. Process CPU time counts the whole process, so run it on an
 otherwise idle machine: another process on the same cores inflates every share a little.
 """
@@ -37,7 +38,7 @@ from flower_split.protocol.secure_client import SecureClientParty
 
 SPENT: dict[str, float] = {}
 _INSIDE: set[str] = set()
-STATE_BYTES: list[int] = []
+STATE_BYTES: list[tuple[int, int]] = []  # (the party's tensors, the Arrays stored) per save
 
 
 def _timed(name: str, fn: Callable[..., Any], only_inside: str | None = None) -> Callable[..., Any]:
@@ -57,11 +58,15 @@ def _timed(name: str, fn: Callable[..., Any], only_inside: str | None = None) ->
 
 
 def _measured_save(save: Callable[..., Any]) -> Callable[..., Any]:
-    """``save`` recording the bytes of the party's state tensors first (not timed)."""
+    """``save`` recording the bytes of the party's state tensors and of the Arrays it stored (not
+    timed: the timer wraps ``save`` itself)."""
     @functools.wraps(save)
     def wrapper(context: Any, party: SecureClientParty, *args: Any, **kwargs: Any) -> Any:
-        STATE_BYTES.append(state_tensor_bytes(party.state_dict(copy=False)))
-        return save(context, party, *args, **kwargs)
+        tensors = state_tensor_bytes(party.state_dict(copy=False))
+        result = save(context, party, *args, **kwargs)
+        stored = sum(len(array.data) for array in context.state[secure_handlers.SECURE_ARRAYS].values())
+        STATE_BYTES.append((tensors, stored))
+        return result
     return wrapper
 
 
@@ -69,7 +74,7 @@ def instrument() -> None:
     tenant.handle = _timed("clientapp", tenant.handle)  # client_app imports it at call time
     SecureClientParty.begin = _timed("protocol", SecureClientParty.begin)
     SecureClientParty.handle = _timed("protocol", SecureClientParty.handle)
-    secure_handlers._save = _measured_save(_timed("save", secure_handlers._save))
+    secure_handlers._save = _timed("save", _measured_save(secure_handlers._save))
     beaver.ring_matmul = _timed("ring_matmul", limbs.ring_matmul, only_inside="protocol")
 
 
@@ -98,8 +103,13 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, seconds in [*parts.items(), ("all handlers", total)]:
         print(f"| {name} | {seconds:.3f} | {100 * seconds / total:.0f} % | {1e3 * seconds / samples:.2f} |")
-    print(f"# the party's state tensors at a save: {max(STATE_BYTES) / 2**20:.1f} MiB at most, "
-          f"{min(STATE_BYTES) / 2**20:.1f} MiB at least, over {len(STATE_BYTES)} saves")
+    tensors, stored = max(STATE_BYTES), max(STATE_BYTES, key=lambda pair: pair[1])
+    print(f"# the party's state tensors at a save: {tensors[0] / 2**20:.1f} MiB at most "
+          f"({tensors[1] / 2**20:.1f} MiB of it stored: all-zero shares cost no bytes), "
+          f"{min(STATE_BYTES)[0] / 2**20:.1f} MiB at least, over {len(STATE_BYTES)} saves; "
+          f"Context.state's Arrays {stored[1] / 2**20:.1f} MiB at most, "
+          f"{sum(pair[1] for pair in STATE_BYTES) / 2**20:.0f} MiB over all saves "
+          f"(the tensors: {sum(pair[0] for pair in STATE_BYTES) / 2**20:.0f} MiB)")
 
 
 if __name__ == "__main__":

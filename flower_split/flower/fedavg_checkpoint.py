@@ -33,10 +33,11 @@ from flwr.common import log
 
 from flower_split.flower.settings import FlowerSettings
 from flower_split.state import CLOUD, StateError, cloud_dir, read_party, write_party
+from flower_split.state.store import make_private_dir
 from flower_split.state.layout import session_dir
 
 # run config keys that say where state goes or how long to wait, not what the run computes
-VOLATILE_KEYS = frozenset({"state-dir", "session", "reply-timeout", "results-dir"})
+VOLATILE_KEYS = frozenset({"state-dir", "session", "reply-timeout", "node-wait-timeout", "results-dir"})
 
 
 class Resumable(Protocol):
@@ -89,6 +90,15 @@ class FedAvgCheckpoint:
             raise StateError(f"{where}: the saved state does not fit this run ({exc!r})") from exc
         log(INFO, "%s: resumed from %s after round %d", self.baseline, self.directory, completed)
         return completed, arrays
+
+    def check_writable(self) -> None:
+        """Fail now, not after round 1's compute, when the state cannot be written here."""
+        try:
+            probe = make_private_dir(self.directory) / ".write-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StateError(f"{self.directory}: the state directory is not writable ({exc})") from exc
 
     def save(self, strategy: Any, completed_round: int, arrays: ArrayRecord,
              journal: Resumable | None = None) -> None:

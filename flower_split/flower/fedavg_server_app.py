@@ -66,6 +66,17 @@ def _resumed(checkpoint: FedAvgCheckpoint | None, strategy: Any, model: LoraClas
     return completed, saved
 
 
+def _check_trained(strategy: Any, server_round: int, checkpoint: FedAvgCheckpoint) -> None:
+    """A round no tenant trained is not saved as completed: the run stops, the state saved after
+    the round before stays (e.g. local-only tenants restarted without their mirrored models would
+    otherwise overwrite a good state with rounds of failures)."""
+    report = next((r for r in reversed(strategy.history.rounds) if r.server_round == server_round), None)
+    if report is None or not report.tenants:
+        failures = "; ".join(f"{t}: {why}" for t, why in sorted(report.failures.items())) if report else "no report"
+        raise StateError(f"round {server_round}: no tenant trained ({failures}); not saved, the state in "
+                         f"{checkpoint.directory} stays as it was after round {server_round - 1}")
+
+
 def run_fedavg_cloud(grid: Grid, run_config: Mapping[str, Any],
                      on_report: Callable[[Report], None] | None = None, run_id: int = 0,
                      journal: Resumable | None = None) -> tuple[FedAvgHistory, Result]:
@@ -83,6 +94,8 @@ def run_fedavg_cloud(grid: Grid, run_config: Mapping[str, Any],
     model = LoraClassifier(config.model, test.num_classes, config).to(device)
     strategy = make_strategy(settings, fedavg, on_report)
     has_global_model = not isinstance(strategy, LocalOnlyLora)
+    if checkpoint is not None:
+        checkpoint.check_writable()
     completed, initial = _resumed(checkpoint, strategy, model, journal)
     strategy.round_offset = completed
     remaining = 0 if strategy.stopped_after is not None else max(settings.num_server_rounds - completed, 0)
@@ -93,6 +106,7 @@ def run_fedavg_cloud(grid: Grid, run_config: Mapping[str, Any],
         server_round = flower_round + completed
         metrics = _evaluate_global(server_round, arrays)
         if checkpoint is not None and server_round and strategy.active(server_round):
+            _check_trained(strategy, server_round, checkpoint)
             checkpoint.save(strategy, server_round, arrays, journal)
         return metrics
 

@@ -49,6 +49,17 @@ def _aggregate_without_tenant(records: list[RecordDict], weight_key: str) -> Met
     return metrics
 
 
+def tenant_order(reply: Message) -> tuple[int, int]:
+    """Sort key of a reply: by the tenant's ``partition-id``, error replies last. Flower sums the
+    weighted arrays in reply order, and float addition is not associative, so a fixed order makes a
+    round's average the same whatever order the replies arrived in (a resumed run included)."""
+    if reply.has_error():
+        return 1, reply.metadata.src_node_id
+    metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
+    tenant = metrics.get(TENANT_KEY)
+    return 0, int(tenant) if isinstance(tenant, (int, float)) else -1
+
+
 class _LoraReports:
     """Per-tenant reports, evaluation schedule, plateau stop and personalisation (a mixin for
     Flower's strategies: ``class X(_LoraReports, FedAvg)``).
@@ -201,7 +212,7 @@ class _LoraReports:
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = sorted(replies, key=tenant_order)
         server_round += self.round_offset
         if not self.active(server_round):
             return None, None
@@ -226,7 +237,7 @@ class _LoraReports:
         return arrays, aggregated
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        replies = sorted(replies, key=tenant_order)
         server_round += self.round_offset
         if not self.evaluates(server_round):
             return None

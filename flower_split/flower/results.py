@@ -140,6 +140,7 @@ class Collector:
             collected.grid.total.round_trips += total.round_trips
             collected.grid.total.dealer_nodes |= total.dealer_nodes
         collected.started -= float(state["seconds"])
+        collected.finished = time.perf_counter()  # a finished run started again reports no new round
 
     def evaluated(self, server_round: int) -> bool:
         if server_round == 0:

@@ -165,8 +165,13 @@ def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | N
 
 def checkpoint_location(out: Path, kind: str, inputs: dict[str, Any]) -> tuple[Path, str]:
     """(state-dir, session) where FedAvg-family run ``kind`` saves its rounds: a session per
-    run and inputs, so a retuned run never resumes another's state."""
-    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    run and inputs, so a retuned run never resumes another's state. The run config enters as the
+    checkpoint's fingerprint (:func:`run_config_sha256`), so what only says how long to wait (a
+    raised ``reply-timeout``) keeps the session, as the checkpoint itself allows."""
+    from flower_split.flower.fedavg_checkpoint import run_config_sha256
+
+    kept = {**inputs, "run_config": run_config_sha256(inputs["run_config"])}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
     return out.resolve() / "state", f"{kind}-{digest[:12]}"
 
 

@@ -149,3 +149,65 @@ def test_a_resumed_run_entry_has_every_round_and_each_tenant_once(task_identity:
     rounds_cpu = sum(r["client_cpu_seconds"] for r in run["rounds"])
     assert run["client_train_cpu_seconds"] == pytest.approx(rounds_cpu)
     assert isinstance(run["test_accuracy"], float)
+
+
+def test_four_tenants_resume_to_the_same_bits_whatever_order_the_replies_come_in(
+        task_identity: None, tmp_path: Path) -> None:
+    """Flower samples the nodes in a random order and sums the weighted arrays in reply order; the
+    strategy sorts the replies by tenant, so a resumed run (which replays no RNG state) averages in
+    the same order as the uninterrupted one. With two tenants any order gives the same float sum."""
+    values = {**TINY, "min-nodes": 4, "max-train-samples": 96, "global-eval": False, "num-server-rounds": 4,
+              "state-dir": str(tmp_path / "cloud")}
+    whole = {**values, "state-dir": str(tmp_path / "whole")}
+    _, result = run_fedavg_cloud(LocalGrid(make_fedavg_client_app(whole), 4), whole)
+    with pytest.raises(Killed):
+        run_fedavg_cloud(LocalGrid(_dies_at(make_fedavg_client_app(values), 3, 2), 4), values)
+    _, resumed = run_fedavg_cloud(LocalGrid(make_fedavg_client_app(values), 4), values)
+    assert _same(_state(resumed.arrays), _state(result.arrays))
+
+
+def test_a_round_no_tenant_trained_is_not_saved(task_identity: None, tmp_path: Path) -> None:
+    """Local-only tenants restarted without their mirrored models (no node state-dir) cannot train
+    the resumed round: the run stops and the state saved after the last good round stays."""
+    values = {**TINY, "baseline": "local-only", "global-eval": False, "state-dir": str(tmp_path)}
+    with pytest.raises(Killed):
+        run_fedavg_cloud(LocalGrid(_dies_at(make_fedavg_client_app(values), 2, 2), 2), values)
+    saved = (tmp_path / "baseline" / "cloud" / "party.json").read_bytes()
+    with pytest.raises(StateError, match="round 2: no tenant trained .*has no model yet.* after round 1"):
+        run_fedavg_cloud(LocalGrid(make_fedavg_client_app(values), 2), values)
+    assert (tmp_path / "baseline" / "cloud" / "party.json").read_bytes() == saved
+
+
+def test_a_state_dir_that_cannot_be_written_is_refused_before_round_1(task_identity: None, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    values = {**TINY, "state-dir": str(tmp_path / "file" / "state")}
+    sent: list[Message] = []
+
+    def watched(message: Message, context: Context) -> Message:
+        sent.append(message)
+        return make_fedavg_client_app(values)(message, context)
+
+    with pytest.raises(StateError, match="not writable"):
+        run_fedavg_cloud(LocalGrid(watched, 2), values)
+    assert not sent
+
+
+def test_a_finished_run_started_again_keeps_its_wall_time(task_identity: None, tmp_path: Path) -> None:
+    values = {**TINY, "state-dir": str(tmp_path)}
+    first = _collected_run(values)
+    again = _collected_run(values)  # no round left: nothing new is reported
+    assert again["rounds_run"] == 3 and again["test_accuracy"] == first["test_accuracy"]
+    assert 0 <= again["wall_seconds"] - first["wall_seconds"] < 60
+
+
+def test_compare_keeps_the_session_when_only_a_wait_changes(tmp_path: Path) -> None:
+    from flower_split.runs.compare import checkpoint_location
+
+    inputs = {"run_config": {**TINY, "lr": 0.01}, "num_clients": 2}
+    where, session = checkpoint_location(tmp_path, "fedavg", inputs)
+    patient = {**inputs, "run_config": {**inputs["run_config"], "reply-timeout": 3600.0}}
+    assert checkpoint_location(tmp_path / "elsewhere", "fedavg", patient)[1] == session
+    retuned = {**inputs, "run_config": {**inputs["run_config"], "lr": 0.02}}
+    assert checkpoint_location(tmp_path, "fedavg", retuned)[1] != session
+    assert checkpoint_location(tmp_path, "fedavg", {**inputs, "num_clients": 3})[1] != session
+    assert checkpoint_location(tmp_path, "fedprox", inputs)[1] != session and where == tmp_path.resolve() / "state"

@@ -19,7 +19,8 @@ from flower_split.apps.client_app import make_client_app
 from flower_split.flower import secure_handlers
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.tenant import tenant_data
-from flower_split.flower.records import STATE_STYPE, records_to_state, state_array, state_tensor, state_to_records
+from flower_split.flower.records import (MAX_STATE_ZEROS, STATE_STYPE, STATE_ZEROS_STYPE, records_to_state, state_array,
+                                         state_tensor, state_to_records)
 from flower_split.protocol import ProtocolError
 
 from test_secure_flower import SECURE, _strategy
@@ -56,6 +57,42 @@ def test_state_saved_in_flower_npy_arrays_still_loads_and_bad_arrays_are_named()
             records_to_state(ArrayRecord({"t0": bad}), state_to_records({"x": torch.arange(6)})[1])
     with pytest.raises(ProtocolError, match="bfloat16"):
         state_array("w", torch.zeros(2, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("tensor", [torch.zeros(536, 384, dtype=torch.int64), torch.zeros(3, dtype=torch.int32),
+                                    torch.zeros(2, 2, dtype=torch.bool), torch.zeros(4, 3, dtype=torch.int64).t()],
+                         ids=lambda t: f"{t.dtype}{list(t.shape)}")
+def test_an_all_zero_integer_tensor_is_stored_without_bytes(tensor: torch.Tensor) -> None:
+    """A secure party's zero shares (of values its peer holds) cost no bytes in Context.state."""
+    array = state_array("z", tensor)
+    assert array.stype == STATE_ZEROS_STYPE and array.data == b"" and tuple(array.shape) == tuple(tensor.shape)
+    back = state_tensor("z", array)
+    assert back.dtype == tensor.dtype and torch.equal(back, tensor)
+    back.fill_(1)  # a tensor of its own
+    assert not state_tensor("z", array).any()
+
+
+@pytest.mark.parametrize("tensor", [torch.zeros(3), torch.tensor([-0.0, 0.0]), torch.zeros(0, dtype=torch.int64),
+                                    torch.tensor([0, 0, 1])], ids=["float", "signed-zero", "empty", "one-nonzero"])
+def test_floating_empty_and_nonzero_tensors_are_stored_whole(tensor: torch.Tensor) -> None:
+    array = state_array("x", tensor)
+    assert array.stype == STATE_STYPE and len(array.data) == tensor.numel() * tensor.element_size()
+    back = state_tensor("x", array)
+    assert torch.equal(back, tensor) and torch.equal(back.signbit(), tensor.signbit())
+
+
+def test_a_malformed_zero_array_is_named() -> None:
+    meta = state_to_records({"x": torch.zeros(6, dtype=torch.int64)})[1]
+    for bad, reason in ((Array(dtype="int64", shape=(6,), stype=STATE_ZEROS_STYPE, data=b"\0" * 48), "no bytes"),
+                        (Array(dtype="float32", shape=(6,), stype=STATE_ZEROS_STYPE, data=b""), "floating"),
+                        (Array(dtype="int64", shape=(-6,), stype=STATE_ZEROS_STYPE, data=b""), "not a shape"),
+                        (Array(dtype="int64", shape=(0,), stype=STATE_ZEROS_STYPE, data=b""), "not a shape"),
+                        (Array(dtype="int64", shape=(MAX_STATE_ZEROS, 2), stype=STATE_ZEROS_STYPE, data=b""),
+                         "not a shape"),
+                        (Array(dtype="int64", shape=(2**32, 2**32), stype=STATE_ZEROS_STYPE, data=b""), "not a shape"),
+                        (Array(dtype="float16", shape=(6,), stype=STATE_ZEROS_STYPE, data=b""), "unsupported dtype")):
+        with pytest.raises(ProtocolError, match=f"state\\[t0\\].*{reason}"):
+            records_to_state(ArrayRecord({"t0": bad}), meta)
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -58,8 +58,8 @@ def _timed(name: str, fn: Callable[..., Any], only_inside: str | None = None) ->
 
 
 def _measured_save(save: Callable[..., Any]) -> Callable[..., Any]:
-    """``save`` recording the bytes of the party's state tensors and of the Arrays it stored (not
-    timed: the timer wraps ``save`` itself)."""
+    """``save`` recording the bytes of the party's state tensors and of the Arrays it stored (sums
+    of tensor sizes, no data read; inside the save timer)."""
     @functools.wraps(save)
     def wrapper(context: Any, party: SecureClientParty, *args: Any, **kwargs: Any) -> Any:
         tensors = state_tensor_bytes(party.state_dict(copy=False))

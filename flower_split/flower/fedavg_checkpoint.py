@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -92,11 +94,13 @@ class FedAvgCheckpoint:
         return completed, arrays
 
     def check_writable(self) -> None:
-        """Fail now, not after round 1's compute, when the state cannot be written here."""
+        """Fail now, not after round 1's compute, when the state cannot be written here (a new
+        directory is made private; an existing one is left as it is)."""
         try:
-            probe = make_private_dir(self.directory) / ".write-probe"
-            probe.write_bytes(b"")
-            probe.unlink()
+            directory = self.directory if self.directory.is_dir() else make_private_dir(self.directory)
+            handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+            os.close(handle)
+            os.unlink(probe)
         except OSError as exc:
             raise StateError(f"{self.directory}: the state directory is not writable ({exc})") from exc
 

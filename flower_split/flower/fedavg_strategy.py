@@ -22,6 +22,7 @@ by ``num-examples``). The subclasses here only
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from logging import INFO
@@ -56,8 +57,17 @@ def tenant_order(reply: Message) -> tuple[int, int]:
     if reply.has_error():
         return 1, reply.metadata.src_node_id
     metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
-    tenant = metrics.get(TENANT_KEY)
-    return 0, int(tenant) if isinstance(tenant, (int, float)) else -1
+    tenant = _partition_id(metrics.get(TENANT_KEY))
+    return (0, tenant) if tenant is not None else (1, reply.metadata.src_node_id)
+
+
+def _partition_id(value: object) -> int | None:
+    """A reply's ``partition-id`` as an int; None when it is missing or not a whole number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value)
 
 
 class _LoraReports:
@@ -157,8 +167,9 @@ class _LoraReports:
                 failures[self.name(node)] = reply.error.reason
                 continue
             metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
-            if TENANT_KEY in metrics:
-                self._tenant_of[node] = f"tenant-{int(metrics[TENANT_KEY])}"
+            tenant = _partition_id(metrics.get(TENANT_KEY))
+            if tenant is not None:
+                self._tenant_of[node] = f"tenant-{tenant}"
             yield self.name(node), metrics
 
     def _tally_evaluation(self, server_round: int, replies: list[Message],

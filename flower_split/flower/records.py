@@ -265,8 +265,9 @@ products): 45 % of a MiniLM tenant's mid-step state (15.7 of 34.5 MiB), which a 
 through Ray with every message. Floating tensors are always stored whole (``-0.0`` must come back
 as ``-0.0``)."""
 
-MAX_STATE_ZEROS = 2**31
-"""Most elements a stored zero tensor may claim: a corrupt shape must not allocate the machine."""
+MAX_STATE_ZEROS = 2**28
+"""Most elements a stored zero tensor may claim (2 GiB of int64; MiniLM's largest state tensor has
+about 200,000): a corrupt shape must not allocate the machine."""
 
 
 def state_array(name: str, tensor: torch.Tensor) -> Array:
@@ -292,9 +293,11 @@ def state_tensor(name: str, array: object) -> torch.Tensor:
         raise ProtocolError(f"{name}: unsupported dtype {array.dtype!r} (allowed: {sorted(_NUMPY_DTYPES)})")
     dtype = np.dtype(array.dtype).newbyteorder("<")
     shape = tuple(array.shape)
-    count = 1  # exact Python integers: np.prod would wrap on a hostile shape
-    for n in shape:
-        count *= n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else -1
+    count = -1  # a malformed dimension (negative, bool, not an int) makes the whole shape invalid
+    if all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        count = 1  # exact Python integers: np.prod would wrap on a hostile shape
+        for n in shape:
+            count *= n
     if array.stype == STATE_ZEROS_STYPE:
         return _state_zeros(name, array, dtype, shape, count)
     if count < 0 or len(array.data) != dtype.itemsize * count:

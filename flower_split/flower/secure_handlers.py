@@ -56,7 +56,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
 from flower_split.flower.records import (
-    ArrayMemo, array_to_tensor, config_value, read_config, read_record, records_to_state, state_to_records, tensor_to_array,
+    ArrayMemo, array_to_tensor, config_value, read_config, read_record, records_to_state, state_tensor, state_to_records,
+    tensor_to_array,
 )
 from flower_split.flower.secure_records import (
     pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
@@ -289,7 +290,7 @@ def _predictions(context: Context, config: RunConfig, settings: FlowerSettings,
     record = context.state.get(SECURE_LABELS)
     if not isinstance(record, ArrayRecord) or "indices" not in record:
         raise ProtocolError("prediction step finished but its rows are not in the state")
-    return append_predictions(context, config, settings, [(array_to_tensor("indices", record["indices"]), result.logits)])
+    return append_predictions(context, config, settings, [(state_tensor("indices", record["indices"]), result.logits)])
 
 
 def _step_metrics(context: Context, data: TenantData, party: SecureClientParty, train: bool,
@@ -308,7 +309,7 @@ def _step_metrics(context: Context, data: TenantData, party: SecureClientParty, 
     record = context.state.get(SECURE_LABELS)
     if not isinstance(record, ArrayRecord) or "labels" not in record:
         raise ProtocolError("evaluation step finished but its labels are not in the state")
-    labels = array_to_tensor("labels", record["labels"])
+    labels = state_tensor("labels", record["labels"])  # a restored node mirror stores raw Arrays
     predicted = result.logits.argmax(-1)
     tp, fp, fn = class_counts(predicted, labels, data.num_classes)
     return {MetricKey.CORRECT: int((predicted == labels).sum()), MetricKey.NUM_EXAMPLES: int(labels.numel()),

@@ -285,3 +285,30 @@ def test_a_restarted_node_whose_first_message_is_a_sharing_setup_resumes(task_id
     assert rounds[0].sharing.tenants == ["tenant-0", "tenant-1", "tenant-2"] and not rounds[0].sharing.dropped
     assert rounds[1].tenants == ["tenant-0", "tenant-1", "tenant-2"] and not rounds[1].dropped
     assert rounds[1].sharing.tenants == ["tenant-0", "tenant-1", "tenant-2"]
+
+
+def test_a_node_restarted_mid_evaluation_reads_its_labels_from_its_mirror(task_identity: None, tmp_path) -> None:
+    """A tenant node that restarts between two messages of a secure evaluation step (nothing lost)
+    picks the step up from its mirror, whose Arrays are stored raw, and scores it: the labels
+    and row indices are read as state tensors (hostile review: they were read as Flower ``.npy``
+    Arrays, so every restored evaluation step failed)."""
+    config = {**SECURE, "num-server-rounds": 1, "eval-every": 1}
+    grid: LocalGrid | None = None
+    restarts: list[int] = []
+
+    def restart(node: int, kind: str) -> None:
+        if node == 1 and kind == MessageType.SECURE_EVAL_NEXT and not restarts:
+            assert grid is not None
+            state = grid.contexts[node].state
+            for key in list(state.keys()):
+                del state[key]
+            restarts.append(node)
+        return None
+
+    grid = LocalGrid(make_client_app(config), 2, dealer=tmp_path / "keys",
+                     node_config={"state-dir": str(tmp_path / "nodes")}, intercept=restart)
+    reports: list[RoundReport | EvalReport] = []
+    run_cloud(grid, config, reports.append)
+    evaluation = [r for r in reports if isinstance(r, EvalReport)][-1]
+    assert restarts == [1]
+    assert sorted(evaluation.per_tenant) == ["tenant-0", "tenant-1"] and not evaluation.dropped

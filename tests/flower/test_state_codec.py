@@ -90,6 +90,8 @@ def test_a_malformed_zero_array_is_named() -> None:
                         (Array(dtype="int64", shape=(MAX_STATE_ZEROS, 2), stype=STATE_ZEROS_STYPE, data=b""),
                          "not a shape"),
                         (Array(dtype="int64", shape=(2**32, 2**32), stype=STATE_ZEROS_STYPE, data=b""), "not a shape"),
+                        (Array(dtype="int64", shape=(-1, -1), stype=STATE_ZEROS_STYPE, data=b""), "not a shape"),
+                        (Array(dtype="int64", shape=(True, True), stype=STATE_ZEROS_STYPE, data=b""), "not a shape"),
                         (Array(dtype="float16", shape=(6,), stype=STATE_ZEROS_STYPE, data=b""), "unsupported dtype")):
         with pytest.raises(ProtocolError, match=f"state\\[t0\\].*{reason}"):
             records_to_state(ArrayRecord({"t0": bad}), meta)

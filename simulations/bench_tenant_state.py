@@ -5,7 +5,7 @@ the dealer is its own node) for one tenant, ``--steps`` training steps of 32 row
 tenant's handlers (process CPU seconds around every ClientApp call to the tenant's node; median
 of ``--repeats`` runs). Every message loads the tenant's secure party from ``Context.state`` and
 writes it back; the largest state a message wrote (mid-step) is then written and read again
-in the current format (raw bytes, ``records.STATE_STYPE``, from the live tensors) and in
+in the current format (raw bytes, ``context_state.STATE_STYPE``, from the live tensors) and in
 Flower's ``.npy`` arrays from copied tensors (the format and copies before, for comparison).
 Run it on an older checkout for the tenant CPU before a change.
 
@@ -32,9 +32,8 @@ from flower_helpers import LocalGrid  # noqa: E402  (the test grid: tenant parti
 from flower_split.apps.client_app import make_client_app  # noqa: E402
 from flower_split.apps.server_app import run_cloud  # noqa: E402
 from flower_split.flower import secure_handlers  # noqa: E402
-from flower_split.flower.records import (  # noqa: E402
-    array_to_tensor, records_to_state, state_tensor_bytes, state_to_records,
-)
+from flower_split.flower.context_state import records_to_state, state_tensor_bytes, state_to_records  # noqa: E402
+from flower_split.flower.records import array_to_tensor  # noqa: E402
 
 
 def run_once(config: dict) -> dict:

@@ -136,7 +136,7 @@ def snapshot(fed: LocalFederation, session: str) -> dict[str, dict]:
         tree = saved.state
         if party != "cloud":  # a node's Flower records: the party's own state_dict inside
             from flower_split.flower.node_state import records_from_tree
-            from flower_split.flower.records import records_to_state
+            from flower_split.flower.context_state import records_to_state
 
             records = records_from_tree(saved.state, saved.meta_file)
             kind = "dealer" if party == "dealer" else "secure"

@@ -32,7 +32,7 @@ import flower_split.flower.secure_handlers as secure_handlers
 import flower_split.flower.tenant as tenant
 import flower_split.mpc.beaver as beaver
 import flower_split.mpc.limbs as limbs
-from flower_split.flower.records import state_tensor_bytes
+from flower_split.flower.context_state import state_tensor_bytes
 from bench_scaling import run_round
 from flower_split.protocol.secure_client import SecureClientParty
 

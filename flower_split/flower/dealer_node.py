@@ -35,7 +35,7 @@ from flower_split.flower.dealer_records import (
     pack_bundles, pack_hellos, pack_outcome, unpack_hello_request, unpack_registrations, unpack_requests,
 )
 from flower_split.flower.node_state import mirrored, node_state_dir, rollback
-from flower_split.flower.records import records_to_state, state_to_records
+from flower_split.flower.context_state import records_to_state, state_to_records
 from flower_split.flower.settings import FlowerSettings
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.dealer_identity import identity_public, load_identity, load_pinned

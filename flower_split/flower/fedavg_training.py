@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
-from flower_split.flower.records import state_tensor
+from flower_split.flower.context_state import state_tensor
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.optim import lr_factor, make_optimizer
 from flower_split.train.centralized import LoraClassifier

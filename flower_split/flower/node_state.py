@@ -31,7 +31,7 @@ from typing import Any, Iterator, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from flower_split.flower.records import state_array, state_tensor
+from flower_split.flower.context_state import state_array, state_tensor
 from flower_split.flower.settings import FlowerSettings
 from flower_split.protocol import ProtocolError
 from flower_split.state import StateError, dealer_dir, read_party, tenant_dir, write_party

@@ -35,7 +35,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
-from flower_split.flower.records import config_value, pack_messages, read_config, records_to_state, state_to_records, unpack_messages
+from flower_split.flower.records import config_value, pack_messages, read_config, unpack_messages
+from flower_split.flower.context_state import records_to_state, state_to_records
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.sharing_policy import note_training_begin, note_training_step
 from flower_split.flower.stop_rule import note_loss, stop_rule

@@ -55,10 +55,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from flower_split.config import RunConfig
 from flower_split.flower.contract import ConfigKey, MessageType, MetricKey, RecordKey
-from flower_split.flower.records import (
-    ArrayMemo, array_to_tensor, config_value, read_config, read_record, records_to_state, state_tensor, state_to_records,
-    tensor_to_array,
-)
+from flower_split.flower.records import config_value, read_config, read_record, tensor_to_array
+from flower_split.flower.context_state import ArrayMemo, records_to_state, state_tensor, state_to_records
 from flower_split.flower.secure_records import (
     pack_key_rotation, pack_secure, pack_setup, unpack_hello, unpack_secure,
 )
@@ -90,7 +88,7 @@ def _new_party(data: TenantData, config: RunConfig, settings: FlowerSettings, co
 PARTIES: PartyCache[SecureClientParty] = PartyCache()
 """This process's live parties (:mod:`~flower_split.flower.party_cache`)."""
 _MEMOS: weakref.WeakKeyDictionary[SecureClientParty, ArrayMemo] = weakref.WeakKeyDictionary()
-"""Each party's Arrays of its last save (:data:`~flower_split.flower.records.ArrayMemo`), as long
+"""Each party's Arrays of its last save (:data:`~flower_split.flower.context_state.ArrayMemo`), as long
 as the party lives: a save copies only the tensors that changed since."""
 LIVE_TOKEN = "live-token"  # in SECURE_CONFIG: the token of the live party this state was saved from
 

@@ -64,7 +64,7 @@ def mirrored_party(directory: Path, tenant: int) -> dict:
     """A tenant node's mirrored split-plain party state (flower_split.flower.node_state)."""
     from flower_split.flower.node_state import NODE, records_from_tree
     from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
-    from flower_split.flower.records import records_to_state
+    from flower_split.flower.context_state import records_to_state
     from flower_split.state import read_party
 
     (session,) = (directory / "node-state" / f"tenant-{tenant}").iterdir()

@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flower_helpers import LocalGrid
 from flower_split.apps.client_app import make_client_app
 from flower_split.flower.dealer_link import ColocatedDealer, NodeDealer
-from flower_split.flower.records import records_to_state
+from flower_split.flower.context_state import records_to_state
 from flower_split.flower.secure_strategy import SecureSplitStrategy
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.backends import backend_for

@@ -24,7 +24,8 @@ from flower_split.data import TokenizedDataset, load_dataset
 from flower_split.model import build_split, load_tokenizer, log_label_frequencies
 from flower_split.protocol import BodyGrad, BodyOutput, ClientParty, CloudParty, HeadGrad, HeadOutput, ProtocolError
 from flower_split.apps.server_app import make_server_app, run_cloud
-from flower_split.flower.records import pack_messages, records_to_state, state_to_records, unpack_messages
+from flower_split.flower.records import pack_messages, unpack_messages
+from flower_split.flower.context_state import records_to_state, state_to_records
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.tenant import tenant_data
 from flower_helpers import LocalGrid, checked_for_cycles

@@ -29,7 +29,7 @@ from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_weights import load_plaintext_weights
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_dealer import SecureDealerParty
-from flower_split.flower.records import records_to_state
+from flower_split.flower.context_state import records_to_state
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.secure_records import pack_key_rotation, unpack_key_rotation
 from flower_split.transport.secure_inprocess import SecureLocalTransport

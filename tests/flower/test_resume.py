@@ -21,7 +21,7 @@ from flower_split.apps.server_app import run_cloud
 from flower_split.config import ConfigError
 from flower_split.flower.contract import MessageType
 from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
-from flower_split.flower.records import records_to_state
+from flower_split.flower.context_state import records_to_state
 from flower_split.protocol.secure_messages import RESUME_STEP_GAP
 from flower_split.flower.strategy_utils import EvalReport, RoundReport
 from flower_split.state import StateError, read_party

@@ -17,7 +17,7 @@ from flower_split.protocol.secure_messages import ClientSetup, DealerHello, Secu
 from flower_split.backends import backend_for
 from flower_split.config import ConfigError
 from flower_split.apps.server_app import make_server_app
-from flower_split.flower.records import records_to_state, state_to_records
+from flower_split.flower.context_state import records_to_state, state_to_records
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.secure_records import (
     pack_hello, pack_secure, pack_setup, unpack_hello, unpack_secure, unpack_setup,

@@ -19,7 +19,7 @@ from flower_split.apps.server_app import run_cloud, run_recorded
 from flower_split.config import ConfigError
 from flower_split.flower.dealer_link import NodeDealer
 from flower_split.flower.plain_handlers import PARTY_ARRAYS, PARTY_CONFIG
-from flower_split.flower.records import records_to_state
+from flower_split.flower.context_state import records_to_state
 from flower_split.flower.secure_strategy import SecureSplitStrategy
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.sharing_params import (

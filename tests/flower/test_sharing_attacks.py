@@ -35,7 +35,7 @@ from flower_split.flower.secagg_prg import FLOWER_MODULES, PRG_NAME
 from flower_split.flower.sharing_client import error_reply_mod
 from flower_split.apps.client_app import make_client_app
 from flower_split.flower.dealer_link import NodeDealer
-from flower_split.flower.records import records_to_state
+from flower_split.flower.context_state import records_to_state
 from flower_split.flower.secure_strategy import SecureSplitStrategy
 from flower_split.flower.sharing_policy import note_training_begin, note_training_step
 from flower_split.flower.sharing_params import (

@@ -1,4 +1,4 @@
-"""The party-state codec of ``Context.state`` (raw little-endian tensors, ``records.STATE_STYPE``).
+"""The party-state codec of ``Context.state`` (raw little-endian tensors, ``context_state.STATE_STYPE``).
 
 Exact round trips for every stored dtype, states in Flower's older ``.npy`` arrays still load,
 malformed arrays are named, and a secure tenant's saved records are a snapshot even though it
@@ -19,8 +19,9 @@ from flower_split.apps.client_app import make_client_app
 from flower_split.flower import secure_handlers
 from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.tenant import tenant_data
-from flower_split.flower.records import (MAX_STATE_ZEROS, STATE_STYPE, STATE_ZEROS_STYPE, records_to_state, state_array,
-                                         state_tensor, state_to_records)
+from flower_split.flower.context_state import (
+    MAX_STATE_ZEROS, STATE_STYPE, STATE_ZEROS_STYPE, records_to_state, state_array, state_tensor, state_to_records,
+)
 from flower_split.protocol import ProtocolError
 
 from test_secure_flower import SECURE, _strategy

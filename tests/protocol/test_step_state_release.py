@@ -14,7 +14,7 @@ import torch
 
 from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
-from flower_split.flower.records import state_tensor_bytes
+from flower_split.flower.context_state import state_tensor_bytes
 from flower_split.model import build_split
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty

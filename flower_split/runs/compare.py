@@ -144,6 +144,19 @@ def _earlier_runs(out: Path) -> dict[str, dict]:
         raise ConfigError(f"--resume: cannot read {target}: {exc}") from exc
 
 
+def _other_runs(out: Path, kinds: list[str]) -> list[dict]:
+    """Runs of ``out/results.json`` that this invocation does not run (``--runs`` picked others):
+    ``--resume`` keeps them in the comparison, so adding a run never drops the earlier ones."""
+    target = out / "results.json"
+    if not target.exists():
+        return []
+    try:
+        runs = json.loads(target.read_text(encoding="utf-8"))["runs"]
+        return [run for run in runs if run.get("compare_run") not in kinds]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"--resume: cannot read {target}: {exc}") from exc
+
+
 def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | None, progress: bool,
              out: Path, resume: bool) -> list[dict]:
     from flower_split.runs.simulate import simulate
@@ -181,12 +194,13 @@ def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, pro
 
     With ``resume``, a run already in ``out/results.json`` with identical inputs
     (:func:`run_inputs`) is reused instead of run again, so an interrupted comparison, or one
-    that adds a run, repeats no work. The merged file is written after every run.
+    that adds a run, repeats no work, and the runs of the file that ``spec`` does not run are kept
+    (first). The merged file is written after every run.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_runs(out) if resume else {}
-    runs: list[dict] = []
+    runs: list[dict] = _other_runs(out, spec.runs) if resume else []
     skipped: list[dict] = []
     started = time.perf_counter()
     for kind in spec.runs:

@@ -131,30 +131,30 @@ def run_inputs(spec: CompareSpec, kind: str) -> dict[str, Any]:
     return {"run_config": federated_values(spec, kind), "num_clients": spec.num_clients}
 
 
-def _earlier_runs(out: Path) -> dict[str, dict]:
-    """Runs of ``out/results.json`` by name, for ``--resume`` (none if the file is absent)."""
-    target = out / "results.json"
-    if not target.exists():
-        return {}
-    try:
-        data = json.loads(target.read_text(encoding="utf-8"))
-        # a run without a test accuracy (every tenant dropped from evaluation) is run again
-        return {run["name"]: run for run in data["runs"] if "inputs" in run and run.get("test_accuracy") is not None}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--resume: cannot read {target}: {exc}") from exc
-
-
-def _other_runs(out: Path, kinds: list[str]) -> list[dict]:
-    """Runs of ``out/results.json`` that this invocation does not run (``--runs`` picked others):
-    ``--resume`` keeps them in the comparison, so adding a run never drops the earlier ones."""
+def _saved_runs(out: Path) -> list[dict]:
+    """The runs of ``out/results.json``, for ``--resume`` (none if the file is absent)."""
     target = out / "results.json"
     if not target.exists():
         return []
     try:
         runs = json.loads(target.read_text(encoding="utf-8"))["runs"]
-        return [run for run in runs if run.get("compare_run") not in kinds]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not isinstance(runs, list) or not all(isinstance(run, dict) and "name" in run for run in runs):
+            raise ValueError("'runs' must be a list of runs, each with a name")
+        return runs
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--resume: cannot read {target}: {exc}") from exc
+
+
+def _earlier_runs(saved: list[dict]) -> dict[str, dict]:
+    """The saved runs ``--resume`` may reuse, by name: a run without a test accuracy (every tenant
+    dropped from evaluation) is run again."""
+    return {run["name"]: run for run in saved if "inputs" in run and run.get("test_accuracy") is not None}
+
+
+def _other_runs(saved: list[dict], kinds: list[str]) -> list[dict]:
+    """The saved runs this invocation does not run (``--runs`` picked others): ``--resume`` keeps
+    them in the comparison, so adding a run never drops the earlier ones."""
+    return [run for run in saved if run.get("compare_run") not in kinds]
 
 
 def _execute(spec: CompareSpec, kind: str, inputs: dict[str, Any], cpus: int | None, progress: bool,
@@ -199,8 +199,9 @@ def run_compare(spec: CompareSpec, out: str | Path, cpus: int | None = None, pro
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier_runs(out) if resume else {}
-    runs: list[dict] = _other_runs(out, spec.runs) if resume else []
+    saved = _saved_runs(out) if resume else []
+    earlier = _earlier_runs(saved)
+    runs: list[dict] = _other_runs(saved, spec.runs)
     skipped: list[dict] = []
     started = time.perf_counter()
     for kind in spec.runs:

@@ -198,29 +198,30 @@ def test_compare_writes_all_runs_report_and_plots(small_banking: str, tmp_path: 
 
 
 def test_resume_never_reuses_a_run_without_test_accuracy(tmp_path: Path) -> None:
-    from flower_split.runs.compare import _earlier_runs
+    from flower_split.runs.compare import _earlier_runs, _saved_runs
 
     runs = [{"name": "split-plain", "inputs": {"a": 1}, "test_accuracy": None},
             {"name": "fedavg-lora", "inputs": {"a": 1}, "test_accuracy": 0.5},
             {"name": "centralized-lora", "test_accuracy": 0.9}]  # from a release without inputs
     (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
-    assert list(_earlier_runs(tmp_path)) == ["fedavg-lora"]
+    assert list(_earlier_runs(_saved_runs(tmp_path))) == ["fedavg-lora"]
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ConfigError, match="--resume: cannot read"):
-        _earlier_runs(tmp_path)
+        _saved_runs(tmp_path)
 
 
 def test_resume_with_other_runs_keeps_the_earlier_ones(tmp_path: Path) -> None:
     """``compare --runs fedavg --resume`` into a comparison that holds a split run adds the FedAvg
     run and keeps the split one (it was silently dropped from results.json)."""
-    from flower_split.runs.compare import _other_runs
+    from flower_split.runs.compare import _other_runs, _saved_runs
 
     runs = [{"name": "split-plain-share-all", "compare_run": "split-plain-share", "test_accuracy": 0.93},
             {"name": "fedavg-lora", "compare_run": "fedavg", "test_accuracy": 0.5},
             {"name": "centralized-lora", "test_accuracy": 0.9}]  # from a release without compare_run
     (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
-    assert [r["name"] for r in _other_runs(tmp_path, ["fedavg"])] == ["split-plain-share-all", "centralized-lora"]
-    assert _other_runs(tmp_path / "absent", ["fedavg"]) == []
+    assert [r["name"] for r in _other_runs(_saved_runs(tmp_path), ["fedavg"])] == [
+        "split-plain-share-all", "centralized-lora"]
+    assert _other_runs(_saved_runs(tmp_path / "absent"), ["fedavg"]) == []
     (tmp_path / "results.json").write_text(json.dumps({"runs": [1]}))
     with pytest.raises(ConfigError, match="--resume: cannot read"):
-        _other_runs(tmp_path, ["fedavg"])
+        _saved_runs(tmp_path)

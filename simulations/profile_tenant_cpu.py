@@ -58,8 +58,8 @@ def _timed(name: str, fn: Callable[..., Any], only_inside: str | None = None) ->
 
 
 def _measured_save(save: Callable[..., Any]) -> Callable[..., Any]:
-    """``save`` recording the bytes of the party's state tensors and of the Arrays it stored (sums
-    of tensor sizes, no data read; inside the save timer)."""
+    """``save`` recording the bytes of the party's state tensors and of the Arrays it stored (not
+    timed: it wraps the timed ``save``)."""
     @functools.wraps(save)
     def wrapper(context: Any, party: SecureClientParty, *args: Any, **kwargs: Any) -> Any:
         tensors = state_tensor_bytes(party.state_dict(copy=False))
@@ -74,7 +74,7 @@ def instrument() -> None:
     tenant.handle = _timed("clientapp", tenant.handle)  # client_app imports it at call time
     SecureClientParty.begin = _timed("protocol", SecureClientParty.begin)
     SecureClientParty.handle = _timed("protocol", SecureClientParty.handle)
-    secure_handlers._save = _timed("save", _measured_save(secure_handlers._save))
+    secure_handlers._save = _measured_save(_timed("save", secure_handlers._save))
     beaver.ring_matmul = _timed("ring_matmul", limbs.ring_matmul, only_inside="protocol")
 
 

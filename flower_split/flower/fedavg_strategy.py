@@ -54,11 +54,13 @@ def tenant_order(reply: Message) -> tuple[int, int]:
     """Sort key of a reply: by the tenant's ``partition-id``, error replies last. Flower sums the
     weighted arrays in reply order, and float addition is not associative, so a fixed order makes a
     round's average the same whatever order the replies arrived in (a resumed run included)."""
-    if reply.has_error():
-        return 1, reply.metadata.src_node_id
-    metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
-    tenant = _partition_id(metrics.get(TENANT_KEY))
+    tenant = None if reply.has_error() else _partition_id(_metrics(reply).get(TENANT_KEY))
     return (0, tenant) if tenant is not None else (1, reply.metadata.src_node_id)
+
+
+def _metrics(reply: Message) -> MetricRecord:
+    """The metrics of a successful reply (its first MetricRecord; empty if it has none)."""
+    return next(iter(reply.content.metric_records.values()), MetricRecord())
 
 
 def _partition_id(value: object) -> int | None:
@@ -166,7 +168,7 @@ class _LoraReports:
             if reply.has_error():
                 failures[self.name(node)] = reply.error.reason
                 continue
-            metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
+            metrics = _metrics(reply)
             tenant = _partition_id(metrics.get(TENANT_KEY))
             if tenant is not None:
                 self._tenant_of[node] = f"tenant-{tenant}"

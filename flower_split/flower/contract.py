@@ -124,3 +124,6 @@ EVAL_SCOPES = ("tenant", "global", "predict")  # predict: the node's own texts (
 # tenant. Outside Flower's own ErrorCode values (0-5), so that a plain run, which does not ask
 # roles, can leave the dealer node out instead of dropping it as a failed tenant every round.
 NOT_A_TENANT_CODE = 101
+# The error code of a tenant's reply refusing a value it opened as out of range
+# (protocol.opened_range.OutOfRange): the cloud then undoes the tenant's previous step as well.
+OUT_OF_RANGE_CODE = 102

@@ -70,6 +70,7 @@ from flower_split.flower.secure_records import has_secure, pack_secure, unpack_k
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.strategy_utils import EvalReport, EvalTally, Exchange, RoundReport
 from flower_split.protocol import ProtocolError
+from flower_split.protocol.opened_range import OutOfRange
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_messages import RESUME_STEP_GAP, MaterialRequest, SecureMessage
 
@@ -106,8 +107,8 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             self.min_nodes, self.reply_timeout,
             f"every {self.he_key_rotation_every} rounds" if self.he_key_rotation_every else "off")
 
-    def forget_step(self, tenant: str) -> None:
-        self.cloud.abort_step(tenant)
+    def forget_step(self, tenant: str, garbage: bool = False) -> None:
+        self.cloud.abort_step(tenant, undo_previous=garbage)
 
     def cloud_state(self) -> dict[str, Any]:
         """The cloud's halves, keys and step counters of every tenant (saved between steps)."""
@@ -173,7 +174,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 try:
                     tally.add(node, content)  # no counts: the tenant keeps them (secure-metrics = false)
                 except ProtocolError as exc:
-                    self.drop(node, str(exc), phase, active)
+                    self.drop(node, str(exc), phase, active, garbage=isinstance(exc, OutOfRange))
             pending &= active
         return tally.report(server_round, scope, self.tenant_of, active, phase)
 
@@ -204,7 +205,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                     firsts[node] = first
             except ProtocolError as exc:
                 remaining.pop(node, None)
-                self.drop(node, f"{begin}: {exc}", phase, active)
+                self.drop(node, f"{begin}: {exc}", phase, active, garbage=isinstance(exc, OutOfRange))
             finally:
                 phase.cloud += time.perf_counter() - tick
         outgoing = self._answer_first(grid, firsts, phase, active)
@@ -253,7 +254,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                     requests[node] = request
             except ProtocolError as exc:
                 del firsts[node]
-                self.drop(node, f"first message: {exc}", phase, active)
+                self.drop(node, f"first message: {exc}", phase, active, garbage=isinstance(exc, OutOfRange))
         phase.cloud += time.perf_counter() - tick
         dealt = time.perf_counter()
         bundles = self.dealer.material(grid, list(requests.values())) if requests else {}
@@ -273,7 +274,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                     raise ProtocolError("a step cannot end with its first message")
                 outgoing[node] = pack_secure(reply)
             except ProtocolError as exc:
-                self.drop(node, f"first message: {exc}", phase, active)
+                self.drop(node, f"first message: {exc}", phase, active, garbage=isinstance(exc, OutOfRange))
         phase.cloud += time.perf_counter() - tick
         return outgoing
 
@@ -330,7 +331,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 if done:
                     finished[node] = content
             except ProtocolError as exc:
-                self.drop(node, str(exc), phase, active)
+                self.drop(node, str(exc), phase, active, garbage=isinstance(exc, OutOfRange))
             finally:
                 phase.cloud += time.perf_counter() - tick
             return None

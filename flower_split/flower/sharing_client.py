@@ -100,7 +100,7 @@ def share_load(message: Message, context: Context, config: RunConfig, settings: 
         for name in names:
             new = _checked(arrays[name].numpy(), party.halves.weights[name], np.int64, name)
             party.halves.weights[name] = average_half(torch.from_numpy(new), count, 1, party.halves.frac_bits)
-        party._pre_step = None  # the cloud drops its rollback point too: no rollback across the load
+        party._rollback.clear()  # the cloud drops its rollback points too: no rollback across the load
         _save(context, party, data, config, settings)
     else:
         party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=True)

@@ -322,7 +322,7 @@ class SecAggSharing:
                 record = strategy.cloud.tenants[tenant]
                 for name, mean in self._cloud_means.items():
                     record.halves.weights[name] = mean.clone()
-                record.pre_step = None  # the last step is over on both sides; no rollback across the load
+                record.rollback.clear()  # the last step is over on both sides; no rollback across the load
         report.tenants.sort()
 
 

@@ -27,7 +27,7 @@ from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from flower_split.flower.contract import NOT_A_TENANT_CODE
+from flower_split.flower.contract import NOT_A_TENANT_CODE, OUT_OF_RANGE_CODE
 from flower_split.flower.stream import converse
 from flower_split.flower.strategy_utils import EvalReport, Exchange, RoundReport, SplitResult, describe
 from flower_split.protocol import ProtocolError
@@ -132,8 +132,9 @@ class SplitStrategyBase(ABC):
         """The connected ``nodes`` that may take part (secure mode sets new ones up first)."""
         return nodes
 
-    def forget_step(self, tenant: str) -> None:
-        """Free what the cloud holds of ``tenant``'s steps in flight."""
+    def forget_step(self, tenant: str, garbage: bool = False) -> None:
+        """Free what the cloud holds of ``tenant``'s steps in flight (``garbage``: a party refused
+        a value it opened as out of range; secure mode undoes the step before as well)."""
         self.cloud.drop_tenant(tenant)
 
     # -- saved state ---------------------------------------------------------------------------
@@ -290,7 +291,8 @@ class SplitStrategyBase(ABC):
                 active.discard(node)
                 continue
             if reply.has_error():
-                self.drop(node, drop_reason(message_type, reply.error, waited, timeout), phase, active)
+                self.drop(node, drop_reason(message_type, reply.error, waited, timeout), phase, active,
+                          garbage=reply.error.code == OUT_OF_RANGE_CODE)
             else:
                 valid[node] = reply.content
         for node in contents:
@@ -330,7 +332,8 @@ class SplitStrategyBase(ABC):
 
         def on_fail(node: int, error: Any, waited: float) -> None:
             if node not in riders and node in active:
-                self.drop(node, drop_reason(message_type, error, waited, self.reply_timeout), phase, active)
+                self.drop(node, drop_reason(message_type, error, waited, self.reply_timeout), phase, active,
+                          garbage=getattr(error, "code", None) == OUT_OF_RANGE_CODE)
 
         opening = [stage_message(n, c, message_type, server_round) for n, c in contents.items()]
         sent = converse(grid, opening + list(riders.values()), on_reply, on_fail, self.reply_timeout)
@@ -356,12 +359,13 @@ class SplitStrategyBase(ABC):
                     contents[node] = following
         return rider_replies
 
-    def drop(self, node: int, reason: str, phase: Exchange, active: set[int]) -> None:
-        """Drop ``node`` from this round and free its in-flight steps on the cloud."""
+    def drop(self, node: int, reason: str, phase: Exchange, active: set[int], garbage: bool = False) -> None:
+        """Drop ``node`` from this round and free its in-flight steps on the cloud (``garbage``: as
+        for :meth:`forget_step`)."""
         tenant = self.tenant_of.get(node)
         active.discard(node)
         if tenant is not None:
-            self.forget_step(tenant)
+            self.forget_step(tenant, garbage)
         label = tenant or f"node-{node}"
         phase.dropped[label] = reason
         log(WARNING, "dropping %s from this round: %s", label, reason)

@@ -27,7 +27,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
 from flower_split.config import RunConfig
 from flower_split.data import Batch, TokenizedDataset
-from flower_split.flower.contract import EVAL_SCOPES, NOT_A_TENANT_CODE, ConfigKey
+from flower_split.flower.contract import EVAL_SCOPES, NOT_A_TENANT_CODE, OUT_OF_RANGE_CODE, ConfigKey
 from flower_split.flower.dealer_node import PROTOCOL_ERROR_CODE, TENANT_ROLE, node_role
 from flower_split.flower.node_data import NodeSource, node_rows, node_source
 from flower_split.flower.node_predict import PREDICT_SCOPE, predict_texts
@@ -40,6 +40,7 @@ from flower_split.model import (
     split_encoder,
 )
 from flower_split.protocol import ProtocolError
+from flower_split.protocol.opened_range import OutOfRange
 from flower_split.protocol.label_rr import RandomizedLabels
 from flower_split.state import StateError
 
@@ -232,8 +233,8 @@ is mirrored, keeps it from sharing that round again."""
 
 def _error_reply(message: Message, tenant: str, exc: Exception) -> Message:
     """The error reply to ``message`` for a refusal of ``tenant`` (its state is left as it was)."""
-    return Message(Error(code=PROTOCOL_ERROR_CODE, reason=f"{type(exc).__name__} ({tenant}): {exc}"),
-                   reply_to=message)
+    code = OUT_OF_RANGE_CODE if isinstance(exc, OutOfRange) else PROTOCOL_ERROR_CODE
+    return Message(Error(code=code, reason=f"{type(exc).__name__} ({tenant}): {exc}"), reply_to=message)
 
 
 def restore_mod(overrides: Mapping[str, Any]) -> Callable[[Message, Context, Callable[[Message, Context], Message]],

@@ -39,6 +39,7 @@ from flower_split.protocol.labels import label_protection
 from flower_split.protocol.input_noise import InputNoise, embed, restore_input_noise
 from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share, restore_label_noise
 from flower_split.protocol.messages import ProtocolError
+from flower_split.protocol.opened_range import check_opened
 from flower_split.protocol.secure_key_rotation import TenantKeyRotation
 from flower_split.protocol.secure_keys import (
     check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes, private_from_bytes, public_bytes,
@@ -46,6 +47,7 @@ from flower_split.protocol.secure_keys import (
 from flower_split.protocol.secure_messages import (
     ClientSetup, DealerHello, SecureMessage, client_step_number, past_dealt_ahead,
 )
+from flower_split.protocol.secure_rollback import RollbackPoints
 from flower_split.protocol.secure_party import GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState
 from flower_split.protocol.secure_shape import head_select, pack_rows, step_shape
 from flower_split.protocol.secure_step_io import export_step, import_step
@@ -108,7 +110,7 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         self.halves: Halves | None = None
         self._next_step = 0
         self._step: StepState | None = None
-        self._pre_step: tuple | None = None  # halves before the last training step (for reconcile)
+        self._rollback = RollbackPoints()  # halves before the last training steps (for reconcile)
         self.finished: dict[int, SecureStepResult] = {}
 
     # ------------------------------------------------------------------------ set-up
@@ -185,7 +187,7 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         self._step = st
         self._next_step = step + 1
         if spec.train:
-            self._pre_step = pre_step
+            self._rollback.push(pre_step)
         return message
 
     @property
@@ -200,8 +202,8 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         if st is None:
             return
         assert self.halves is not None
-        if st.spec.train and self._pre_step is not None:
-            self.halves.restore(self._pre_step)
+        if st.spec.train:
+            self._rollback.undo(self.halves)
         self._step = None
 
     def reconcile(self, cloud_updates: object) -> None:
@@ -209,7 +211,7 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         if self.halves is None:
             raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
         self.abort_step()
-        self.halves.reconcile(self._pre_step, cloud_updates, f"tenant {self.tenant!r}")
+        self._rollback.reconcile(self.halves, cloud_updates, f"tenant {self.tenant!r}")
 
     def handle(self, message: SecureMessage) -> SecureMessage | None:
         """Answer one cloud message; on :class:`ProtocolError` no state has changed."""
@@ -271,6 +273,7 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
     def _logits(self, st: StepState, cloud_share: torch.Tensor) -> torch.Tensor:
         """The logits from this party's share and the cloud's, with the prior offset (float64)."""
         z = decode(st.ctx["cls"].values["z"].data + cloud_share, self.frac_bits)
+        check_opened("open.z", "logits", z)
         return z if self.prior is None else z + self.prior
 
     def _op_receive_logits(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
@@ -333,8 +336,7 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
             "halves": self.halves.state_dict(copy) if self.halves is not None else None,
             "next_step": self._next_step,
             "step": export_step(self._step, copy) if self._step is not None else None,
-            "pre_step": None if self._pre_step is None else
-            {"weights": self._pre_step[0], "buffers": self._pre_step[1], "updates": self._pre_step[2]},
+            "rollback": self._rollback.export(),
             "label_dp": self.label_noise.state_dict() if self.label_noise is not None else None,
             "input_noise": self.input_noise.state_dict() if self.input_noise is not None else None,
             "prior": self.prior.clone() if copy and self.prior is not None else self.prior,
@@ -367,6 +369,5 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         self._init_weights = None if self.halves is not None else self._init_weights
         self._next_step = int(state["next_step"])
         self._step = import_step(state["step"]) if state["step"] is not None else None
-        pre = state.get("pre_step")  # (weights, buffers, updates) before the last training step
-        self._pre_step = None if pre is None else (dict(pre["weights"]), dict(pre["buffers"]), dict(pre["updates"]))
+        self._rollback = RollbackPoints.load(state)
         restore_label_noise(self.label_noise, state.get("label_dp"))

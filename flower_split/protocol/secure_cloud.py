@@ -258,7 +258,7 @@ class SecureCloudParty(SecureStepRunner):
             record.step, record.material = st, None
             record.next_step = spec.step + 1
             if spec.train:
-                record.pre_step = pre_step
+                record.rollback.push(pre_step)
         else:
             st = record.step
             if st is None or message.step != st.spec.step:
@@ -295,20 +295,26 @@ class SecureCloudParty(SecureStepRunner):
         """How many head and tail updates the cloud's halves of ``tenant`` have had (public)."""
         return dict(self._tenant(tenant).halves.updates)
 
-    def abort_step(self, tenant: str) -> None:
-        """Abandon ``tenant``'s step in flight (if any), undoing any update it made; keep the tenant."""
+    def abort_step(self, tenant: str, undo_previous: bool = False) -> None:
+        """Abandon ``tenant``'s step in flight (if any), undoing any update it made; keep the tenant.
+
+        ``undo_previous``: undo the training step before it as well, because a value opened in this
+        step was out of range (:mod:`~flower_split.protocol.secure_rollback`: a failed truncation in
+        that step's weight gradients shows only now); the client follows at its next reconcile."""
         record = self.tenants.get(tenant)
         if record is None:
             return
-        if record.step is not None and record.step.spec.train and record.pre_step is not None:
-            record.halves.restore(record.pre_step)
+        if record.step is not None and record.step.spec.train:
+            record.rollback.undo(record.halves)
+        if undo_previous:
+            record.rollback.undo(record.halves)
         record.step, record.material = None, None
 
     def reconcile(self, tenant: str, client_updates: object) -> None:
         """Before a step: abort ``tenant``'s step in flight, roll back a step the client did not complete."""
         record = self._tenant(tenant)
         self.abort_step(tenant)
-        record.halves.reconcile(record.pre_step, client_updates, f"cloud (tenant {tenant!r})")
+        record.rollback.reconcile(record.halves, client_updates, f"cloud (tenant {tenant!r})")
 
     def _material_key(self, st: StepState) -> bytes:
         return self.tenants[st.spec.tenant].key
@@ -359,6 +365,7 @@ class SecureCloudParty(SecureStepRunner):
     def _op_he_loss(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         record = self.tenants[st.spec.tenant]
         z = decode(st.ctx["cls"].values["z"].data + got["open.z"], self.frac_bits)  # z opened to the cloud
+        check_opened("open.z", "logits", z)
         result = compute_loss_and_grad(record.he_keys, st.ctx.pop("labels_envelope"), z, record.he_material)
         st.ctx["cls"].values["gz"] = self._share(result.grad_mask)
         return {"he.result": result.payload}

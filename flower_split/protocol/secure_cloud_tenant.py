@@ -19,6 +19,7 @@ from flower_split.he.material import MaterialPool
 from flower_split.protocol.messages import ProtocolError
 from flower_split.protocol.secure_messages import MAX_STEP, ClientSetup
 from flower_split.protocol.secure_party import Halves, StepState
+from flower_split.protocol.secure_rollback import RollbackPoints
 from flower_split.protocol.secure_step_io import export_step, export_value, import_step, import_value
 from flower_split.protocol.secure_steps import StepSpec
 
@@ -35,7 +36,7 @@ class CloudTenant:
         self.key = key
         self.next_step = 0
         self.step: StepState | None = None
-        self.pre_step: tuple | None = None  # halves before the last training step (for reconcile)
+        self.rollback = RollbackPoints()  # halves before the last training steps (for reconcile)
         self.material: Material | None = None
         self.prefetched: Material | None = None
 
@@ -77,8 +78,7 @@ class CloudTenant:
             "setup": dict(vars(self.setup)), "halves": self.halves.state_dict(),
             "he_keys": self.he_keys.to_bytes() if self.he_keys is not None else None,
             "key": self.key, "next_step": self.next_step,
-            "pre_step": None if self.pre_step is None else
-            {"weights": self.pre_step[0], "buffers": self.pre_step[1], "updates": self.pre_step[2]},
+            "rollback": self.rollback.export(),
             "step": export_step(self.step) if self.step is not None else None,
             "material": _export_material(self.material), "prefetched": _export_material(self.prefetched),
         }
@@ -89,8 +89,7 @@ class CloudTenant:
         record = cls(ClientSetup(**state["setup"]), Halves.from_state(party, state["halves"]),
                      CloudKeys.from_bytes(state["he_keys"]) if state["he_keys"] is not None else None, state["key"])
         record.next_step = int(state["next_step"])
-        pre = state.get("pre_step")
-        record.pre_step = None if pre is None else (dict(pre["weights"]), dict(pre["buffers"]), dict(pre["updates"]))
+        record.rollback = RollbackPoints.load(state)
         record.step = import_step(state["step"]) if state["step"] is not None else None
         record.material = _import_material(state["material"])
         record.prefetched = _import_material(state.get("prefetched"))

@@ -125,29 +125,6 @@ class Halves:
     def restore(self, snap: tuple) -> None:
         self.weights, self.buffers, self.updates = dict(snap[0]), dict(snap[1]), dict(snap[2])
 
-    def reconcile(self, pre_step: tuple | None, peer_updates: object, who: str) -> None:
-        """Undo this party's last training step if the peer did not complete it.
-
-        A step whose last message was lost (a tenant dropped mid-step) may have updated one
-        party's halves and not the other's; their sum would then be no model at all. Both
-        parties keep the halves from before their last training step (``pre_step``) and
-        compare update counts at the start of the next one: the party ahead rolls back.
-        """
-        try:
-            peer = {"head": int(peer_updates["head"]), "tail": int(peer_updates["tail"])}  # type: ignore[index]
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError(f"{who}: peer update counts {peer_updates!r} are malformed") from None
-        if peer == self.updates:
-            return
-        ahead = any(self.updates[g] > peer[g] for g in peer)
-        if ahead and pre_step is not None and dict(pre_step[2]) == peer:
-            self.restore(pre_step)
-            return
-        if not ahead and all(0 <= peer[g] - self.updates[g] <= 1 for g in peer):
-            return  # the peer is one step ahead: it rolls back on its side
-        raise ProtocolError(f"{who}: halves diverged beyond one step (own updates {self.updates}, peer "
-                            f"{peer}); the tenant's model cannot be recovered")
-
     def update(self, group: str, grads: dict[str, AdditiveShare]) -> None:
         """SGD+momentum on this party's halves of ``group`` ("head" or "tail" = tail + classifier)."""
         factor = lr_factor(self.updates[group], self.optim.total_steps, self.optim.warmup_fraction)

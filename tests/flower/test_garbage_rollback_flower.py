@@ -1,0 +1,60 @@
+"""Over Flower: a failed truncation in a secure tenant's weight gradient costs it that round, not the run.
+
+The review of a 10-tenant secure run (docs/BENCHMARKS.md, "Secure sharing at the headline learning
+rates") saw one tenant refused for an out-of-range ``dL/dh`` in round 1 and again at the first step
+of round 2: rolling back the refused step alone had kept the garbage an earlier step wrote into the
+halves. Here the cloud's division of a classifier gradient fails for real (off by 2^(64 - bits), what
+a wrap of the shares does); the tenant's next step opens out-of-range logits, its node refuses them
+with the out-of-range error code, the strategy drops it and the cloud undoes both steps; at the next
+round both parties reconcile to the model before the failure and the tenant trains again.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from flower_split.apps.client_app import make_client_app
+from flower_split.apps.server_app import run_cloud
+from flower_split.flower.secure_strategy import SecureSplitStrategy
+from flower_split.flower.strategy_utils import RoundReport
+from flower_helpers import LocalGrid
+
+share_module = importlib.import_module("flower_split.mpc.share")
+
+SECURE = {"model": "tiny", "device": "cpu", "partition": "iid", "head-rank": 4, "tail-bottleneck": 8,
+          "lr-tail": 0.5, "batch-size": 16, "max-length": 24, "max-train-samples": 96, "max-test-samples": 16,
+          "local-steps": 3, "num-server-rounds": 2, "eval-every": 0, "min-nodes": 2, "reply-timeout": 60.0,
+          "security": "secure", "label-protection": "client", "global-eval": False}
+CLASSIFIER = (32, 77)  # cls.Wc of the tiny model: its gradient's shape
+
+
+@pytest.mark.parametrize("undo_previous", [True, False])
+def test_a_failed_truncation_costs_the_tenant_one_round_not_the_run(
+        undo_previous: bool, task_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    truncate = share_module.AdditiveShare.truncate
+    failed = []
+
+    def failing(self, bits):  # the cloud's first classifier-gradient division wraps
+        result = truncate(self, bits)
+        if bits and self.party == 0 and tuple(self.shape) == CLASSIFIER and not failed:
+            result.data.view(-1)[0] += 1 << (64 - bits - 1) << 1
+            failed.append(bits)
+        return result
+
+    monkeypatch.setattr(share_module.AdditiveShare, "truncate", failing)
+    if not undo_previous:  # the behaviour before rollback points: only the refused step is undone
+        monkeypatch.setattr(SecureSplitStrategy, "forget_step",
+                            lambda self, tenant, garbage=False: self.cloud.abort_step(tenant))
+    reports: list = []
+    run_cloud(LocalGrid(make_client_app(SECURE), 2, dealer=tmp_path), SECURE, reports.append)
+    rounds = [r for r in reports if isinstance(r, RoundReport)]
+    assert failed and len(rounds) == 2
+    (victim, reason), = rounds[0].dropped.items()
+    assert "out of range" in reason and "open.z" in reason
+    if undo_previous:
+        assert rounds[1].dropped == {} and sorted(rounds[1].tenants) == ["tenant-0", "tenant-1"]
+    else:  # the garbage outlives the refused step: the tenant is refused again at its next step
+        assert victim in rounds[1].dropped and "out of range" in rounds[1].dropped[victim]

@@ -121,7 +121,7 @@ class MetricKey:
 CLASS_COUNT_KEYS = (MetricKey.TP, MetricKey.FP, MetricKey.FN)
 EVAL_SCOPES = ("tenant", "global", "predict")  # predict: the node's own texts (flower.node_predict)
 # The error code of a tenant message's reply from secure mode's dealer node: it serves no
-# tenant. Outside Flower's own ErrorCode values (0-5), so that a plain run, which does not ask
+# tenant. Outside Flower's own ErrorCode values (0-8), so that a plain run, which does not ask
 # roles, can leave the dealer node out instead of dropping it as a failed tenant every round.
 NOT_A_TENANT_CODE = 101
 # The error code of a tenant's reply refusing a value it opened as out of range

@@ -53,7 +53,7 @@ only); without it the evaluations have no accuracy.
 from __future__ import annotations
 
 import time
-from logging import DEBUG, INFO
+from logging import DEBUG, ERROR, INFO
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -98,6 +98,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         self.dealer = dealer
         self._init_admission()
         self._announced: dict[int, tuple[object, ...]] = {}  # node -> its next training batch's shape
+        self._training = False  # whether the steps in flight are training steps (forget_step)
         self.he_key_rotation_every = he_key_rotation_every
         self._rekey_due: set[str] = set()  # tenants whose CKKS keys are to be rotated
 
@@ -108,7 +109,12 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             f"every {self.he_key_rotation_every} rounds" if self.he_key_rotation_every else "off")
 
     def forget_step(self, tenant: str, garbage: bool = False) -> None:
-        self.cloud.abort_step(tenant, undo_previous=garbage)
+        """Abort ``tenant``'s step; after a training step that opened garbage, undo the one before
+        it too (an evaluation's garbage leaves the model alone: the batch is lost, and a model that
+        holds garbage shows it again at its next training step)."""
+        if not self.cloud.abort_step(tenant, undo_previous=garbage and self._training):
+            log(ERROR, "%s: a value opened in training was out of range and no rollback point is left to undo: "
+                       "its model may hold garbage for good (docs/secure.md, 'An opened value out of range')", tenant)
 
     def cloud_state(self) -> dict[str, Any]:
         """The cloud's halves, keys and step counters of every tenant (saved between steps)."""
@@ -174,7 +180,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 try:
                     tally.add(node, content)  # no counts: the tenant keeps them (secure-metrics = false)
                 except ProtocolError as exc:
-                    self.drop(node, str(exc), phase, active, garbage=isinstance(exc, OutOfRange))
+                    self.drop(node, str(exc), phase, active)
             pending &= active
         return tally.report(server_round, scope, self.tenant_of, active, phase)
 
@@ -188,6 +194,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         answered the begin, and the final reply content (with its metrics) of every finished step.
         """
         begin = MessageType.SECURE_TRAIN_BEGIN if train else MessageType.SECURE_EVAL_BEGIN
+        self._training = train
         instructions = {node: self._begin_instruction(node, extra, server_round) for node, extra in configs.items()}
         replies = self.exchange(grid, begin, instructions, server_round, phase, active)
         remaining: dict[int, float] = {}

@@ -100,6 +100,8 @@ def share_load(message: Message, context: Context, config: RunConfig, settings: 
         for name in names:
             new = _checked(arrays[name].numpy(), party.halves.weights[name], np.int64, name)
             party.halves.weights[name] = average_half(torch.from_numpy(new), count, 1, party.halves.frac_bits)
+            party.halves.buffers.pop(name, None)  # the cloud too: a fresh momentum on the mean, and no
+            # garbage from a failed truncation left in a buffer that no rollback point can undo any more
         party._rollback.clear()  # the cloud drops its rollback points too: no rollback across the load
         _save(context, party, data, config, settings)
     else:

@@ -39,7 +39,7 @@ from flower_split.protocol.labels import label_protection
 from flower_split.protocol.input_noise import InputNoise, embed, restore_input_noise
 from flower_split.protocol.label_dp import LabelNoise, noisy_g, noisy_share, restore_label_noise
 from flower_split.protocol.messages import ProtocolError
-from flower_split.protocol.opened_range import check_opened
+from flower_split.protocol.opened_range import LOGITS_LIMIT, check_opened
 from flower_split.protocol.secure_key_rotation import TenantKeyRotation
 from flower_split.protocol.secure_keys import (
     check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes, private_from_bytes, public_bytes,
@@ -273,7 +273,7 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
     def _logits(self, st: StepState, cloud_share: torch.Tensor) -> torch.Tensor:
         """The logits from this party's share and the cloud's, with the prior offset (float64)."""
         z = decode(st.ctx["cls"].values["z"].data + cloud_share, self.frac_bits)
-        check_opened("open.z", "logits", z)
+        check_opened("open.z", "logits", z, LOGITS_LIMIT, show_size=False)
         return z if self.prior is None else z + self.prior
 
     def _op_receive_logits(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from flower_split.mpc import DEFAULT_FRAC_BITS, AdditiveShare, PartyState, decod
 from flower_split.protocol.body_runner import BodyRunner
 from flower_split.protocol.material_seal import open_sealed, seal_key
 from flower_split.protocol.messages import ProtocolError
-from flower_split.protocol.opened_range import check_opened
+from flower_split.protocol.opened_range import GRADIENT_LIMIT, HEAD_OUTPUT_LIMIT, LOGITS_LIMIT, check_opened
 from flower_split.protocol.secure_keys import (
     check_public_key, dealer_key, new_private_key, prg, prg_many, private_bytes,
     private_from_bytes, public_bytes,
@@ -295,20 +295,21 @@ class SecureCloudParty(SecureStepRunner):
         """How many head and tail updates the cloud's halves of ``tenant`` have had (public)."""
         return dict(self._tenant(tenant).halves.updates)
 
-    def abort_step(self, tenant: str, undo_previous: bool = False) -> None:
+    def abort_step(self, tenant: str, undo_previous: bool = False) -> bool:
         """Abandon ``tenant``'s step in flight (if any), undoing any update it made; keep the tenant.
 
         ``undo_previous``: undo the training step before it as well, because a value opened in this
         step was out of range (:mod:`~flower_split.protocol.secure_rollback`: a failed truncation in
-        that step's weight gradients shows only now); the client follows at its next reconcile."""
+        that step's weight gradients shows only now); the client follows at its next reconcile.
+        False when that found no rollback point left to undo."""
         record = self.tenants.get(tenant)
         if record is None:
-            return
+            return True
         if record.step is not None and record.step.spec.train:
             record.rollback.undo(record.halves)
-        if undo_previous:
-            record.rollback.undo(record.halves)
+        undone = record.rollback.undo(record.halves) if undo_previous else True
         record.step, record.material = None, None
+        return undone
 
     def reconcile(self, tenant: str, client_updates: object) -> None:
         """Before a step: abort ``tenant``'s step in flight, roll back a step the client did not complete."""
@@ -344,7 +345,7 @@ class SecureCloudParty(SecureStepRunner):
         0 at the padding positions the head skipped (the body masks them). Before ``body_forward``
         only: it drops the cloud's share of ``f`` (``_release_head_output``)."""
         f = decode(st.ctx["head"].values["y"].data + got["open.f"], self.frac_bits)
-        check_opened("open.f", "head output", f)
+        check_opened("open.f", "head output", f, HEAD_OUTPUT_LIMIT)
         return unpack_rows(f, head_select(st.spec, st.ctx["mask"]))
 
     def _op_body_forward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
@@ -365,7 +366,7 @@ class SecureCloudParty(SecureStepRunner):
     def _op_he_loss(self, st: StepState, halves: Halves, got: dict[str, Any]) -> dict[str, Any]:
         record = self.tenants[st.spec.tenant]
         z = decode(st.ctx["cls"].values["z"].data + got["open.z"], self.frac_bits)  # z opened to the cloud
-        check_opened("open.z", "logits", z)
+        check_opened("open.z", "logits", z, LOGITS_LIMIT)
         result = compute_loss_and_grad(record.he_keys, st.ctx.pop("labels_envelope"), z, record.he_material)
         st.ctx["cls"].values["gz"] = self._share(result.grad_mask)
         return {"he.result": result.payload}
@@ -375,7 +376,7 @@ class SecureCloudParty(SecureStepRunner):
 
     def _op_body_backward(self, st: StepState, halves: Halves, got: dict[str, Any]) -> None:
         grad_h = decode(self._grad_h_share(st) + got["open.grad_h"], self.frac_bits)  # dL/dh, opened
-        check_opened("open.grad_h", "gradient", grad_h)
+        check_opened("open.grad_h", "gradient", grad_h, GRADIENT_LIMIT)
         if st.spec.tail_pooled:  # opened per sequence: the mean pool's backward over the tokens
             grad_h = masked_mean_backward(grad_h, st.ctx["mask"])
         graph = st.ctx.get("_graph")

@@ -58,3 +58,41 @@ def test_a_failed_truncation_costs_the_tenant_one_round_not_the_run(
         assert rounds[1].dropped == {} and sorted(rounds[1].tenants) == ["tenant-0", "tenant-1"]
     else:  # the garbage outlives the refused step: the tenant is refused again at its next step
         assert victim in rounds[1].dropped and "out of range" in rounds[1].dropped[victim]
+
+
+def test_a_failed_truncation_just_before_a_sharing_phase_does_not_outlive_the_next_round(
+        task_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure in the last training step of round 1, then the sharing phase (a hostile review:
+    the mean's mod-2^31 lift turned the garbage into an in-range value, the load cleared the
+    rollback points and kept the garbage momentum, and the tenant was refused every later round).
+    Now the cloud refuses a mean out of range (most such failures) and the load restarts the loaded
+    parameters' momentum; either way the tenants train in round 3 again."""
+    config = {**SECURE, "share": "all", "num-server-rounds": 3, "local-steps": 2, "max-train-samples": 192}
+    truncate = share_module.AdditiveShare.truncate
+    state = {"train_steps": 0, "failed": 0}
+
+    def failing(self, bits):  # the cloud's first classifier-gradient division of round 1's last step wraps
+        result = truncate(self, bits)
+        if state["train_steps"] == 2 and bits and self.party == 0 and tuple(self.shape) == CLASSIFIER \
+                and not state["failed"]:
+            result.data.view(-1)[0] += 1 << (64 - bits - 1) << 1
+            state["failed"] = 1
+        return result
+
+    run_steps = SecureSplitStrategy._run_steps
+
+    def counting(self, grid, train, *args, **kwargs):
+        state["train_steps"] += bool(train)
+        return run_steps(self, grid, train, *args, **kwargs)
+
+    monkeypatch.setattr(share_module.AdditiveShare, "truncate", failing)
+    monkeypatch.setattr(SecureSplitStrategy, "_run_steps", counting)
+    reports: list = []
+    grid = LocalGrid(make_client_app(config), 3, dealer=tmp_path, node_config={"share-min-tenants": 3},
+                     sharing_keys=tmp_path / "share")
+    run_cloud(grid, config, reports.append)
+    rounds = [r for r in reports if isinstance(r, RoundReport)]
+    assert state["failed"] and len(rounds) == 3
+    assert rounds[0].dropped == {}
+    assert len(rounds[1].dropped) <= 1 and all("out of range" in why for why in rounds[1].dropped.values())
+    assert rounds[2].dropped == {} and len(rounds[2].tenants) == 3

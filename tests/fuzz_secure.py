@@ -1,7 +1,8 @@
 """The split-secure world to fuzz: tenants t0 and t1 (SecureClientParty), the cloud and the dealer.
 
 Script: the set-up of t1 and t0 (dealer hello -> ClientSetup -> DealerRegistration), one
-training step of t1 (its messages are "another tenant's" for t0), then for t0: a CKKS key
+training step of t1 (its messages are "another tenant's" for t0), then for t0: two training
+steps (not fuzzed: they give the reconcile two rollback points), a CKKS key
 rotation (``he``), the reconcile of update counts both ways, a training step (begin with the
 cloud's next step, material request, dealer bundle, every step message) and an inference
 step. Every message delivered to a party is fuzzed, the set-up and dealer messages included.
@@ -133,7 +134,9 @@ class SecureWorld(World):
         ]
 
     def _script(self) -> list[Event]:
+        # two training steps of t0 first: its reconcile then has both rollback points to go back to
         return (self._setup("t1") + self._setup("t0") + self._step("t1", "t1", True, "s0", fuzz=False)
+                + self._step("t0", "t0", True, "p0", fuzz=False) + self._step("t0", "t0", True, "p1", fuzz=False)
                 + self._rotation("t0") + self._reconcile("t0") + self._step("t0", "t0", True, "s0")
                 + self._step("t0", "t0.infer", False, "s1"))
 

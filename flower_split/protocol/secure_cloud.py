@@ -296,20 +296,10 @@ class SecureCloudParty(SecureStepRunner):
         return dict(self._tenant(tenant).halves.updates)
 
     def abort_step(self, tenant: str, undo_previous: bool = False) -> bool:
-        """Abandon ``tenant``'s step in flight (if any), undoing any update it made; keep the tenant.
-
-        ``undo_previous``: undo the training step before it as well, because a value opened in this
-        step was out of range (:mod:`~flower_split.protocol.secure_rollback`: a failed truncation in
-        that step's weight gradients shows only now); the client follows at its next reconcile.
-        False when that found no rollback point left to undo."""
+        """Abandon ``tenant``'s step in flight (if any) and keep the tenant (:meth:`CloudTenant.abort`;
+        the client follows at its next reconcile). False when ``undo_previous`` found nothing to undo."""
         record = self.tenants.get(tenant)
-        if record is None:
-            return True
-        if record.step is not None and record.step.spec.train:
-            record.rollback.undo(record.halves)
-        undone = record.rollback.undo(record.halves) if undo_previous else True
-        record.step, record.material = None, None
-        return undone
+        return True if record is None else record.abort(undo_previous)
 
     def reconcile(self, tenant: str, client_updates: object) -> None:
         """Before a step: abort ``tenant``'s step in flight, roll back a step the client did not complete."""

@@ -72,6 +72,17 @@ class CloudTenant:
         return (spec.step, spec.batch, spec.tokens, spec.rows) if self.prefetched[1] is not None \
             else (spec.step, 0, 0, 0)
 
+    def abort(self, undo_previous: bool = False) -> bool:
+        """Abandon the step in flight (if any), undoing any update it made. ``undo_previous``: undo
+        the training step before it too, because a value opened in this step was out of range (a
+        failed truncation in that step's weight gradients shows only now,
+        :mod:`~flower_split.protocol.secure_rollback`). False when that found no rollback point left."""
+        if self.step is not None and self.step.spec.train:
+            self.rollback.undo(self.halves)
+        undone = self.rollback.undo(self.halves) if undo_previous else True
+        self.step, self.material = None, None
+        return undone
+
     def export(self) -> dict[str, Any]:
         """Plain data (tensors, bytes, numbers) for ``state_dict``."""
         return {

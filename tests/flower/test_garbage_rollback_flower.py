@@ -96,3 +96,47 @@ def test_a_failed_truncation_just_before_a_sharing_phase_does_not_outlive_the_ne
     assert rounds[0].dropped == {}
     assert len(rounds[1].dropped) <= 1 and all("out of range" in why for why in rounds[1].dropped.values())
     assert rounds[2].dropped == {} and len(rounds[2].tenants) == 3
+
+
+@pytest.mark.parametrize("undo_in_evaluation", [False, True])
+def test_a_refused_evaluation_batch_undoes_no_training_step(
+        undo_in_evaluation: bool, task_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed truncation in an evaluation step (the cloud's first division of it wraps, so the
+    head output it opens is ~2^32): the tenant is dropped from that evaluation, and its model keeps
+    every training step (a hostile review: the drop undid the last one). The control undoes a
+    step on any refusal, as before the fix, and loses one."""
+    from flower_split.flower.dealer_link import NodeDealer
+    from flower_split.model import load_encoder, split_encoder
+    from flower_split.protocol.secure_cloud import SecureCloudParty
+
+    truncate = share_module.AdditiveShare.truncate
+    state = {"evaluating": False, "failed": 0}
+
+    def failing(self, bits):
+        result = truncate(self, bits)
+        if state["evaluating"] and bits and self.party == 0 and not state["failed"]:
+            result.data.view(-1)[0] += 1 << (64 - bits - 1) << 1
+            state["failed"] = 1
+        return result
+
+    run_steps = SecureSplitStrategy._run_steps
+
+    def marking(self, grid, train, *args, **kwargs):
+        state["evaluating"] = not train
+        return run_steps(self, grid, train, *args, **kwargs)
+
+    monkeypatch.setattr(share_module.AdditiveShare, "truncate", failing)
+    monkeypatch.setattr(SecureSplitStrategy, "_run_steps", marking)
+    if undo_in_evaluation:  # the behaviour before the fix: any garbage refusal undoes a training step
+        monkeypatch.setattr(SecureSplitStrategy, "forget_step",
+                            lambda self, tenant, garbage=False: self.cloud.abort_step(tenant, undo_previous=garbage))
+    config = {**SECURE, "eval-every": 1}
+    _, body = split_encoder(load_encoder("tiny", seed=0))
+    strategy = SecureSplitStrategy(SecureCloudParty(body, None), NodeDealer(60.0), local_steps=3,
+                                   reply_timeout=60.0, global_eval=False)
+    reports: list = []
+    strategy.start(LocalGrid(make_client_app(config), 2, dealer=tmp_path), 2, eval_every=1, on_report=reports.append)
+    evaluations = [r for r in reports if not isinstance(r, RoundReport)]
+    assert state["failed"] and any("out of range" in why for r in evaluations for why in r.dropped.values())
+    updates = sorted(strategy.cloud.updates(t)["tail"] for t in strategy.cloud.tenants)  # 2 rounds of 3 steps
+    assert updates == ([5, 6] if undo_in_evaluation else [6, 6])

@@ -70,7 +70,6 @@ from flower_split.flower.secure_records import has_secure, pack_secure, unpack_k
 from flower_split.flower.strategy import SplitStrategyBase
 from flower_split.flower.strategy_utils import EvalReport, EvalTally, Exchange, RoundReport
 from flower_split.protocol import ProtocolError
-from flower_split.protocol.opened_range import OutOfRange
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_messages import RESUME_STEP_GAP, MaterialRequest, SecureMessage
 
@@ -212,7 +211,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                     firsts[node] = first
             except ProtocolError as exc:
                 remaining.pop(node, None)
-                self.drop(node, f"{begin}: {exc}", phase, active, garbage=isinstance(exc, OutOfRange))
+                self.drop(node, f"{begin}: {exc}", phase, active, cause=exc)
             finally:
                 phase.cloud += time.perf_counter() - tick
         outgoing = self._answer_first(grid, firsts, phase, active)
@@ -261,7 +260,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                     requests[node] = request
             except ProtocolError as exc:
                 del firsts[node]
-                self.drop(node, f"first message: {exc}", phase, active, garbage=isinstance(exc, OutOfRange))
+                self.drop(node, f"first message: {exc}", phase, active, cause=exc)
         phase.cloud += time.perf_counter() - tick
         dealt = time.perf_counter()
         bundles = self.dealer.material(grid, list(requests.values())) if requests else {}
@@ -281,7 +280,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                     raise ProtocolError("a step cannot end with its first message")
                 outgoing[node] = pack_secure(reply)
             except ProtocolError as exc:
-                self.drop(node, f"first message: {exc}", phase, active, garbage=isinstance(exc, OutOfRange))
+                self.drop(node, f"first message: {exc}", phase, active, cause=exc)
         phase.cloud += time.perf_counter() - tick
         return outgoing
 
@@ -338,7 +337,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
                 if done:
                     finished[node] = content
             except ProtocolError as exc:
-                self.drop(node, str(exc), phase, active, garbage=isinstance(exc, OutOfRange))
+                self.drop(node, str(exc), phase, active, cause=exc)
             finally:
                 phase.cloud += time.perf_counter() - tick
             return None

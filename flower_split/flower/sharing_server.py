@@ -231,7 +231,6 @@ class SecAggSharing:
         self.names = shared_names(security, scope)
         self.threshold, self.timeout = threshold, timeout
         self.quantization = quantization(security)
-        self._largest_mean = 0.0  # of the last aggregate (_load_contents)
 
     def __call__(self, strategy: Any, grid: Grid, server_round: int, tenants: list[str],
                  final: bool = False) -> ShareReport:
@@ -256,13 +255,13 @@ class SecAggSharing:
                 ", ".join(sorted(set(nodes) - set(retry))))
             collect = self._secure_aggregate(counting, retry, server_round, report)
         if collect.aggregate is not None and len(collect.included) >= 2:
-            content = self._load_contents(strategy, collect)
-            if self._largest_mean <= MEAN_LIMIT:
+            content, largest = self._load_contents(strategy, collect)
+            if largest <= MEAN_LIMIT:
                 self._load(strategy, counting, content, server_round, report)
             else:
                 log(WARNING, "sharing, round %d: the mean is out of range (|max| %.3g > %g): a tenant's parameters "
                     "hold garbage (a failed truncation, docs/secure.md); not loaded, every tenant keeps its own",
-                    server_round, self._largest_mean, MEAN_LIMIT)
+                    server_round, largest, MEAN_LIMIT)
         for tenant, node in nodes.items():
             if tenant not in report.tenants:
                 report.dropped.setdefault(tenant, "not in the SecAgg+ aggregate (dropped out or halted)")
@@ -297,8 +296,9 @@ class SecAggSharing:
             collect.aggregate = None
         return collect
 
-    def _load_contents(self, strategy: Any, collect: _Collect) -> dict[int, RecordDict]:
-        """Every included tenant's ``share_load`` content (secure: the cloud's halves are averaged here)."""
+    def _load_contents(self, strategy: Any, collect: _Collect) -> tuple[dict[int, RecordDict], float]:
+        """Every included tenant's ``share_load`` content (secure: the cloud's halves are averaged here),
+        and the largest |value| of the mean (what the cloud learns anyway; inf if not finite)."""
         count = len(collect.included)
         config = ConfigRecord({ConfigKey.SHARE: self.scope, ConfigKey.SHARE_COUNT: count})
         arrays = [np.asarray(a) for a in collect.aggregate or []]
@@ -318,10 +318,9 @@ class SecAggSharing:
         else:
             arrays = [a.astype(np.float32) for a in arrays]
             means = [torch.from_numpy(a) for a in arrays]
-        self._largest_mean = max((float(m.abs().max()) if bool(torch.isfinite(m).all()) else float("inf"))
-                                 for m in means)
+        largest = max((float(m.abs().max()) if bool(torch.isfinite(m).all()) else float("inf")) for m in means)
         record = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in zip(self.names, arrays)})
-        return {node: RecordDict({RecordKey.CONFIG: config, RecordKey.SHARED: record}) for node in collect.included}
+        return {node: RecordDict({RecordKey.CONFIG: config, RecordKey.SHARED: record}) for node in collect.included}, largest
 
     def _load(self, strategy: Any, grid: Grid, contents: dict[int, RecordDict], server_round: int,
               report: ShareReport) -> None:

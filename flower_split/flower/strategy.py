@@ -31,6 +31,7 @@ from flower_split.flower.contract import NOT_A_TENANT_CODE, OUT_OF_RANGE_CODE
 from flower_split.flower.stream import converse
 from flower_split.flower.strategy_utils import EvalReport, Exchange, RoundReport, SplitResult, describe
 from flower_split.protocol import ProtocolError
+from flower_split.protocol.opened_range import OutOfRange
 
 Report = RoundReport | EvalReport
 
@@ -292,7 +293,7 @@ class SplitStrategyBase(ABC):
                 continue
             if reply.has_error():
                 self.drop(node, drop_reason(message_type, reply.error, waited, timeout), phase, active,
-                          garbage=reply.error.code == OUT_OF_RANGE_CODE)
+                          cause=reply.error)
             else:
                 valid[node] = reply.content
         for node in contents:
@@ -333,7 +334,7 @@ class SplitStrategyBase(ABC):
         def on_fail(node: int, error: Any, waited: float) -> None:
             if node not in riders and node in active:
                 self.drop(node, drop_reason(message_type, error, waited, self.reply_timeout), phase, active,
-                          garbage=getattr(error, "code", None) == OUT_OF_RANGE_CODE)
+                          cause=error)
 
         opening = [stage_message(n, c, message_type, server_round) for n, c in contents.items()]
         sent = converse(grid, opening + list(riders.values()), on_reply, on_fail, self.reply_timeout)
@@ -359,13 +360,19 @@ class SplitStrategyBase(ABC):
                     contents[node] = following
         return rider_replies
 
-    def drop(self, node: int, reason: str, phase: Exchange, active: set[int], garbage: bool = False) -> None:
-        """Drop ``node`` from this round and free its in-flight steps on the cloud (``garbage``: as
-        for :meth:`forget_step`)."""
+    def drop(self, node: int, reason: str, phase: Exchange, active: set[int], cause: object = None) -> None:
+        """Drop ``node`` from this round and free its in-flight steps on the cloud; ``cause`` (the
+        exception or the node's error reply) decides :meth:`forget_step`'s ``garbage``."""
         tenant = self.tenant_of.get(node)
         active.discard(node)
         if tenant is not None:
-            self.forget_step(tenant, garbage)
+            self.forget_step(tenant, opened_out_of_range(cause))
         label = tenant or f"node-{node}"
         phase.dropped[label] = reason
         log(WARNING, "dropping %s from this round: %s", label, reason)
+
+
+def opened_out_of_range(cause: object) -> bool:
+    """Whether a drop's ``cause`` is a value opened out of range: this process's :class:`OutOfRange`,
+    or a tenant's error reply with :data:`OUT_OF_RANGE_CODE`."""
+    return isinstance(cause, OutOfRange) or getattr(cause, "code", None) == OUT_OF_RANGE_CODE

@@ -125,11 +125,11 @@ class SecureWorld(World):
 
     def _reconcile(self, t: str) -> list[Event]:
         return [
-            Event("client.updates", t, None, f"{t}.cu", lambda w, m: w.clients[t].updates, tenant=t),
-            Event("cloud.reconcile(update counts)", "cloud", f"{t}.cu", None, lambda w, m: w.cloud.reconcile(t, m),
+            Event("client.counts", t, None, f"{t}.cu", lambda w, m: w.clients[t].counts, tenant=t),
+            Event("cloud.reconcile(counts)", "cloud", f"{t}.cu", None, lambda w, m: w.cloud.reconcile(t, m),
                   tenant=t),
-            Event("cloud.updates", "cloud", None, f"{t}.su", lambda w, m: w.cloud.updates(t), tenant=t),
-            Event("client.reconcile(update counts)", t, f"{t}.su", None, lambda w, m: w.clients[t].reconcile(m),
+            Event("cloud.counts", "cloud", None, f"{t}.su", lambda w, m: w.cloud.counts(t), tenant=t),
+            Event("client.reconcile(counts)", t, f"{t}.su", None, lambda w, m: w.clients[t].reconcile(m),
                   tenant=t),
         ]
 
@@ -209,8 +209,8 @@ class SecureWorld(World):
         client = self.clients[tenant]
         if client.halves is None:
             raise ProtocolError(f"tenant {tenant!r} is not set up")
-        self.cloud.reconcile(tenant, client.updates)
-        client.reconcile(self.cloud.updates(tenant))
+        self.cloud.reconcile(tenant, client.counts)
+        client.reconcile(self.cloud.counts(tenant))
         if client.he_key_id is not None and client.pending_he_key_id == self.cloud.he_key_id(tenant):
             client.confirm_key_rotation(self.cloud.he_key_id(tenant))
         SecureLocalTransport(self.cloud, self.dealer).run_step(client, self.batches[tenant])

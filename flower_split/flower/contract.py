@@ -92,6 +92,8 @@ class ConfigKey:
     NEXT_STEP = "next-step"  # secure: the lowest step number the cloud accepts (a tenant refuses lower)
     HEAD_UPDATES = "head-updates"
     TAIL_UPDATES = "tail-updates"
+    SHARE_LOADS = "share-loads"  # secure: sharing loads a party counts on its halves (begin and sync), and
+    # in a share load its number (a tenant loads only the next one; the cloud completes a lost ack)
     HE_KEY_ID = "he-key-id"
     NEXT_BATCH = "next-batch"    # secure: the shape of a tenant's next training batch (in its sync),
     NEXT_TOKENS = "next-tokens"  # so that the cloud asks the dealer for that step's material ahead

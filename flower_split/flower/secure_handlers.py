@@ -10,17 +10,18 @@ a time, all tenants in the same Flower round trip. Message types:
                            says ``allow-unpinned-dealer``, never the run config),
                            new party (its halves, dealer key, CKKS keys in ``he`` mode) -> its
                            :class:`ClientSetup`.
-``train.secure_begin``     server: ``config`` {head-updates, tail-updates} (the cloud's update
-                           counts), {next-step} (the lowest step number the cloud accepts),
+``train.secure_begin``     server: ``config`` {head-updates, tail-updates, share-loads} (the cloud's
+                           update and sharing-load counts), {next-step} (the lowest step number the cloud accepts),
                            {ahead-step, ahead-shape} (only while the cloud holds material dealt
                            ahead: its number and [batch, tokens, rows]; a step that cannot use it, an
                            evaluation or another shape, moves past that number) and, in ``he``
                            mode, {he-key-id} (the cloud's CKKS key id).
                            Client: reconcile (abort a step in flight, undo a step the cloud did
-                           not complete), switch to a rotated key the cloud now holds, next
+                           not complete; refuse a load count other than its own or one fewer,
+                           a load whose ack was lost, which the cloud completes), switch to a rotated key the cloud now holds, next
                            training batch -> first step message (refused, before anything is
                            opened, if its step number is below next-step), ``sync``
-                           {head-updates, tail-updates}. A tenant whose own mean loss of an
+                           {head-updates, tail-updates, share-loads}. A tenant whose own mean loss of an
                            earlier round reached its ``target-loss`` sends no step but
                            ``metrics`` {stopped: that round} (:mod:`~flower_split.flower.stop_rule`).
 ``evaluate.secure_begin``  the same for the next test batch (``config`` also {restart, scope}),
@@ -62,7 +63,7 @@ from flower_split.flower.secure_records import (
 )
 from flower_split.flower.dealer_node import allow_unpinned, pinned_dealer
 from flower_split.flower.settings import FlowerSettings
-from flower_split.flower.sharing_policy import note_training_begin, note_training_step
+from flower_split.flower.sharing_policy import note_begin, note_training_begin, note_training_step
 from flower_split.flower.stop_rule import note_loss, stop_rule
 from flower_split.flower.tenant import (
     Cursor, Handler, TenantData, eval_set, new_adapters, next_batch_shape, randomized_labels, train_batches,
@@ -135,8 +136,13 @@ def _save(context: Context, party: SecureClientParty, data: TenantData, config: 
     context.state[SECURE_CONFIG] = meta
 
 
-def _cloud_updates(record: ConfigRecord) -> dict[str, int]:
-    return {"head": config_value(record, ConfigKey.HEAD_UPDATES, int), "tail": config_value(record, ConfigKey.TAIL_UPDATES, int)}
+def _reconcile(context: Context, party: SecureClientParty, record: ConfigRecord) -> None:
+    """Match the cloud's update and sharing-load counts in a begin instruction (the reply reports
+    this tenant's: no sharing load is accepted after it, :func:`note_begin`)."""
+    party.reconcile({"head": config_value(record, ConfigKey.HEAD_UPDATES, int),
+                     "tail": config_value(record, ConfigKey.TAIL_UPDATES, int),
+                     "loads": config_value(record, ConfigKey.SHARE_LOADS, int)})
+    note_begin(context)
 
 
 def _confirm_key(party: SecureClientParty, instruction: ConfigRecord) -> None:
@@ -154,8 +160,9 @@ def _ahead(instruction: ConfigRecord) -> tuple[int, int, int, int] | None:
 
 
 def _sync(party: SecureClientParty) -> ConfigRecord:
-    updates = party.updates
-    return ConfigRecord({ConfigKey.HEAD_UPDATES: updates["head"], ConfigKey.TAIL_UPDATES: updates["tail"]})
+    counts = party.counts
+    return ConfigRecord({ConfigKey.HEAD_UPDATES: counts["head"], ConfigKey.TAIL_UPDATES: counts["tail"],
+                         ConfigKey.SHARE_LOADS: counts["loads"]})
 
 
 def secure_setup(message: Message, context: Context, config: RunConfig, settings: FlowerSettings,
@@ -178,7 +185,7 @@ def secure_train_begin(message: Message, context: Context, config: RunConfig, se
                        data: TenantData) -> RecordDict:
     instruction = read_config(message.content)
     party = _load(context, data, config, settings)
-    party.reconcile(_cloud_updates(instruction))
+    _reconcile(context, party, instruction)
     _confirm_key(party, instruction)
     stopped = stop_rule(context, config, config_value(instruction, ConfigKey.SERVER_ROUND, int))
     if stopped:  # the tenant's own loss reached its target: no step, the round it stopped
@@ -211,7 +218,7 @@ def secure_eval_begin(message: Message, context: Context, config: RunConfig, set
     if restart and scope == PREDICT_SCOPE:
         start_output(context)
     party = _load(context, data, config, settings)
-    party.reconcile(_cloud_updates(instruction))
+    _reconcile(context, party, instruction)
     _confirm_key(party, instruction)
     cursor = Cursor.load(context.state)
     if restart:

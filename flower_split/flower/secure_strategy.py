@@ -13,9 +13,9 @@ A secure step is a fixed exchange of messages (``secure_steps.schedule``: 10-11 
 client for a training step). Each tenant has one step in flight, and every round trip
 carries the next message of every selected tenant at once::
 
-    train.secure_begin  -> tenants: reconcile with the cloud's update counts, refuse a step
-                           number below the cloud's next-step, next batch; reply: the step's
-                           first message (+ the tenant's update counts)
+    train.secure_begin  -> tenants: reconcile with the cloud's update and sharing-load counts,
+                           refuse a step number below the cloud's next-step, next batch; reply:
+                           the step's first message (+ the tenant's counts)
     query.dealer_material -> the dealer node: every tenant's request (one round trip);
                            reply: the sealed material, which the cloud opens
     (cloud)                reconcile, answer
@@ -155,8 +155,11 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
             if steps % every_log == 0 and steps < self.local_steps:
                 log(INFO, "secure round %d: step %d/%d, %d tenants, %.0f s", server_round, steps,
                     self.local_steps, len(active), time.perf_counter() - phase.started)
+        # a round resumed after its last step ran none here: no tenant is known to have finished it
+        # (some may have been dropped mid-step before the restart), so it has no sharing phase either
+        trained = sorted(self.tenant_of[n] for n in active) if steps > resumed else []
         return RoundReport(
-            server_round=server_round, tenants=sorted(self.tenant_of[n] for n in active),
+            server_round=server_round, tenants=trained,
             dropped=dict(phase.dropped), train_loss=None,
             num_examples=examples, steps=steps, round_trips=phase.round_trips,
             flower_wait_seconds=phase.wait, cloud_seconds=phase.cloud, dealer_seconds=phase.dealer,
@@ -201,6 +204,7 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         for node, content in replies.items():
             tick = time.perf_counter()
             try:
+                self.cloud.reconcile(self.tenant_of[node], _sync(content))  # every begin reply carries the counts
                 metrics = read_metrics(content, lists=CLASS_COUNT_KEYS)
                 if train and MetricKey.STOPPED in metrics:  # the tenant's own stop rule (flower.stop_rule)
                     self.tenant_stopped(node, metrics[MetricKey.STOPPED], server_round, active)
@@ -221,23 +225,23 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
         """The ``*.secure_begin`` config: the cloud's update counts, its next step, the step whose
         material it holds ahead (if any) and (``he``) its CKKS key id."""
         tenant = self.tenant_of[node]
-        updates = self.cloud.updates(tenant)
+        counts = self.cloud.counts(tenant)
         key_id = self.cloud.he_key_id(tenant)  # acknowledges the tenant's last key rotation
         ahead = self.cloud.tenants[tenant].ahead()  # a begin that cannot use it moves past its number
         return RecordDict({RecordKey.CONFIG: ConfigRecord({
-            **extra, ConfigKey.HEAD_UPDATES: updates["head"], ConfigKey.TAIL_UPDATES: updates["tail"],
+            **extra, ConfigKey.HEAD_UPDATES: counts["head"], ConfigKey.TAIL_UPDATES: counts["tail"],
+            ConfigKey.SHARE_LOADS: counts["loads"],
             ConfigKey.NEXT_STEP: self.cloud.next_step(tenant),  # the tenant refuses to start a lower (used) step
             ConfigKey.SERVER_ROUND: server_round, **({ConfigKey.HE_KEY_ID: key_id} if key_id is not None else {}),
             **({ConfigKey.AHEAD_STEP: ahead[0], ConfigKey.AHEAD_SHAPE: list(ahead[1:])} if ahead else {})})})
 
     def _first_message(self, node: int, content: RecordDict, train: bool, remaining: float) -> SecureMessage | None:
-        """A tenant's first step message after reconciling (None: an evaluation with no batch left)."""
+        """A tenant's first step message (None: an evaluation with no batch left)."""
         if not has_secure(content):
             if train or remaining > 0:
                 raise ProtocolError(f"the reply carries no step message ({remaining:.0f} test batches remaining)")
             return None
         tenant = self.tenant_of[node]
-        self.cloud.reconcile(tenant, _sync(content))
         first = unpack_secure(content, tenant, "client")
         if first.train != train:
             raise ProtocolError(f"step {first.step} has train={first.train}, expected {train}")
@@ -382,8 +386,10 @@ class SecureSplitStrategy(SecureAdmission, SplitStrategyBase):
 
 
 def _sync(content: RecordDict) -> dict[str, int]:
+    """The tenant's update and sharing-load counts in its reply to a begin."""
     record = content.get(RecordKey.SYNC)
     if not isinstance(record, ConfigRecord):
         raise ProtocolError(f"missing ConfigRecord {RecordKey.SYNC!r} with the tenant's update counts")
     return {"head": config_value(record, ConfigKey.HEAD_UPDATES, int, RecordKey.SYNC),
-            "tail": config_value(record, ConfigKey.TAIL_UPDATES, int, RecordKey.SYNC)}
+            "tail": config_value(record, ConfigKey.TAIL_UPDATES, int, RecordKey.SYNC),
+            "loads": config_value(record, ConfigKey.SHARE_LOADS, int, RecordKey.SYNC)}

@@ -9,9 +9,12 @@ split-secure: the tenant's halves, encoded for a modulo-2^31 sum
 (:func:`~flower_split.flower.sharing_params.encode_half`).
 
 ``train.share_load``: the aggregate. Plain: the mean, loaded in place of the tenant's own
-shared parameters (optimizer momentum kept). Secure: the tenants' halves' sum ``C`` and the
-count ``n``; the tenant's new half is ``-floor(-C / n)``, the cloud's is ``floor(S / n)``
-(:func:`~flower_split.flower.sharing_params.average_half`). Parameters outside the run's
+shared parameters (optimizer momentum kept). Secure: the tenants' halves' sum ``C``, the
+count ``n`` and the load's number (the tenant loads only its next one); the tenant's new half
+is ``-floor(-C / n)``, the cloud's is ``floor(S / n)``
+(:func:`~flower_split.flower.sharing_params.average_half`), both with a fresh momentum; the
+ack carries the tenant's count of loads, and a lost ack is completed by the cloud when the
+tenant's next begin reports that count (:meth:`~flower_split.protocol.secure_cloud_tenant.CloudTenant.settle_load`). Parameters outside the run's
 scope are never touched (with ``tail`` / ``head-tail`` the classifier stays personal). One load
 per phase, right after the tenant's own unmask stage (:func:`~flower_split.flower.sharing_policy.note_load`).
 """
@@ -35,7 +38,9 @@ from flower_split.flower.records import config_value
 from flower_split.flower.secure_handlers import _load, _put_back, _save
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.secagg_prg import install as install_full_entropy_masks
-from flower_split.flower.sharing_policy import note_load, sharing_policy_mod
+from flower_split.flower.sharing_policy import (
+    check_changed_since_load, note_load, note_loaded_updates, sharing_policy_mod,
+)
 from flower_split.flower.sharing_params import average_half, encode_half, halves, quantization, shared_names
 from flower_split.flower.tenant import Handler, TenantData, restore_mod
 from flower_split.protocol import ProtocolError
@@ -67,6 +72,8 @@ def share_fit(message: Message, context: Context, config: RunConfig, settings: F
     names = shared_names(config.security, _scope(message.content.config_records[RecordKey.FIT_CONFIG], settings))
     if halves(config.security):
         party = _load(context, data, config, settings)
+        counts = party.counts
+        check_changed_since_load(context, counts["head"] + counts["tail"], bool(party.steps_in_flight))
         arrays = [encode_half(party.halves.weights[name]) for name in names]
         _put_back(context, party, data, config, settings)
     else:
@@ -96,22 +103,23 @@ def share_load(message: Message, context: Context, config: RunConfig, settings: 
         raise ProtocolError(f"{MessageType.SHARE_LOAD}: expected {names}, got {sorted(arrays)}")
     note_load(context, count)
     if halves(config.security):
+        number = config_value(record, ConfigKey.SHARE_LOADS, int)
         party = _load(context, data, config, settings)
-        for name in names:
-            new = _checked(arrays[name].numpy(), party.halves.weights[name], np.int64, name)
-            party.halves.weights[name] = average_half(torch.from_numpy(new), count, 1, party.halves.frac_bits)
-            party.halves.buffers.pop(name, None)  # the cloud too: a fresh momentum on the mean, and no
-            # garbage from a failed truncation left in a buffer that no rollback point can undo any more
-        party._rollback.clear()  # the cloud drops its rollback points too: no rollback across the load
+        means = {name: average_half(torch.from_numpy(_checked(arrays[name].numpy(), party.halves.weights[name],
+                                                               np.int64, name)), count, 1, party.halves.frac_bits)
+                 for name in names}
+        party.load_shared(means, number)  # a fresh momentum on the mean, as the cloud's
+        note_loaded_updates(context, party.counts["head"] + party.counts["tail"])
         _save(context, party, data, config, settings)
-    else:
-        party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=True)
-        params = _plain_modules(party)
-        with torch.no_grad():
-            for name in names:
-                new = _checked(arrays[name].numpy(), params[name], np.float32, name)
-                params[name].copy_(torch.from_numpy(new))
-        _save_party(context, party)
+        return RecordDict({RecordKey.CONFIG: ConfigRecord({ConfigKey.SHARE_COUNT: count,
+                                                           ConfigKey.SHARE_LOADS: party.counts["loads"]})})
+    party, _ = _load_party(context, data, config, settings, drop_in_flight=True, known=True)
+    params = _plain_modules(party)
+    with torch.no_grad():
+        for name in names:
+            new = _checked(arrays[name].numpy(), params[name], np.float32, name)
+            params[name].copy_(torch.from_numpy(new))
+    _save_party(context, party)
     return RecordDict({RecordKey.CONFIG: ConfigRecord({ConfigKey.SHARE_COUNT: count})})
 
 

@@ -22,10 +22,16 @@ Flower's stage order and for the node that set the phase up, before it writes an
 * **consistency** and **unmask**: one signed view per phase, the threshold's signatures over it
   (:mod:`~flower_split.flower.sharing_views`).
 * **load** (:func:`note_load`): one per phase, right after the tenant's own unmask stage of it,
-  over the tenants alive there, before training resumes.
+  over the tenants alive there, before any step begins (secure: a begin reports the tenant's
+  load count, and a cloud that read the old one has dropped the load it sent).
+* **secure collect** (:func:`check_changed_since_load`, from the collect handler, which holds the
+  tenant's halves): no step in flight, and more head and tail updates on the halves than at the
+  last load (at set-up: none). Right after a load the cloud knows the tenant's half of the mean;
+  a cloud that undid every step since (its rollback of up to two steps, docs/secure.md) would
+  otherwise get that known half back from every tenant but one, and the last one's by subtraction.
 
-The ledger lives in ``context.state`` under :data:`POLICY_STATE` (the training handlers write
-it through :func:`note_training_begin` / :func:`note_training_step`). docs/secure.md §10 has
+The ledger lives in ``context.state`` under :data:`POLICY_STATE` (the step handlers write
+it through :func:`note_training_begin` / :func:`note_training_step` / :func:`note_begin`). docs/secure.md §10 has
 the reasons and the attacks, each a test.
 """
 
@@ -50,7 +56,7 @@ from flower_split.flower.sharing_views import (
 )
 from flower_split.protocol import ProtocolError
 
-POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, loaded, unmasked, alive}
+POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, loaded, unmasked, alive, begun, updates}
 MIN_TENANTS_CONFIG = "share-min-tenants"
 DEFAULT_MIN_TENANTS = 4
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -66,7 +72,7 @@ def min_tenants(node_config: Mapping[str, Any]) -> int:
 
 def _progress(context: Context) -> dict[str, int]:
     record = context.state.get(POLICY_STATE)
-    values = {"round": 0, "trained": 0, "shared": 0, "loaded": 0, "unmasked": 0, "alive": 0}
+    values = {"round": 0, "trained": 0, "shared": 0, "loaded": 0, "unmasked": 0, "alive": 0, "begun": 0, "updates": 0}
     if isinstance(record, ConfigRecord):
         values.update({k: int(v) for k, v in record.items() if k in values})
     return values
@@ -80,7 +86,33 @@ def note_training_begin(context: Context, server_round: int) -> None:
     """A training step of ``server_round`` begins (the round a sharing phase may next be for)."""
     values = _progress(context)
     values["round"] = server_round
+    values["begun"] = 1
     _store(context, values)
+
+
+def note_begin(context: Context) -> None:
+    """A secure begin of any kind answered with this tenant's counts: no load after it."""
+    values = _progress(context)
+    values["begun"] = 1
+    _store(context, values)
+
+
+def note_loaded_updates(context: Context, updates: int) -> None:
+    """Secure: the halves had ``updates`` head and tail updates in all when the load replaced them."""
+    values = _progress(context)
+    values["updates"] = updates
+    _store(context, values)
+
+
+def check_changed_since_load(context: Context, updates: int, in_flight: bool) -> None:
+    """Secure collect: the halves (``updates`` head and tail updates in all) changed since the last
+    load and no step is in flight; ProtocolError otherwise (see the module's docstring)."""
+    if in_flight:
+        raise ProtocolError("sharing: a step is in flight; this tenant shares finished steps only; refused")
+    loaded_at = _progress(context)["updates"]
+    if updates <= loaded_at:
+        raise ProtocolError(f"sharing: the halves have {updates} updates, {loaded_at} at the last load: nothing "
+                            "of this round's training stands (undone?); the cloud knows this half; refused")
 
 
 def note_training_step(context: Context, steps: int = 1) -> None:
@@ -95,7 +127,8 @@ def note_load(context: Context, count: int) -> None:
     after the tenant's own unmask stage of it and over the tenants alive there (a load at any
     other time would be the cloud's choice of its parameters); ProtocolError otherwise."""
     values = _progress(context)
-    if values["shared"] <= values["loaded"] or values["unmasked"] != values["shared"] or values["trained"]:
+    if (values["shared"] <= values["loaded"] or values["unmasked"] != values["shared"] or values["trained"]
+            or values["begun"]):
         raise ProtocolError("sharing: an aggregate to load, but this tenant has no phase waiting for one "
                             f"(last shared in round {values['shared']}, loaded round {values['loaded']}); refused")
     if count != values["alive"]:
@@ -155,7 +188,7 @@ def _check_collect(message: Message, context: Context, configs: ConfigRecord, se
     if settings.share in FINE_TUNED_COPY and server_round >= settings.num_server_rounds:
         raise ProtocolError(f"sharing: round {server_round} is the run's last; with share = {settings.share!r} "
                             "each tenant keeps its fine-tuned copy; refused")
-    _store(context, {**values, "trained": 0, "shared": server_round})  # before anything leaves the node
+    _store(context, {**values, "trained": 0, "begun": 0, "shared": server_round})  # before anything leaves the node
 
 
 def sharing_policy_mod(overrides: Mapping[str, Any]) -> Mod:

@@ -14,7 +14,8 @@ personal parts (its classifier) as FedPer / FedRep do::
     train (unmask)         -> tenants: survivors / drop-outs; reply: key shares; the workflow
                               removes the masks: only the aggregate is left
     train.share_load       -> tenants in the aggregate: the mean (plain) or the tenants'
-                              halves' sum C and the count (secure); reply: ack
+                              halves' sum C, the count and the load's number (secure);
+                              reply: ack (secure: the tenant's count of loads)
 
 so 5 round trips per round, whatever the number of tenants. Secure mode: the tenants send
 their halves; the cloud sums its own halves of the same parameters, lifts the tenants' sum
@@ -56,9 +57,11 @@ from flwr.serverapp import Grid
 
 from flower_split.flower.contract import ConfigKey, MessageType, RecordKey
 from flower_split.flower.metering import record_bytes
+from flower_split.flower.records import config_value, read_record
 from flower_split.flower.secagg_prg import PRG_NAME, install as install_full_entropy_masks
 from flower_split.flower.sharing_views import CONSISTENCY_STAGE
 from flower_split.mpc import decode
+from flower_split.protocol import ProtocolError
 from flower_split.flower.sharing_params import (
     FINE_TUNED_COPY, average_half, decode_sum, halves, lift_tenant_sum, quantization, ring_sum, shared_names,
 )
@@ -74,6 +77,9 @@ class ShareReport:
     server_round: int
     tenants: list[str] = field(default_factory=list)  # whose parameters are in the aggregate and loaded it
     dropped: dict[str, str] = field(default_factory=dict)
+    # secure: in the aggregate, sent the load, no reply: the cloud completes the load at the
+    # tenant's next begin if the tenant's counts say it loaded (CloudTenant.settle_load)
+    pending: list[str] = field(default_factory=list)
     round_trips: int = 0
     bytes_to_tenants: int = 0
     bytes_from_tenants: int = 0
@@ -242,6 +248,10 @@ class SecAggSharing:
             return report
         started = time.perf_counter()
         nodes = {t: n for n, t in strategy.tenant_of.items() if t in tenants}
+        if halves(self.security):  # the cloud's halves of a tenant with a load pending are not its model's
+            for tenant in [t for t in nodes if strategy.cloud.tenants[t].pending_load is not None]:
+                report.dropped[tenant] = "its last sharing load is still pending (no begin since)"
+                del nodes[tenant]
         if len(nodes) < 2:
             log(INFO, "sharing, round %d: %d tenant(s), SecAgg+ needs 2: no sharing", server_round, len(nodes))
             return report
@@ -263,7 +273,7 @@ class SecAggSharing:
                     "hold garbage (a failed truncation, docs/secure.md); not loaded, every tenant keeps its own",
                     server_round, largest, MEAN_LIMIT)
         for tenant, node in nodes.items():
-            if tenant not in report.tenants:
+            if tenant not in report.tenants and tenant not in report.pending:
                 report.dropped.setdefault(tenant, "not in the SecAgg+ aggregate (dropped out or halted)")
         report.seconds = time.perf_counter() - started
         log(INFO, "sharing, round %d: %s averaged over %d tenants (threshold %d), %d round trips, %.1f KiB to "
@@ -320,30 +330,55 @@ class SecAggSharing:
             means = [torch.from_numpy(a) for a in arrays]
         largest = max((float(m.abs().max()) if bool(torch.isfinite(m).all()) else float("inf")) for m in means)
         record = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in zip(self.names, arrays)})
-        return {node: RecordDict({RecordKey.CONFIG: config, RecordKey.SHARED: record}) for node in collect.included}, largest
+        return {node: RecordDict({RecordKey.CONFIG: ConfigRecord(dict(config)), RecordKey.SHARED: record})
+                for node in collect.included}, largest
 
     def _load(self, strategy: Any, grid: Grid, contents: dict[int, RecordDict], server_round: int,
               report: ShareReport) -> None:
-        """``train.share_load`` to every included tenant; secure: the cloud swaps in its mean
-        halves only for tenants that acknowledged (their halves stay a consistent pair)."""
+        """``train.share_load`` to every included tenant. Secure: each load is numbered and the
+        cloud keeps its mean halves as the tenant's pending load, saved before any is sent; an
+        acknowledgement completes it on the cloud's side; a load whose reply did not come stays
+        pending until the tenant's next begin says whether it loaded
+        (:meth:`~flower_split.protocol.secure_cloud_tenant.CloudTenant.settle_load`), so the
+        halves stay a consistent pair whatever is lost, and a tenant never returns to a model
+        it has shared."""
+        secure = halves(self.security)
+        if secure:
+            for node, content in contents.items():
+                record = strategy.cloud.tenants[strategy.tenant_of[node]]
+                content[RecordKey.CONFIG][ConfigKey.SHARE_LOADS] = record.offer_load(self._cloud_means)
+            strategy.save_now()  # a restart from here on finds every load pending, none lost
         messages = [Message(content=c, dst_node_id=n, message_type=MessageType.SHARE_LOAD, group_id=str(server_round))
                     for n, c in contents.items()]
-        replies = grid.send_and_receive(messages, timeout=self.timeout)
-        acked = {r.metadata.src_node_id for r in replies if not r.has_error()}
-        for reply in replies:
-            if reply.has_error():
-                tenant = strategy.tenant_of[reply.metadata.src_node_id]
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=self.timeout)}
+        for node in sorted(contents):
+            tenant, reply = strategy.tenant_of[node], replies.get(node)
+            if reply is None and secure:
+                report.pending.append(tenant)
+                log(WARNING, "sharing: no reply from %s to its load; completed at its next begin if it loaded", tenant)
+                continue
+            if reply is None:
+                report.dropped[tenant] = f"{MessageType.SHARE_LOAD}: no reply"
+            elif reply.has_error():
                 report.dropped[tenant] = f"{MessageType.SHARE_LOAD}: {reply.error.reason}"
-                log(WARNING, "sharing: %s did not load the aggregate: %s", tenant, reply.error.reason)
-        for node in sorted(acked & set(contents)):
-            tenant = strategy.tenant_of[node]
-            report.tenants.append(tenant)
-            if halves(self.security):
+            elif secure:
                 record = strategy.cloud.tenants[tenant]
-                for name, mean in self._cloud_means.items():
-                    record.halves.weights[name] = mean.clone()
-                    record.halves.buffers.pop(name, None)  # as the tenant does (sharing_client.share_load)
-                record.rollback.clear()  # the last step is over on both sides; no rollback across the load
+                number = contents[node][RecordKey.CONFIG][ConfigKey.SHARE_LOADS]
+                try:  # the ack carries the tenant's count after the load
+                    record.settle_load(config_value(read_record(reply.content, RecordKey.CONFIG, ConfigRecord),
+                                                    ConfigKey.SHARE_LOADS, int, MessageType.SHARE_LOAD))
+                except ProtocolError as exc:
+                    report.dropped[tenant] = f"{MessageType.SHARE_LOAD}: {exc}"
+                if record.halves.loads == number:
+                    report.tenants.append(tenant)
+                else:
+                    report.dropped.setdefault(tenant, f"{MessageType.SHARE_LOAD}: the reply says not loaded")
+            else:
+                report.tenants.append(tenant)
+            if tenant in report.dropped:
+                log(WARNING, "sharing: %s did not load the aggregate: %s", tenant, report.dropped[tenant])
+        if secure:
+            strategy.save_now()
         report.tenants.sort()
 
 

@@ -167,6 +167,12 @@ class SplitStrategyBase(ABC):
         if self.checkpoint is not None:
             self.checkpoint(completed_round)
 
+    def save_now(self) -> None:
+        """Save the strategy (with ``checkpoint``) with its progress as it is: a state change
+        between safe points that a restart must not lose (a sharing phase's loads)."""
+        if self.checkpoint is not None:
+            self.checkpoint(self.progress[0] - 1)
+
     def steps_done(self, server_round: int) -> int:
         """Training steps of ``server_round`` done before a restart (0 unless it is the one resumed)."""
         return self.progress[1] if self.progress[0] == server_round else 0

@@ -48,7 +48,9 @@ from flower_split.protocol.secure_messages import (
     ClientSetup, DealerHello, SecureMessage, client_step_number, past_dealt_ahead,
 )
 from flower_split.protocol.secure_rollback import RollbackPoints
-from flower_split.protocol.secure_party import GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState
+from flower_split.protocol.secure_party import (
+    GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, peer_loads,
+)
 from flower_split.protocol.secure_shape import head_select, pack_rows, step_shape
 from flower_split.protocol.secure_step_io import export_step, import_step
 from flower_split.protocol.secure_weights import check_activation, plaintext_weights
@@ -196,6 +198,12 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         assert self.halves is not None
         return dict(self.halves.updates)
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """This party's update and sharing-load counts, for the cloud's reconcile (public)."""
+        assert self.halves is not None
+        return self.halves.counts
+
     def abort_step(self) -> None:
         """Abandon the step in flight (if any), undoing any update it made to the halves."""
         st = self._step
@@ -206,12 +214,37 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
             self._rollback.undo(self.halves)
         self._step = None
 
-    def reconcile(self, cloud_updates: object) -> None:
-        """Before a step: abort any step in flight, and roll back a step the cloud did not complete."""
+    def reconcile(self, cloud_counts: object) -> None:
+        """Before a step: abort any step in flight, and roll back a step the cloud did not complete.
+
+        ``cloud_counts``: the cloud's :attr:`~flower_split.protocol.secure_party.Halves.counts`.
+        Its sharing loads one fewer than this party's is a load whose acknowledgement the cloud
+        did not get; the cloud completes it on its side when it reads this party's counts (never
+        undone here: a tenant back on a model it has shared would let the cloud difference two
+        aggregates). Any other difference is refused before anything is opened."""
         if self.halves is None:
             raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
+        own, cloud_loads = self.halves.loads, peer_loads(cloud_counts, f"tenant {self.tenant!r}")
+        if cloud_loads not in (own, own - 1):
+            raise ProtocolError(f"tenant {self.tenant!r}: the cloud counts {cloud_loads} sharing loads of the halves, "
+                                f"this tenant made {own}; the halves do not match, refusing to step")
         self.abort_step()
-        self._rollback.reconcile(self.halves, cloud_updates, f"tenant {self.tenant!r}")
+        self._rollback.reconcile(self.halves, cloud_counts, f"tenant {self.tenant!r}")
+
+    def load_shared(self, means: dict[str, torch.Tensor], number: int) -> None:
+        """A sharing load, the ``number``-th of this party's halves: ``means`` in place of those
+        weights (:meth:`Halves.replace`). Refused with a step in flight or out of order (a
+        replayed or skipped load); no rollback point survives it (the cloud drops its own)."""
+        if self.halves is None:
+            raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
+        if self._step is not None:
+            raise ProtocolError(f"tenant {self.tenant!r}: step {self._step.spec.step} is in flight; a sharing load "
+                                "now would be undone with it, refused")
+        if number != self.halves.loads + 1:
+            raise ProtocolError(f"tenant {self.tenant!r}: sharing load {number}, expected {self.halves.loads + 1}; "
+                                "refused")
+        self.halves.replace(means)
+        self._rollback.clear()
 
     def handle(self, message: SecureMessage) -> SecureMessage | None:
         """Answer one cloud message; on :class:`ProtocolError` no state has changed."""

@@ -42,7 +42,7 @@ from flower_split.protocol.secure_messages import (
 from flower_split.protocol.secure_cloud_tenant import CloudTenant
 from flower_split.protocol.secure_he_checks import check_key_rotation, check_labels_key
 from flower_split.protocol.secure_setup import check_setup
-from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState
+from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState, peer_loads
 from flower_split.protocol.secure_shape import check_material_size, check_rows, head_select, pack_rows, unpack_rows
 from flower_split.protocol.secure_steps import (
     CLOUD, WEIGHT_NAMES, StepSpec, material_keys, programs, weight_shapes,
@@ -301,11 +301,22 @@ class SecureCloudParty(SecureStepRunner):
         record = self.tenants.get(tenant)
         return True if record is None else record.abort(undo_previous)
 
-    def reconcile(self, tenant: str, client_updates: object) -> None:
-        """Before a step: abort ``tenant``'s step in flight, roll back a step the client did not complete."""
+    def counts(self, tenant: str) -> dict[str, int]:
+        """The update and sharing-load counts of the cloud's halves of ``tenant`` (public)."""
+        return self._tenant(tenant).halves.counts
+
+    def reconcile(self, tenant: str, client_counts: object) -> None:
+        """Before a step: abort ``tenant``'s step in flight, complete a sharing load the tenant made
+        but whose acknowledgement was lost (:meth:`CloudTenant.settle_load`), roll back a step the
+        client did not complete."""
         record = self._tenant(tenant)
         self.abort_step(tenant)
-        record.rollback.reconcile(record.halves, client_updates, f"cloud (tenant {tenant!r})")
+        who = f"cloud (tenant {tenant!r})"
+        try:
+            record.settle_load(peer_loads(client_counts, who))
+        except ProtocolError as exc:
+            raise ProtocolError(f"{who}: {exc}") from None
+        record.rollback.reconcile(record.halves, client_counts, who)
 
     def _material_key(self, st: StepState) -> bytes:
         return self.tenants[st.spec.tenant].key

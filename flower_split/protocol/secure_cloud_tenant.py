@@ -39,6 +39,8 @@ class CloudTenant:
         self.rollback = RollbackPoints()  # halves before the last training steps (for reconcile)
         self.material: Material | None = None
         self.prefetched: Material | None = None
+        # a sharing load sent whose acknowledgement has not come: (its number, the cloud's means)
+        self.pending_load: tuple[int, dict[str, torch.Tensor]] | None = None
 
     @property
     def he_keys(self) -> CloudKeys | None:
@@ -83,6 +85,28 @@ class CloudTenant:
         self.step, self.material = None, None
         return undone
 
+    def offer_load(self, means: dict[str, torch.Tensor]) -> int:
+        """A sharing load is about to be sent: keep the cloud's ``means`` until the tenant's count
+        says whether it loaded (:meth:`settle_load`); returns the load's number."""
+        self.pending_load = (self.halves.loads + 1, dict(means))  # never written in place: shared, not copied
+        return self.pending_load[0]
+
+    def settle_load(self, tenant_loads: int) -> None:
+        """Match the tenant's count of sharing loads: equal drops a pending load (the tenant did
+        not load it), one more completes it here (its acknowledgement was lost). Anything else
+        cannot be matched: a ProtocolError, and the tenant's model is lost."""
+        if tenant_loads == self.halves.loads:
+            self.pending_load = None
+            return
+        if self.pending_load is not None and tenant_loads == self.pending_load[0] == self.halves.loads + 1:
+            self.halves.replace(self.pending_load[1])
+            self.rollback.clear()  # as the tenant did at its load: the last step is over on both sides
+            self.pending_load = None
+            return
+        raise ProtocolError(f"the tenant made {tenant_loads} sharing loads, the cloud's halves {self.halves.loads}"
+                            f"{' (one pending)' if self.pending_load is not None else ''}: the halves cannot be "
+                            "matched and the tenant's model is lost")
+
     def export(self) -> dict[str, Any]:
         """Plain data (tensors, bytes, numbers) for ``state_dict``."""
         return {
@@ -92,6 +116,8 @@ class CloudTenant:
             "rollback": self.rollback.export(),
             "step": export_step(self.step) if self.step is not None else None,
             "material": _export_material(self.material), "prefetched": _export_material(self.prefetched),
+            "pending_load": None if self.pending_load is None else
+            {"number": self.pending_load[0], "means": self.pending_load[1]},
         }
 
     @classmethod
@@ -104,6 +130,8 @@ class CloudTenant:
         record.step = import_step(state["step"]) if state["step"] is not None else None
         record.material = _import_material(state["material"])
         record.prefetched = _import_material(state.get("prefetched"))
+        pending = state.get("pending_load")  # absent in a state saved before loads were counted
+        record.pending_load = None if pending is None else (int(pending["number"]), dict(pending["means"]))
         return record
 
 

@@ -104,7 +104,8 @@ class Optim:
 
 
 class Halves:
-    """One party's halves of a tenant's adapter weights and momentum buffers, and update counts."""
+    """One party's halves of a tenant's adapter weights and momentum buffers, their update counts,
+    and how many sharing loads replaced some of them (``loads``; both parties count alike)."""
 
     def __init__(self, party: int, weights: dict[str, torch.Tensor], optim: Optim, frac_bits: int,
                  grad_scale_bits: int) -> None:
@@ -112,6 +113,7 @@ class Halves:
         self.weights = dict(weights)
         self.buffers: dict[str, torch.Tensor] = {}
         self.updates = {"head": 0, "tail": 0}
+        self.loads = 0
         self.optim = optim
         self.frac_bits = frac_bits
         self.grad_scale_bits = grad_scale_bits
@@ -139,10 +141,27 @@ class Halves:
                 self.buffers[name] = buf
         self.updates[group] += 1
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """What the parties compare before a step (public): update counts and sharing loads."""
+        return {**self.updates, "loads": self.loads}
+
+    def replace(self, means: dict[str, torch.Tensor]) -> None:
+        """A sharing load: ``means`` (this party's halves of the averaged parameters) in place of
+        those weights, with a fresh momentum (no garbage of a failed truncation survives in a
+        buffer, docs/secure.md); counted in :attr:`loads`."""
+        for name, mean in means.items():
+            if name not in self.weights or tuple(mean.shape) != tuple(self.weights[name].shape):
+                raise ProtocolError(f"sharing load: {name} does not match a weight of the halves")
+        for name, mean in means.items():
+            self.weights[name] = mean.clone()
+            self.buffers.pop(name, None)
+        self.loads += 1
+
     def state_dict(self, copy: bool = True) -> dict[str, Any]:
         return {"weights": {k: v.clone() if copy else v for k, v in self.weights.items()},
                 "buffers": {k: v.clone() if copy else v for k, v in self.buffers.items()},
-                "updates": dict(self.updates), "optim": self.optim.as_dict(),
+                "updates": dict(self.updates), "loads": self.loads, "optim": self.optim.as_dict(),
                 "frac_bits": self.frac_bits, "grad_scale_bits": self.grad_scale_bits}
 
     @classmethod
@@ -151,7 +170,19 @@ class Halves:
                      state["grad_scale_bits"])
         halves.buffers = dict(state["buffers"])
         halves.updates = dict(state["updates"])
+        halves.loads = int(state.get("loads", 0))  # saved before loads were counted: none
         return halves
+
+
+def peer_loads(counts: object, who: str) -> int:
+    """The sharing-load count in a peer's ``counts`` (:attr:`Halves.counts`); ProtocolError if malformed."""
+    try:
+        value = counts["loads"]  # type: ignore[index]
+    except (KeyError, TypeError, IndexError):
+        raise ProtocolError(f"{who}: peer counts {counts!r} carry no sharing-load count") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"{who}: peer sharing-load count {value!r} is not a count")
+    return value
 
 
 class SecureStepRunner:

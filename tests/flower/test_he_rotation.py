@@ -132,7 +132,7 @@ def test_labels_under_the_old_key_are_rejected_without_state_change(secure_data:
             deliver(message)
         assert _same(before, cloud.state_dict())
     # the acknowledgement arrives: the client drops its dead step, switches, and trains on
-    client.reconcile(cloud.updates("t0"))
+    client.reconcile(cloud.counts("t0"))
     assert client.confirm_key_rotation(cloud.he_key_id("t0"))
     step = transport.run_step(client, _batch(secure_data, 1))
     assert math.isfinite(client.pop_result(step).loss)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Context, RecordDict
 
 import flower_split.apps.server_app as server_app
 from flower_split.apps.client_app import make_client_app
@@ -25,10 +26,14 @@ from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.sharing_params import (
     RING_MOD, SECURE_QUANTIZATION, average_half, decode_sum, encode_half, lift_tenant_sum, ring_sum,
 )
+from flower_split.flower.sharing_policy import (
+    POLICY_STATE, check_changed_since_load, note_begin, note_load, note_loaded_updates,
+)
 from flower_split.flower.sharing_server import SecAggSharing, make_sharing
 from flower_split.flower.strategy_utils import RoundReport
 from flower_split.mpc import decode, encode
 from flower_split.model import load_encoder, split_encoder
+from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_helpers import LocalGrid
 
@@ -261,3 +266,21 @@ def test_secure_sharing_halves_reconstruct_the_average_adapter(scope: str, task_
                 for h in halves:
                     low = torch.remainder(h, RING_MOD).numpy().astype(np.int64).tobytes()
                     assert not any(isinstance(b, bytes) and low[:64] in b for b in blobs)
+
+
+def test_the_tenants_load_and_collect_rules_on_its_ledger() -> None:
+    """No load after a begin reported the tenant's counts (a cloud that read them dropped its load);
+    a secure collect needs the halves changed since the last load and no step in flight."""
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    check_changed_since_load(context, 1, False)  # the first phase: any update since set-up
+    for updates, in_flight, reason in ((0, False, "0 at the last load"), (3, True, "in flight")):
+        with pytest.raises(ProtocolError, match=reason):
+            check_changed_since_load(context, updates, in_flight)
+    note_loaded_updates(context, 5)
+    with pytest.raises(ProtocolError, match="5 at the last load"):
+        check_changed_since_load(context, 5, False)
+    check_changed_since_load(context, 6, False)
+    context.state[POLICY_STATE] = ConfigRecord({"shared": 2, "loaded": 1, "unmasked": 2, "alive": 3})
+    note_begin(context)
+    with pytest.raises(ProtocolError, match="no phase waiting"):
+        note_load(context, 3)

@@ -383,3 +383,53 @@ def test_a_second_copy_of_a_tenant_cannot_sign_a_second_view(defended: bool, how
         assert reply.has_error() and RECORD_KEY_STATE not in second.state
     else:
         assert not reply.has_error() and second.state[RECORD_KEY_STATE]["sk1"] == b"phase secret sk1"
+
+
+# -- a known half shared again (the twenty-first session's review, M1) ---------------------------
+
+def _load_known_half(grid: LocalGrid, strategy: SecureSplitStrategy, count: int) -> dict[str, torch.Tensor]:
+    """The phase's load with a sum the cloud chose (zero): the victim's new half is then one the
+    cloud knows; the cloud's own new half keeps the victim's model as it was. Returns the known half."""
+    tenant = strategy.tenant_of[VICTIM]
+    state = grid.contexts[VICTIM].state
+    old = records_to_state(state["secure.arrays"], state["secure.config"])["halves"]["weights"]
+    cloud = strategy.cloud.export_halves(tenant)
+    shapes = {n: tuple(cloud[n].shape) for n in NAMES}
+    load = Message(RecordDict({"config": ConfigRecord({"share": "all", "share-count": count, "share-loads": 1}),
+                               "shared": ArrayRecord({n: Array(np.zeros(shapes[n], dtype=np.int64)) for n in NAMES})}),
+                   dst_node_id=VICTIM, message_type="train.share_load", group_id="1")
+    reply = grid.deliver(load)
+    assert not reply.has_error(), reply.error.reason
+    known = records_to_state(state["secure.arrays"], state["secure.config"])["halves"]["weights"]
+    assert all(not bool(known[n].any()) for n in NAMES)  # -floor(-0 / n) = 0: the cloud knows it
+    strategy.cloud.tenants[tenant].offer_load({n: old[n] + cloud[n] for n in NAMES})  # completed at the next begin
+    return {n: known[n] for n in NAMES}
+
+
+@pytest.mark.parametrize("defended", [False, True])
+def test_a_tenant_whose_training_since_the_load_was_undone_does_not_share_the_known_half(
+        defended: bool, task_identity: None, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a load the cloud knows each tenant's half of the mean. A cloud that undoes every step
+    since (its rollback, at an evaluation begin that reports lower update counts) would get that
+    half back in the next phase from each tenant but one, and the last one's half by subtraction.
+    The phase here is the unpinned sybil one, only to read what the victim sends."""
+    if not defended:
+        monkeypatch.setattr(sharing_client, "check_changed_since_load", lambda *args: None)
+    grid = SybilGrid(make_client_app({**SECURE, "num-server-rounds": 3}), tmp_path,
+                     node_config={"allow-unpinned-sharing": True})
+    strategy = _trained(grid)
+    assert VICTIM in _sybil_phase(grid, strategy, 1).included
+    known = _load_known_half(grid, strategy, 1 + len(SYBILS))
+    strategy.start(grid, 2, eval_every=0, first_round=2, on_report=lambda report: None)  # round 2: one real step
+    tenant = strategy.tenant_of[VICTIM]
+    assert strategy.cloud.counts(tenant)["loads"] == 1 and strategy.cloud.counts(tenant)["tail"] == 2
+    assert strategy.cloud.abort_step(tenant, undo_previous=True)  # the cloud undoes round 2's step ...
+    strategy.evaluate(grid, 2)  # ... and the victim follows at the evaluation's begin
+    collect = _sybil_phase(grid, strategy, 2)
+    if defended:
+        assert VICTIM not in collect.included
+        return
+    residues = [t.numpy() for t in (decode_sum(a, 1 + len(SYBILS)) for a in collect.aggregate)]
+    sent = {n: lift_tenant_sum(torch.from_numpy(r.astype(np.int64)), strategy.cloud.export_halves(tenant)[n])
+            for n, r in zip(NAMES, residues)}
+    assert all(torch.equal(sent[n], known[n]) for n in NAMES)  # exactly the half the cloud made known

@@ -60,7 +60,7 @@ def test_a_first_message_off_its_announced_shape_spends_the_number(secure_data: 
         cloud.material_request(first)
     assert cloud.next_step("t0") == 1  # step 0 is spent: the next begin uses 1
     cloud.abort_step("t0")
-    client.reconcile(cloud.updates("t0"))
+    client.reconcile(cloud.counts("t0"))
     retry = client.begin(secure_data.collate(list(range(4))), cloud_step=cloud.next_step("t0"))
     request = cloud.material_request(retry)
     assert request is not None and request.step == 1

@@ -538,8 +538,8 @@ def test_step_cut_at_any_message_reconciles_to_a_consistent_model(mode: str, sec
         # the strategy aborts the cloud's step when it drops the tenant; at the next step's
         # begin the client aborts its own, and the side that is ahead rolls back
         cloud.abort_step("t0")
-        client.reconcile(cloud.updates("t0"))
-        cloud.reconcile("t0", client.updates)
+        client.reconcile(cloud.counts("t0"))
+        cloud.reconcile("t0", client.counts)
         assert client.updates == cloud.updates("t0")
         now = _weights(client, cloud)
         change = max((now[k] - before[k]).abs().max().item() for k in now)
@@ -552,10 +552,10 @@ def test_reconcile_refuses_halves_that_diverged_by_more_than_a_step(secure_data:
     client, cloud, _, transport = _secure(_parts(random_up=True), _config("client"))
     transport.run_step(client, secure_data.collate(list(range(8))))
     with pytest.raises(ProtocolError, match="diverged"):
-        client.reconcile({"head": 5, "tail": 5})
+        client.reconcile({"head": 5, "tail": 5, "loads": 0})
     with pytest.raises(ProtocolError, match="malformed"):
-        cloud.reconcile("t0", {"head": "x"})
-    client.reconcile(cloud.updates("t0"))  # consistent: nothing happens
+        cloud.reconcile("t0", {"head": "x", "loads": 0})
+    client.reconcile(cloud.counts("t0"))  # consistent: nothing happens
     assert client.updates == cloud.updates("t0") == {"head": 1, "tail": 1}
 
 

@@ -126,8 +126,8 @@ def test_a_failed_truncation_in_a_weight_gradient_is_undone_with_the_step_that_s
         transport.run_step(client, batch)
     # what the strategy does when it drops the tenant, then the next step's begin on both sides
     cloud.abort_step("t0", undo_previous=undo_previous)
-    client.reconcile(cloud.updates("t0"))
-    cloud.reconcile("t0", client.updates)
+    client.reconcile(cloud.counts("t0"))
+    cloud.reconcile("t0", client.counts)
     after = _model(client, cloud)
     worst = max((v - before[k]).abs().max().item() for k, v in after.items())
     if undo_previous:

@@ -8,37 +8,22 @@ refused before anything is opened. The parties here are the real ones, in proces
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from flower_split.config import RunConfig
 from flower_split.data import TokenizedDataset
-from flower_split.model import build_split
 from flower_split.mpc import decode
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_cloud_tenant import CloudTenant
-from flower_split.protocol.secure_dealer import SecureDealerParty
 from flower_split.protocol.secure_party import peer_loads
 from flower_split.transport.secure_inprocess import SecureLocalTransport
+from test_secure_rollback import _parties
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NAME = "cls.Wc"
-
-
-def _parties():
-    config = RunConfig(model="tiny", head_rank=4, tail_bottleneck=8, device="cpu", label_protection="client")
-    parts = build_split("tiny", 77, 4, 8)
-    dealer = SecureDealerParty()
-    cloud = SecureCloudParty(parts.body, dealer.public)
-    client = SecureClientParty("t0", parts.embedder, copy.deepcopy(parts.head), copy.deepcopy(parts.tail), config, 10)
-    transport = SecureLocalTransport(cloud, dealer)
-    transport.connect(client)
-    return client, cloud, transport
 
 
 def _model(client: SecureClientParty, cloud: SecureCloudParty) -> torch.Tensor:
@@ -60,7 +45,7 @@ def _step(client: SecureClientParty, cloud: SecureCloudParty, transport: SecureL
 
 def test_a_load_whose_ack_was_lost_is_completed_by_the_cloud_and_the_model_is_whole(
         secure_data: TokenizedDataset) -> None:
-    client, cloud, transport = _parties()
+    client, cloud, transport = _parties("client")
     batch = secure_data.collate(list(range(8)))
     transport.run_step(client, batch)
     mine, theirs = _mean_halves(client, cloud)
@@ -75,7 +60,7 @@ def test_a_load_whose_ack_was_lost_is_completed_by_the_cloud_and_the_model_is_wh
 
 
 def test_a_load_the_tenant_never_made_is_dropped(secure_data: TokenizedDataset) -> None:
-    client, cloud, transport = _parties()
+    client, cloud, transport = _parties("client")
     batch = secure_data.collate(list(range(8)))
     transport.run_step(client, batch)
     before = _model(client, cloud)
@@ -88,7 +73,7 @@ def test_a_load_the_tenant_never_made_is_dropped(secure_data: TokenizedDataset) 
 
 
 def test_the_tenant_loads_only_the_next_load_and_never_with_a_step_in_flight(secure_data: TokenizedDataset) -> None:
-    client, cloud, transport = _parties()
+    client, cloud, transport = _parties("client")
     mine, _ = _mean_halves(client, cloud)
     before = client.state_dict()
     for number in (0, 2):  # a replayed or a skipped load
@@ -108,7 +93,7 @@ def test_the_tenant_loads_only_the_next_load_and_never_with_a_step_in_flight(sec
 @pytest.mark.parametrize("cloud_loads, tenant_loads, pending", [(2, 1, False), (0, 1, False), (0, 2, True)])
 def test_counts_that_no_lost_ack_explains_are_refused_before_anything_is_opened(
         cloud_loads: int, tenant_loads: int, pending: bool, secure_data: TokenizedDataset) -> None:
-    client, cloud, _ = _parties()
+    client, cloud, _ = _parties("client")
     cloud.tenants["t0"].halves.loads, client.halves.loads = cloud_loads, tenant_loads
     if pending:
         cloud.tenants["t0"].pending_load = (cloud_loads + 1, {NAME: cloud.export_halves("t0")[NAME]})
@@ -120,7 +105,7 @@ def test_counts_that_no_lost_ack_explains_are_refused_before_anything_is_opened(
 
 
 def test_a_pending_load_survives_the_clouds_saved_state() -> None:
-    client, cloud, _ = _parties()
+    client, cloud, _ = _parties("client")
     _, theirs = _mean_halves(client, cloud)
     cloud.tenants["t0"].offer_load({NAME: theirs})
     record = CloudTenant.load(cloud.tenants["t0"].export(), 0)

@@ -11,15 +11,16 @@ a time, all tenants in the same Flower round trip. Message types:
                            new party (its halves, dealer key, CKKS keys in ``he`` mode) -> its
                            :class:`ClientSetup`.
 ``train.secure_begin``     server: ``config`` {head-updates, tail-updates, share-loads} (the cloud's
-                           update and sharing-load counts), {next-step} (the lowest step number the cloud accepts),
+                           update and sharing-load counts), {next-step} (the lowest step number
+                           the cloud accepts),
                            {ahead-step, ahead-shape} (only while the cloud holds material dealt
                            ahead: its number and [batch, tokens, rows]; a step that cannot use it, an
                            evaluation or another shape, moves past that number) and, in ``he``
                            mode, {he-key-id} (the cloud's CKKS key id).
                            Client: reconcile (abort a step in flight, undo a step the cloud did
                            not complete; refuse a load count other than its own or one fewer,
-                           a load whose ack was lost, which the cloud completes), switch to a rotated key the cloud now holds, next
-                           training batch -> first step message (refused, before anything is
+                           a load whose ack was lost, which the cloud completes), switch to a
+                           rotated key the cloud now holds, next training batch -> first step message (refused, before anything is
                            opened, if its step number is below next-step), ``sync``
                            {head-updates, tail-updates, share-loads}. A tenant whose own mean loss of an
                            earlier round reached its ``target-loss`` sends no step but

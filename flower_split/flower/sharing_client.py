@@ -21,6 +21,7 @@ per phase, right after the tenant's own unmask stage (:func:`~flower_split.flowe
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -39,7 +40,7 @@ from flower_split.flower.secure_handlers import _load, _put_back, _save
 from flower_split.flower.settings import FlowerSettings
 from flower_split.flower.secagg_prg import install as install_full_entropy_masks
 from flower_split.flower.sharing_policy import (
-    check_changed_since_load, note_load, note_loaded_updates, sharing_policy_mod,
+    check_changed_since_load, note_load, note_loaded_halves, sharing_policy_mod,
 )
 from flower_split.flower.sharing_params import average_half, encode_half, halves, quantization, shared_names
 from flower_split.flower.tenant import Handler, TenantData, restore_mod
@@ -72,8 +73,7 @@ def share_fit(message: Message, context: Context, config: RunConfig, settings: F
     names = shared_names(config.security, _scope(message.content.config_records[RecordKey.FIT_CONFIG], settings))
     if halves(config.security):
         party = _load(context, data, config, settings)
-        counts = party.counts
-        check_changed_since_load(context, counts["head"] + counts["tail"], bool(party.steps_in_flight))
+        check_changed_since_load(context, _digests(party, names), bool(party.steps_in_flight))
         arrays = [encode_half(party.halves.weights[name]) for name in names]
         _put_back(context, party, data, config, settings)
     else:
@@ -109,7 +109,7 @@ def share_load(message: Message, context: Context, config: RunConfig, settings: 
                                                                np.int64, name)), count, 1, party.halves.frac_bits)
                  for name in names}
         party.load_shared(means, number)  # a fresh momentum on the mean, as the cloud's
-        note_loaded_updates(context, party.counts["head"] + party.counts["tail"])
+        note_loaded_halves(context, _digests(party, names))
         _save(context, party, data, config, settings)
         return RecordDict({RecordKey.CONFIG: ConfigRecord({ConfigKey.SHARE_COUNT: count,
                                                            ConfigKey.SHARE_LOADS: party.counts["loads"]})})
@@ -121,6 +121,13 @@ def share_load(message: Message, context: Context, config: RunConfig, settings: 
             params[name].copy_(torch.from_numpy(new))
     _save_party(context, party)
     return RecordDict({RecordKey.CONFIG: ConfigRecord({ConfigKey.SHARE_COUNT: count})})
+
+
+def _digests(party: Any, names: tuple[str, ...]) -> dict[str, str]:
+    """SHA-256 of each of ``names``' halves in a group that trains (a frozen head keeps its loaded
+    half, and is a no-op adapter whose half tells nothing: :func:`check_changed_since_load`)."""
+    return {name: hashlib.sha256(party.halves.weights[name].numpy().tobytes()).hexdigest() for name in names
+            if party.train_head or not name.startswith("head.")}
 
 
 def _checked(array: np.ndarray, like: torch.Tensor, dtype: type, name: str) -> np.ndarray:

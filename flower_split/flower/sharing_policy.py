@@ -25,10 +25,12 @@ Flower's stage order and for the node that set the phase up, before it writes an
   over the tenants alive there, before any step begins (secure: a begin reports the tenant's
   load count, and a cloud that read the old one has dropped the load it sent).
 * **secure collect** (:func:`check_changed_since_load`, from the collect handler, which holds the
-  tenant's halves): no step in flight, and more head and tail updates on the halves than at the
-  last load (at set-up: none). Right after a load the cloud knows the tenant's half of the mean;
-  a cloud that undid every step since (its rollback of up to two steps, docs/secure.md) would
-  otherwise get that known half back from every tenant but one, and the last one's by subtraction.
+  tenant's halves): no step in flight, and every shared half of a trained group (the tail and
+  classifier; the head too when it trains) differs from the one the last load gave it (SHA-256
+  of its bytes, :data:`LOADED_DIGESTS`). Right after a load the cloud knows the tenant's half of
+  the mean; a cloud that undid every step since (its rollback of up to two steps) or ran steps
+  whose learning rate encodes to 0 (past the schedule's end) would otherwise get that known half
+  back from every tenant but one, and the last one's by subtraction (docs/secure.md §10).
 
 The ledger lives in ``context.state`` under :data:`POLICY_STATE` (the step handlers write
 it through :func:`note_training_begin` / :func:`note_training_step` / :func:`note_begin`). docs/secure.md §10 has
@@ -56,7 +58,8 @@ from flower_split.flower.sharing_views import (
 )
 from flower_split.protocol import ProtocolError
 
-POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, loaded, unmasked, alive, begun, updates}
+POLICY_STATE = "sharing-policy"  # ConfigRecord {round, trained, shared, loaded, unmasked, alive, begun}
+LOADED_DIGESTS = "sharing-loaded"  # ConfigRecord {parameter name: SHA-256 of the half the last load gave}
 MIN_TENANTS_CONFIG = "share-min-tenants"
 DEFAULT_MIN_TENANTS = 4
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -72,7 +75,7 @@ def min_tenants(node_config: Mapping[str, Any]) -> int:
 
 def _progress(context: Context) -> dict[str, int]:
     record = context.state.get(POLICY_STATE)
-    values = {"round": 0, "trained": 0, "shared": 0, "loaded": 0, "unmasked": 0, "alive": 0, "begun": 0, "updates": 0}
+    values = {"round": 0, "trained": 0, "shared": 0, "loaded": 0, "unmasked": 0, "alive": 0, "begun": 0}
     if isinstance(record, ConfigRecord):
         values.update({k: int(v) for k, v in record.items() if k in values})
     return values
@@ -86,7 +89,6 @@ def note_training_begin(context: Context, server_round: int) -> None:
     """A training step of ``server_round`` begins (the round a sharing phase may next be for)."""
     values = _progress(context)
     values["round"] = server_round
-    values["begun"] = 1
     _store(context, values)
 
 
@@ -97,22 +99,22 @@ def note_begin(context: Context) -> None:
     _store(context, values)
 
 
-def note_loaded_updates(context: Context, updates: int) -> None:
-    """Secure: the halves had ``updates`` head and tail updates in all when the load replaced them."""
-    values = _progress(context)
-    values["updates"] = updates
-    _store(context, values)
+def note_loaded_halves(context: Context, digests: dict[str, str]) -> None:
+    """Secure: the SHA-256 of each half a load just gave (:func:`check_changed_since_load`)."""
+    context.state[LOADED_DIGESTS] = ConfigRecord(dict(digests))
 
 
-def check_changed_since_load(context: Context, updates: int, in_flight: bool) -> None:
-    """Secure collect: the halves (``updates`` head and tail updates in all) changed since the last
-    load and no step is in flight; ProtocolError otherwise (see the module's docstring)."""
+def check_changed_since_load(context: Context, digests: dict[str, str], in_flight: bool) -> None:
+    """Secure collect: no step in flight, and none of the halves in ``digests`` (name: SHA-256,
+    the trained groups' shared halves now) is the one the last load gave; ProtocolError otherwise."""
     if in_flight:
         raise ProtocolError("sharing: a step is in flight; this tenant shares finished steps only; refused")
-    loaded_at = _progress(context)["updates"]
-    if updates <= loaded_at:
-        raise ProtocolError(f"sharing: the halves have {updates} updates, {loaded_at} at the last load: nothing "
-                            "of this round's training stands (undone?); the cloud knows this half; refused")
+    loaded = context.state.get(LOADED_DIGESTS)
+    same = sorted(name for name, digest in digests.items() if isinstance(loaded, ConfigRecord)
+                  and loaded.get(name) == digest)
+    if same:
+        raise ProtocolError(f"sharing: {', '.join(same)} unchanged since the last load (its steps undone, or a learning "
+                            "rate of 0): the cloud knows these halves; refused")
 
 
 def note_training_step(context: Context, steps: int = 1) -> None:

@@ -27,7 +27,7 @@ from flower_split.flower.sharing_params import (
     RING_MOD, SECURE_QUANTIZATION, average_half, decode_sum, encode_half, lift_tenant_sum, ring_sum,
 )
 from flower_split.flower.sharing_policy import (
-    POLICY_STATE, check_changed_since_load, note_begin, note_load, note_loaded_updates,
+    POLICY_STATE, check_changed_since_load, note_begin, note_load, note_loaded_halves,
 )
 from flower_split.flower.sharing_server import SecAggSharing, make_sharing
 from flower_split.flower.strategy_utils import RoundReport
@@ -270,16 +270,15 @@ def test_secure_sharing_halves_reconstruct_the_average_adapter(scope: str, task_
 
 def test_the_tenants_load_and_collect_rules_on_its_ledger() -> None:
     """No load after a begin reported the tenant's counts (a cloud that read them dropped its load);
-    a secure collect needs the halves changed since the last load and no step in flight."""
+    a secure collect needs every trained shared half changed since the last load, no step in flight."""
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    check_changed_since_load(context, 1, False)  # the first phase: any update since set-up
-    for updates, in_flight, reason in ((0, False, "0 at the last load"), (3, True, "in flight")):
-        with pytest.raises(ProtocolError, match=reason):
-            check_changed_since_load(context, updates, in_flight)
-    note_loaded_updates(context, 5)
-    with pytest.raises(ProtocolError, match="5 at the last load"):
-        check_changed_since_load(context, 5, False)
-    check_changed_since_load(context, 6, False)
+    check_changed_since_load(context, {"tail.A": "a"}, False)  # the first phase: no load yet
+    with pytest.raises(ProtocolError, match="in flight"):
+        check_changed_since_load(context, {"tail.A": "a"}, True)
+    note_loaded_halves(context, {"tail.A": "a", "tail.B": "b"})
+    with pytest.raises(ProtocolError, match="tail.B unchanged since the last load"):
+        check_changed_since_load(context, {"tail.A": "c", "tail.B": "b"}, False)
+    check_changed_since_load(context, {"tail.A": "c", "tail.B": "d"}, False)
     context.state[POLICY_STATE] = ConfigRecord({"shared": 2, "loaded": 1, "unmasked": 2, "alive": 3})
     note_begin(context)
     with pytest.raises(ProtocolError, match="no phase waiting"):

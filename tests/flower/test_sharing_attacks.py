@@ -406,25 +406,34 @@ def _load_known_half(grid: LocalGrid, strategy: SecureSplitStrategy, count: int)
     return {n: known[n] for n in NAMES}
 
 
+@pytest.mark.parametrize("how", ["undone", "past the schedule"])
 @pytest.mark.parametrize("defended", [False, True])
-def test_a_tenant_whose_training_since_the_load_was_undone_does_not_share_the_known_half(
-        defended: bool, task_identity: None, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a load the cloud knows each tenant's half of the mean. A cloud that undoes every step
-    since (its rollback, at an evaluation begin that reports lower update counts) would get that
-    half back in the next phase from each tenant but one, and the last one's half by subtraction.
-    The phase here is the unpinned sybil one, only to read what the victim sends."""
+def test_a_tenant_whose_halves_did_not_change_since_the_load_does_not_share_the_known_half(
+        defended: bool, how: str, task_identity: None, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a load the cloud knows each tenant's half of the mean. A cloud that makes the steps
+    since change nothing would get that half back in the next phase from each tenant but one, and
+    the last one's half by subtraction: by undoing them (its rollback, at an evaluation begin that
+    reports lower update counts: the first review), or by running them past the end of the
+    tenant's learning-rate schedule, where the rate encodes to 0 (the second review). The phase
+    here is the unpinned sybil one, only to read what the victim sends."""
     if not defended:
         monkeypatch.setattr(sharing_client, "check_changed_since_load", lambda *args: None)
     grid = SybilGrid(make_client_app({**SECURE, "num-server-rounds": 3}), tmp_path,
                      node_config={"allow-unpinned-sharing": True})
-    strategy = _trained(grid)
+    _, body = split_encoder(load_encoder("tiny", seed=0))
+    steps = 3 if how == "past the schedule" else 1  # 3 rounds of 1 step: the schedule is 3 updates long
+    strategy = SecureSplitStrategy(SecureCloudParty(body, None), NodeDealer(120.0), local_steps=steps,
+                                   reply_timeout=120.0, global_eval=False)
+    strategy.start(grid, 1, eval_every=0, on_report=lambda report: None)
     assert VICTIM in _sybil_phase(grid, strategy, 1).included
     known = _load_known_half(grid, strategy, 1 + len(SYBILS))
+    strategy.local_steps = 1
     strategy.start(grid, 2, eval_every=0, first_round=2, on_report=lambda report: None)  # round 2: one real step
     tenant = strategy.tenant_of[VICTIM]
-    assert strategy.cloud.counts(tenant)["loads"] == 1 and strategy.cloud.counts(tenant)["tail"] == 2
-    assert strategy.cloud.abort_step(tenant, undo_previous=True)  # the cloud undoes round 2's step ...
-    strategy.evaluate(grid, 2)  # ... and the victim follows at the evaluation's begin
+    assert strategy.cloud.counts(tenant)["loads"] == 1 and strategy.cloud.counts(tenant)["tail"] == steps + 1
+    if how == "undone":
+        assert strategy.cloud.abort_step(tenant, undo_previous=True)  # the cloud undoes round 2's step ...
+        strategy.evaluate(grid, 2)  # ... and the victim follows at the evaluation's begin
     collect = _sybil_phase(grid, strategy, 2)
     if defended:
         assert VICTIM not in collect.included

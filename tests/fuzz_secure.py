@@ -178,7 +178,7 @@ class SecureWorld(World):
         out = {}
         for t, client in self.clients.items():
             loss = [r.loss for r in client.finished.values()]
-            out[t] = {"weights": self.weights(t), "updates": client.updates, "cloud_updates": self.cloud.updates(t),
+            out[t] = {"weights": self.weights(t), "updates": client.counts, "cloud_updates": self.cloud.counts(t),
                       "next": (client._next_step, self.cloud.next_step(t)), "in_flight": client.steps_in_flight,
                       "loss": loss, "key": client.he_key_id == self.cloud.he_key_id(t)}
         return out | {"cloud_in_flight": self.cloud.pending_steps}

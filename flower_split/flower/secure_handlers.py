@@ -171,7 +171,7 @@ def secure_setup(message: Message, context: Context, config: RunConfig, settings
     hello = unpack_hello(message.content)
     if SECURE_ARRAYS in context.state and not context.node_config.get(NEW_SETUP_CONFIG, False):
         old = _load(context, data, config, settings)
-        if any(old.updates.values()) or old.state_dict()["next_step"]:
+        if any(old.counts.values()) or old.state_dict()["next_step"]:
             raise ProtocolError(f"tenant {data.tenant!r} holds a trained secure party; a new set-up would discard it "
                                 f"(a cloud that lost its state?). Resume the session, or set node config "
                                 f"{NEW_SETUP_CONFIG} = true to start over")

@@ -48,9 +48,8 @@ from flower_split.protocol.secure_messages import (
     ClientSetup, DealerHello, SecureMessage, client_step_number, past_dealt_ahead,
 )
 from flower_split.protocol.secure_rollback import RollbackPoints
-from flower_split.protocol.secure_party import (
-    GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState, peer_loads,
-)
+from flower_split.protocol.secure_loads import check_cloud_loads
+from flower_split.protocol.secure_party import GRAD_SCALE_BITS, Halves, Optim, SecureStepRunner, StepState
 from flower_split.protocol.secure_shape import head_select, pack_rows, step_shape
 from flower_split.protocol.secure_step_io import export_step, import_step
 from flower_split.protocol.secure_weights import check_activation, plaintext_weights
@@ -193,12 +192,6 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         return message
 
     @property
-    def updates(self) -> dict[str, int]:
-        """How many head and tail updates this party's halves have had (public)."""
-        assert self.halves is not None
-        return dict(self.halves.updates)
-
-    @property
     def counts(self) -> dict[str, int]:
         """This party's update and sharing-load counts, for the cloud's reconcile (public)."""
         assert self.halves is not None
@@ -215,19 +208,12 @@ class SecureClientParty(TenantKeyRotation, SecureStepRunner):
         self._step = None
 
     def reconcile(self, cloud_counts: object) -> None:
-        """Before a step: abort any step in flight, and roll back a step the cloud did not complete.
-
-        ``cloud_counts``: the cloud's :attr:`~flower_split.protocol.secure_party.Halves.counts`.
-        Its sharing loads one fewer than this party's is a load whose acknowledgement the cloud
-        did not get; the cloud completes it on its side when it reads this party's counts (never
-        undone here: a tenant back on a model it has shared would let the cloud difference two
-        aggregates). Any other difference is refused before anything is opened."""
+        """Before a step: check the cloud's sharing-load count (:func:`~flower_split.protocol.
+        secure_loads.check_cloud_loads`), abort any step in flight, roll back a step the cloud
+        did not complete (``cloud_counts``: the cloud's ``Halves.counts``)."""
         if self.halves is None:
             raise ProtocolError(f"tenant {self.tenant!r}: call setup() first")
-        own, cloud_loads = self.halves.loads, peer_loads(cloud_counts, f"tenant {self.tenant!r}")
-        if cloud_loads not in (own, own - 1):
-            raise ProtocolError(f"tenant {self.tenant!r}: the cloud counts {cloud_loads} sharing loads of the halves, "
-                                f"this tenant made {own}; the halves do not match, refusing to step")
+        check_cloud_loads(self.halves.loads, cloud_counts, f"tenant {self.tenant!r}")
         self.abort_step()
         self._rollback.reconcile(self.halves, cloud_counts, f"tenant {self.tenant!r}")
 

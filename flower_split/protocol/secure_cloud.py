@@ -42,7 +42,8 @@ from flower_split.protocol.secure_messages import (
 from flower_split.protocol.secure_cloud_tenant import CloudTenant
 from flower_split.protocol.secure_he_checks import check_key_rotation, check_labels_key
 from flower_split.protocol.secure_setup import check_setup
-from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState, peer_loads
+from flower_split.protocol.secure_loads import peer_loads
+from flower_split.protocol.secure_party import Halves, SecureStepRunner, StepState
 from flower_split.protocol.secure_shape import check_material_size, check_rows, head_select, pack_rows, unpack_rows
 from flower_split.protocol.secure_steps import (
     CLOUD, WEIGHT_NAMES, StepSpec, material_keys, programs, weight_shapes,
@@ -291,10 +292,6 @@ class SecureCloudParty(SecureStepRunner):
             self.abort_step(name)
             record.skip(gap)
 
-    def updates(self, tenant: str) -> dict[str, int]:
-        """How many head and tail updates the cloud's halves of ``tenant`` have had (public)."""
-        return dict(self._tenant(tenant).halves.updates)
-
     def abort_step(self, tenant: str, undo_previous: bool = False) -> bool:
         """Abandon ``tenant``'s step in flight (if any) and keep the tenant (:meth:`CloudTenant.abort`;
         the client follows at its next reconcile). False when ``undo_previous`` found nothing to undo."""
@@ -306,16 +303,11 @@ class SecureCloudParty(SecureStepRunner):
         return self._tenant(tenant).halves.counts
 
     def reconcile(self, tenant: str, client_counts: object) -> None:
-        """Before a step: abort ``tenant``'s step in flight, complete a sharing load the tenant made
-        but whose acknowledgement was lost (:meth:`CloudTenant.settle_load`), roll back a step the
-        client did not complete."""
-        record = self._tenant(tenant)
+        """Before a step: abort ``tenant``'s step in flight, match the tenant's sharing loads
+        (:meth:`CloudTenant.settle_load`), roll back a step the client did not complete."""
+        record, who = self._tenant(tenant), f"cloud (tenant {tenant!r})"
         self.abort_step(tenant)
-        who = f"cloud (tenant {tenant!r})"
-        try:
-            record.settle_load(peer_loads(client_counts, who))
-        except ProtocolError as exc:
-            raise ProtocolError(f"{who}: {exc}") from None
+        record.settle_load(peer_loads(client_counts, who), who)
         record.rollback.reconcile(record.halves, client_counts, who)
 
     def _material_key(self, st: StepState) -> bytes:

@@ -91,7 +91,7 @@ class CloudTenant:
         self.pending_load = (self.halves.loads + 1, dict(means))  # never written in place: shared, not copied
         return self.pending_load[0]
 
-    def settle_load(self, tenant_loads: int) -> None:
+    def settle_load(self, tenant_loads: int, who: str = "cloud") -> None:
         """Match the tenant's count of sharing loads: equal drops a pending load (the tenant did
         not load it), one more completes it here (its acknowledgement was lost). Anything else
         cannot be matched: a ProtocolError, and the tenant's model is lost."""
@@ -103,7 +103,7 @@ class CloudTenant:
             self.rollback.clear()  # as the tenant did at its load: the last step is over on both sides
             self.pending_load = None
             return
-        raise ProtocolError(f"the tenant made {tenant_loads} sharing loads, the cloud's halves {self.halves.loads}"
+        raise ProtocolError(f"{who}: the tenant made {tenant_loads} sharing loads, the cloud's halves {self.halves.loads}"
                             f"{' (one pending)' if self.pending_load is not None else ''}: the halves cannot be "
                             "matched and the tenant's model is lost")
 

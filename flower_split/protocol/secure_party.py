@@ -174,17 +174,6 @@ class Halves:
         return halves
 
 
-def peer_loads(counts: object, who: str) -> int:
-    """The sharing-load count in a peer's ``counts`` (:attr:`Halves.counts`); ProtocolError if malformed."""
-    try:
-        value = counts["loads"]  # type: ignore[index]
-    except (KeyError, TypeError, IndexError):
-        raise ProtocolError(f"{who}: peer counts {counts!r} carry no sharing-load count") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ProtocolError(f"{who}: peer sharing-load count {value!r} is not a count")
-    return value
-
-
 class SecureStepRunner:
     """The script interpreter both secure parties inherit.
 

@@ -138,5 +138,5 @@ def test_a_refused_evaluation_batch_undoes_no_training_step(
     strategy.start(LocalGrid(make_client_app(config), 2, dealer=tmp_path), 2, eval_every=1, on_report=reports.append)
     evaluations = [r for r in reports if not isinstance(r, RoundReport)]
     assert state["failed"] and any("out of range" in why for r in evaluations for why in r.dropped.values())
-    updates = sorted(strategy.cloud.updates(t)["tail"] for t in strategy.cloud.tenants)  # 2 rounds of 3 steps
+    updates = sorted(strategy.cloud.counts(t)["tail"] for t in strategy.cloud.tenants)  # 2 rounds of 3 steps
     assert updates == ([5, 6] if undo_in_evaluation else [6, 6])

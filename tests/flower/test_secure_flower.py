@@ -174,7 +174,7 @@ def test_tenant_dropped_mid_step_rejoins_with_a_consistent_model(task_identity: 
     # the client answered message 7 (and may have updated); the cloud aborted; at the next
     # step they reconciled: one update count, and the halves still add up to a sane model
     client_state = records_to_state(grid.contexts[2].state["secure.arrays"], grid.contexts[2].state["secure.config"])
-    assert client_state["halves"]["updates"] == strategy.cloud.updates("tenant-1")
+    assert {**client_state["halves"]["updates"], "loads": client_state["halves"]["loads"]} == strategy.cloud.counts("tenant-1")
     weights = _model_weights(grid, strategy, 2)
     assert max(w.abs().max().item() for w in weights.values()) < 10.0
 

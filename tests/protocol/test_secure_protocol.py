@@ -540,7 +540,7 @@ def test_step_cut_at_any_message_reconciles_to_a_consistent_model(mode: str, sec
         cloud.abort_step("t0")
         client.reconcile(cloud.counts("t0"))
         cloud.reconcile("t0", client.counts)
-        assert client.updates == cloud.updates("t0")
+        assert client.counts == cloud.counts("t0")
         now = _weights(client, cloud)
         change = max((now[k] - before[k]).abs().max().item() for k in now)
         assert change == 0.0 or 10 * TOL_PER_STEP < change < 1.0, f"cut after {cut}: change {change}"
@@ -556,7 +556,7 @@ def test_reconcile_refuses_halves_that_diverged_by_more_than_a_step(secure_data:
     with pytest.raises(ProtocolError, match="malformed"):
         cloud.reconcile("t0", {"head": "x", "loads": 0})
     client.reconcile(cloud.counts("t0"))  # consistent: nothing happens
-    assert client.updates == cloud.updates("t0") == {"head": 1, "tail": 1}
+    assert client.counts == cloud.counts("t0") == {"head": 1, "tail": 1, "loads": 0}
 
 
 # ------------------------------------------------------------------------- mask reuse

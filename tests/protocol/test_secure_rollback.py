@@ -131,8 +131,8 @@ def test_a_failed_truncation_in_a_weight_gradient_is_undone_with_the_step_that_s
     after = _model(client, cloud)
     worst = max((v - before[k]).abs().max().item() for k, v in after.items())
     if undo_previous:
-        assert worst == 0.0 and client.updates == cloud.updates("t0") == {"head": 1, "tail": 1}
+        assert worst == 0.0 and client.counts == cloud.counts("t0") == {"head": 1, "tail": 1, "loads": 0}
         transport.run_step(client, batch)  # and training goes on
-        assert client.updates == {"head": 2, "tail": 2}
+        assert client.counts == {"head": 2, "tail": 2, "loads": 0}
     else:  # one rollback point is not enough: the garbage stays in the model
         assert worst > 1e3

@@ -17,7 +17,7 @@ from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty
 from flower_split.protocol.secure_cloud import SecureCloudParty
 from flower_split.protocol.secure_cloud_tenant import CloudTenant
-from flower_split.protocol.secure_party import peer_loads
+from flower_split.protocol.secure_loads import peer_loads
 from flower_split.transport.secure_inprocess import SecureLocalTransport
 from test_secure_rollback import _parties
 

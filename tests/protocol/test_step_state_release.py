@@ -139,4 +139,4 @@ def test_a_message_that_fails_after_a_release_rolls_it_back(secure_data: Tokeniz
     client._op_receive_grad_f = fail_once  # type: ignore[method-assign]
     client.handle = on_client  # type: ignore[method-assign]
     step = transport.run_step(client, secure_data.collate(list(range(8))), train=True)
-    assert failed and client.pop_result(step).loss is not None and client.updates == {"head": 1, "tail": 1}
+    assert failed and client.pop_result(step).loss is not None and client.counts == {"head": 1, "tail": 1, "loads": 0}

@@ -101,9 +101,9 @@ def test_control_without_completing_the_load_the_victim_is_lost(
     """The failing control: a cloud that forgets the pending load cannot match the tenant again."""
     original = CloudTenant.settle_load
 
-    def forgetful(self: CloudTenant, tenant_loads: int) -> None:
+    def forgetful(self: CloudTenant, tenant_loads: int, who: str = "cloud") -> None:
         self.pending_load = None
-        original(self, tenant_loads)
+        original(self, tenant_loads, who)
 
     monkeypatch.setattr(CloudTenant, "settle_load", forgetful)
     grid, strategy, rounds = _run(tmp_path)

@@ -71,6 +71,8 @@ from flower_split.flower.tenant import (
 )
 from flower_split.flower.node_privacy import node_input_noise
 from flower_split.flower.party_cache import PartyCache
+from flower_split.flower.node_state import node_state_dir
+from flower_split.flower.state_spill import SPILL_CONFIG, references, spill_dir, spill_store
 from flower_split.flower.node_predict import PREDICT_SCOPE, append_predictions, note_scope, predicting, start_output
 from flower_split.protocol import ProtocolError
 from flower_split.protocol.secure_client import SecureClientParty, SecureStepResult
@@ -107,9 +109,17 @@ def _load(context: Context, data: TenantData, config: RunConfig, settings: Flowe
     arrays, meta = context.state.get(SECURE_ARRAYS), context.state.get(SECURE_CONFIG)
     if arrays is None or meta is None:
         raise ProtocolError(f"tenant {data.tenant!r}: not set up for secure mode (train.secure_setup first)")
+    directory = spill_dir(context, mirrored=False)
+    if directory is not None:
+        spill_store(directory).hold(arrays)
     live = PARTIES.take(meta.get(LIVE_TOKEN), _party_key(context, data, config, settings))
     if live is not None:
         return live
+    if references(arrays):
+        if directory is None:
+            raise ProtocolError(f"tenant {data.tenant!r}: the state lies in {SPILL_CONFIG} files and this node "
+                                f"has no {SPILL_CONFIG} directory")
+        arrays = spill_store(directory).unspill(arrays)
     party = _new_party(data, config, settings, context)
     try:
         party.load_state_dict(records_to_state(arrays, meta))
@@ -132,6 +142,9 @@ def _save(context: Context, party: SecureClientParty, data: TenantData, config: 
     touch of the party)."""
     memo = _MEMOS.setdefault(party, {})
     arrays, meta = state_to_records(party.state_dict(copy=False), memo)  # serialized at once: no copies needed
+    directory = spill_dir(context, mirrored=node_state_dir(context, settings, data.tenant) is not None)
+    if directory is not None:  # one save per message: the state it replaces is the one the message came with
+        arrays = spill_store(directory).spill(arrays, context.state.get(SECURE_ARRAYS))
     meta[LIVE_TOKEN] = PARTIES.keep(_party_key(context, data, config, settings), party)
     context.state[SECURE_ARRAYS] = arrays
     context.state[SECURE_CONFIG] = meta

@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .beaver import LEFT, RIGHT, held_form

@@ -28,6 +28,7 @@ from flower_split.backends import backend_for, get_backend
 from flower_split.config import ConfigError, RunConfig
 from flower_split.flower.metering import PeakRss, cost_mod
 from flower_split.flower.node_state import STATE_DIR_ENV
+from flower_split.flower.state_spill import SPILL_ENV
 from flower_split.flower.results import Collector, run_entry
 from flower_split.flower.settings import FlowerSettings, settings_from_run_config, shared_run_name
 
@@ -91,7 +92,8 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
     # theirs there too (a local-only tenant's model), as a deployed node does with its node config
     node_state = os.path.abspath(settings.state_dir) if fedavg is not None and settings.state_dir else ""
     with simulated_node_keys(dealer_node, unpinned=secure and not dealer_node, unpinned_sharing=sharing), \
-            _environment(STATE_DIR_ENV, node_state), PeakRss() as server_rss:  # the ServerApp runs in this process, next to the simulation engine
+            _environment(STATE_DIR_ENV, node_state), _spill_directory(secure), \
+            PeakRss() as server_rss:  # the ServerApp runs in this process, next to the simulation engine
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=nodes,
                        backend_config=backend_config)
     collected.server_peak_rss_bytes = server_rss.peak
@@ -102,6 +104,18 @@ def simulate(strategy: str, run_config: Mapping[str, Any], num_clients: int, *, 
 
 
 WARM_UP = "query.warmup"
+
+
+@contextlib.contextmanager
+def _spill_directory(secure: bool) -> Iterator[None]:
+    """A secure run's tenants keep their large state tensors in a private temporary directory
+    (:mod:`flower_split.flower.state_spill`), deleted with everything in it when the run ends;
+    an environment that sets ``FLOWER_SPLIT_STATE_SPILL`` itself (``off``: none) keeps its own."""
+    if not secure or SPILL_ENV in os.environ:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="flower-split-spill-") as directory, _environment(SPILL_ENV, directory):
+        yield
 
 
 @contextlib.contextmanager

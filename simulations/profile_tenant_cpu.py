@@ -1,6 +1,6 @@
 """Where a secure tenant's CPU goes, per ClientApp message (issue 15).
 
-    python simulations/profile_tenant_cpu.py --steps 4
+    python simulations/profile_tenant_cpu.py --steps 4 [--spill DIR]
 
 Runs one secure training round of one tenant through the real ServerApp strategy and ClientApp
 on the in-process grid (:func:`bench_scaling.run_round`, MiniLM, pooled tail, ``client`` labels)
@@ -11,7 +11,10 @@ within it the ring matmuls (``mpc.limbs.ring_matmul``); writing the party into
 out, data rows, instruction checks). It also reports the size of the tensors each save writes
 into ``Context.state`` (the state a simulation ships through Ray with every message): the
 largest and the smallest (the first save after set-up holds only the halves), and what the
-Arrays stored in ``Context.state`` weigh (all-zero shares are stored without bytes). The timers wrap those functions in this process only;
+Arrays stored in ``Context.state`` weigh (all-zero shares are stored without bytes). ``--spill DIR``:
+the tenant keeps its large state tensors in files under ``DIR`` (:mod:`flower_split.flower.state_spill`,
+as a simulation does); the save's share spent writing and deleting them, and the bytes written,
+are reported apart. The timers wrap those functions in this process only;
 the code they time is unchanged. Process CPU time counts the whole process, so run it on an
 otherwise idle machine: another process on the same cores inflates every share a little.
 """
@@ -29,6 +32,7 @@ import torch
 from flwr.supercore.task_identity import TaskIdentity
 
 import flower_split.flower.secure_handlers as secure_handlers
+import flower_split.flower.state_spill as state_spill
 import flower_split.flower.tenant as tenant
 import flower_split.mpc.beaver as beaver
 import flower_split.mpc.limbs as limbs
@@ -39,6 +43,7 @@ from flower_split.protocol.secure_client import SecureClientParty
 SPENT: dict[str, float] = {}
 _INSIDE: set[str] = set()
 STATE_BYTES: list[tuple[int, int]] = []  # (the party's tensors, the Arrays stored) per save
+SPILLED: list[int] = []  # bytes of each file the spill wrote
 
 
 def _timed(name: str, fn: Callable[..., Any], only_inside: str | None = None) -> Callable[..., Any]:
@@ -76,26 +81,37 @@ def instrument() -> None:
     SecureClientParty.handle = _timed("protocol", SecureClientParty.handle)
     secure_handlers._save = _measured_save(_timed("save", secure_handlers._save))
     beaver.ring_matmul = _timed("ring_matmul", limbs.ring_matmul, only_inside="protocol")
+    write = state_spill.SpillStore._write
+
+    def counted_write(store: state_spill.SpillStore, data: bytes) -> str:
+        SPILLED.append(len(data))
+        return write(store, data)
+    state_spill.SpillStore._write = _timed("spill", counted_write)
+    state_spill.SpillStore._collect = _timed("spill", state_spill.SpillStore._collect)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="training steps of 32 rows in the measured round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--spill", metavar="DIR", help="keep the state's large tensors in files under DIR")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be positive")
     torch.set_num_threads(args.threads)
+    os.environ[state_spill.SPILL_ENV] = args.spill or state_spill.SPILL_OFF
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0  # Message() outside a runtime
     instrument()
     run_round("minilm", "secure", 1, 1, 32, 64)  # warm-up: imports, model and data loading
     SPENT.clear()
     STATE_BYTES.clear()
+    SPILLED.clear()
     row = run_round("minilm", "secure", 1, args.steps, 32, 64)
     total, samples = SPENT["clientapp"], row["samples"]
     parts = {"protocol: ring matmuls": SPENT.get("ring_matmul", 0.0),
              "protocol: the rest": SPENT["protocol"] - SPENT.get("ring_matmul", 0.0),
-             "saving the party into Context.state": SPENT.get("save", 0.0),
+             "saving the party into Context.state": SPENT.get("save", 0.0) - SPENT.get("spill", 0.0),
+             "of the save: the spill's files written and deleted": SPENT.get("spill", 0.0),
              "the rest of the handlers": total - SPENT["protocol"] - SPENT.get("save", 0.0)}
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{args.threads} torch thread(s); {row['round_trips']} round trips, {samples} training samples")
@@ -110,6 +126,8 @@ def main() -> None:
           f"Context.state's Arrays {stored[1] / 2**20:.1f} MiB at most, "
           f"{sum(pair[1] for pair in STATE_BYTES) / 2**20:.0f} MiB over all saves "
           f"(the tensors: {sum(pair[0] for pair in STATE_BYTES) / 2**20:.0f} MiB)")
+    if args.spill:
+        print(f"# spilled: {len(SPILLED)} files, {sum(SPILLED) / 2**20:.1f} MiB written over {args.steps} steps")
 
 
 if __name__ == "__main__":

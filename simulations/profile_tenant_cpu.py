@@ -83,9 +83,9 @@ def instrument() -> None:
     beaver.ring_matmul = _timed("ring_matmul", limbs.ring_matmul, only_inside="protocol")
     write = state_spill.SpillStore._write
 
-    def counted_write(store: state_spill.SpillStore, data: bytes) -> str:
+    def counted_write(store: state_spill.SpillStore, data: bytes, generation: int) -> str:
         SPILLED.append(len(data))
-        return write(store, data)
+        return write(store, data, generation)
     state_spill.SpillStore._write = _timed("spill", counted_write)
     state_spill.SpillStore._collect = _timed("spill", state_spill.SpillStore._collect)
 

@@ -95,6 +95,7 @@ _MEMOS: weakref.WeakKeyDictionary[SecureClientParty, ArrayMemo] = weakref.WeakKe
 """Each party's Arrays of its last save (:data:`~flower_split.flower.context_state.ArrayMemo`), as long
 as the party lives: a save copies only the tensors that changed since."""
 LIVE_TOKEN = "live-token"  # in SECURE_CONFIG: the token of the live party this state was saved from
+SPILL_GENERATION = "spill-generation"  # in SECURE_CONFIG: the generation of its spilled files
 
 
 def _party_key(context: Context, data: TenantData, config: RunConfig, settings: FlowerSettings) -> tuple:
@@ -111,7 +112,7 @@ def _load(context: Context, data: TenantData, config: RunConfig, settings: Flowe
         raise ProtocolError(f"tenant {data.tenant!r}: not set up for secure mode (train.secure_setup first)")
     directory = spill_dir(context, mirrored=False)
     if directory is not None:
-        spill_store(directory).hold(arrays)
+        spill_store(directory).hold(arrays, int(meta.get(SPILL_GENERATION, 0)))
     live = PARTIES.take(meta.get(LIVE_TOKEN), _party_key(context, data, config, settings))
     if live is not None:
         return live
@@ -143,8 +144,10 @@ def _save(context: Context, party: SecureClientParty, data: TenantData, config: 
     memo = _MEMOS.setdefault(party, {})
     arrays, meta = state_to_records(party.state_dict(copy=False), memo)  # serialized at once: no copies needed
     directory = spill_dir(context, mirrored=node_state_dir(context, settings, data.tenant) is not None)
-    if directory is not None:  # one save per message: the state it replaces is the one the message came with
-        arrays = spill_store(directory).spill(arrays, context.state.get(SECURE_ARRAYS))
+    if directory is not None:
+        old = context.state.get(SECURE_CONFIG)
+        arrays, meta[SPILL_GENERATION] = spill_store(directory).spill(
+            arrays, context.state.get(SECURE_ARRAYS), int(old.get(SPILL_GENERATION, 0)) if old is not None else 0)
     meta[LIVE_TOKEN] = PARTIES.keep(_party_key(context, data, config, settings), party)
     context.state[SECURE_ARRAYS] = arrays
     context.state[SECURE_CONFIG] = meta

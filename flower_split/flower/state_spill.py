@@ -9,30 +9,43 @@ environment variable ``FLOWER_SPLIT_STATE_SPILL``; ``flower-split simulate`` and
 one per secure run and delete it afterwards, unless the environment names one or ``off``) each state Array of at least :data:`MIN_SPILL_BYTES` lies in a file of its
 own and ``Context.state`` holds a small reference Array in its place (:data:`SPILL_STYPE`).
 
-* **Written once.** A file is named by a fresh random token, written to a temporary name and
-  renamed (never half a file), 0600 in a 0700 directory per run and node, and never changed; a
-  live party's unchanged Arrays (:data:`~flower_split.flower.context_state.ArrayMemo`) keep
-  their file, so a save writes only the tensors that changed since the last one.
-* **Collected.** A save deletes every file that neither it, nor the state it replaces, nor the
-  state its message came with refers to. A message that fails, or whose new Context is lost,
-  leaves the node with the state it came with, whose files are still there.
+* **Written once.** A file is named by its *generation* (one more than the generation of the
+  state the message came with, which the state's meta carries) and a fresh random token, written to a temporary name and
+  renamed (never half a file), 0600, and never changed. A live party's unchanged Arrays
+  (:data:`~flower_split.flower.context_state.ArrayMemo`) keep their file (checked to be there),
+  so in a long-lived process a save writes only the tensors that changed since the last one.
+* **Collected, never too early.** A save deletes only its own kind of file (by name) that
+  neither it, nor the state it replaces, nor the state its message came with refers to, and only
+  of a generation at least two below that state's. A message that fails, or whose new Context is
+  lost, leaves the node with a state whose files are still there; so does a message that ran
+  beside another of the same node (Flower does not serialise a node's messages: whichever
+  Context is written back last wins, and its files were written in that state's generation or
+  the one after).
+* **Private.** ``<state-spill>/run-<run id>/node-<node id>``: the last two are created 0700 and
+  must be real directories (no symbolic link) owned by this user, so nobody else can place or
+  swap files there even on a shared tmpfs.
 * **Checked.** A reference whose file is missing or of another size is a ``ProtocolError``
-  naming it, never a state of zeros.
+  naming it, never a state of zeros. (Sizes only: the directory is the node's own.)
 * **Not with a mirror.** A node that mirrors its state to disk (``state-dir``,
   :mod:`~flower_split.flower.node_state`) spills nothing: the mirror must hold the whole state.
+* **Left behind.** The files of a node's last states stay after its run (they hold its shares
+  and halves): a simulation deletes its temporary directory; a deployment should delete
+  ``run-<id>`` once the run is over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import stat
+import weakref
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, Context
 
 from flower_split.protocol import ProtocolError
-from flower_split.state.store import make_private_dir
 
 SPILL_CONFIG, SPILL_ENV, SPILL_OFF = "state-spill", "FLOWER_SPLIT_STATE_SPILL", "off"
 SPILL_STYPE = "flower_split.spilled"
@@ -40,7 +53,10 @@ SPILL_STYPE = "flower_split.spilled"
 stands for; ``dtype`` and ``shape`` are that Array's."""
 MIN_SPILL_BYTES = 64 * 1024
 """Smaller Arrays stay in the Context: a file per small tensor would cost more than it saves."""
-_TMP = ".tmp-"
+KEPT_GENERATIONS = 2
+"""A file of generation >= (the incoming state's) - 1 is never collected (see the module doc)."""
+_NAME = re.compile(r"g([0-9]{1,12})-[0-9a-f]{32}")
+_TMP = ".tmp"
 
 
 def spill_dir(context: Context, mirrored: bool) -> Path | None:
@@ -61,7 +77,7 @@ def _reference(array: Array) -> dict | None:
     try:
         ref = json.loads(bytes(array.data).decode())
         if (not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("stype"), str)
-                or not isinstance(ref.get("bytes"), int) or not ref["file"].isalnum()):
+                or not isinstance(ref.get("bytes"), int) or not _NAME.fullmatch(ref["file"])):
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("a spilled state reference is malformed") from None
@@ -78,39 +94,67 @@ def references(arrays: ArrayRecord | None) -> set[str]:
     return found
 
 
+def _generation(name: str) -> int:
+    match = _NAME.fullmatch(name.removesuffix(_TMP))
+    return int(match.group(1)) if match else -1
+
+
+def _private_dir(directory: Path) -> None:
+    """Create ``run-<id>`` and ``node-<id>`` 0700 if missing; refuse either when it is a link, not
+    a directory, not this user's or writable by others (the root above them may be shared)."""
+    directory.parent.parent.mkdir(parents=True, exist_ok=True)
+    for path in (directory.parent, directory):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o022:
+            raise ProtocolError(f"{SPILL_CONFIG}: {path} is not a private directory of this user (a link, another "
+                                "owner or writable by others): refused")
+
+
 class SpillStore:
     """The files of one node's spilled state in ``directory``."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        # the file of each Array of the last save or restore, by id (the Array kept, so the id
-        # stays its own): an Array the next save reuses unchanged is not written again
-        self._files: dict[int, tuple[Array, str]] = {}
-        self._held: set[str] = set()  # the files of the state the current message came with
+        self._checked = False
+        # the file of each Array of the last save, by id (a weak reference: the party's memo holds
+        # the Array while the party lives): an Array the next save reuses is not written again
+        self._files: dict[int, tuple[weakref.ref, str]] = {}
+        self._held: tuple[set[str], int] = (set(), 0)  # the state the current message came with
 
-    def hold(self, arrays: ArrayRecord | None) -> None:
-        """Keep the files of ``arrays`` (the state a message came with) until the next message's
-        :meth:`hold`: a message that fails after saving goes back to that state."""
-        self._held = references(arrays)
+    def hold(self, arrays: ArrayRecord | None, generation: int) -> None:
+        """Keep the files of ``arrays`` (the state a message came with, of ``generation``) until
+        the next message's :meth:`hold`: a message that fails after saving goes back to it."""
+        self._held = (references(arrays), generation)
 
-    def spill(self, arrays: ArrayRecord, replaced: ArrayRecord | None) -> ArrayRecord:
-        """``arrays`` with every large Array in a file and a reference in its place; then every
-        file goes that is referred to by neither the result, nor ``replaced`` (the state it
-        replaces), nor the state the message came with (:meth:`hold`)."""
-        make_private_dir(self.directory)
+    def spill(self, arrays: ArrayRecord, replaced: ArrayRecord | None, replaced_generation: int) -> tuple[ArrayRecord, int]:
+        """``arrays`` with every large Array in a file and a reference in its place, and their
+        generation (for the state's meta); then the files no state may need any more go (the
+        module doc: collected, never too early). ``replaced``: the state this one replaces."""
+        if not self._checked:
+            _private_dir(self.directory)
+            self._checked = True
+        held, held_generation = self._held
+        before = references(replaced)
+        generation = 1 + max(held_generation, replaced_generation)
         out, files = ArrayRecord(), {}
         for key, array in arrays.items():
             if array.stype == SPILL_STYPE or len(array.data) < MIN_SPILL_BYTES:
                 out[key] = array
                 continue
             hit = self._files.get(id(array))
-            name = hit[1] if hit is not None and hit[0] is array else self._write(bytes(array.data))
-            files[id(array)] = (array, name)
+            name = hit[1] if hit is not None and hit[0]() is array and self._present(hit[1], len(array.data)) else None
+            if name is None:
+                name = self._write(bytes(array.data), generation)
+            files[id(array)] = (weakref.ref(array), name)
             ref = json.dumps({"file": name, "stype": array.stype, "bytes": len(array.data)}).encode()
             out[key] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=SPILL_STYPE, data=ref)
         self._files = files
-        self._collect(references(out) | references(replaced) | self._held)
-        return out
+        self._collect(references(out) | before | held, generation - 1 - KEPT_GENERATIONS)
+        return out, generation
 
     def unspill(self, arrays: ArrayRecord) -> ArrayRecord:
         """``arrays`` with every reference replaced by the Array it stands for."""
@@ -131,10 +175,16 @@ class SpillStore:
             out[key] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=ref["stype"], data=data)
         return out
 
-    def _write(self, data: bytes) -> str:
-        name = secrets.token_hex(16)
-        tmp = self.directory / f"{_TMP}{name}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _present(self, name: str, size: int) -> bool:
+        try:
+            return os.stat(self.directory / name).st_size == size
+        except OSError:
+            return False
+
+    def _write(self, data: bytes, generation: int) -> str:
+        name = f"g{generation}-{secrets.token_hex(16)}"
+        tmp = self.directory / f"{name}{_TMP}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -144,10 +194,10 @@ class SpillStore:
             raise
         return name
 
-    def _collect(self, keep: set[str]) -> None:
-        """Delete every file of the directory not in ``keep`` (and any temporary file left behind)."""
+    def _collect(self, keep: set[str], newest: int) -> None:
+        """Delete this module's files (by name) not in ``keep`` of generation <= ``newest``."""
         for entry in os.scandir(self.directory):
-            if entry.name not in keep and entry.is_file(follow_symlinks=False):
+            if entry.name not in keep and 0 <= _generation(entry.name) <= newest:
                 Path(entry.path).unlink(missing_ok=True)
 
 

@@ -29,8 +29,8 @@ from flower_split.flower.settings import settings_from_run_config
 from flower_split.flower.tenant import tenant_data
 
 
-def _record(**sizes: int) -> ArrayRecord:
-    rng = np.random.default_rng(0)
+def _record(seed: int = 0, **sizes: int) -> ArrayRecord:
+    rng = np.random.default_rng(seed)
     return ArrayRecord({k: Array(rng.integers(0, 2**60, size=n // 8, dtype=np.int64)) for k, n in sizes.items()})
 
 
@@ -46,42 +46,121 @@ def _files(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir()}
 
 
+def _node(tmp_path: Path) -> Path:
+    return tmp_path / "run-1" / "node-2"
+
+
+State = tuple[ArrayRecord, int]  # a saved state's Arrays and its spill generation
+
+
+def _save(store: SpillStore, arrays: ArrayRecord, replaced: State | None = None) -> State:
+    """A handler's save: the state it replaces is the one its message came with, held first."""
+    if replaced is not None:
+        store.hold(*replaced)
+    return store.spill(arrays, *(replaced or (None, 0)))
+
+
+def _big(seed: int, size: int = 2 * MIN_SPILL_BYTES) -> np.ndarray:
+    return _record(seed, big=size)["big"].numpy()
+
+
 def test_large_arrays_go_to_private_files_once_and_come_back_equal(tmp_path: Path) -> None:
-    store = SpillStore(tmp_path / "node")
+    node = _node(tmp_path)
+    store = SpillStore(node)
     arrays = _record(big=4 * MIN_SPILL_BYTES, small=MIN_SPILL_BYTES // 2)
-    spilled = store.spill(arrays, None)
+    first = _save(store, arrays)
+    spilled = first[0]
     assert spilled["small"] is arrays["small"]  # small Arrays stay in the Context
     assert spilled["big"].stype == SPILL_STYPE and len(spilled["big"].data) < 200
     assert (spilled["big"].dtype, tuple(spilled["big"].shape)) == (arrays["big"].dtype, tuple(arrays["big"].shape))
     (name,) = references(spilled)
-    assert _files(tmp_path / "node") == {name}
-    assert stat.S_IMODE(os.stat(tmp_path / "node").st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(tmp_path / "node" / name).st_mode) == 0o600
+    assert _files(node) == {name}
+    for path in (node, node.parent):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(node / name).st_mode) == 0o600
     back = store.unspill(spilled)
     assert bytes(back["big"].data) == bytes(arrays["big"].data) and back["big"].stype == arrays["big"].stype
     assert np.array_equal(back["big"].numpy(), arrays["big"].numpy())
-    # the same Array saved again keeps its file; a changed one gets a new file and the old one goes
-    again = store.spill(_same_arrays(big=arrays["big"], small=arrays["small"]), spilled)
-    assert references(again) == {name}
-    changed = store.spill(_record(big=4 * MIN_SPILL_BYTES), again)
-    (new,) = references(changed)
-    assert new != name and _files(tmp_path / "node") == {name, new}  # the replaced state's file is kept
-    store.spill(_same_arrays(big=changed["big"]), changed)  # references only: nothing written
-    assert _files(tmp_path / "node") == {new}
+    # the same Array saved again keeps its file; a changed one gets a new file, the old one stays
+    # while a state that may still be written back refers to it, and goes two generations on
+    states = [_save(store, _same_arrays(big=arrays["big"], small=arrays["small"]), first)]
+    assert references(states[0][0]) == {name} and states[0][1] == first[1] + 1
+    for seed in range(1, 5):
+        states.append(_save(store, _record(seed, big=4 * MIN_SPILL_BYTES), states[-1]))
+    kept = set().union(*(references(state) for state, _ in states[-3:]))
+    assert _files(node) == kept and name not in _files(node)
+    # a state with nothing to spill still moves the generation on, and old files still go
+    states.append(_save(store, _record(9, big=MIN_SPILL_BYTES // 2), states[-1]))
+    states.append(_save(store, _record(9, big=MIN_SPILL_BYTES // 2), states[-1]))
+    states.append(_save(store, _record(9, big=MIN_SPILL_BYTES // 2), states[-1]))
+    assert _files(node) == set()
+
+
+def test_a_reused_file_that_went_missing_is_written_again(tmp_path: Path) -> None:
+    store = SpillStore(_node(tmp_path))
+    arrays = _record(big=2 * MIN_SPILL_BYTES)
+    first = _save(store, arrays)
+    for path in _node(tmp_path).iterdir():
+        path.unlink()
+    second = _save(store, _same_arrays(big=arrays["big"]), first)
+    assert references(second[0]) <= _files(_node(tmp_path))
+    assert np.array_equal(SpillStore(_node(tmp_path)).unspill(second[0])["big"].numpy(), arrays["big"].numpy())
+
+
+def test_two_messages_of_one_node_at_once_keep_both_states(tmp_path: Path) -> None:
+    """Flower may run two messages of a node at once (a message the cloud gave up on, and the
+    next), each from the same Context, in two processes; whichever is written back last wins, so
+    neither save may collect the other's files (a review's demonstration). Nor may the next
+    message's save, from either."""
+    incoming = _save(SpillStore(_node(tmp_path)), _record(0, big=2 * MIN_SPILL_BYTES))
+    late = _save(SpillStore(_node(tmp_path)), _record(2, big=2 * MIN_SPILL_BYTES), incoming)
+    early = _save(SpillStore(_node(tmp_path)), _record(1, big=2 * MIN_SPILL_BYTES), incoming)
+    for state, seed in ((late, 2), (early, 1)):
+        assert np.array_equal(SpillStore(_node(tmp_path)).unspill(state[0])["big"].numpy(), _big(seed))
+    _save(SpillStore(_node(tmp_path)), _record(3, big=2 * MIN_SPILL_BYTES), early)  # the next, from one of them
+    for state, seed in ((late, 2), (early, 1)):
+        assert np.array_equal(SpillStore(_node(tmp_path)).unspill(state[0])["big"].numpy(), _big(seed))
+
+
+def test_a_linked_or_foreign_directory_is_refused_and_nothing_else_is_deleted(tmp_path: Path) -> None:
+    """A spill root on a shared tmpfs: whoever made ``node-<id>`` a link to another directory must
+    not get the tenant to write there or delete its files (a review's demonstration)."""
+    victim = tmp_path / "home" / ".ssh"
+    victim.mkdir(parents=True)
+    (victim / "id_ed25519").write_text("secret key")
+    (tmp_path / "shm" / "run-1").mkdir(parents=True, mode=0o700)
+    (tmp_path / "shm" / "run-1" / "node-2").symlink_to(victim)
+    with pytest.raises(ProtocolError, match="not a private directory"):
+        _save(SpillStore(tmp_path / "shm" / "run-1" / "node-2"), _record(big=2 * MIN_SPILL_BYTES))
+    assert _files(victim) == {"id_ed25519"}
+    (tmp_path / "open" / "run-1" / "node-2").mkdir(parents=True)
+    os.chmod(tmp_path / "open" / "run-1", 0o777)
+    with pytest.raises(ProtocolError, match="not a private directory"):
+        _save(SpillStore(tmp_path / "open" / "run-1" / "node-2"), _record(big=2 * MIN_SPILL_BYTES))
+    node = _node(tmp_path / "mine")
+    node.mkdir(parents=True, mode=0o700)
+    (node / "notes.txt").write_text("not a spill file")
+    (node / "g1-notes").write_text("not a spill file either")
+    store = SpillStore(node)
+    state = _save(store, _record(big=2 * MIN_SPILL_BYTES))
+    for seed in range(1, 6):
+        state = _save(store, _record(seed, big=2 * MIN_SPILL_BYTES), state)
+    assert {"notes.txt", "g1-notes"} <= _files(node)  # only this module's own names are ever collected
 
 
 def test_a_missing_altered_or_malformed_spill_file_is_a_named_error(tmp_path: Path) -> None:
-    store = SpillStore(tmp_path / "node")
-    spilled = store.spill(_record(big=2 * MIN_SPILL_BYTES), None)
+    store = SpillStore(_node(tmp_path))
+    spilled, _ = _save(store, _record(big=2 * MIN_SPILL_BYTES))
     (name,) = references(spilled)
-    path = tmp_path / "node" / name
+    path = _node(tmp_path) / name
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(ProtocolError, match="holds .* bytes"):
         store.unspill(spilled)
     path.unlink()
     with pytest.raises(ProtocolError, match="cannot read"):
         store.unspill(spilled)
-    for data in (b"not json", b'{"file": "../x", "stype": "s", "bytes": 1}', b'["a"]', b"\xff"):
+    for data in (b"not json", b'{"file": "../x", "stype": "s", "bytes": 1}', b'["a"]', b"\xff",
+                 b'{"file": "notes", "stype": "s", "bytes": 1}'):
         bad = ArrayRecord({"big": Array(dtype="int64", shape=(1,), stype=SPILL_STYPE, data=data)})
         with pytest.raises(ProtocolError, match="malformed"):
             store.unspill(bad)
@@ -114,7 +193,7 @@ def test_a_secure_run_with_spilled_state_equals_the_decoded_party(cached: bool, 
     run_config, settings = settings_from_run_config(config)
     spill = tmp_path / "spill"
     seen: list[int] = []
-    previous: dict[int, set[str]] = {}
+    previous: dict[int, list[set[str]]] = {}
     differences: list[str] = []
 
     def checking_app(message: Message, context: Context) -> Message:
@@ -125,9 +204,11 @@ def test_a_secure_run_with_spilled_state_equals_the_decoded_party(cached: bool, 
         assert max(len(a.data) for a in arrays.values()) < MIN_SPILL_BYTES
         directory = spill / f"run-{context.run_id}" / f"node-{context.node_id}"
         now = references(arrays)
-        # nothing missing; nothing left behind but the files of the state this one replaced
-        assert now <= _files(directory) <= now | previous.get(context.node_id, set())
-        previous[context.node_id] = now
+        history = previous.setdefault(context.node_id, [])
+        history.append(now)
+        # nothing missing; nothing left behind but the files of the last few states (generations)
+        # nothing missing; left behind only the files of the last few generations (a bounded few)
+        assert now <= _files(directory) and len(_files(directory)) <= 4 * max(map(len, history[-4:]))
         seen.append(len(now))
         data = tenant_data(run_config, settings, context.node_config)
         if cached:
@@ -148,13 +229,12 @@ def test_a_secure_run_with_spilled_state_equals_the_decoded_party(cached: bool, 
 
 def test_a_message_that_fails_after_saving_goes_back_to_files_still_there(tmp_path: Path) -> None:
     """Saved twice, then rolled back to the state the message came with: its files are kept."""
-    store = SpillStore(tmp_path / "node")
-    incoming = store.spill(_record(big=2 * MIN_SPILL_BYTES), None)
-    store.hold(incoming)  # the next message loads it
-    first = store.spill(_record(big=3 * MIN_SPILL_BYTES), incoming)
-    store.spill(_record(big=5 * MIN_SPILL_BYTES), first)  # a second save in the same message
-    assert references(incoming) <= _files(tmp_path / "node")
-    assert np.array_equal(store.unspill(incoming)["big"].numpy(), _record(big=2 * MIN_SPILL_BYTES)["big"].numpy())
-    store.hold(first)  # the message after: what came with the failed one may go now
-    store.spill(_record(big=MIN_SPILL_BYTES), first)
-    assert not references(incoming) & _files(tmp_path / "node")
+    store = SpillStore(_node(tmp_path))
+    incoming = _save(store, _record(0, big=2 * MIN_SPILL_BYTES))
+    store.hold(*incoming)  # the next message loads it
+    first = store.spill(_record(1, big=3 * MIN_SPILL_BYTES), *incoming)
+    second = store.spill(_record(2, big=5 * MIN_SPILL_BYTES), *first)  # a second save in the same message
+    third = store.spill(_record(3, big=5 * MIN_SPILL_BYTES), *second)  # and a third
+    assert third[1] == incoming[1] + 3
+    assert references(incoming[0]) <= _files(_node(tmp_path))
+    assert np.array_equal(store.unspill(incoming[0])["big"].numpy(), _big(0))

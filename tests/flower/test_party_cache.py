@@ -91,6 +91,22 @@ def _same(a: Any, b: Any, path: str) -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
+def live_and_decoded(message: Message, context: Context, run_config: Any, settings: Any,
+                     differences: list[str]) -> tuple[Any, Any]:
+    """After a handled message: the tenant's live party and one decoded afresh from its state
+    (their differences added to ``differences``); the live one is saved back, so the run goes on
+    with it."""
+    data = tenant_data(run_config, settings, context.node_config)
+    token = context.state[secure_handlers.SECURE_CONFIG][secure_handlers.LIVE_TOKEN]
+    live = secure_handlers.PARTIES.take(token, secure_handlers._party_key(context, data, run_config, settings))
+    assert live is not None, f"{message.metadata.message_type}: no live party after a save"
+    fresh = secure_handlers._load(context, data, run_config, settings)  # nothing live: decoded
+    assert fresh is not live
+    differences.extend(_same(vars(live), vars(fresh), f"{message.metadata.message_type}: party"))
+    secure_handlers._save(context, live, data, run_config, settings)
+    return live, fresh
+
+
 @pytest.mark.parametrize("mode,prior_offset", [("client", False), ("he", False), ("client", True)])
 def test_the_live_party_equals_the_one_decoded_from_its_state(mode: str, prior_offset: bool, task_identity: None,
                                                               tmp_path) -> None:
@@ -106,17 +122,9 @@ def test_the_live_party_equals_the_one_decoded_from_its_state(mode: str, prior_o
         meta = context.state.get(secure_handlers.SECURE_CONFIG)
         if meta is None or reply.has_error():
             return reply
-        data = tenant_data(run_config, settings, context.node_config)
-        token = meta[secure_handlers.LIVE_TOKEN]
-        key = secure_handlers._party_key(context, data, run_config, settings)
-        live = secure_handlers.PARTIES.take(token, key)
-        assert live is not None, f"{message.metadata.message_type}: no live party after a save"
-        fresh = secure_handlers._load(context, data, run_config, settings)  # nothing live: decoded
-        assert fresh is not live
-        assert (live.prior is not None) == prior_offset  # the offset travels in the decoded state too
-        differences.extend(_same(vars(live), vars(fresh), f"{message.metadata.message_type}: party"))
+        live, fresh = live_and_decoded(message, context, run_config, settings, differences)
+        assert (live.prior is not None) == (fresh.prior is not None) == prior_offset  # the offset is in the state too
         checked.append(message.metadata.message_type)
-        secure_handlers._save(context, live, data, run_config, settings)  # the run goes on with the live one
         return reply
 
     _strategy().start(LocalGrid(checking_app, 2, dealer=tmp_path), 1, eval_every=1)

@@ -23,10 +23,9 @@ from flower_split.flower.state_spill import (MIN_SPILL_BYTES, SPILL_ENV, SPILL_S
                                              spill_dir)
 from flower_split.protocol import ProtocolError
 
-from test_party_cache import _same
+from test_party_cache import live_and_decoded
 from test_secure_flower import SECURE, _strategy
 from flower_split.flower.settings import settings_from_run_config
-from flower_split.flower.tenant import tenant_data
 
 
 def _record(seed: int = 0, **sizes: int) -> ArrayRecord:
@@ -206,17 +205,11 @@ def test_a_secure_run_with_spilled_state_equals_the_decoded_party(cached: bool, 
         now = references(arrays)
         history = previous.setdefault(context.node_id, [])
         history.append(now)
-        # nothing missing; nothing left behind but the files of the last few states (generations)
         # nothing missing; left behind only the files of the last few generations (a bounded few)
         assert now <= _files(directory) and len(_files(directory)) <= 4 * max(map(len, history[-4:]))
         seen.append(len(now))
-        data = tenant_data(run_config, settings, context.node_config)
-        if cached:
-            key = secure_handlers._party_key(context, data, run_config, settings)
-            live = secure_handlers.PARTIES.take(context.state[secure_handlers.SECURE_CONFIG][secure_handlers.LIVE_TOKEN], key)
-            fresh = secure_handlers._load(context, data, run_config, settings)  # nothing live: from the files
-            differences.extend(_same(vars(live), vars(fresh), message.metadata.message_type))
-            secure_handlers._save(context, live, data, run_config, settings)
+        if cached:  # the party decoded from the files equals the live one
+            live_and_decoded(message, context, run_config, settings, differences)
         return reply
 
     reports: list = []

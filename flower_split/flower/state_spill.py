@@ -84,14 +84,15 @@ def _reference(array: Array) -> dict | None:
     return ref
 
 
+def _file(array: Array) -> str | None:
+    """The file a reference names; None for an Array that is no reference."""
+    ref = _reference(array)
+    return None if ref is None else ref["file"]
+
+
 def references(arrays: ArrayRecord | None) -> set[str]:
     """The files ``arrays`` refers to."""
-    found = set()
-    for array in (arrays or ArrayRecord()).values():
-        ref = _reference(array)
-        if ref is not None:
-            found.add(ref["file"])
-    return found
+    return {name for name in map(_file, (arrays or ArrayRecord()).values()) if name is not None}
 
 
 def _generation(name: str) -> int:
@@ -140,20 +141,24 @@ class SpillStore:
         held, held_generation = self._held
         before = references(replaced)
         generation = 1 + max(held_generation, replaced_generation)
-        out, files = ArrayRecord(), {}
+        out, files, named = ArrayRecord(), {}, set()
         for key, array in arrays.items():
             if array.stype == SPILL_STYPE or len(array.data) < MIN_SPILL_BYTES:
                 out[key] = array
+                passed = _file(array)  # a reference a save passes through (none today): its file stays
+                if passed is not None:
+                    named.add(passed)
                 continue
             hit = self._files.get(id(array))
             name = hit[1] if hit is not None and hit[0]() is array and self._present(hit[1], len(array.data)) else None
             if name is None:
                 name = self._write(bytes(array.data), generation)
             files[id(array)] = (weakref.ref(array), name)
+            named.add(name)
             ref = json.dumps({"file": name, "stype": array.stype, "bytes": len(array.data)}).encode()
             out[key] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=SPILL_STYPE, data=ref)
         self._files = files
-        self._collect(references(out) | before | held, generation - 1 - KEPT_GENERATIONS)
+        self._collect(named | before | held, generation - 1 - KEPT_GENERATIONS)
         return out, generation
 
     def unspill(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -206,4 +211,7 @@ _STORES: dict[Path, SpillStore] = {}
 
 def spill_store(directory: Path) -> SpillStore:
     """This process's store of ``directory`` (one per node and run, kept between messages)."""
-    return _STORES.setdefault(directory, SpillStore(directory))
+    store = _STORES.get(directory)
+    if store is None:
+        store = _STORES[directory] = SpillStore(directory)
+    return store

@@ -12,6 +12,10 @@ that grows while nothing arrives, from the grid's :func:`poll_pause` to ``MAX_PA
 ``HttpGrid`` (a deployment's ServerApp) pulls a reply whose objects are still uploading with a
 back-off of seconds, blocking every other tenant meanwhile, so it is polled at most every
 ``HTTP_PAUSE``; in-memory grids and the direct channel as fast as ``MIN_PAUSE``.
+
+:func:`gather` is ``Grid.send_and_receive`` (every reply, then go on) on the same pacing: Flower's
+in-memory grid polls every 0.1 s, about 0.05 s lost per round trip, ~15 s of a secure round's
+320 (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -55,6 +59,29 @@ def shares_machine(grid: Grid) -> bool:
     measured slower than lockstep on a 2-core VM (docs/BENCHMARKS.md)."""
     inner = innermost(grid)
     return isinstance(inner, InMemoryGrid) or bool(getattr(inner, "shares_machine", False))
+
+
+def _next_pause(pause: float, shortest: float) -> float:
+    return min(2 * pause, max(MAX_PAUSE, shortest))
+
+
+def gather(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[Message]:
+    """What Flower's ``send_and_receive`` does (push ``messages``, pull until each has its reply or
+    ``timeout`` seconds have passed, None: wait for ever; the replies that came), polled from
+    :func:`poll_pause` up to ``MAX_PAUSE`` like :func:`converse`, not at Flower's fixed pace."""
+    waiting = {mid for mid in grid.push_messages(messages) if mid}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shortest = pause = poll_pause(grid)
+    replies: list[Message] = []
+    while waiting:
+        pulled = list(grid.pull_messages(list(waiting)))
+        replies += pulled
+        waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+        if not waiting or deadline is not None and time.monotonic() >= deadline:
+            break
+        pause = shortest if pulled else _next_pause(pause, shortest)
+        time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+    return replies
 
 
 def converse(grid: Grid, opening: Iterable[Message], answer: Callable[[int, Message], Message | None],
@@ -109,5 +136,5 @@ def converse(grid: Grid, opening: Iterable[Message], answer: Callable[[int, Mess
             pause = shortest
         else:
             time.sleep(pause)
-            pause = min(2 * pause, max(MAX_PAUSE, shortest))
+            pause = _next_pause(pause, shortest)
     return sent

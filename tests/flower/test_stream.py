@@ -19,7 +19,7 @@ from flower_helpers import LocalGrid, StubGrid
 from flower_split.config import ConfigError
 from flower_split.flower.metering import MeteredGrid
 from flower_split.flower.settings import settings_from_run_config
-from flower_split.flower.stream import HTTP_PAUSE, MIN_PAUSE, converse, poll_pause, shares_machine
+from flower_split.flower.stream import HTTP_PAUSE, MIN_PAUSE, converse, gather, poll_pause, shares_machine
 
 
 class PacedGrid(StubGrid):
@@ -98,6 +98,32 @@ def test_errors_lost_replies_and_failed_pushes_end_only_that_nodes_part(task_ide
     assert failures[2][0] is None and failures[2][1] > 0.05  # no reply: after the timeout
     assert failures[3][0] == "refused"
     assert failures[4] == (None, 0.0)  # never pushed
+
+
+class LateGrid(PacedGrid):
+    """A reply becomes visible only at the ``late``-th pull after its push (counted per grid)."""
+
+    def __init__(self, late: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.late, self.pulls = late, 0
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        return [] if self.pulls < self.late else super().pull_messages(message_ids)
+
+
+def test_gather_returns_every_reply_once_they_have_all_come(task_identity: None) -> None:
+    grid = LateGrid(late=4)
+    replies = gather(grid, _opening([1, 2, 3]), timeout=None)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
+    assert grid.pulls == 4  # polled until they came, then stopped
+
+
+def test_gather_gives_up_on_silent_and_unpushable_nodes_after_the_timeout(task_identity: None) -> None:
+    grid = PacedGrid(silent={2}, failing={3}, unpushable={4})
+    replies = gather(grid, _opening([1, 2, 3, 4]), timeout=0.05)
+    assert sorted((r.metadata.src_node_id, r.has_error()) for r in replies) == [(1, False), (3, True)]
+    assert gather(PacedGrid(silent={1}), _opening([1]), timeout=0.0) == []
 
 
 def test_the_pace_follows_where_the_parties_run() -> None:

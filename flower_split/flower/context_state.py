@@ -5,13 +5,16 @@ of its tensors plus a ``ConfigRecord`` of its structure (:func:`state_to_records
 A node keeps its parties (tenant, dealer) here between messages, and in a simulation Flower ships
 the whole ``Context`` to the worker with every message, so the codec is built for size and copies:
 tensors as raw little-endian bytes (:data:`STATE_STYPE`), all-zero integer tensors as a shape only
-(:data:`STATE_ZEROS_STYPE`), and a live party's unchanged tensors reuse the previous save's Arrays
-(:data:`ArrayMemo`). Every malformed Array is a :class:`ProtocolError` naming it.
+(:data:`STATE_ZEROS_STYPE`), a live party's unchanged tensors reuse the previous save's Arrays
+(:data:`ArrayMemo`), and a tensor that shares memory with one saved before it is saved as a
+reference to that one (:func:`state_to_records`). Every malformed Array or reference is a
+:class:`ProtocolError` naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,7 +24,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flower_split.flower.records import WIRE_NUMPY_DTYPES, WIRE_DTYPES, array_to_tensor, typed_value
 from flower_split.protocol import ProtocolError
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+"""2: a skeleton may hold views (``{"w": [key, shape, stride, offset]}``); 1 (read too): none."""
 STATE_STYPE = "flower_split.raw-le"
 """``Array.stype`` of a party-state tensor: its bytes as they lie in memory, little-endian, with
 no NumPy ``.npy`` header. ``Context.state`` is the node's own; a secure party's state is
@@ -37,8 +41,9 @@ through Ray with every message. Floating tensors are always stored whole (``-0.0
 as ``-0.0``)."""
 
 MAX_STATE_ZEROS = 2**28
-"""Most elements a stored zero tensor may claim (2 GiB of int64; MiniLM's largest state tensor has
-about 200,000): a corrupt shape must not allocate the machine."""
+"""Most elements a stored zero tensor (or a view, :func:`records_to_state`) may claim (2 GiB of
+int64; MiniLM's largest state tensor has about 200,000): a corrupt shape must not allocate the
+machine."""
 
 
 def state_array(name: str, tensor: torch.Tensor) -> Array:
@@ -108,14 +113,56 @@ def state_to_records(state: Mapping[str, Any], memo: ArrayMemo | None = None) ->
     to those keys, goes into the ConfigRecord as JSON (``"skeleton"``). Dict keys keep their
     type (optimizer states use integer keys). ``memo`` (:data:`ArrayMemo`): the previous save's
     Arrays of a live party, reused for tensors unchanged since; replaced by this save's.
+
+    Shared memory is kept shared: a tensor that is the same memory as one saved before it (the
+    same storage, offset, shape and strides), or any view of a tensor saved before it that was
+    its storage's whole memory, is saved as a reference to that tensor's key (with the view's
+    shape, strides and offset) and comes back as that view of it. A secure party's step holds
+    its values, mask shares and openings once and its pending products as views of them, and
+    its rollback points hold its halves: a fifth to a third of its state (docs/BENCHMARKS.md).
     """
     arrays = ArrayRecord()
     blobs: dict[str, bytes] = {}
     previous: ArrayMemo = dict(memo) if memo is not None else {}
     if memo is not None:
         memo.clear()
-    skeleton = json.dumps(_encode(dict(state), "state", arrays, blobs, previous, memo))
+    shared = _Shared(arrays, previous, memo)
+    skeleton = json.dumps(_encode(dict(state), "state", shared, blobs))
     return arrays, ConfigRecord({"skeleton": skeleton, "format": STATE_FORMAT, **blobs})
+
+
+class _Shared:
+    """The tensors of one save, by memory: each is stored once, and a later alias or view of a
+    whole stored storage is a reference (:func:`state_to_records`)."""
+
+    def __init__(self, arrays: ArrayRecord, previous: ArrayMemo, current: ArrayMemo | None) -> None:
+        self.arrays, self.previous, self.current = arrays, previous, current
+        self._same: dict[tuple, str] = {}  # (storage, offset, shape, strides, dtype, device) -> key
+        self._whole: dict[tuple, tuple[str, torch.Tensor]] = {}  # (storage, dtype, device) -> key, tensor
+
+    def encode(self, path: str, tensor: torch.Tensor) -> dict:
+        if tensor.numel() == 0 or tensor.layout != torch.strided:
+            return {"t": self._store(path, tensor)}
+        storage = tensor.untyped_storage().data_ptr()
+        same = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
+        key = self._same.get(same)
+        if key is not None:
+            return {"t": key}
+        whole = self._whole.get((storage, tensor.dtype, tensor.device))
+        if whole is not None:
+            key, base = whole
+            offset = tensor.storage_offset() - base.storage_offset()
+            return {"w": [key, list(tensor.shape), list(tensor.stride()), offset]}
+        key = self._same[same] = self._store(path, tensor)
+        if (tensor.is_contiguous() and tensor.storage_offset() == 0
+                and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()):
+            self._whole[(storage, tensor.dtype, tensor.device)] = (key, tensor)
+        return {"t": key}
+
+    def _store(self, path: str, tensor: torch.Tensor) -> str:
+        key = f"t{len(self.arrays)}"
+        self.arrays[key] = _array(path, tensor, self.previous, self.current)
+        return key
 
 
 def _array(path: str, tensor: torch.Tensor, previous: ArrayMemo, current: ArrayMemo | None) -> Array:
@@ -136,22 +183,19 @@ def _array(path: str, tensor: torch.Tensor, previous: ArrayMemo, current: ArrayM
 # Module-level recursion on purpose: a recursive closure is a reference cycle that keeps the
 # whole state (every tensor or Array of it) alive until Python's cyclic collector runs, which
 # in a long-lived Flower client process serving many tenants means gigabytes.
-def _encode(value: Any, path: str, arrays: ArrayRecord, blobs: dict[str, bytes], previous: ArrayMemo,
-            current: ArrayMemo | None) -> Any:
+def _encode(value: Any, path: str, shared: _Shared, blobs: dict[str, bytes]) -> Any:
     if isinstance(value, torch.Tensor):
-        key = f"t{len(arrays)}"
-        arrays[key] = _array(path, value, previous, current)
-        return {"t": key}
+        return shared.encode(path, value)
     if isinstance(value, dict):
         items = []
         for k, v in value.items():
             if isinstance(k, bool) or not isinstance(k, (str, int)):
                 raise TypeError(f"state {path}: dict key {k!r} must be str or int")
-            items.append([k, _encode(v, f"{path}.{k}", arrays, blobs, previous, current)])
+            items.append([k, _encode(v, f"{path}.{k}", shared, blobs)])
         return {"d": items}
     if isinstance(value, (list, tuple)):
         tag = "l" if isinstance(value, list) else "u"
-        return {tag: [_encode(v, f"{path}[{i}]", arrays, blobs, previous, current) for i, v in enumerate(value)]}
+        return {tag: [_encode(v, f"{path}[{i}]", shared, blobs) for i, v in enumerate(value)]}
     if isinstance(value, bytes):
         key = f"b{len(blobs)}"
         blobs[key] = value
@@ -173,21 +217,59 @@ def state_tensor_bytes(value: Any) -> int:
 
 
 def records_to_state(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, Any]:
-    """Inverse of :func:`state_to_records`."""
+    """Inverse of :func:`state_to_records`: tensors saved once and referred to again come back as
+    one tensor (and views of it), as they were."""
+    fmt = config.get("format", 1)
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or not 1 <= fmt <= STATE_FORMAT:
+        raise ProtocolError(f"state: format {fmt!r} is not one this flower-split reads (1 to {STATE_FORMAT}): "
+                            "saved by a newer version?")
     skeleton = json.loads(typed_value(config, "skeleton", str, "state"))
-    return _decode(skeleton, arrays, config)
+    return _decode(skeleton, arrays, config, {})
 
 
-def _decode(node: Any, arrays: ArrayRecord, config: ConfigRecord) -> Any:
+def _decode(node: Any, arrays: ArrayRecord, config: ConfigRecord, tensors: dict[str, torch.Tensor]) -> Any:
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ProtocolError("state: malformed skeleton node")
     (tag, value), = node.items()
     if tag == "t":
-        return state_tensor(f"state[{value}]", arrays[value])
+        return _tensor(value, arrays, tensors)
+    if tag == "w":
+        return _view(value, arrays, tensors)
     if tag == "b":
         return typed_value(config, value, bytes, "state")
     if tag == "d":
-        return {k: _decode(v, arrays, config) for k, v in value}
+        return {k: _decode(v, arrays, config, tensors) for k, v in value}
     if tag == "l":
-        return [_decode(v, arrays, config) for v in value]
+        return [_decode(v, arrays, config, tensors) for v in value]
     if tag == "u":
-        return tuple(_decode(v, arrays, config) for v in value)
-    return value
+        return tuple(_decode(v, arrays, config, tensors) for v in value)
+    if tag == "v":
+        return value
+    raise ProtocolError(f"state: unknown skeleton tag {tag!r}")
+
+
+def _tensor(key: Any, arrays: ArrayRecord, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor stored under ``key``, decoded once however often the skeleton names it."""
+    if not isinstance(key, str) or key not in arrays:
+        raise ProtocolError(f"state: the skeleton names tensor {key!r}, which the state does not hold")
+    if key not in tensors:
+        tensors[key] = state_tensor(f"state[{key}]", arrays[key])
+    return tensors[key]
+
+
+def _view(spec: Any, arrays: ArrayRecord, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A view ``[key, shape, strides, offset]`` of a stored tensor, checked to lie inside it."""
+    def ints(values: Any) -> bool:
+        return isinstance(values, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in values)
+
+    if not (isinstance(spec, list) and len(spec) == 4 and ints(spec[1]) and ints(spec[2])
+            and len(spec[1]) == len(spec[2]) and ints([spec[3]])):
+        raise ProtocolError(f"state: malformed view {spec!r}")
+    key, shape, strides, offset = spec
+    if math.prod(shape) > MAX_STATE_ZEROS:  # a repeated (stride 0) view must not claim the machine either
+        raise ProtocolError(f"state: view {spec!r} claims more than {MAX_STATE_ZEROS} elements")
+    base = _tensor(key, arrays, tensors)
+    last = offset + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else offset - 1
+    if not base.is_contiguous() or last >= base.numel():
+        raise ProtocolError(f"state: view {spec!r} reaches outside tensor {key!r} of {base.numel()} elements")
+    return torch.as_strided(base, shape, strides, base.storage_offset() + offset)

@@ -142,7 +142,7 @@ class PendingProduct:
 
 def begin(
     request: TripleRequest, x: AdditiveShare, y: AdditiveShare | None, material: BeaverMaterial,
-    x_holder: int | None = None, y_holder: int | None = None,
+    x_holder: int | None = None, y_holder: int | None = None, opened: Opening | None = None,
 ) -> tuple[PendingProduct, Opening]:
     """Start the product ``request`` of shares x (and y): returns (pending state, opening to send).
 
@@ -177,9 +177,16 @@ def begin(
         raise ValueError(f"party {holder} holds operand {'x' if form == LEFT else 'y'} in the clear, so party "
                          f"{x.party}'s share of it must be 0")
     y_frac = x.frac_bits if y is None else y.frac_bits
-    sent: Opening = (x.data - material.a,)
-    if isinstance(material, Triple) and y is not None:
-        sent += (y.data - material.b,)
+    if opened is not None:
+        sent = tuple(opened)
+        expected = [tuple(x.shape)] + ([tuple(y.shape)] if isinstance(material, Triple) and y is not None else [])
+        if [tuple(t.shape) for t in sent] != expected:
+            raise ValueError(f"{request.op.value}: the given opening has shapes {[tuple(t.shape) for t in sent]}, "
+                             f"expected {expected}")
+    else:
+        sent = (x.data - material.a,)
+        if isinstance(material, Triple) and y is not None:
+            sent += (y.data - material.b,)
     pending = PendingProduct(
         request=request,
         party=x.party,

@@ -154,6 +154,7 @@ class Stage:
         for product in self.products:
             c = source.product(state.scope, product.request, product.x, product.y)
             a = apply_view(product.x.view, records[product.x.name].share)
+            opened = [apply_view(product.x.view, records[product.x.name].sent)]  # x - a, as the mask opened it
             if product.y is None:
                 material: Triple | SquarePair = SquarePair(a, c)
                 y, y_holder = None, None
@@ -161,8 +162,9 @@ class Stage:
                 b = apply_view(product.y.view, records[product.y.name].share)
                 material, y = Triple(a, b, c), product.y.of(values[product.y.name])
                 y_holder = product.y.holder
+                opened.append(apply_view(product.y.view, records[product.y.name].sent))
             pending.append(begin(product.request, product.x.of(values[product.x.name]), y, material,
-                                 product.x.holder, y_holder)[0])
+                                 product.x.holder, y_holder, tuple(opened))[0])
         state.masks = records
         state.pending = (self.name, pending)
         return [records[use.name].sent for use in new if use.sent_by(state.party)]

@@ -159,8 +159,9 @@ def test_saved_records_never_alias_the_live_party_mid_step(task_identity: None, 
 def test_a_save_reuses_the_arrays_of_unchanged_tensors_only() -> None:
     """:data:`ArrayMemo`: an unchanged tensor keeps its Array; a write through any view, a new
     tensor in its place, or a new tensor makes a new one; the records always decode to the state."""
-    base, other = torch.arange(12, dtype=torch.int64).reshape(3, 4), torch.ones(5)
-    state = {"a": base, "b": [other], "c": base[1:]}  # c: a view of a
+    # a: part of a larger storage, so c (a view of a) is stored apart, not as a view of a
+    base, other = torch.arange(16, dtype=torch.int64)[2:14].reshape(3, 4), torch.ones(5)
+    state = {"a": base, "b": [other], "c": base[1:]}
     memo: dict = {}
     first, _ = state_to_records(state, memo)
     second, meta = state_to_records(state, memo)

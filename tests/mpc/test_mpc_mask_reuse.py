@@ -11,6 +11,7 @@ import torch
 
 from flower_split.mpc import LocalTwoParty, MaskRecord, MaskReuseError, OnlineMaskDealer, PartyState, Quadratic
 from flower_split.mpc import AdditiveShare, Use, View, adapter_backward, adapter_forward, decode, encode, reconstruct, share
+from flower_split.mpc.beaver import begin
 from flower_split.mpc.stages import Product, Program, Stage
 from flower_split.mpc.triples import TripleRequest
 
@@ -144,3 +145,20 @@ def test_a_stage_refuses_a_nonzero_share_of_a_value_the_peer_holds_before_drawin
     s1.values["g"] = AdditiveShare(torch.zeros(2, dtype=torch.int64), 1, 16)
     parties.run(program, s0, s1)
     assert torch.allclose(_opened((s0, s1), "p").float(), g * w, atol=4 * LSB)
+
+
+def test_a_pending_product_holds_its_opening_as_a_view_of_the_masks_opening():
+    """Stage.begin hands each product the opening its masks made (x - a through the product's
+    view), so the party neither subtracts nor stores it again; a wrongly shaped one is refused."""
+    states = _states("s", g=torch.randn(3, 4), W=torch.randn(4, 2), v=torch.randn(3, 5), h=torch.randn(3, 4))
+    stage = _twice().stages[0]
+    sources = OnlineMaskDealer().sources()
+    stage.begin(states[0], sources[0])
+    masks = states[0].masks
+    for product in states[0].pending[1]:
+        x, y = product.sent
+        assert torch.equal(x, product.x - product.material.a) and torch.equal(y, product.y - product.material.b)
+    gv = states[0].pending[1][1]  # g seen through View.T
+    assert gv.sent[0].untyped_storage().data_ptr() == masks["g"].sent.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match="given opening has shapes"):
+        begin(gv.request, AdditiveShare(gv.x, 0), AdditiveShare(gv.y, 0), gv.material, opened=(gv.sent[0],))

@@ -143,7 +143,8 @@ class _Shared:
     def encode(self, path: str, tensor: torch.Tensor) -> dict:
         if tensor.numel() == 0 or tensor.layout != torch.strided:
             return {"t": self._store(path, tensor)}
-        storage = tensor.untyped_storage().data_ptr()
+        # two storages may start at one address (buffers of different lengths): the size is part of the key
+        storage = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
         same = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
         key = self._same.get(same)
         if key is not None:
@@ -223,8 +224,12 @@ def records_to_state(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, Any
     if isinstance(fmt, bool) or not isinstance(fmt, int) or not 1 <= fmt <= STATE_FORMAT:
         raise ProtocolError(f"state: format {fmt!r} is not one this flower-split reads (1 to {STATE_FORMAT}): "
                             "saved by a newer version?")
-    skeleton = json.loads(typed_value(config, "skeleton", str, "state"))
-    return _decode(skeleton, arrays, config, {})
+    try:
+        return _decode(json.loads(typed_value(config, "skeleton", str, "state")), arrays, config, {})
+    except (ValueError, TypeError, RecursionError) as exc:  # not ProtocolError: that names itself
+        if isinstance(exc, ProtocolError):
+            raise
+        raise ProtocolError(f"state: malformed skeleton ({type(exc).__name__})") from None
 
 
 def _decode(node: Any, arrays: ArrayRecord, config: ConfigRecord, tensors: dict[str, torch.Tensor]) -> Any:
@@ -266,10 +271,10 @@ def _view(spec: Any, arrays: ArrayRecord, tensors: dict[str, torch.Tensor]) -> t
             and len(spec[1]) == len(spec[2]) and ints([spec[3]])):
         raise ProtocolError(f"state: malformed view {spec!r}")
     key, shape, strides, offset = spec
-    if math.prod(shape) > MAX_STATE_ZEROS:  # a repeated (stride 0) view must not claim the machine either
+    if math.prod(shape) > MAX_STATE_ZEROS or any(n > MAX_STATE_ZEROS for n in shape):
         raise ProtocolError(f"state: view {spec!r} claims more than {MAX_STATE_ZEROS} elements")
     base = _tensor(key, arrays, tensors)
     last = offset + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else offset - 1
-    if not base.is_contiguous() or last >= base.numel():
+    if not base.is_contiguous() or last >= base.numel() or any(s > base.numel() for s in strides):
         raise ProtocolError(f"state: view {spec!r} reaches outside tensor {key!r} of {base.numel()} elements")
     return torch.as_strided(base, shape, strides, base.storage_offset() + offset)

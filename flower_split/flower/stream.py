@@ -67,19 +67,23 @@ def _next_pause(pause: float, shortest: float) -> float:
 
 def gather(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[Message]:
     """What Flower's ``send_and_receive`` does (push ``messages``, pull until each has its reply or
-    ``timeout`` seconds have passed, None: wait for ever; the replies that came), polled from
-    :func:`poll_pause` up to ``MAX_PAUSE`` like :func:`converse`, not at Flower's fixed pace."""
+    ``timeout`` seconds have passed, None: wait for ever, 0 or less: no pull; the replies that
+    came), polled from :func:`poll_pause` up to ``MAX_PAUSE`` like :func:`converse`, not at
+    Flower's fixed pace, and never more often than every ten pulls' time (a pull costs in
+    proportion to the messages awaited, under the link state's lock)."""
     waiting = {mid for mid in grid.push_messages(messages) if mid}
     deadline = None if timeout is None else time.monotonic() + timeout
     shortest = pause = poll_pause(grid)
     replies: list[Message] = []
-    while waiting:
+    while waiting and (deadline is None or time.monotonic() < deadline):
+        started = time.perf_counter()
         pulled = list(grid.pull_messages(list(waiting)))
+        floor = 10 * (time.perf_counter() - started)
         replies += pulled
         waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
-        if not waiting or deadline is not None and time.monotonic() >= deadline:
+        if not waiting:
             break
-        pause = shortest if pulled else _next_pause(pause, shortest)
+        pause = max(floor, shortest if pulled else _next_pause(pause, shortest))
         time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
     return replies
 

@@ -180,6 +180,8 @@ def begin(
     if opened is not None:
         sent = tuple(opened)
         expected = [tuple(x.shape)] + ([tuple(y.shape)] if isinstance(material, Triple) and y is not None else [])
+        if any(not isinstance(t, Tensor) or t.dtype != torch.int64 for t in sent):
+            raise TypeError(f"{request.op.value}: the given opening must be int64 tensors")
         if [tuple(t.shape) for t in sent] != expected:
             raise ValueError(f"{request.op.value}: the given opening has shapes {[tuple(t.shape) for t in sent]}, "
                              f"expected {expected}")

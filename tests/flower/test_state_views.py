@@ -70,7 +70,8 @@ def test_a_secure_save_keeps_halves_rollback_points_masks_and_products_once(task
 
 
 def _meta(skeleton: object, fmt: object = 2) -> ConfigRecord:
-    return ConfigRecord({"skeleton": json.dumps(skeleton), "format": fmt})
+    """Records' meta with ``skeleton`` (a string is taken as the JSON itself)."""
+    return ConfigRecord({"skeleton": skeleton if isinstance(skeleton, str) else json.dumps(skeleton), "format": fmt})
 
 
 @pytest.mark.parametrize("view, reason", [
@@ -85,11 +86,32 @@ def _meta(skeleton: object, fmt: object = 2) -> ConfigRecord:
     ("t0", "malformed view"),
     (["t9", [2], [1], 0], "does not hold"),
     (["t0", [MAX_STATE_ZEROS, 2], [0, 0], 0], "claims more than"),
+    (["t0", [1], [10**30], 0], "reaches outside"),     # a stride torch cannot hold
+    (["t0", [0, 10**30], [1, 1], 0], "claims more than"),
 ])
 def test_a_hostile_view_is_named_and_never_read(view: object, reason: str) -> None:
     arrays, _ = state_to_records({"x": torch.arange(4, dtype=torch.int64)})
     with pytest.raises(ProtocolError, match=reason):
         records_to_state(arrays, _meta({"d": [["x", {"t": "t0"}], ["y", {"w": view}]]}))
+
+
+@pytest.mark.parametrize("skeleton", [
+    {"d": [["x"]]}, {"d": 3}, {"l": 3}, {"u": None}, {"b": []}, {"d": [[["k"], {"v": 1}]]},
+    {"l": [], "u": []}, '{"l": [' * 5000 + "]}" * 5000, "not json",
+])
+def test_a_malformed_skeleton_is_a_named_protocol_error(skeleton: object) -> None:
+    arrays, _ = state_to_records({"x": torch.arange(4)})
+    with pytest.raises(ProtocolError, match="malformed skeleton"):
+        records_to_state(arrays, _meta(skeleton))
+
+
+def test_two_storages_at_one_address_are_never_taken_for_one() -> None:
+    """Buffers of different lengths may start at one address (a prefix and the whole)."""
+    buffer = bytearray(range(48))
+    prefix, whole = torch.frombuffer(buffer, dtype=torch.int64, count=2), torch.frombuffer(buffer, dtype=torch.int64)
+    arrays, meta = state_to_records({"a": prefix, "b": whole})
+    back = records_to_state(arrays, meta)
+    assert torch.equal(back["a"], prefix) and torch.equal(back["b"], whole)
 
 
 def test_an_unknown_skeleton_tag_or_a_newer_format_is_named() -> None:

@@ -12,7 +12,8 @@ own and ``Context.state`` holds a small reference Array in its place (:data:`SPI
 * **Written once.** A file is named by its *generation* (one more than the generation of the
   state the message came with, which the state's meta carries) and a fresh random token, written to a temporary name and
   renamed (never half a file), 0600, and never changed. A live party's unchanged Arrays
-  (:data:`~flower_split.flower.context_state.ArrayMemo`) keep their file (checked to be there),
+  (:data:`~flower_split.flower.context_state.ArrayMemo`) keep their file (checked to be there)
+  and their reference Array (a reference is parsed once per process),
   so in a long-lived process a save writes only the tensors that changed since the last one.
 * **Collected, never too early.** A save deletes only its own kind of file (by name) that
   neither it, nor the state it replaces, nor the state its message came with refers to, and only
@@ -71,9 +72,28 @@ def spill_dir(context: Context, mirrored: bool) -> Path | None:
     return Path(root) / f"run-{int(context.run_id)}" / f"node-{int(context.node_id)}"
 
 
+_PARSED: dict[int, tuple[weakref.ref, dict]] = {}
+"""References parsed in this process, by Array (a weak reference: an Array that is gone leaves).
+A live node's messages hand back the Arrays of its last save, ~100 references read twice per
+message (the state it came with, the state a save replaces): parsed once each."""
+
+
 def _reference(array: Array) -> dict | None:
     if array.stype != SPILL_STYPE:
         return None
+    known = _PARSED.get(id(array))
+    if known is not None and known[0]() is array:
+        return known[1]
+    return _remember(array, _parse(array))
+
+
+def _remember(array: Array, ref: dict) -> dict:
+    key = id(array)
+    _PARSED[key] = (weakref.ref(array, lambda _, key=key: _PARSED.pop(key, None)), ref)
+    return ref
+
+
+def _parse(array: Array) -> dict:
     try:
         ref = json.loads(bytes(array.data).decode())
         if (not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("stype"), str)
@@ -121,9 +141,10 @@ class SpillStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._checked = False
-        # the file of each Array of the last save, by id (a weak reference: the party's memo holds
-        # the Array while the party lives): an Array the next save reuses is not written again
-        self._files: dict[int, tuple[weakref.ref, str]] = {}
+        # the file and reference of each Array of the last save, by id (a weak reference: the
+        # party's memo holds the Array while the party lives): an Array the next save reuses is
+        # neither written nor referred to anew
+        self._files: dict[int, tuple[weakref.ref, str, Array]] = {}
         self._held: tuple[set[str], int] = (set(), 0)  # the state the current message came with
 
     def hold(self, arrays: ArrayRecord | None, generation: int) -> None:
@@ -150,13 +171,16 @@ class SpillStore:
                     named.add(passed)
                 continue
             hit = self._files.get(id(array))
-            name = hit[1] if hit is not None and hit[0]() is array and self._present(hit[1], len(array.data)) else None
-            if name is None:
-                name = self._write(bytes(array.data), generation)
-            files[id(array)] = (weakref.ref(array), name)
-            named.add(name)
-            ref = json.dumps({"file": name, "stype": array.stype, "bytes": len(array.data)}).encode()
-            out[key] = Array(dtype=array.dtype, shape=tuple(array.shape), stype=SPILL_STYPE, data=ref)
+            if hit is None or hit[0]() is not array or not self._present(hit[1], len(array.data)):
+                name = self._write(array.data, generation)
+                ref = {"file": name, "stype": array.stype, "bytes": len(array.data)}
+                reference = Array(dtype=array.dtype, shape=tuple(array.shape), stype=SPILL_STYPE,
+                                  data=json.dumps(ref).encode())
+                _remember(reference, ref)
+                hit = (weakref.ref(array), name, reference)
+            files[id(array)] = hit  # unchanged since the last save: the same file and reference
+            named.add(hit[1])
+            out[key] = hit[2]
         self._files = files
         self._collect(named | before | held, generation - 1 - KEPT_GENERATIONS)
         return out, generation

@@ -84,6 +84,7 @@ def test_large_arrays_go_to_private_files_once_and_come_back_equal(tmp_path: Pat
     # while a state that may still be written back refers to it, and goes two generations on
     states = [_save(store, _same_arrays(big=arrays["big"], small=arrays["small"]), first)]
     assert references(states[0][0]) == {name} and states[0][1] == first[1] + 1
+    assert states[0][0]["big"] is spilled["big"]  # its reference too: nothing built or parsed again
     for seed in range(1, 5):
         states.append(_save(store, _record(seed, big=4 * MIN_SPILL_BYTES), states[-1]))
     kept = set().union(*(references(state) for state, _ in states[-3:]))

@@ -43,6 +43,8 @@ import secrets
 import stat
 import weakref
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from flwr.app import Array, ArrayRecord, Context
 
@@ -72,25 +74,26 @@ def spill_dir(context: Context, mirrored: bool) -> Path | None:
     return Path(root) / f"run-{int(context.run_id)}" / f"node-{int(context.node_id)}"
 
 
-_PARSED: dict[int, tuple[weakref.ref, dict]] = {}
-"""References parsed in this process, by Array (a weak reference: an Array that is gone leaves).
-A live node's messages hand back the Arrays of its last save, ~100 references read twice per
-message (the state it came with, the state a save replaces): parsed once each."""
+_PARSED: dict[int, tuple[weakref.ref, bytes, Mapping[str, Any]]] = {}
+"""References parsed in this process, by Array (a weak reference: an Array that is gone leaves;
+its bytes: an Array given other bytes is parsed again). A live node's messages hand back the
+Arrays of its last save, ~100 references read twice per message (the state it came with, the
+state a save replaces): parsed once each, and read-only."""
 
 
-def _reference(array: Array) -> dict | None:
+def _reference(array: Array) -> Mapping[str, Any] | None:
     if array.stype != SPILL_STYPE:
         return None
     known = _PARSED.get(id(array))
-    if known is not None and known[0]() is array:
-        return known[1]
+    if known is not None and known[0]() is array and known[1] is array.data:
+        return known[2]
     return _remember(array, _parse(array))
 
 
-def _remember(array: Array, ref: dict) -> dict:
-    key = id(array)
-    _PARSED[key] = (weakref.ref(array, lambda _, key=key: _PARSED.pop(key, None)), ref)
-    return ref
+def _remember(array: Array, ref: dict) -> Mapping[str, Any]:
+    key, frozen = id(array), MappingProxyType(dict(ref))
+    _PARSED[key] = (weakref.ref(array, lambda _, key=key: _PARSED.pop(key, None)), array.data, frozen)
+    return frozen
 
 
 def _parse(array: Array) -> dict:

@@ -19,8 +19,8 @@ from flower_helpers import LocalGrid
 from flower_split.apps.client_app import make_client_app
 from flower_split.flower import secure_handlers
 from flower_split.flower.party_cache import PartyCache
-from flower_split.flower.state_spill import (MIN_SPILL_BYTES, SPILL_ENV, SPILL_STYPE, SpillStore, references,
-                                             spill_dir)
+from flower_split.flower.state_spill import (MIN_SPILL_BYTES, SPILL_ENV, SPILL_STYPE, SpillStore, _reference,
+                                             references, spill_dir)
 from flower_split.protocol import ProtocolError
 
 from test_party_cache import live_and_decoded
@@ -232,3 +232,20 @@ def test_a_message_that_fails_after_saving_goes_back_to_files_still_there(tmp_pa
     assert third[1] == incoming[1] + 3
     assert references(incoming[0]) <= _files(_node(tmp_path))
     assert np.array_equal(store.unspill(incoming[0])["big"].numpy(), _big(0))
+
+
+def test_a_reference_is_parsed_again_when_its_bytes_change_and_is_read_only(tmp_path: Path) -> None:
+    """References are parsed once per process, by Array: an Array given other bytes (Flower allows
+    it) is parsed again, malformed ones are still named, and no caller can change a parsed one."""
+    state, _ = _save(SpillStore(_node(tmp_path)), _record(big=2 * MIN_SPILL_BYTES))
+    reference = state["big"]
+    (name,) = references(state)
+    other = "g7-" + "c" * 32
+    reference.data = reference.data.replace(name.encode(), other.encode())
+    assert references(state) == {other}
+    reference.data = b"not json"
+    with pytest.raises(ProtocolError, match="malformed"):
+        references(state)
+    fresh, _ = _save(SpillStore(_node(tmp_path / "again")), _record(big=2 * MIN_SPILL_BYTES))
+    with pytest.raises(TypeError):
+        _reference(fresh["big"])["file"] = "../../etc/passwd"

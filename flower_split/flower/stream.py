@@ -14,8 +14,8 @@ back-off of seconds, blocking every other tenant meanwhile, so it is polled at m
 ``HTTP_PAUSE``; in-memory grids and the direct channel as fast as ``MIN_PAUSE``.
 
 :func:`gather` is ``Grid.send_and_receive`` (every reply, then go on) on the same pacing: Flower's
-in-memory grid polls every 0.1 s, about 0.05 s lost per round trip, ~15 s of a secure round's
-320 (docs/BENCHMARKS.md).
+in-memory grid polls every 0.1 s, about 0.05 s lost per round trip (~15 s of a secure round's 320
+expected; within the noise where measured, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

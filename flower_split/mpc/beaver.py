@@ -177,18 +177,7 @@ def begin(
         raise ValueError(f"party {holder} holds operand {'x' if form == LEFT else 'y'} in the clear, so party "
                          f"{x.party}'s share of it must be 0")
     y_frac = x.frac_bits if y is None else y.frac_bits
-    if opened is not None:
-        sent = tuple(opened)
-        expected = [tuple(x.shape)] + ([tuple(y.shape)] if isinstance(material, Triple) and y is not None else [])
-        if any(not isinstance(t, Tensor) or t.dtype != torch.int64 for t in sent):
-            raise TypeError(f"{request.op.value}: the given opening must be int64 tensors")
-        if [tuple(t.shape) for t in sent] != expected:
-            raise ValueError(f"{request.op.value}: the given opening has shapes {[tuple(t.shape) for t in sent]}, "
-                             f"expected {expected}")
-    else:
-        sent = (x.data - material.a,)
-        if isinstance(material, Triple) and y is not None:
-            sent += (y.data - material.b,)
+    sent = _opening(request, x, y, material, opened)
     pending = PendingProduct(
         request=request,
         party=x.party,
@@ -202,6 +191,21 @@ def begin(
         holder=holder,
     )
     return pending, sent
+
+
+def _opening(request: TripleRequest, x: AdditiveShare, y: AdditiveShare | None, material: BeaverMaterial,
+             opened: Opening | None) -> Opening:
+    """x - a (and y - b for a triple): ``opened`` when given (checked int64 and shaped), else computed."""
+    if opened is None:
+        return (x.data - material.a,) + ((y.data - material.b,) if isinstance(material, Triple) and y is not None else ())
+    sent = tuple(opened)
+    expected = [tuple(x.shape)] + ([tuple(y.shape)] if isinstance(material, Triple) and y is not None else [])
+    if any(not isinstance(t, Tensor) or t.dtype != torch.int64 for t in sent):
+        raise TypeError(f"{request.op.value}: the given opening must be int64 tensors")
+    if [tuple(t.shape) for t in sent] != expected:
+        raise ValueError(f"{request.op.value}: the given opening has shapes {[tuple(t.shape) for t in sent]}, "
+                         f"expected {expected}")
+    return sent
 
 
 def begin_mul(x: AdditiveShare, y: AdditiveShare, triple: Triple) -> tuple[PendingProduct, Opening]:

@@ -138,7 +138,7 @@ class _Shared:
     def __init__(self, arrays: ArrayRecord, previous: ArrayMemo, current: ArrayMemo | None) -> None:
         self.arrays, self.previous, self.current = arrays, previous, current
         self._same: dict[tuple, str] = {}  # (storage, offset, shape, strides, dtype, device) -> key
-        self._whole: dict[tuple, tuple[str, torch.Tensor]] = {}  # (storage, dtype, device) -> key, tensor
+        self._whole: dict[tuple, str] = {}  # (storage, dtype, device) -> key of a tensor at offset 0 covering it
 
     def encode(self, path: str, tensor: torch.Tensor) -> dict:
         if tensor.numel() == 0 or tensor.layout != torch.strided:
@@ -149,15 +149,13 @@ class _Shared:
         key = self._same.get(same)
         if key is not None:
             return {"t": key}
-        whole = self._whole.get((storage, tensor.dtype, tensor.device))
-        if whole is not None:
-            key, base = whole
-            offset = tensor.storage_offset() - base.storage_offset()
-            return {"w": [key, list(tensor.shape), list(tensor.stride()), offset]}
+        key = self._whole.get((storage, tensor.dtype, tensor.device))
+        if key is not None:  # the view's offset in its storage is its offset in that tensor
+            return {"w": [key, list(tensor.shape), list(tensor.stride()), tensor.storage_offset()]}
         key = self._same[same] = self._store(path, tensor)
         if (tensor.is_contiguous() and tensor.storage_offset() == 0
                 and tensor.numel() * tensor.element_size() == tensor.untyped_storage().nbytes()):
-            self._whole[(storage, tensor.dtype, tensor.device)] = (key, tensor)
+            self._whole[(storage, tensor.dtype, tensor.device)] = key
         return {"t": key}
 
     def _store(self, path: str, tensor: torch.Tensor) -> str:
@@ -226,9 +224,9 @@ def records_to_state(arrays: ArrayRecord, config: ConfigRecord) -> dict[str, Any
                             "saved by a newer version?")
     try:
         return _decode(json.loads(typed_value(config, "skeleton", str, "state")), arrays, config, {})
-    except (ValueError, TypeError, RecursionError) as exc:  # not ProtocolError: that names itself
-        if isinstance(exc, ProtocolError):
-            raise
+    except ProtocolError:  # names itself
+        raise
+    except (ValueError, TypeError, RecursionError) as exc:
         raise ProtocolError(f"state: malformed skeleton ({type(exc).__name__})") from None
 
 

@@ -196,10 +196,11 @@ def begin(
 def _opening(request: TripleRequest, x: AdditiveShare, y: AdditiveShare | None, material: BeaverMaterial,
              opened: Opening | None) -> Opening:
     """x - a (and y - b for a triple): ``opened`` when given (checked int64 and shaped), else computed."""
+    masked = [(x, material.a)] + ([(y, material.b)] if isinstance(material, Triple) and y is not None else [])
     if opened is None:
-        return (x.data - material.a,) + ((y.data - material.b,) if isinstance(material, Triple) and y is not None else ())
+        return tuple(value.data - mask for value, mask in masked)
     sent = tuple(opened)
-    expected = [tuple(x.shape)] + ([tuple(y.shape)] if isinstance(material, Triple) and y is not None else [])
+    expected = [tuple(value.shape) for value, _ in masked]
     if any(not isinstance(t, Tensor) or t.dtype != torch.int64 for t in sent):
         raise TypeError(f"{request.op.value}: the given opening must be int64 tensors")
     if [tuple(t.shape) for t in sent] != expected:
